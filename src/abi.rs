@@ -1,0 +1,323 @@
+//! Guest ABI v1: what a module must export and may import, and how a reply is
+//! decoded and checked. See `docs/ABI.md` for the guest author's view.
+//!
+//! Everything here is pure: it looks at module types and numbers, never runs a guest.
+
+use std::fmt;
+use std::ops::Range;
+
+use wasmtime::{ExternType, FuncType, Module};
+
+use crate::metrics::DropReason;
+
+/// The largest UDP payload over IPv4 (65,535 − 8 − 20), and so the largest
+/// datagram handed to a guest and the largest reply sent.
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// What `handle` returns for "send nothing back".
+pub const NO_REPLY: i64 = -1;
+
+/// The module that the host's imports come from.
+pub const HOST_MODULE: &str = "wasmgate";
+
+/// A function signature: parameter and result types, by their WAT names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Signature {
+    pub params: &'static [&'static str],
+    pub results: &'static [&'static str],
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_signature(f, self.params, self.results)
+    }
+}
+
+/// The functions a guest must export, with their signatures.
+pub const REQUIRED_EXPORTS: [(&str, Signature); 2] = [
+    (
+        "alloc",
+        Signature {
+            params: &["i32"],
+            results: &["i32"],
+        },
+    ),
+    (
+        "handle",
+        Signature {
+            params: &["i32", "i32"],
+            results: &["i64"],
+        },
+    ),
+];
+
+/// The functions the host offers under [`HOST_MODULE`]; a guest may import any of them.
+pub const HOST_FUNCTIONS: [(&str, Signature); 2] = [
+    (
+        "log",
+        Signature {
+            params: &["i32", "i32", "i32"],
+            results: &[],
+        },
+    ),
+    (
+        "peer",
+        Signature {
+            params: &["i32", "i32"],
+            results: &["i32"],
+        },
+    ),
+];
+
+fn write_signature(f: &mut impl fmt::Write, params: &[&str], results: &[&str]) -> fmt::Result {
+    f.write_str("(func")?;
+    for (word, list) in [("param", params), ("result", results)] {
+        if !list.is_empty() {
+            write!(f, " ({word}")?;
+            for t in list {
+                write!(f, " {t}")?;
+            }
+            f.write_str(")")?;
+        }
+    }
+    f.write_str(")")
+}
+
+fn matches(actual: &FuncType, expected: &Signature) -> bool {
+    actual
+        .params()
+        .map(|t| t.to_string())
+        .eq(expected.params.iter().map(|s| s.to_string()))
+        && actual
+            .results()
+            .map(|t| t.to_string())
+            .eq(expected.results.iter().map(|s| s.to_string()))
+}
+
+fn describe(actual: &FuncType) -> String {
+    let params: Vec<String> = actual.params().map(|t| t.to_string()).collect();
+    let results: Vec<String> = actual.results().map(|t| t.to_string()).collect();
+    let (params, results): (Vec<&str>, Vec<&str>) = (
+        params.iter().map(String::as_str).collect(),
+        results.iter().map(String::as_str).collect(),
+    );
+    let mut s = String::new();
+    let _ = write_signature(&mut s, &params, &results);
+    s
+}
+
+fn kind(ty: &ExternType) -> &'static str {
+    match ty {
+        ExternType::Func(_) => "a function",
+        ExternType::Global(_) => "a global",
+        ExternType::Table(_) => "a table",
+        ExternType::Memory(_) => "a memory",
+        ExternType::Tag(_) => "a tag",
+    }
+}
+
+/// Everything that makes a module unfit for ABI v1, so that a guest author can fix
+/// all of it in one go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbiViolations(pub Vec<String>);
+
+impl fmt::Display for AbiViolations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "does not fit the wasmgate guest ABI v1: {}", self.0.join("; "))
+    }
+}
+
+impl std::error::Error for AbiViolations {}
+
+/// Checks a compiled module's exports and imports against ABI v1.
+pub fn check_module(module: &Module) -> Result<(), AbiViolations> {
+    let mut problems = Vec::new();
+
+    match module.get_export("memory") {
+        None => problems.push("missing export `memory` (the guest must export its linear memory)".to_string()),
+        Some(ExternType::Memory(m)) => {
+            if m.is_64() {
+                problems.push("export `memory` is a 64-bit memory; ABI v1 needs a 32-bit one".to_string());
+            }
+            if m.is_shared() {
+                problems.push("export `memory` is a shared memory; ABI v1 needs an unshared one".to_string());
+            }
+        }
+        Some(other) => problems.push(format!("export `memory` is {}, not a memory", kind(&other))),
+    }
+
+    for (name, expected) in &REQUIRED_EXPORTS {
+        match module.get_export(name) {
+            None => problems.push(format!("missing export `{name}` with type {expected}")),
+            Some(ExternType::Func(f)) if matches(&f, expected) => {}
+            Some(ExternType::Func(f)) => problems.push(format!(
+                "export `{name}` has type {}, expected {expected}",
+                describe(&f)
+            )),
+            Some(other) => problems.push(format!(
+                "export `{name}` is {}, not a function {expected}",
+                kind(&other)
+            )),
+        }
+    }
+
+    let offered = || {
+        HOST_FUNCTIONS
+            .iter()
+            .map(|(n, s)| format!("`{HOST_MODULE}.{n}` {s}"))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    for import in module.imports() {
+        let (module_name, name, ty) = (import.module(), import.name(), import.ty());
+        let host_fn = HOST_FUNCTIONS
+            .iter()
+            .find(|(n, _)| module_name == HOST_MODULE && *n == name);
+        match (host_fn, &ty) {
+            (Some((_, expected)), ExternType::Func(f)) if matches(f, expected) => {}
+            (Some((_, expected)), ExternType::Func(f)) => problems.push(format!(
+                "import `{module_name}.{name}` has type {}, expected {expected}",
+                describe(f)
+            )),
+            (Some((_, expected)), other) => problems.push(format!(
+                "import `{module_name}.{name}` is {}, expected a function {expected}",
+                kind(other)
+            )),
+            (None, _) if module_name.starts_with("wasi") => problems.push(format!(
+                "imports `{module_name}.{name}`: WASI is not available to ABI v1 guests \
+                 (build for wasm32-unknown-unknown, or without libc); the host offers only {}",
+                offered()
+            )),
+            (None, _) => problems.push(format!(
+                "imports `{module_name}.{name}` ({}), which the host does not provide; it offers only {}",
+                kind(&ty),
+                offered()
+            )),
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(AbiViolations(problems))
+    }
+}
+
+/// Where the reply lies in guest memory, or why it is not sent.
+///
+/// `packed` is what `handle` returned: `(ptr << 32) | len`, both unsigned, or
+/// [`NO_REPLY`]. The checks run in an order that blames the right party: a region
+/// outside memory is the guest's bug; size and ratio are the host's policy.
+/// A `max_ratio` of 0 turns the amplification check off.
+pub fn reply_range(
+    packed: i64,
+    memory_len: usize,
+    request_len: usize,
+    max_ratio: f64,
+) -> Result<Range<usize>, DropReason> {
+    if packed == NO_REPLY {
+        return Err(DropReason::NoReply);
+    }
+    let packed = packed as u64;
+    let (ptr, len) = (packed >> 32, packed & 0xffff_ffff);
+    // Both halves are below 2^32, so the sum cannot overflow a u64.
+    if ptr + len > memory_len as u64 {
+        return Err(DropReason::BadReply);
+    }
+    let (ptr, len) = (ptr as usize, len as usize);
+    if len > MAX_DATAGRAM {
+        return Err(DropReason::Oversize);
+    }
+    if max_ratio > 0.0 && len as f64 > max_ratio * request_len as f64 {
+        return Err(DropReason::Amplification);
+    }
+    Ok(ptr..ptr + len)
+}
+
+/// Where the datagram is to be copied, given what `alloc(len)` returned.
+pub fn alloc_range(ptr: i32, len: usize, memory_len: usize) -> Result<Range<usize>, DropReason> {
+    let start = ptr as u32 as usize;
+    match start.checked_add(len) {
+        Some(end) if end <= memory_len => Ok(start..end),
+        _ => Err(DropReason::BadAlloc),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM: usize = 65_536 * 2;
+
+    fn pack(ptr: u32, len: u32) -> i64 {
+        ((u64::from(ptr) << 32) | u64::from(len)) as i64
+    }
+
+    #[test]
+    fn reply_inside_memory_is_sent() {
+        assert_eq!(reply_range(pack(1024, 4), MEM, 4, 3.0), Ok(1024..1028));
+        assert_eq!(
+            reply_range(pack(0, 0), MEM, 0, 3.0),
+            Ok(0..0),
+            "an empty reply is a reply"
+        );
+        assert_eq!(reply_range(pack(MEM as u32 - 8, 8), MEM, 8, 3.0), Ok(MEM - 8..MEM));
+    }
+
+    #[test]
+    fn minus_one_means_no_reply() {
+        assert_eq!(reply_range(NO_REPLY, MEM, 4, 3.0), Err(DropReason::NoReply));
+    }
+
+    #[test]
+    fn regions_past_memory_are_bad_replies_without_overflow() {
+        assert_eq!(
+            reply_range(pack(MEM as u32 - 3, 4), MEM, 4, 3.0),
+            Err(DropReason::BadReply)
+        );
+        assert_eq!(
+            reply_range(pack(u32::MAX, u32::MAX - 1), MEM, 4, 0.0),
+            Err(DropReason::BadReply)
+        );
+        // (u32::MAX, u32::MAX) packs to -1, which is "no reply".
+        assert_eq!(
+            reply_range(pack(u32::MAX, u32::MAX), MEM, 4, 0.0),
+            Err(DropReason::NoReply)
+        );
+        assert_eq!(reply_range(pack(16, 1 << 31), MEM, 4, 0.0), Err(DropReason::BadReply));
+        // Any other negative value is a pointer with its top bit set: far outside memory.
+        assert_eq!(reply_range(-2, MEM, 4, 0.0), Err(DropReason::BadReply));
+    }
+
+    #[test]
+    fn replies_larger_than_a_datagram_are_oversize() {
+        let big = 4 * 65_536;
+        assert_eq!(
+            reply_range(pack(0, 65_508), big, 65_507, 0.0),
+            Err(DropReason::Oversize)
+        );
+        assert_eq!(reply_range(pack(0, 65_507), big, 65_507, 3.0), Ok(0..65_507));
+    }
+
+    #[test]
+    fn amplification_is_limited_by_ratio_unless_disabled() {
+        assert_eq!(reply_range(pack(0, 12), MEM, 4, 3.0), Ok(0..12));
+        assert_eq!(reply_range(pack(0, 13), MEM, 4, 3.0), Err(DropReason::Amplification));
+        assert_eq!(reply_range(pack(0, 16), MEM, 4, 0.0), Ok(0..16));
+        assert_eq!(reply_range(pack(0, 1), MEM, 0, 3.0), Err(DropReason::Amplification));
+    }
+
+    #[test]
+    fn alloc_region_must_fit_memory() {
+        assert_eq!(alloc_range(16, 4, MEM), Ok(16..20));
+        assert_eq!(alloc_range(MEM as i32, 0, MEM), Ok(MEM..MEM));
+        assert_eq!(alloc_range(MEM as i32 - 1, 2, MEM), Err(DropReason::BadAlloc));
+        assert_eq!(alloc_range(-1, 1, MEM), Err(DropReason::BadAlloc));
+    }
+
+    #[test]
+    fn signatures_print_as_wat() {
+        assert_eq!(REQUIRED_EXPORTS[1].1.to_string(), "(func (param i32 i32) (result i64))");
+        assert_eq!(HOST_FUNCTIONS[0].1.to_string(), "(func (param i32 i32 i32))");
+    }
+}

@@ -1,0 +1,264 @@
+//! Counters for everything that happens to a datagram, and rate-limited warnings.
+//!
+//! Each worker owns one [`Counters`] and is its only writer, so counting never
+//! contends; readers sum all workers into a [`Snapshot`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+/// Why a datagram got no reply. Every datagram received is either replied to or
+/// counted under exactly one of these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The guest ran past its time budget (`--timeout-ms`) and was interrupted.
+    Timeout,
+    /// The guest trapped: `unreachable`, out-of-bounds access, stack overflow,
+    /// the memory cap, a failing host call, or a start function that failed.
+    Trap,
+    /// `alloc` returned a region that does not lie inside the guest's memory.
+    BadAlloc,
+    /// `handle` returned a reply region that does not lie inside the guest's memory.
+    BadReply,
+    /// The reply was larger than `--max-reply-ratio` times the request.
+    Amplification,
+    /// The request or the reply was larger than one UDP datagram may be (65,507 bytes).
+    Oversize,
+    /// The reply could not be sent (`sendto` failed).
+    SendError,
+    /// The guest chose not to reply (`handle` returned -1).
+    NoReply,
+}
+
+impl DropReason {
+    /// Every reason, in the order of [`DropReason::index`].
+    pub const ALL: [Self; 8] = [
+        Self::Timeout,
+        Self::Trap,
+        Self::BadAlloc,
+        Self::BadReply,
+        Self::Amplification,
+        Self::Oversize,
+        Self::SendError,
+        Self::NoReply,
+    ];
+
+    /// A stable position in [`DropReason::ALL`], used to index counter arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The label used in logs and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Trap => "trap",
+            Self::BadAlloc => "bad_alloc",
+            Self::BadReply => "bad_reply",
+            Self::Amplification => "amplification",
+            Self::Oversize => "oversize",
+            Self::SendError => "send_error",
+            Self::NoReply => "no_reply",
+        }
+    }
+
+    /// Whether the guest misbehaved, so that its instance can no longer be trusted
+    /// and must be replaced before the next datagram.
+    pub const fn poisons_instance(self) -> bool {
+        matches!(self, Self::Timeout | Self::Trap | Self::BadAlloc | Self::BadReply)
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One worker's counters. Aligned to a cache line so workers never share one.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct Counters {
+    received: AtomicU64,
+    replied: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    /// Failed `recvfrom` calls (ICMP errors, ENOBUFS, …); the loop goes on.
+    recv_errors: AtomicU64,
+    dropped: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl Counters {
+    pub(crate) fn received(&self, bytes: usize) {
+        self.received.fetch_add(1, Relaxed);
+        self.bytes_in.fetch_add(bytes as u64, Relaxed);
+    }
+
+    pub(crate) fn replied(&self, bytes: usize) {
+        self.replied.fetch_add(1, Relaxed);
+        self.bytes_out.fetch_add(bytes as u64, Relaxed);
+    }
+
+    pub(crate) fn dropped(&self, reason: DropReason) {
+        self.dropped[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn recv_error(&self) {
+        self.recv_errors.fetch_add(1, Relaxed);
+    }
+}
+
+/// The counters of all workers of one gateway.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    workers: Vec<Arc<Counters>>,
+}
+
+impl Stats {
+    /// Adds counters for one more worker and returns them.
+    pub(crate) fn add_worker(&mut self) -> Arc<Counters> {
+        let counters = Arc::new(Counters::default());
+        self.workers.push(Arc::clone(&counters));
+        counters
+    }
+
+    /// Sums every worker's counters. Each value is exact; taken while traffic flows
+    /// they may be from slightly different instants.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        for w in &self.workers {
+            s.received += w.received.load(Relaxed);
+            s.replied += w.replied.load(Relaxed);
+            s.bytes_in += w.bytes_in.load(Relaxed);
+            s.bytes_out += w.bytes_out.load(Relaxed);
+            s.recv_errors += w.recv_errors.load(Relaxed);
+            for (total, d) in s.dropped.iter_mut().zip(&w.dropped) {
+                *total += d.load(Relaxed);
+            }
+        }
+        s
+    }
+}
+
+/// Totals at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub received: u64,
+    pub replied: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub recv_errors: u64,
+    pub dropped: [u64; DropReason::ALL.len()],
+}
+
+impl Snapshot {
+    /// Datagrams dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason.index()]
+    }
+
+    /// Datagrams dropped for any reason.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().sum()
+    }
+}
+
+impl fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "received={} replied={} bytes_in={} bytes_out={} recv_errors={}",
+            self.received, self.replied, self.bytes_in, self.bytes_out, self.recv_errors
+        )?;
+        for reason in DropReason::ALL {
+            write!(f, " dropped_{}={}", reason, self.dropped(reason))?;
+        }
+        Ok(())
+    }
+}
+
+/// Lets through at most `per_second` events each second and counts the rest, so a
+/// flood of bad datagrams becomes a few log lines that say how many were held back.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_second: u64,
+    start: Instant,
+    window: AtomicU64,
+    in_window: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    pub fn new(per_second: u64) -> Self {
+        Self {
+            per_second,
+            start: Instant::now(),
+            window: AtomicU64::new(0),
+            in_window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` if this event may be logged, where `n` events were held back since
+    /// the last one that was; `None` if it must not be.
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_at(self.start.elapsed().as_secs())
+    }
+
+    fn allow_at(&self, second: u64) -> Option<u64> {
+        let window = self.window.load(Relaxed);
+        if second != window && self.window.compare_exchange(window, second, Relaxed, Relaxed).is_ok() {
+            self.in_window.store(0, Relaxed);
+        }
+        if self.in_window.fetch_add(1, Relaxed) < self.per_second {
+            Some(self.suppressed.swap(0, Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_indices_match_their_position() {
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason}");
+        }
+    }
+
+    #[test]
+    fn snapshot_sums_all_workers() {
+        let mut stats = Stats::default();
+        let a = stats.add_worker();
+        let b = stats.add_worker();
+        a.received(10);
+        b.received(5);
+        a.replied(10);
+        b.dropped(DropReason::Timeout);
+        b.dropped(DropReason::Timeout);
+        a.recv_error();
+        let s = stats.snapshot();
+        assert_eq!((s.received, s.bytes_in, s.replied, s.bytes_out), (2, 15, 1, 10));
+        assert_eq!(s.dropped(DropReason::Timeout), 2);
+        assert_eq!(s.dropped_total(), 2);
+        assert_eq!(s.recv_errors, 1);
+    }
+
+    #[test]
+    fn rate_limit_holds_back_and_reports_the_excess() {
+        let limit = RateLimit::new(2);
+        assert_eq!(limit.allow_at(0), Some(0));
+        assert_eq!(limit.allow_at(0), Some(0));
+        assert_eq!(limit.allow_at(0), None);
+        assert_eq!(limit.allow_at(0), None);
+        // A new second: the first event through reports the two held back.
+        assert_eq!(limit.allow_at(1), Some(2));
+        assert_eq!(limit.allow_at(1), Some(0));
+        assert_eq!(limit.allow_at(1), None);
+    }
+}

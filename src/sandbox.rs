@@ -1,0 +1,570 @@
+//! The WebAssembly sandbox: one engine with its epoch ticker, loading modules into
+//! checked [`Program`]s, and running a program as a [`Guest`] under time and memory
+//! limits.
+//!
+//! A [`Guest`] is I/O-free: it takes a datagram and the client's address and says
+//! what to send back, so it is tested without a network.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use sha2::{Digest, Sha256};
+use wasmtime::{
+    Config, Engine, ExternType, InstancePre, Linker, Memory, Module, Store, StoreLimitsBuilder, Trap, TypedFunc,
+};
+
+use crate::abi::{self, MAX_DATAGRAM};
+use crate::hostcalls::{self, HostState};
+use crate::metrics::{DropReason, RateLimit};
+
+/// The largest module file accepted; anything bigger is refused before compiling.
+pub const MAX_MODULE_BYTES: usize = 64 << 20;
+
+/// How often the epoch ticker advances; the granularity of `--timeout-ms`.
+const TICK: Duration = Duration::from_millis(1);
+
+/// Caps that no ABI v1 guest should come near; they stop table and instance bombs.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+const MAX_TABLES: usize = 8;
+
+/// Guest log lines let through per second, across all instances.
+const GUEST_LOG_LINES_PER_SECOND: u64 = 20;
+
+/// The stack a worker thread needs: wasmtime stops guests at its 512 KiB
+/// `max_wasm_stack` default, and the host needs room on top of that.
+pub const WORKER_STACK_BYTES: usize = 4 << 20;
+
+/// What every guest instance is held to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// Time budget per datagram (alloc + handle), and for the start function.
+    pub timeout: Duration,
+    /// Largest linear memory an instance may have, in bytes.
+    pub max_memory: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_millis(10),
+            max_memory: 64 << 20,
+        }
+    }
+}
+
+/// Whether a worker keeps one instance across datagrams or makes one per datagram.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Isolation {
+    /// Reuse each worker's instance (fast); a fresh one replaces it after any trap,
+    /// timeout or bad reply. Guest globals and memory survive between datagrams.
+    #[default]
+    Reuse,
+    /// A fresh instance for every datagram: nothing survives between datagrams.
+    Fresh,
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Reuse => "reuse",
+            Self::Fresh => "fresh",
+        })
+    }
+}
+
+/// The engine and everything shared by the guests it runs. Cheap to clone.
+#[derive(Clone)]
+pub struct Sandbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    limits: Limits,
+    /// The time budget in epoch ticks; one more than the timeout so that a
+    /// datagram that starts just before a tick still gets its whole budget.
+    deadline_ticks: u64,
+    log_limit: Arc<RateLimit>,
+    _ticker: EpochTicker,
+}
+
+impl Sandbox {
+    pub fn new(limits: Limits) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        // Nothing reads wasm backtraces, and capturing one costs on every trap.
+        config.wasm_backtrace_max_frames(None);
+        let engine = Engine::new(&config)?;
+        let linker = hostcalls::linker(&engine)?;
+        let deadline_ticks = limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                _ticker: EpochTicker::start(engine.clone())?,
+                engine,
+                linker,
+                limits,
+                deadline_ticks,
+                log_limit: Arc::new(RateLimit::new(GUEST_LOG_LINES_PER_SECOND)),
+            }),
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    /// Compiles `bytes` (a `\0asm` binary or WAT text), checks it against the ABI
+    /// and the limits, and instantiates it once (running its start function under
+    /// the time budget) so that a module that cannot serve is refused here, never
+    /// on the serving path. `origin` names the module in logs and errors.
+    pub fn load(&self, origin: impl Into<String>, bytes: &[u8]) -> anyhow::Result<Program> {
+        let origin = origin.into();
+        let started = Instant::now();
+        let module = compile(&self.inner.engine, bytes)?;
+        abi::check_module(&module)?;
+        self.check_memory(&module)?;
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&module)
+            .map_err(anyhow::Error::from)
+            .context("cannot be linked")?;
+        let program = Program {
+            origin,
+            sha256: Sha256::digest(bytes).into(),
+            imports: module
+                .imports()
+                .map(|i| format!("{}.{}", i.module(), i.name()))
+                .collect(),
+            pre,
+            compile_time: started.elapsed(),
+        };
+        if let Err(e) = self.instantiate(&program, None) {
+            return Err(match e.downcast_ref::<Trap>() {
+                Some(Trap::Interrupt) => anyhow::anyhow!(
+                    "its start function ran past the {} ms time budget",
+                    self.inner.limits.timeout.as_millis()
+                ),
+                _ => anyhow::Error::from(e).context("its start function failed"),
+            });
+        }
+        Ok(program)
+    }
+
+    fn check_memory(&self, module: &Module) -> anyhow::Result<()> {
+        if let Some(ExternType::Memory(m)) = module.get_export("memory") {
+            let need = m.minimum().saturating_mul(m.page_size());
+            let cap = self.inner.limits.max_memory as u64;
+            if need > cap {
+                bail!(
+                    "its memory starts at {} bytes ({} pages), over the memory limit of {cap} bytes (--max-memory)",
+                    need,
+                    m.minimum()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn instantiate(&self, program: &Program, peer: Option<SocketAddr>) -> wasmtime::Result<Live> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.inner.limits.max_memory)
+            .table_elements(MAX_TABLE_ELEMENTS)
+            .tables(MAX_TABLES)
+            .memories(1)
+            .instances(1)
+            // A guest that outgrows its cap is stopped and replaced, not left to
+            // carry on with a failed `memory.grow`.
+            .trap_on_grow_failure(true)
+            .build();
+        let host = HostState {
+            limits,
+            peer,
+            log_limit: Arc::clone(&self.inner.log_limit),
+        };
+        let mut store = Store::new(&self.inner.engine, host);
+        store.limiter(|h| &mut h.limits);
+        store.set_epoch_deadline(self.inner.deadline_ticks);
+        let instance = program.pre.instantiate(&mut store)?;
+        // The ABI check guarantees these exports and their types.
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| wasmtime::format_err!("no `memory` export"))?;
+        let alloc = instance.get_typed_func(&mut store, "alloc")?;
+        let handle = instance.get_typed_func(&mut store, "handle")?;
+        Ok(Live {
+            store,
+            memory,
+            alloc,
+            handle,
+            poisoned: false,
+        })
+    }
+}
+
+fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
+    if bytes.len() > MAX_MODULE_BYTES {
+        bail!(
+            "is {} bytes, over the {} byte limit for modules",
+            bytes.len(),
+            MAX_MODULE_BYTES
+        );
+    }
+    let module = if let Some(version) = bytes.strip_prefix(b"\0asm") {
+        if version.get(..4) != Some(&[1, 0, 0, 0]) {
+            bail!("is a WebAssembly component or an unknown binary version; wasmgate runs core modules (version 1)");
+        }
+        Module::from_binary(engine, bytes)
+    } else if bytes.starts_with(b"\x7fELF") {
+        bail!("is a precompiled (serialized) module; only `.wasm` binaries and `.wat` text are accepted");
+    } else {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            bail!("is neither a WebAssembly binary (it does not start with \\0asm) nor WAT text");
+        };
+        if text.trim().is_empty() {
+            bail!("is empty");
+        }
+        Module::new(engine, text)
+    };
+    module
+        .map_err(anyhow::Error::from)
+        .context("is not a valid WebAssembly module")
+}
+
+/// A module that passed every check, compiled and ready to instantiate. This is
+/// what a reload publishes; instances made from it are cheap.
+pub struct Program {
+    origin: String,
+    sha256: [u8; 32],
+    imports: Vec<String>,
+    pre: InstancePre<HostState>,
+    compile_time: Duration,
+}
+
+impl Program {
+    /// Where the module came from: its path, or `<embedded uppercase>`.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The sha256 of the module's bytes, in hex.
+    pub fn sha256_hex(&self) -> String {
+        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The first 12 hex digits of the sha256, enough to tell modules apart in logs.
+    pub fn short_sha256(&self) -> String {
+        self.sha256_hex()[..12].to_string()
+    }
+
+    /// What the module imports from the host, as `module.name`.
+    pub fn imports(&self) -> &[String] {
+        &self.imports
+    }
+
+    /// How long compiling, checking and the trial instantiation took.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+}
+
+impl fmt::Debug for Program {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Program")
+            .field("origin", &self.origin)
+            .field("sha256", &self.short_sha256())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A live instance: its store and the exports the host calls.
+struct Live {
+    store: Store<HostState>,
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    handle: TypedFunc<(i32, i32), i64>,
+    /// The guest misbehaved; this instance must not see another datagram.
+    poisoned: bool,
+}
+
+impl Live {
+    /// Copies the datagram in, runs `handle`, and says where the reply is.
+    fn call(
+        &mut self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        deadline_ticks: u64,
+        max_ratio: f64,
+    ) -> Result<Range<usize>, Rejection> {
+        self.store.set_epoch_deadline(deadline_ticks);
+        self.store.data_mut().peer = Some(peer);
+        let len = datagram.len();
+        // `len` is at most MAX_DATAGRAM, so it fits an i32.
+        let ptr = self.alloc.call(&mut self.store, len as i32)?;
+        let dst = abi::alloc_range(ptr, len, self.memory.data_size(&self.store))?;
+        self.memory.data_mut(&mut self.store)[dst].copy_from_slice(datagram);
+        let packed = self.handle.call(&mut self.store, (ptr, len as i32))?;
+        Ok(abi::reply_range(
+            packed,
+            self.memory.data_size(&self.store),
+            len,
+            max_ratio,
+        )?)
+    }
+}
+
+/// Runs one [`Program`] for one worker, datagram after datagram.
+pub struct Guest {
+    sandbox: Sandbox,
+    program: Arc<Program>,
+    live: Option<Live>,
+    isolation: Isolation,
+    max_ratio: f64,
+}
+
+impl Guest {
+    /// `max_ratio` caps reply size at that multiple of the request (0: no cap).
+    pub fn new(sandbox: Sandbox, program: Arc<Program>, isolation: Isolation, max_ratio: f64) -> Self {
+        Self {
+            sandbox,
+            program,
+            live: None,
+            isolation,
+            max_ratio,
+        }
+    }
+
+    pub fn program(&self) -> &Arc<Program> {
+        &self.program
+    }
+
+    /// Switches to `program` if it is not the one running; the next datagram then
+    /// gets an instance of it, and the old instance is freed now.
+    pub fn set_program(&mut self, program: &Arc<Program>) {
+        if !Arc::ptr_eq(&self.program, program) {
+            self.program = Arc::clone(program);
+            self.live = None;
+        }
+    }
+
+    /// Runs the guest on one datagram from `peer` and returns the reply to send.
+    /// After a trap, timeout or bad alloc/reply the instance is thrown away, so the
+    /// next datagram starts from a fresh one.
+    pub fn handle(&mut self, datagram: &[u8], peer: SocketAddr) -> Result<&[u8], Rejection> {
+        if datagram.len() > MAX_DATAGRAM {
+            return Err(DropReason::Oversize.into());
+        }
+        // A poisoned instance is replaced here, at the start of the next datagram,
+        // so that the reply to this one can still borrow from its memory.
+        if self.isolation == Isolation::Fresh || self.live.as_ref().is_some_and(|l| l.poisoned) {
+            self.live = None;
+        }
+        let live = match self.live.take() {
+            Some(live) => live,
+            None => self.sandbox.instantiate(&self.program, Some(peer))?,
+        };
+        let live = self.live.insert(live);
+        match live.call(datagram, peer, self.sandbox.inner.deadline_ticks, self.max_ratio) {
+            Ok(range) => Ok(&live.memory.data(&live.store)[range]),
+            Err(rejection) => {
+                live.poisoned = rejection.reason.poisons_instance();
+                Err(rejection)
+            }
+        }
+    }
+}
+
+/// Why a datagram got no reply from the guest, with the error behind it if any.
+#[derive(Debug)]
+pub struct Rejection {
+    pub reason: DropReason,
+    pub error: Option<wasmtime::Error>,
+}
+
+impl From<DropReason> for Rejection {
+    fn from(reason: DropReason) -> Self {
+        Self { reason, error: None }
+    }
+}
+
+impl From<wasmtime::Error> for Rejection {
+    fn from(error: wasmtime::Error) -> Self {
+        let reason = match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => DropReason::Timeout,
+            _ => DropReason::Trap,
+        };
+        Self {
+            reason,
+            error: Some(error),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.reason {
+            DropReason::Timeout => f.write_str("the guest ran past its time budget (--timeout-ms)"),
+            DropReason::Trap => match &self.error {
+                Some(e) => write!(f, "the guest trapped: {e:#}"),
+                None => f.write_str("the guest trapped"),
+            },
+            DropReason::BadAlloc => f.write_str("`alloc` returned a region outside the guest's memory"),
+            DropReason::BadReply => f.write_str("`handle` returned a reply region outside the guest's memory"),
+            DropReason::Amplification => f.write_str("the reply is larger than --max-reply-ratio times the request"),
+            DropReason::Oversize => f.write_str("the request or reply is larger than 65,507 bytes"),
+            DropReason::SendError => f.write_str("the reply could not be sent"),
+            DropReason::NoReply => f.write_str("the guest sent no reply"),
+        }
+    }
+}
+
+/// Advances the engine's epoch every [`TICK`] so that guests past their deadline
+/// are interrupted. Stopped and joined when dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("wasmgate-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .context("cannot start the epoch ticker thread")?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:4242".parse().unwrap()
+    }
+
+    fn sandbox() -> Sandbox {
+        Sandbox::new(Limits::default()).unwrap()
+    }
+
+    fn guest(wat: &str) -> Guest {
+        let sandbox = sandbox();
+        let program = Arc::new(sandbox.load("test.wat", wat.as_bytes()).unwrap());
+        Guest::new(sandbox, program, Isolation::Reuse, 3.0)
+    }
+
+    /// Echoes the datagram, with a counter in global 0 that survives between datagrams
+    /// and is reported as the reply's first byte when the datagram is "count".
+    const COUNTER: &str = r#"(module
+        (memory (export "memory") 1)
+        (global $n (mut i32) (i32.const 0))
+        (func (export "alloc") (param i32) (result i32) i32.const 16)
+        (func (export "handle") (param $p i32) (param $len i32) (result i64)
+            (global.set $n (i32.add (global.get $n) (i32.const 1)))
+            (i32.store8 (local.get $p) (i32.add (i32.const 48) (global.get $n)))
+            (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32)) (i64.const 1)))
+    )"#;
+
+    #[test]
+    fn embedded_guest_uppercases_like_python() {
+        let sandbox = sandbox();
+        let program = Arc::new(sandbox.load("<embedded>", crate::DEFAULT_GUEST_WASM).unwrap());
+        let mut g = Guest::new(sandbox, program, Isolation::Reuse, 3.0);
+        assert_eq!(g.handle(b"chen", peer()).unwrap(), b"CHEN");
+        assert_eq!(g.handle(b"", peer()).unwrap(), b"");
+        let all: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let expected: Vec<u8> = all.iter().map(u8::to_ascii_uppercase).collect();
+        assert_eq!(g.handle(&all, peer()).unwrap(), &expected[..]);
+    }
+
+    #[test]
+    fn reused_instance_keeps_state_fresh_does_not() {
+        let mut g = guest(COUNTER);
+        assert_eq!(g.handle(b"x", peer()).unwrap(), b"1");
+        assert_eq!(g.handle(b"x", peer()).unwrap(), b"2");
+        g.isolation = Isolation::Fresh;
+        assert_eq!(g.handle(b"x", peer()).unwrap(), b"1");
+        assert_eq!(g.handle(b"x", peer()).unwrap(), b"1");
+    }
+
+    #[test]
+    fn a_trap_replaces_the_instance() {
+        let mut g = guest(
+            r#"(module
+            (memory (export "memory") 1)
+            (global $n (mut i32) (i32.const 0))
+            (func (export "alloc") (param i32) (result i32) i32.const 16)
+            (func (export "handle") (param $p i32) (param $len i32) (result i64)
+                (global.set $n (i32.add (global.get $n) (i32.const 1)))
+                (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 33)) (then unreachable))
+                (i32.store8 (local.get $p) (i32.add (i32.const 48) (global.get $n)))
+                (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32)) (i64.const 1))))"#,
+        );
+        assert_eq!(g.handle(b"x", peer()).unwrap(), b"1");
+        assert_eq!(g.handle(b"x", peer()).unwrap(), b"2");
+        let rejection = g.handle(b"!", peer()).unwrap_err();
+        assert_eq!(rejection.reason, DropReason::Trap);
+        assert!(rejection.to_string().contains("unreachable"), "{rejection}");
+        // The counter restarted: the trapped instance is gone.
+        assert_eq!(g.handle(b"x", peer()).unwrap(), b"1");
+    }
+
+    #[test]
+    fn endless_loop_is_interrupted_as_a_timeout() {
+        let mut g = guest(
+            r#"(module (memory (export "memory") 1)
+            (func (export "alloc") (param i32) (result i32) i32.const 0)
+            (func (export "handle") (param i32 i32) (result i64) (loop br 0) i64.const -1))"#,
+        );
+        let started = Instant::now();
+        assert_eq!(g.handle(b"x", peer()).unwrap_err().reason, DropReason::Timeout);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn peer_is_written_when_it_fits() {
+        let mut g = guest(
+            r#"(module
+            (import "wasmgate" "peer" (func $peer (param i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (func (export "alloc") (param i32) (result i32) i32.const 0)
+            (func (export "handle") (param $p i32) (param $len i32) (result i64)
+                (local $n i32)
+                ;; cap = 4 * datagram length: "x" is too small for "127.0.0.1:4242".
+                (local.set $n (call $peer (i32.const 1024) (i32.mul (local.get $len) (i32.const 4))))
+                (if (i32.gt_u (local.get $n) (i32.mul (local.get $len) (i32.const 4)))
+                    (then (return (i64.const -1))))
+                (i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.extend_i32_u (local.get $n)))))"#,
+        );
+        assert_eq!(g.handle(b"xxxxx", peer()).unwrap(), b"127.0.0.1:4242");
+        assert_eq!(g.handle(b"x", peer()).unwrap_err().reason, DropReason::NoReply);
+        let v6: SocketAddr = "[::1]:9".parse().unwrap();
+        assert_eq!(g.handle(b"xxx", v6).unwrap(), b"[::1]:9");
+    }
+}

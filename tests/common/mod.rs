@@ -1,0 +1,161 @@
+//! Shared helpers: start a gateway in-process on 127.0.0.1:0, run the built binary,
+//! and talk to either over real UDP.
+
+#![allow(dead_code, unreachable_pub)] // each test binary uses a different part
+
+use std::io::{BufRead as _, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wasmgate::sandbox::{Isolation, Limits, Sandbox};
+use wasmgate::server::{Gateway, ServeConfig};
+
+/// How long a test waits for a reply that must come.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn config() -> ServeConfig {
+    ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        workers: 2,
+        isolation: Isolation::Reuse,
+        max_reply_ratio: 3.0,
+    }
+}
+
+/// Starts a gateway serving `module` (WAT text or a binary) with default limits.
+pub fn start(module: &[u8]) -> Gateway {
+    start_with(module, Limits::default(), config())
+}
+
+pub fn start_with(module: &[u8], limits: Limits, config: ServeConfig) -> Gateway {
+    let sandbox = Sandbox::new(limits).unwrap();
+    let program = sandbox.load("test module", module).unwrap();
+    Gateway::start(&sandbox, program, &config).unwrap()
+}
+
+/// A client socket on loopback that gives up waiting after [`REPLY_TIMEOUT`].
+pub fn client() -> UdpSocket {
+    client_on("127.0.0.1:0")
+}
+
+pub fn client_on(addr: &str) -> UdpSocket {
+    let socket = UdpSocket::bind(addr).unwrap();
+    socket.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    socket
+}
+
+/// Sends `payload` and returns the reply, failing the test if none comes.
+pub fn ask(socket: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    socket.send_to(payload, to).unwrap();
+    recv(socket, to)
+}
+
+/// Receives one datagram, which must come from `from`.
+pub fn recv(socket: &UdpSocket, from: SocketAddr) -> Vec<u8> {
+    let mut buf = vec![0u8; 70_000];
+    let (n, sender) = socket
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no reply from {from} within {REPLY_TIMEOUT:?}: {e}"));
+    assert_eq!(sender, from, "reply from an unexpected address");
+    buf.truncate(n);
+    buf
+}
+
+/// Asserts that nothing arrives on `socket` for `wait`.
+pub fn assert_silent(socket: &UdpSocket, wait: Duration) {
+    socket.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 2048];
+    let got = socket.recv_from(&mut buf);
+    socket.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    if let Ok((n, from)) = got {
+        panic!("expected no datagram, got {n} bytes from {from}");
+    }
+}
+
+/// Python's `bytes.upper()`.
+pub fn upper(data: &[u8]) -> Vec<u8> {
+    data.to_ascii_uppercase()
+}
+
+/// The built `wasmgate` binary, run with `args`; stdout and stderr are piped.
+pub fn wasmgate(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmgate"));
+    cmd.args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs the binary to completion (at most 30 s) and returns its exit code and output.
+pub fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = wasmgate(args).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("wasmgate {args:?} did not exit within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A `wasmgate` process serving on a port of its choosing; killed when dropped.
+pub struct Served {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Every stderr line after the "serving" line, as it is written.
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Served {
+    /// Starts the binary with `args` (which should include `--listen 127.0.0.1:0`)
+    /// and waits for its "serving" log line to learn the address.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = wasmgate(args).spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("wasmgate {args:?} did not report serving within 30 s"));
+            if let Some(rest) = line.split("listen=").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                return Self { child, addr, log: rx };
+            }
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `contents` to `name` inside `dir` and returns the path as a string.
+pub fn write_file(dir: &Path, name: &str, contents: &[u8]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path.to_str().unwrap().to_string()
+}
