@@ -1,0 +1,122 @@
+//! The built `wasmgate` binary, run as a user would: serve, answer, log, stop.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Served, ask, client, write_file};
+
+fn signal(served: &Served, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &served.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits up to `limit` for the process to exit and returns its exit code.
+fn exit_code_within(served: &mut Served, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(Instant::now() < deadline, "wasmgate did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn binary_serves_the_embedded_guest_and_stops_cleanly_on_sigterm() {
+    let mut served = Served::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let c = client();
+    assert_eq!(ask(&c, served.addr, b"chen"), b"CHEN");
+    assert_eq!(ask(&c, served.addr, b""), b"");
+    signal(&served, "TERM");
+    assert_eq!(exit_code_within(&mut served, Duration::from_secs(5)), Some(0));
+    let rest: Vec<String> = served.log.try_iter().collect();
+    let stopped = rest.iter().find(|l| l.contains("stopped")).expect("a final stats line");
+    assert!(stopped.contains("received=2 replied=2"), "{stopped}");
+}
+
+#[test]
+fn binary_serves_a_wat_module_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(
+        dir.path(),
+        "reverse.wat",
+        br#"(module
+            (memory (export "memory") 1)
+            (func (export "alloc") (param i32) (result i32) i32.const 0)
+            ;; Replies with the datagram reversed, written after it.
+            (func (export "handle") (param $p i32) (param $n i32) (result i64)
+                (local $i i32)
+                (block $done (loop $next
+                    (br_if $done (i32.ge_u (local.get $i) (local.get $n)))
+                    (i32.store8 (i32.add (i32.const 32768) (local.get $i))
+                        (i32.load8_u (i32.sub (i32.sub (local.get $n) (local.get $i)) (i32.const 1))))
+                    (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                    (br $next)))
+                (i64.or (i64.const 0x0000800000000000) (i64.extend_i32_u (local.get $n)))))"#,
+    );
+    let served = Served::start(&["--listen", "127.0.0.1:0", "--module", &path]);
+    assert_eq!(ask(&client(), served.addr, b"wasmgate"), b"etagmsaw");
+}
+
+#[test]
+fn a_flood_of_bad_datagrams_does_not_become_a_flood_of_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(
+        dir.path(),
+        "trap.wat",
+        br#"(module (memory (export "memory") 1)
+            (func (export "alloc") (param i32) (result i32) i32.const 0)
+            (func (export "handle") (param i32 i32) (result i64) unreachable))"#,
+    );
+    let served = Served::start(&["--listen", "127.0.0.1:0", "--module", &path, "--workers", "1"]);
+    let c = client();
+    for _ in 0..2000 {
+        c.send_to(b"boom", served.addr).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let lines: Vec<String> = served.log.try_iter().collect();
+    let warnings = lines.iter().filter(|l| l.contains("dropped a datagram")).count();
+    assert!(warnings >= 1, "the trap was never reported: {lines:?}");
+    // Five a second are let through; the run lasts about two seconds.
+    assert!(warnings <= 15, "{warnings} warning lines for 2000 bad datagrams");
+    assert!(
+        lines.iter().any(|l| l.contains("wasm `unreachable` instruction executed")),
+        "the warning does not say what the guest did: {lines:?}"
+    );
+}
+
+#[test]
+fn guest_log_lines_reach_the_gateway_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(
+        dir.path(),
+        "logger.wat",
+        br#"(module
+            (import "wasmgate" "log" (func $log (param i32 i32 i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 0) "hello from the guest")
+            (func (export "alloc") (param i32) (result i32) i32.const 1024)
+            (func (export "handle") (param i32 i32) (result i64)
+                (call $log (i32.const 2) (i32.const 0) (i32.const 20))
+                i64.const -1))"#,
+    );
+    let served = Served::start(&["--listen", "127.0.0.1:0", "--module", &path]);
+    let c = client();
+    c.send_to(b"x", served.addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let found = loop {
+        match served.log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains("hello from the guest") => break Some(line),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+    };
+    let line = found.expect("the guest's log line");
+    assert!(line.contains("INFO") && line.contains("peer=127.0.0.1:"), "{line}");
+}

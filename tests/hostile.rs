@@ -1,0 +1,235 @@
+//! Hostile guests, written as inline WAT: each misbehaves when a datagram starts
+//! with `!` and echoes otherwise. After every misbehaviour a probe datagram must
+//! still be answered, and the drop must be counted under the right reason.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{ask, assert_silent, client, start, start_with};
+use wasmgate::metrics::DropReason;
+use wasmgate::sandbox::Limits;
+
+/// A guest that echoes the datagram, and runs `misbehaviour` instead of replying
+/// when the datagram's first byte is `!`. `extra` adds module-level items.
+fn guest(misbehaviour: &str, extra: &str) -> Vec<u8> {
+    format!(
+        r#"(module
+        {extra}
+        (memory (export "memory") 1)
+        (func (export "alloc") (param i32) (result i32) i32.const 1024)
+        (func (export "handle") (param $p i32) (param $len i32) (result i64)
+            (if (i32.and (i32.gt_u (local.get $len) (i32.const 0))
+                         (i32.eq (i32.load8_u (local.get $p)) (i32.const 33)))
+                (then {misbehaviour}))
+            (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32))
+                    (i64.extend_i32_u (local.get $len)))))"#
+    )
+    .into_bytes()
+}
+
+/// Starts `module`, sends one hostile datagram and then probes, and checks that the
+/// hostile one was dropped for `reason` while every probe was answered.
+fn survives(module: &[u8], reason: DropReason) {
+    let gateway = start(module);
+    let addr = gateway.local_addr();
+    let c = client();
+    assert_eq!(ask(&c, addr, b"before"), b"before");
+    c.send_to(b"!attack", addr).unwrap();
+    // The same client always reaches the same worker, so the probe runs on the very
+    // worker (and, were it not replaced, the very instance) that was attacked.
+    for i in 0..3 {
+        let probe = format!("probe number {i}");
+        assert_eq!(ask(&c, addr, probe.as_bytes()), probe.as_bytes());
+    }
+    assert_silent(&c, Duration::from_millis(200));
+    let stats = gateway.shutdown();
+    assert_eq!(stats.dropped(reason), 1, "expected one {reason} drop: {stats}");
+    assert_eq!(stats.dropped_total(), 1, "{stats}");
+    assert_eq!((stats.received, stats.replied), (5, 4), "{stats}");
+}
+
+#[test]
+fn endless_loop_is_interrupted_and_the_worker_carries_on() {
+    let started = Instant::now();
+    survives(&guest("(loop $l (br $l))", ""), DropReason::Timeout);
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+}
+
+#[test]
+fn memory_grow_bomb_hits_the_memory_cap_and_traps() {
+    // Grows 1 MiB at a time until growing fails; the cap turns that into a trap.
+    survives(
+        &guest(
+            "(loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))",
+            "",
+        ),
+        DropReason::Trap,
+    );
+}
+
+#[test]
+fn memory_grow_bomb_is_held_to_a_small_cap_too() {
+    let limits = Limits {
+        max_memory: 1 << 20,
+        ..Limits::default()
+    };
+    let module = guest("(drop (memory.grow (i32.const 17)))", "");
+    let gateway = start_with(&module, limits, common::config());
+    let c = client();
+    c.send_to(b"!grow", gateway.local_addr()).unwrap();
+    assert_eq!(ask(&c, gateway.local_addr(), b"probe"), b"probe");
+    assert_eq!(gateway.shutdown().dropped(DropReason::Trap), 1);
+}
+
+#[test]
+fn unbounded_recursion_is_a_trap_not_an_abort() {
+    survives(
+        &guest(
+            "(drop (call $down (i32.const 0)))",
+            "(func $down (param i32) (result i32) (call $down (i32.add (local.get 0) (i32.const 1))))",
+        ),
+        DropReason::Trap,
+    );
+}
+
+#[test]
+fn unreachable_is_a_trap() {
+    survives(&guest("unreachable", ""), DropReason::Trap);
+}
+
+#[test]
+fn out_of_bounds_memory_access_is_a_trap() {
+    survives(&guest("(drop (i32.load (i32.const 0x7ffffff0)))", ""), DropReason::Trap);
+}
+
+#[test]
+fn reply_pointer_outside_memory_is_a_bad_reply() {
+    // ptr 0x7fff0000, len 4: far past the one-page memory.
+    survives(&guest("(return (i64.const 0x7fff000000000004))", ""), DropReason::BadReply);
+}
+
+#[test]
+fn reply_length_near_two_to_the_31_is_a_bad_reply() {
+    survives(
+        &guest(
+            "(return (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32)) (i64.const 0x7ffffff0)))",
+            "",
+        ),
+        DropReason::BadReply,
+    );
+}
+
+#[test]
+fn four_times_amplified_reply_is_dropped() {
+    survives(
+        &guest(
+            "(return (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32))
+                             (i64.extend_i32_u (i32.mul (local.get $len) (i32.const 4)))))",
+            "",
+        ),
+        DropReason::Amplification,
+    );
+}
+
+#[test]
+fn amplified_reply_is_sent_when_the_ratio_check_is_off() {
+    let module = guest(
+        "(return (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32))
+                         (i64.extend_i32_u (i32.mul (local.get $len) (i32.const 4)))))",
+        "",
+    );
+    let mut config = common::config();
+    config.max_reply_ratio = 0.0;
+    let gateway = start_with(&module, Limits::default(), config);
+    let c = client();
+    assert_eq!(ask(&c, gateway.local_addr(), b"!abc").len(), 16);
+}
+
+#[test]
+fn no_reply_sends_nothing_and_is_counted() {
+    survives(&guest("(return (i64.const -1))", ""), DropReason::NoReply);
+}
+
+#[test]
+fn reply_over_65507_bytes_is_oversize() {
+    let module = r#"(module
+        (memory (export "memory") 2)
+        (func (export "alloc") (param i32) (result i32) i32.const 1024)
+        (func (export "handle") (param $p i32) (param $len i32) (result i64)
+            (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 33))
+                (then (return (i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.const 65508)))))
+            (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32))
+                    (i64.extend_i32_u (local.get $len)))))"#;
+    let mut config = common::config();
+    config.max_reply_ratio = 0.0;
+    let gateway = start_with(module.as_bytes(), Limits::default(), config);
+    let c = client();
+    c.send_to(b"!big", gateway.local_addr()).unwrap();
+    assert_eq!(ask(&c, gateway.local_addr(), b"probe"), b"probe");
+    assert_eq!(gateway.shutdown().dropped(DropReason::Oversize), 1);
+}
+
+#[test]
+fn alloc_outside_memory_is_a_bad_alloc() {
+    // alloc returns an address past memory for 7-byte datagrams ("!attack").
+    let module = r#"(module
+        (memory (export "memory") 1)
+        (func (export "alloc") (param $n i32) (result i32)
+            (if (result i32) (i32.eq (local.get $n) (i32.const 7))
+                (then (i32.const -16)) (else (i32.const 1024))))
+        (func (export "handle") (param $p i32) (param $len i32) (result i64)
+            (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32))
+                    (i64.extend_i32_u (local.get $len)))))"#;
+    survives(module.as_bytes(), DropReason::BadAlloc);
+}
+
+#[test]
+fn log_with_a_pointer_outside_memory_is_a_trap() {
+    survives(
+        &guest(
+            "(call $log (i32.const 2) (i32.const 0x7fffffff) (i32.const 16))",
+            r#"(import "wasmgate" "log" (func $log (param i32 i32 i32)))"#,
+        ),
+        DropReason::Trap,
+    );
+}
+
+#[test]
+fn a_flood_of_bad_datagrams_is_all_counted_and_the_probe_still_answered() {
+    let gateway = start(&guest("unreachable", ""));
+    let addr = gateway.local_addr();
+    let c = client();
+    const FLOOD: u64 = 500;
+    for _ in 0..FLOOD {
+        c.send_to(b"!", addr).unwrap();
+    }
+    assert_eq!(ask(&c, addr, b"probe"), b"probe");
+    let stats = gateway.shutdown();
+    // Loopback with 4 MiB socket buffers holds the whole flood; all of it is counted.
+    assert_eq!(stats.dropped(DropReason::Trap), FLOOD, "{stats}");
+    assert_eq!(stats.replied, 1);
+}
+
+#[test]
+fn fresh_isolation_keeps_no_state_between_datagrams() {
+    // Replies with a counter that lives in a global: 1, 2, 3… when reused.
+    let module = r#"(module
+        (memory (export "memory") 1)
+        (global $n (mut i32) (i32.const 0))
+        (func (export "alloc") (param i32) (result i32) i32.const 1024)
+        (func (export "handle") (param $p i32) (param $len i32) (result i64)
+            (global.set $n (i32.add (global.get $n) (i32.const 1)))
+            (i32.store8 (local.get $p) (i32.add (i32.const 48) (global.get $n)))
+            (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32)) (i64.const 1))))"#;
+    let reused = start(module.as_bytes());
+    let c = client();
+    let got: Vec<u8> = (0..3).flat_map(|_| ask(&c, reused.local_addr(), b"x")).collect();
+    assert_eq!(got, b"123");
+
+    let mut config = common::config();
+    config.isolation = wasmgate::sandbox::Isolation::Fresh;
+    let fresh = start_with(module.as_bytes(), Limits::default(), config);
+    let got: Vec<u8> = (0..3).flat_map(|_| ask(&c, fresh.local_addr(), b"x")).collect();
+    assert_eq!(got, b"111");
+}
