@@ -2,6 +2,7 @@
 # Rebuilds the committed guest modules from source.
 #   scripts/build-guests.sh           rebuild and copy the .wasm files into place
 #   scripts/build-guests.sh --check   rebuild and fail if any differs from what is committed
+# Exits 3 if the wasm32 target cannot be installed, so CI can say so loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -13,7 +14,7 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknow
   if ! rustup target add wasm32-unknown-unknown; then
     echo "build-guests: ERROR: the wasm32-unknown-unknown target cannot be installed here;" >&2
     echo "build-guests: ERROR: the committed guest .wasm files were NOT verified against their source." >&2
-    exit 1
+    exit 3
   fi
 fi
 
@@ -35,7 +36,7 @@ for name in uppercase; do
       status=1
     fi
   else
-    cp "$built" "$committed"
+    install -m 644 "$built" "$committed"
     echo "build-guests: wrote $committed ($(wc -c <"$committed") bytes)"
   fi
 done

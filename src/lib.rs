@@ -9,6 +9,19 @@
 //! - [`abi`]: guest ABI v1: required exports, allowed imports, reply checks (pure).
 //! - `hostcalls`: the functions guests may import from `wasmgate`.
 //! - [`metrics`]: per-worker counters, drop reasons, rate-limited warnings.
+//!
+//! # Running a guest without a network
+//!
+//! ```
+//! use std::sync::Arc;
+//! use wasmgate::sandbox::{Guest, Isolation, Limits, Sandbox};
+//!
+//! let sandbox = Sandbox::new(Limits::default())?;
+//! let program = Arc::new(sandbox.load("uppercase", wasmgate::DEFAULT_GUEST_WASM)?);
+//! let mut guest = Guest::new(sandbox, program, Isolation::Reuse, 3.0);
+//! assert_eq!(guest.handle(b"chen", "127.0.0.1:9".parse()?)?, b"CHEN");
+//! # Ok::<(), anyhow::Error>(())
+//! ```
 
 pub mod abi;
 pub mod cli;

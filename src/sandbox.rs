@@ -388,6 +388,8 @@ pub struct Rejection {
     pub error: Option<wasmtime::Error>,
 }
 
+impl std::error::Error for Rejection {}
+
 impl From<DropReason> for Rejection {
     fn from(reason: DropReason) -> Self {
         Self { reason, error: None }

@@ -86,7 +86,9 @@ fn a_flood_of_bad_datagrams_does_not_become_a_flood_of_log_lines() {
     // Five a second are let through; the run lasts about two seconds.
     assert!(warnings <= 15, "{warnings} warning lines for 2000 bad datagrams");
     assert!(
-        lines.iter().any(|l| l.contains("wasm `unreachable` instruction executed")),
+        lines
+            .iter()
+            .any(|l| l.contains("wasm `unreachable` instruction executed")),
         "the warning does not say what the guest did: {lines:?}"
     );
 }
@@ -111,7 +113,10 @@ fn guest_log_lines_reach_the_gateway_log() {
     c.send_to(b"x", served.addr).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let found = loop {
-        match served.log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match served
+            .log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             Ok(line) if line.contains("hello from the guest") => break Some(line),
             Ok(_) => {}
             Err(_) => break None,

@@ -53,7 +53,11 @@ fn survives(module: &[u8], reason: DropReason) {
 fn endless_loop_is_interrupted_and_the_worker_carries_on() {
     let started = Instant::now();
     survives(&guest("(loop $l (br $l))", ""), DropReason::Timeout);
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -106,7 +110,10 @@ fn out_of_bounds_memory_access_is_a_trap() {
 #[test]
 fn reply_pointer_outside_memory_is_a_bad_reply() {
     // ptr 0x7fff0000, len 4: far past the one-page memory.
-    survives(&guest("(return (i64.const 0x7fff000000000004))", ""), DropReason::BadReply);
+    survives(
+        &guest("(return (i64.const 0x7fff000000000004))", ""),
+        DropReason::BadReply,
+    );
 }
 
 #[test]

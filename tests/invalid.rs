@@ -48,9 +48,7 @@ fn bad_modules() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ),
         (
             "wasi_import.wat",
-            valid_with(
-                r#"(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))"#,
-            ),
+            valid_with(r#"(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))"#),
             vec!["wasi_snapshot_preview1.fd_write", "WASI"],
         ),
         (
@@ -101,8 +99,15 @@ fn bad_modules_are_refused_by_check_with_the_file_and_the_reason() {
     for (name, source, words) in bad_modules() {
         let path = write_file(dir.path(), name, source.as_bytes());
         let (code, stdout, stderr) = run_to_end(&["check", &path]);
-        assert_eq!(code, Some(1), "check {name} should fail; stdout: {stdout} stderr: {stderr}");
-        assert!(stderr.contains(&path), "{name}: message does not name the file: {stderr}");
+        assert_eq!(
+            code,
+            Some(1),
+            "check {name} should fail; stdout: {stdout} stderr: {stderr}"
+        );
+        assert!(
+            stderr.contains(&path),
+            "{name}: message does not name the file: {stderr}"
+        );
         for word in words {
             assert!(stderr.contains(word), "{name}: message lacks {word:?}: {stderr}");
         }
@@ -116,9 +121,19 @@ fn bad_modules_stop_the_gateway_at_start_up_with_the_file_and_the_reason() {
         let path = write_file(dir.path(), name, source.as_bytes());
         let (code, _, stderr) = run_to_end(&["--listen", "127.0.0.1:0", "--module", &path]);
         assert_eq!(code, Some(1), "{name} should stop the gateway: {stderr}");
-        assert!(stderr.contains(&path), "{name}: message does not name the file: {stderr}");
-        assert!(stderr.contains(words[0]), "{name}: message lacks {:?}: {stderr}", words[0]);
-        assert!(!stderr.contains("serving"), "{name}: the gateway served anyway: {stderr}");
+        assert!(
+            stderr.contains(&path),
+            "{name}: message does not name the file: {stderr}"
+        );
+        assert!(
+            stderr.contains(words[0]),
+            "{name}: message lacks {:?}: {stderr}",
+            words[0]
+        );
+        assert!(
+            !stderr.contains("serving"),
+            "{name}: the gateway served anyway: {stderr}"
+        );
     }
 }
 
@@ -132,7 +147,12 @@ fn all_problems_of_a_module_are_reported_at_once() {
     );
     let (code, _, stderr) = run_to_end(&["check", &path]);
     assert_eq!(code, Some(1));
-    for word in ["missing export `memory`", "export `alloc` has type", "missing export `handle`", "env.x"] {
+    for word in [
+        "missing export `memory`",
+        "export `alloc` has type",
+        "missing export `handle`",
+        "env.x",
+    ] {
         assert!(stderr.contains(word), "lacks {word:?}: {stderr}");
     }
 }
@@ -147,7 +167,10 @@ fn check_accepts_good_modules_and_says_so() {
     );
     let (code, stdout, stderr) = run_to_end(&["check", &path]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(stdout.contains("ok") && stdout.contains("imports: wasmgate.log"), "{stdout}");
+    assert!(
+        stdout.contains("ok") && stdout.contains("imports: wasmgate.log"),
+        "{stdout}"
+    );
 
     let embedded = write_file(dir.path(), "uppercase.wasm", wasmgate::DEFAULT_GUEST_WASM);
     let (code, stdout, _) = run_to_end(&["check", &embedded]);

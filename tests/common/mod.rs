@@ -132,15 +132,22 @@ impl Served {
                 }
             }
         });
+        // Owned by `Served` from here on, so a failure below still kills it.
+        let mut served = Self {
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            log: rx,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
+            let line = served
+                .log
                 .recv_timeout(left)
                 .unwrap_or_else(|_| panic!("wasmgate {args:?} did not report serving within 30 s"));
             if let Some(rest) = line.split("listen=").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-                return Self { child, addr, log: rx };
+                served.addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                return served;
             }
         }
     }
