@@ -240,3 +240,52 @@ fn fresh_isolation_keeps_no_state_between_datagrams() {
     let got: Vec<u8> = (0..3).flat_map(|_| ask(&c, fresh.local_addr(), b"x")).collect();
     assert_eq!(got, b"111");
 }
+
+#[test]
+fn every_drop_reason_moves_its_own_counter() {
+    // The first byte picks a misbehaviour; anything else is echoed.
+    let module = r#"(module
+        (memory (export "memory") 2)
+        (func (export "alloc") (param i32) (result i32) i32.const 1024)
+        (func (export "handle") (param $p i32) (param $len i32) (result i64)
+            (local $c i32)
+            (local.set $c (i32.load8_u (local.get $p)))
+            (if (i32.eq (local.get $c) (i32.const 76)) (then (loop $l (br $l))))   ;; L: loop
+            (if (i32.eq (local.get $c) (i32.const 84)) (then unreachable))           ;; T: trap
+            (if (i32.eq (local.get $c) (i32.const 66))                               ;; B: bad reply
+                (then (return (i64.const 0x7fff000000000004))))
+            (if (i32.eq (local.get $c) (i32.const 65))                               ;; A: 4x reply
+                (then (return (i64.or (i64.shl (i64.const 1024) (i64.const 32))
+                                      (i64.extend_i32_u (i32.mul (local.get $len) (i32.const 4)))))))
+            (if (i32.eq (local.get $c) (i32.const 79))                               ;; O: 65,508 bytes
+                (then (return (i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.const 65508)))))
+            (if (i32.eq (local.get $c) (i32.const 78)) (then (return (i64.const -1)))) ;; N: no reply
+            (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32))
+                    (i64.extend_i32_u (local.get $len)))))"#;
+    let gateway = start(module.as_bytes());
+    let addr = gateway.local_addr();
+    let c = client();
+    let plan: [(&[u8], usize); 6] = [(b"L", 1), (b"T", 2), (b"B", 3), (b"A", 4), (b"O", 5), (b"N", 6)];
+    for (kind, times) in plan {
+        for _ in 0..times {
+            c.send_to(kind, addr).unwrap();
+        }
+    }
+    assert_eq!(ask(&c, addr, b"echo"), b"echo");
+    let stats = gateway.shutdown();
+    let expected = [
+        (DropReason::Timeout, 1),
+        (DropReason::Trap, 2),
+        (DropReason::BadReply, 3),
+        (DropReason::Amplification, 4),
+        (DropReason::Oversize, 5),
+        (DropReason::NoReply, 6),
+        (DropReason::BadAlloc, 0),
+        (DropReason::SendError, 0),
+    ];
+    for (reason, n) in expected {
+        assert_eq!(stats.dropped(reason), n, "{reason}: {stats}");
+    }
+    assert_eq!((stats.received, stats.replied), (22, 1), "{stats}");
+    assert_eq!((stats.bytes_in, stats.bytes_out), (25, 4), "{stats}");
+}
