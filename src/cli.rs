@@ -1,17 +1,17 @@
 //! The command line: its options, and the `serve` (default) and `check` commands.
 
-use std::fs::File;
-use std::io::Read as _;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::sandbox::{Isolation, Limits, MAX_MODULE_BYTES, Program, Sandbox};
+use crate::reload::Reloader;
+use crate::sandbox::{Isolation, Limits, Program, Sandbox, read_module};
 use crate::server::{Gateway, ServeConfig};
 
 /// How the embedded default guest is named in logs.
@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// requests cannot be amplified (RFC 9000 §8); 0 disables the check.
     #[arg(long, value_name = "RATIO", default_value_t = 3.0, value_parser = parse_ratio)]
     pub max_reply_ratio: f64,
+
+    /// Do not watch the module file for changes (SIGHUP still reloads it).
+    #[arg(long)]
+    pub no_watch: bool,
 
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -179,18 +183,6 @@ pub fn load_module(sandbox: &Sandbox, path: Option<&Path>) -> anyhow::Result<Pro
         .with_context(|| format!("module {name}"))
 }
 
-/// Reads a module file, refusing one over [`MAX_MODULE_BYTES`] without reading it all.
-pub fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    File::open(path)?
-        .take(MAX_MODULE_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() > MAX_MODULE_BYTES {
-        bail!("it is over the {MAX_MODULE_BYTES} byte limit for modules");
-    }
-    Ok(bytes)
-}
-
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let limits = args.limits.limits();
     let sandbox = Sandbox::new(limits)?;
@@ -206,6 +198,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let (module, sha256) = (program.origin().to_string(), program.short_sha256());
     let gateway = Gateway::start(&sandbox, program, &config)?;
+    // Watch before saying "serving": a change made after that line must be seen.
+    let reloader = match &args.module {
+        Some(path) => Some(Reloader::start(
+            sandbox.clone(),
+            path.clone(),
+            gateway.publisher(),
+            !args.no_watch,
+        )?),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // Also before "serving": a signal sent after that line must be handled, not fatal.
+    let signals = {
+        let _runtime = runtime.enter();
+        Signals::new()?
+    };
     tracing::info!(
         listen = %gateway.local_addr(),
         module,
@@ -217,26 +228,48 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_reply_ratio = config.max_reply_ratio,
         "serving"
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(shutdown_signal())?;
+    runtime.block_on(signals.wait(reloader.as_ref()));
     tracing::info!("shutting down: finishing the datagrams in flight");
+    drop(reloader);
     let stats = gateway.shutdown();
     tracing::info!(%stats, "stopped");
     Ok(())
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
-        _ = term.recv() => {}
+/// The signals the gateway acts on, registered up front.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    /// Registers the handlers; must run inside the runtime.
+    fn new() -> anyhow::Result<Self> {
+        let register = |kind: SignalKind, name: &str| signal(kind).with_context(|| format!("cannot listen for {name}"));
+        Ok(Self {
+            interrupt: register(SignalKind::interrupt(), "SIGINT")?,
+            terminate: register(SignalKind::terminate(), "SIGTERM")?,
+            hangup: register(SignalKind::hangup(), "SIGHUP")?,
+        })
     }
-    Ok(())
+
+    /// Reloads on SIGHUP; returns on SIGINT (Ctrl-C) or SIGTERM.
+    async fn wait(mut self, reloader: Option<&Reloader>) {
+        loop {
+            tokio::select! {
+                _ = self.interrupt.recv() => return,
+                _ = self.terminate.recv() => return,
+                _ = self.hangup.recv() => match reloader {
+                    Some(reloader) => {
+                        tracing::info!("SIGHUP: reloading the module");
+                        reloader.force();
+                    }
+                    None => tracing::warn!("SIGHUP: serving the embedded guest, there is no module file to reload"),
+                },
+            }
+        }
+    }
 }
 
 #[cfg(test)]

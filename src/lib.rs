@@ -5,6 +5,7 @@
 //!
 //! - [`cli`]: the command line, and the `serve` and `check` commands.
 //! - [`server`]: the datagram path: sockets, worker threads, the receive loop.
+//! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: the wasmtime engine, loading modules, running a guest under limits.
 //! - [`abi`]: guest ABI v1: required exports, allowed imports, reply checks (pure).
 //! - `hostcalls`: the functions guests may import from `wasmgate`.
@@ -27,6 +28,7 @@ pub mod abi;
 pub mod cli;
 mod hostcalls;
 pub mod metrics;
+pub mod reload;
 pub mod sandbox;
 pub mod server;
 

@@ -109,24 +109,44 @@ impl Counters {
     }
 }
 
-/// The counters of all workers of one gateway.
-#[derive(Debug, Clone, Default)]
+/// The counters of one gateway: its workers' and its reloads'.
+#[derive(Debug, Default)]
 pub struct Stats {
     workers: Vec<Arc<Counters>>,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
 }
 
 impl Stats {
-    /// Adds counters for one more worker and returns them.
-    pub(crate) fn add_worker(&mut self) -> Arc<Counters> {
-        let counters = Arc::new(Counters::default());
-        self.workers.push(Arc::clone(&counters));
-        counters
+    /// Counters for `n` workers, handed out by [`Stats::worker`].
+    pub(crate) fn with_workers(n: usize) -> Self {
+        Self {
+            workers: (0..n).map(|_| Arc::default()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Worker `i`'s counters.
+    pub(crate) fn worker(&self, i: usize) -> Arc<Counters> {
+        Arc::clone(&self.workers[i])
+    }
+
+    pub(crate) fn reloaded(&self) {
+        self.reloads.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn reload_failed(&self) {
+        self.reload_failures.fetch_add(1, Relaxed);
     }
 
     /// Sums every worker's counters. Each value is exact; taken while traffic flows
     /// they may be from slightly different instants.
     pub fn snapshot(&self) -> Snapshot {
-        let mut s = Snapshot::default();
+        let mut s = Snapshot {
+            reloads: self.reloads.load(Relaxed),
+            reload_failures: self.reload_failures.load(Relaxed),
+            ..Snapshot::default()
+        };
         for w in &self.workers {
             s.received += w.received.load(Relaxed);
             s.replied += w.replied.load(Relaxed);
@@ -150,6 +170,10 @@ pub struct Snapshot {
     pub bytes_out: u64,
     pub recv_errors: u64,
     pub dropped: [u64; DropReason::ALL.len()],
+    /// Modules published by a reload.
+    pub reloads: u64,
+    /// Reloads refused: unreadable file, or a module that failed its checks.
+    pub reload_failures: u64,
 }
 
 impl Snapshot {
@@ -174,7 +198,7 @@ impl fmt::Display for Snapshot {
         for reason in DropReason::ALL {
             write!(f, " dropped_{}={}", reason, self.dropped(reason))?;
         }
-        Ok(())
+        write!(f, " reloads={} reload_failures={}", self.reloads, self.reload_failures)
     }
 }
 
@@ -233,16 +257,19 @@ mod tests {
 
     #[test]
     fn snapshot_sums_all_workers() {
-        let mut stats = Stats::default();
-        let a = stats.add_worker();
-        let b = stats.add_worker();
+        let stats = Stats::with_workers(2);
+        let (a, b) = (stats.worker(0), stats.worker(1));
         a.received(10);
         b.received(5);
         a.replied(10);
         b.dropped(DropReason::Timeout);
         b.dropped(DropReason::Timeout);
         a.recv_error();
+        stats.reloaded();
+        stats.reload_failed();
+        stats.reload_failed();
         let s = stats.snapshot();
+        assert_eq!((s.reloads, s.reload_failures), (1, 2));
         assert_eq!((s.received, s.bytes_in, s.replied, s.bytes_out), (2, 15, 1, 10));
         assert_eq!(s.dropped(DropReason::Timeout), 2);
         assert_eq!(s.dropped_total(), 2);

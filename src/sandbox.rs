@@ -6,8 +6,11 @@
 //! what to send back, so it is tested without a network.
 
 use std::fmt;
+use std::fs::File;
+use std::io::{self, Read as _};
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -209,6 +212,21 @@ impl Sandbox {
     }
 }
 
+/// Reads a module file, refusing one over [`MAX_MODULE_BYTES`] without reading it all.
+pub fn read_module(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::open(path)?
+        .take(MAX_MODULE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > MAX_MODULE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!("it is over the {MAX_MODULE_BYTES} byte limit for modules"),
+        ));
+    }
+    Ok(bytes)
+}
+
 fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
     if bytes.len() > MAX_MODULE_BYTES {
         bail!(
@@ -257,6 +275,11 @@ impl Program {
     /// The sha256 of the module's bytes, in hex.
     pub fn sha256_hex(&self) -> String {
         self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The sha256 of the module's bytes.
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
     }
 
     /// The first 12 hex digits of the sha256, enough to tell modules apart in logs.

@@ -49,13 +49,13 @@ pub struct ServeConfig {
 pub struct Gateway {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
-    stats: Stats,
     workers: Vec<JoinHandle<()>>,
 }
 
 /// What the workers share.
 struct Shared {
     program: ArcSwap<Program>,
+    stats: Stats,
     stop: AtomicBool,
     /// One limit per drop reason, plus one for receive errors.
     warnings: [RateLimit; DropReason::ALL.len() + 1],
@@ -69,13 +69,13 @@ impl Gateway {
         let local_addr = sockets[0].local_addr()?;
         let shared = Arc::new(Shared {
             program: ArcSwap::from_pointee(program),
+            stats: Stats::with_workers(sockets.len()),
             stop: AtomicBool::new(false),
             warnings: std::array::from_fn(|_| RateLimit::new(WARNINGS_PER_SECOND)),
         });
         let mut gateway = Self {
             local_addr,
             shared,
-            stats: Stats::default(),
             workers: Vec::new(),
         };
         for (i, socket) in sockets.into_iter().enumerate() {
@@ -89,7 +89,7 @@ impl Gateway {
                 socket,
                 guest,
                 shared: Arc::clone(&gateway.shared),
-                counters: gateway.stats.add_worker(),
+                counters: gateway.shared.stats.worker(i),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("wasmgate-worker-{i}"))
@@ -108,7 +108,7 @@ impl Gateway {
 
     /// The counters, summed over all workers.
     pub fn stats(&self) -> Snapshot {
-        self.stats.snapshot()
+        self.shared.stats.snapshot()
     }
 
     /// The program serving now.
@@ -116,17 +116,18 @@ impl Gateway {
         self.shared.program.load_full()
     }
 
-    /// Makes `program` the one every datagram from now on is handled by, and returns
-    /// the one it replaced. Datagrams already inside the old program finish there.
-    pub fn publish(&self, program: Program) -> Arc<Program> {
-        self.shared.program.swap(Arc::new(program))
+    /// A handle that publishes new programs to this gateway, for the reloader.
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Stops the workers (each finishes and answers the datagram it holds), waits
     /// for them, and returns the final counters.
     pub fn shutdown(mut self) -> Snapshot {
         self.stop();
-        self.stats.snapshot()
+        self.shared.stats.snapshot()
     }
 
     fn stop(&mut self) {
@@ -140,6 +141,33 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Publishes programs to a running gateway; cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+impl Publisher {
+    /// The program serving now.
+    pub fn current(&self) -> Arc<Program> {
+        self.shared.program.load_full()
+    }
+
+    /// Makes `program` the one every datagram from now on is handled by, counts a
+    /// reload, and returns the program it replaced. Datagrams already inside the old
+    /// program finish there; it is freed once no worker holds it.
+    pub fn publish(&self, program: Program) -> Arc<Program> {
+        let old = self.shared.program.swap(Arc::new(program));
+        self.shared.stats.reloaded();
+        old
+    }
+
+    /// Counts a reload that was refused.
+    pub fn failed(&self) {
+        self.shared.stats.reload_failed();
     }
 }
 

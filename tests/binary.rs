@@ -35,7 +35,8 @@ fn binary_serves_the_embedded_guest_and_stops_cleanly_on_sigterm() {
     assert_eq!(ask(&c, served.addr, b""), b"");
     signal(&served, "TERM");
     assert_eq!(exit_code_within(&mut served, Duration::from_secs(5)), Some(0));
-    let rest: Vec<String> = served.log.try_iter().collect();
+    // The process has exited, so its stderr ends and the reader's channel closes.
+    let rest: Vec<String> = served.log.iter().collect();
     let stopped = rest.iter().find(|l| l.contains("stopped")).expect("a final stats line");
     assert!(stopped.contains("received=2 replied=2"), "{stopped}");
 }
