@@ -3,7 +3,7 @@
 //!     cargo run --release --example loadgen -- --target 127.0.0.1:8008 \
 //!         --clients 64 --window 16 --size 64 --seconds 5 [--pid SERVER_PID]
 //!
-//! Each client has its own socket and keeps `--window` requests in flight: every
+//! Each client has its own socket (all driven by one thread) and keeps `--window` requests in flight: every
 //! reply (or loss, after `--loss-timeout-ms`) releases the next request. Payloads are
 //! lowercase text led by an uppercase hex sequence number, so a reply is checked
 //! against the uppercase transform exactly. After a warm-up it measures for a fixed
@@ -11,12 +11,13 @@
 //! given the server's pid, its CPU time per reply (from /proc). Loopback only:
 //! it refuses any other target.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use tokio::net::UdpSocket;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -47,6 +48,9 @@ struct Args {
     /// Print one machine-readable line instead of the table.
     #[arg(long)]
     csv: bool,
+    /// Exit 0 even if some replies were wrong (to measure a server that truncates).
+    #[arg(long)]
+    allow_wrong: bool,
 }
 
 #[derive(Default)]
@@ -57,37 +61,41 @@ struct ClientResult {
     latencies_us: Vec<u32>,
 }
 
-fn payload(seq: u64, size: usize) -> Vec<u8> {
-    let mut p = format!("{seq:016X}").into_bytes();
-    p.extend((0..size.saturating_sub(16)).map(|i| b'a' + (i % 26) as u8));
-    p
-}
-
-fn run_client(args: &Args, id: usize, measuring: &AtomicBool, done: &AtomicBool) -> std::io::Result<ClientResult> {
+async fn run_client(
+    args: Arc<Args>,
+    id: usize,
+    measuring: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+) -> std::io::Result<ClientResult> {
     let socket = UdpSocket::bind(if args.target.is_ipv6() {
         "[::1]:0"
     } else {
         "127.0.0.1:0"
-    })?;
-    socket.connect(args.target)?;
-    socket.set_read_timeout(Some(Duration::from_millis(args.loss_timeout_ms)))?;
+    })
+    .await?;
+    socket.connect(args.target).await?;
+    let loss_timeout = Duration::from_millis(args.loss_timeout_ms);
     let mut result = ClientResult::default();
     // Sequence numbers are unique per client; the slot of a request is seq % window.
     let mut sent_at = vec![(0u64, Instant::now()); args.window];
     let mut next_seq = (id as u64) << 40;
     let mut buf = vec![0u8; 65_536];
-    let mut send = |socket: &UdpSocket, sent_at: &mut Vec<(u64, Instant)>| -> std::io::Result<()> {
-        let seq = next_seq;
-        next_seq += 1;
-        sent_at[(seq % args.window as u64) as usize] = (seq, Instant::now());
-        socket.send(&payload(seq, args.size)).map(|_| ())
-    };
+    let mut out = Vec::with_capacity(args.size);
+    macro_rules! send {
+        () => {{
+            let seq = next_seq;
+            next_seq += 1;
+            sent_at[(seq % args.window as u64) as usize] = (seq, Instant::now());
+            fill(&mut out, seq, args.size);
+            socket.send(&out).await?;
+        }};
+    }
     for _ in 0..args.window {
-        send(&socket, &mut sent_at)?;
+        send!();
     }
     while !done.load(Ordering::Relaxed) {
-        match socket.recv(&mut buf) {
-            Ok(n) => {
+        match tokio::time::timeout(loss_timeout, socket.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
                 let reply = &buf[..n];
                 let seq = std::str::from_utf8(reply.get(..16).unwrap_or(b"?"))
                     .ok()
@@ -95,9 +103,10 @@ fn run_client(args: &Args, id: usize, measuring: &AtomicBool, done: &AtomicBool)
                 let slot = seq.map(|s| (s % args.window as u64) as usize);
                 match (seq, slot) {
                     (Some(seq), Some(slot)) if sent_at[slot].0 == seq => {
-                        let ok = reply == payload(seq, args.size).to_ascii_uppercase();
                         if measuring.load(Ordering::Relaxed) {
-                            if ok {
+                            fill(&mut out, seq, args.size);
+                            out.make_ascii_uppercase();
+                            if reply == out {
                                 result.replies += 1;
                                 result
                                     .latencies_us
@@ -106,28 +115,36 @@ fn run_client(args: &Args, id: usize, measuring: &AtomicBool, done: &AtomicBool)
                                 result.wrong += 1;
                             }
                         }
-                        send(&socket, &mut sent_at)?;
+                        send!();
                     }
                     // A late reply to a request already counted lost and replaced.
                     _ => {}
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_elapsed) => {
                 // Everything in flight is overdue: count it lost and refill the window.
                 if measuring.load(Ordering::Relaxed) {
                     result.lost += args.window as u64;
                 }
                 for _ in 0..args.window {
-                    send(&socket, &mut sent_at)?;
+                    send!();
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(e),
         }
     }
     Ok(result)
+}
+
+/// The request with sequence number `seq`: 16 uppercase hex digits, then lowercase text.
+fn fill(out: &mut Vec<u8>, seq: u64, size: usize) {
+    use std::io::Write as _;
+    out.clear();
+    let _ = write!(out, "{seq:016X}");
+    out.extend((0..size.saturating_sub(16)).map(|i| b'a' + (i % 26) as u8));
 }
 
 /// utime + stime of a process, in seconds.
@@ -151,6 +168,18 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // One thread drives every client, so no client waits for the OS to schedule it
+    // and latency measures the server, not the load generator.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        // Look for ready sockets after every task poll, so that no client's reply
+        // waits behind other clients' work (the default, 61, adds ~30 ms to p99).
+        .event_interval(1)
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
     anyhow::ensure!(
         args.target.ip().is_loopback(),
@@ -159,25 +188,29 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.size >= 16, "--size must be at least 16 (the sequence number)");
     let measuring = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..args.clients)
+    let tasks: Vec<_> = (0..args.clients)
         .map(|id| {
-            let (args, measuring, done) = (Arc::clone(&args), Arc::clone(&measuring), Arc::clone(&done));
-            std::thread::spawn(move || run_client(&args, id, &measuring, &done))
+            tokio::spawn(run_client(
+                Arc::clone(&args),
+                id,
+                Arc::clone(&measuring),
+                Arc::clone(&done),
+            ))
         })
         .collect();
-    std::thread::sleep(Duration::from_secs_f64(args.warmup));
+    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
     let cpu_before = args.pid.and_then(cpu_seconds);
     let started = Instant::now();
     measuring.store(true, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs_f64(args.seconds));
+    tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_after = args.pid.and_then(cpu_seconds);
     done.store(true, Ordering::Relaxed);
 
     let mut total = ClientResult::default();
-    for t in threads {
-        let r = t.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+    for t in tasks {
+        let r = t.await??;
         total.replies += r.replies;
         total.lost += r.lost;
         total.wrong += r.wrong;
@@ -207,7 +240,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     anyhow::ensure!(
-        total.wrong == 0,
+        total.wrong == 0 || args.allow_wrong,
         "{} replies did not match the uppercase transform",
         total.wrong
     );

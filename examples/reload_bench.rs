@@ -57,8 +57,7 @@ fn main() -> anyhow::Result<()> {
     let config = ServeConfig {
         listen: "127.0.0.1:0".parse()?,
         workers: 2,
-        isolation: Default::default(),
-        max_reply_ratio: 3.0,
+        ..ServeConfig::default()
     };
     let gateway = Gateway::start(&sandbox, program, &config)?;
     let _reloader = Reloader::start(sandbox, path.clone(), gateway.publisher(), true)?;

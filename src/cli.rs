@@ -12,7 +12,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::reload::Reloader;
 use crate::sandbox::{Isolation, Limits, Program, Sandbox, read_module};
-use crate::server::{Gateway, ServeConfig};
+use crate::server::{DEFAULT_BATCH, Gateway, ServeConfig};
 
 /// How the embedded default guest is named in logs.
 pub const EMBEDDED_ORIGIN: &str = "<embedded uppercase guest>";
@@ -71,6 +71,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "RATIO", default_value_t = 3.0, value_parser = parse_ratio)]
     pub max_reply_ratio: f64,
 
+    /// Datagrams taken per receive system call (recvmmsg), their replies sent with
+    /// one sendmmsg; 1 uses one recvfrom and one sendto per datagram.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = parse_batch)]
+    pub batch: usize,
+
+    /// Benchmarks only: uppercase natively instead of running the guest.
+    #[arg(long, hide = true)]
+    pub native_uppercase: bool,
+
     /// Do not watch the module file for changes (SIGHUP still reloads it).
     #[arg(long)]
     pub no_watch: bool,
@@ -103,6 +112,13 @@ impl LimitArgs {
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("`{s}` is not an IP:PORT address such as 127.0.0.1:8008 or [::1]:8008"))
+}
+
+fn parse_batch(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=1024) => Ok(n),
+        _ => Err(format!("`{s}` is not a batch size: give a whole number from 1 to 1024")),
+    }
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
@@ -185,16 +201,23 @@ pub fn load_module(sandbox: &Sandbox, path: Option<&Path>) -> anyhow::Result<Pro
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let limits = args.limits.limits();
-    let sandbox = Sandbox::new(limits)?;
+    let workers = args
+        .workers
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, NonZeroUsize::get);
+    let sandbox = match args.isolation {
+        Isolation::Reuse => Sandbox::new(limits)?,
+        // One live instance per worker, plus one for checking a reloaded module.
+        Isolation::Fresh => Sandbox::with_instance_pool(limits, u32::try_from(workers + 1)?)?,
+    };
     let program = load_module(&sandbox, args.module.as_deref())?;
     let config = ServeConfig {
         listen: args.listen,
-        workers: args
-            .workers
-            .or_else(|| std::thread::available_parallelism().ok())
-            .map_or(1, NonZeroUsize::get),
+        workers,
         isolation: args.isolation,
         max_reply_ratio: args.max_reply_ratio,
+        batch: args.batch,
+        native_uppercase: args.native_uppercase,
     };
     let (module, sha256) = (program.origin().to_string(), program.short_sha256());
     let gateway = Gateway::start(&sandbox, program, &config)?;
@@ -226,6 +249,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         timeout_ms = args.limits.timeout_ms,
         max_memory = args.limits.max_memory,
         max_reply_ratio = config.max_reply_ratio,
+        batch = config.batch,
+        native = config.native_uppercase,
         "serving"
     );
     runtime.block_on(signals.wait(reloader.as_ref()));

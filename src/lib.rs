@@ -5,6 +5,7 @@
 //!
 //! - [`cli`]: the command line, and the `serve` and `check` commands.
 //! - [`server`]: the datagram path: sockets, worker threads, the receive loop.
+//! - `udp`: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: the wasmtime engine, loading modules, running a guest under limits.
 //! - [`abi`]: guest ABI v1: required exports, allowed imports, reply checks (pure).
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod reload;
 pub mod sandbox;
 pub mod server;
+mod udp;
 
 /// The default guest (`guest/uppercase`), built by `scripts/build-guests.sh`.
 pub const DEFAULT_GUEST_WASM: &[u8] = include_bytes!("../guest/uppercase.wasm");

@@ -86,6 +86,8 @@ pub struct Counters {
     bytes_out: AtomicU64,
     /// Failed `recvfrom` calls (ICMP errors, ENOBUFS, …); the loop goes on.
     recv_errors: AtomicU64,
+    /// Datagrams the kernel dropped because the socket's queue was full.
+    queue_overflows: AtomicU64,
     dropped: [AtomicU64; DropReason::ALL.len()],
 }
 
@@ -106,6 +108,10 @@ impl Counters {
 
     pub(crate) fn recv_error(&self) {
         self.recv_errors.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn queue_overflows(&self, n: u64) {
+        self.queue_overflows.fetch_add(n, Relaxed);
     }
 }
 
@@ -153,6 +159,7 @@ impl Stats {
             s.bytes_in += w.bytes_in.load(Relaxed);
             s.bytes_out += w.bytes_out.load(Relaxed);
             s.recv_errors += w.recv_errors.load(Relaxed);
+            s.queue_overflows += w.queue_overflows.load(Relaxed);
             for (total, d) in s.dropped.iter_mut().zip(&w.dropped) {
                 *total += d.load(Relaxed);
             }
@@ -169,6 +176,9 @@ pub struct Snapshot {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub recv_errors: u64,
+    /// Datagrams the kernel dropped before the gateway saw them, because a socket's
+    /// receive queue was full: how overload is shed. Counted with batched receive.
+    pub queue_overflows: u64,
     pub dropped: [u64; DropReason::ALL.len()],
     /// Modules published by a reload.
     pub reloads: u64,
@@ -192,8 +202,8 @@ impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "received={} replied={} bytes_in={} bytes_out={} recv_errors={}",
-            self.received, self.replied, self.bytes_in, self.bytes_out, self.recv_errors
+            "received={} replied={} bytes_in={} bytes_out={} recv_errors={} queue_overflows={}",
+            self.received, self.replied, self.bytes_in, self.bytes_out, self.recv_errors, self.queue_overflows
         )?;
         for reason in DropReason::ALL {
             write!(f, " dropped_{}={}", reason, self.dropped(reason))?;

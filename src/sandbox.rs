@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use sha2::{Digest, Sha256};
 use wasmtime::{
-    Config, Engine, ExternType, InstancePre, Linker, Memory, Module, Store, StoreLimitsBuilder, Trap, TypedFunc,
+    Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Memory, Module,
+    PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap, TypedFunc,
 };
 
 use crate::abi::{self, MAX_DATAGRAM};
@@ -35,6 +36,9 @@ const TICK: Duration = Duration::from_millis(1);
 /// Caps that no ABI v1 guest should come near; they stop table and instance bombs.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 const MAX_TABLES: usize = 8;
+
+/// Bytes of each pooled memory and table kept mapped and reset by zeroing.
+const POOL_KEEP_RESIDENT: usize = 256 << 10;
 
 /// Guest log lines let through per second, across all instances.
 const GUEST_LOG_LINES_PER_SECOND: u64 = 20;
@@ -99,11 +103,39 @@ struct Inner {
 }
 
 impl Sandbox {
+    /// A sandbox that maps memory for each instance as it is made: best when
+    /// instances are few and long-lived (`--isolation reuse`).
     pub fn new(limits: Limits) -> anyhow::Result<Self> {
+        Self::build(limits, None)
+    }
+
+    /// A sandbox with a pool of `slots` preallocated instance slots, reused with
+    /// copy-on-write memory images: best when an instance is made per datagram
+    /// (`--isolation fresh`). At most `slots` instances can be alive at once.
+    pub fn with_instance_pool(limits: Limits, slots: u32) -> anyhow::Result<Self> {
+        Self::build(limits, Some(slots))
+    }
+
+    fn build(limits: Limits, pool: Option<u32>) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         // Nothing reads wasm backtraces, and capturing one costs on every trap.
         config.wasm_backtrace_max_frames(None);
+        if let Some(slots) = pool {
+            let mut pool = PoolingAllocationConfig::new();
+            pool.total_core_instances(slots)
+                .total_memories(slots)
+                .total_tables(slots * MAX_TABLES as u32)
+                .max_memories_per_module(1)
+                .max_tables_per_module(MAX_TABLES as u32)
+                .table_elements(MAX_TABLE_ELEMENTS)
+                .max_memory_size(limits.max_memory)
+                // Small guests are reset by zeroing rather than by remapping.
+                .linear_memory_keep_resident(POOL_KEEP_RESIDENT)
+                .table_keep_resident(POOL_KEEP_RESIDENT)
+                .pagemap_scan(wasmtime::Enabled::Auto);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
         let engine = Engine::new(&config)?;
         let linker = hostcalls::linker(&engine)?;
         let deadline_ticks = limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;

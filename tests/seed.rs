@@ -109,3 +109,33 @@ fn a_client_that_vanished_before_its_reply_does_not_stop_the_gateway() {
     let c = client();
     assert_eq!(ask(&c, addr, b"still there?"), b"STILL THERE?");
 }
+
+#[test]
+fn per_datagram_system_calls_serve_the_same_as_batches() {
+    let mut config = common::config();
+    config.batch = 1;
+    let gateway = common::start_with(DEFAULT_GUEST_WASM, Default::default(), config);
+    let addr = gateway.local_addr();
+    let c = client();
+    for msg in [&b"chen"[..], b"hello", b"world", b""] {
+        c.send_to(msg, addr).unwrap();
+    }
+    let replies: Vec<Vec<u8>> = (0..4).map(|_| recv(&c, addr)).collect();
+    assert_eq!(replies, [&b"CHEN"[..], b"HELLO", b"WORLD", b""]);
+    let big: Vec<u8> = (0..65_507u32).map(|i| (i % 97) as u8).collect();
+    assert_eq!(ask(&c, addr, &big), upper(&big));
+}
+
+#[test]
+fn a_burst_larger_than_a_batch_is_answered_in_order() {
+    let gateway = start(DEFAULT_GUEST_WASM);
+    let addr = gateway.local_addr();
+    let c = client();
+    let n = wasmgate::server::DEFAULT_BATCH * 3 + 5;
+    for i in 0..n {
+        c.send_to(format!("msg {i}").as_bytes(), addr).unwrap();
+    }
+    for i in 0..n {
+        assert_eq!(recv(&c, addr), format!("MSG {i}").as_bytes());
+    }
+}

@@ -21,6 +21,7 @@ pub fn config() -> ServeConfig {
         workers: 2,
         isolation: Isolation::Reuse,
         max_reply_ratio: 3.0,
+        ..ServeConfig::default()
     }
 }
 

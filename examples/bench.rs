@@ -1,0 +1,334 @@
+//! The whole comparison in one command: wasmgate with its default guest (reused and
+//! fresh instances) against the same data path with a native uppercase function
+//! (batched, and with one system call per datagram), and the seed tutorial's Python
+//! server, over the same load generator.
+//!
+//!     scripts/bench.sh [--runs 3] [--seconds 3]
+//!
+//! (which builds the release binaries, then runs this). Each server has one worker
+//! and is pinned to CPU 0; the load generator is pinned to CPU 1, and only one
+//! server is loaded at a time. For every cell of the matrix and every server it runs
+//! `loadgen` `--runs` times, interleaved, and keeps the median run by replies/s.
+//! Loopback only; every run is bounded in time.
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Runs per cell; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Skip the Python seed server.
+    #[arg(long)]
+    no_python: bool,
+}
+
+/// Clients × window × payload bytes.
+const MATRIX: [(usize, usize, usize); 4] = [(1, 1, 64), (64, 16, 64), (64, 16, 1400), (8, 16, 16384)];
+
+struct Server {
+    name: &'static str,
+    /// Arguments after `wasmgate --listen ADDR --workers 1`, or `None` for Python.
+    wasmgate_args: Option<&'static [&'static str]>,
+}
+
+const SERVERS: [Server; 5] = [
+    Server {
+        name: "native batched",
+        wasmgate_args: Some(&["--native-uppercase"]),
+    },
+    Server {
+        name: "native per-datagram",
+        wasmgate_args: Some(&["--native-uppercase", "--batch", "1"]),
+    },
+    Server {
+        name: "wasm reuse",
+        wasmgate_args: Some(&[]),
+    },
+    Server {
+        name: "wasm fresh",
+        wasmgate_args: Some(&["--isolation", "fresh"]),
+    },
+    Server {
+        name: "python seed",
+        wasmgate_args: None,
+    },
+];
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Row {
+    rate: f64,
+    lost: u64,
+    wrong: u64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    cpu_us: f64,
+}
+
+fn parse_row(line: &str) -> anyhow::Result<Row> {
+    let f: Vec<&str> = line.trim().split(',').collect();
+    if f.len() != 7 {
+        bail!("unexpected loadgen output: {line:?}");
+    }
+    Ok(Row {
+        rate: f[0].parse()?,
+        lost: f[1].parse()?,
+        wrong: f[2].parse()?,
+        p50: f[3].parse()?,
+        p99: f[4].parse()?,
+        p999: f[5].parse()?,
+        cpu_us: f[6].parse()?,
+    })
+}
+
+/// Runs `cmd` pinned to `cpu` when `taskset` exists.
+fn pinned(cpu: usize, program: &Path) -> Command {
+    if Path::new("/usr/bin/taskset").exists() {
+        let mut c = Command::new("/usr/bin/taskset");
+        c.arg("-c").arg(cpu.to_string()).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until the server at `port` answers.
+fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let probe = UdpSocket::bind("127.0.0.1:0")?;
+    probe.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        probe.send_to(b"ready?", ("127.0.0.1", port))?;
+        if probe.recv(&mut buf).is_ok() {
+            return Ok(());
+        }
+    }
+    bail!("the server on port {port} did not answer within 20 s")
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(server: &Server, bin: &Path, root: &Path, port: u16) -> anyhow::Result<Running> {
+    let addr = format!("127.0.0.1:{port}");
+    let mut cmd = match server.wasmgate_args {
+        Some(extra) => {
+            let mut c = pinned(0, &bin.join("wasmgate"));
+            c.args(["--listen", &addr, "--workers", "1"]).args(extra);
+            c
+        }
+        None => {
+            let mut c = pinned(0, Path::new("/usr/bin/env"));
+            c.arg("python3")
+                .arg(root.join("bench/seed_server.py"))
+                .arg(port.to_string());
+            c
+        }
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", server.name))?;
+    let running = Running(child);
+    wait_ready(port)?;
+    Ok(running)
+}
+
+/// The pid doing the work: taskset and env exec their command, so it is the child's.
+fn server_pid(running: &Running) -> u32 {
+    running.0.id()
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn median_run(runs: &mut [Row]) -> Row {
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    runs[runs.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin: PathBuf = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .context("cannot find the release directory")?
+        .to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let loadgen = bin.join("examples/loadgen");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "wasmgate benchmark: {cores} cores, server pinned to CPU 0 (1 worker), load generator on CPU 1; \
+         {} runs of {} s per cell, median shown\n",
+        args.runs, args.seconds
+    );
+
+    let servers: Vec<&Server> = SERVERS
+        .iter()
+        .filter(|s| !(args.no_python && s.wasmgate_args.is_none()))
+        .collect();
+    // Every server runs for the whole benchmark (an idle one costs nothing), and
+    // runs are interleaved: run r of every server and cell comes before run r + 1
+    // of any, so a noisy spell on this shared machine is spread over all of them.
+    let mut running = Vec::new();
+    for server in &servers {
+        let port = free_port()?;
+        let child = start(server, &bin, root, port)?;
+        let pid = server_pid(&child);
+        running.push((child, port, pid));
+    }
+    // runs[cell][server]
+    let mut runs = vec![vec![Vec::new(); servers.len()]; MATRIX.len()];
+    for run in 0..args.runs {
+        for (ci, &(c, w, s)) in MATRIX.iter().enumerate() {
+            for (si, server) in servers.iter().enumerate() {
+                let (_, port, pid) = &running[si];
+                let out = pinned(1, &loadgen)
+                    .args(["--target", &format!("127.0.0.1:{port}")])
+                    .args([
+                        "--clients",
+                        &c.to_string(),
+                        "--window",
+                        &w.to_string(),
+                        "--size",
+                        &s.to_string(),
+                    ])
+                    .args(["--seconds", &args.seconds.to_string(), "--warmup", "1"])
+                    .args(["--pid", &pid.to_string(), "--csv", "--allow-wrong"])
+                    .output()
+                    .context("cannot run loadgen")?;
+                if !out.status.success() {
+                    bail!(
+                        "loadgen failed against {}: {}",
+                        server.name,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                runs[ci][si].push(parse_row(&String::from_utf8_lossy(&out.stdout))?);
+            }
+            eprintln!("  run {} of {}: measured {c}x{w}x{s}", run + 1, args.runs);
+        }
+    }
+    let rss: Vec<u64> = running.iter().map(|(_, _, pid)| rss_kib(*pid)).collect();
+    drop(running);
+    let results: Vec<Vec<Row>> = runs
+        .iter_mut()
+        .map(|cell| cell.iter_mut().map(|r| median_run(r)).collect())
+        .collect();
+
+    for (ci, &(c, w, s)) in MATRIX.iter().enumerate() {
+        println!("C×W×S = {c}×{w}×{s}");
+        println!(
+            "  {:<20} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "server", "replies/s", "×native", "lost", "wrong", "p50 µs", "p99 µs", "p99.9 µs", "CPU µs", "×native"
+        );
+        let native = results[ci][0];
+        for (si, server) in servers.iter().enumerate() {
+            let r = results[ci][si];
+            println!(
+                "  {:<20} {:>10.0} {:>8.2} {:>8} {:>8} {:>9.0} {:>9.0} {:>9.0} {:>9.2} {:>8.2}",
+                server.name,
+                r.rate,
+                r.rate / native.rate,
+                r.lost,
+                r.wrong,
+                r.p50,
+                r.p99,
+                r.p999,
+                r.cpu_us,
+                r.cpu_us / native.cpu_us
+            );
+        }
+        println!();
+    }
+
+    println!("Server resident memory after all runs (KiB):");
+    for (si, server) in servers.iter().enumerate() {
+        println!("  {:<20} {:>8}", server.name, rss[si]);
+    }
+    println!();
+
+    let find = |name: &str| servers.iter().position(|s| s.name == name);
+    let (Some(nat), Some(per), Some(reuse), Some(fresh)) = (
+        find("native batched"),
+        find("native per-datagram"),
+        find("wasm reuse"),
+        find("wasm fresh"),
+    ) else {
+        return Ok(());
+    };
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!("Targets:");
+    for ci in [1, 2] {
+        let (c, w, s) = MATRIX[ci];
+        let r = results[ci][reuse].rate / results[ci][nat].rate;
+        let cpu = results[ci][reuse].cpu_us / results[ci][nat].cpu_us;
+        println!(
+            "  {c}×{w}×{s}: wasm reuse {r:.2}× native replies/s (≥ 0.95: {}), CPU/datagram {cpu:.2}× native (≤ 1.10: {})",
+            verdict(r >= 0.95),
+            verdict(cpu <= 1.10)
+        );
+        let b = results[ci][reuse].rate / results[ci][per].rate;
+        println!(
+            "  {c}×{w}×{s}: wasm reuse {b:.2}× the native per-datagram server (≥ 1.10: {})",
+            verdict(b >= 1.10)
+        );
+        let f = results[ci][fresh].cpu_us / results[ci][nat].cpu_us;
+        println!(
+            "  {c}×{w}×{s}: wasm fresh CPU/datagram {f:.2}× native (≤ 2.00: {})",
+            verdict(f <= 2.0)
+        );
+    }
+    let p99 = results[1][reuse].p99 / results[1][nat].p99;
+    println!(
+        "  64×16×64: wasm reuse p99 {p99:.2}× native p99 (≤ 1.10: {})",
+        verdict(p99 <= 1.10)
+    );
+    if let Some(py) = find("python seed") {
+        for (ci, &(c, w, s)) in MATRIX.iter().enumerate() {
+            let x = results[ci][reuse].rate / results[ci][py].rate;
+            println!(
+                "  {c}×{w}×{s}: wasm reuse {x:.0}× the Python seed server's replies/s (≥ 30: {}){}",
+                verdict(x >= 30.0),
+                if results[ci][py].wrong > 0 {
+                    " (the seed server's replies were wrong: truncated at 8 KiB)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
+}

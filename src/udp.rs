@@ -1,0 +1,327 @@
+//! Batched UDP I/O for Linux: many datagrams per `recvmmsg`/`sendmmsg` system call,
+//! into and out of buffers allocated once per worker.
+//!
+//! Neither std nor socket2 offers these calls, and nix's `sendmmsg` cannot report
+//! how many datagrams went out without reading uninitialised memory, so this module
+//! calls libc directly. All of its `unsafe` is here, each block saying why it holds.
+
+use std::io;
+use std::mem;
+use std::net::{SocketAddr, UdpSocket};
+use std::ops::Range;
+use std::os::fd::AsRawFd as _;
+use std::ptr;
+
+use socket2::{SockAddr, SockAddrStorage};
+
+/// Receives up to `capacity` datagrams per call into preallocated slots.
+///
+/// Holds raw pointers into its own heap buffers, so it is built on the thread that
+/// uses it and never moved across threads (it is `!Send`).
+pub(crate) struct RecvBatch {
+    slot: usize,
+    bufs: Vec<u8>,
+    names: Vec<libc::sockaddr_storage>,
+    iovecs: Vec<libc::iovec>,
+    /// One control-message area per datagram, for the `SO_RXQ_OVFL` drop count.
+    /// u64s, so that every area is aligned for a `cmsghdr`.
+    controls: Vec<u64>,
+    headers: Vec<libc::mmsghdr>,
+    received: usize,
+}
+
+/// Bytes of control-message room per datagram: one `SO_RXQ_OVFL` u32.
+fn control_len() -> usize {
+    // SAFETY: CMSG_SPACE only computes a size.
+    unsafe { libc::CMSG_SPACE(mem::size_of::<u32>() as u32) as usize }
+}
+
+/// Asks the kernel to report, with each datagram, how many datagrams it has
+/// dropped on this socket because its receive queue was full (`SO_RXQ_OVFL`).
+pub(crate) fn report_queue_overflows(socket: &UdpSocket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, option and pointer to an int of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RXQ_OVFL,
+            ptr::from_ref(&on).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+impl RecvBatch {
+    /// `capacity` slots of `slot` bytes each. Pages are only touched when a datagram
+    /// that large arrives.
+    pub(crate) fn new(capacity: usize, slot: usize) -> Self {
+        let mut batch = Self {
+            slot,
+            bufs: vec![0; capacity * slot],
+            // SAFETY: all-zero bytes are a valid sockaddr_storage, iovec and mmsghdr.
+            names: vec![unsafe { mem::zeroed() }; capacity],
+            iovecs: vec![unsafe { mem::zeroed() }; capacity],
+            controls: vec![0; capacity * control_len().div_ceil(8)],
+            headers: vec![unsafe { mem::zeroed() }; capacity],
+            received: 0,
+        };
+        let control_words = control_len().div_ceil(8);
+        // The pointers target the heap buffers of the Vecs above, which never
+        // reallocate (nothing is pushed), so they stay valid for the batch's life.
+        let base = batch.bufs.as_mut_ptr();
+        for i in 0..capacity {
+            batch.iovecs[i] = libc::iovec {
+                // SAFETY: i * slot < capacity * slot, inside `bufs`.
+                iov_base: unsafe { base.add(i * slot) }.cast(),
+                iov_len: slot,
+            };
+            let hdr = &mut batch.headers[i].msg_hdr;
+            hdr.msg_name = ptr::from_mut(&mut batch.names[i]).cast();
+            hdr.msg_iov = ptr::from_mut(&mut batch.iovecs[i]);
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = ptr::from_mut(&mut batch.controls[i * control_words]).cast();
+        }
+        batch
+    }
+
+    /// Blocks until at least one datagram arrives (or the socket's read timeout
+    /// passes: `WouldBlock`), then takes every waiting datagram up to the capacity.
+    pub(crate) fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        for h in &mut self.headers {
+            h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_controllen = control_len() as _;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
+        }
+        // SAFETY: every header points at a name and an iovec of this batch, each
+        // iovec at its own `slot` bytes of `bufs`; all outlive the call, and the
+        // count is the headers' length.
+        let n = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                self.headers.as_mut_ptr(),
+                self.headers.len() as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                ptr::null_mut(),
+            )
+        };
+        self.received = 0;
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.received = n as usize;
+        Ok(self.received)
+    }
+
+    /// Datagram `i` of the last [`RecvBatch::recv`]: its bytes and sender. `None`
+    /// for a sender that is not an IP address (which a UDP socket never reports).
+    pub(crate) fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
+        if i >= self.received {
+            return None;
+        }
+        let header = &self.headers[i];
+        let len = (header.msg_len as usize).min(self.slot);
+        let mut storage = SockAddrStorage::zeroed();
+        // SAFETY: sockaddr_storage is the platform type SockAddrStorage wraps.
+        unsafe { *storage.view_as::<libc::sockaddr_storage>() = self.names[i] };
+        // SAFETY: the kernel wrote a valid address of `msg_namelen` bytes.
+        let addr = unsafe { SockAddr::new(storage, header.msg_hdr.msg_namelen) };
+        let peer = addr.as_socket()?;
+        Some((&self.bufs[i * self.slot..i * self.slot + len], peer))
+    }
+}
+
+impl RecvBatch {
+    /// The kernel's count of datagrams dropped on this socket for want of queue
+    /// room, as reported with the last datagram received (see
+    /// [`report_queue_overflows`]); `None` if it did not say.
+    pub(crate) fn queue_overflows(&self) -> Option<u32> {
+        let header = &self.headers[self.received.checked_sub(1)?].msg_hdr;
+        // SAFETY: the kernel filled `msg_controllen` bytes of this header's own
+        // control area; CMSG_FIRSTHDR/NXTHDR stay within it, and the data of an
+        // SO_RXQ_OVFL message is one u32, read unaligned.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(header);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SO_RXQ_OVFL {
+                    return Some(ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<u32>()));
+                }
+                cmsg = libc::CMSG_NXTHDR(header, cmsg);
+            }
+        }
+        None
+    }
+}
+
+/// Collects replies (copied out of guest memory) and sends them with one
+/// `sendmmsg` call per flush.
+pub(crate) struct SendBatch {
+    data: Vec<u8>,
+    entries: Vec<(Range<usize>, SockAddr)>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+/// What happened to one queued reply.
+pub(crate) enum Sent {
+    Ok { bytes: usize },
+    Failed { peer: SocketAddr, error: io::Error },
+}
+
+impl SendBatch {
+    /// Room for `capacity` replies of up to `max_len` bytes each.
+    pub(crate) fn new(capacity: usize, max_len: usize) -> Self {
+        Self {
+            data: Vec::with_capacity(capacity * max_len),
+            entries: Vec::with_capacity(capacity),
+            iovecs: Vec::with_capacity(capacity),
+            headers: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Queues a copy of `reply` for `peer`.
+    pub(crate) fn push(&mut self, reply: &[u8], peer: SocketAddr) {
+        let start = self.data.len();
+        self.data.extend_from_slice(reply);
+        self.entries.push((start..self.data.len(), SockAddr::from(peer)));
+    }
+
+    /// Sends everything queued, in order, and reports each reply's fate to `done`.
+    /// A reply the kernel refuses is reported and skipped; the rest still go out.
+    pub(crate) fn flush(&mut self, socket: &UdpSocket, mut done: impl FnMut(Sent)) {
+        let count = self.entries.len();
+        if count == 0 {
+            return;
+        }
+        // Built now, after all pushes: `data` may have grown while queueing.
+        self.iovecs.clear();
+        self.headers.clear();
+        for (range, _) in &self.entries {
+            self.iovecs.push(libc::iovec {
+                iov_base: self.data[range.clone()].as_ptr().cast_mut().cast(),
+                iov_len: range.len(),
+            });
+        }
+        for (i, (_, addr)) in self.entries.iter().enumerate() {
+            // SAFETY: all-zero bytes are a valid mmsghdr.
+            let mut header: libc::mmsghdr = unsafe { mem::zeroed() };
+            // sendmmsg only reads the name and the data, never writes them.
+            header.msg_hdr.msg_name = addr.as_ptr().cast_mut().cast();
+            header.msg_hdr.msg_namelen = addr.len();
+            header.msg_hdr.msg_iov = ptr::from_ref(&self.iovecs[i]).cast_mut();
+            header.msg_hdr.msg_iovlen = 1;
+            self.headers.push(header);
+        }
+        let mut next = 0;
+        while next < count {
+            // SAFETY: headers[next..count] point at names in `entries` and iovecs
+            // into `data`, none of which change until this loop ends.
+            let sent = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    self.headers[next..].as_mut_ptr(),
+                    (count - next) as libc::c_uint,
+                    0,
+                )
+            };
+            if sent < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The first remaining reply failed: report it and go on past it.
+                let peer = self.entries[next].1.as_socket();
+                if let Some(peer) = peer {
+                    done(Sent::Failed { peer, error });
+                }
+                next += 1;
+            } else {
+                for (range, _) in &self.entries[next..next + sent as usize] {
+                    done(Sent::Ok { bytes: range.len() });
+                }
+                next += sent as usize;
+            }
+        }
+        self.data.clear();
+        self.entries.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn pair() -> (UdpSocket, UdpSocket) {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (a, b)
+    }
+
+    fn recv(socket: &UdpSocket) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf).unwrap();
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn a_batch_receives_several_datagrams_with_their_senders_and_boundaries() {
+        let (server, client) = pair();
+        let to = server.local_addr().unwrap();
+        for msg in [&b"one"[..], b"", b"three"] {
+            client.send_to(msg, to).unwrap();
+        }
+        let mut batch = RecvBatch::new(8, 16);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let n = batch.recv(&server).unwrap();
+            for i in 0..n {
+                let (data, peer) = batch.get(i).unwrap();
+                assert_eq!(peer, client.local_addr().unwrap());
+                got.push(data.to_vec());
+            }
+        }
+        assert_eq!(got, [&b"one"[..], b"", b"three"]);
+        assert!(batch.get(3).is_none());
+    }
+
+    #[test]
+    fn a_batch_sends_each_reply_to_its_own_peer_in_order() {
+        let (server, a) = pair();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut batch = SendBatch::new(4, 16);
+        batch.push(b"to a 1", a.local_addr().unwrap());
+        batch.push(b"to b", b.local_addr().unwrap());
+        batch.push(b"", a.local_addr().unwrap());
+        let mut sent = 0;
+        batch.flush(&server, |s| {
+            assert!(matches!(s, Sent::Ok { .. }));
+            sent += 1;
+        });
+        assert_eq!(sent, 3);
+        assert_eq!(recv(&a), b"to a 1");
+        assert_eq!(recv(&a), b"");
+        assert_eq!(recv(&b), b"to b");
+    }
+
+    #[test]
+    fn a_refused_reply_is_reported_and_the_rest_still_go_out() {
+        let (server, a) = pair();
+        let mut batch = SendBatch::new(3, 70_000);
+        // Over the 65,507-byte IPv4 limit: the kernel says EMSGSIZE.
+        batch.push(&vec![0u8; 66_000], a.local_addr().unwrap());
+        batch.push(b"after", a.local_addr().unwrap());
+        let (mut ok, mut failed) = (0, 0);
+        batch.flush(&server, |s| match s {
+            Sent::Ok { .. } => ok += 1,
+            Sent::Failed { .. } => failed += 1,
+        });
+        assert_eq!((ok, failed), (1, 1));
+        assert_eq!(recv(&a), b"after");
+    }
+}
