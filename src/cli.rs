@@ -1,18 +1,19 @@
-//! The command line: its options, and the `serve` (default) and `check` commands.
+//! The command line: its options, and the `serve` (default), `check` and `send`
+//! commands.
 
-use std::net::SocketAddr;
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::net::{SocketAddr, ToSocketAddrs as _, UdpSocket};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::reload::Reloader;
+use crate::config::{self, ListenerSpec, parse_addr, parse_size};
 use crate::sandbox::{Isolation, Limits, Program, Sandbox, read_module};
-use crate::server::{DEFAULT_BATCH, Gateway, ServeConfig};
+use crate::server::DEFAULT_BATCH;
 
 /// How the embedded default guest is named in logs.
 pub const EMBEDDED_ORIGIN: &str = "<embedded uppercase guest>";
@@ -44,11 +45,31 @@ pub enum Command {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Send datagrams to a gateway and print the replies.
+    ///
+    /// Each MESSAGE is sent as one datagram and its reply printed on a line, or
+    /// `no reply` after the timeout. With no MESSAGE, lines are read from standard
+    /// input until EOF, each sent as one datagram (with a `>>: ` prompt when it is a
+    /// terminal). Exits 1 if any message got no reply.
+    Send {
+        /// The gateway: IP:PORT or HOST:PORT, such as 127.0.0.1:8008.
+        addr: String,
+        /// Messages to send, one datagram each.
+        messages: Vec<String>,
+        /// How long to wait for each reply, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 1000)]
+        timeout_ms: u64,
+    },
 }
 
 /// Options for serving (the default command).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Serve every listener described in this TOML file (see examples/wasmgate.toml)
+    /// instead of the one described by the flags below.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory"])]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8008", value_parser = parse_addr)]
     pub listen: SocketAddr,
@@ -76,16 +97,32 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = parse_batch)]
     pub batch: usize,
 
-    /// Benchmarks only: uppercase natively instead of running the guest.
-    #[arg(long, hide = true)]
-    pub native_uppercase: bool,
-
     /// Do not watch the module file for changes (SIGHUP still reloads it).
     #[arg(long)]
     pub no_watch: bool,
 
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub metrics: Option<SocketAddr>,
+
+    /// Log as human-readable text or as one JSON object per line.
+    #[arg(long, value_enum, default_value_t)]
+    pub log_format: LogFormat,
+
+    /// Benchmarks only: uppercase natively instead of running the guest.
+    #[arg(long, hide = true)]
+    pub native_uppercase: bool,
+
     #[command(flatten)]
     pub limits: LimitArgs,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// What each guest instance is held to.
@@ -109,11 +146,6 @@ impl LimitArgs {
     }
 }
 
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|_| format!("`{s}` is not an IP:PORT address such as 127.0.0.1:8008 or [::1]:8008"))
-}
-
 fn parse_batch(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n @ 1..=1024) => Ok(n),
@@ -130,35 +162,17 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Parses `65536`, `512KiB`, `64MiB`, `1GiB` (also `K`, `M`, `G`; all powers of 1024).
-fn parse_size(s: &str) -> Result<usize, String> {
-    let err = || format!("`{s}` is not a size: give bytes or a number with KiB, MiB or GiB, such as 64MiB");
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| err())?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        _ => return Err(err()),
-    };
-    let bytes = n.checked_mul(1 << shift).ok_or_else(err)?;
-    if bytes > 4 << 30 {
-        return Err(format!(
-            "`{s}` is over 4GiB, the most a 32-bit WebAssembly memory can hold"
-        ));
-    }
-    usize::try_from(bytes).map_err(|_| err())
-}
-
 impl Cli {
     /// Runs the chosen command. An `Err` is a failure to start; its message names
     /// what failed and why.
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Some(Command::Check { module, limits }) => check(&module, &limits),
+            Some(Command::Send {
+                addr,
+                messages,
+                timeout_ms,
+            }) => send(&addr, &messages, Duration::from_millis(timeout_ms)),
             None => serve(self.serve).map(|()| ExitCode::SUCCESS),
         }
     }
@@ -199,101 +213,105 @@ pub fn load_module(sandbox: &Sandbox, path: Option<&Path>) -> anyhow::Result<Pro
         .with_context(|| format!("module {name}"))
 }
 
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let limits = args.limits.limits();
-    let workers = args
-        .workers
-        .or_else(|| std::thread::available_parallelism().ok())
-        .map_or(1, NonZeroUsize::get);
-    let sandbox = match args.isolation {
-        Isolation::Reuse => Sandbox::new(limits)?,
-        // One live instance per worker, plus one for checking a reloaded module.
-        Isolation::Fresh => Sandbox::with_instance_pool(limits, u32::try_from(workers + 1)?)?,
+    let (listeners, file_metrics) = match &args.config {
+        Some(path) => {
+            let file = config::load(path, default_workers())?;
+            (file.listeners, file.metrics)
+        }
+        None => {
+            let spec = ListenerSpec {
+                name: "default".to_string(),
+                listen: args.listen,
+                module: args.module.clone(),
+                workers: args.workers.map_or_else(default_workers, NonZeroUsize::get),
+                isolation: args.isolation,
+                limits: args.limits.limits(),
+                max_reply_ratio: args.max_reply_ratio,
+                batch: args.batch,
+                watch: !args.no_watch,
+            };
+            (vec![spec], None)
+        }
     };
-    let program = load_module(&sandbox, args.module.as_deref())?;
-    let config = ServeConfig {
-        listen: args.listen,
-        workers,
-        isolation: args.isolation,
-        max_reply_ratio: args.max_reply_ratio,
-        batch: args.batch,
-        native_uppercase: args.native_uppercase,
-    };
-    let (module, sha256) = (program.origin().to_string(), program.short_sha256());
-    let gateway = Gateway::start(&sandbox, program, &config)?;
-    // Watch before saying "serving": a change made after that line must be seen.
-    let reloader = match &args.module {
-        Some(path) => Some(Reloader::start(
-            sandbox.clone(),
-            path.clone(),
-            gateway.publisher(),
-            !args.no_watch,
-        )?),
-        None => None,
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    // Also before "serving": a signal sent after that line must be handled, not fatal.
-    let signals = {
-        let _runtime = runtime.enter();
-        Signals::new()?
-    };
-    tracing::info!(
-        listen = %gateway.local_addr(),
-        module,
-        sha256,
-        workers = config.workers,
-        isolation = %config.isolation,
-        timeout_ms = args.limits.timeout_ms,
-        max_memory = args.limits.max_memory,
-        max_reply_ratio = config.max_reply_ratio,
-        batch = config.batch,
-        native = config.native_uppercase,
-        "serving"
-    );
-    runtime.block_on(signals.wait(reloader.as_ref()));
-    tracing::info!("shutting down: finishing the datagrams in flight");
-    drop(reloader);
-    let stats = gateway.shutdown();
-    tracing::info!(%stats, "stopped");
-    Ok(())
+    // --metrics on the command line wins over the file's [metrics].
+    crate::service::run(listeners, args.metrics.or(file_metrics), args.native_uppercase)
 }
 
-/// The signals the gateway acts on, registered up front.
-struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
-    hangup: Signal,
-}
-
-impl Signals {
-    /// Registers the handlers; must run inside the runtime.
-    fn new() -> anyhow::Result<Self> {
-        let register = |kind: SignalKind, name: &str| signal(kind).with_context(|| format!("cannot listen for {name}"));
-        Ok(Self {
-            interrupt: register(SignalKind::interrupt(), "SIGINT")?,
-            terminate: register(SignalKind::terminate(), "SIGTERM")?,
-            hangup: register(SignalKind::hangup(), "SIGHUP")?,
-        })
-    }
-
-    /// Reloads on SIGHUP; returns on SIGINT (Ctrl-C) or SIGTERM.
-    async fn wait(mut self, reloader: Option<&Reloader>) {
-        loop {
-            tokio::select! {
-                _ = self.interrupt.recv() => return,
-                _ = self.terminate.recv() => return,
-                _ = self.hangup.recv() => match reloader {
-                    Some(reloader) => {
-                        tracing::info!("SIGHUP: reloading the module");
-                        reloader.force();
-                    }
-                    None => tracing::warn!("SIGHUP: serving the embedded guest, there is no module file to reload"),
-                },
+/// `wasmgate send`: one datagram per message, each reply printed on a line.
+fn send(addr: &str, messages: &[String], timeout: Duration) -> anyhow::Result<ExitCode> {
+    let target = addr
+        .to_socket_addrs()
+        .with_context(|| format!("`{addr}` is not an address: give IP:PORT or HOST:PORT"))?
+        .next()
+        .with_context(|| format!("`{addr}` resolves to no address"))?;
+    let local = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let socket = UdpSocket::bind(local).context("cannot open a UDP socket")?;
+    // Connected: replies from anyone else are not mistaken for the gateway's.
+    socket
+        .connect(target)
+        .with_context(|| format!("cannot send to {target}"))?;
+    let mut all_answered = true;
+    let mut ask = |message: &[u8]| -> anyhow::Result<()> {
+        let reply = exchange(&socket, message, timeout)?;
+        let mut out = std::io::stdout().lock();
+        match reply {
+            Some(reply) => writeln!(out, "{}", String::from_utf8_lossy(&reply))?,
+            None => {
+                all_answered = false;
+                writeln!(out, "no reply (after {} ms)", timeout.as_millis())?;
             }
         }
+        out.flush()?;
+        Ok(())
+    };
+    if messages.is_empty() {
+        let stdin = std::io::stdin();
+        let prompt = stdin.is_terminal();
+        let mut lines = stdin.lock().lines();
+        loop {
+            if prompt {
+                print!(">>: ");
+                std::io::stdout().flush()?;
+            }
+            let Some(line) = lines.next() else { break };
+            ask(line?.as_bytes())?;
+        }
+    } else {
+        for m in messages {
+            ask(m.as_bytes())?;
+        }
+    }
+    Ok(if all_answered {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Sends one datagram and waits for one reply, ignoring late replies to earlier ones.
+fn exchange(socket: &UdpSocket, message: &[u8], timeout: Duration) -> anyhow::Result<Option<Vec<u8>>> {
+    socket.set_nonblocking(true)?;
+    let mut buf = vec![0u8; 65_536];
+    while socket.recv(&mut buf).is_ok() {} // a late reply to an earlier message
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send(message).context("cannot send")?;
+    match socket.recv(&mut buf) {
+        Ok(n) => Ok(Some(buf[..n].to_vec())),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).context("cannot receive"),
     }
 }
 
@@ -308,19 +326,6 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse_in_binary_units() {
-        assert_eq!(parse_size("65536"), Ok(65_536));
-        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("64m"), Ok(64 << 20));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
-        for bad in ["", "MiB", "-1", "1.5MiB", "64MB", "5GiB", "99999999999999999999"] {
-            assert!(parse_size(bad).is_err(), "{bad:?} should be refused");
-        }
-    }
-
-    #[test]
     fn ratios_and_addresses_are_checked() {
         assert_eq!(parse_ratio("0"), Ok(0.0));
         assert_eq!(parse_ratio("2.5"), Ok(2.5));
@@ -329,6 +334,8 @@ mod tests {
         assert!(parse_addr("[::1]:9000").is_ok());
         let e = parse_addr("localhost").unwrap_err();
         assert!(e.contains("IP:PORT"), "{e}");
+        assert_eq!(parse_batch("1"), Ok(1));
+        assert!(parse_batch("0").is_err() && parse_batch("1025").is_err());
     }
 
     #[test]
@@ -339,8 +346,16 @@ mod tests {
         assert_eq!(cli.serve.limits.limits(), Limits::default());
         assert_eq!(cli.serve.max_reply_ratio, 3.0);
         assert_eq!(cli.serve.isolation, Isolation::Reuse);
+        assert_eq!(cli.serve.batch, DEFAULT_BATCH);
+        assert_eq!(cli.serve.log_format, LogFormat::Text);
         let cli = Cli::try_parse_from(["wasmgate", "check", "m.wat", "--timeout-ms", "5"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Check { limits, .. }) if limits.timeout_ms == 5));
         assert!(Cli::try_parse_from(["wasmgate", "--workers", "0"]).is_err());
+    }
+
+    #[test]
+    fn config_excludes_single_listener_flags() {
+        assert!(Cli::try_parse_from(["wasmgate", "--config", "w.toml", "--listen", "127.0.0.1:1"]).is_err());
+        assert!(Cli::try_parse_from(["wasmgate", "--config", "w.toml", "--metrics", "127.0.0.1:9090"]).is_ok());
     }
 }

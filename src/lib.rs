@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line, and the `serve` and `check` commands.
+//! - [`cli`]: the command line, and the `serve`, `check` and `send` commands.
+//! - [`config`]: listeners from flags or a TOML file, checked before anything binds.
+//! - [`service`]: running every listener, the metrics endpoint, and the signals.
 //! - [`server`]: the datagram path: sockets, worker threads, the receive loop.
 //! - `udp`: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
@@ -11,6 +13,7 @@
 //! - [`abi`]: guest ABI v1: required exports, allowed imports, reply checks (pure).
 //! - `hostcalls`: the functions guests may import from `wasmgate`.
 //! - [`metrics`]: per-worker counters, drop reasons, rate-limited warnings.
+//! - [`exposition`]: Prometheus metrics over HTTP, read from the counters at scrape time.
 //!
 //! # Running a guest without a network
 //!
@@ -27,11 +30,14 @@
 
 pub mod abi;
 pub mod cli;
+pub mod config;
+pub mod exposition;
 mod hostcalls;
 pub mod metrics;
 pub mod reload;
 pub mod sandbox;
 pub mod server;
+pub mod service;
 mod udp;
 
 /// The default guest (`guest/uppercase`), built by `scripts/build-guests.sh`.

@@ -76,6 +76,12 @@ impl fmt::Display for DropReason {
     }
 }
 
+/// Upper bounds of the guest execution time histogram's buckets, in nanoseconds
+/// (a last, unbounded bucket follows).
+pub const GUEST_TIME_BUCKETS_NS: [u64; 12] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 2_500_000, 10_000_000, 50_000_000,
+];
+
 /// One worker's counters. Aligned to a cache line so workers never share one.
 #[derive(Debug, Default)]
 #[repr(align(64))]
@@ -89,9 +95,22 @@ pub struct Counters {
     /// Datagrams the kernel dropped because the socket's queue was full.
     queue_overflows: AtomicU64,
     dropped: [AtomicU64; DropReason::ALL.len()],
+    /// How long the guest took per datagram: counts per bucket (not cumulative).
+    guest_time: [AtomicU64; GUEST_TIME_BUCKETS_NS.len() + 1],
+    guest_time_sum_ns: AtomicU64,
 }
 
 impl Counters {
+    pub(crate) fn guest_time(&self, elapsed: std::time::Duration) {
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = GUEST_TIME_BUCKETS_NS
+            .iter()
+            .position(|&bound| ns <= bound)
+            .unwrap_or(GUEST_TIME_BUCKETS_NS.len());
+        self.guest_time[bucket].fetch_add(1, Relaxed);
+        self.guest_time_sum_ns.fetch_add(ns, Relaxed);
+    }
+
     pub(crate) fn received(&self, bytes: usize) {
         self.received.fetch_add(1, Relaxed);
         self.bytes_in.fetch_add(bytes as u64, Relaxed);
@@ -163,6 +182,10 @@ impl Stats {
             for (total, d) in s.dropped.iter_mut().zip(&w.dropped) {
                 *total += d.load(Relaxed);
             }
+            for (total, b) in s.guest_time.iter_mut().zip(&w.guest_time) {
+                *total += b.load(Relaxed);
+            }
+            s.guest_time_sum_ns += w.guest_time_sum_ns.load(Relaxed);
         }
         s
     }
@@ -184,6 +207,10 @@ pub struct Snapshot {
     pub reloads: u64,
     /// Reloads refused: unreadable file, or a module that failed its checks.
     pub reload_failures: u64,
+    /// Guest runs per bucket of [`GUEST_TIME_BUCKETS_NS`] (not cumulative; the last
+    /// bucket is everything slower).
+    pub guest_time: [u64; GUEST_TIME_BUCKETS_NS.len() + 1],
+    pub guest_time_sum_ns: u64,
 }
 
 impl Snapshot {
@@ -284,6 +311,21 @@ mod tests {
         assert_eq!(s.dropped(DropReason::Timeout), 2);
         assert_eq!(s.dropped_total(), 2);
         assert_eq!(s.recv_errors, 1);
+    }
+
+    #[test]
+    fn guest_time_lands_in_the_first_bucket_that_holds_it() {
+        let stats = Stats::with_workers(1);
+        let w = stats.worker(0);
+        w.guest_time(std::time::Duration::from_nanos(800));
+        w.guest_time(std::time::Duration::from_nanos(1_000));
+        w.guest_time(std::time::Duration::from_micros(30));
+        w.guest_time(std::time::Duration::from_secs(1));
+        let s = stats.snapshot();
+        assert_eq!(s.guest_time[0], 2);
+        assert_eq!(s.guest_time[5], 1, "30 µs is in the 50 µs bucket");
+        assert_eq!(s.guest_time[GUEST_TIME_BUCKETS_NS.len()], 1);
+        assert_eq!(s.guest_time_sum_ns, 800 + 1_000 + 30_000 + 1_000_000_000);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -176,13 +176,19 @@ impl Drop for Gateway {
     }
 }
 
-/// Publishes programs to a running gateway; cheap to clone.
+/// A handle to a running gateway, for the reloader and the metrics endpoint:
+/// publishes programs and reads counters. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
     shared: Arc<Shared>,
 }
 
 impl Publisher {
+    /// The gateway's counters.
+    pub fn stats(&self) -> Snapshot {
+        self.shared.stats.snapshot()
+    }
+
     /// The program serving now.
     pub fn current(&self) -> Arc<Program> {
         self.shared.program.load_full()
@@ -357,7 +363,10 @@ impl Core {
     fn respond(&mut self, datagram: &[u8], peer: SocketAddr) -> Option<&[u8]> {
         self.counters.received(datagram.len());
         self.handler.refresh(&self.shared.program.load());
-        match self.handler.handle(datagram, peer) {
+        let started = Instant::now();
+        let result = self.handler.handle(datagram, peer);
+        self.counters.guest_time(started.elapsed());
+        match result {
             Ok(reply) => Some(reply),
             Err(rejection) => {
                 drop_datagram(&self.shared, &self.counters, rejection.reason, peer, &rejection);

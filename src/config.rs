@@ -1,0 +1,308 @@
+//! What to serve: one listener from command-line flags, or several from a TOML
+//! file (`--config`). Both end as a list of [`ListenerSpec`]s, checked before
+//! anything binds: unknown keys, bad values and clashing addresses are refused with
+//! the file, the key and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+
+use crate::sandbox::{Isolation, Limits};
+use crate::server::DEFAULT_BATCH;
+
+/// Everything needed to run one listener.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerSpec {
+    /// Names the listener in logs and metrics (`listener="…"`).
+    pub name: String,
+    pub listen: SocketAddr,
+    /// The module file; `None` serves the embedded uppercase guest.
+    pub module: Option<PathBuf>,
+    pub workers: usize,
+    pub isolation: Isolation,
+    pub limits: Limits,
+    pub max_reply_ratio: f64,
+    pub batch: usize,
+    /// Reload the module when its file changes.
+    pub watch: bool,
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    metrics: Option<MetricsSection>,
+    #[serde(default)]
+    listener: Vec<ListenerSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerSection {
+    name: String,
+    listen: String,
+    module: Option<PathBuf>,
+    workers: Option<usize>,
+    isolation: Option<String>,
+    timeout_ms: Option<u64>,
+    max_memory: Option<String>,
+    max_reply_ratio: Option<f64>,
+    batch: Option<usize>,
+    watch: Option<bool>,
+}
+
+/// A parsed and checked config file.
+#[derive(Debug)]
+pub struct FileConfig {
+    pub listeners: Vec<ListenerSpec>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Reads and checks a config file. Module paths are relative to the file's folder.
+pub fn load(path: &Path, default_workers: usize) -> anyhow::Result<FileConfig> {
+    let name = path.display();
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {name}"))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, base, default_workers).with_context(|| format!("config {name}"))
+}
+
+fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<FileConfig> {
+    let file: File = toml::from_str(text)?;
+    if file.listener.is_empty() {
+        bail!("no [[listener]] is defined");
+    }
+    let metrics = match &file.metrics {
+        Some(m) => Some(
+            parse_addr(&m.listen)
+                .map_err(anyhow::Error::msg)
+                .context("metrics.listen")?,
+        ),
+        None => None,
+    };
+    let mut listeners = Vec::new();
+    for (i, l) in file.listener.iter().enumerate() {
+        let at = |key: &str| format!("listener[{i}] ({}): {key}", l.name);
+        let defaults = Limits::default();
+        let spec = ListenerSpec {
+            name: l.name.clone(),
+            listen: parse_addr(&l.listen)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| at("listen"))?,
+            module: l.module.as_ref().map(|m| base.join(m)),
+            workers: match l.workers {
+                Some(0) => bail!("{}: must be at least 1", at("workers")),
+                Some(n) => n,
+                None => default_workers,
+            },
+            isolation: match l.isolation.as_deref() {
+                None | Some("reuse") => Isolation::Reuse,
+                Some("fresh") => Isolation::Fresh,
+                Some(other) => bail!("{}: `{other}` is not `reuse` or `fresh`", at("isolation")),
+            },
+            limits: Limits {
+                timeout: match l.timeout_ms {
+                    Some(0) => bail!("{}: must be at least 1", at("timeout_ms")),
+                    Some(ms) => Duration::from_millis(ms),
+                    None => defaults.timeout,
+                },
+                max_memory: match &l.max_memory {
+                    Some(s) => parse_size(s)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| at("max_memory"))?,
+                    None => defaults.max_memory,
+                },
+            },
+            max_reply_ratio: match l.max_reply_ratio {
+                Some(r) if !(r.is_finite() && r >= 0.0) => bail!("{}: must be a number ≥ 0", at("max_reply_ratio")),
+                Some(r) => r,
+                None => 3.0,
+            },
+            batch: match l.batch {
+                Some(b @ 1..=1024) => b,
+                Some(_) => bail!("{}: must be from 1 to 1024", at("batch")),
+                None => DEFAULT_BATCH,
+            },
+            watch: l.watch.unwrap_or(true),
+        };
+        if let Some(module) = &spec.module
+            && !module.exists()
+        {
+            bail!("{}: module {} does not exist", at("module"), module.display());
+        }
+        listeners.push(spec);
+    }
+    check_clashes(&listeners, metrics)?;
+    Ok(FileConfig { listeners, metrics })
+}
+
+/// Refuses two listeners with one name, or two sockets that would share a port.
+/// Binding would not catch the latter: `SO_REUSEPORT` lets the second bind succeed
+/// and the two listeners would silently split each other's traffic.
+pub fn check_clashes(listeners: &[ListenerSpec], metrics: Option<SocketAddr>) -> anyhow::Result<()> {
+    for (i, a) in listeners.iter().enumerate() {
+        for b in &listeners[..i] {
+            if a.name == b.name {
+                bail!("two listeners are named `{}`", a.name);
+            }
+            if overlap(a.listen, b.listen) {
+                bail!(
+                    "listeners `{}` ({}) and `{}` ({}) would share a port",
+                    b.name,
+                    b.listen,
+                    a.name,
+                    a.listen
+                );
+            }
+        }
+    }
+    let _ = metrics; // TCP: a clash with a UDP port is no clash.
+    Ok(())
+}
+
+/// Whether two UDP addresses would receive the same datagrams. Port 0 asks for a
+/// fresh port, so it never clashes.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Parses `IP:PORT`, IPv6 as `[ip]:port`.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not an IP:PORT address such as 127.0.0.1:8008 or [::1]:8008"))
+}
+
+/// Parses `65536`, `512KiB`, `64MiB`, `1GiB` (also `K`, `M`, `G`; all powers of 1024).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let err = || format!("`{s}` is not a size: give bytes or a number with KiB, MiB or GiB, such as 64MiB");
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => return Err(err()),
+    };
+    let bytes = n.checked_mul(1 << shift).ok_or_else(err)?;
+    if bytes > 4 << 30 {
+        return Err(format!(
+            "`{s}` is over 4GiB, the most a 32-bit WebAssembly memory can hold"
+        ));
+    }
+    usize::try_from(bytes).map_err(|_| err())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> FileConfig {
+        parse(text, Path::new("."), 2).unwrap()
+    }
+
+    fn parse_err(text: &str) -> String {
+        format!("{:#}", parse(text, Path::new("."), 2).unwrap_err())
+    }
+
+    #[test]
+    fn a_full_file_parses_with_defaults_filled_in() {
+        let c = parse_ok(
+            r#"
+            [metrics]
+            listen = "127.0.0.1:9090"
+
+            [[listener]]
+            name = "upper"
+            listen = "127.0.0.1:8008"
+
+            [[listener]]
+            name = "strict"
+            listen = "[::1]:8009"
+            workers = 1
+            isolation = "fresh"
+            timeout_ms = 5
+            max_memory = "1MiB"
+            max_reply_ratio = 1.0
+            batch = 8
+            watch = false
+            "#,
+        );
+        assert_eq!(c.metrics, Some("127.0.0.1:9090".parse().unwrap()));
+        let (a, b) = (&c.listeners[0], &c.listeners[1]);
+        assert_eq!(
+            (a.name.as_str(), a.workers, a.module.is_none(), a.watch),
+            ("upper", 2, true, true)
+        );
+        assert_eq!(a.limits, Limits::default());
+        assert_eq!(
+            (b.workers, b.isolation, b.batch, b.watch),
+            (1, Isolation::Fresh, 8, false)
+        );
+        assert_eq!(b.limits.max_memory, 1 << 20);
+        assert_eq!(b.limits.timeout, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let e = parse_err("[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nworkerz = 3\n");
+        assert!(e.contains("workerz"), "{e}");
+        let e = parse_err("[metrix]\nlisten = \"127.0.0.1:1\"\n");
+        assert!(e.contains("metrix"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_listener_and_key() {
+        let e = parse_err("[[listener]]\nname = \"a\"\nlisten = \"localhost:1\"\n");
+        assert!(e.contains("listener[0] (a): listen") && e.contains("IP:PORT"), "{e}");
+        let e = parse_err("[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmax_memory = \"lots\"\n");
+        assert!(e.contains("max_memory") && e.contains("not a size"), "{e}");
+        let e = parse_err("[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nisolation = \"none\"\n");
+        assert!(e.contains("isolation"), "{e}");
+        let e = parse_err("[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmodule = \"no/such.wasm\"\n");
+        assert!(e.contains("module") && e.contains("does not exist"), "{e}");
+        assert!(parse_err("").contains("no [[listener]]"));
+    }
+
+    #[test]
+    fn port_clashes_are_refused_and_port_zero_is_not_one() {
+        let two = |a: &str, b: &str| {
+            format!("[[listener]]\nname = \"a\"\nlisten = \"{a}\"\n[[listener]]\nname = \"b\"\nlisten = \"{b}\"\n")
+        };
+        assert!(parse_err(&two("127.0.0.1:9000", "127.0.0.1:9000")).contains("would share a port"));
+        assert!(parse_err(&two("0.0.0.0:9000", "127.0.0.1:9000")).contains("would share a port"));
+        parse_ok(&two("127.0.0.1:9000", "127.0.0.1:9001"));
+        parse_ok(&two("127.0.0.1:0", "127.0.0.1:0"));
+        parse_ok(&two("127.0.0.1:9000", "[::1]:9000"));
+        let same_name = "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:2\"\n";
+        assert!(parse_err(same_name).contains("two listeners are named `a`"));
+    }
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("65536"), Ok(65_536));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        for bad in ["", "MiB", "-1", "1.5MiB", "64MB", "5GiB", "99999999999999999999"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

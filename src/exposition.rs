@@ -1,0 +1,193 @@
+//! Prometheus metrics over HTTP: a collector that reads every listener's counters
+//! when scraped (nothing on the datagram path), served at `/metrics` in the
+//! Prometheus text format.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::metrics::{DropReason, GUEST_TIME_BUCKETS_NS, Snapshot};
+use crate::server::Publisher;
+
+/// The listeners whose counters a scrape reports, by name.
+pub struct GatewayCollector {
+    listeners: Vec<(String, Publisher)>,
+}
+
+impl fmt::Debug for GatewayCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.listeners.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("GatewayCollector").field("listeners", &names).finish()
+    }
+}
+
+/// A registry reporting `listeners`.
+pub fn registry(listeners: Vec<(String, Publisher)>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(GatewayCollector { listeners }));
+    registry
+}
+
+/// A counter family: name (without `_total`), help, and its value in a snapshot.
+type CounterFamily = (&'static str, &'static str, fn(&Snapshot) -> u64);
+
+const COUNTERS: [CounterFamily; 8] = [
+    ("wasmgate_datagrams_received", "Datagrams received.", |s| s.received),
+    ("wasmgate_datagrams_replied", "Datagrams answered with a reply.", |s| {
+        s.replied
+    }),
+    ("wasmgate_bytes_received", "Payload bytes received.", |s| s.bytes_in),
+    ("wasmgate_bytes_sent", "Payload bytes sent in replies.", |s| s.bytes_out),
+    (
+        "wasmgate_receive_errors",
+        "Failed receive calls (the loop carries on).",
+        |s| s.recv_errors,
+    ),
+    (
+        "wasmgate_queue_overflows",
+        "Datagrams the kernel dropped because a socket's receive queue was full.",
+        |s| s.queue_overflows,
+    ),
+    ("wasmgate_reloads", "Module versions published by a reload.", |s| {
+        s.reloads
+    }),
+    (
+        "wasmgate_reload_failures",
+        "Reloads refused: unreadable file or a module that failed its checks.",
+        |s| s.reload_failures,
+    ),
+];
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let snapshots: Vec<(&str, Snapshot)> = self.listeners.iter().map(|(n, p)| (n.as_str(), p.stats())).collect();
+
+        for (name, help, value) in COUNTERS {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (listener, s) in &snapshots {
+                family
+                    .encode_family(&[("listener", *listener)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&value(s), None)?;
+            }
+        }
+
+        let mut dropped = encoder.encode_descriptor(
+            "wasmgate_datagrams_dropped",
+            "Datagrams not answered, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, s) in &snapshots {
+            for reason in DropReason::ALL {
+                dropped
+                    .encode_family(&[("listener", *listener), ("reason", reason.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&s.dropped(reason), None)?;
+            }
+        }
+
+        let mut histogram = encoder.encode_descriptor(
+            "wasmgate_guest_duration_seconds",
+            "Time the guest took per datagram.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (listener, s) in &snapshots {
+            // Per-bucket counts: the encoder makes them cumulative.
+            let buckets: Vec<(f64, u64)> = s
+                .guest_time
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    (
+                        GUEST_TIME_BUCKETS_NS
+                            .get(i)
+                            .map_or(f64::INFINITY, |&ns| ns as f64 / 1e9),
+                        n,
+                    )
+                })
+                .collect();
+            let count = s.guest_time.iter().sum();
+            histogram
+                .encode_family(&[("listener", *listener)])?
+                .encode_histogram::<NoLabelSet>(s.guest_time_sum_ns as f64 / 1e9, count, &buckets, None)?;
+        }
+
+        let mut info = encoder.encode_descriptor(
+            "wasmgate_module",
+            "The module each listener serves now.",
+            None,
+            MetricType::Info,
+        )?;
+        for (listener, publisher) in &self.listeners {
+            let program = publisher.current();
+            info.encode_info(&[
+                ("listener", listener.as_str()),
+                ("module", program.origin()),
+                ("sha256", program.sha256_hex().as_str()),
+            ])?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` from `registry` until the task is dropped.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, then take the next one.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let registry = Arc::clone(&registry);
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let response = respond(&req, &registry);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
+fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"not found: try GET /metrics\n")));
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        return response;
+    }
+    let mut body = String::new();
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut body, registry) {
+        let mut response = Response::new(Full::new(Bytes::from(format!("cannot encode metrics: {e}\n"))));
+        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return response;
+    }
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,166 @@
+//! Running wasmgate as a service: every listener with its own sandbox, gateway and
+//! reloader, the metrics endpoint, and the signals (SIGHUP reloads every module;
+//! SIGINT and SIGTERM stop reading, answer what is in flight, and exit).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::cli::load_module;
+use crate::config::ListenerSpec;
+use crate::reload::Reloader;
+use crate::sandbox::{Isolation, Sandbox};
+use crate::server::{Gateway, ServeConfig};
+
+/// One listener, serving.
+struct Running {
+    spec: ListenerSpec,
+    gateway: Gateway,
+    reloader: Option<Reloader>,
+}
+
+/// Serves `listeners` (and metrics at `metrics`) until SIGINT or SIGTERM.
+/// Every module is loaded and checked before anything binds, so a bad one stops
+/// start-up with its file and reason and nothing half-started. `native_uppercase`
+/// is for benchmarks: the guest is replaced by a native function.
+pub fn run(listeners: Vec<ListenerSpec>, metrics: Option<SocketAddr>, native_uppercase: bool) -> anyhow::Result<()> {
+    let mut loaded = Vec::new();
+    for spec in listeners {
+        let sandbox = match spec.isolation {
+            Isolation::Reuse => Sandbox::new(spec.limits)?,
+            // One live instance per worker, plus one for checking a reloaded module.
+            Isolation::Fresh => Sandbox::with_instance_pool(spec.limits, u32::try_from(spec.workers + 1)?)?,
+        };
+        let program =
+            load_module(&sandbox, spec.module.as_deref()).with_context(|| format!("listener `{}`", spec.name))?;
+        loaded.push((spec, sandbox, program));
+    }
+
+    let mut running = Vec::new();
+    for (spec, sandbox, program) in loaded {
+        let config = ServeConfig {
+            listen: spec.listen,
+            workers: spec.workers,
+            isolation: spec.isolation,
+            max_reply_ratio: spec.max_reply_ratio,
+            batch: spec.batch,
+            native_uppercase,
+        };
+        let gateway =
+            Gateway::start(&sandbox, program, &config).with_context(|| format!("listener `{}`", spec.name))?;
+        // Watch before saying "serving": a change made after that line must be seen.
+        let reloader = match &spec.module {
+            Some(path) => Some(Reloader::start(sandbox, path.clone(), gateway.publisher(), spec.watch)?),
+            None => None,
+        };
+        running.push(Running {
+            spec,
+            gateway,
+            reloader,
+        });
+    }
+    serve_until_stopped(running, metrics, native_uppercase)
+}
+
+fn serve_until_stopped(running: Vec<Running>, metrics: Option<SocketAddr>, native: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // Registered before "serving" is logged: a signal sent after that line must be
+    // handled, not fatal.
+    let (signals, metrics_server) = {
+        let _runtime = runtime.enter();
+        let signals = Signals::new()?;
+        let metrics_server = match metrics {
+            Some(addr) => {
+                let listener =
+                    std::net::TcpListener::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
+                listener.set_nonblocking(true)?;
+                let local = listener.local_addr()?;
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let registry = crate::exposition::registry(
+                    running
+                        .iter()
+                        .map(|r| (r.spec.name.clone(), r.gateway.publisher()))
+                        .collect(),
+                );
+                tracing::info!(metrics = %format_args!("http://{local}/metrics"), "serving metrics");
+                Some(runtime.spawn(crate::exposition::serve(listener, Arc::new(registry))))
+            }
+            None => None,
+        };
+        (signals, metrics_server)
+    };
+    for r in &running {
+        let program = r.gateway.program();
+        tracing::info!(
+            listener = r.spec.name,
+            listen = %r.gateway.local_addr(),
+            module = program.origin(),
+            sha256 = program.short_sha256(),
+            workers = r.spec.workers,
+            isolation = %r.spec.isolation,
+            timeout_ms = r.spec.limits.timeout.as_millis() as u64,
+            max_memory = r.spec.limits.max_memory,
+            max_reply_ratio = r.spec.max_reply_ratio,
+            batch = r.spec.batch,
+            watch = r.reloader.is_some() && r.spec.watch,
+            native,
+            "serving"
+        );
+    }
+    let reloaders: Vec<&Reloader> = running.iter().filter_map(|r| r.reloader.as_ref()).collect();
+    runtime.block_on(signals.wait(&reloaders));
+    tracing::info!("shutting down: no new datagrams are read; answering those in flight");
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
+    for r in running {
+        drop(r.reloader);
+        let stats = r.gateway.shutdown();
+        tracing::info!(listener = r.spec.name, %stats, "stopped");
+    }
+    Ok(())
+}
+
+/// The signals the gateway acts on, registered up front.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    /// Registers the handlers; must run inside the runtime.
+    fn new() -> anyhow::Result<Self> {
+        let register = |kind: SignalKind, name: &str| signal(kind).with_context(|| format!("cannot listen for {name}"));
+        Ok(Self {
+            interrupt: register(SignalKind::interrupt(), "SIGINT")?,
+            terminate: register(SignalKind::terminate(), "SIGTERM")?,
+            hangup: register(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    /// Reloads on SIGHUP; returns on SIGINT (Ctrl-C) or SIGTERM.
+    async fn wait(mut self, reloaders: &[&Reloader]) {
+        loop {
+            tokio::select! {
+                _ = self.interrupt.recv() => return,
+                _ = self.terminate.recv() => return,
+                _ = self.hangup.recv() => {
+                    if reloaders.is_empty() {
+                        tracing::warn!("SIGHUP: only the embedded guest is served, there is no module file to reload");
+                    } else {
+                        tracing::info!("SIGHUP: reloading every module");
+                        for reloader in reloaders {
+                            reloader.force();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
