@@ -3,8 +3,9 @@
 //!
 //! The kernel spreads clients over the sockets by their address, so each client's
 //! datagrams are always handled by the same worker, in order. A worker takes up to
-//! a batch of datagrams per `recvmmsg` and sends their replies with one `sendmmsg`. Workers share nothing
-//! on the hot path but the published program, read through a lock-free `ArcSwap`.
+//! a batch of datagrams per `recvmmsg` and sends their replies with one `sendmmsg`.
+//! Workers share nothing on the hot path but the published program, read through
+//! a lock-free `ArcSwap`.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
