@@ -2,18 +2,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Served, ask, client, write_file};
-
-fn signal(served: &Served, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &served.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 /// Waits up to `limit` for the process to exit and returns its exit code.
 fn exit_code_within(served: &mut Served, limit: Duration) -> Option<i32> {
@@ -33,7 +24,7 @@ fn binary_serves_the_embedded_guest_and_stops_cleanly_on_sigterm() {
     let c = client();
     assert_eq!(ask(&c, served.addr, b"chen"), b"CHEN");
     assert_eq!(ask(&c, served.addr, b""), b"");
-    signal(&served, "TERM");
+    common::signal(served.child.id(), "TERM");
     assert_eq!(exit_code_within(&mut served, Duration::from_secs(5)), Some(0));
     // The process has exited, so its stderr ends and the reader's channel closes.
     let rest: Vec<String> = served.log.iter().collect();

@@ -71,12 +71,7 @@ impl Service {
     }
 
     fn signal(&self, name: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        common::signal(self.child.id(), name);
     }
 
     /// Waits up to `limit` for exit; the exit code and every remaining log line.

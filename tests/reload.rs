@@ -140,14 +140,21 @@ fn module_path(dir: &Path) -> PathBuf {
     dir.join("guest.wat")
 }
 
-#[test]
-fn overwrite_in_place() {
+/// A gateway serving module A from a fresh folder, with `clients` probes already
+/// answered by A; `order` is every tag the test will serve, in order.
+fn serving_a(clients: usize, order: &'static [u8]) -> (tempfile::TempDir, PathBuf, Live, Probes) {
     let dir = tempfile::tempdir().unwrap();
     let path = module_path(dir.path());
     std::fs::write(&path, tagged(b'A')).unwrap();
     let live = serve(&path);
-    let probes = Probes::start(live.gateway.local_addr(), 2, b"AB");
+    let probes = Probes::start(live.gateway.local_addr(), clients, order);
     probes.wait_for(b'A', SWAP_LIMIT);
+    (dir, path, live, probes)
+}
+
+#[test]
+fn overwrite_in_place() {
+    let (_dir, path, live, probes) = serving_a(2, b"AB");
     std::fs::write(&path, tagged(b'B')).unwrap();
     probes.wait_for(b'B', SWAP_LIMIT);
     let seen = probes.finish();
@@ -187,12 +194,7 @@ fn slow_partial_write_never_serves_the_half_file() {
 
 #[test]
 fn write_to_a_temporary_file_and_rename_over_the_module() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = module_path(dir.path());
-    std::fs::write(&path, tagged(b'A')).unwrap();
-    let live = serve(&path);
-    let probes = Probes::start(live.gateway.local_addr(), 2, b"AB");
-    probes.wait_for(b'A', SWAP_LIMIT);
+    let (dir, path, live, probes) = serving_a(2, b"AB");
     let tmp = dir.path().join(".guest.wat.tmp");
     std::fs::write(&tmp, tagged(b'B')).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
@@ -204,12 +206,7 @@ fn write_to_a_temporary_file_and_rename_over_the_module() {
 
 #[test]
 fn delete_keeps_the_last_good_module_and_recreating_loads_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = module_path(dir.path());
-    std::fs::write(&path, tagged(b'A')).unwrap();
-    let live = serve(&path);
-    let probes = Probes::start(live.gateway.local_addr(), 2, b"AB");
-    probes.wait_for(b'A', SWAP_LIMIT);
+    let (_dir, path, live, probes) = serving_a(2, b"AB");
     std::fs::remove_file(&path).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert!(probes.last_tags.iter().all(|t| t.load(Ordering::Relaxed) == b'A'));
@@ -254,12 +251,7 @@ fn kubernetes_configmap_symlink_swap() {
 
 #[test]
 fn a_burst_of_writes_costs_few_compiles_and_the_last_one_wins() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = module_path(dir.path());
-    std::fs::write(&path, tagged(b'A')).unwrap();
-    let live = serve(&path);
-    let probes = Probes::start(live.gateway.local_addr(), 1, b"AabcdefghijklmnopqrstuvwxyZ");
-    probes.wait_for(b'A', SWAP_LIMIT);
+    let (_dir, path, live, probes) = serving_a(1, b"AabcdefghijklmnopqrstuvwxyZ");
     for tag in b'a'..=b'z' {
         std::fs::write(&path, tagged(tag)).unwrap();
     }
@@ -273,12 +265,7 @@ fn a_burst_of_writes_costs_few_compiles_and_the_last_one_wins() {
 
 #[test]
 fn failed_reloads_leave_the_last_good_module_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = module_path(dir.path());
-    std::fs::write(&path, tagged(b'A')).unwrap();
-    let live = serve(&path);
-    let probes = Probes::start(live.gateway.local_addr(), 2, b"AB");
-    probes.wait_for(b'A', SWAP_LIMIT);
+    let (_dir, path, live, probes) = serving_a(2, b"AB");
     let bad: [&[u8]; 6] = [
         b"\x01\x02 not WebAssembly",
         br#"(module (memory (export "memory") 1))"#,
@@ -351,14 +338,6 @@ fn replaced_modules_are_freed() {
     }
 }
 
-fn kill(served: &Served, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &served.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// Waits for a log line containing every one of `words`.
 fn log_line(served: &Served, words: &[&str]) -> String {
     let deadline = Instant::now() + SWAP_LIMIT;
@@ -407,10 +386,10 @@ fn binary_with_no_watch_reloads_only_on_sighup() {
     std::fs::write(&path, tagged(b'B')).unwrap();
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(ask(&c, served.addr, b"x"), b"Ax", "--no-watch reloaded anyway");
-    kill(&served, "HUP");
+    common::signal(served.child.id(), "HUP");
     log_line(&served, &["reloaded", "replaced=true"]);
     assert_eq!(ask(&c, served.addr, b"x"), b"Bx");
     // SIGHUP reloads even unchanged content.
-    kill(&served, "HUP");
+    common::signal(served.child.id(), "HUP");
     log_line(&served, &["reloaded", "replaced=false"]);
 }

@@ -161,6 +161,15 @@ impl Drop for Served {
     }
 }
 
+/// Sends signal `name` (`TERM`, `HUP`, …) to process `pid`.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
 /// Writes `contents` to `name` inside `dir` and returns the path as a string.
 pub fn write_file(dir: &Path, name: &str, contents: &[u8]) -> String {
     let path = dir.join(name);
