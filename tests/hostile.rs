@@ -289,3 +289,38 @@ fn every_drop_reason_moves_its_own_counter() {
     assert_eq!((stats.received, stats.replied), (22, 1), "{stats}");
     assert_eq!((stats.bytes_in, stats.bytes_out), (25, 4), "{stats}");
 }
+
+#[test]
+fn fresh_instances_from_the_pool_survive_traps_and_slots_are_reused() {
+    use wasmgate::sandbox::{Isolation, Sandbox};
+    use wasmgate::server::Gateway;
+    // Two workers and three slots, as `--isolation fresh --workers 2` sets it up:
+    // hundreds of datagrams, a third of them trapping, must never run out of slots.
+    let sandbox = Sandbox::with_instance_pool(Limits::default(), 3).unwrap();
+    let module = guest("unreachable", "");
+    let program = sandbox.load("pooled", &module).unwrap();
+    let mut config = common::config();
+    config.isolation = Isolation::Fresh;
+    let gateway = Gateway::start(&sandbox, program, &config).unwrap();
+    let addr = gateway.local_addr();
+    let c = client();
+    for i in 0..300 {
+        if i % 3 == 0 {
+            c.send_to(b"!trap", addr).unwrap();
+        } else {
+            let probe = format!("probe {i}");
+            assert_eq!(ask(&c, addr, probe.as_bytes()), probe.as_bytes());
+        }
+    }
+    // A reload's trial instance needs a slot too, while the workers hold theirs.
+    let reloaded = sandbox
+        .load("pooled again", &guest("(return (i64.const -1))", ""))
+        .unwrap();
+    gateway.publisher().publish(reloaded);
+    c.send_to(b"!quiet", addr).unwrap();
+    assert_eq!(ask(&c, addr, b"after reload"), b"after reload");
+    let stats = gateway.shutdown();
+    assert_eq!(stats.dropped(DropReason::Trap), 100, "{stats}");
+    assert_eq!(stats.dropped(DropReason::NoReply), 1, "{stats}");
+    assert_eq!(stats.replied, 201, "{stats}");
+}
