@@ -7,7 +7,7 @@
 //! - [`config`]: listeners from flags or a TOML file, checked before anything binds.
 //! - [`service`]: running every listener, the metrics endpoint, and the signals.
 //! - [`server`]: the datagram path: sockets, worker threads, the receive loop.
-//! - `udp`: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
+//! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: the wasmtime engine, loading modules, running a guest under limits.
 //! - [`abi`]: guest ABI v1: required exports, allowed imports, reply checks (pure).
@@ -38,7 +38,7 @@ pub mod reload;
 pub mod sandbox;
 pub mod server;
 pub mod service;
-mod udp;
+pub mod udp;
 
 /// The default guest (`guest/uppercase`), built by `scripts/build-guests.sh`.
 pub const DEFAULT_GUEST_WASM: &[u8] = include_bytes!("../guest/uppercase.wasm");

@@ -18,7 +18,7 @@ use socket2::{SockAddr, SockAddrStorage};
 ///
 /// Holds raw pointers into its own heap buffers, so it is built on the thread that
 /// uses it and never moved across threads (it is `!Send`).
-pub(crate) struct RecvBatch {
+pub struct RecvBatch {
     slot: usize,
     bufs: Vec<u8>,
     names: Vec<libc::sockaddr_storage>,
@@ -38,7 +38,7 @@ fn control_len() -> usize {
 
 /// Asks the kernel to report, with each datagram, how many datagrams it has
 /// dropped on this socket because its receive queue was full (`SO_RXQ_OVFL`).
-pub(crate) fn report_queue_overflows(socket: &UdpSocket) -> io::Result<()> {
+pub fn report_queue_overflows(socket: &UdpSocket) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: a valid socket, option and pointer to an int of the size given.
     let r = unsafe {
@@ -56,7 +56,7 @@ pub(crate) fn report_queue_overflows(socket: &UdpSocket) -> io::Result<()> {
 impl RecvBatch {
     /// `capacity` slots of `slot` bytes each. Pages are only touched when a datagram
     /// that large arrives.
-    pub(crate) fn new(capacity: usize, slot: usize) -> Self {
+    pub fn new(capacity: usize, slot: usize) -> Self {
         let mut batch = Self {
             slot,
             bufs: vec![0; capacity * slot],
@@ -88,7 +88,7 @@ impl RecvBatch {
 
     /// Blocks until at least one datagram arrives (or the socket's read timeout
     /// passes: `WouldBlock`), then takes every waiting datagram up to the capacity.
-    pub(crate) fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+    pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         for h in &mut self.headers {
             h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_controllen = control_len() as _;
@@ -117,7 +117,7 @@ impl RecvBatch {
 
     /// Datagram `i` of the last [`RecvBatch::recv`]: its bytes and sender. `None`
     /// for a sender that is not an IP address (which a UDP socket never reports).
-    pub(crate) fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
+    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
         if i >= self.received {
             return None;
         }
@@ -137,7 +137,7 @@ impl RecvBatch {
     /// The kernel's count of datagrams dropped on this socket for want of queue
     /// room, as reported with the last datagram received (see
     /// [`report_queue_overflows`]); `None` if it did not say.
-    pub(crate) fn queue_overflows(&self) -> Option<u32> {
+    pub fn queue_overflows(&self) -> Option<u32> {
         let header = &self.headers[self.received.checked_sub(1)?].msg_hdr;
         // SAFETY: the kernel filled `msg_controllen` bytes of this header's own
         // control area; CMSG_FIRSTHDR/NXTHDR stay within it, and the data of an
@@ -157,7 +157,7 @@ impl RecvBatch {
 
 /// Collects replies (copied out of guest memory) and sends them with one
 /// `sendmmsg` call per flush.
-pub(crate) struct SendBatch {
+pub struct SendBatch {
     data: Vec<u8>,
     entries: Vec<(Range<usize>, SockAddr)>,
     iovecs: Vec<libc::iovec>,
@@ -165,14 +165,14 @@ pub(crate) struct SendBatch {
 }
 
 /// What happened to one queued reply.
-pub(crate) enum Sent {
+pub enum Sent {
     Ok { bytes: usize },
     Failed { peer: SocketAddr, error: io::Error },
 }
 
 impl SendBatch {
     /// Room for `capacity` replies of up to `max_len` bytes each.
-    pub(crate) fn new(capacity: usize, max_len: usize) -> Self {
+    pub fn new(capacity: usize, max_len: usize) -> Self {
         Self {
             data: Vec::with_capacity(capacity * max_len),
             entries: Vec::with_capacity(capacity),
@@ -182,7 +182,7 @@ impl SendBatch {
     }
 
     /// Queues a copy of `reply` for `peer`.
-    pub(crate) fn push(&mut self, reply: &[u8], peer: SocketAddr) {
+    pub fn push(&mut self, reply: &[u8], peer: SocketAddr) {
         let start = self.data.len();
         self.data.extend_from_slice(reply);
         self.entries.push((start..self.data.len(), SockAddr::from(peer)));
@@ -190,7 +190,7 @@ impl SendBatch {
 
     /// Sends everything queued, in order, and reports each reply's fate to `done`.
     /// A reply the kernel refuses is reported and skipped; the rest still go out.
-    pub(crate) fn flush(&mut self, socket: &UdpSocket, mut done: impl FnMut(Sent)) {
+    pub fn flush(&mut self, socket: &UdpSocket, mut done: impl FnMut(Sent)) {
         let count = self.entries.len();
         if count == 0 {
             return;
