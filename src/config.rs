@@ -142,14 +142,14 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
         }
         listeners.push(spec);
     }
-    check_clashes(&listeners, metrics)?;
+    check_clashes(&listeners)?;
     Ok(FileConfig { listeners, metrics })
 }
 
 /// Refuses two listeners with one name, or two sockets that would share a port.
 /// Binding would not catch the latter: `SO_REUSEPORT` lets the second bind succeed
 /// and the two listeners would silently split each other's traffic.
-pub fn check_clashes(listeners: &[ListenerSpec], metrics: Option<SocketAddr>) -> anyhow::Result<()> {
+pub fn check_clashes(listeners: &[ListenerSpec]) -> anyhow::Result<()> {
     for (i, a) in listeners.iter().enumerate() {
         for b in &listeners[..i] {
             if a.name == b.name {
@@ -166,7 +166,6 @@ pub fn check_clashes(listeners: &[ListenerSpec], metrics: Option<SocketAddr>) ->
             }
         }
     }
-    let _ = metrics; // TCP: a clash with a UDP port is no clash.
     Ok(())
 }
 
