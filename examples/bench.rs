@@ -17,7 +17,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+
+#[path = "support/procfs.rs"]
+mod procfs;
 use clap::Parser;
+use procfs::rss_kib;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -160,18 +164,6 @@ fn start(server: &Server, bin: &Path, root: &Path, port: u16) -> anyhow::Result<
 /// The pid doing the work: taskset and env exec their command, so it is the child's.
 fn server_pid(running: &Running) -> u32 {
     running.0.id()
-}
-
-/// Resident memory of a process, from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn median_run(runs: &mut [Row]) -> Row {

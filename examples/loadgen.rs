@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use wasmgate::udp::{RecvBatch, SendBatch};
 
+#[path = "support/procfs.rs"]
+mod procfs;
+use procfs::cpu_seconds;
+
 #[derive(Debug, Parser)]
 struct Args {
     /// Gateway to load; must be a loopback address.
@@ -181,18 +185,6 @@ fn fill(out: &mut Vec<u8>, seq: u64, size: usize) {
     out.clear();
     let _ = write!(out, "{seq:016X}");
     out.extend((0..size.saturating_sub(16)).map(|i| b'a' + (i % 26) as u8));
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are 14th and 15th.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {

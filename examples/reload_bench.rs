@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+#[path = "support/procfs.rs"]
+mod procfs;
+use procfs::rss_kib;
 use wasmgate::reload::Reloader;
 use wasmgate::sandbox::{Limits, Sandbox};
 use wasmgate::server::{Gateway, ServeConfig};
@@ -34,17 +37,6 @@ struct Args {
 }
 
 const ECHO: &[u8] = include_bytes!("echo.wat");
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -111,7 +103,7 @@ fn main() -> anyhow::Result<()> {
     };
     let deadline_per_swap = Duration::from_secs(5);
     std::thread::sleep(Duration::from_millis(300));
-    let rss_before = rss_kib();
+    let rss_before = rss_kib(std::process::id());
     let mut times = Vec::new();
     for i in 0..args.swaps {
         // Odd swaps install echo, even ones the default guest.
@@ -142,7 +134,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let rss_after = rss_kib();
+    let rss_after = rss_kib(std::process::id());
     stop.store(true, Ordering::Relaxed);
     for p in probes {
         p.join().map_err(|_| anyhow::anyhow!("probe panicked"))??;
