@@ -199,9 +199,9 @@ impl Publisher {
     /// reload, and returns the program it replaced. Datagrams already inside the old
     /// program finish there; it is freed once no worker holds it.
     pub fn publish(&self, program: Program) -> Arc<Program> {
-        let old = self.shared.program.swap(Arc::new(program));
+        // Counted first, so whoever sees the new program also sees the count.
         self.shared.stats.reloaded();
-        old
+        self.shared.program.swap(Arc::new(program))
     }
 
     /// Counts a reload that was refused.

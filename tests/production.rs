@@ -158,7 +158,20 @@ fn two_listeners_from_a_config_file_with_metrics_reload_and_clean_stop() {
     }
     assert_eq!(ask(&c, echo, b"chen"), b"chen");
 
-    let body = scrape(service.metrics.expect("a metrics line"));
+    // A reply is counted once `sendmmsg` returns, which can be just after the client
+    // has it: wait for the counters to settle before checking them.
+    let metrics = service.metrics.expect("a metrics line");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let body = loop {
+        let body = scrape(metrics);
+        if sample(&body, r#"wasmgate_datagrams_replied_total{listener="echo"}"#) == 1.0
+            && sample(&body, r#"wasmgate_datagrams_replied_total{listener="upper"}"#) == 3.0
+            || Instant::now() > deadline
+        {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(
         sample(&body, r#"wasmgate_datagrams_received_total{listener="upper"}"#),
         3.0

@@ -159,7 +159,7 @@ fn overwrite_in_place() {
     probes.wait_for(b'B', SWAP_LIMIT);
     let seen = probes.finish();
     assert!(seen.iter().all(|tags| tags.contains(&b'A') && tags.ends_with(b"B")));
-    let stats = live.gateway.stats();
+    let stats = live.gateway.shutdown();
     assert_eq!((stats.reloads, stats.reload_failures), (1, 0), "{stats}");
     assert_eq!(stats.received, stats.replied, "every probe answered: {stats}");
 }
