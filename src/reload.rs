@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use notify::event::{AccessKind, AccessMode};
@@ -189,12 +189,11 @@ impl State {
             tracing::debug!(module = %name, "module content unchanged; nothing to reload");
             return;
         }
-        let started = Instant::now();
         match self.sandbox.load(name.clone(), &bytes) {
             Ok(program) => {
                 let sha256 = program.short_sha256();
                 let replaced = program.sha256() != current.sha256();
-                let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+                let compile_ms = program.compile_time().as_secs_f64() * 1e3;
                 let previous = self.publisher.publish(program).short_sha256();
                 self.last_failed = None;
                 tracing::info!(

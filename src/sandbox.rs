@@ -151,10 +151,6 @@ impl Sandbox {
         })
     }
 
-    pub fn limits(&self) -> Limits {
-        self.inner.limits
-    }
-
     /// Compiles `bytes` (a `\0asm` binary or WAT text), checks it against the ABI
     /// and the limits, and instantiates it once (running its start function under
     /// the time budget) so that a module that cannot serve is refused here, never
@@ -171,7 +167,7 @@ impl Sandbox {
             .instantiate_pre(&module)
             .map_err(anyhow::Error::from)
             .context("cannot be linked")?;
-        let program = Program {
+        let mut program = Program {
             origin,
             sha256: Sha256::digest(bytes).into(),
             imports: module
@@ -179,7 +175,7 @@ impl Sandbox {
                 .map(|i| format!("{}.{}", i.module(), i.name()))
                 .collect(),
             pre,
-            compile_time: started.elapsed(),
+            compile_time: Duration::ZERO,
         };
         if let Err(e) = self.instantiate(&program, None) {
             return Err(match e.downcast_ref::<Trap>() {
@@ -190,6 +186,7 @@ impl Sandbox {
                 _ => anyhow::Error::from(e).context("its start function failed"),
             });
         }
+        program.compile_time = started.elapsed();
         Ok(program)
     }
 
@@ -324,7 +321,7 @@ impl Program {
         &self.imports
     }
 
-    /// How long compiling, checking and the trial instantiation took.
+    /// How long loading took: compiling, checking and the trial instantiation.
     pub fn compile_time(&self) -> Duration {
         self.compile_time
     }
@@ -394,10 +391,6 @@ impl Guest {
             isolation,
             max_ratio,
         }
-    }
-
-    pub fn program(&self) -> &Arc<Program> {
-        &self.program
     }
 
     /// Switches to `program` if it is not the one running; the next datagram then

@@ -16,16 +16,22 @@ fn chen_comes_back_as_chen_uppercased() {
     assert_eq!(ask(&c, gateway.local_addr(), b"chen"), b"CHEN");
 }
 
+/// The seed's four datagrams, sent back to back: four replies, in order, the
+/// empty one included.
+fn assert_seed_exchange(c: &std::net::UdpSocket, addr: std::net::SocketAddr) {
+    for msg in [&b"chen"[..], b"hello", b"world", b""] {
+        c.send_to(msg, addr).unwrap();
+    }
+    let replies: Vec<Vec<u8>> = (0..4).map(|_| recv(c, addr)).collect();
+    assert_eq!(replies, [&b"CHEN"[..], b"HELLO", b"WORLD", b""]);
+}
+
 #[test]
 fn four_datagrams_back_to_back_come_back_as_four_replies_in_order() {
     let gateway = start(DEFAULT_GUEST_WASM);
     let addr = gateway.local_addr();
     let c = client();
-    for msg in [&b"chen"[..], b"hello", b"world", b""] {
-        c.send_to(msg, addr).unwrap();
-    }
-    let replies: Vec<Vec<u8>> = (0..4).map(|_| recv(&c, addr)).collect();
-    assert_eq!(replies, [&b"CHEN"[..], b"HELLO", b"WORLD", b""]);
+    assert_seed_exchange(&c, addr);
     let stats = gateway.shutdown();
     assert_eq!((stats.received, stats.replied, stats.dropped_total()), (4, 4, 0));
 }
@@ -117,11 +123,7 @@ fn per_datagram_system_calls_serve_the_same_as_batches() {
     let gateway = common::start_with(DEFAULT_GUEST_WASM, Default::default(), config);
     let addr = gateway.local_addr();
     let c = client();
-    for msg in [&b"chen"[..], b"hello", b"world", b""] {
-        c.send_to(msg, addr).unwrap();
-    }
-    let replies: Vec<Vec<u8>> = (0..4).map(|_| recv(&c, addr)).collect();
-    assert_eq!(replies, [&b"CHEN"[..], b"HELLO", b"WORLD", b""]);
+    assert_seed_exchange(&c, addr);
     let big: Vec<u8> = (0..65_507u32).map(|i| (i % 97) as u8).collect();
     assert_eq!(ask(&c, addr, &big), upper(&big));
 }
