@@ -1,5 +1,6 @@
-//! Guest ABI v1: what a module must export and may import, and how a reply is
-//! decoded and checked. See `docs/ABI.md` for the guest author's view.
+//! The two kinds of guest module: ABI v1 (what a module must export and may import,
+//! and how a reply is decoded and checked) and WASI command modules (`_start`, stdin
+//! in, stdout out). See `docs/ABI.md` for the guest author's view.
 //!
 //! Everything here is pure: it looks at module types and numbers, never runs a guest.
 
@@ -19,6 +20,38 @@ pub const NO_REPLY: i64 = -1;
 
 /// The module that the host's imports come from.
 pub const HOST_MODULE: &str = "wasmgate";
+
+/// The import module of WASI preview 1, the only WASI version accepted.
+pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
+
+/// How the host drives a module: told apart by its exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestKind {
+    /// Exports `memory`, `alloc` and `handle`; one instance may serve many datagrams.
+    AbiV1,
+    /// A WASI preview 1 command: `_start` reads the datagram from stdin and writes
+    /// the reply to stdout, in a fresh instance per datagram.
+    WasiCommand,
+}
+
+impl GuestKind {
+    /// A short name for logs and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AbiV1 => "abi-v1",
+            Self::WasiCommand => "wasi-command",
+        }
+    }
+}
+
+impl fmt::Display for GuestKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::AbiV1 => "the wasmgate guest ABI v1",
+            Self::WasiCommand => "a WASI command (stdin to stdout)",
+        })
+    }
+}
 
 /// A function signature: parameter and result types, by their WAT names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,9 +84,11 @@ pub const REQUIRED_EXPORTS: [(&str, Signature); 2] = [
     ),
 ];
 
-/// The functions the host offers under [`HOST_MODULE`]; a guest may import any of them.
-pub const HOST_FUNCTIONS: [(&str, Signature); 2] = [
+/// The functions the host offers an ABI v1 guest, as (module, name, type); a
+/// guest may import any of them. `env.abort` is what AssemblyScript imports by default.
+pub const HOST_FUNCTIONS: [(&str, &str, Signature); 3] = [
     (
+        HOST_MODULE,
         "log",
         Signature {
             params: &["i32", "i32", "i32"],
@@ -61,10 +96,19 @@ pub const HOST_FUNCTIONS: [(&str, Signature); 2] = [
         },
     ),
     (
+        HOST_MODULE,
         "peer",
         Signature {
             params: &["i32", "i32"],
             results: &["i32"],
+        },
+    ),
+    (
+        "env",
+        "abort",
+        Signature {
+            params: &["i32", "i32", "i32", "i32"],
+            results: &[],
         },
     ),
 ];
@@ -116,36 +160,64 @@ fn kind(ty: &ExternType) -> &'static str {
     }
 }
 
-/// Everything that makes a module unfit for ABI v1, so that a guest author can fix
-/// all of it in one go.
+/// Everything that makes a module unfit for the kind it was taken for, so that a
+/// guest author can fix all of it in one go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AbiViolations(pub Vec<String>);
+pub struct AbiViolations {
+    pub kind: GuestKind,
+    pub problems: Vec<String>,
+}
 
 impl fmt::Display for AbiViolations {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "does not fit the wasmgate guest ABI v1: {}", self.0.join("; "))
+        write!(f, "does not fit {}: {}", self.kind, self.problems.join("; "))
     }
 }
 
 impl std::error::Error for AbiViolations {}
 
-/// Checks a compiled module's exports and imports against ABI v1.
-pub fn check_module(module: &Module) -> Result<(), AbiViolations> {
-    let mut problems = Vec::new();
+/// Tells what kind of guest `module` is and checks it against that kind's rules.
+///
+/// A module that exports `handle` is an ABI v1 guest. One that does not, but
+/// exports `_start` or imports WASI, is a WASI command. Anything else is judged as
+/// ABI v1, whose messages say what is missing.
+pub fn check_module(module: &Module) -> Result<GuestKind, AbiViolations> {
+    let imports_wasi = module.imports().any(|i| i.module().starts_with("wasi"));
+    let kind = if module.get_export("handle").is_none() && (module.get_export("_start").is_some() || imports_wasi) {
+        GuestKind::WasiCommand
+    } else {
+        GuestKind::AbiV1
+    };
+    let mut problems = check_memory(module);
+    match kind {
+        GuestKind::AbiV1 => check_abi_v1(module, &mut problems),
+        GuestKind::WasiCommand => check_wasi_command(module, &mut problems),
+    }
+    if problems.is_empty() {
+        Ok(kind)
+    } else {
+        Err(AbiViolations { kind, problems })
+    }
+}
 
+fn check_memory(module: &Module) -> Vec<String> {
+    let mut problems = Vec::new();
     match module.get_export("memory") {
         None => problems.push("missing export `memory` (the guest must export its linear memory)".to_string()),
         Some(ExternType::Memory(m)) => {
             if m.is_64() {
-                problems.push("export `memory` is a 64-bit memory; ABI v1 needs a 32-bit one".to_string());
+                problems.push("export `memory` is a 64-bit memory; a 32-bit one is needed".to_string());
             }
             if m.is_shared() {
-                problems.push("export `memory` is a shared memory; ABI v1 needs an unshared one".to_string());
+                problems.push("export `memory` is a shared memory; an unshared one is needed".to_string());
             }
         }
         Some(other) => problems.push(format!("export `memory` is {}, not a memory", kind(&other))),
     }
+    problems
+}
 
+fn check_abi_v1(module: &Module, problems: &mut Vec<String>) {
     for (name, expected) in &REQUIRED_EXPORTS {
         match module.get_export(name) {
             None => problems.push(format!("missing export `{name}` with type {expected}")),
@@ -160,32 +232,34 @@ pub fn check_module(module: &Module) -> Result<(), AbiViolations> {
             )),
         }
     }
+    if module.get_export("handle").is_none() {
+        problems.push("(a WASI command module exports `_start` instead of `alloc` and `handle`)".to_string());
+    }
 
     let offered = || {
         HOST_FUNCTIONS
             .iter()
-            .map(|(n, s)| format!("`{HOST_MODULE}.{n}` {s}"))
+            .map(|(m, n, s)| format!("`{m}.{n}` {s}"))
             .collect::<Vec<_>>()
-            .join(" and ")
+            .join(", ")
     };
     for import in module.imports() {
         let (module_name, name, ty) = (import.module(), import.name(), import.ty());
-        let host_fn = HOST_FUNCTIONS
-            .iter()
-            .find(|(n, _)| module_name == HOST_MODULE && *n == name);
+        let host_fn = HOST_FUNCTIONS.iter().find(|(m, n, _)| module_name == *m && name == *n);
         match (host_fn, &ty) {
-            (Some((_, expected)), ExternType::Func(f)) if matches(f, expected) => {}
-            (Some((_, expected)), ExternType::Func(f)) => problems.push(format!(
+            (Some((_, _, expected)), ExternType::Func(f)) if matches(f, expected) => {}
+            (Some((_, _, expected)), ExternType::Func(f)) => problems.push(format!(
                 "import `{module_name}.{name}` has type {}, expected {expected}",
                 describe(f)
             )),
-            (Some((_, expected)), other) => problems.push(format!(
+            (Some((_, _, expected)), other) => problems.push(format!(
                 "import `{module_name}.{name}` is {}, expected a function {expected}",
                 kind(other)
             )),
             (None, _) if module_name.starts_with("wasi") => problems.push(format!(
-                "imports `{module_name}.{name}`: WASI is not available to ABI v1 guests \
-                 (build for wasm32-unknown-unknown, or without libc); the host offers only {}",
+                "imports `{module_name}.{name}`, but a module that exports `handle` gets no WASI: \
+                 build it for wasm32-unknown-unknown (or without libc), or make it a WASI command \
+                 that exports `_start` and no `handle`; the host offers only {}",
                 offered()
             )),
             (None, _) => problems.push(format!(
@@ -195,11 +269,43 @@ pub fn check_module(module: &Module) -> Result<(), AbiViolations> {
             )),
         }
     }
+}
 
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(AbiViolations(problems))
+fn check_wasi_command(module: &Module, problems: &mut Vec<String>) {
+    match module.get_export("_start") {
+        Some(ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => {}
+        Some(ExternType::Func(f)) => {
+            problems.push(format!("export `_start` has type {}, expected (func)", describe(&f)))
+        }
+        Some(other) => problems.push(format!("export `_start` is {}, not a function (func)", kind(&other))),
+        None if module.get_export("_initialize").is_some() => problems.push(
+            "missing export `_start`: it exports `_initialize`, so it was built as a WASI reactor (a library); \
+             build it as a command, a program with `main`"
+                .to_string(),
+        ),
+        None => problems.push(
+            "missing export `_start` (func): a WASI handler must be a command, a program with `main`; \
+             an ABI v1 handler exports `alloc` and `handle` and imports no WASI"
+                .to_string(),
+        ),
+    }
+    for import in module.imports() {
+        let (module_name, name) = (import.module(), import.name());
+        match module_name {
+            WASI_MODULE => {}
+            "wasi_unstable" => problems.push(format!(
+                "imports `{module_name}.{name}` from WASI preview 0, which is not supported: \
+                 rebuild for WASI preview 1 (`wasm32-wasip1`, `wasi_snapshot_preview1`)"
+            )),
+            HOST_MODULE => problems.push(format!(
+                "imports `{module_name}.{name}`, which only ABI v1 guests get: a WASI command logs \
+                 by writing to stderr and finds the client in the environment variable WASMGATE_PEER"
+            )),
+            _ => problems.push(format!(
+                "imports `{module_name}.{name}`, which the host does not provide; \
+                 a WASI command may import only `{WASI_MODULE}` functions"
+            )),
+        }
     }
 }
 
@@ -225,13 +331,20 @@ pub fn reply_range(
         return Err(DropReason::BadReply);
     }
     let (ptr, len) = (ptr as usize, len as usize);
+    check_reply_len(len, request_len, max_ratio)?;
+    Ok(ptr..ptr + len)
+}
+
+/// Whether a reply of `len` bytes to a request of `request_len` may be sent: the
+/// host's size and amplification policy, for every kind of guest.
+pub fn check_reply_len(len: usize, request_len: usize, max_ratio: f64) -> Result<(), DropReason> {
     if len > MAX_DATAGRAM {
         return Err(DropReason::Oversize);
     }
     if max_ratio > 0.0 && len as f64 > max_ratio * request_len as f64 {
         return Err(DropReason::Amplification);
     }
-    Ok(ptr..ptr + len)
+    Ok(())
 }
 
 /// Where the datagram is to be copied, given what `alloc(len)` returned.
@@ -318,6 +431,6 @@ mod tests {
     #[test]
     fn signatures_print_as_wat() {
         assert_eq!(REQUIRED_EXPORTS[1].1.to_string(), "(func (param i32 i32) (result i64))");
-        assert_eq!(HOST_FUNCTIONS[0].1.to_string(), "(func (param i32 i32 i32))");
+        assert_eq!(HOST_FUNCTIONS[0].2.to_string(), "(func (param i32 i32 i32))");
     }
 }

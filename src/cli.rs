@@ -187,8 +187,9 @@ fn check(path: &Path, limits: &LimitArgs) -> anyhow::Result<ExitCode> {
                 list => list.join(", "),
             };
             println!(
-                "{}: ok: fits the wasmgate guest ABI v1 (sha256 {}; imports: {imports})",
+                "{}: ok: fits {} (sha256 {}; imports: {imports})",
                 path.display(),
+                program.kind(),
                 program.sha256_hex()
             );
             Ok(ExitCode::SUCCESS)

@@ -1,4 +1,5 @@
-//! The functions the host offers guests under the `wasmgate` import module.
+//! The functions the host offers ABI v1 guests: `wasmgate.log`, `wasmgate.peer`,
+//! and `env.abort`, which AssemblyScript imports by default.
 //!
 //! Each reads or writes guest memory only through bounds-checked accessors and
 //! traps, with a message saying why, when a guest passes a region outside its memory.
@@ -29,6 +30,7 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     linker.func_wrap(HOST_MODULE, "log", log)?;
     linker.func_wrap(HOST_MODULE, "peer", peer)?;
+    linker.func_wrap("env", "abort", abort)?;
     Ok(linker)
 }
 
@@ -109,4 +111,79 @@ fn peer(mut caller: Caller<'_, HostState>, ptr: i32, cap: i32) -> wasmtime::Resu
         }
     }
     Ok(len as i32)
+}
+
+/// The longest AssemblyScript string read for an abort message, in UTF-16 units.
+const MAX_ABORT_UNITS: usize = 256;
+
+/// `env.abort(message: i32, file: i32, line: i32, column: i32)`: AssemblyScript's
+/// failed assertion or runtime error. Logs the message and where it came from
+/// (rate-limited), then traps with the same text, so the datagram is counted as a trap.
+fn abort(mut caller: Caller<'_, HostState>, message: i32, file: i32, line: i32, column: i32) -> wasmtime::Result<()> {
+    let mem = memory(&mut caller, "abort")?;
+    let data = mem.data(&caller);
+    let text = format!(
+        "{} at {}:{}:{}",
+        assemblyscript_string(data, message).unwrap_or_else(|| "abort".into()),
+        assemblyscript_string(data, file).unwrap_or_else(|| "?".into()),
+        line as u32,
+        column as u32
+    );
+    if let Some(suppressed) = caller.data().log_limit.allow() {
+        let peer = caller.data().peer.map(|p| p.to_string()).unwrap_or_default();
+        tracing::warn!(target: "wasmgate::guest", %peer, suppressed, "guest aborted: {text}");
+    }
+    wasmtime::bail!("env.abort: {text}")
+}
+
+/// Reads an AssemblyScript string: UTF-16LE at `ptr`, its length in bytes in the
+/// 4 bytes before it. `None` for a null pointer or a string outside memory; a long
+/// string is cut short.
+fn assemblyscript_string(data: &[u8], ptr: i32) -> Option<String> {
+    let ptr = ptr as u32 as usize;
+    if ptr < 4 {
+        return None;
+    }
+    let size: [u8; 4] = data.get(ptr - 4..ptr)?.try_into().ok()?;
+    let len = (u32::from_le_bytes(size) as usize / 2).min(MAX_ABORT_UNITS);
+    let bytes = data.get(ptr..ptr.checked_add(len * 2)?)?;
+    let units = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    Some(
+        char::decode_utf16(units)
+            .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utf16_object(at: usize, text: &str) -> Vec<u8> {
+        let mut mem = vec![0u8; at];
+        let units: Vec<u16> = text.encode_utf16().collect();
+        mem[at - 4..at].copy_from_slice(&((units.len() * 2) as u32).to_le_bytes());
+        for u in units {
+            mem.extend_from_slice(&u.to_le_bytes());
+        }
+        mem
+    }
+
+    #[test]
+    fn assemblyscript_strings_are_read_from_their_header() {
+        let mem = utf16_object(16, "héllo ✓");
+        assert_eq!(assemblyscript_string(&mem, 16).as_deref(), Some("héllo ✓"));
+        assert_eq!(assemblyscript_string(&mem, 0), None, "null");
+        assert_eq!(assemblyscript_string(&mem, 2), None, "no room for a header");
+        assert_eq!(
+            assemblyscript_string(&mem, mem.len() as i32 + 8),
+            None,
+            "outside memory"
+        );
+        let mut bad = utf16_object(8, "x");
+        bad[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(assemblyscript_string(&bad, 8), None, "a length past memory");
+        let long = utf16_object(8, &"a".repeat(1000));
+        assert_eq!(assemblyscript_string(&long, 8).map(|s| s.len()), Some(MAX_ABORT_UNITS));
+    }
 }

@@ -10,8 +10,9 @@
 //! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: the wasmtime engine, loading modules, running a guest under limits.
-//! - [`abi`]: guest ABI v1: required exports, allowed imports, reply checks (pure).
-//! - `hostcalls`: the functions guests may import from `wasmgate`.
+//! - [`abi`]: the two kinds of guest (ABI v1 and WASI command) and their checks (pure).
+//! - `hostcalls`: the functions ABI v1 guests may import (`wasmgate.*`, `env.abort`).
+//! - [`wasi`]: WASI command modules: stdin in, stdout out, a fresh instance per datagram.
 //! - [`metrics`]: per-worker counters, drop reasons, rate-limited warnings.
 //! - [`exposition`]: Prometheus metrics over HTTP, read from the counters at scrape time.
 //!
@@ -39,6 +40,7 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod udp;
+pub mod wasi;
 
 /// The default guest (`guest/uppercase`), built by `scripts/build-guests.sh`.
 pub const DEFAULT_GUEST_WASM: &[u8] = include_bytes!("../guest/uppercase.wasm");

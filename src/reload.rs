@@ -194,10 +194,12 @@ impl State {
                 let sha256 = program.short_sha256();
                 let replaced = program.sha256() != current.sha256();
                 let compile_ms = program.compile_time().as_secs_f64() * 1e3;
+                let abi = program.kind().name();
                 let previous = self.publisher.publish(program).short_sha256();
                 self.last_failed = None;
                 tracing::info!(
                     module = %name,
+                    abi,
                     sha256,
                     compile_ms = format_args!("{compile_ms:.1}"),
                     replaced,

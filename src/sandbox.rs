@@ -17,15 +17,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use wasmtime::{
     Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Memory, Module,
     PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap, TypedFunc,
 };
 
-use crate::abi::{self, MAX_DATAGRAM};
+use crate::abi::{self, GuestKind, MAX_DATAGRAM};
 use crate::hostcalls::{self, HostState};
 use crate::metrics::{DropReason, RateLimit};
+use crate::wasi::{self, WasiHost};
 
 /// The largest module file accepted; anything bigger is refused before compiling.
 pub const MAX_MODULE_BYTES: usize = 64 << 20;
@@ -94,6 +96,7 @@ pub struct Sandbox {
 struct Inner {
     engine: Engine,
     linker: Linker<HostState>,
+    wasi_linker: Linker<WasiHost>,
     limits: Limits,
     /// The time budget in epoch ticks; one more than the timeout so that a
     /// datagram that starts just before a tick still gets its whole budget.
@@ -138,12 +141,14 @@ impl Sandbox {
         }
         let engine = Engine::new(&config)?;
         let linker = hostcalls::linker(&engine)?;
+        let wasi_linker = wasi::linker(&engine)?;
         let deadline_ticks = limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;
         Ok(Self {
             inner: Arc::new(Inner {
                 _ticker: EpochTicker::start(engine.clone())?,
                 engine,
                 linker,
+                wasi_linker,
                 limits,
                 deadline_ticks,
                 log_limit: Arc::new(RateLimit::new(GUEST_LOG_LINES_PER_SECOND)),
@@ -151,22 +156,28 @@ impl Sandbox {
         })
     }
 
-    /// Compiles `bytes` (a `\0asm` binary or WAT text), checks it against the ABI
-    /// and the limits, and instantiates it once (running its start function under
-    /// the time budget) so that a module that cannot serve is refused here, never
-    /// on the serving path. `origin` names the module in logs and errors.
+    /// Compiles `bytes` (a `\0asm` binary or WAT text), tells its kind, checks it
+    /// against that kind's rules and the limits, and instantiates it once (running
+    /// its start function under the time budget) so that a module that cannot serve
+    /// is refused here, never on the serving path. `origin` names the module in logs
+    /// and errors.
     pub fn load(&self, origin: impl Into<String>, bytes: &[u8]) -> anyhow::Result<Program> {
         let origin = origin.into();
         let started = Instant::now();
         let module = compile(&self.inner.engine, bytes)?;
-        abi::check_module(&module)?;
+        let kind = abi::check_module(&module)?;
         self.check_memory(&module)?;
-        let pre = self
-            .inner
-            .linker
-            .instantiate_pre(&module)
-            .map_err(anyhow::Error::from)
-            .context("cannot be linked")?;
+        let linked = match kind {
+            GuestKind::AbiV1 => self.inner.linker.instantiate_pre(&module).map(Pre::AbiV1),
+            GuestKind::WasiCommand => self.inner.wasi_linker.instantiate_pre(&module).map(Pre::Wasi),
+        };
+        let pre = linked.map_err(anyhow::Error::from).with_context(|| match kind {
+            GuestKind::AbiV1 => format!("cannot be linked as {kind}"),
+            GuestKind::WasiCommand => format!(
+                "cannot be linked as {kind}: its imports must be WASI preview 1 functions with their \
+                 standard types (in what follows, the \"expected\" type is the module's and the \"found\" one is WASI's)"
+            ),
+        })?;
         let mut program = Program {
             origin,
             sha256: Sha256::digest(bytes).into(),
@@ -177,7 +188,11 @@ impl Sandbox {
             pre,
             compile_time: Duration::ZERO,
         };
-        if let Err(e) = self.instantiate(&program, None) {
+        let trial = match &program.pre {
+            Pre::AbiV1(pre) => self.instantiate(pre, None).map(drop),
+            Pre::Wasi(pre) => self.instantiate_wasi(pre, &[], None).map(drop),
+        };
+        if let Err(e) = trial {
             return Err(match e.downcast_ref::<Trap>() {
                 Some(Trap::Interrupt) => anyhow::anyhow!(
                     "its start function ran past the {} ms time budget",
@@ -205,8 +220,8 @@ impl Sandbox {
         Ok(())
     }
 
-    fn instantiate(&self, program: &Program, peer: Option<SocketAddr>) -> wasmtime::Result<Live> {
-        let limits = StoreLimitsBuilder::new()
+    fn store_limits(&self) -> wasmtime::StoreLimits {
+        StoreLimitsBuilder::new()
             .memory_size(self.inner.limits.max_memory)
             .table_elements(MAX_TABLE_ELEMENTS)
             .tables(MAX_TABLES)
@@ -215,16 +230,19 @@ impl Sandbox {
             // A guest that outgrows its cap is stopped and replaced, not left to
             // carry on with a failed `memory.grow`.
             .trap_on_grow_failure(true)
-            .build();
+            .build()
+    }
+
+    fn instantiate(&self, pre: &InstancePre<HostState>, peer: Option<SocketAddr>) -> wasmtime::Result<Live> {
         let host = HostState {
-            limits,
+            limits: self.store_limits(),
             peer,
             log_limit: Arc::clone(&self.inner.log_limit),
         };
         let mut store = Store::new(&self.inner.engine, host);
         store.limiter(|h| &mut h.limits);
         store.set_epoch_deadline(self.inner.deadline_ticks);
-        let instance = program.pre.instantiate(&mut store)?;
+        let instance = pre.instantiate(&mut store)?;
         // The ABI check guarantees these exports and their types.
         let memory = instance
             .get_memory(&mut store, "memory")
@@ -238,6 +256,61 @@ impl Sandbox {
             handle,
             poisoned: false,
         })
+    }
+
+    fn instantiate_wasi(
+        &self,
+        pre: &InstancePre<WasiHost>,
+        datagram: &[u8],
+        peer: Option<SocketAddr>,
+    ) -> wasmtime::Result<(Store<WasiHost>, TypedFunc<(), ()>)> {
+        let mut store = Store::new(&self.inner.engine, WasiHost::new(self.store_limits(), datagram, peer));
+        store.limiter(|h| &mut h.limits);
+        store.set_epoch_deadline(self.inner.deadline_ticks);
+        let instance = pre.instantiate(&mut store)?;
+        let start = instance.get_typed_func(&mut store, "_start")?;
+        Ok((store, start))
+    }
+
+    /// Runs a WASI command on one datagram in a fresh instance: exit status 0
+    /// sends what it wrote to stdout, any other status sends nothing.
+    fn run_wasi(
+        &self,
+        pre: &InstancePre<WasiHost>,
+        datagram: &[u8],
+        peer: SocketAddr,
+        max_ratio: f64,
+    ) -> Result<Bytes, Rejection> {
+        let (mut store, start) = self.instantiate_wasi(pre, datagram, Some(peer))?;
+        let status = wasi::exit_status(start.call(&mut store, ()));
+        let (stdout, stderr) = (store.data().stdout(), store.data().stderr());
+        if !stderr.is_empty() {
+            self.log_stderr(&stderr, peer, status.as_ref().ok().copied());
+        }
+        match status {
+            Ok(0) => {
+                abi::check_reply_len(stdout.len(), datagram.len(), max_ratio)?;
+                Ok(stdout)
+            }
+            Ok(_) => Err(DropReason::NoReply.into()),
+            // A program whose stdout is full may fail on its next write; what it
+            // did wrong first is writing more than a datagram.
+            Err(_) if stdout.len() > MAX_DATAGRAM => Err(DropReason::Oversize.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn log_stderr(&self, stderr: &[u8], peer: SocketAddr, status: Option<i32>) {
+        if !tracing::enabled!(target: "wasmgate::guest", tracing::Level::INFO) {
+            return;
+        }
+        let Some(suppressed) = self.inner.log_limit.allow() else {
+            return;
+        };
+        let text = String::from_utf8_lossy(stderr);
+        // The exit status, or "trap" when the program did not exit.
+        let status = status.map_or_else(|| "trap".to_string(), |s| s.to_string());
+        tracing::info!(target: "wasmgate::guest", %peer, %status, suppressed, "stderr: {}", text.trim_end());
     }
 }
 
@@ -291,8 +364,14 @@ pub struct Program {
     origin: String,
     sha256: [u8; 32],
     imports: Vec<String>,
-    pre: InstancePre<HostState>,
+    pre: Pre,
     compile_time: Duration,
+}
+
+/// A linked module, ready to instantiate the way its kind is run.
+enum Pre {
+    AbiV1(InstancePre<HostState>),
+    Wasi(InstancePre<WasiHost>),
 }
 
 impl Program {
@@ -314,6 +393,14 @@ impl Program {
     /// The first 12 hex digits of the sha256, enough to tell modules apart in logs.
     pub fn short_sha256(&self) -> String {
         self.sha256_hex()[..12].to_string()
+    }
+
+    /// Which ABI the module follows, and so how it is run.
+    pub fn kind(&self) -> GuestKind {
+        match self.pre {
+            Pre::AbiV1(_) => GuestKind::AbiV1,
+            Pre::Wasi(_) => GuestKind::WasiCommand,
+        }
     }
 
     /// What the module imports from the host, as `module.name`.
@@ -377,6 +464,8 @@ pub struct Guest {
     sandbox: Sandbox,
     program: Arc<Program>,
     live: Option<Live>,
+    /// The last reply of a WASI command, which lives outside any instance.
+    wasi_reply: Bytes,
     isolation: Isolation,
     max_ratio: f64,
 }
@@ -388,6 +477,7 @@ impl Guest {
             sandbox,
             program,
             live: None,
+            wasi_reply: Bytes::new(),
             isolation,
             max_ratio,
         }
@@ -409,6 +499,13 @@ impl Guest {
         if datagram.len() > MAX_DATAGRAM {
             return Err(DropReason::Oversize.into());
         }
+        let pre = match &self.program.pre {
+            Pre::AbiV1(pre) => pre,
+            Pre::Wasi(pre) => {
+                self.wasi_reply = self.sandbox.run_wasi(pre, datagram, peer, self.max_ratio)?;
+                return Ok(&self.wasi_reply);
+            }
+        };
         // A poisoned instance is replaced here, at the start of the next datagram,
         // so that the reply to this one can still borrow from its memory.
         if self.isolation == Isolation::Fresh || self.live.as_ref().is_some_and(|l| l.poisoned) {
@@ -416,7 +513,7 @@ impl Guest {
         }
         let live = match self.live.take() {
             Some(live) => live,
-            None => self.sandbox.instantiate(&self.program, Some(peer))?,
+            None => self.sandbox.instantiate(pre, Some(peer))?,
         };
         let live = self.live.insert(live);
         match live.call(datagram, peer, self.sandbox.inner.deadline_ticks, self.max_ratio) {
@@ -595,6 +692,54 @@ mod tests {
         let started = Instant::now();
         assert_eq!(g.handle(b"x", peer()).unwrap_err().reason, DropReason::Timeout);
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn assemblyscript_abort_traps_with_its_message_and_place() {
+        let mut g = guest(
+            r#"(module
+            (import "env" "abort" (func $abort (param i32 i32 i32 i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 96) "\0a\00\00\00b\00o\00o\00m\00!\00")
+            (data (i32.const 196) "\08\00\00\00a\00.\00t\00s\00")
+            (func (export "alloc") (param i32) (result i32) i32.const 1024)
+            (func (export "handle") (param i32 i32) (result i64)
+                (call $abort (i32.const 100) (i32.const 200) (i32.const 3) (i32.const 7))
+                i64.const -1))"#,
+        );
+        let rejection = g.handle(b"x", peer()).unwrap_err();
+        assert_eq!(rejection.reason, DropReason::Trap);
+        assert!(rejection.to_string().contains("boom! at a.ts:3:7"), "{rejection}");
+    }
+
+    #[test]
+    fn wasi_commands_read_stdin_write_stdout_and_see_the_peer() {
+        // Replies with the environment (`WASMGATE_PEER=…`) followed by the datagram.
+        let mut g = guest(
+            r#"(module
+            (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "environ_sizes_get" (func $sizes (param i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (func (export "_start")
+                (local $env i32)
+                (drop (call $sizes (i32.const 0) (i32.const 4)))
+                (drop (call $environ_get (i32.const 16) (i32.const 1024)))
+                ;; The variable without its trailing NUL, then the datagram after it.
+                (local.set $env (i32.sub (i32.load (i32.const 4)) (i32.const 1)))
+                (i32.store (i32.const 32) (i32.add (i32.const 1024) (local.get $env)))
+                (i32.store (i32.const 36) (i32.const 4096))
+                (drop (call $fd_read (i32.const 0) (i32.const 32) (i32.const 1) (i32.const 40)))
+                (i32.store (i32.const 32) (i32.const 1024))
+                (i32.store (i32.const 36) (i32.add (local.get $env) (i32.load (i32.const 40))))
+                (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 44)))))"#,
+        );
+        g.max_ratio = 0.0;
+        assert_eq!(g.program.kind(), GuestKind::WasiCommand);
+        assert_eq!(g.handle(b" hi", peer()).unwrap(), b"WASMGATE_PEER=127.0.0.1:4242 hi");
+        let v6: SocketAddr = "[::1]:9".parse().unwrap();
+        assert_eq!(g.handle(b"", v6).unwrap(), b"WASMGATE_PEER=[::1]:9");
     }
 
     #[test]

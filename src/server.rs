@@ -108,12 +108,12 @@ impl Gateway {
             let handler = if config.native_uppercase {
                 Handler::NativeUppercase(Vec::with_capacity(MAX_DATAGRAM))
             } else {
-                Handler::Guest(Guest::new(
+                Handler::Guest(Box::new(Guest::new(
                     sandbox.clone(),
                     gateway.shared.program.load_full(),
                     config.isolation,
                     config.max_reply_ratio,
-                ))
+                )))
             };
             let worker = Worker {
                 socket,
@@ -245,7 +245,7 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
 
 /// What turns a datagram into a reply.
 enum Handler {
-    Guest(Guest),
+    Guest(Box<Guest>),
     /// Native Rust uppercase instead of the guest, for benchmarks: the same data
     /// path with only the WebAssembly hop removed. Holds the reply buffer.
     NativeUppercase(Vec<u8>),

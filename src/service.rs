@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use crate::abi::GuestKind;
 use crate::cli::load_module;
 use crate::config::ListenerSpec;
 use crate::reload::Reloader;
@@ -33,8 +34,16 @@ pub fn run(listeners: Vec<ListenerSpec>, metrics: Option<SocketAddr>, native_upp
             // One live instance per worker, plus one for checking a reloaded module.
             Isolation::Fresh => Sandbox::with_instance_pool(spec.limits, u32::try_from(spec.workers + 1)?)?,
         };
-        let program =
+        let mut program =
             load_module(&sandbox, spec.module.as_deref()).with_context(|| format!("listener `{}`", spec.name))?;
+        let mut sandbox = sandbox;
+        if spec.isolation == Isolation::Reuse && program.kind() == GuestKind::WasiCommand {
+            // A WASI command gets a fresh instance per datagram whatever the
+            // isolation, and those come fastest from a pool.
+            sandbox = Sandbox::with_instance_pool(spec.limits, u32::try_from(spec.workers + 1)?)?;
+            program =
+                load_module(&sandbox, spec.module.as_deref()).with_context(|| format!("listener `{}`", spec.name))?;
+        }
         loaded.push((spec, sandbox, program));
     }
 
@@ -100,9 +109,14 @@ fn serve_until_stopped(running: Vec<Running>, metrics: Option<SocketAddr>, nativ
             listener = r.spec.name,
             listen = %r.gateway.local_addr(),
             module = program.origin(),
+            abi = program.kind().name(),
             sha256 = program.short_sha256(),
             workers = r.spec.workers,
-            isolation = %r.spec.isolation,
+            // A WASI command gets a fresh instance per datagram, whatever was asked.
+            isolation = %match program.kind() {
+                GuestKind::WasiCommand => Isolation::Fresh,
+                GuestKind::AbiV1 => r.spec.isolation,
+            },
             timeout_ms = r.spec.limits.timeout.as_millis() as u64,
             max_memory = r.spec.limits.max_memory,
             max_reply_ratio = r.spec.max_reply_ratio,

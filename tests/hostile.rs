@@ -202,6 +202,31 @@ fn log_with_a_pointer_outside_memory_is_a_trap() {
     );
 }
 
+/// AssemblyScript's `abort` with its strings as AssemblyScript lays them out: UTF-16
+/// with the byte length in the 4 bytes before. "boom!" at 100, "a.ts" at 200.
+const ABORT_IMPORT: &str = r#"(import "env" "abort" (func $abort (param i32 i32 i32 i32)))
+    (data (i32.const 96) "\0a\00\00\00b\00o\00o\00m\00!\00")
+    (data (i32.const 196) "\08\00\00\00a\00.\00t\00s\00")"#;
+
+#[test]
+fn assemblyscript_abort_is_a_trap() {
+    survives(
+        &guest(
+            "(call $abort (i32.const 100) (i32.const 200) (i32.const 3) (i32.const 7))",
+            ABORT_IMPORT,
+        ),
+        DropReason::Trap,
+    );
+    // Strings outside memory, and null ones, are no excuse to fail differently.
+    survives(
+        &guest(
+            "(call $abort (i32.const -8) (i32.const 0) (i32.const 1) (i32.const 1))",
+            ABORT_IMPORT,
+        ),
+        DropReason::Trap,
+    );
+}
+
 #[test]
 fn a_flood_of_bad_datagrams_is_all_counted_and_the_probe_still_answered() {
     let gateway = start(&guest("unreachable", ""));

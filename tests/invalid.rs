@@ -90,7 +90,69 @@ fn bad_modules() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["precompiled"],
         ),
         ("empty.wat", String::new(), vec!["empty"]),
+        // AssemblyScript-style: imports `env.abort`, forgot to export `alloc`.
+        (
+            "assemblyscript_without_alloc.wat",
+            r#"(module (import "env" "abort" (func (param i32 i32 i32 i32)))
+                (memory (export "memory") 1)
+                (func (export "handle") (param i32 i32) (result i64) i64.const -1))"#
+                .to_string(),
+            vec!["missing export `alloc` with type (func (param i32) (result i32))"],
+        ),
+        (
+            "abort_wrong_type.wat",
+            valid_with(r#"(import "env" "abort" (func (param i32)))"#),
+            vec![
+                "import `env.abort` has type (func (param i32))",
+                "expected (func (param i32 i32 i32 i32))",
+            ],
+        ),
+        (
+            "wasi_command_with_host_import.wat",
+            wasi_command(r#"(import "wasmgate" "log" (func (param i32 i32 i32)))"#),
+            vec!["wasmgate.log", "WASI command", "stderr", "WASMGATE_PEER"],
+        ),
+        (
+            "wasi_preview0.wat",
+            wasi_command(r#"(import "wasi_unstable" "fd_write" (func (param i32 i32 i32 i32) (result i32)))"#),
+            vec!["wasi_unstable.fd_write", "preview 0", "wasm32-wasip1"],
+        ),
+        (
+            "wasi_unknown_function.wat",
+            wasi_command(r#"(import "wasi_snapshot_preview1" "no_such_call" (func))"#),
+            vec!["no_such_call", "cannot be linked as a WASI command"],
+        ),
+        (
+            "wasi_wrong_import_type.wat",
+            wasi_command(r#"(import "wasi_snapshot_preview1" "fd_write" (func (param i32)))"#),
+            vec!["fd_write", "cannot be linked as a WASI command"],
+        ),
+        (
+            "wasi_start_wrong_type.wat",
+            r#"(module (memory (export "memory") 1)
+                (func (export "_start") (param i32)))"#
+                .to_string(),
+            vec!["export `_start` has type (func (param i32))", "expected (func)"],
+        ),
+        (
+            "wasi_reactor.wat",
+            r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+                (memory (export "memory") 1)
+                (func (export "_initialize")))"#
+                .to_string(),
+            vec!["_initialize", "reactor", "`main`"],
+        ),
     ]
+}
+
+/// A WASI command that does nothing, with `items` added.
+fn wasi_command(items: &str) -> String {
+    format!(
+        r#"(module
+        {items}
+        (memory (export "memory") 1)
+        (func (export "_start")))"#
+    )
 }
 
 #[test]

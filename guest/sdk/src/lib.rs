@@ -1,0 +1,261 @@
+//! Write wasmgate handlers as plain Rust functions.
+//!
+//! A handler takes the datagram and a [`Context`] and returns a [`Reply`]; the
+//! [`handler!`] macro turns it into a guest that follows wasmgate's ABI v1: it
+//! exports `alloc` and `handle`, keeps the datagram in a static buffer, and packs
+//! the reply the way the host reads it. `no_std`, no allocator needed.
+//!
+//! ```ignore
+//! #![no_std]
+//! use wasmgate_sdk::{Context, Reply};
+//!
+//! fn reverse<'a>(datagram: &'a mut [u8], _ctx: &'a mut Context) -> Reply<'a> {
+//!     datagram.reverse();
+//!     Reply::Send(datagram)
+//! }
+//!
+//! wasmgate_sdk::handler!(reverse);
+//! ```
+//!
+//! A handler that only reads may take `&[u8]` and `&Context` instead: the macro
+//! passes mutable references, which Rust narrows at the call.
+//!
+//! Build with `cargo build --release --target wasm32-unknown-unknown` from a
+//! `cdylib` crate.
+
+#![no_std]
+
+use core::fmt;
+use core::net::SocketAddr;
+
+/// The largest datagram the host passes and the largest reply it sends
+/// (65,535 − 8 − 20: the largest UDP payload over IPv4).
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// What to send back to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply<'a> {
+    /// Send these bytes as one datagram (possibly empty).
+    Send(&'a [u8]),
+    /// Send nothing; the host counts the datagram as `no_reply`.
+    Nothing,
+}
+
+impl<'a> From<&'a [u8]> for Reply<'a> {
+    fn from(bytes: &'a [u8]) -> Self {
+        Reply::Send(bytes)
+    }
+}
+
+impl<'a> From<&'a mut [u8]> for Reply<'a> {
+    fn from(bytes: &'a mut [u8]) -> Self {
+        Reply::Send(bytes)
+    }
+}
+
+impl<'a> From<&'a str> for Reply<'a> {
+    fn from(text: &'a str) -> Self {
+        Reply::Send(text.as_bytes())
+    }
+}
+
+impl<'a, T: Into<Reply<'a>>> From<Option<T>> for Reply<'a> {
+    fn from(reply: Option<T>) -> Self {
+        reply.map_or(Reply::Nothing, Into::into)
+    }
+}
+
+/// What a handler may ask the host about the datagram it is handling.
+pub struct Context {
+    _private: (),
+}
+
+impl Context {
+    /// The client's address.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        let mut buf = [0u8; 64];
+        self.peer_text(&mut buf)?.parse().ok()
+    }
+
+    /// The client's address as text, `ip:port` (IPv6: `[ip]:port`), written to
+    /// `buf`; cheaper than [`Context::peer`] when the text is all that is needed.
+    pub fn peer_text<'b>(&self, buf: &'b mut [u8; 64]) -> Option<&'b str> {
+        // SAFETY: the host writes at most `cap` bytes at `ptr`, which is `buf`.
+        let len = unsafe { host::peer(buf.as_mut_ptr(), buf.len() as i32) };
+        let len = usize::try_from(len).ok().filter(|&n| n > 0 && n <= buf.len())?;
+        core::str::from_utf8(&buf[..len]).ok()
+    }
+
+    /// A buffer of [`MAX_DATAGRAM`] bytes for building a reply that is not the
+    /// datagram edited in place. Its contents are left over from earlier datagrams.
+    pub fn reply_buffer(&mut self) -> &mut [u8] {
+        // SAFETY: only `Context` hands this buffer out, and there is one `Context`
+        // per `handle` call, borrowed mutably here. (`&raw mut` then a reborrow is
+        // how a `static mut` is borrowed without a reference to it in between.)
+        #[allow(clippy::deref_addrof)]
+        unsafe {
+            &mut *(&raw mut REPLY)
+        }
+    }
+}
+
+/// Log levels, as the host's `wasmgate.log` numbers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Level {
+    Error = 0,
+    Warn = 1,
+    Info = 2,
+    Debug = 3,
+    Trace = 4,
+}
+
+/// Logs `message` through the gateway's log. The host cuts messages at 1 KiB and
+/// lets at most 20 lines a second through.
+pub fn log(level: Level, message: &str) {
+    // SAFETY: the host reads `len` bytes at `ptr`, which is `message`.
+    unsafe { host::log(level as i32, message.as_ptr(), message.len() as i32) }
+}
+
+/// Formats and logs a message without an allocator (cut at 1 KiB).
+pub fn log_fmt(level: Level, args: fmt::Arguments<'_>) {
+    let mut line = Line { buf: [0; 1024], len: 0 };
+    let _ = fmt::write(&mut line, args);
+    // The cut may fall inside a character; the host replaces what is not UTF-8.
+    // SAFETY: the host reads `len` bytes at `ptr`, which is `line.buf`.
+    unsafe { host::log(level as i32, line.buf.as_ptr(), line.len as i32) }
+}
+
+/// `wasmgate_sdk::log!(Level::Info, "{} bytes", n)`: formats and logs a line.
+#[macro_export]
+macro_rules! log {
+    ($level:expr, $($arg:tt)+) => {
+        $crate::log_fmt($level, format_args!($($arg)+))
+    };
+}
+
+struct Line {
+    buf: [u8; 1024],
+    len: usize,
+}
+
+impl Line {
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    #[cfg_attr(not(all(feature = "panic-handler", target_arch = "wasm32")), allow(dead_code))]
+    fn push_number(&mut self, mut n: u32) {
+        let mut digits = [0u8; 10];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+impl fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.push(s.as_bytes());
+        Ok(())
+    }
+}
+
+mod host {
+    #[link(wasm_import_module = "wasmgate")]
+    unsafe extern "C" {
+        pub(crate) fn log(level: i32, ptr: *const u8, len: i32);
+        pub(crate) fn peer(ptr: *mut u8, cap: i32) -> i32;
+    }
+}
+
+/// Where the host copies each datagram.
+static mut DATAGRAM: [u8; MAX_DATAGRAM] = [0; MAX_DATAGRAM];
+/// [`Context::reply_buffer`]; dropped by the linker from handlers that never ask for it.
+static mut REPLY: [u8; MAX_DATAGRAM] = [0; MAX_DATAGRAM];
+
+/// Turns a handler function into the `alloc` and `handle` exports of ABI v1.
+///
+/// The function is called as `f(datagram: &mut [u8], ctx: &mut Context)` and must
+/// return a [`Reply`] (or anything that converts into one, such as
+/// `Option<&[u8]>`). Use it once per crate.
+#[macro_export]
+macro_rules! handler {
+    ($f:path) => {
+        /// ABI v1: where the host copies a datagram of `len` bytes.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn alloc(len: i32) -> i32 {
+            $crate::__private::alloc(len)
+        }
+
+        /// ABI v1: handles the datagram and returns the packed reply.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn handle(ptr: i32, len: i32) -> i64 {
+            // SAFETY: the host calls `handle` once at a time, after copying `len`
+            // bytes to the buffer `alloc` returned; the references end with the call.
+            let (datagram, ctx) = unsafe { $crate::__private::enter(ptr, len) };
+            $crate::__private::pack($crate::Reply::from($f(datagram, ctx)))
+        }
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+
+    pub fn alloc(len: i32) -> i32 {
+        if len < 0 || len as usize > MAX_DATAGRAM {
+            return 0;
+        }
+        (&raw mut DATAGRAM) as i32
+    }
+
+    /// # Safety
+    /// Only from `handle`, once per call, and the references must not outlive it.
+    pub unsafe fn enter(_ptr: i32, len: i32) -> (&'static mut [u8], &'static mut Context) {
+        static mut CONTEXT: Context = Context { _private: () };
+        let len = (len as usize).min(MAX_DATAGRAM);
+        // SAFETY: the caller guarantees these are the only live references.
+        #[allow(clippy::deref_addrof)]
+        unsafe {
+            let datagram = core::slice::from_raw_parts_mut((&raw mut DATAGRAM).cast::<u8>(), len);
+            (datagram, &mut *(&raw mut CONTEXT))
+        }
+    }
+
+    pub fn pack(reply: Reply<'_>) -> i64 {
+        match reply {
+            Reply::Send(bytes) => ((bytes.as_ptr() as u32 as i64) << 32) | bytes.len() as u32 as i64,
+            Reply::Nothing => -1,
+        }
+    }
+}
+
+/// Logs where the handler panicked and traps; the host counts the datagram as a
+/// trap and gives the next one a fresh instance. The message is left out: formatting
+/// it would pull `core::fmt` into every handler.
+#[cfg(all(feature = "panic-handler", target_arch = "wasm32"))]
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let mut line = Line { buf: [0; 1024], len: 0 };
+    line.push(b"handler panicked");
+    if let Some(at) = info.location() {
+        line.push(b" at ");
+        line.push(at.file().as_bytes());
+        for n in [at.line(), at.column()] {
+            line.push(b":");
+            line.push_number(n);
+        }
+    }
+    // SAFETY: the host reads `len` bytes at `ptr`, which is `line.buf`.
+    unsafe { host::log(Level::Error as i32, line.buf.as_ptr(), line.len as i32) };
+    core::arch::wasm32::unreachable()
+}

@@ -1,0 +1,99 @@
+//! WASI command modules as handlers: `_start` runs once per datagram in a fresh
+//! instance, with the datagram on stdin, the reply taken from stdout, the client in
+//! `WASMGATE_PEER` and stderr passed to the log.
+//!
+//! WASI itself is wasmtime-wasi's preview 1 implementation, with no preopened
+//! directories, no sockets and no inherited environment. `poll_oneoff` (sleeping
+//! and waiting) is refused, because it would block the worker outside wasm, where
+//! the time budget cannot interrupt it.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use wasmtime::{Engine, Linker, StoreLimits};
+use wasmtime_wasi::p1::{self, WasiP1Ctx};
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
+
+use crate::abi::{MAX_DATAGRAM, WASI_MODULE};
+
+/// The environment variable that holds the client's address, as `ip:port`.
+pub const PEER_VARIABLE: &str = "WASMGATE_PEER";
+
+/// How much of a handler's stderr is kept for the log per datagram; writes past it fail.
+pub const MAX_STDERR_BYTES: usize = 1024;
+
+/// The program name a handler sees as `argv[0]`.
+const PROGRAM_NAME: &str = "wasmgate-handler";
+
+/// WASI's `ENOTSUP` errno.
+const ERRNO_NOTSUP: i32 = 58;
+
+/// Per-store state of a WASI command instance.
+pub(crate) struct WasiHost {
+    pub(crate) limits: StoreLimits,
+    wasi: WasiP1Ctx,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+}
+
+/// A linker with WASI preview 1 defined, but for `poll_oneoff`.
+pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<WasiHost>> {
+    let mut linker = Linker::new(engine);
+    p1::add_to_linker_sync(&mut linker, |h: &mut WasiHost| &mut h.wasi)?;
+    linker.allow_shadowing(true);
+    linker.func_wrap(
+        WASI_MODULE,
+        "poll_oneoff",
+        |_subscriptions: i32, _events: i32, _count: i32, _written: i32| -> i32 { ERRNO_NOTSUP },
+    )?;
+    Ok(linker)
+}
+
+impl WasiHost {
+    /// State for one run: `datagram` on stdin, `peer` in the environment. `None`
+    /// (the trial instantiation when a module is loaded) gives an empty stdin and
+    /// no `WASMGATE_PEER`.
+    pub(crate) fn new(limits: StoreLimits, datagram: &[u8], peer: Option<SocketAddr>) -> Self {
+        // One byte over the largest datagram, so that an oversize reply shows.
+        let stdout = MemoryOutputPipe::new(MAX_DATAGRAM + 1);
+        let stderr = MemoryOutputPipe::new(MAX_STDERR_BYTES);
+        let mut builder = WasiCtxBuilder::new();
+        builder
+            .stdin(MemoryInputPipe::new(Bytes::copy_from_slice(datagram)))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .arg(PROGRAM_NAME);
+        if let Some(peer) = peer {
+            builder.env(PEER_VARIABLE, peer.to_string());
+        }
+        Self {
+            limits,
+            wasi: builder.build_p1(),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// What the program wrote to stdout.
+    pub(crate) fn stdout(&self) -> Bytes {
+        self.stdout.contents()
+    }
+
+    /// What the program wrote to stderr, at most [`MAX_STDERR_BYTES`].
+    pub(crate) fn stderr(&self) -> Bytes {
+        self.stderr.contents()
+    }
+}
+
+/// The exit status of a run of `_start`: 0 if it returned, the status if the
+/// program called `exit`, or the error if it trapped or ran out of time.
+pub(crate) fn exit_status(result: wasmtime::Result<()>) -> wasmtime::Result<i32> {
+    match result {
+        Ok(()) => Ok(0),
+        Err(e) => match e.downcast_ref::<I32Exit>() {
+            Some(I32Exit(status)) => Ok(*status),
+            None => Err(e),
+        },
+    }
+}
