@@ -137,6 +137,7 @@ impl Collector for GatewayCollector {
             info.encode_info(&[
                 ("listener", listener.as_str()),
                 ("module", program.origin()),
+                ("abi", program.kind().name()),
                 ("sha256", program.sha256_hex().as_str()),
             ])?;
         }

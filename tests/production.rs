@@ -211,7 +211,7 @@ fn two_listeners_from_a_config_file_with_metrics_reload_and_clean_stop() {
     );
     let uppercase_sha: String = sha256_of(wasmgate::DEFAULT_GUEST_WASM);
     assert!(
-        body.contains(&format!(r#"sha256="{uppercase_sha}""#)),
+        body.contains(&format!(r#"abi="abi-v1",sha256="{uppercase_sha}""#)),
         "no module info for the embedded guest:\n{body}"
     );
 
