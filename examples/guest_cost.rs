@@ -32,6 +32,10 @@ struct Args {
     /// More modules to measure on the 64-byte text payload, as NAME=PATH.
     #[arg(long, value_name = "NAME=PATH")]
     extra: Vec<String>,
+    /// Measure only the modules whose name contains this (the default guest always
+    /// runs: it is the reference), for profiling one of them.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 const TEXT: &[u8] = b"the quick brown fox jumps over the lazy dog, 0123456789 times!!\n";
@@ -141,7 +145,15 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let peer: SocketAddr = "127.0.0.1:40000".parse()?;
     let mut guests = Vec::new();
-    for case in cases(&args)? {
+    for (i, case) in cases(&args)?.into_iter().enumerate() {
+        if i > 0
+            && args
+                .only
+                .as_ref()
+                .is_some_and(|only| !case.name.contains(only.as_str()))
+        {
+            continue;
+        }
         let limits = Limits::default();
         let sandbox = Sandbox::with_instance_pool(limits, 2)?;
         let program = Arc::new(sandbox.load(case.name.clone(), &case.bytes)?);

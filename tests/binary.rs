@@ -117,3 +117,43 @@ fn guest_log_lines_reach_the_gateway_log() {
     let line = found.expect("the guest's log line");
     assert!(line.contains("INFO") && line.contains("peer=127.0.0.1:"), "{line}");
 }
+
+#[test]
+fn assemblyscript_abort_messages_reach_the_gateway_log() {
+    // `abort("boom!", "a.ts", 3, 7)` with AssemblyScript's string layout: UTF-16,
+    // byte length in the 4 bytes before.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(
+        dir.path(),
+        "aborts.wat",
+        br#"(module
+            (import "env" "abort" (func $abort (param i32 i32 i32 i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 96) "\0a\00\00\00b\00o\00o\00m\00!\00")
+            (data (i32.const 196) "\08\00\00\00a\00.\00t\00s\00")
+            (func (export "alloc") (param i32) (result i32) i32.const 1024)
+            (func (export "handle") (param i32 i32) (result i64)
+                (call $abort (i32.const 100) (i32.const 200) (i32.const 3) (i32.const 7))
+                i64.const -1))"#,
+    );
+    let served = Served::start(&["--listen", "127.0.0.1:0", "--module", &path]);
+    client().send_to(b"x", served.addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut lines = Vec::new();
+    while let Ok(line) = served
+        .log
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        lines.push(line);
+        if lines.iter().any(|l| l.contains("reason=trap")) {
+            break;
+        }
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("guest aborted: boom! at a.ts:3:7")),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("reason=trap")), "{lines:#?}");
+}

@@ -3,8 +3,9 @@
 // lowercase hex digits. A client sends data and checks what the gateway received.
 //
 // Build (Debian: apt install clang lld):
-//   clang --target=wasm32 -O2 -nostdlib -Wl,--no-entry -Wl,--strip-all \
+//   clang --target=wasm32 -O2 -s -nostdlib -Wl,--no-entry -Wl,--strip-all \
 //     -o examples/c/checksum.wasm examples/c/checksum.c
+// (scripts/build-guests.sh adds -ffile-prefix-map, so no path of the checkout is kept)
 
 #define MAX_DATAGRAM 65507
 
