@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Served, ask, client, write_file};
+use common::{ABORT_IMPORT, Served, ask, client, write_file};
 
 /// Waits up to `limit` for the process to exit and returns its exit code.
 fn exit_code_within(served: &mut Served, limit: Duration) -> Option<i32> {
@@ -101,59 +101,31 @@ fn guest_log_lines_reach_the_gateway_log() {
                 i64.const -1))"#,
     );
     let served = Served::start(&["--listen", "127.0.0.1:0", "--module", &path]);
-    let c = client();
-    c.send_to(b"x", served.addr).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let found = loop {
-        match served
-            .log
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            Ok(line) if line.contains("hello from the guest") => break Some(line),
-            Ok(_) => {}
-            Err(_) => break None,
-        }
-    };
-    let line = found.expect("the guest's log line");
+    client().send_to(b"x", served.addr).unwrap();
+    let line = served
+        .line_with(&["hello from the guest"])
+        .expect("the guest's log line");
     assert!(line.contains("INFO") && line.contains("peer=127.0.0.1:"), "{line}");
 }
 
 #[test]
 fn assemblyscript_abort_messages_reach_the_gateway_log() {
-    // `abort("boom!", "a.ts", 3, 7)` with AssemblyScript's string layout: UTF-16,
-    // byte length in the 4 bytes before.
     let dir = tempfile::tempdir().unwrap();
-    let path = write_file(
-        dir.path(),
-        "aborts.wat",
-        br#"(module
-            (import "env" "abort" (func $abort (param i32 i32 i32 i32)))
+    let module = format!(
+        r#"(module {ABORT_IMPORT}
             (memory (export "memory") 1)
-            (data (i32.const 96) "\0a\00\00\00b\00o\00o\00m\00!\00")
-            (data (i32.const 196) "\08\00\00\00a\00.\00t\00s\00")
             (func (export "alloc") (param i32) (result i32) i32.const 1024)
             (func (export "handle") (param i32 i32) (result i64)
                 (call $abort (i32.const 100) (i32.const 200) (i32.const 3) (i32.const 7))
-                i64.const -1))"#,
+                i64.const -1))"#
     );
+    let path = write_file(dir.path(), "aborts.wat", module.as_bytes());
     let served = Served::start(&["--listen", "127.0.0.1:0", "--module", &path]);
     client().send_to(b"x", served.addr).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut lines = Vec::new();
-    while let Ok(line) = served
-        .log
-        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-    {
-        lines.push(line);
-        if lines.iter().any(|l| l.contains("reason=trap")) {
-            break;
-        }
-    }
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("WARN") && l.contains("guest aborted: boom! at a.ts:3:7")),
-        "{lines:#?}"
-    );
-    assert!(lines.iter().any(|l| l.contains("reason=trap")), "{lines:#?}");
+    served
+        .line_with(&["WARN", "guest aborted: boom! at a.ts:3:7"])
+        .expect("the abort message in the log");
+    served
+        .line_with(&["reason=trap"])
+        .expect("the datagram counted as a trap");
 }

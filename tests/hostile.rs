@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ask, assert_silent, client, start, start_with};
+use common::{ABORT_IMPORT, ask, assert_silent, client, start, start_with};
 use wasmgate::metrics::DropReason;
 use wasmgate::sandbox::Limits;
 
@@ -201,12 +201,6 @@ fn log_with_a_pointer_outside_memory_is_a_trap() {
         DropReason::Trap,
     );
 }
-
-/// AssemblyScript's `abort` with its strings as AssemblyScript lays them out: UTF-16
-/// with the byte length in the 4 bytes before. "boom!" at 100, "a.ts" at 200.
-const ABORT_IMPORT: &str = r#"(import "env" "abort" (func $abort (param i32 i32 i32 i32)))
-    (data (i32.const 96) "\0a\00\00\00b\00o\00o\00m\00!\00")
-    (data (i32.const 196) "\08\00\00\00a\00.\00t\00s\00")"#;
 
 #[test]
 fn assemblyscript_abort_is_a_trap() {

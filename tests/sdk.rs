@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Served, ask, assert_silent, client, client_on};
 
@@ -15,17 +15,9 @@ fn probe() -> Served {
 
 /// Waits for a log line containing every one of `words`.
 fn log_line(served: &Served, words: &[&str]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = served
-            .log
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no log line with {words:?}"));
-        if words.iter().all(|w| line.contains(w)) {
-            return line;
-        }
-    }
+    served
+        .line_with(words)
+        .unwrap_or_else(|| panic!("no log line with {words:?}"))
 }
 
 #[test]

@@ -154,6 +154,28 @@ impl Served {
     }
 }
 
+impl Served {
+    /// Waits up to 10 s for a log line containing every one of `words`, skipping others.
+    pub fn line_with(&self, words: &[&str]) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = self
+                .log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok()?;
+            if words.iter().all(|w| line.contains(w)) {
+                return Some(line);
+            }
+        }
+    }
+}
+
+/// AssemblyScript's `abort` import, with "boom!" at 100 and "a.ts" at 200 laid out
+/// as AssemblyScript lays out strings: UTF-16, byte length in the 4 bytes before.
+pub const ABORT_IMPORT: &str = r#"(import "env" "abort" (func $abort (param i32 i32 i32 i32)))
+    (data (i32.const 96) "\0a\00\00\00b\00o\00o\00m\00!\00")
+    (data (i32.const 196) "\08\00\00\00a\00.\00t\00s\00")"#;
+
 impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.kill();
