@@ -190,7 +190,10 @@ impl Sandbox {
         };
         let trial = match &program.pre {
             Pre::AbiV1(pre) => self.instantiate(pre, None).map(drop),
-            Pre::Wasi(pre) => self.instantiate_wasi(pre, &[], None).map(drop),
+            Pre::Wasi(pre) => {
+                wasi::warm_up();
+                self.instantiate_wasi(pre, &[], None).map(drop)
+            }
         };
         if let Err(e) = trial {
             return Err(match e.downcast_ref::<Trap>() {
