@@ -102,6 +102,7 @@ struct Inner {
     /// datagram that starts just before a tick still gets its whole budget.
     deadline_ticks: u64,
     log_limit: Arc<RateLimit>,
+    pooled: bool,
     _ticker: EpochTicker,
 }
 
@@ -152,8 +153,14 @@ impl Sandbox {
                 limits,
                 deadline_ticks,
                 log_limit: Arc::new(RateLimit::new(GUEST_LOG_LINES_PER_SECOND)),
+                pooled: pool.is_some(),
             }),
         })
+    }
+
+    /// Whether instances come from a pool ([`Sandbox::with_instance_pool`]).
+    pub fn has_instance_pool(&self) -> bool {
+        self.inner.pooled
     }
 
     /// Compiles `bytes` (a `\0asm` binary or WAT text), tells its kind, checks it

@@ -316,6 +316,10 @@ fn a_serving_gateway_reloads_from_abi_v1_to_a_wasi_command_and_back() {
     };
     swap_to("examples/wasi-c/sort.wasm");
     until_reply(b"b\na\n", b"a\nb\n");
+    // It serves, but without the instance pool a WASI command needs: the log says so.
+    served
+        .line_with(&["WARN", "no instance pool"])
+        .expect("a warning that the listener has no instance pool");
     swap_to("examples/assemblyscript/base64.wasm");
     until_reply(b"foobar", b"Zm9vYmFy");
     drop(served);
