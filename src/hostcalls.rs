@@ -117,23 +117,19 @@ fn peer(mut caller: Caller<'_, HostState>, ptr: i32, cap: i32) -> wasmtime::Resu
 const MAX_ABORT_UNITS: usize = 256;
 
 /// `env.abort(message: i32, file: i32, line: i32, column: i32)`: AssemblyScript's
-/// failed assertion or runtime error. Logs the message and where it came from
-/// (rate-limited), then traps with the same text, so the datagram is counted as a trap.
+/// failed assertion or runtime error. Traps with the message and where it came
+/// from; the datagram is then counted as a trap, and the gateway's rate-limited
+/// drop warning carries this text, so it is not logged here a second time.
 fn abort(mut caller: Caller<'_, HostState>, message: i32, file: i32, line: i32, column: i32) -> wasmtime::Result<()> {
     let mem = memory(&mut caller, "abort")?;
     let data = mem.data(&caller);
-    let text = format!(
-        "{} at {}:{}:{}",
+    wasmtime::bail!(
+        "env.abort: {} at {}:{}:{}",
         assemblyscript_string(data, message).unwrap_or_else(|| "abort".into()),
         assemblyscript_string(data, file).unwrap_or_else(|| "?".into()),
         line as u32,
         column as u32
-    );
-    if let Some(suppressed) = caller.data().log_limit.allow() {
-        let peer = caller.data().peer.map(|p| p.to_string()).unwrap_or_default();
-        tracing::warn!(target: "wasmgate::guest", %peer, suppressed, "guest aborted: {text}");
-    }
-    wasmtime::bail!("env.abort: {text}")
+    )
 }
 
 /// Reads an AssemblyScript string: UTF-16LE at `ptr`, its length in bytes in the
