@@ -15,6 +15,7 @@
 //! - [`wasi`]: WASI command modules: stdin in, stdout out, a fresh instance per datagram.
 //! - [`metrics`]: per-worker counters, drop reasons, rate-limited warnings.
 //! - [`exposition`]: Prometheus metrics over HTTP, read from the counters at scrape time.
+//! - [`text`]: outside text (guest logs, file contents, replies) escaped and cut for printing.
 //!
 //! # Running a guest without a network
 //!
@@ -39,6 +40,7 @@ pub mod reload;
 pub mod sandbox;
 pub mod server;
 pub mod service;
+pub mod text;
 pub mod udp;
 pub mod wasi;
 

@@ -27,6 +27,7 @@ use wasmtime::{
 use crate::abi::{self, GuestKind, MAX_DATAGRAM};
 use crate::hostcalls::{self, HostState};
 use crate::metrics::{DropReason, RateLimit};
+use crate::text::escape_control;
 use crate::wasi::{self, WasiHost};
 
 /// The largest module file accepted; anything bigger is refused before compiling.
@@ -310,6 +311,17 @@ impl Sandbox {
         }
     }
 
+    /// The epoch deadline interrupts only wasm code; time spent inside a host call
+    /// (WASI above all) is checked here, after the fact, so that a datagram whose
+    /// handling ran past the budget is dropped as a timeout all the same. The grace
+    /// is the epoch deadline's own extra tick.
+    fn check_budget(&self, started: Instant) -> Result<(), Rejection> {
+        if started.elapsed() > self.inner.limits.timeout + TICK {
+            return Err(DropReason::Timeout.into());
+        }
+        Ok(())
+    }
+
     fn log_stderr(&self, stderr: &[u8], peer: SocketAddr, status: Option<i32>) {
         if !tracing::enabled!(target: "wasmgate::guest", tracing::Level::INFO) {
             return;
@@ -318,9 +330,10 @@ impl Sandbox {
             return;
         };
         let text = String::from_utf8_lossy(stderr);
+        let text = escape_control(text.trim_end());
         // The exit status, or "trap" when the program did not exit.
         let status = status.map_or_else(|| "trap".to_string(), |s| s.to_string());
-        tracing::info!(target: "wasmgate::guest", %peer, %status, suppressed, "stderr: {}", text.trim_end());
+        tracing::info!(target: "wasmgate::guest", %peer, %status, suppressed, "stderr: {text}");
     }
 }
 
@@ -509,10 +522,12 @@ impl Guest {
         if datagram.len() > MAX_DATAGRAM {
             return Err(DropReason::Oversize.into());
         }
+        let started = Instant::now();
         let pre = match &self.program.pre {
             Pre::AbiV1(pre) => pre,
             Pre::Wasi(pre) => {
                 self.wasi_reply = self.sandbox.run_wasi(pre, datagram, peer, self.max_ratio)?;
+                self.sandbox.check_budget(started)?;
                 return Ok(&self.wasi_reply);
             }
         };
@@ -526,7 +541,10 @@ impl Guest {
             None => self.sandbox.instantiate(pre, Some(peer))?,
         };
         let live = self.live.insert(live);
-        match live.call(datagram, peer, self.sandbox.inner.deadline_ticks, self.max_ratio) {
+        let result = live
+            .call(datagram, peer, self.sandbox.inner.deadline_ticks, self.max_ratio)
+            .and_then(|range| self.sandbox.check_budget(started).map(|()| range));
+        match result {
             Ok(range) => Ok(&live.memory.data(&live.store)[range]),
             Err(rejection) => {
                 live.poisoned = rejection.reason.poisons_instance();

@@ -5,7 +5,9 @@
 //! WASI itself is wasmtime-wasi's preview 1 implementation, with no preopened
 //! directories, no sockets and no inherited environment. `poll_oneoff` (sleeping
 //! and waiting) is refused, because it would block the worker outside wasm, where
-//! the time budget cannot interrupt it.
+//! the time budget cannot interrupt it; `random_get` is capped at
+//! [`MAX_RANDOM_BYTES`] a call for the same reason, and the socket calls answer
+//! `ENOTSOCK` without wasmtime-wasi's unlimited warning line.
 
 use std::net::SocketAddr;
 
@@ -29,6 +31,14 @@ const PROGRAM_NAME: &str = "wasmgate-handler";
 /// WASI's `ENOTSUP` errno.
 const ERRNO_NOTSUP: i32 = 58;
 
+/// WASI's `ENOTSOCK` errno: no descriptor a handler holds is a socket.
+const ERRNO_NOTSOCK: i32 = 57;
+
+/// The most one `random_get` may ask for; more traps. wasi-libc's `getentropy`
+/// asks for 256 bytes at most; without a cap one call from a small guest makes
+/// the host allocate and fill 64 MiB, outside the time budget.
+pub const MAX_RANDOM_BYTES: u64 = 64 << 10;
+
 /// Per-store state of a WASI command instance.
 pub(crate) struct WasiHost {
     pub(crate) limits: StoreLimits,
@@ -37,7 +47,8 @@ pub(crate) struct WasiHost {
     stderr: MemoryOutputPipe,
 }
 
-/// A linker with WASI preview 1 defined, but for `poll_oneoff`.
+/// A linker with WASI preview 1 defined, but for `poll_oneoff` and the socket
+/// calls, which are answered here.
 pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<WasiHost>> {
     let mut linker = Linker::new(engine);
     p1::add_to_linker_sync(&mut linker, |h: &mut WasiHost| &mut h.wasi)?;
@@ -47,6 +58,24 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<WasiHost>> {
         "poll_oneoff",
         |_subscriptions: i32, _events: i32, _count: i32, _written: i32| -> i32 { ERRNO_NOTSUP },
     )?;
+    // wasmtime-wasi logs a warning on every call of these, outside any rate limit,
+    // so a guest looping on them would flood the log. A handler has no sockets.
+    linker.func_wrap(WASI_MODULE, "sock_accept", |_fd: i32, _flags: i32, _out: i32| -> i32 {
+        ERRNO_NOTSOCK
+    })?;
+    linker.func_wrap(
+        WASI_MODULE,
+        "sock_recv",
+        |_fd: i32, _iovs: i32, _len: i32, _flags: i32, _out_len: i32, _out_flags: i32| -> i32 { ERRNO_NOTSOCK },
+    )?;
+    linker.func_wrap(
+        WASI_MODULE,
+        "sock_send",
+        |_fd: i32, _iovs: i32, _len: i32, _flags: i32, _out_len: i32| -> i32 { ERRNO_NOTSOCK },
+    )?;
+    linker.func_wrap(WASI_MODULE, "sock_shutdown", |_fd: i32, _how: i32| -> i32 {
+        ERRNO_NOTSOCK
+    })?;
     Ok(linker)
 }
 
@@ -63,6 +92,7 @@ impl WasiHost {
             .stdin(MemoryInputPipe::new(Bytes::copy_from_slice(datagram)))
             .stdout(stdout.clone())
             .stderr(stderr.clone())
+            .max_random_size(MAX_RANDOM_BYTES)
             .arg(PROGRAM_NAME);
         if let Some(peer) = peer {
             builder.env(PEER_VARIABLE, peer.to_string());

@@ -184,3 +184,39 @@ fn every_datagram_gets_a_fresh_instance() {
         assert_eq!(ask(&c, gateway.local_addr(), b"!x"), b"1x");
     }
 }
+
+#[test]
+fn a_huge_random_get_traps_at_once_instead_of_filling_64_mib_outside_the_budget() {
+    // Twenty calls asking for 64 MiB each: before the cap these ran ~11 s per
+    // datagram outside the time budget, each allocating 64 MiB in the host.
+    let twenty = "(block $done (loop $next
+            (br_if $done (i32.ge_u (global.get $i) (i32.const 20)))
+            (drop (call $random_get (i32.const 1024) (i32.const 67108864)))
+            (global.set $i (i32.add (global.get $i) (i32.const 1)))
+            (br $next)))";
+    let extra = r#"(import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
+        (global $i (mut i32) (i32.const 0))"#;
+    let started = Instant::now();
+    survives(&command(twenty, extra), Some(DropReason::Trap));
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+}
+
+#[test]
+fn random_bytes_within_the_cap_are_given() {
+    // 256 bytes (what getentropy asks for) into 1024..1280: returns 0, and the
+    // datagram's first bytes are overwritten by them, so the echo differs.
+    let probe = "(if (call $random_get (i32.const 1024) (i32.const 256)) (then unreachable))
+        (i32.store8 (i32.const 1024) (i32.const 33))";
+    let extra = r#"(import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))"#;
+    let gateway = start(&command(probe, extra));
+    let c = client();
+    let sent = [b'!'; 64];
+    let reply = ask(&c, gateway.local_addr(), &sent);
+    assert_eq!(reply.len(), 64);
+    assert_eq!(reply[0], b'!');
+    assert_ne!(
+        &reply[1..],
+        &sent[1..],
+        "the bytes after the first are random, not the datagram"
+    );
+}

@@ -1,0 +1,70 @@
+//! Text from outside (guests, module files, config files, replies) made safe to
+//! print: control characters escaped so that no one can forge a log line or move a
+//! terminal's cursor, and long text cut so that an error stays one readable line.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+/// How many characters of someone else's text an error message quotes.
+pub const MAX_QUOTE_CHARS: usize = 80;
+
+/// `text` with every control character (C0, DEL, C1) written as an escape:
+/// `\n`, `\r`, `\t`, or `\u{1b}`. A backslash is left alone: without a raw newline
+/// or escape byte it cannot start a line or a terminal sequence.
+pub fn escape_control(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The first [`MAX_QUOTE_CHARS`] characters of `text`, escaped, with `…` and the
+/// full length when anything was cut: for quoting user input in an error.
+pub fn quote(text: &str) -> String {
+    let mut chars = text.char_indices();
+    match chars.nth(MAX_QUOTE_CHARS) {
+        None => escape_control(text).into_owned(),
+        Some((end, _)) => format!("{}… ({} bytes)", escape_control(&text[..end]), text.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert!(matches!(escape_control("plain ✓ text"), Cow::Borrowed(_)));
+        assert_eq!(
+            escape_control("a\nINFO fake line\r\t\u{1b}[2J\u{7f}\u{85}"),
+            "a\\nINFO fake line\\r\\t\\u{1b}[2J\\u{7f}\\u{85}"
+        );
+        assert_eq!(escape_control("back\\slash"), "back\\slash");
+    }
+
+    #[test]
+    fn quotes_are_cut_to_a_line() {
+        assert_eq!(quote("short"), "short");
+        let long = "x".repeat(1 << 20);
+        let q = quote(&long);
+        assert!(q.len() < 120, "{q}");
+        assert!(q.ends_with(&format!("… ({} bytes)", 1 << 20)), "{q}");
+        assert_eq!(
+            quote(&"é".repeat(100)).chars().filter(|&c| c == 'é').count(),
+            MAX_QUOTE_CHARS
+        );
+        assert_eq!(quote("a\nb"), "a\\nb");
+    }
+}
