@@ -3,16 +3,22 @@
 //! one serving and is reported once.
 //!
 //! The parent directory is watched, not the file, so that replace-by-rename,
-//! delete-and-recreate and Kubernetes ConfigMap symlink swaps are all seen. Any
-//! change starts a short quiet period (the debounce); when it ends the file is read
-//! whole and its sha256 compared with the serving module's, so a burst of writes
-//! costs one compile and touching the file costs none.
+//! delete-and-recreate and Kubernetes ConfigMap symlink swaps are all seen; events
+//! about other files in it are ignored. A change of the module starts a short quiet
+//! period (the debounce); when it ends the file's identity (inode, size, times) is
+//! compared with what was last read, and only then is it read whole and its sha256
+//! compared with the serving module's, so a burst of writes costs one compile and
+//! touching the file costs none. A failing state (missing, not a regular file,
+//! unreadable, refused) is reported once, until it changes.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -28,9 +34,13 @@ use crate::server::Publisher;
 /// `cp` to finish, short enough that a new module serves well within 250 ms.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 
+/// How long dropping a [`Reloader`] waits for a reload in progress (a compile
+/// can take seconds) before leaving it behind: shutdown must stay prompt.
+const STOP_WAIT: Duration = Duration::from_millis(200);
+
 enum Signal {
-    /// Something changed in a watched directory.
-    Changed,
+    /// Something changed in a watched directory: these paths (none if unknown).
+    Changed(Vec<PathBuf>),
     /// Reload even if the content is unchanged (SIGHUP).
     Force,
     Stop,
@@ -39,7 +49,10 @@ enum Signal {
 /// Reloads one module file into one gateway. Stops when dropped.
 pub struct Reloader {
     tx: Sender<Signal>,
-    thread: Option<JoinHandle<()>>,
+    /// Set when the reloader is dropped: a reload finishing after that is not published.
+    stopped: Arc<AtomicBool>,
+    /// Closed (its sender dropped) when the reload thread ends.
+    done: Receiver<()>,
 }
 
 impl Reloader {
@@ -51,7 +64,7 @@ impl Reloader {
             let events = tx.clone();
             let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
                 Ok(event) if is_change(&event.kind) => {
-                    let _ = events.send(Signal::Changed);
+                    let _ = events.send(Signal::Changed(event.paths));
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "file watching reported an error"),
@@ -61,23 +74,36 @@ impl Reloader {
         } else {
             None
         };
+        let stopped = Arc::new(AtomicBool::new(false));
         let mut state = State {
             sandbox,
             path,
             publisher,
             watcher,
             watched: HashSet::new(),
-            last_failed: None,
+            names: HashSet::new(),
+            last_read: None,
+            last_problem: None,
+            failed_sha: None,
+            stopped: Arc::clone(&stopped),
         };
         state.watch_dirs()?;
-        let thread = std::thread::Builder::new()
+        let (done_tx, done) = mpsc::channel::<()>();
+        std::thread::Builder::new()
             .name("wasmgate-reload".into())
-            .spawn(move || state.run(rx))
+            .spawn(move || {
+                let _done = done_tx;
+                state.run(rx);
+            })
             .context("cannot start the reload thread")?;
-        Ok(Self {
-            tx,
-            thread: Some(thread),
-        })
+        Ok(Self { tx, stopped, done })
+    }
+
+    /// Stops reloading: nothing is published from now on. Dropping it also waits,
+    /// briefly, for the thread; stopping several first lets them end together.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        let _ = self.tx.send(Signal::Stop);
     }
 
     /// Reloads the module now, even if its content has not changed.
@@ -87,10 +113,12 @@ impl Reloader {
 }
 
 impl Drop for Reloader {
+    /// Stops reloading. A reload in progress is waited for briefly, then left to
+    /// finish unpublished: the thread holds nothing that needs an orderly end.
     fn drop(&mut self) {
-        let _ = self.tx.send(Signal::Stop);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        self.stop();
+        if let Err(RecvTimeoutError::Timeout) = self.done.recv_timeout(STOP_WAIT) {
+            tracing::debug!("a reload was in progress at shutdown; it will not be published");
         }
     }
 }
@@ -111,23 +139,55 @@ struct State {
     publisher: Publisher,
     watcher: Option<RecommendedWatcher>,
     watched: HashSet<PathBuf>,
-    /// The sha256 of the last content that failed, so it is reported once, not on
-    /// every event, until the content changes.
-    last_failed: Option<[u8; 32]>,
+    /// The file names in the watched directories whose changes concern the module:
+    /// its own, and those its symlinks pass through (Kubernetes' `..data`).
+    names: HashSet<OsString>,
+    /// The identity of the file when it was last read, so that an event that did not
+    /// change it costs a `stat`, not a read and a hash.
+    last_read: Option<Identity>,
+    /// The last problem reported, so that a failing state is reported once.
+    last_problem: Option<String>,
+    /// The sha256 of the last content that failed to load, so that it is not
+    /// compiled again until it changes (or a reload is forced).
+    failed_sha: Option<[u8; 32]>,
+    stopped: Arc<AtomicBool>,
+}
+
+/// What tells one version of a file from another without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Identity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 impl State {
     fn run(mut self, rx: Receiver<Signal>) {
         loop {
             let mut force = match rx.recv() {
-                Ok(Signal::Changed) => false,
+                Ok(Signal::Changed(paths)) if self.concerns(&paths) => false,
+                Ok(Signal::Changed(_)) => continue,
                 Ok(Signal::Force) => true,
                 Ok(Signal::Stop) | Err(_) => return,
             };
             // Wait for a quiet spell so that a file being written is read whole.
             loop {
                 match rx.recv_timeout(DEBOUNCE) {
-                    Ok(Signal::Changed) => {}
+                    Ok(Signal::Changed(_)) => {}
                     Ok(Signal::Force) => force = true,
                     Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                     Err(RecvTimeoutError::Timeout) => break,
@@ -140,21 +200,40 @@ impl State {
         }
     }
 
+    /// Whether an event about `paths` may concern the module; an event that names
+    /// no path might.
+    fn concerns(&self, paths: &[PathBuf]) -> bool {
+        paths.is_empty()
+            || paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| self.names.contains(n)))
+    }
+
     /// Watches the directory holding the path and, if the path is a symlink to a
-    /// file outside it, the directory holding the target too.
+    /// file outside it, the directory holding the target too; and notes which
+    /// names in them concern the module.
     fn watch_dirs(&mut self) -> anyhow::Result<()> {
-        let Some(watcher) = self.watcher.as_mut() else {
-            return Ok(());
-        };
         let dir = parent(&self.path);
         let mut dirs = vec![dir.clone()];
+        self.names.clear();
+        self.names.extend(self.path.file_name().map(OsString::from));
+        if let Ok(link) = std::fs::read_link(&self.path)
+            && let Some(Component::Normal(first)) = link.components().next()
+        {
+            // `..data/module.wasm`: a swap of `..data` replaces the module.
+            self.names.insert(first.to_os_string());
+        }
         if let Ok(target) = self.path.canonicalize() {
+            self.names.extend(target.file_name().map(OsString::from));
             let target_dir = parent(&target);
             let inside = dir.canonicalize().is_ok_and(|d| target_dir.starts_with(d));
             if !inside {
                 dirs.push(target_dir);
             }
         }
+        let Some(watcher) = self.watcher.as_mut() else {
+            return Ok(());
+        };
         for d in dirs {
             if !self.watched.contains(&d) {
                 watcher
@@ -166,31 +245,69 @@ impl State {
         Ok(())
     }
 
+    /// Reports a failing state once: at error level (warning for a missing file)
+    /// the first time, at debug level while it stays the same. A forced reload
+    /// reports it again.
+    fn problem(&mut self, force: bool, missing: bool, message: String) {
+        if !force && self.last_problem.as_ref() == Some(&message) {
+            tracing::debug!(module = %self.path.display(), "still failing: {message}");
+            return;
+        }
+        let serving = self.publisher.current().short_sha256();
+        let module = self.path.display().to_string();
+        if missing {
+            tracing::warn!(module, serving, "{message}");
+        } else {
+            self.publisher.failed();
+            tracing::error!(module, serving, "{message}");
+        }
+        self.last_problem = Some(message);
+    }
+
     fn attempt(&mut self, force: bool) {
         let name = self.path.display().to_string();
-        let current = self.publisher.current();
+        let identity = std::fs::metadata(&self.path).ok().map(|m| Identity::of(&m));
+        if !force && identity.is_some() && identity == self.last_read {
+            tracing::debug!(module = %name, "module file unchanged; nothing to reload");
+            return;
+        }
         let bytes = match read_module(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tracing::warn!(
-                    module = %name,
-                    serving = current.short_sha256(),
-                    "module file is missing; the last good module keeps serving"
+                self.last_read = None;
+                self.problem(
+                    force,
+                    true,
+                    "module file is missing; the last good module keeps serving".into(),
                 );
                 return;
             }
             Err(e) => {
-                self.publisher.failed();
-                tracing::error!(module = %name, serving = current.short_sha256(), "reload failed: cannot read module {name}: {e}");
+                self.last_read = None;
+                self.problem(
+                    force,
+                    false,
+                    format!("reload failed, the last good module keeps serving: cannot read module {name}: {e}"),
+                );
                 return;
             }
         };
+        self.last_read = identity;
+        let current = self.publisher.current();
         let sha: [u8; 32] = Sha256::digest(&bytes).into();
-        if !force && (sha == current.sha256() || self.last_failed == Some(sha)) {
+        if !force && self.failed_sha == Some(sha) {
+            tracing::debug!(module = %name, "module content is the version that failed; nothing to reload");
+            return;
+        }
+        if !force && sha == current.sha256() {
             tracing::debug!(module = %name, "module content unchanged; nothing to reload");
+            self.last_problem = None;
             return;
         }
         match self.sandbox.load(name.clone(), &bytes) {
+            Ok(program) if self.stopped.load(Ordering::Relaxed) => {
+                tracing::debug!(module = %name, sha256 = program.short_sha256(), "loaded after shutdown began; not published");
+            }
             Ok(program) => {
                 let sha256 = program.short_sha256();
                 let replaced = program.sha256() != current.sha256();
@@ -198,7 +315,8 @@ impl State {
                 let abi = program.kind().name();
                 let unpooled_wasi = program.kind() == GuestKind::WasiCommand && !self.sandbox.has_instance_pool();
                 let previous = self.publisher.publish(program).short_sha256();
-                self.last_failed = None;
+                self.last_problem = None;
+                self.failed_sha = None;
                 tracing::info!(
                     module = %name,
                     abi,
@@ -218,16 +336,23 @@ impl State {
                 }
             }
             Err(e) => {
-                self.publisher.failed();
-                self.last_failed = Some(sha);
-                tracing::error!(
-                    module = %name,
-                    serving = current.short_sha256(),
-                    "reload failed, the last good module keeps serving: module {name}: {e:#}"
+                self.failed_sha = Some(sha);
+                self.problem(
+                    force,
+                    false,
+                    // The sha256 makes each new failing version a new state, reported once.
+                    format!(
+                        "reload failed, the last good module keeps serving: module {name} (sha256 {}): {e:#}",
+                        hex12(&sha)
+                    ),
                 );
             }
         }
     }
+}
+
+fn hex12(sha: &[u8; 32]) -> String {
+    sha[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn parent(path: &Path) -> PathBuf {

@@ -6,10 +6,11 @@
 //! what to send back, so it is tested without a network.
 
 use std::fmt;
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io::{self, Read as _};
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -337,19 +338,54 @@ impl Sandbox {
     }
 }
 
-/// Reads a module file, refusing one over [`MAX_MODULE_BYTES`] without reading it all.
+/// Reads a module file, refusing one over [`MAX_MODULE_BYTES`] without reading it
+/// all, and anything that is not a regular file (a FIFO, a directory, a device)
+/// without blocking on it or reading from it.
 pub fn read_module(path: &Path) -> io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    File::open(path)?
-        .take(MAX_MODULE_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() > MAX_MODULE_BYTES {
+    // A plain open() of a FIFO blocks until a writer comes; non-blocking it returns
+    // at once, and the type check below refuses it.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
         return Err(io::Error::new(
-            io::ErrorKind::FileTooLarge,
-            format!("it is over the {MAX_MODULE_BYTES} byte limit for modules"),
+            io::ErrorKind::InvalidInput,
+            format!("it is {}, not a regular file", file_kind(&meta.file_type())),
         ));
     }
+    if meta.len() > MAX_MODULE_BYTES as u64 {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_MODULE_BYTES as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > MAX_MODULE_BYTES {
+        return Err(too_large());
+    }
     Ok(bytes)
+}
+
+fn too_large() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::FileTooLarge,
+        format!("it is over the {MAX_MODULE_BYTES} byte limit for modules"),
+    )
+}
+
+/// What a file that is not a regular file is, for an error message.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
 }
 
 fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {

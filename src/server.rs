@@ -156,6 +156,11 @@ impl Gateway {
         }
     }
 
+    /// Tells the workers to stop reading; [`Gateway::shutdown`] then waits for them.
+    pub fn stop_reading(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+
     /// Stops the workers (each finishes and answers the datagram it holds), waits
     /// for them, and returns the final counters.
     pub fn shutdown(mut self) -> Snapshot {

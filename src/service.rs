@@ -128,15 +128,26 @@ fn serve_until_stopped(running: Vec<Running>, metrics: Option<SocketAddr>, nativ
     }
     let reloaders: Vec<&Reloader> = running.iter().filter_map(|r| r.reloader.as_ref()).collect();
     runtime.block_on(signals.wait(&reloaders));
+    // Every listener stops reading and every reloader stops publishing at once,
+    // before saying so; then each worker answers the batch it holds.
+    for r in &running {
+        r.gateway.stop_reading();
+        if let Some(reloader) = &r.reloader {
+            reloader.stop();
+        }
+    }
     tracing::info!("shutting down: no new datagrams are read; answering those in flight");
     if let Some(task) = metrics_server {
         task.abort();
     }
+    let mut reloaders = Vec::new();
     for r in running {
-        drop(r.reloader);
+        reloaders.extend(r.reloader);
         let stats = r.gateway.shutdown();
         tracing::info!(listener = r.spec.name, %stats, "stopped");
     }
+    // A reload still compiling is waited for briefly, then left behind.
+    drop(reloaders);
     Ok(())
 }
 

@@ -118,3 +118,153 @@ fn wasi_socket_calls_in_a_loop_do_not_flood_the_log() {
         &lines[..lines.len().min(5)]
     );
 }
+
+const ECHO: &[u8] = br#"(module (memory (export "memory") 1)
+    (func (export "alloc") (param i32) (result i32) i32.const 0)
+    (func (export "handle") (param i32 i32) (result i64)
+        (i64.or (i64.shl (i64.extend_i32_u (local.get 0)) (i64.const 32)) (i64.extend_i32_u (local.get 1)))))"#;
+
+/// Replies with its first byte only: tells itself apart from [`ECHO`].
+const FIRST_BYTE: &[u8] = br#"(module (memory (export "memory") 1)
+    (func (export "alloc") (param i32) (result i32) i32.const 0)
+    (func (export "handle") (param i32 i32) (result i64)
+        (i64.or (i64.shl (i64.extend_i32_u (local.get 0)) (i64.const 32)) (i64.const 1))))"#;
+
+fn mkfifo(path: &std::path::Path) {
+    let status = std::process::Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// Replaces `path` with `contents` by writing beside it and renaming over it.
+fn replace(path: &std::path::Path, contents: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn a_fifo_a_directory_or_a_device_as_the_module_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.wasm");
+    mkfifo(&fifo);
+    let folder = dir.path().join("folder.wasm");
+    std::fs::create_dir(&folder).unwrap();
+    let device = dir.path().join("zero.wasm");
+    std::os::unix::fs::symlink("/dev/zero", &device).unwrap();
+    for (path, kind) in [(&fifo, "a FIFO"), (&folder, "a directory"), (&device, "a device")] {
+        let path = path.to_str().unwrap();
+        for args in [vec!["check", path], vec!["--listen", "127.0.0.1:0", "--module", path]] {
+            let started = Instant::now();
+            let (code, _, err) = common::run_to_end(&args);
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{args:?} took {:?}",
+                started.elapsed()
+            );
+            assert_eq!(code, Some(1), "{args:?}: {err}");
+            assert!(
+                err.contains(path) && err.contains(kind) && err.contains("not a regular file"),
+                "{args:?}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_fifo_swapped_in_on_reload_is_reported_once_then_a_good_module_loads_and_sigterm_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("guest.wat");
+    std::fs::write(&path, ECHO).unwrap();
+    let mut served = Served::start(&["--listen", "127.0.0.1:0", "--module", path.to_str().unwrap()]);
+    let c = client();
+    assert_eq!(common::ask(&c, served.addr, b"hi"), b"hi");
+    std::fs::remove_file(&path).unwrap();
+    mkfifo(&path);
+    served
+        .line_with(&["ERROR", "FIFO", "not a regular file"])
+        .expect("the FIFO is reported");
+    // More events on the same FIFO (chmod): the same failing state is not reported again.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(120));
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    let again = lines_for(&served, Duration::from_millis(500));
+    assert!(!again.iter().any(|l| l.contains("FIFO")), "reported again: {again:?}");
+    assert_eq!(
+        common::ask(&c, served.addr, b"hi"),
+        b"hi",
+        "the last good module serves"
+    );
+    std::fs::remove_file(&path).unwrap();
+    replace(&path, FIRST_BYTE);
+    served
+        .line_with(&["reloaded"])
+        .expect("the good module after the FIFO is loaded");
+    assert_eq!(common::ask(&c, served.addr, b"hi"), b"h");
+    common::signal(served.child.id(), "TERM");
+    let started = Instant::now();
+    while served.child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "no exit within a second of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(served.child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_module_replaced_by_a_device_symlink_is_reported_once_not_on_every_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("guest.wat");
+    std::fs::write(&path, ECHO).unwrap();
+    let served = Served::start(&["--listen", "127.0.0.1:0", "--module", path.to_str().unwrap()]);
+    for _ in 0..5 {
+        let link = dir.path().join("link.tmp");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        std::fs::rename(&link, &path).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let lines = lines_for(&served, Duration::from_millis(500));
+    let errors: Vec<&String> = lines.iter().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{lines:?}");
+    assert!(errors[0].contains("a device, not a regular file"), "{errors:?}");
+    assert_eq!(common::ask(&client(), served.addr, b"still"), b"still");
+}
+
+#[test]
+fn changes_to_other_files_beside_the_module_do_not_read_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("guest.wat");
+    std::fs::write(&path, ECHO).unwrap();
+    let served = Served::start_logging(
+        &["--listen", "127.0.0.1:0", "--module", path.to_str().unwrap()],
+        "wasmgate=debug",
+    );
+    let other = dir.path().join("access.log");
+    for i in 0..20 {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&other)
+            .unwrap();
+        writeln!(f, "line {i}").unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let lines = lines_for(&served, Duration::from_millis(400));
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("nothing to reload") || l.contains("reload")),
+        "{lines:?}"
+    );
+    // Touching the module itself is looked at: its identity changed, its content did not.
+    let f = std::fs::File::options().append(true).open(&path).unwrap();
+    f.set_modified(std::time::SystemTime::now()).unwrap();
+    drop(f);
+    served
+        .line_with(&["module content unchanged"])
+        .expect("the touched module was read and found unchanged");
+}

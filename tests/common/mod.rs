@@ -122,7 +122,12 @@ impl Served {
     /// Starts the binary with `args` (which should include `--listen 127.0.0.1:0`)
     /// and waits for its "serving" log line to learn the address.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = wasmgate(args).spawn().unwrap();
+        Self::start_logging(args, "info")
+    }
+
+    /// As [`Served::start`], with `RUST_LOG` set to `filter`.
+    pub fn start_logging(args: &[&str], filter: &str) -> Self {
+        let mut child = wasmgate(args).env("RUST_LOG", filter).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
