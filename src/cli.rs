@@ -11,9 +11,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, ListenerSpec, parse_addr, parse_size};
+use crate::config::{
+    self, DEFAULT_REPLY_RATIO, ListenerSpec, MAX_WORKERS, check_batch, check_ratio, check_timeout_ms, check_workers,
+    parse_addr, parse_size, parse_with,
+};
 use crate::sandbox::{Isolation, Limits, Program, Sandbox, read_module};
 use crate::server::DEFAULT_BATCH;
+use crate::text::escape_control;
 
 /// How the embedded default guest is named in logs.
 pub const EMBEDDED_ORIGIN: &str = "<embedded uppercase guest>";
@@ -78,9 +82,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub module: Option<PathBuf>,
 
-    /// Worker threads, each with its own socket and guest instance [default: available cores].
-    #[arg(long, value_name = "N")]
-    pub workers: Option<NonZeroUsize>,
+    /// Worker threads (1 to 256), each with its own socket and guest instance [default: available cores].
+    #[arg(long, value_name = "N", value_parser = |s: &str| parse_with(s, check_workers))]
+    pub workers: Option<usize>,
 
     /// `reuse`: each worker keeps its instance across datagrams (replaced after a trap
     /// or timeout); `fresh`: a new instance per datagram, so no state survives.
@@ -89,12 +93,12 @@ pub struct ServeArgs {
 
     /// Drop replies larger than this multiple of their request, so that spoofed
     /// requests cannot be amplified (RFC 9000 §8); 0 disables the check.
-    #[arg(long, value_name = "RATIO", default_value_t = 3.0, value_parser = parse_ratio)]
+    #[arg(long, value_name = "RATIO", default_value_t = DEFAULT_REPLY_RATIO, value_parser = |s: &str| parse_with(s, check_ratio))]
     pub max_reply_ratio: f64,
 
     /// Datagrams taken per receive system call (recvmmsg), their replies sent with
     /// one sendmmsg; 1 uses one recvfrom and one sendto per datagram.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = parse_batch)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = |s: &str| parse_with(s, check_batch))]
     pub batch: usize,
 
     /// Do not watch the module file for changes (SIGHUP still reloads it).
@@ -128,8 +132,8 @@ pub enum LogFormat {
 /// What each guest instance is held to.
 #[derive(Debug, Args)]
 pub struct LimitArgs {
-    /// Time budget for the guest per datagram (and for its start function), in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    /// Time budget for the guest per datagram (and for its start function), in milliseconds (1 to 60000).
+    #[arg(long, value_name = "MS", default_value_t = 10, value_parser = |s: &str| parse_with(s, |ms| check_timeout_ms(ms).map(|_| ms)))]
     pub timeout_ms: u64,
 
     /// Largest linear memory per guest instance: bytes, or a number with KiB, MiB or GiB.
@@ -143,22 +147,6 @@ impl LimitArgs {
             timeout: Duration::from_millis(self.timeout_ms),
             max_memory: self.max_memory,
         }
-    }
-}
-
-fn parse_batch(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n @ 1..=1024) => Ok(n),
-        _ => Err(format!("`{s}` is not a batch size: give a whole number from 1 to 1024")),
-    }
-}
-
-fn parse_ratio(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
-        _ => Err(format!(
-            "`{s}` is not a ratio: give a number ≥ 0, such as 3 or 1.5 (0 disables)"
-        )),
     }
 }
 
@@ -215,7 +203,9 @@ pub fn load_module(sandbox: &Sandbox, path: Option<&Path>) -> anyhow::Result<Pro
 }
 
 fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+    std::thread::available_parallelism()
+        .map_or(1, NonZeroUsize::get)
+        .min(MAX_WORKERS)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -229,7 +219,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 name: "default".to_string(),
                 listen: args.listen,
                 module: args.module.clone(),
-                workers: args.workers.map_or_else(default_workers, NonZeroUsize::get),
+                workers: args.workers.unwrap_or_else(default_workers),
                 isolation: args.isolation,
                 limits: args.limits.limits(),
                 max_reply_ratio: args.max_reply_ratio,
@@ -257,11 +247,14 @@ fn send(addr: &str, messages: &[String], timeout: Duration) -> anyhow::Result<Ex
         .connect(target)
         .with_context(|| format!("cannot send to {target}"))?;
     let mut all_answered = true;
+    // A reply is someone else's bytes: on a terminal, escape sequences in it would
+    // move the cursor, retitle the window or worse.
+    let terminal = std::io::stdout().is_terminal();
     let mut ask = |message: &[u8]| -> anyhow::Result<()> {
         let reply = exchange(&socket, message, timeout)?;
         let mut out = std::io::stdout().lock();
         match reply {
-            Some(reply) => writeln!(out, "{}", String::from_utf8_lossy(&reply))?,
+            Some(reply) => writeln!(out, "{}", printable(&reply, terminal))?,
             None => {
                 all_answered = false;
                 writeln!(out, "no reply (after {} ms)", timeout.as_millis())?;
@@ -292,6 +285,17 @@ fn send(addr: &str, messages: &[String], timeout: Duration) -> anyhow::Result<Ex
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A reply as text: invalid UTF-8 replaced, and control characters escaped when
+/// it goes to a terminal (to a pipe or file it is passed as it is).
+fn printable(reply: &[u8], terminal: bool) -> String {
+    let text = String::from_utf8_lossy(reply);
+    if terminal {
+        escape_control(&text).into_owned()
+    } else {
+        text.into_owned()
+    }
 }
 
 /// Sends one datagram and waits for one reply, ignoring late replies to earlier ones.
@@ -327,31 +331,55 @@ mod tests {
     }
 
     #[test]
-    fn ratios_and_addresses_are_checked() {
-        assert_eq!(parse_ratio("0"), Ok(0.0));
-        assert_eq!(parse_ratio("2.5"), Ok(2.5));
-        assert!(parse_ratio("-1").is_err());
-        assert!(parse_ratio("inf").is_err());
-        assert!(parse_addr("[::1]:9000").is_ok());
-        let e = parse_addr("localhost").unwrap_err();
-        assert!(e.contains("IP:PORT"), "{e}");
-        assert_eq!(parse_batch("1"), Ok(1));
-        assert!(parse_batch("0").is_err() && parse_batch("1025").is_err());
+    fn flags_are_held_to_the_same_bounds_as_the_config_file() {
+        let refused = |args: &[&str], says: &str| {
+            let e = Cli::try_parse_from([&["wasmgate"], args].concat())
+                .unwrap_err()
+                .to_string();
+            let flag = args[0].split('=').next().unwrap_or_default();
+            assert!(e.contains(flag) && e.contains(says), "{args:?}: {e}");
+        };
+        refused(&["--timeout-ms", "0"], "1 to 60000");
+        refused(&["--timeout-ms", "9223372036854775807"], "1 to 60000");
+        refused(&["--workers", "0"], "1 to 256");
+        refused(&["--workers", "2000"], "1 to 256");
+        refused(&["--batch", "1025"], "1 to 1024");
+        refused(&["--max-reply-ratio=-1"], "≥ 0");
+        refused(&["--max-reply-ratio", "inf"], "≥ 0");
+        refused(&["--listen", "localhost"], "IP:PORT");
+        refused(&["--max-memory", "5GiB"], "over 4GiB");
+        let cli =
+            Cli::try_parse_from(["wasmgate", "--workers", "256", "--timeout-ms", "60000", "--batch", "1"]).unwrap();
+        assert_eq!(
+            (cli.serve.workers, cli.serve.limits.timeout_ms, cli.serve.batch),
+            (Some(256), 60_000, 1)
+        );
     }
 
     #[test]
     fn defaults_match_the_documentation() {
         let cli = Cli::try_parse_from(["wasmgate"]).unwrap();
         assert!(cli.command.is_none());
+        // The literals are the README's, so that a changed default fails here.
         assert_eq!(cli.serve.listen, "127.0.0.1:8008".parse().unwrap());
+        assert_eq!(cli.serve.limits.timeout_ms, 10);
+        assert_eq!(cli.serve.limits.max_memory, 64 * 1024 * 1024);
         assert_eq!(cli.serve.limits.limits(), Limits::default());
         assert_eq!(cli.serve.max_reply_ratio, 3.0);
         assert_eq!(cli.serve.isolation, Isolation::Reuse);
-        assert_eq!(cli.serve.batch, DEFAULT_BATCH);
+        assert_eq!(cli.serve.batch, 32);
+        assert_eq!(cli.serve.workers, None, "default: one per core");
         assert_eq!(cli.serve.log_format, LogFormat::Text);
         let cli = Cli::try_parse_from(["wasmgate", "check", "m.wat", "--timeout-ms", "5"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Check { limits, .. }) if limits.timeout_ms == 5));
         assert!(Cli::try_parse_from(["wasmgate", "--workers", "0"]).is_err());
+    }
+
+    #[test]
+    fn replies_to_a_terminal_have_their_escape_sequences_escaped() {
+        let reply = b"ok\x1b]0;owned\x07\x1b[2J\r\n";
+        assert_eq!(printable(reply, true), "ok\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\r\\n");
+        assert_eq!(printable(reply, false).as_bytes(), reply);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! anything binds: unknown keys, bad values and clashing addresses are refused with
 //! the file, the key and the reason.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::sandbox::{Isolation, Limits};
 use crate::server::DEFAULT_BATCH;
+use crate::text::{cut, quote};
 
 /// Everything needed to run one listener.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,7 +79,7 @@ pub fn load(path: &Path, default_workers: usize) -> anyhow::Result<FileConfig> {
 }
 
 fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<FileConfig> {
-    let file: File = toml::from_str(text)?;
+    let file: File = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
     if file.listener.is_empty() {
         bail!("no [[listener]] is defined");
     }
@@ -101,19 +102,21 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                 .with_context(|| at("listen"))?,
             module: l.module.as_ref().map(|m| base.join(m)),
             workers: match l.workers {
-                Some(0) => bail!("{}: must be at least 1", at("workers")),
-                Some(n) => n,
+                Some(n) => check_workers(n)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| at("workers"))?,
                 None => default_workers,
             },
             isolation: match l.isolation.as_deref() {
                 None | Some("reuse") => Isolation::Reuse,
                 Some("fresh") => Isolation::Fresh,
-                Some(other) => bail!("{}: `{other}` is not `reuse` or `fresh`", at("isolation")),
+                Some(other) => bail!("{}: `{}` is not `reuse` or `fresh`", at("isolation"), quote(other)),
             },
             limits: Limits {
                 timeout: match l.timeout_ms {
-                    Some(0) => bail!("{}: must be at least 1", at("timeout_ms")),
-                    Some(ms) => Duration::from_millis(ms),
+                    Some(ms) => check_timeout_ms(ms)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| at("timeout_ms"))?,
                     None => defaults.timeout,
                 },
                 max_memory: match &l.max_memory {
@@ -124,13 +127,15 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                 },
             },
             max_reply_ratio: match l.max_reply_ratio {
-                Some(r) if !(r.is_finite() && r >= 0.0) => bail!("{}: must be a number ≥ 0", at("max_reply_ratio")),
-                Some(r) => r,
-                None => 3.0,
+                Some(r) => check_ratio(r)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| at("max_reply_ratio"))?,
+                None => DEFAULT_REPLY_RATIO,
             },
             batch: match l.batch {
-                Some(b @ 1..=1024) => b,
-                Some(_) => bail!("{}: must be from 1 to 1024", at("batch")),
+                Some(b) => check_batch(b)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| at("batch"))?,
                 None => DEFAULT_BATCH,
             },
             watch: l.watch.unwrap_or(true),
@@ -144,6 +149,21 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
     }
     check_clashes(&listeners)?;
     Ok(FileConfig { listeners, metrics })
+}
+
+/// A TOML error as its line, column and message, without the offending line
+/// itself (which may be a megabyte long), and with the message cut.
+fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let message = cut(e.message().trim(), 300);
+    match e.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+            anyhow::anyhow!("TOML error at line {line}, column {column}: {message}")
+        }
+        None => anyhow::anyhow!("TOML error: {message}"),
+    }
 }
 
 /// Refuses two listeners with one name, or two sockets that would share a port.
@@ -170,23 +190,109 @@ pub fn check_clashes(listeners: &[ListenerSpec]) -> anyhow::Result<()> {
 }
 
 /// Whether two UDP addresses would receive the same datagrams. Port 0 asks for a
-/// fresh port, so it never clashes.
+/// fresh port, so it never clashes. An IPv4-mapped IPv6 address is its IPv4
+/// address, and `[::]` is dual-stack: it receives IPv4 datagrams too.
 fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() != 0
-        && a.port() == b.port()
-        && a.is_ipv4() == b.is_ipv4()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    x == y || covers(x, y) || covers(y, x)
+}
+
+/// Whether a socket bound to `wildcard` receives datagrams sent to `other`.
+fn covers(wildcard: IpAddr, other: IpAddr) -> bool {
+    match wildcard {
+        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+        IpAddr::V6(w) => w.is_unspecified(),
+    }
+}
+
+/// The most milliseconds a datagram's time budget may be: a budget is there to
+/// bound a worker, and a larger one lets one guest wedge it.
+pub const MAX_TIMEOUT_MS: u64 = 60_000;
+
+/// The most worker threads a listener may have: each holds a socket, a stack and
+/// a guest instance, and more workers than cores only costs memory.
+pub const MAX_WORKERS: usize = 256;
+
+/// The largest receive batch (`recvmmsg`).
+pub const MAX_BATCH: usize = 1024;
+
+/// The default reply ratio: replies up to three times their request, as QUIC
+/// allows before an address is validated (RFC 9000 §8).
+pub const DEFAULT_REPLY_RATIO: f64 = 3.0;
+
+// One check per setting, used by the command line and the config file alike, so
+// that both accept exactly the same values; each message says what is allowed.
+
+/// Checks a time budget in milliseconds.
+pub fn check_timeout_ms(ms: u64) -> Result<Duration, String> {
+    if (1..=MAX_TIMEOUT_MS).contains(&ms) {
+        Ok(Duration::from_millis(ms))
+    } else {
+        Err(format!("{ms} is out of range: give 1 to {MAX_TIMEOUT_MS} milliseconds"))
+    }
+}
+
+/// Checks a number of workers.
+pub fn check_workers(n: usize) -> Result<usize, String> {
+    if (1..=MAX_WORKERS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is out of range: give 1 to {MAX_WORKERS} workers"))
+    }
+}
+
+/// Checks a receive batch size.
+pub fn check_batch(n: usize) -> Result<usize, String> {
+    if (1..=MAX_BATCH).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n} is out of range: give a batch of 1 to {MAX_BATCH} datagrams"
+        ))
+    }
+}
+
+/// Checks a reply ratio.
+pub fn check_ratio(r: f64) -> Result<f64, String> {
+    if r.is_finite() && r >= 0.0 {
+        Ok(r)
+    } else {
+        Err(format!(
+            "{r} is not a ratio: give a number ≥ 0, such as 3 or 1.5 (0 disables)"
+        ))
+    }
+}
+
+/// Parses a whole number for a command-line flag, then applies `check`.
+pub fn parse_with<T: std::str::FromStr, U>(s: &str, check: fn(T) -> Result<U, String>) -> Result<U, String> {
+    let n = s
+        .trim()
+        .parse::<T>()
+        .map_err(|_| format!("`{}` is not a number", quote(s)))?;
+    check(n)
 }
 
 /// Parses `IP:PORT`, IPv6 as `[ip]:port`.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|_| format!("`{s}` is not an IP:PORT address such as 127.0.0.1:8008 or [::1]:8008"))
+    s.parse().map_err(|_| {
+        format!(
+            "`{}` is not an IP:PORT address such as 127.0.0.1:8008 or [::1]:8008",
+            quote(s)
+        )
+    })
 }
 
 /// Parses `65536`, `512KiB`, `64MiB`, `1GiB` (also `K`, `M`, `G`; all powers of 1024).
 pub fn parse_size(s: &str) -> Result<usize, String> {
-    let err = || format!("`{s}` is not a size: give bytes or a number with KiB, MiB or GiB, such as 64MiB");
+    let err = || {
+        format!(
+            "`{}` is not a size: give bytes or a number with KiB, MiB or GiB, such as 64MiB",
+            quote(s)
+        )
+    };
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
@@ -201,7 +307,8 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let bytes = n.checked_mul(1 << shift).ok_or_else(err)?;
     if bytes > 4 << 30 {
         return Err(format!(
-            "`{s}` is over 4GiB, the most a 32-bit WebAssembly memory can hold"
+            "`{}` is over 4GiB, the most a 32-bit WebAssembly memory can hold",
+            quote(s)
         ));
     }
     usize::try_from(bytes).map_err(|_| err())
@@ -285,11 +392,68 @@ mod tests {
         };
         assert!(parse_err(&two("127.0.0.1:9000", "127.0.0.1:9000")).contains("would share a port"));
         assert!(parse_err(&two("0.0.0.0:9000", "127.0.0.1:9000")).contains("would share a port"));
+        // `[::]` is dual-stack, and a mapped address is its IPv4 address.
+        assert!(parse_err(&two("[::]:9000", "0.0.0.0:9000")).contains("would share a port"));
+        assert!(parse_err(&two("127.0.0.1:9000", "[::]:9000")).contains("would share a port"));
+        assert!(parse_err(&two("[::ffff:127.0.0.1]:9000", "127.0.0.1:9000")).contains("would share a port"));
+        assert!(parse_err(&two("[::1]:9000", "[::]:9000")).contains("would share a port"));
+        parse_ok(&two("[::1]:9000", "127.0.0.1:9000"));
+        parse_ok(&two("[::ffff:127.0.0.2]:9000", "127.0.0.1:9000"));
         parse_ok(&two("127.0.0.1:9000", "127.0.0.1:9001"));
         parse_ok(&two("127.0.0.1:0", "127.0.0.1:0"));
         parse_ok(&two("127.0.0.1:9000", "[::1]:9000"));
+        parse_ok(&two("0.0.0.0:9000", "[::1]:9000"));
         let same_name = "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:2\"\n";
         assert!(parse_err(same_name).contains("two listeners are named `a`"));
+    }
+
+    #[test]
+    fn every_setting_is_bounded_and_the_message_names_the_key() {
+        let one = |key: &str| {
+            parse_err(&format!(
+                "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n{key}\n"
+            ))
+        };
+        for (line, key, says) in [
+            (
+                "timeout_ms = 9223372036854775807",
+                "timeout_ms",
+                "1 to 60000 milliseconds",
+            ),
+            ("timeout_ms = 0", "timeout_ms", "1 to 60000"),
+            ("workers = 2000", "workers", "1 to 256 workers"),
+            ("workers = 0", "workers", "1 to 256"),
+            ("batch = 0", "batch", "1 to 1024"),
+            ("batch = 5000", "batch", "1 to 1024"),
+            ("max_reply_ratio = -1.0", "max_reply_ratio", "≥ 0"),
+            ("max_reply_ratio = inf", "max_reply_ratio", "≥ 0"),
+            ("max_memory = \"5GiB\"", "max_memory", "over 4GiB"),
+        ] {
+            let e = one(line);
+            assert!(
+                e.contains(&format!("listener[0] (a): {key}")) && e.contains(says),
+                "{line}: {e}"
+            );
+        }
+        assert_eq!(check_timeout_ms(60_000), Ok(Duration::from_secs(60)));
+        assert_eq!(check_workers(MAX_WORKERS), Ok(MAX_WORKERS));
+    }
+
+    #[test]
+    fn errors_quote_at_most_a_line_of_the_offending_text() {
+        let huge = "x".repeat(1 << 20);
+        for text in [
+            format!("[[listener]]\nname = \"a\"\nlisten = \"{huge}\"\n"),
+            format!("[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmax_memory = \"{huge}\"\n"),
+            format!("[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nisolation = \"{huge}\"\n"),
+            format!("[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n{huge} = 1\n"),
+            format!("{huge}\n"),
+        ] {
+            let e = parse_err(&text);
+            assert!(e.len() < 1000, "a {} byte error: {}", e.len(), &e[..200]);
+        }
+        let e = parse_err("[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nworkers = \"two\"\n");
+        assert!(e.contains("line 4"), "{e}");
     }
 
     #[test]

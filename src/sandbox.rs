@@ -28,7 +28,7 @@ use wasmtime::{
 use crate::abi::{self, GuestKind, MAX_DATAGRAM};
 use crate::hostcalls::{self, HostState};
 use crate::metrics::{DropReason, RateLimit};
-use crate::text::escape_control;
+use crate::text::{cut, escape_control};
 use crate::wasi::{self, WasiHost};
 
 /// The largest module file accepted; anything bigger is refused before compiling.
@@ -412,9 +412,8 @@ fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
         }
         Module::new(engine, text)
     };
-    module
-        .map_err(anyhow::Error::from)
-        .context("is not a valid WebAssembly module")
+    // A WAT error quotes the offending line, which may be megabytes long.
+    module.map_err(|e| anyhow::anyhow!("is not a valid WebAssembly module: {}", cut(&format!("{e:#}"), 1000)))
 }
 
 /// A module that passed every check, compiled and ready to instantiate. This is

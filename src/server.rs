@@ -368,6 +368,7 @@ impl Core {
     /// counted here.
     fn respond(&mut self, datagram: &[u8], peer: SocketAddr) -> Option<&[u8]> {
         self.counters.received(datagram.len());
+        let peer = unmapped(peer);
         self.handler.refresh(&self.shared.program.load());
         let started = Instant::now();
         let result = self.handler.handle(datagram, peer);
@@ -413,6 +414,19 @@ impl Core {
     }
 }
 
+/// An IPv4 client of a dual-stack `[::]` socket arrives as `[::ffff:a.b.c.d]:port`;
+/// guests and logs see it as the IPv4 address it is. (Replies still go to the
+/// address as received, which is what the IPv6 socket can send to.)
+fn unmapped(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => peer,
+        },
+        SocketAddr::V4(_) => peer,
+    }
+}
+
 /// Counts a dropped datagram, and says why unless that was said too often lately.
 fn drop_datagram(
     shared: &Shared,
@@ -428,5 +442,18 @@ fn drop_datagram(
     if let Some(suppressed) = shared.warnings[reason.index()].allow() {
         let program = shared.program.load();
         tracing::warn!(%peer, %reason, module = program.origin(), suppressed, "dropped a datagram: {why}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_ipv4_clients_are_shown_as_ipv4() {
+        let p = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(unmapped(p("[::ffff:10.1.2.3]:53")), p("10.1.2.3:53"));
+        assert_eq!(unmapped(p("[::1]:53")), p("[::1]:53"));
+        assert_eq!(unmapped(p("127.0.0.1:9")), p("127.0.0.1:9"));
     }
 }

@@ -40,6 +40,23 @@ pub fn quote(text: &str) -> String {
     }
 }
 
+/// `text` cut to `max` characters (with `…` and the full length when cut), each
+/// line escaped: for messages made by others (a parser's error) that may quote
+/// an input line of any length.
+pub fn cut(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, line) in text.lines().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&escape_control(line));
+    }
+    match out.char_indices().nth(max) {
+        None => out,
+        Some((end, _)) => format!("{}… ({} bytes in all)", &out[..end], text.len()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +83,17 @@ mod tests {
             MAX_QUOTE_CHARS
         );
         assert_eq!(quote("a\nb"), "a\\nb");
+    }
+
+    #[test]
+    fn messages_keep_their_lines_but_not_their_length() {
+        assert_eq!(cut("one\ntwo\x1b", 100), "one\ntwo\\u{1b}");
+        let long = format!("error\n{}", "y".repeat(10_000));
+        let c = cut(&long, 300);
+        assert!(
+            c.starts_with("error\nyyy") && c.ends_with("(10006 bytes in all)"),
+            "{c}"
+        );
+        assert!(c.len() < 340);
     }
 }

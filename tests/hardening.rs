@@ -268,3 +268,111 @@ fn changes_to_other_files_beside_the_module_do_not_read_it() {
         .line_with(&["module content unchanged"])
         .expect("the touched module was read and found unchanged");
 }
+
+#[test]
+fn unbounded_settings_in_a_config_file_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (line, key) in [
+        ("timeout_ms = 9223372036854775807", "timeout_ms"),
+        ("workers = 2000", "workers"),
+        ("batch = 100000", "batch"),
+    ] {
+        let config = write_file(
+            dir.path(),
+            "wasmgate.toml",
+            format!("[[listener]]\nname = \"big\"\nlisten = \"127.0.0.1:0\"\n{line}\n").as_bytes(),
+        );
+        let (code, _, err) = common::run_to_end(&["--config", &config]);
+        assert_eq!(code, Some(1), "{line}: {err}");
+        assert!(
+            err.contains(&config) && err.contains(&format!("listener[0] (big): {key}")) && err.contains("out of range"),
+            "{line}: {err}"
+        );
+    }
+    let (code, _, err) = common::run_to_end(&["--workers", "2000"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--workers") && err.contains("1 to 256"), "{err}");
+}
+
+#[test]
+fn a_megabyte_long_line_gives_a_short_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "x".repeat(1 << 20);
+    let module = write_file(dir.path(), "long.wat", format!("(module (func {long}))").as_bytes());
+    let (code, _, err) = common::run_to_end(&["check", &module]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("not a valid WebAssembly module") && err.len() < 4096,
+        "{} bytes: {}",
+        err.len(),
+        &err[..err.len().min(300)]
+    );
+    let config = write_file(
+        dir.path(),
+        "long.toml",
+        format!("[[listener]]\nname = \"a\"\nlisten = \"{long}\"\n").as_bytes(),
+    );
+    let (code, _, err) = common::run_to_end(&["--config", &config]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("listen") && err.len() < 4096,
+        "{} bytes: {}",
+        err.len(),
+        &err[..err.len().min(300)]
+    );
+}
+
+/// Replies with the client's address as `wasmgate.peer` gives it.
+const PEER: &[u8] = br#"(module
+    (import "wasmgate" "peer" (func $peer (param i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "alloc") (param i32) (result i32) i32.const 0)
+    (func (export "handle") (param i32 i32) (result i64)
+        (i64.or (i64.const 0x0000040000000000)
+                (i64.extend_i32_u (call $peer (i32.const 1024) (i32.const 64))))))"#;
+
+#[test]
+fn an_ipv4_client_of_a_dual_stack_listener_is_shown_its_ipv4_address() {
+    let gateway = common::start_with(
+        PEER,
+        wasmgate::sandbox::Limits::default(),
+        wasmgate::server::ServeConfig {
+            listen: "[::]:0".parse().unwrap(),
+            max_reply_ratio: 0.0,
+            ..common::config()
+        },
+    );
+    let c = client();
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], gateway.local_addr().port()));
+    c.send_to(b"who", to).unwrap();
+    let mut buf = [0u8; 128];
+    let (n, _) = c.recv_from(&mut buf).expect("a reply over IPv4");
+    assert_eq!(
+        std::str::from_utf8(&buf[..n]).unwrap(),
+        c.local_addr().unwrap().to_string()
+    );
+}
+
+#[test]
+fn send_escapes_terminal_sequences_when_printing_to_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "echo.wat", ECHO);
+    let served = Served::start(&["--listen", "127.0.0.1:0", "--module", &path]);
+    let bin = env!("CARGO_BIN_EXE_wasmgate");
+    // script(1) gives `send` a pseudo-terminal as its stdout.
+    let out = std::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!("{bin} send {} $'hi\\e]0;owned\\a\\e[2J'", served.addr),
+            "/dev/null",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("hi\\u{1b}]0;owned\\u{7}\\u{1b}[2J"), "{text:?}");
+    assert!(!text.contains('\u{1b}'), "a raw escape reached the terminal: {text:?}");
+    // To a pipe the reply is passed as it is.
+    let (code, stdout, _) = common::run_to_end(&["send", &served.addr.to_string(), "hi\u{1b}[2J"]);
+    assert_eq!((code, stdout.as_str()), (Some(0), "hi\u{1b}[2J\n"));
+}
