@@ -1,10 +1,12 @@
 //! Prometheus metrics over HTTP: a collector that reads every listener's counters
 //! when scraped (nothing on the datagram path), served at `/metrics` in the
-//! Prometheus text format.
+//! Prometheus text format, with a bounded number of connections, each with a
+//! header-read timeout and a bounded lifetime.
 
 use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -13,12 +15,13 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::metrics::{DropReason, GUEST_TIME_BUCKETS_NS, Snapshot};
 use crate::server::Publisher;
@@ -145,29 +148,50 @@ impl Collector for GatewayCollector {
     }
 }
 
+/// How long a client may take to send a request's headers, counted from the
+/// connection (or the previous response): a half-sent request is closed then.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a connection may stay open, however it is used: scrapers
+/// reconnect, so nothing legitimate needs more, and an idle keep-alive ends here.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Connections served at once; more wait in the kernel's backlog, costing the
+/// process no file descriptor.
+const MAX_CONNECTIONS: usize = 64;
+
 /// Serves `GET /metrics` from `registry` until the task is dropped.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A slot first, so that no more than MAX_CONNECTIONS are ever accepted.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of file descriptors and the like: wait, then take the next one.
                 tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let registry = Arc::clone(&registry);
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req: Request<Incoming>| {
                 let response = respond(&req, &registry);
                 async move { Ok::<_, Infallible>(response) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection ended");
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
+                Err(_) => tracing::debug!("metrics connection closed after {CONNECTION_LIFETIME:?}"),
             }
         });
     }

@@ -376,3 +376,59 @@ fn send_escapes_terminal_sequences_when_printing_to_a_terminal() {
     let (code, stdout, _) = common::run_to_end(&["send", &served.addr.to_string(), "hi\u{1b}[2J"]);
     assert_eq!((code, stdout.as_str()), (Some(0), "hi\u{1b}[2J\n"));
 }
+
+/// The process's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// A scrape over a fresh connection; the status line.
+fn scrape_status(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    response.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn half_sent_metrics_requests_are_capped_and_closed() {
+    use std::io::{Read as _, Write as _};
+    let served = Served::start(&["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]);
+    let metrics = served.metrics_addr();
+    let pid = served.child.id();
+    assert_eq!(scrape_status(metrics), "HTTP/1.1 200 OK");
+    let before = open_fds(pid);
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        let mut s = std::net::TcpStream::connect(metrics).unwrap();
+        s.write_all(b"GET /metr").unwrap();
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = open_fds(pid);
+    assert!(
+        during <= before + 64,
+        "{before} → {during} descriptors with 300 half-sent requests"
+    );
+    // The header-read timeout closes them: the first held connection sees EOF.
+    held[0].set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let n = held[0].read(&mut buf).unwrap_or(0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "held open for {:?}",
+        started.elapsed()
+    );
+    assert!(
+        n == 0 || buf.starts_with(b"HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // Clients that hang up free their slots, and a scrape is served again.
+    drop(held);
+    assert_eq!(scrape_status(metrics), "HTTP/1.1 200 OK");
+}

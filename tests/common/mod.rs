@@ -116,6 +116,8 @@ pub struct Served {
     pub addr: SocketAddr,
     /// Every stderr line after the "serving" line, as it is written.
     pub log: std::sync::mpsc::Receiver<String>,
+    /// The lines before it.
+    pub preamble: Vec<String>,
 }
 
 impl Served {
@@ -143,6 +145,7 @@ impl Served {
             child,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             log: rx,
+            preamble: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -155,11 +158,23 @@ impl Served {
                 served.addr = rest.split_whitespace().next().unwrap().parse().unwrap();
                 return served;
             }
+            served.preamble.push(line);
         }
     }
 }
 
 impl Served {
+    /// The metrics endpoint's address, from its "serving metrics" line.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let line = self
+            .preamble
+            .iter()
+            .find(|l| l.contains("serving metrics"))
+            .expect("a serving metrics line");
+        let url = line.split("metrics=http://").nth(1).unwrap();
+        url.split('/').next().unwrap().parse().unwrap()
+    }
+
     /// Waits up to 10 s for a log line containing every one of `words`, skipping others.
     pub fn line_with(&self, words: &[&str]) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(10);
