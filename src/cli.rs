@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::compiler::{CompileBounds, Compiler};
 use crate::config::{
     self, DEFAULT_REPLY_RATIO, ListenerSpec, MAX_WORKERS, check_batch, check_ratio, check_timeout_ms, check_workers,
     parse_addr, parse_size, parse_with,
@@ -48,6 +49,15 @@ pub enum Command {
         module: PathBuf,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        compile: CompileArgs,
+    },
+    /// Internal: compile a module from stdin under a memory bound (the gateway's
+    /// compiling child process).
+    #[command(name = "__compile", hide = true)]
+    Compile {
+        /// The data limit in bytes.
+        max_memory: String,
     },
     /// Send datagrams to a gateway and print the replies.
     ///
@@ -119,6 +129,46 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub compile: CompileArgs,
+}
+
+/// The bounds on compiling a module (at start-up, on reload, and for `check`),
+/// for every listener. A module that needs more is refused, saying which bound.
+#[derive(Debug, Args)]
+pub struct CompileArgs {
+    /// Longest a module may take to compile, in seconds (1 to 3600).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = |s: &str| parse_with(s, check_compile_timeout))]
+    pub compile_timeout: u64,
+
+    /// Most memory compiling a module may take: bytes, or a number with MiB or GiB (at least 16MiB).
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_compile_memory)]
+    pub compile_memory: usize,
+}
+
+impl CompileArgs {
+    /// A compiler that runs this executable as a child process under these bounds.
+    pub fn compiler(&self) -> anyhow::Result<Compiler> {
+        Compiler::this_executable(CompileBounds {
+            timeout: Duration::from_secs(self.compile_timeout),
+            max_memory: self.compile_memory as u64,
+        })
+    }
+}
+
+fn check_compile_timeout(seconds: u64) -> Result<u64, String> {
+    match seconds {
+        1..=3600 => Ok(seconds),
+        _ => Err(format!("{seconds} is out of range: give 1 to 3600 seconds")),
+    }
+}
+
+fn parse_compile_memory(s: &str) -> Result<usize, String> {
+    match parse_size(s)? {
+        n if n >= 16 << 20 => Ok(n),
+        _ => Err("too small: give at least 16MiB".into()),
+    }
 }
 
 /// How log lines are written.
@@ -155,7 +205,12 @@ impl Cli {
     /// what failed and why.
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
-            Some(Command::Check { module, limits }) => check(&module, &limits),
+            Some(Command::Check {
+                module,
+                limits,
+                compile,
+            }) => check(&module, &limits, compile.compiler()?),
+            Some(Command::Compile { max_memory }) => Ok(crate::compiler::run_child(&max_memory)),
             Some(Command::Send {
                 addr,
                 messages,
@@ -166,8 +221,8 @@ impl Cli {
     }
 }
 
-fn check(path: &Path, limits: &LimitArgs) -> anyhow::Result<ExitCode> {
-    let sandbox = Sandbox::new(limits.limits())?;
+fn check(path: &Path, limits: &LimitArgs, compiler: Compiler) -> anyhow::Result<ExitCode> {
+    let sandbox = Sandbox::new(limits.limits())?.with_compiler(compiler);
     match load_module(&sandbox, Some(path)) {
         Ok(program) => {
             let imports = match program.imports() {
@@ -230,7 +285,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     // --metrics on the command line wins over the file's [metrics].
-    crate::service::run(listeners, args.metrics.or(file_metrics), args.native_uppercase)
+    crate::service::run(
+        listeners,
+        args.metrics.or(file_metrics),
+        &args.compile.compiler()?,
+        args.native_uppercase,
+    )
 }
 
 /// `wasmgate send`: one datagram per message, each reply printed on a line.

@@ -10,6 +10,7 @@
 //! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: the wasmtime engine, loading modules, running a guest under limits.
+//! - [`compiler`]: compiling a module in a child process under time and memory bounds.
 //! - [`abi`]: the two kinds of guest (ABI v1 and WASI command) and their checks (pure).
 //! - `hostcalls`: the functions ABI v1 guests may import (`wasmgate.*`, `env.abort`).
 //! - [`wasi`]: WASI command modules: stdin in, stdout out, a fresh instance per datagram.
@@ -32,6 +33,7 @@
 
 pub mod abi;
 pub mod cli;
+pub mod compiler;
 pub mod config;
 pub mod exposition;
 mod hostcalls;

@@ -26,6 +26,7 @@ use wasmtime::{
 };
 
 use crate::abi::{self, GuestKind, MAX_DATAGRAM};
+use crate::compiler::Compiler;
 use crate::hostcalls::{self, HostState};
 use crate::metrics::{DropReason, RateLimit};
 use crate::text::{cut, escape_control};
@@ -93,6 +94,7 @@ impl fmt::Display for Isolation {
 #[derive(Clone)]
 pub struct Sandbox {
     inner: Arc<Inner>,
+    compiler: Arc<Compiler>,
 }
 
 struct Inner {
@@ -122,27 +124,14 @@ impl Sandbox {
         Self::build(limits, Some(slots))
     }
 
+    /// Compiles modules with `compiler` from now on (in-process by default).
+    pub fn with_compiler(mut self, compiler: Compiler) -> Self {
+        self.compiler = Arc::new(compiler);
+        self
+    }
+
     fn build(limits: Limits, pool: Option<u32>) -> anyhow::Result<Self> {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        // Nothing reads wasm backtraces, and capturing one costs on every trap.
-        config.wasm_backtrace_max_frames(None);
-        if let Some(slots) = pool {
-            let mut pool = PoolingAllocationConfig::new();
-            pool.total_core_instances(slots)
-                .total_memories(slots)
-                .total_tables(slots * MAX_TABLES as u32)
-                .max_memories_per_module(1)
-                .max_tables_per_module(MAX_TABLES as u32)
-                .table_elements(MAX_TABLE_ELEMENTS)
-                .max_memory_size(limits.max_memory)
-                // Small guests are reset by zeroing rather than by remapping.
-                .linear_memory_keep_resident(POOL_KEEP_RESIDENT)
-                .table_keep_resident(POOL_KEEP_RESIDENT)
-                .pagemap_scan(wasmtime::Enabled::Auto);
-            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        }
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&engine_config(pool.map(|slots| (slots, limits.max_memory))))?;
         let linker = hostcalls::linker(&engine)?;
         let wasi_linker = wasi::linker(&engine)?;
         let deadline_ticks = limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;
@@ -157,9 +146,39 @@ impl Sandbox {
                 log_limit: Arc::new(RateLimit::new(GUEST_LOG_LINES_PER_SECOND)),
                 pooled: pool.is_some(),
             }),
+            compiler: Arc::new(Compiler::InProcess),
         })
     }
+}
 
+/// The engine's settings: the same for serving and for the compiling child
+/// process, so that what the child compiles loads here. `pool` is the number of
+/// instance slots and the memory cap, for a pooling allocator (which only changes
+/// how instances are allocated, not how code is compiled).
+pub(crate) fn engine_config(pool: Option<(u32, usize)>) -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    // Nothing reads wasm backtraces, and capturing one costs on every trap.
+    config.wasm_backtrace_max_frames(None);
+    if let Some((slots, max_memory)) = pool {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(slots)
+            .total_memories(slots)
+            .total_tables(slots * MAX_TABLES as u32)
+            .max_memories_per_module(1)
+            .max_tables_per_module(MAX_TABLES as u32)
+            .table_elements(MAX_TABLE_ELEMENTS)
+            .max_memory_size(max_memory)
+            // Small guests are reset by zeroing rather than by remapping.
+            .linear_memory_keep_resident(POOL_KEEP_RESIDENT)
+            .table_keep_resident(POOL_KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::Auto);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
+impl Sandbox {
     /// Whether instances come from a pool ([`Sandbox::with_instance_pool`]).
     pub fn has_instance_pool(&self) -> bool {
         self.inner.pooled
@@ -173,7 +192,7 @@ impl Sandbox {
     pub fn load(&self, origin: impl Into<String>, bytes: &[u8]) -> anyhow::Result<Program> {
         let origin = origin.into();
         let started = Instant::now();
-        let module = compile(&self.inner.engine, bytes)?;
+        let module = self.compiler.compile(&self.inner.engine, bytes)?;
         let kind = abi::check_module(&module)?;
         self.check_memory(&module)?;
         let linked = match kind {
@@ -388,7 +407,8 @@ fn file_kind(t: &std::fs::FileType) -> &'static str {
     }
 }
 
-fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
+/// Compiles a `\0asm` binary or WAT text, refusing other inputs with a reason.
+pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
     if bytes.len() > MAX_MODULE_BYTES {
         bail!(
             "is {} bytes, over the {} byte limit for modules",

@@ -10,6 +10,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::abi::GuestKind;
 use crate::cli::load_module;
+use crate::compiler::Compiler;
 use crate::config::ListenerSpec;
 use crate::reload::Reloader;
 use crate::sandbox::{Isolation, Sandbox};
@@ -24,23 +25,31 @@ struct Running {
 
 /// Serves `listeners` (and metrics at `metrics`) until SIGINT or SIGTERM.
 /// Every module is loaded and checked before anything binds, so a bad one stops
-/// start-up with its file and reason and nothing half-started. `native_uppercase`
+/// start-up with its file and reason and nothing half-started. Modules are
+/// compiled by `compiler`, at start-up and on reload. `native_uppercase`
 /// is for benchmarks: the guest is replaced by a native function.
-pub fn run(listeners: Vec<ListenerSpec>, metrics: Option<SocketAddr>, native_uppercase: bool) -> anyhow::Result<()> {
+pub fn run(
+    listeners: Vec<ListenerSpec>,
+    metrics: Option<SocketAddr>,
+    compiler: &Compiler,
+    native_uppercase: bool,
+) -> anyhow::Result<()> {
     let mut loaded = Vec::new();
     for spec in listeners {
         let sandbox = match spec.isolation {
             Isolation::Reuse => Sandbox::new(spec.limits)?,
             // One live instance per worker, plus one for checking a reloaded module.
             Isolation::Fresh => Sandbox::with_instance_pool(spec.limits, u32::try_from(spec.workers + 1)?)?,
-        };
+        }
+        .with_compiler(compiler.clone());
         let mut program =
             load_module(&sandbox, spec.module.as_deref()).with_context(|| format!("listener `{}`", spec.name))?;
         let mut sandbox = sandbox;
         if spec.isolation == Isolation::Reuse && program.kind() == GuestKind::WasiCommand {
             // A WASI command gets a fresh instance per datagram whatever the
             // isolation, and those come fastest from a pool.
-            sandbox = Sandbox::with_instance_pool(spec.limits, u32::try_from(spec.workers + 1)?)?;
+            sandbox = Sandbox::with_instance_pool(spec.limits, u32::try_from(spec.workers + 1)?)?
+                .with_compiler(compiler.clone());
             program =
                 load_module(&sandbox, spec.module.as_deref()).with_context(|| format!("listener `{}`", spec.name))?;
         }

@@ -432,3 +432,117 @@ fn half_sent_metrics_requests_are_capped_and_closed() {
     drop(held);
     assert_eq!(scrape_status(metrics), "HTTP/1.1 200 OK");
 }
+
+/// A 4 MB module of a million empty functions: cheap to send, and left alone it
+/// takes minutes and gigabytes to compile.
+fn million_functions() -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn section(id: u8, payload: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(payload.len(), out);
+        out.extend_from_slice(payload);
+    }
+    const N: usize = 1_000_000;
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut module); // one type: () -> ()
+    let mut functions = Vec::new();
+    leb(N, &mut functions);
+    functions.resize(functions.len() + N, 0);
+    section(3, &functions, &mut module);
+    let mut code = Vec::new();
+    leb(N, &mut code);
+    for _ in 0..N {
+        code.extend_from_slice(&[2, 0, 0x0b]); // 2 bytes: no locals, end
+    }
+    section(10, &code, &mut module);
+    module
+}
+
+#[test]
+fn a_module_over_a_compile_bound_is_refused_naming_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "million.wasm", &million_functions());
+    for (bounds, says) in [
+        (
+            ["--compile-memory", "128MiB", "--compile-timeout", "600"],
+            "the 128 MiB compile memory bound (--compile-memory)",
+        ),
+        (
+            ["--compile-memory", "4GiB", "--compile-timeout", "1"],
+            "the 1 s compile time bound (--compile-timeout)",
+        ),
+    ] {
+        for command in [vec!["check", &path], vec!["--listen", "127.0.0.1:0", "--module", &path]] {
+            let args = [command, bounds.to_vec()].concat();
+            let started = Instant::now();
+            let (code, _, err) = common::run_to_end(&args);
+            assert_eq!(code, Some(1), "{args:?}: {err}");
+            assert!(err.contains(&path) && err.contains(says), "{args:?}: {err}");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{args:?} took {:?}",
+                started.elapsed()
+            );
+        }
+    }
+}
+
+#[test]
+fn sigterm_while_a_reload_compiles_exits_at_once_and_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("guest.wat");
+    std::fs::write(&path, ECHO).unwrap();
+    let mut served = Served::start(&["--listen", "127.0.0.1:0", "--module", path.to_str().unwrap()]);
+    let c = client();
+    replace(&path, &million_functions());
+    // The compile runs in a child process: serving goes on meanwhile.
+    std::thread::sleep(Duration::from_millis(400));
+    for _ in 0..5 {
+        assert_eq!(common::ask(&c, served.addr, b"meanwhile"), b"meanwhile");
+    }
+    common::signal(served.child.id(), "TERM");
+    let started = Instant::now();
+    while served.child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "no exit within a second of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(served.child.wait().unwrap().code(), Some(0));
+    let rest: Vec<String> = served.log.iter().collect();
+    assert!(rest.iter().any(|l| l.contains("shutting down")), "{rest:?}");
+    assert!(
+        !rest.iter().any(|l| l.contains("reloaded")),
+        "a reload was published at shutdown: {rest:?}"
+    );
+}
+
+#[test]
+fn sigterm_while_starting_up_on_a_slow_module_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "million.wasm", &million_functions());
+    let mut child = common::wasmgate(&["--listen", "127.0.0.1:0", "--module", &path])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    common::signal(child.id(), "TERM");
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "no exit within a second of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,243 @@
+//! Compiling modules under bounds. A module can be built to make the compiler run
+//! for minutes and take gigabytes (a million empty functions, millions of nested
+//! blocks), and a compile cannot be cancelled. So the gateway compiles in a child
+//! process, the `wasmgate` binary itself run as `wasmgate __compile`, under a
+//! memory limit and a deadline: past either it is killed and the module refused,
+//! saying which bound it hit. The child hands back wasmtime's serialized module.
+//!
+//! Library users and tests that trust their modules can compile in-process
+//! ([`Compiler::InProcess`], the default of [`crate::sandbox::Sandbox`]).
+
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use wasmtime::{Engine, Module};
+
+use crate::sandbox::{MAX_MODULE_BYTES, compile, engine_config};
+
+/// The hidden subcommand the child runs.
+pub const CHILD_COMMAND: &str = "__compile";
+
+/// How a compile may grow before it is stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompileBounds {
+    /// Wall-clock time from starting the child to its answer.
+    pub timeout: Duration,
+    /// The child's data limit (`RLIMIT_DATA`: heap and private writable mappings).
+    pub max_memory: u64,
+}
+
+impl Default for CompileBounds {
+    /// 60 s and 1 GiB: an 18 MB Python component compiles in 7–16 s within about
+    /// 400 MB here, and the hostile modules above need far more of one or the other.
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            max_memory: 1 << 30,
+        }
+    }
+}
+
+/// Where modules are compiled.
+#[derive(Clone, Debug, Default)]
+pub enum Compiler {
+    /// In this process, without bounds.
+    #[default]
+    InProcess,
+    /// In a child process running `program __compile`, under `bounds`.
+    Child { program: PathBuf, bounds: CompileBounds },
+}
+
+impl Compiler {
+    /// A bounded compiler that runs this very executable as the child.
+    pub fn this_executable(bounds: CompileBounds) -> anyhow::Result<Self> {
+        let program = std::env::current_exe().context("cannot find the wasmgate executable to compile modules with")?;
+        Ok(Self::Child { program, bounds })
+    }
+
+    /// Compiles `bytes` (a `\0asm` binary or WAT text) for `engine`.
+    pub(crate) fn compile(&self, engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
+        match self {
+            Self::InProcess => compile(engine, bytes),
+            Self::Child { program, bounds } => compile_in_child(engine, program, *bounds, bytes),
+        }
+    }
+}
+
+/// Kills the child when dropped, so that no early return leaves it running.
+struct Reaper(std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// How often the parent looks whether the child has finished.
+const POLL: Duration = Duration::from_millis(2);
+
+/// The most of the child's stderr kept for an error message.
+const MAX_ERROR_BYTES: u64 = 64 << 10;
+
+fn compile_in_child(engine: &Engine, program: &PathBuf, bounds: CompileBounds, bytes: &[u8]) -> anyhow::Result<Module> {
+    let started = Instant::now();
+    let child = Command::new(program)
+        .arg(CHILD_COMMAND)
+        .arg(bounds.max_memory.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Nothing the child logs belongs in the gateway's log.
+        .env_remove("RUST_LOG")
+        .spawn()
+        .with_context(|| format!("cannot start {} to compile the module", program.display()))?;
+    let mut child = Reaper(child);
+    let (mut stdin, mut stdout, mut stderr) = match (child.0.stdin.take(), child.0.stdout.take(), child.0.stderr.take())
+    {
+        (Some(i), Some(o), Some(e)) => (i, o, e),
+        _ => bail!("cannot talk to the compiling process"),
+    };
+    // Each pipe on its own thread, so that none can fill up and stall the others.
+    let input = bytes.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        stdout.read_to_end(&mut out).map(|_| out)
+    });
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = (&mut stderr).take(MAX_ERROR_BYTES).read_to_string(&mut text);
+        text
+    });
+    let status = loop {
+        if let Some(status) = child.0.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > bounds.timeout {
+            // Dropping the reaper kills it; the pipe threads then end.
+            drop(child);
+            bail!(
+                "compiling it took longer than the {} s compile time bound (--compile-timeout)",
+                bounds.timeout.as_secs_f64()
+            );
+        }
+        std::thread::sleep(POLL);
+    };
+    let _ = writer.join();
+    let serialized = reader.join().ok().and_then(Result::ok).unwrap_or_default();
+    let error_text = errors.join().unwrap_or_default();
+    if !status.success() {
+        return Err(child_failure(status, error_text.trim(), bounds));
+    }
+    // SAFETY: `deserialize` runs the machine code it is given, so the bytes must
+    // come from wasmtime's own `serialize` for a compatible engine: they do, from
+    // this same executable in `run_child` (and wasmtime checks the header, version
+    // and engine settings). A child subverted by a hostile module could send
+    // anything, but compiling that module in-process would have given the same
+    // attacker this process already: the child takes away no trust.
+    unsafe { Module::deserialize(engine, &serialized) }
+        .map_err(anyhow::Error::from)
+        .context("the compiling process sent back a module that cannot be loaded")
+}
+
+/// Says why the child failed: the module's own error (exit status 1), or the
+/// bound it hit.
+fn child_failure(status: ExitStatus, stderr: &str, bounds: CompileBounds) -> anyhow::Error {
+    use std::os::unix::process::ExitStatusExt as _;
+    let out_of_memory = stderr.contains("memory allocation of") || status.signal() == Some(libc::SIGABRT);
+    if out_of_memory || status.signal() == Some(libc::SIGSEGV) {
+        // Running out of memory aborts (or, on a stack that cannot grow, faults).
+        return anyhow::anyhow!(
+            "compiling it needed more than the {} compile memory bound (--compile-memory)",
+            human_bytes(bounds.max_memory)
+        );
+    }
+    match status.code() {
+        Some(1) if !stderr.is_empty() => anyhow::anyhow!("{stderr}"),
+        _ => anyhow::anyhow!("the compiling process failed ({status}): {stderr}"),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// The child's side: `wasmgate __compile MAX_MEMORY`. Reads a module from stdin,
+/// compiles it and writes the serialized module to stdout; on failure writes the
+/// reason to stderr and exits 1.
+pub fn run_child(max_memory: &str) -> ExitCode {
+    let result = (|| -> anyhow::Result<Vec<u8>> {
+        let max_memory: u64 = max_memory.parse().context("bad memory bound")?;
+        limit_this_process(max_memory)?;
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .take(MAX_MODULE_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)?;
+        let engine = Engine::new(&engine_config(None))?;
+        let module = compile(&engine, &bytes)?;
+        Ok(module.serialize()?)
+    })();
+    match result {
+        Ok(serialized) => match std::io::stdout().lock().write_all(&serialized) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(2),
+        },
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Caps the child's data, has it killed if the gateway dies, and lowers its
+/// priority so that a long compile takes CPU from serving as little as it can.
+fn limit_this_process(max_memory: u64) -> anyhow::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: max_memory,
+        rlim_max: max_memory,
+    };
+    // SAFETY: plain system calls on this process with valid arguments; `limit`
+    // outlives the call.
+    let (data, death, nice) = unsafe {
+        (
+            libc::setrlimit(libc::RLIMIT_DATA, &limit),
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL),
+            libc::setpriority(libc::PRIO_PROCESS, 0, 10),
+        )
+    };
+    if data != 0 || death != 0 {
+        bail!(
+            "cannot limit the compiling process: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let _ = nice; // a compile at normal priority is still a compile
+    // The parent may have died before the death signal was set.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } == 1 {
+        bail!("the gateway is gone");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_named_in_human_units() {
+        assert_eq!(human_bytes(1 << 30), "1 GiB");
+        assert_eq!(human_bytes(256 << 20), "256 MiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+        assert_eq!(CompileBounds::default().timeout, Duration::from_secs(60));
+        assert_eq!(CompileBounds::default().max_memory, 1 << 30);
+    }
+}
