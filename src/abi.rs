@@ -383,6 +383,19 @@ mod tests {
     }
 
     #[test]
+    fn a_region_whose_32_bit_sum_wraps_into_memory_is_refused() {
+        // 0xffff_fff0 + 0x20 wraps to 0x10 in 32 bits: inside memory if the check
+        // were done in u32, so it must be done wider.
+        assert_eq!(
+            reply_range(pack(0xffff_fff0, 0x20), MEM, 0x20, 3.0),
+            Err(DropReason::BadReply)
+        );
+        assert_eq!(alloc_range(-16, 0x20, MEM), Err(DropReason::BadAlloc));
+        assert_eq!(alloc_range(-1, 1, MEM), Err(DropReason::BadAlloc));
+        assert_eq!(alloc_range(MEM as i32 - 1, 1, MEM), Ok(MEM - 1..MEM));
+    }
+
+    #[test]
     fn regions_past_memory_are_bad_replies_without_overflow() {
         assert_eq!(
             reply_range(pack(MEM as u32 - 3, 4), MEM, 4, 3.0),

@@ -217,7 +217,7 @@ impl Sandbox {
             compile_time: Duration::ZERO,
         };
         let trial = match &program.pre {
-            Pre::AbiV1(pre) => self.instantiate(pre, None).map(drop),
+            Pre::AbiV1(pre) => self.instantiate(pre).map(drop),
             Pre::Wasi(pre) => {
                 wasi::warm_up();
                 self.instantiate_wasi(pre, &[], None).map(drop)
@@ -264,10 +264,12 @@ impl Sandbox {
             .build()
     }
 
-    fn instantiate(&self, pre: &InstancePre<HostState>, peer: Option<SocketAddr>) -> wasmtime::Result<Live> {
+    /// An instance with its start function run. There is no client while the start
+    /// function runs, whichever datagram the instance is made for: `peer` says 0.
+    fn instantiate(&self, pre: &InstancePre<HostState>) -> wasmtime::Result<Live> {
         let host = HostState {
             limits: self.store_limits(),
-            peer,
+            peer: None,
             log_limit: Arc::clone(&self.inner.log_limit),
         };
         let mut store = Store::new(&self.inner.engine, host);
@@ -593,7 +595,7 @@ impl Guest {
         }
         let live = match self.live.take() {
             Some(live) => live,
-            None => self.sandbox.instantiate(pre, Some(peer))?,
+            None => self.sandbox.instantiate(pre)?,
         };
         let live = self.live.insert(live);
         let result = live
@@ -774,7 +776,12 @@ mod tests {
         );
         let started = Instant::now();
         assert_eq!(g.handle(b"x", peer()).unwrap_err().reason, DropReason::Timeout);
-        assert!(started.elapsed() < Duration::from_secs(2));
+        // A 10 ms budget: well under half a second even on a loaded machine.
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
@@ -826,7 +833,9 @@ mod tests {
     }
 
     #[test]
-    fn peer_is_written_when_it_fits() {
+    fn peer_is_written_when_it_fits_and_never_past_cap() {
+        // Memory from 1024 is filled with `Z` first; the reply is the 32 bytes at
+        // 1024, so any byte the host wrote past what fits shows up in it.
         let mut g = guest(
             r#"(module
             (import "wasmgate" "peer" (func $peer (param i32 i32) (result i32)))
@@ -834,15 +843,73 @@ mod tests {
             (func (export "alloc") (param i32) (result i32) i32.const 0)
             (func (export "handle") (param $p i32) (param $len i32) (result i64)
                 (local $n i32)
-                ;; cap = 4 * datagram length: "x" is too small for "127.0.0.1:4242".
+                (memory.fill (i32.const 1024) (i32.const 90) (i32.const 32))
+                ;; cap = 4 * datagram length.
                 (local.set $n (call $peer (i32.const 1024) (i32.mul (local.get $len) (i32.const 4))))
-                (if (i32.gt_u (local.get $n) (i32.mul (local.get $len) (i32.const 4)))
-                    (then (return (i64.const -1))))
-                (i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.extend_i32_u (local.get $n)))))"#,
+                (i32.store8 (i32.const 1056) (local.get $n))
+                (i64.const 0x0000040000000021)))"#,
         );
-        assert_eq!(g.handle(b"xxxxx", peer()).unwrap(), b"127.0.0.1:4242");
-        assert_eq!(g.handle(b"x", peer()).unwrap_err().reason, DropReason::NoReply);
-        let v6: SocketAddr = "[::1]:9".parse().unwrap();
-        assert_eq!(g.handle(b"xxx", v6).unwrap(), b"[::1]:9");
+        g.max_ratio = 0.0;
+        let text = |reply: &[u8]| (String::from_utf8_lossy(&reply[..32]).into_owned(), reply[32]);
+        let (written, len) = text(g.handle(b"xxxxx", peer()).unwrap());
+        assert_eq!((written.as_str(), len), ("127.0.0.1:4242ZZZZZZZZZZZZZZZZZZ", 14));
+        // cap 4 < 14: nothing at all is written, and the length is still returned.
+        let (written, len) = text(g.handle(b"x", peer()).unwrap());
+        assert_eq!((written.as_str(), len), ("Z".repeat(32).as_str(), 14));
+        // cap exactly the length: written whole, nothing after it.
+        let (written, len) = text(g.handle(b"xxxx", "[::1]:9".parse().unwrap()).unwrap());
+        assert_eq!((written.as_str(), len), ("[::1]:9ZZZZZZZZZZZZZZZZZZZZZZZZZ", 7));
+    }
+
+    /// A guest whose start function calls `peer` (no client yet: 0) and keeps the
+    /// answer in a global; `handle` replies with it, or asks for the peer at a
+    /// buffer outside memory when the datagram is `!`.
+    const PEER_IN_START: &str = r#"(module
+        (import "wasmgate" "peer" (func $peer (param i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (global $at_start (mut i32) (i32.const -1))
+        (func $start (global.set $at_start (call $peer (i32.const 0) (i32.const 64))))
+        (start $start)
+        (func (export "alloc") (param i32) (result i32) i32.const 0)
+        (func (export "handle") (param $p i32) (param $len i32) (result i64)
+            (if (i32.eq (i32.load8_u (i32.const 0)) (i32.const 33))
+                (then (drop (call $peer (i32.const 65530) (i32.const 64)))))
+            (i32.store8 (i32.const 0) (i32.add (i32.const 48) (global.get $at_start)))
+            (i64.const 1)))"#;
+
+    #[test]
+    fn peer_in_the_start_function_is_0_and_a_buffer_outside_memory_traps() {
+        let mut g = guest(PEER_IN_START);
+        assert_eq!(g.handle(b"x", peer()).unwrap(), b"0");
+        let rejection = g.handle(b"!", peer()).unwrap_err();
+        assert_eq!(rejection.reason, DropReason::Trap);
+        assert!(rejection.to_string().contains("outside guest memory"), "{rejection}");
+        assert_eq!(g.handle(b"x", peer()).unwrap(), b"0");
+    }
+
+    #[test]
+    fn tables_are_capped_and_growing_past_the_cap_traps() {
+        // A table declared over the cap cannot be instantiated at all.
+        let sandbox = sandbox();
+        let too_big = format!(
+            r#"(module (memory (export "memory") 1) (table {} funcref)
+            (func (export "alloc") (param i32) (result i32) i32.const 0)
+            (func (export "handle") (param i32 i32) (result i64) i64.const -1))"#,
+            MAX_TABLE_ELEMENTS + 1
+        );
+        let e = format!("{:#}", sandbox.load("big-table.wat", too_big.as_bytes()).unwrap_err());
+        assert!(e.contains("table"), "{e}");
+        // Growing one past the cap at run time traps, and the next datagram is served.
+        let mut g = guest(
+            r#"(module (memory (export "memory") 1) (table $t 1 funcref)
+            (func (export "alloc") (param i32) (result i32) i32.const 0)
+            (func (export "handle") (param $p i32) (param $len i32) (result i64)
+                (if (i32.eq (i32.load8_u (i32.const 0)) (i32.const 33))
+                    (then (drop (table.grow $t (ref.null func) (i32.const 200000)))))
+                (i64.extend_i32_u (local.get $len))))"#,
+        );
+        assert_eq!(g.handle(b"x", peer()).unwrap(), b"x");
+        assert_eq!(g.handle(b"!", peer()).unwrap_err().reason, DropReason::Trap);
+        assert_eq!(g.handle(b"y", peer()).unwrap(), b"y");
     }
 }

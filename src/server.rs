@@ -314,6 +314,7 @@ impl Worker {
         while !self.stopping() {
             match self.socket.recv_from(&mut buf) {
                 Ok((len, peer)) => {
+                    self.core.counters.received(len);
                     if let Some(reply) = self.core.respond(&buf[..len], peer) {
                         let sent = self.socket.send_to(reply, peer).map(|_| reply.len());
                         self.core.sent(peer, sent);
@@ -342,6 +343,13 @@ impl Worker {
                             .queue_overflows(u64::from(total.wrapping_sub(overflows_seen)));
                         overflows_seen = total;
                     }
+                    // Counted as read before any is handled, so that a batch
+                    // abandoned half-way would show as received but unanswered.
+                    for i in 0..n {
+                        if let Some((datagram, _)) = rx.get(i) {
+                            self.core.counters.received(datagram.len());
+                        }
+                    }
                     for i in 0..n {
                         let Some((datagram, peer)) = rx.get(i) else {
                             self.core.counters.recv_error();
@@ -364,10 +372,9 @@ impl Worker {
 }
 
 impl Core {
-    /// Runs the handler on one datagram; the reply to send, if any. Drops are
-    /// counted here.
+    /// Runs the handler on one datagram (already counted as received); the reply
+    /// to send, if any. Drops are counted here.
     fn respond(&mut self, datagram: &[u8], peer: SocketAddr) -> Option<&[u8]> {
-        self.counters.received(datagram.len());
         let peer = unmapped(peer);
         self.handler.refresh(&self.shared.program.load());
         let started = Instant::now();

@@ -24,8 +24,10 @@ fn binary_serves_the_embedded_guest_and_stops_cleanly_on_sigterm() {
     let c = client();
     assert_eq!(ask(&c, served.addr, b"chen"), b"CHEN");
     assert_eq!(ask(&c, served.addr, b""), b"");
+    // The README promises a stop in about 100 ms (one receive poll interval); a
+    // second leaves room for a loaded machine.
     common::signal(served.child.id(), "TERM");
-    assert_eq!(exit_code_within(&mut served, Duration::from_secs(5)), Some(0));
+    assert_eq!(exit_code_within(&mut served, Duration::from_secs(1)), Some(0));
     // The process has exited, so its stderr ends and the reader's channel closes.
     let rest: Vec<String> = served.log.iter().collect();
     let stopped = rest.iter().find(|l| l.contains("stopped")).expect("a final stats line");
@@ -72,6 +74,9 @@ fn a_flood_of_bad_datagrams_does_not_become_a_flood_of_log_lines() {
         c.send_to(b"boom", served.addr).unwrap();
     }
     std::thread::sleep(Duration::from_millis(1500));
+    // One more in a later second: its line says how many were held back before it.
+    c.send_to(b"boom", served.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let lines: Vec<String> = served.log.try_iter().collect();
     let warnings = lines.iter().filter(|l| l.contains("dropped a datagram")).count();
     assert!(warnings >= 1, "the trap was never reported: {lines:?}");
@@ -82,6 +87,36 @@ fn a_flood_of_bad_datagrams_does_not_become_a_flood_of_log_lines() {
             .iter()
             .any(|l| l.contains("wasm `unreachable` instruction executed")),
         "the warning does not say what the guest did: {lines:?}"
+    );
+    // The lines let through say how many were held back since the previous one.
+    let held_back: u64 = lines
+        .iter()
+        .filter_map(|l| {
+            l.split("suppressed=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        held_back >= 1900,
+        "only {held_back} of ~2000 reported as suppressed: {lines:?}"
+    );
+}
+
+#[test]
+fn sigint_stops_cleanly_like_sigterm() {
+    let mut served = Served::start(&["--listen", "127.0.0.1:0", "--workers", "1"]);
+    assert_eq!(ask(&client(), served.addr, b"ctrl-c"), b"CTRL-C");
+    common::signal(served.child.id(), "INT");
+    assert_eq!(exit_code_within(&mut served, Duration::from_secs(1)), Some(0));
+    let rest: Vec<String> = served.log.iter().collect();
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("stopped") && l.contains("received=1 replied=1")),
+        "{rest:?}"
     );
 }
 

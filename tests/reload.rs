@@ -177,8 +177,13 @@ fn slow_partial_write_never_serves_the_half_file() {
     let serving_a = live.gateway.program().sha256();
     let (first, rest) = new.split_at(new.len() / 2);
     let mut file = std::fs::File::create(&path).unwrap();
-    file.write_all(first).unwrap();
-    file.flush().unwrap();
+    // The first half in ten quick pieces, each gap well inside the 50 ms debounce:
+    // none of the pieces may be read on its own.
+    for piece in first.chunks(first.len().div_ceil(10)) {
+        file.write_all(piece).unwrap();
+        file.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // Longer than the debounce: the half file is read, refused, and A serves on.
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(
@@ -186,9 +191,10 @@ fn slow_partial_write_never_serves_the_half_file() {
         serving_a,
         "the half file was published"
     );
-    assert!(
-        live.gateway.stats().reload_failures >= 1,
-        "the half file was not refused"
+    assert_eq!(
+        live.gateway.stats().reload_failures,
+        1,
+        "the half file must be refused once, and no piece before it read"
     );
     assert!(probes.last_tags.iter().all(|t| t.load(Ordering::Relaxed) == b'A'));
     file.write_all(rest).unwrap();
@@ -266,6 +272,9 @@ fn a_burst_of_writes_costs_few_compiles_and_the_last_one_wins() {
     probes.finish();
     let stats = live.gateway.stats();
     assert!(stats.reloads <= 5, "27 quick writes cost {} compiles", stats.reloads);
+    // Without the debounce a write caught half-way (truncated, then written) is read
+    // and refused.
+    assert_eq!(stats.reload_failures, 0, "a file was read mid-write: {stats}");
     let last: [u8; 32] = sha2::Sha256::digest(tagged(b'Z')).into();
     assert_eq!(
         live.gateway.program().sha256(),
@@ -384,6 +393,14 @@ fn binary_logs_each_reload_and_each_failure_once() {
     std::thread::sleep(Duration::from_millis(300));
     let again: Vec<String> = served.log.try_iter().filter(|l| l.contains("reload failed")).collect();
     assert!(again.is_empty(), "the same failure was logged again: {again:?}");
+    assert_eq!(ask(&c, served.addr, b"x"), b"Bx");
+    // Deleting the module is a warning, once; the last good module serves on.
+    std::fs::remove_file(&path).unwrap();
+    let line = log_line(
+        &served,
+        &["WARN", "module file is missing", "last good module keeps serving"],
+    );
+    assert!(line.contains(&path), "{line}");
     assert_eq!(ask(&c, served.addr, b"x"), b"Bx");
 }
 
