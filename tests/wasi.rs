@@ -220,3 +220,31 @@ fn random_bytes_within_the_cap_are_given() {
         "the bytes after the first are random, not the datagram"
     );
 }
+
+#[test]
+fn argv_is_the_handler_name_alone() {
+    // One argument, "wasmgate-handler" (16 bytes and a NUL), read back whole.
+    let probe = "(if (call $args_sizes_get (i32.const 64) (i32.const 68)) (then unreachable))
+        (if (i32.ne (i32.load (i32.const 64)) (i32.const 1)) (then unreachable))
+        (if (i32.ne (i32.load (i32.const 68)) (i32.const 17)) (then unreachable))
+        (if (call $args_get (i32.const 72) (i32.const 128)) (then unreachable))
+        (if (i32.ne (i32.load (i32.const 72)) (i32.const 128)) (then unreachable))
+        ;; wasmgate as a little-endian i64.
+        (if (i64.ne (i64.load (i32.const 128)) (i64.const 0x657461676d736177)) (then unreachable))";
+    let extra = r#"(import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))"#;
+    survives(&command(probe, extra), None);
+}
+
+#[test]
+fn clocks_tell_the_real_time_and_a_monotonic_time() {
+    // Realtime is after 2020 (1.6e18 ns); monotonic does not go back.
+    let probe = "(if (call $clock_time_get (i32.const 0) (i64.const 1) (i32.const 64)) (then unreachable))
+        (if (i64.lt_u (i64.load (i32.const 64)) (i64.const 1600000000000000000)) (then unreachable))
+        (if (call $clock_time_get (i32.const 1) (i64.const 1) (i32.const 72)) (then unreachable))
+        (if (call $clock_time_get (i32.const 1) (i64.const 1) (i32.const 80)) (then unreachable))
+        (if (i64.lt_u (i64.load (i32.const 80)) (i64.load (i32.const 72))) (then unreachable))";
+    let extra =
+        r#"(import "wasi_snapshot_preview1" "clock_time_get" (func $clock_time_get (param i32 i64 i32) (result i32)))"#;
+    survives(&command(probe, extra), None);
+}
