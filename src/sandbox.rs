@@ -13,7 +13,7 @@ use std::ops::Range;
 use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,9 @@ struct Inner {
     deadline_ticks: u64,
     log_limit: Arc<RateLimit>,
     pooled: bool,
+    /// The epoch ticks so far, counted beside the engine's epoch (which cannot be
+    /// read back), so that time in host calls is measured as the deadline measures.
+    ticks: Arc<AtomicU64>,
     _ticker: EpochTicker,
 }
 
@@ -135,9 +138,11 @@ impl Sandbox {
         let linker = hostcalls::linker(&engine)?;
         let wasi_linker = wasi::linker(&engine)?;
         let deadline_ticks = limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;
+        let ticks = Arc::new(AtomicU64::new(0));
         Ok(Self {
             inner: Arc::new(Inner {
-                _ticker: EpochTicker::start(engine.clone())?,
+                _ticker: EpochTicker::start(engine.clone(), Arc::clone(&ticks))?,
+                ticks,
                 engine,
                 linker,
                 wasi_linker,
@@ -333,12 +338,17 @@ impl Sandbox {
         }
     }
 
+    /// The tick count now, to measure a datagram's handling from.
+    fn now(&self) -> u64 {
+        self.inner.ticks.load(Ordering::Relaxed)
+    }
+
     /// The epoch deadline interrupts only wasm code; time spent inside a host call
-    /// (WASI above all) is checked here, after the fact, so that a datagram whose
-    /// handling ran past the budget is dropped as a timeout all the same. The grace
-    /// is the epoch deadline's own extra tick.
-    fn check_budget(&self, started: Instant) -> Result<(), Rejection> {
-        if started.elapsed() > self.inner.limits.timeout + TICK {
+    /// (WASI above all) is checked here, after the fact, in the same ticks, so that
+    /// a datagram whose handling ran past the budget is dropped as a timeout all
+    /// the same, and one the deadline would have let through is not.
+    fn check_budget(&self, started: u64) -> Result<(), Rejection> {
+        if self.now().saturating_sub(started) > self.inner.deadline_ticks {
             return Err(DropReason::Timeout.into());
         }
         Ok(())
@@ -579,7 +589,7 @@ impl Guest {
         if datagram.len() > MAX_DATAGRAM {
             return Err(DropReason::Oversize.into());
         }
-        let started = Instant::now();
+        let started = self.sandbox.now();
         let pre = match &self.program.pre {
             Pre::AbiV1(pre) => pre,
             Pre::Wasi(pre) => {
@@ -665,7 +675,7 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engine: Engine) -> anyhow::Result<Self> {
+    fn start(engine: Engine, ticks: Arc<AtomicU64>) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -673,6 +683,7 @@ impl EpochTicker {
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(TICK);
+                    ticks.fetch_add(1, Ordering::Relaxed);
                     engine.increment_epoch();
                 }
             })
