@@ -142,6 +142,9 @@ fn correct_client(addr: SocketAddr, seed: u64, rate: u64, stop: &AtomicBool, tal
             }
             Err(_) => {
                 tally.lost.fetch_add(1, Ordering::Relaxed);
+                if let Ok(local) = socket.local_addr() {
+                    println!("soak: lost a datagram from {local} (payload {} bytes)", payload.len());
+                }
             }
         }
         if let Some(rest) = gap.checked_sub(started.elapsed()) {
@@ -160,7 +163,9 @@ fn hostile_client(addr: SocketAddr, stop: &AtomicBool, tally: &Tally) {
         let _ = socket.send_to(kinds[i % kinds.len()], addr);
         tally.hostile.fetch_add(1, Ordering::Relaxed);
         i += 1;
-        std::thread::sleep(Duration::from_millis(20));
+        // Ten a second: each kind of drop stays under the 5-a-second warning
+        // limit, so every drop warning is logged and a loss can be explained.
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -220,6 +225,13 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             use std::io::BufRead as _;
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 log_lines.fetch_add(1, Ordering::Relaxed);
+                // Keep what explains a loss: drops of datagrams that were not hostile.
+                if line.contains("dropped a datagram")
+                    && !line.contains("reason=trap")
+                    && !line.contains("reason=amplification")
+                {
+                    println!("soak: gateway said: {line}");
+                }
                 let _ = tx.send(line);
             }
         });
@@ -282,7 +294,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             next_sample += Duration::from_secs(args.sample_every);
         }
         // Every second: a swap, good and broken in turn; a scrape; every 5 s a SIGHUP.
-        let contents = if second % 2 == 0 {
+        let contents = if second.is_multiple_of(2) {
             BROKEN[(second / 2) as usize % BROKEN.len()].to_string()
         } else {
             good_module((second / 2 % 2) as u32)

@@ -96,10 +96,10 @@ fn compile_in_child(engine: &Engine, program: &PathBuf, bounds: CompileBounds, b
         .spawn()
         .with_context(|| format!("cannot start {} to compile the module", program.display()))?;
     let mut child = Reaper(child);
-    let (mut stdin, mut stdout, mut stderr) = match (child.0.stdin.take(), child.0.stdout.take(), child.0.stderr.take())
-    {
-        (Some(i), Some(o), Some(e)) => (i, o, e),
-        _ => bail!("cannot talk to the compiling process"),
+    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
+        (child.0.stdin.take(), child.0.stdout.take(), child.0.stderr.take())
+    else {
+        bail!("cannot talk to the compiling process");
     };
     // Each pipe on its own thread, so that none can fill up and stall the others.
     let input = bytes.to_vec();

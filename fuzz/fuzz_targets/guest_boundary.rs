@@ -68,6 +68,10 @@ fn module(u: &mut Unstructured<'_>, f: &Fixture) -> arbitrary::Result<Vec<u8>> {
     config.max_memory32_bytes = 1 << 20;
     config.max_tables = config.max_tables.min(2);
     config.max_table_elements = config.max_table_elements.min(10_000);
+    // Small modules compile in milliseconds: many more executions per second.
+    config.max_funcs = config.max_funcs.min(20);
+    config.max_instructions = config.max_instructions.min(200);
+    config.max_data_segments = config.max_data_segments.min(8);
     Ok(wasm_smith::Module::new(config, u)?.to_bytes())
 }
 
