@@ -411,7 +411,7 @@ impl Core {
             }
             io::ErrorKind::Interrupted => {}
             _ => {
-                // ICMP errors (ECONNREFUSED), ENOBUFS, …: one datagram's trouble, not ours.
+                // ENOBUFS, ENOMEM, …: one datagram's trouble, not ours.
                 self.counters.recv_error();
                 if let Some(suppressed) = self.shared.warnings[DropReason::ALL.len()].allow() {
                     tracing::warn!(error = %e, suppressed, "receive failed; serving on");

@@ -114,6 +114,14 @@ fn a_client_that_vanished_before_its_reply_does_not_stop_the_gateway() {
     std::thread::sleep(Duration::from_millis(100));
     let c = client();
     assert_eq!(ask(&c, addr, b"still there?"), b"STILL THERE?");
+    // Replies to a closed port leave the unconnected socket without error, and the
+    // ICMP "port unreachable" that comes back is not reported to an unconnected
+    // socket: nothing is a receive or send error here. (A send that does fail is
+    // counted: tests/hardening.rs, a_reply_that_cannot_be_sent_is_counted….)
+    std::thread::sleep(Duration::from_millis(50));
+    let stats = gateway.shutdown();
+    assert_eq!((stats.received, stats.replied), (21, 21), "{stats}");
+    assert_eq!((stats.recv_errors, stats.dropped_total()), (0, 0), "{stats}");
 }
 
 #[test]
