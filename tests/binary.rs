@@ -2,21 +2,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{ABORT_IMPORT, Served, ask, client, write_file};
-
-/// Waits up to `limit` for the process to exit and returns its exit code.
-fn exit_code_within(served: &mut Served, limit: Duration) -> Option<i32> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = served.child.try_wait().unwrap() {
-            return status.code();
-        }
-        assert!(Instant::now() < deadline, "wasmgate did not exit within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn binary_serves_the_embedded_guest_and_stops_cleanly_on_sigterm() {
@@ -26,8 +14,8 @@ fn binary_serves_the_embedded_guest_and_stops_cleanly_on_sigterm() {
     assert_eq!(ask(&c, served.addr, b""), b"");
     // The README promises a stop in about 100 ms (one receive poll interval); a
     // second leaves room for a loaded machine.
-    common::signal(served.child.id(), "TERM");
-    assert_eq!(exit_code_within(&mut served, Duration::from_secs(1)), Some(0));
+    let status = common::signal_and_wait(&mut served.child, "TERM", Duration::from_secs(1));
+    assert_eq!(status.code(), Some(0));
     // The process has exited, so its stderr ends and the reader's channel closes.
     let rest: Vec<String> = served.log.iter().collect();
     let stopped = rest.iter().find(|l| l.contains("stopped")).expect("a final stats line");
@@ -110,8 +98,8 @@ fn a_flood_of_bad_datagrams_does_not_become_a_flood_of_log_lines() {
 fn sigint_stops_cleanly_like_sigterm() {
     let mut served = Served::start(&["--listen", "127.0.0.1:0", "--workers", "1"]);
     assert_eq!(ask(&client(), served.addr, b"ctrl-c"), b"CTRL-C");
-    common::signal(served.child.id(), "INT");
-    assert_eq!(exit_code_within(&mut served, Duration::from_secs(1)), Some(0));
+    let status = common::signal_and_wait(&mut served.child, "INT", Duration::from_secs(1));
+    assert_eq!(status.code(), Some(0));
     let rest: Vec<String> = served.log.iter().collect();
     assert!(
         rest.iter()

@@ -201,16 +201,8 @@ fn a_fifo_swapped_in_on_reload_is_reported_once_then_a_good_module_loads_and_sig
         .line_with(&["reloaded"])
         .expect("the good module after the FIFO is loaded");
     assert_eq!(common::ask(&c, served.addr, b"hi"), b"h");
-    common::signal(served.child.id(), "TERM");
-    let started = Instant::now();
-    while served.child.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "no exit within a second of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(served.child.wait().unwrap().code(), Some(0));
+    let status = common::signal_and_wait(&mut served.child, "TERM", Duration::from_secs(1));
+    assert_eq!(status.code(), Some(0));
 }
 
 #[test]
@@ -510,16 +502,8 @@ fn sigterm_while_a_reload_compiles_exits_at_once_and_publishes_nothing() {
     for _ in 0..5 {
         assert_eq!(common::ask(&c, served.addr, b"meanwhile"), b"meanwhile");
     }
-    common::signal(served.child.id(), "TERM");
-    let started = Instant::now();
-    while served.child.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "no exit within a second of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(served.child.wait().unwrap().code(), Some(0));
+    let status = common::signal_and_wait(&mut served.child, "TERM", Duration::from_secs(1));
+    assert_eq!(status.code(), Some(0));
     let rest: Vec<String> = served.log.iter().collect();
     assert!(rest.iter().any(|l| l.contains("shutting down")), "{rest:?}");
     assert!(
@@ -536,15 +520,7 @@ fn sigterm_while_starting_up_on_a_slow_module_exits_at_once() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    common::signal(child.id(), "TERM");
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "no exit within a second of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::signal_and_wait(&mut child, "TERM", Duration::from_secs(1));
 }
 
 // Promised in the README and docs/ABI.md, and now tested.

@@ -203,6 +203,20 @@ impl Drop for Served {
     }
 }
 
+/// Sends signal `name` to `child` and waits at most `limit` for it to exit,
+/// failing the test otherwise; its exit status.
+pub fn signal_and_wait(child: &mut Child, name: &str, limit: Duration) -> std::process::ExitStatus {
+    signal(child.id(), name);
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "no exit within {limit:?} of SIG{name}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Sends signal `name` (`TERM`, `HUP`, …) to process `pid`.
 pub fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
