@@ -12,7 +12,6 @@ use wasmtime::{Caller, Engine, Extern, Linker, Memory, StoreLimits};
 
 use crate::abi::HOST_MODULE;
 use crate::metrics::RateLimit;
-use crate::text::escape_control;
 
 /// The longest guest log message passed on; the rest is cut off.
 const MAX_LOG_BYTES: usize = 1024;
@@ -72,8 +71,8 @@ fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> was
     let Some(suppressed) = caller.data().log_limit.allow() else {
         return Ok(());
     };
+    // Control characters are escaped by the log formatter (text) or by JSON.
     let text = String::from_utf8_lossy(&bytes[..len.min(MAX_LOG_BYTES)]);
-    let text = escape_control(&text);
     let peer = caller.data().peer.map(|p| p.to_string()).unwrap_or_default();
     macro_rules! emit {
         ($lvl:expr) => {
@@ -136,7 +135,7 @@ fn abort(mut caller: Caller<'_, HostState>, message: i32, file: i32, line: i32, 
 
 /// Reads an AssemblyScript string: UTF-16LE at `ptr`, its length in bytes in the
 /// 4 bytes before it. `None` for a null pointer or a string outside memory; a long
-/// string is cut short, and control characters are escaped (it reaches the log).
+/// string is cut short.
 fn assemblyscript_string(data: &[u8], ptr: i32) -> Option<String> {
     let ptr = ptr as u32 as usize;
     if ptr < 4 {
@@ -146,10 +145,11 @@ fn assemblyscript_string(data: &[u8], ptr: i32) -> Option<String> {
     let len = (u32::from_le_bytes(size) as usize / 2).min(MAX_ABORT_UNITS);
     let bytes = data.get(ptr..ptr.checked_add(len * 2)?)?;
     let units = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
-    let text: String = char::decode_utf16(units)
-        .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
-        .collect();
-    Some(escape_control(&text).into_owned())
+    Some(
+        char::decode_utf16(units)
+            .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -182,10 +182,5 @@ mod tests {
         assert_eq!(assemblyscript_string(&bad, 8), None, "a length past memory");
         let long = utf16_object(8, &"a".repeat(1000));
         assert_eq!(assemblyscript_string(&long, 8).map(|s| s.len()), Some(MAX_ABORT_UNITS));
-        let forged = utf16_object(8, "x\nINFO wasmgate: reloaded");
-        assert_eq!(
-            assemblyscript_string(&forged, 8).as_deref(),
-            Some("x\\nINFO wasmgate: reloaded")
-        );
     }
 }

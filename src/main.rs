@@ -13,7 +13,10 @@ fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr);
     match cli.serve.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::stderr().is_terminal())
+            .fmt_fields(wasmgate::text::escaping_fields())
+            .init(),
         LogFormat::Json => logs.json().init(),
     }
     match cli.run() {

@@ -29,7 +29,7 @@ use crate::abi::{self, GuestKind, MAX_DATAGRAM};
 use crate::compiler::Compiler;
 use crate::hostcalls::{self, HostState};
 use crate::metrics::{DropReason, RateLimit};
-use crate::text::{cut, escape_control};
+use crate::text::cut;
 use crate::wasi::{self, WasiHost};
 
 /// The largest module file accepted; anything bigger is refused before compiling.
@@ -362,7 +362,7 @@ impl Sandbox {
             return;
         };
         let text = String::from_utf8_lossy(stderr);
-        let text = escape_control(text.trim_end());
+        let text = text.trim_end();
         // The exit status, or "trap" when the program did not exit.
         let status = status.map_or_else(|| "trap".to_string(), |s| s.to_string());
         tracing::info!(target: "wasmgate::guest", %peer, %status, suppressed, "stderr: {text}");

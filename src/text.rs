@@ -1,9 +1,16 @@
 //! Text from outside (guests, module files, config files, replies) made safe to
 //! print: control characters escaped so that no one can forge a log line or move a
 //! terminal's cursor, and long text cut so that an error stays one readable line.
+//! Text-format log lines get it for every field at once ([`escaping_fields`]); JSON
+//! lines need nothing, since JSON escapes control characters itself.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
+
+use tracing::field::Field;
+use tracing_subscriber::field::MakeExt as _;
+use tracing_subscriber::field::delimited::Delimited;
+use tracing_subscriber::fmt::format::{FieldFn, Writer, debug_fn};
 
 /// How many characters of someone else's text an error message quotes.
 pub const MAX_QUOTE_CHARS: usize = 80;
@@ -37,6 +44,25 @@ pub fn quote(text: &str) -> String {
     match chars.nth(MAX_QUOTE_CHARS) {
         None => escape_control(text).into_owned(),
         Some((end, _)) => format!("{}… ({} bytes)", escape_control(&text[..end]), text.len()),
+    }
+}
+
+/// How one field of a text log line is written.
+type WriteField = fn(&mut Writer<'_>, &Field, &dyn fmt::Debug) -> fmt::Result;
+
+/// The field formatter for text logs: fields as the default formatter writes
+/// them (`message key=value …`), with control characters escaped in every value,
+/// so that a guest's log text, WASI stderr or trap message (or anything else that
+/// reaches a log line) can never start a line of its own.
+pub fn escaping_fields() -> Delimited<&'static str, FieldFn<WriteField>> {
+    debug_fn(write_escaped as WriteField).delimited(" ")
+}
+
+fn write_escaped(w: &mut Writer<'_>, field: &Field, value: &dyn fmt::Debug) -> fmt::Result {
+    let text = format!("{value:?}");
+    match field.name() {
+        "message" => w.write_str(&escape_control(&text)),
+        name => write!(w, "{name}={}", escape_control(&text)),
     }
 }
 
