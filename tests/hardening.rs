@@ -111,8 +111,10 @@ fn wasi_socket_calls_in_a_loop_do_not_flood_the_log() {
         c.send_to(b"x", served.addr).unwrap();
     }
     let lines = lines_for(&served, Duration::from_millis(1500));
+    // None of wasmtime-wasi's per-call warnings; at most a few rate-limited drop
+    // warnings, should a loaded machine make some datagrams time out.
     assert!(
-        lines.len() <= 10,
+        !lines.iter().any(|l| l.contains("not implemented")) && lines.len() <= 20,
         "{} log lines for 20 datagrams: {:?}",
         lines.len(),
         &lines[..lines.len().min(5)]
@@ -550,9 +552,11 @@ fn guest_log_text_is_cut_at_1_kib_invalid_utf8_replaced_and_20_lines_a_second() 
     }
     let lines = lines_for(&served, Duration::from_millis(700));
     let logged: Vec<&String> = lines.iter().filter(|l| l.contains("aaaa")).collect();
+    // 20 a second, counted per wall-clock second: a burst that straddles a second
+    // may pass twice that, and without the limit all 100 would.
     assert!(
-        !logged.is_empty() && logged.len() <= 20,
-        "{} guest lines in well under a second",
+        !logged.is_empty() && logged.len() <= 40,
+        "{} guest lines for 100 datagrams in well under a second",
         logged.len()
     );
     let line = logged[0];
