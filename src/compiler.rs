@@ -9,7 +9,7 @@
 //! ([`Compiler::InProcess`], the default of [`crate::sandbox::Sandbox`]).
 
 use std::io::{Read as _, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,9 +52,17 @@ pub enum Compiler {
 }
 
 impl Compiler {
-    /// A bounded compiler that runs this very executable as the child.
+    /// A bounded compiler that runs this very executable as the child. On Linux
+    /// that is `/proc/self/exe`, the running image even after a package upgrade
+    /// has replaced the file on disk (whose compiled modules this process could
+    /// not load).
     pub fn this_executable(bounds: CompileBounds) -> anyhow::Result<Self> {
-        let program = std::env::current_exe().context("cannot find the wasmgate executable to compile modules with")?;
+        let running = Path::new("/proc/self/exe");
+        let program = if running.exists() {
+            running.to_path_buf()
+        } else {
+            std::env::current_exe().context("cannot find the wasmgate executable to compile modules with")?
+        };
         Ok(Self::Child { program, bounds })
     }
 

@@ -667,3 +667,47 @@ fn a_reply_that_cannot_be_sent_is_counted_and_serving_goes_on() {
         assert_eq!((stats.received, stats.replied), (6, 3), "batch {batch}: {stats}");
     }
 }
+
+#[test]
+fn a_reload_after_the_binary_was_replaced_on_disk_still_compiles() {
+    // A package upgrade replaces the file while the old process serves on; its
+    // compiling child must be the running image, not whatever is at that path now.
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("wasmgate");
+    std::fs::copy(env!("CARGO_BIN_EXE_wasmgate"), &binary).unwrap();
+    let module = dir.path().join("guest.wat");
+    std::fs::write(&module, ECHO).unwrap();
+    let mut child = std::process::Command::new(&binary)
+        .args(["--listen", "127.0.0.1:0", "--module", module.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |word: &str| loop {
+        let line = log
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no line with {word:?}"));
+        if line.contains(word) {
+            return line;
+        }
+    };
+    wait_for("serving");
+    // The new "version" on disk cannot compile anything.
+    let upgraded = dir.path().join("wasmgate.new");
+    std::fs::write(&upgraded, "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::set_permissions(&upgraded, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&upgraded, &binary).unwrap();
+    replace(&module, FIRST_BYTE);
+    let line = wait_for("reload");
+    assert!(line.contains("reloaded"), "{line}");
+    common::signal_and_wait(&mut child, "TERM", Duration::from_secs(1));
+}
