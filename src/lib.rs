@@ -15,6 +15,8 @@
 //! - `hostcalls`: the functions ABI v1 guests may import (`wasmgate.*`, `env.abort`).
 //! - [`wasi`]: WASI command modules: stdin in, stdout out, a fresh instance per datagram.
 //! - [`metrics`]: per-worker counters, drop reasons, rate-limited warnings.
+//! - [`pool`]: upstream pools (I/O-free): endpoint choice by policy, rendezvous
+//!   hashing, ejection; the core of forwarding, whose data path is still to come.
 //! - [`exposition`]: Prometheus metrics over HTTP, read from the counters at scrape time.
 //! - [`text`]: outside text (guest logs, file contents, replies) escaped and cut for printing.
 //!
@@ -38,6 +40,7 @@ pub mod config;
 pub mod exposition;
 mod hostcalls;
 pub mod metrics;
+pub mod pool;
 pub mod reload;
 pub mod sandbox;
 pub mod server;

@@ -1,0 +1,360 @@
+//! Upstream pools, the I/O-free part: which endpoint of a pool a new session or
+//! a keyed datagram goes to (by policy), and which endpoints are ejected for a
+//! while after a passive health failure. The forwarding data path (issue 11) is
+//! built on it; nothing here touches a socket or reads the clock (`now` is passed).
+//!
+//! `hash`, the default, is rendezvous (highest random weight) hashing with xxh3,
+//! a hash whose output is specified: two gateway processes with the same endpoint
+//! list pick the same endpoint for a key, in whatever order the list was given;
+//! removing one of N endpoints moves only the keys it had, and adding one moves
+//! about 1/(N+1) of them, all to the new one.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Instant;
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// How a pool chooses an endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// Rendezvous hashing of the key (the client's address, or the guest's key).
+    #[default]
+    Hash,
+    /// Each healthy endpoint in turn.
+    RoundRobin,
+    /// A healthy endpoint at random.
+    Random,
+    /// The healthy endpoint with the fewest sessions.
+    LeastSessions,
+}
+
+impl Policy {
+    /// Every policy, by the name it is given in flags and config files.
+    pub const ALL: [(&'static str, Self); 4] = [
+        ("hash", Self::Hash),
+        ("round-robin", Self::RoundRobin),
+        ("random", Self::Random),
+        ("least-sessions", Self::LeastSessions),
+    ];
+}
+
+impl FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|&(_, policy)| policy)
+            .ok_or_else(|| {
+                format!(
+                    "`{}` is not a policy: give hash, round-robin, random or least-sessions",
+                    crate::text::quote(s)
+                )
+            })
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = Self::ALL.iter().find(|(_, p)| p == self).map_or("?", |(n, _)| n);
+        f.write_str(name)
+    }
+}
+
+/// One endpoint of a pool and what the pool knows of it.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Its rendezvous seed: the hash of its address as text, so that it depends
+    /// on the endpoint alone, not on its place in the list.
+    seed: u64,
+    /// Sessions open to it (for `least-sessions`).
+    pub sessions: u32,
+    /// Ejected after a health failure until then.
+    ejected_until: Option<Instant>,
+}
+
+/// A named pool of endpoints with its policy.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    name: String,
+    policy: Policy,
+    endpoints: Vec<Endpoint>,
+    /// Where `round-robin` goes next.
+    cursor: usize,
+    /// xorshift state for `random`: not for secrets, only for spreading load.
+    rng: u64,
+}
+
+impl Pool {
+    /// A pool of `addrs` (duplicates are kept once).
+    pub fn new(name: impl Into<String>, policy: Policy, addrs: &[SocketAddr]) -> Self {
+        let mut endpoints: Vec<Endpoint> = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            if endpoints.iter().all(|e| e.addr != addr) {
+                endpoints.push(Endpoint {
+                    addr,
+                    seed: xxh3_64(addr.to_string().as_bytes()),
+                    sessions: 0,
+                    ejected_until: None,
+                });
+            }
+        }
+        Self {
+            name: name.into(),
+            policy,
+            endpoints,
+            cursor: 0,
+            rng: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// Whether endpoint `i` may take new sessions at `now`.
+    pub fn is_healthy(&self, i: usize, now: Instant) -> bool {
+        self.endpoints
+            .get(i)
+            .is_some_and(|e| e.ejected_until.is_none_or(|until| now >= until))
+    }
+
+    /// Takes endpoint `i` out of every choice until `until` (a passive health
+    /// failure, such as ICMP port unreachable).
+    pub fn eject(&mut self, i: usize, until: Instant) {
+        if let Some(e) = self.endpoints.get_mut(i) {
+            e.ejected_until = Some(until);
+        }
+    }
+
+    /// Counts a session opened to endpoint `i`.
+    pub fn session_opened(&mut self, i: usize) {
+        if let Some(e) = self.endpoints.get_mut(i) {
+            e.sessions += 1;
+        }
+    }
+
+    /// Counts a session to endpoint `i` closed.
+    pub fn session_closed(&mut self, i: usize) {
+        if let Some(e) = self.endpoints.get_mut(i) {
+            e.sessions = e.sessions.saturating_sub(1);
+        }
+    }
+
+    /// The endpoint for `key` by the pool's policy, among those healthy at
+    /// `now`; `None` when every endpoint is ejected (or the pool is empty).
+    pub fn pick(&mut self, key: &[u8], now: Instant) -> Option<usize> {
+        match self.policy {
+            Policy::Hash => self.by_hash(key, now),
+            Policy::RoundRobin => {
+                let n = self.endpoints.len();
+                let i = (0..n)
+                    .map(|step| (self.cursor + step) % n)
+                    .find(|&i| self.is_healthy(i, now))?;
+                self.cursor = (i + 1) % n;
+                Some(i)
+            }
+            Policy::Random => {
+                let healthy = self.healthy(now).count();
+                if healthy == 0 {
+                    return None;
+                }
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                self.healthy(now).nth((self.rng % healthy as u64) as usize)
+            }
+            // Ties (equally loaded endpoints) go by rendezvous score, so that they
+            // spread by key rather than all to the first endpoint.
+            Policy::LeastSessions => self
+                .healthy(now)
+                .min_by_key(|&i| (self.endpoints[i].sessions, std::cmp::Reverse(self.score(key, i)))),
+        }
+    }
+
+    /// Endpoint `i`'s rendezvous score for `key` (higher wins), ties to the lower address.
+    fn score(&self, key: &[u8], i: usize) -> (u64, std::cmp::Reverse<SocketAddr>) {
+        let e = &self.endpoints[i];
+        (xxh3_64_with_seed(key, e.seed), std::cmp::Reverse(e.addr))
+    }
+
+    /// Rendezvous hashing: the healthy endpoint whose seed gives `key` the highest
+    /// score (ties, vanishingly rare, go to the lower address).
+    pub fn by_hash(&self, key: &[u8], now: Instant) -> Option<usize> {
+        self.healthy(now).max_by_key(|&i| self.score(key, i))
+    }
+
+    fn healthy(&self, now: Instant) -> impl Iterator<Item = usize> + '_ {
+        (0..self.endpoints.len()).filter(move |&i| self.is_healthy(i, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn addrs(n: usize) -> Vec<SocketAddr> {
+        (1..=n).map(|i| SocketAddr::from(([10, 0, 0, i as u8], 53))).collect()
+    }
+
+    fn keys() -> impl Iterator<Item = Vec<u8>> {
+        (0..10_000u32).map(|k| format!("client-{k}").into_bytes())
+    }
+
+    fn owner(pool: &Pool, key: &[u8], now: Instant) -> SocketAddr {
+        pool.endpoints[pool.by_hash(key, now).unwrap()].addr
+    }
+
+    #[test]
+    fn two_pools_with_the_same_endpoints_in_any_order_agree_on_every_key() {
+        let now = Instant::now();
+        let list = addrs(5);
+        let mut reversed = list.clone();
+        reversed.reverse();
+        let (a, b) = (
+            Pool::new("a", Policy::Hash, &list),
+            Pool::new("b", Policy::Hash, &reversed),
+        );
+        for key in keys().take(1000) {
+            assert_eq!(owner(&a, &key, now), owner(&b, &key, now));
+        }
+        // The spread is even enough: every endpoint owns 15–25% of the keys.
+        for e in &a.endpoints {
+            let owned = keys().filter(|k| owner(&a, k, now) == e.addr).count();
+            assert!((1500..=2500).contains(&owned), "{} owns {owned} of 10,000", e.addr);
+        }
+    }
+
+    #[test]
+    fn the_owner_of_a_key_is_fixed_by_the_hash_function_itself() {
+        // xxh3 is specified, so this holds in any process, on any machine, in any
+        // version: replicas behind ECMP agree.
+        let pool = Pool::new("p", Policy::Hash, &addrs(4));
+        let now = Instant::now();
+        let owners: Vec<SocketAddr> = [b"alpha".as_slice(), b"beta", b"gamma", b"delta"]
+            .iter()
+            .map(|k| owner(&pool, k, now))
+            .collect();
+        let again = Pool::new("p", Policy::Hash, &addrs(4));
+        for (k, o) in [b"alpha".as_slice(), b"beta", b"gamma", b"delta"].iter().zip(&owners) {
+            assert_eq!(owner(&again, k, now), *o);
+        }
+        assert_eq!(xxh3_64(b"10.0.0.1:53"), pool.endpoints[0].seed);
+    }
+
+    #[test]
+    fn removing_one_of_four_endpoints_moves_only_its_keys() {
+        let now = Instant::now();
+        let four = Pool::new("p", Policy::Hash, &addrs(4));
+        let removed = four.endpoints[2].addr;
+        let three: Vec<SocketAddr> = addrs(4).into_iter().filter(|&a| a != removed).collect();
+        let three = Pool::new("p", Policy::Hash, &three);
+        let mut moved = 0;
+        for key in keys() {
+            let (before, after) = (owner(&four, &key, now), owner(&three, &key, now));
+            if before == removed {
+                moved += 1;
+            } else {
+                assert_eq!(before, after, "a key not on the removed endpoint moved");
+            }
+        }
+        let fraction = f64::from(moved) / 10_000.0;
+        assert!(
+            (0.20..=0.30).contains(&fraction),
+            "{fraction} of keys were on the removed endpoint"
+        );
+    }
+
+    #[test]
+    fn adding_a_fifth_endpoint_moves_about_a_fifth_of_the_keys_all_to_it() {
+        let now = Instant::now();
+        let four = Pool::new("p", Policy::Hash, &addrs(4));
+        let five = Pool::new("p", Policy::Hash, &addrs(5));
+        let added = addrs(5)[4];
+        let mut moved = 0;
+        for key in keys() {
+            let (before, after) = (owner(&four, &key, now), owner(&five, &key, now));
+            if before != after {
+                assert_eq!(after, added, "a key moved between old endpoints");
+                moved += 1;
+            }
+        }
+        let fraction = f64::from(moved) / 10_000.0;
+        assert!(
+            (0.15..=0.25).contains(&fraction),
+            "{fraction} of keys moved (1/5 expected)"
+        );
+    }
+
+    #[test]
+    fn an_ejected_endpoint_takes_nothing_until_it_comes_back() {
+        let now = Instant::now();
+        for policy in Policy::ALL.map(|(_, p)| p) {
+            let mut pool = Pool::new("p", policy, &addrs(3));
+            pool.eject(1, now + Duration::from_secs(10));
+            for key in keys().take(300) {
+                assert_ne!(pool.pick(&key, now), Some(1), "{policy}");
+            }
+            // Its keys go elsewhere meanwhile, and come back with it.
+            let later = now + Duration::from_secs(10);
+            assert!(pool.is_healthy(1, later));
+            assert!(keys().take(300).any(|k| pool.pick(&k, later) == Some(1)), "{policy}");
+            pool.eject(0, later + Duration::from_secs(1));
+            pool.eject(1, later + Duration::from_secs(1));
+            pool.eject(2, later + Duration::from_secs(1));
+            assert_eq!(pool.pick(b"k", later), None, "{policy}: every endpoint ejected");
+        }
+    }
+
+    #[test]
+    fn round_robin_random_and_least_sessions_choose_as_named() {
+        let now = Instant::now();
+        let mut rr = Pool::new("p", Policy::RoundRobin, &addrs(3));
+        rr.eject(1, now + Duration::from_secs(1));
+        let picks: Vec<Option<usize>> = (0..4).map(|_| rr.pick(b"", now)).collect();
+        assert_eq!(picks, [Some(0), Some(2), Some(0), Some(2)]);
+
+        let mut random = Pool::new("p", Policy::Random, &addrs(4));
+        let mut seen = [0u32; 4];
+        for _ in 0..4000 {
+            seen[random.pick(b"", now).unwrap()] += 1;
+        }
+        assert!(seen.iter().all(|&n| (800..=1200).contains(&n)), "{seen:?}");
+
+        let mut least = Pool::new("p", Policy::LeastSessions, &addrs(3));
+        for (i, n) in [(0, 5), (1, 2), (2, 7)] {
+            (0..n).for_each(|_| least.session_opened(i));
+        }
+        assert_eq!(least.pick(b"", now), Some(1));
+        (0..4).for_each(|_| least.session_opened(1));
+        least.session_closed(0);
+        assert_eq!(least.pick(b"", now), Some(0));
+    }
+
+    #[test]
+    fn policies_are_named_as_in_the_config_and_duplicates_are_kept_once() {
+        for (name, policy) in Policy::ALL {
+            assert_eq!(name.parse::<Policy>(), Ok(policy));
+            assert_eq!(policy.to_string(), name);
+        }
+        let e = "round_robin".parse::<Policy>().unwrap_err();
+        assert!(e.contains("round-robin"), "{e}");
+        let a = addrs(2);
+        assert_eq!(Pool::new("p", Policy::Hash, &[a[0], a[1], a[0]]).endpoints().len(), 2);
+        assert_eq!(Pool::new("p", Policy::Hash, &[]).pick(b"k", Instant::now()), None);
+    }
+}
