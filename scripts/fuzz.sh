@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the fuzzers in fuzz/ (cargo fuzz, libFuzzer) on the stable toolchain.
-#   scripts/fuzz.sh --smoke            each target 60 s on a copy of its corpus (CI)
+#   scripts/fuzz.sh --smoke            each target on a copy of its corpus, 60 s after
+#                                      replaying it (CI; about 10 minutes in all here)
 #   scripts/fuzz.sh TARGET [SECONDS]   one target, growing its corpus in fuzz/corpus
 # Installs cargo-fuzz from crates.io when it is missing. A crash fails the run and
 # leaves the input in fuzz/artifacts/TARGET/.
