@@ -677,37 +677,19 @@ fn a_reload_after_the_binary_was_replaced_on_disk_still_compiles() {
     std::fs::copy(env!("CARGO_BIN_EXE_wasmgate"), &binary).unwrap();
     let module = dir.path().join("guest.wat");
     std::fs::write(&module, ECHO).unwrap();
-    let mut child = std::process::Command::new(&binary)
-        .args(["--listen", "127.0.0.1:0", "--module", module.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let (tx, log) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let wait_for = |word: &str| loop {
-        let line = log
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| panic!("no line with {word:?}"));
-        if line.contains(word) {
-            return line;
-        }
-    };
-    wait_for("serving");
+    let mut served = Served::start_program(
+        &binary,
+        &["--listen", "127.0.0.1:0", "--module", module.to_str().unwrap()],
+        "info",
+    );
     // The new "version" on disk cannot compile anything.
     let upgraded = dir.path().join("wasmgate.new");
     std::fs::write(&upgraded, "#!/bin/sh\nexit 3\n").unwrap();
     std::fs::set_permissions(&upgraded, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::rename(&upgraded, &binary).unwrap();
     replace(&module, FIRST_BYTE);
-    let line = wait_for("reload");
+    let line = served.line_with(&["reload"]).expect("a reload line");
     assert!(line.contains("reloaded"), "{line}");
-    common::signal_and_wait(&mut child, "TERM", Duration::from_secs(1));
+    assert_eq!(common::ask(&client(), served.addr, b"hi"), b"h");
+    common::signal_and_wait(&mut served.child, "TERM", Duration::from_secs(1));
 }

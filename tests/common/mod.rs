@@ -129,7 +129,19 @@ impl Served {
 
     /// As [`Served::start`], with `RUST_LOG` set to `filter`.
     pub fn start_logging(args: &[&str], filter: &str) -> Self {
-        let mut child = wasmgate(args).env("RUST_LOG", filter).spawn().unwrap();
+        Self::start_program(Path::new(env!("CARGO_BIN_EXE_wasmgate")), args, filter)
+    }
+
+    /// As [`Served::start_logging`], running `program` (a copy of the binary).
+    pub fn start_program(program: &Path, args: &[&str], filter: &str) -> Self {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
