@@ -27,7 +27,7 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use sha2::{Digest, Sha256};
 
 use crate::abi::GuestKind;
-use crate::sandbox::{Sandbox, read_module};
+use crate::sandbox::{Sandbox, read_module, short_hex};
 use crate::server::Publisher;
 
 /// How long the file must be left alone before it is read: long enough for a
@@ -343,16 +343,12 @@ impl State {
                     // The sha256 makes each new failing version a new state, reported once.
                     format!(
                         "reload failed, the last good module keeps serving: module {name} (sha256 {}): {e:#}",
-                        hex12(&sha)
+                        short_hex(&sha)
                     ),
                 );
             }
         }
     }
-}
-
-fn hex12(sha: &[u8; 32]) -> String {
-    sha[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn parent(path: &Path) -> PathBuf {

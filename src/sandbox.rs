@@ -458,6 +458,11 @@ pub struct Program {
     compile_time: Duration,
 }
 
+/// The first 12 hex digits of a sha256, enough to tell modules apart in logs.
+pub fn short_hex(sha256: &[u8; 32]) -> String {
+    sha256[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A linked module, ready to instantiate the way its kind is run.
 enum Pre {
     AbiV1(InstancePre<HostState>),
@@ -482,7 +487,7 @@ impl Program {
 
     /// The first 12 hex digits of the sha256, enough to tell modules apart in logs.
     pub fn short_sha256(&self) -> String {
-        self.sha256_hex()[..12].to_string()
+        short_hex(&self.sha256)
     }
 
     /// Which ABI the module follows, and so how it is run.

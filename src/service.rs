@@ -36,22 +36,25 @@ pub fn run(
 ) -> anyhow::Result<()> {
     let mut loaded = Vec::new();
     for spec in listeners {
-        let sandbox = match spec.isolation {
-            Isolation::Reuse => Sandbox::new(spec.limits)?,
-            // One live instance per worker, plus one for checking a reloaded module.
-            Isolation::Fresh => Sandbox::with_instance_pool(spec.limits, u32::try_from(spec.workers + 1)?)?,
-        }
-        .with_compiler(compiler.clone());
-        let mut program =
-            load_module(&sandbox, spec.module.as_deref()).with_context(|| format!("listener `{}`", spec.name))?;
-        let mut sandbox = sandbox;
+        let sandbox_for = |pooled: bool| -> anyhow::Result<Sandbox> {
+            let sandbox = if pooled {
+                // One live instance per worker, plus one for checking a reloaded module.
+                Sandbox::with_instance_pool(spec.limits, u32::try_from(spec.workers + 1)?)?
+            } else {
+                Sandbox::new(spec.limits)?
+            };
+            Ok(sandbox.with_compiler(compiler.clone()))
+        };
+        let load = |sandbox: &Sandbox| {
+            load_module(sandbox, spec.module.as_deref()).with_context(|| format!("listener `{}`", spec.name))
+        };
+        let mut sandbox = sandbox_for(spec.isolation == Isolation::Fresh)?;
+        let mut program = load(&sandbox)?;
         if spec.isolation == Isolation::Reuse && program.kind() == GuestKind::WasiCommand {
             // A WASI command gets a fresh instance per datagram whatever the
             // isolation, and those come fastest from a pool.
-            sandbox = Sandbox::with_instance_pool(spec.limits, u32::try_from(spec.workers + 1)?)?
-                .with_compiler(compiler.clone());
-            program =
-                load_module(&sandbox, spec.module.as_deref()).with_context(|| format!("listener `{}`", spec.name))?;
+            sandbox = sandbox_for(true)?;
+            program = load(&sandbox)?;
         }
         loaded.push((spec, sandbox, program));
     }
