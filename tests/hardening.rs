@@ -353,11 +353,17 @@ fn send_escapes_terminal_sequences_when_printing_to_a_terminal() {
     let path = write_file(dir.path(), "echo.wat", ECHO);
     let served = Served::start(&["--listen", "127.0.0.1:0", "--module", &path]);
     let bin = env!("CARGO_BIN_EXE_wasmgate");
-    // script(1) gives `send` a pseudo-terminal as its stdout.
+    // script(1) gives `send` a pseudo-terminal as its stdout. It runs the
+    // command with $SHELL, so the payload is built with POSIX printf, and the
+    // shell is pinned to sh so that the test runs alike under any login shell.
     let out = std::process::Command::new("script")
+        .env("SHELL", "/bin/sh")
         .args([
             "-qec",
-            &format!("{bin} send {} $'hi\\e]0;owned\\a\\e[2J'", served.addr),
+            &format!(
+                "{bin} send {} \"$(printf 'hi\\033]0;owned\\007\\033[2J')\"",
+                served.addr
+            ),
             "/dev/null",
         ])
         .output()
