@@ -84,9 +84,18 @@ pub const REQUIRED_EXPORTS: [(&str, Signature); 2] = [
     ),
 ];
 
+/// The export an ABI v1 guest may add to see what upstreams send back.
+pub const ON_REPLY: (&str, Signature) = (
+    "on_reply",
+    Signature {
+        params: &["i32", "i32"],
+        results: &["i64"],
+    },
+);
+
 /// The functions the host offers an ABI v1 guest, as (module, name, type); a
 /// guest may import any of them. `env.abort` is what AssemblyScript imports by default.
-pub const HOST_FUNCTIONS: [(&str, &str, Signature); 3] = [
+pub const HOST_FUNCTIONS: [(&str, &str, Signature); 7] = [
     (
         HOST_MODULE,
         "log",
@@ -98,6 +107,38 @@ pub const HOST_FUNCTIONS: [(&str, &str, Signature); 3] = [
     (
         HOST_MODULE,
         "peer",
+        Signature {
+            params: &["i32", "i32"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "forward",
+        Signature {
+            params: &["i32", "i32", "i32", "i32"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "forward_key",
+        Signature {
+            params: &["i32", "i32", "i32", "i32", "i32", "i32"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "send",
+        Signature {
+            params: &["i32", "i32"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "upstream",
         Signature {
             params: &["i32", "i32"],
             results: &["i32"],
@@ -232,6 +273,19 @@ fn check_abi_v1(module: &Module, problems: &mut Vec<String>) {
             )),
         }
     }
+    let (name, expected) = &ON_REPLY;
+    match module.get_export(name) {
+        None => {}
+        Some(ExternType::Func(f)) if matches(&f, expected) => {}
+        Some(ExternType::Func(f)) => problems.push(format!(
+            "export `{name}` has type {}, expected {expected}",
+            describe(&f)
+        )),
+        Some(other) => problems.push(format!(
+            "export `{name}` is {}, not a function {expected}",
+            kind(&other)
+        )),
+    }
     if module.get_export("handle").is_none() {
         problems.push("(a WASI command module exports `_start` instead of `alloc` and `handle`)".to_string());
     }
@@ -306,6 +360,90 @@ fn check_wasi_command(module: &Module, problems: &mut Vec<String>) {
                  a WASI command may import only `{WASI_MODULE}` functions"
             )),
         }
+    }
+}
+
+/// How many `forward`, `forward_key` and `send` calls one datagram (or one
+/// upstream reply) may make; later calls are refused with [`CallError::TooMany`].
+pub const MAX_CALLS_PER_DATAGRAM: u32 = 64;
+
+/// Why a `forward`, `forward_key` or `send` call was refused. The guest gets
+/// [`CallError::code`]; the gateway counts each refusal under [`CallError::as_str`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// No pool has that name.
+    UnknownPool,
+    /// Every endpoint of the pool is ejected.
+    NoHealthyEndpoint,
+    /// The pool's session limit is reached and the client has no session yet.
+    SessionOverflow,
+    /// The data is larger than one datagram (65,507 bytes).
+    Oversize,
+    /// Called where there is no client: in the start function.
+    NoClient,
+    /// The upstream socket could not be opened or refused the datagram.
+    UpstreamError,
+    /// `send`: the datagram would take the answers to this datagram past
+    /// `--max-reply-ratio` × its size.
+    Amplification,
+    /// More than [`MAX_CALLS_PER_DATAGRAM`] calls for one datagram.
+    TooMany,
+}
+
+impl CallError {
+    /// Every refusal, in the order of their counters.
+    pub const ALL: [Self; 8] = [
+        Self::UnknownPool,
+        Self::NoHealthyEndpoint,
+        Self::SessionOverflow,
+        Self::Oversize,
+        Self::NoClient,
+        Self::UpstreamError,
+        Self::Amplification,
+        Self::TooMany,
+    ];
+
+    /// What the guest gets back: -1 to -8, in the order of [`CallError::ALL`].
+    pub const fn code(self) -> i32 {
+        -(self as i32) - 1
+    }
+
+    /// A stable position in [`CallError::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The label used in logs and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownPool => "unknown_pool",
+            Self::NoHealthyEndpoint => "no_healthy_endpoint",
+            Self::SessionOverflow => "session_overflow",
+            Self::Oversize => "oversize",
+            Self::NoClient => "no_client",
+            Self::UpstreamError => "upstream_error",
+            Self::Amplification => "amplification",
+            Self::TooMany => "too_many_calls",
+        }
+    }
+
+    /// The drop reason of a datagram whose every forward was refused like this
+    /// and that got no reply.
+    pub const fn drop_reason(self) -> DropReason {
+        match self {
+            Self::UnknownPool => DropReason::UnknownPool,
+            Self::NoHealthyEndpoint => DropReason::NoHealthyEndpoint,
+            Self::SessionOverflow => DropReason::SessionOverflow,
+            Self::Oversize => DropReason::Oversize,
+            Self::Amplification => DropReason::Amplification,
+            Self::NoClient | Self::UpstreamError | Self::TooMany => DropReason::UpstreamError,
+        }
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -13,8 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::compiler::{CompileBounds, Compiler};
 use crate::config::{
-    self, DEFAULT_REPLY_RATIO, ListenerSpec, MAX_WORKERS, check_batch, check_ratio, check_timeout_ms, check_workers,
-    parse_addr, parse_size, parse_with,
+    self, DEFAULT_REPLY_RATIO, ListenerSpec, MAX_WORKERS, PoolSpec, check_batch, check_ratio, check_timeout_ms,
+    check_workers, parse_addr, parse_size, parse_upstream_flag, parse_with,
 };
 use crate::sandbox::{Isolation, Limits, Program, Sandbox, read_module};
 use crate::server::DEFAULT_BATCH;
@@ -81,7 +81,7 @@ pub enum Command {
 pub struct ServeArgs {
     /// Serve every listener described in this TOML file (see examples/wasmgate.toml)
     /// instead of the one described by the flags below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "upstream"])]
     pub config: Option<PathBuf>,
 
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
@@ -110,6 +110,13 @@ pub struct ServeArgs {
     /// one sendmmsg; 1 uses one recvfrom and one sendto per datagram.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = |s: &str| parse_with(s, check_batch))]
     pub batch: usize,
+
+    /// An upstream pool the guest may forward to, as NAME=ENDPOINT[,ENDPOINT…];
+    /// repeat for more pools. Endpoints are IP:PORT, [IPv6]:PORT or HOST:PORT.
+    /// Pools from flags take the default settings (hash policy, 60 s idle
+    /// timeout); a config file can change them.
+    #[arg(long, value_name = "NAME=ENDPOINTS", value_parser = parse_upstream_flag)]
+    pub upstream: Vec<PoolSpec>,
 
     /// Do not watch the module file for changes (SIGHUP still reloads it).
     #[arg(long)]
@@ -280,7 +287,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 max_reply_ratio: args.max_reply_ratio,
                 batch: args.batch,
                 watch: !args.no_watch,
+                pools: args.upstream.clone(),
             };
+            config::check_pools(&spec.pools)?;
             (vec![spec], None)
         }
     };

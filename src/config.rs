@@ -3,13 +3,15 @@
 //! anything binds: unknown keys, bad values and clashing addresses are refused with
 //! the file, the key and the reason.
 
-use std::net::{IpAddr, SocketAddr};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
+use crate::pool::Policy;
 use crate::sandbox::{Isolation, Limits};
 use crate::server::DEFAULT_BATCH;
 use crate::text::{cut, quote};
@@ -29,6 +31,160 @@ pub struct ListenerSpec {
     pub batch: usize,
     /// Reload the module when its file changes.
     pub watch: bool,
+    /// The upstream pools the guest may forward to (every listener has them all,
+    /// each with its own sessions).
+    pub pools: Vec<PoolSpec>,
+}
+
+/// An upstream pool, as configured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolSpec {
+    pub name: String,
+    /// As written: `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`; see [`PoolSpec::resolve`].
+    pub endpoints: Vec<String>,
+    pub policy: Policy,
+    /// A session ends after this long without a datagram either way.
+    pub idle_timeout: Duration,
+    /// Sessions per listener; past it, new sessions are refused.
+    pub max_sessions: usize,
+    /// How long an endpoint that refused a datagram is left out.
+    pub eject_for: Duration,
+}
+
+/// Defaults of a pool, as Envoy's udp_proxy and Quilkin have them.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+pub const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(10);
+
+/// The most sessions a pool may allow per listener.
+pub const MAX_SESSIONS: usize = 1_000_000;
+
+impl PoolSpec {
+    /// A pool with the default settings.
+    pub fn new(name: impl Into<String>, endpoints: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            endpoints,
+            policy: Policy::default(),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            eject_for: DEFAULT_EJECT_FOR,
+        }
+    }
+
+    /// The endpoints' addresses: host names are looked up (every address of a
+    /// name becomes an endpoint). An error names the endpoint that failed.
+    pub fn resolve(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        let mut addrs = Vec::new();
+        for endpoint in &self.endpoints {
+            let found: Vec<SocketAddr> = endpoint
+                .to_socket_addrs()
+                .with_context(|| format!("pool `{}`: cannot resolve endpoint `{}`", self.name, quote(endpoint)))?
+                .collect();
+            if found.is_empty() {
+                bail!("pool `{}`: endpoint `{}` has no address", self.name, quote(endpoint));
+            }
+            addrs.extend(found);
+        }
+        Ok(addrs)
+    }
+}
+
+/// Checks a pool name: letters, digits, `-` and `_`, as guests write it.
+pub fn check_pool_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "`{}` is not a pool name: use 1 to 64 letters, digits, `-` or `_`",
+            quote(name)
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an endpoint's form without looking it up: `IP:PORT`, `[IPv6]:PORT` or
+/// `HOST:PORT`, with a port from 1 to 65535.
+pub fn check_endpoint(s: &str) -> Result<(), String> {
+    let err = || {
+        format!(
+            "`{}` is not an endpoint: give IP:PORT, [IPv6]:PORT or HOST:PORT, such as 10.0.0.7:53",
+            quote(s)
+        )
+    };
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return if addr.port() == 0 || addr.ip().is_unspecified() {
+            Err(err())
+        } else {
+            Ok(())
+        };
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(()),
+        _ => Err(err()),
+    }
+}
+
+/// Parses `--upstream NAME=ENDPOINT[,ENDPOINT…]`.
+pub fn parse_upstream_flag(s: &str) -> Result<PoolSpec, String> {
+    let (name, list) = s.split_once('=').ok_or_else(|| {
+        format!(
+            "`{}` is not NAME=ENDPOINT[,ENDPOINT…], such as resolvers=10.0.0.7:53,10.0.0.8:53",
+            quote(s)
+        )
+    })?;
+    check_pool_name(name)?;
+    let endpoints: Vec<String> = list.split(',').map(|e| e.trim().to_string()).collect();
+    for e in &endpoints {
+        check_endpoint(e)?;
+    }
+    Ok(PoolSpec::new(name, endpoints))
+}
+
+/// Parses a duration written as `500ms`, `60s`, `5m` or `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || {
+        format!(
+            "`{}` is not a duration: give a number with ms, s, m or h, such as \"60s\" or \"500ms\"",
+            quote(s)
+        )
+    };
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .ok_or_else(err)?;
+    // A day bounds every pool setting; longer is a typo.
+    if ms == 0 || ms > 86_400_000 {
+        return Err(format!("`{}` is out of range: give 1ms to 24h", quote(s)));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// Refuses two pools with one name.
+pub fn check_pools(pools: &[PoolSpec]) -> anyhow::Result<()> {
+    for (i, a) in pools.iter().enumerate() {
+        if pools[..i].iter().any(|b| b.name == a.name) {
+            bail!("two pools are named `{}`", a.name);
+        }
+    }
+    Ok(())
 }
 
 /// The whole file.
@@ -39,6 +195,18 @@ struct File {
     metrics: Option<MetricsSection>,
     #[serde(default)]
     listener: Vec<ListenerSection>,
+    #[serde(default)]
+    upstreams: BTreeMap<String, UpstreamSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamSection {
+    endpoints: Vec<String>,
+    policy: Option<String>,
+    idle_timeout: Option<String>,
+    max_sessions: Option<usize>,
+    eject_for: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +259,40 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
         ),
         None => None,
     };
+    let mut pools = Vec::new();
+    for (name, u) in &file.upstreams {
+        let at = |key: &str| format!("upstreams.{name}: {key}");
+        check_pool_name(name)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("upstreams.{}", quote(name)))?;
+        if u.endpoints.is_empty() {
+            bail!("{}: the pool is empty: give at least one endpoint", at("endpoints"));
+        }
+        for e in &u.endpoints {
+            check_endpoint(e)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| at("endpoints"))?;
+        }
+        let duration = |value: &Option<String>, key: &str, default: Duration| match value {
+            Some(v) => parse_duration(v).map_err(anyhow::Error::msg).with_context(|| at(key)),
+            None => Ok(default),
+        };
+        pools.push(PoolSpec {
+            name: name.clone(),
+            endpoints: u.endpoints.clone(),
+            policy: match &u.policy {
+                Some(p) => p.parse().map_err(anyhow::Error::msg).with_context(|| at("policy"))?,
+                None => Policy::default(),
+            },
+            idle_timeout: duration(&u.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?,
+            max_sessions: match u.max_sessions {
+                Some(n) if (1..=MAX_SESSIONS).contains(&n) => n,
+                Some(n) => bail!("{}: {n} is out of range: give 1 to {MAX_SESSIONS}", at("max_sessions")),
+                None => DEFAULT_MAX_SESSIONS,
+            },
+            eject_for: duration(&u.eject_for, "eject_for", DEFAULT_EJECT_FOR)?,
+        });
+    }
     let mut listeners = Vec::new();
     for (i, l) in file.listener.iter().enumerate() {
         let at = |key: &str| format!("listener[{i}] ({}): {key}", l.name);
@@ -139,6 +341,7 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                 None => DEFAULT_BATCH,
             },
             watch: l.watch.unwrap_or(true),
+            pools: pools.clone(),
         };
         if let Some(module) = &spec.module
             && !module.exists()

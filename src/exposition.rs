@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -23,8 +23,10 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::abi::CallError;
 use crate::metrics::{DropReason, GUEST_TIME_BUCKETS_NS, Snapshot};
 use crate::server::Publisher;
+use crate::upstream::EndpointView;
 
 /// The listeners whose counters a scrape reports, by name.
 pub struct GatewayCollector {
@@ -48,7 +50,7 @@ pub fn registry(listeners: Vec<(String, Publisher)>) -> Registry {
 /// A counter family: name (without `_total`), help, and its value in a snapshot.
 type CounterFamily = (&'static str, &'static str, fn(&Snapshot) -> u64);
 
-const COUNTERS: [CounterFamily; 8] = [
+const COUNTERS: [CounterFamily; 13] = [
     ("wasmgate_datagrams_received", "Datagrams received.", |s| s.received),
     ("wasmgate_datagrams_replied", "Datagrams answered with a reply.", |s| {
         s.replied
@@ -73,7 +75,94 @@ const COUNTERS: [CounterFamily; 8] = [
         "Reloads refused: unreadable file or a module that failed its checks.",
         |s| s.reload_failures,
     ),
+    (
+        "wasmgate_datagrams_forwarded",
+        "Datagrams the guest forwarded upstream without answering the client itself.",
+        |s| s.forwarded,
+    ),
+    (
+        "wasmgate_upstream_datagrams_received",
+        "Datagrams received from upstream endpoints.",
+        |s| s.upstream_received,
+    ),
+    (
+        "wasmgate_upstream_bytes_received",
+        "Payload bytes received from upstream endpoints.",
+        |s| s.upstream_bytes_in,
+    ),
+    ("wasmgate_sessions_created", "Upstream sessions opened.", |s| {
+        s.sessions_created
+    }),
+    (
+        "wasmgate_session_idle_timeouts",
+        "Upstream sessions closed after idle_timeout without traffic.",
+        |s| s.sessions_expired,
+    ),
 ];
+
+/// An endpoint family: name, help, and its value.
+type EndpointFamily = (&'static str, &'static str, fn(&EndpointView<'_>) -> u64);
+
+const ENDPOINT_COUNTERS: [EndpointFamily; 4] = [
+    (
+        "wasmgate_endpoint_datagrams_sent",
+        "Datagrams forwarded to the endpoint.",
+        |e| e.to,
+    ),
+    (
+        "wasmgate_endpoint_bytes_sent",
+        "Payload bytes forwarded to the endpoint.",
+        |e| e.to_bytes,
+    ),
+    (
+        "wasmgate_endpoint_datagrams_received",
+        "Datagrams the endpoint sent back.",
+        |e| e.from,
+    ),
+    (
+        "wasmgate_endpoint_bytes_received",
+        "Payload bytes the endpoint sent back.",
+        |e| e.from_bytes,
+    ),
+];
+
+impl GatewayCollector {
+    /// Per endpoint of every pool: traffic both ways and health.
+    fn encode_endpoints(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        let now = Instant::now();
+        let views: Vec<(&str, Vec<EndpointView<'_>>)> = self
+            .listeners
+            .iter()
+            .filter_map(|(n, p)| Some((n.as_str(), p.pools()?.endpoints(now))))
+            .collect();
+        for (name, help, value) in ENDPOINT_COUNTERS {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (listener, endpoints) in &views {
+                for e in endpoints {
+                    let addr = e.addr.to_string();
+                    family
+                        .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
+                        .encode_counter::<NoLabelSet, _, u64>(&value(e), None)?;
+                }
+            }
+        }
+        let mut healthy = encoder.encode_descriptor(
+            "wasmgate_endpoint_healthy",
+            "1 when the endpoint takes new sessions, 0 while it is ejected.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (listener, endpoints) in &views {
+            for e in endpoints {
+                let addr = e.addr.to_string();
+                healthy
+                    .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
+                    .encode_gauge(&i64::from(e.healthy))?;
+            }
+        }
+        Ok(())
+    }
+}
 
 impl Collector for GatewayCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
@@ -101,6 +190,48 @@ impl Collector for GatewayCollector {
                     .encode_counter::<NoLabelSet, _, u64>(&s.dropped(reason), None)?;
             }
         }
+
+        let mut refused = encoder.encode_descriptor(
+            "wasmgate_guest_calls_refused",
+            "forward, forward_key and send calls refused, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, s) in &snapshots {
+            for error in CallError::ALL {
+                refused
+                    .encode_family(&[("listener", *listener), ("reason", error.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&s.refused(error), None)?;
+            }
+        }
+
+        let mut upstream_dropped = encoder.encode_descriptor(
+            "wasmgate_upstream_datagrams_dropped",
+            "Datagrams from upstreams not passed on to the client, by reason (no_reply: on_reply returned -1).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, s) in &snapshots {
+            for reason in DropReason::ALL {
+                upstream_dropped
+                    .encode_family(&[("listener", *listener), ("reason", reason.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&s.upstream_dropped(reason), None)?;
+            }
+        }
+
+        let mut active = encoder.encode_descriptor(
+            "wasmgate_sessions_active",
+            "Upstream sessions open now.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (listener, s) in &snapshots {
+            active
+                .encode_family(&[("listener", *listener)])?
+                .encode_gauge(&i64::try_from(s.sessions_active).unwrap_or(i64::MAX))?;
+        }
+
+        self.encode_endpoints(&mut encoder)?;
 
         let mut histogram = encoder.encode_descriptor(
             "wasmgate_guest_duration_seconds",

@@ -1,5 +1,6 @@
 //! The functions the host offers ABI v1 guests: `wasmgate.log`, `wasmgate.peer`,
-//! and `env.abort`, which AssemblyScript imports by default.
+//! the forwarding verbs (`forward`, `forward_key`, `send`, `upstream`), and
+//! `env.abort`, which AssemblyScript imports by default.
 //!
 //! Each reads or writes guest memory only through bounds-checked accessors and
 //! traps, with a message saying why, when a guest passes a region outside its memory.
@@ -10,8 +11,9 @@ use std::sync::Arc;
 
 use wasmtime::{Caller, Engine, Extern, Linker, Memory, StoreLimits};
 
-use crate::abi::HOST_MODULE;
+use crate::abi::{CallError, HOST_MODULE, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
 use crate::metrics::RateLimit;
+use crate::upstream::Upstreams;
 
 /// The longest guest log message passed on; the rest is cut off.
 const MAX_LOG_BYTES: usize = 1024;
@@ -23,6 +25,70 @@ pub(crate) struct HostState {
     pub(crate) peer: Option<SocketAddr>,
     /// Shared by every instance, so a chatty guest cannot flood the log.
     pub(crate) log_limit: Arc<RateLimit>,
+    /// The worker's sessions, lent to the store for the length of one call.
+    pub(crate) net: Option<Box<Upstreams>>,
+    /// What the guest asked for during the call in progress.
+    pub(crate) out: Outbox,
+    /// Inside `on_reply`: the endpoint that sent the datagram, as `POOL/ip:port`.
+    pub(crate) upstream: String,
+}
+
+/// What one call of `handle` or `on_reply` did besides its return value: the
+/// datagrams it `send`s (kept here until the call ends), what it forwarded, and
+/// what was refused. Its buffers are reused from call to call.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    data: Vec<u8>,
+    ends: Vec<usize>,
+    /// Bytes the guest may still send the client for this datagram.
+    pub(crate) budget: usize,
+    calls: u32,
+    pub(crate) forwarded: u32,
+    pub(crate) refused: [u32; CallError::ALL.len()],
+    /// The first refusal: the reason a datagram that got nowhere is dropped for.
+    pub(crate) first_refusal: Option<CallError>,
+}
+
+impl Outbox {
+    /// Empties the outbox for a call that may send `budget` bytes to the client.
+    pub(crate) fn reset(&mut self, budget: usize) {
+        self.data.clear();
+        self.ends.clear();
+        self.budget = budget;
+        self.calls = 0;
+        self.forwarded = 0;
+        self.refused = [0; CallError::ALL.len()];
+        self.first_refusal = None;
+    }
+
+    /// The datagrams `send` queued, in order.
+    pub(crate) fn sends(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let d = &self.data[start..end];
+            start = end;
+            d
+        })
+    }
+
+    pub(crate) fn has_sends(&self) -> bool {
+        !self.ends.is_empty()
+    }
+
+    pub(crate) fn refuse(&mut self, error: CallError) -> i32 {
+        self.refused[error.index()] += 1;
+        self.first_refusal.get_or_insert(error);
+        error.code()
+    }
+
+    /// Counts a call, refusing it past the per-datagram limit.
+    fn count_call(&mut self) -> Result<(), CallError> {
+        if self.calls >= MAX_CALLS_PER_DATAGRAM {
+            return Err(CallError::TooMany);
+        }
+        self.calls += 1;
+        Ok(())
+    }
 }
 
 /// A linker with every host function defined; filled once per engine.
@@ -30,6 +96,10 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     linker.func_wrap(HOST_MODULE, "log", log)?;
     linker.func_wrap(HOST_MODULE, "peer", peer)?;
+    linker.func_wrap(HOST_MODULE, "forward", forward)?;
+    linker.func_wrap(HOST_MODULE, "forward_key", forward_key)?;
+    linker.func_wrap(HOST_MODULE, "send", send)?;
+    linker.func_wrap(HOST_MODULE, "upstream", upstream)?;
     linker.func_wrap("env", "abort", abort)?;
     Ok(linker)
 }
@@ -109,6 +179,130 @@ fn peer(mut caller: Caller<'_, HostState>, ptr: i32, cap: i32) -> wasmtime::Resu
                 "wasmgate.peer: buffer at {}..+{len} lies outside guest memory",
                 ptr as u32
             );
+        }
+    }
+    Ok(len as i32)
+}
+
+/// The bytes at `ptr..ptr+len` of guest memory, or a trap naming the call and region.
+fn region<'m>(memory: &'m [u8], ptr: i32, len: i32, function: &str, what: &str) -> wasmtime::Result<&'m [u8]> {
+    let (start, len) = (ptr as u32 as usize, len as u32 as usize);
+    match start.checked_add(len).and_then(|end| memory.get(start..end)) {
+        Some(bytes) => Ok(bytes),
+        None => wasmtime::bail!("wasmgate.{function}: {what} at {start}..+{len} lies outside guest memory"),
+    }
+}
+
+/// `forward(pool_ptr, pool_len, data_ptr, data_len) -> i32`: sends `data` to an
+/// endpoint of the named pool, on behalf of the current client; 0 when it was
+/// handed to the upstream socket, else a negative [`CallError::code`].
+fn forward(
+    caller: Caller<'_, HostState>,
+    pool_ptr: i32,
+    pool_len: i32,
+    data_ptr: i32,
+    data_len: i32,
+) -> wasmtime::Result<i32> {
+    forward_any(caller, "forward", (pool_ptr, pool_len), None, (data_ptr, data_len))
+}
+
+/// `forward_key(pool_ptr, pool_len, key_ptr, key_len, data_ptr, data_len) -> i32`:
+/// as `forward`, but the endpoint is chosen by hashing `key`.
+fn forward_key(
+    caller: Caller<'_, HostState>,
+    pool_ptr: i32,
+    pool_len: i32,
+    key_ptr: i32,
+    key_len: i32,
+    data_ptr: i32,
+    data_len: i32,
+) -> wasmtime::Result<i32> {
+    forward_any(
+        caller,
+        "forward_key",
+        (pool_ptr, pool_len),
+        Some((key_ptr, key_len)),
+        (data_ptr, data_len),
+    )
+}
+
+fn forward_any(
+    mut caller: Caller<'_, HostState>,
+    function: &str,
+    pool: (i32, i32),
+    key: Option<(i32, i32)>,
+    data: (i32, i32),
+) -> wasmtime::Result<i32> {
+    let mem = memory(&mut caller, function)?;
+    let (memory, state) = mem.data_and_store_mut(&mut caller);
+    let pool = region(memory, pool.0, pool.1, function, "the pool name")?;
+    let key = match key {
+        Some((ptr, len)) => Some(region(memory, ptr, len, function, "the key")?),
+        None => None,
+    };
+    let data = region(memory, data.0, data.1, function, "the data")?;
+    let result = state.out.count_call().and_then(|()| {
+        if state.peer.is_none() {
+            return Err(CallError::NoClient);
+        }
+        if data.len() > MAX_DATAGRAM {
+            return Err(CallError::Oversize);
+        }
+        match state.net.as_mut() {
+            Some(net) => net.forward(pool, key, data),
+            None => Err(CallError::UnknownPool),
+        }
+    });
+    Ok(match result {
+        Ok(()) => {
+            state.out.forwarded += 1;
+            0
+        }
+        Err(error) => state.out.refuse(error),
+    })
+}
+
+/// `send(ptr, len) -> i32`: one more datagram to the client. Everything sent in
+/// answer to one datagram shares one amplification budget; 0 when queued.
+fn send(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
+    let mem = memory(&mut caller, "send")?;
+    let (memory, state) = mem.data_and_store_mut(&mut caller);
+    let data = region(memory, ptr, len, "send", "the data")?;
+    let out = &mut state.out;
+    let result = out.count_call().and_then(|()| {
+        if state.peer.is_none() {
+            Err(CallError::NoClient)
+        } else if data.len() > MAX_DATAGRAM {
+            Err(CallError::Oversize)
+        } else if data.len() > out.budget {
+            Err(CallError::Amplification)
+        } else {
+            Ok(())
+        }
+    });
+    Ok(match result {
+        Ok(()) => {
+            out.budget -= data.len();
+            out.data.extend_from_slice(data);
+            out.ends.push(out.data.len());
+            0
+        }
+        Err(error) => out.refuse(error),
+    })
+}
+
+/// `upstream(ptr: i32, cap: i32) -> i32`: inside `on_reply`, the endpoint that
+/// sent the datagram as `POOL/ip:port`, written if it fits in `cap` bytes; its
+/// length either way. Elsewhere 0.
+fn upstream(mut caller: Caller<'_, HostState>, ptr: i32, cap: i32) -> wasmtime::Result<i32> {
+    let len = caller.data().upstream.len();
+    if len > 0 && len <= cap as u32 as usize {
+        let mem = memory(&mut caller, "upstream")?;
+        let (memory, state) = mem.data_and_store_mut(&mut caller);
+        let start = ptr as u32 as usize;
+        match start.checked_add(len).and_then(|end| memory.get_mut(start..end)) {
+            Some(dst) => dst.copy_from_slice(state.upstream.as_bytes()),
+            None => wasmtime::bail!("wasmgate.upstream: buffer at {start}..+{len} lies outside guest memory"),
         }
     }
     Ok(len as i32)

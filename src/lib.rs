@@ -47,6 +47,7 @@ pub mod server;
 pub mod service;
 pub mod text;
 pub mod udp;
+pub mod upstream;
 pub mod wasi;
 
 /// The default guest (`guest/uppercase`), built by `scripts/build-guests.sh`.

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
+use crate::abi::CallError;
+
 /// Why a datagram got no reply. Every datagram received is either replied to or
 /// counted under exactly one of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -27,13 +29,21 @@ pub enum DropReason {
     Oversize,
     /// The reply could not be sent (`sendto` failed).
     SendError,
-    /// The guest chose not to reply (`handle` returned -1).
+    /// The guest chose not to reply (`handle` returned -1) and forwarded nothing.
     NoReply,
+    /// The guest forwarded only to pools that do not exist, and sent nothing.
+    UnknownPool,
+    /// The guest forwarded only to pools with every endpoint ejected, and sent nothing.
+    NoHealthyEndpoint,
+    /// The guest's forwards needed new sessions past `max_sessions`, and it sent nothing.
+    SessionOverflow,
+    /// The guest's forwards failed at the upstream socket, and it sent nothing.
+    UpstreamError,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 12] = [
         Self::Timeout,
         Self::Trap,
         Self::BadAlloc,
@@ -42,6 +52,10 @@ impl DropReason {
         Self::Oversize,
         Self::SendError,
         Self::NoReply,
+        Self::UnknownPool,
+        Self::NoHealthyEndpoint,
+        Self::SessionOverflow,
+        Self::UpstreamError,
     ];
 
     /// A stable position in [`DropReason::ALL`], used to index counter arrays.
@@ -60,6 +74,10 @@ impl DropReason {
             Self::Oversize => "oversize",
             Self::SendError => "send_error",
             Self::NoReply => "no_reply",
+            Self::UnknownPool => "unknown_pool",
+            Self::NoHealthyEndpoint => "no_healthy_endpoint",
+            Self::SessionOverflow => "session_overflow",
+            Self::UpstreamError => "upstream_error",
         }
     }
 
@@ -98,9 +116,53 @@ pub struct Counters {
     /// How long the guest took per datagram: counts per bucket (not cumulative).
     guest_time: [AtomicU64; GUEST_TIME_BUCKETS_NS.len() + 1],
     guest_time_sum_ns: AtomicU64,
+    /// Datagrams the guest forwarded upstream without answering the client itself.
+    forwarded: AtomicU64,
+    /// `forward`/`send` calls refused, by reason.
+    refused: [AtomicU64; CallError::ALL.len()],
+    /// Datagrams that came back from upstreams, and their bytes.
+    upstream_received: AtomicU64,
+    upstream_bytes_in: AtomicU64,
+    /// Upstream datagrams that did not reach the client, by reason
+    /// (`no_reply`: `on_reply` returned -1).
+    upstream_dropped: [AtomicU64; DropReason::ALL.len()],
+    sessions_created: AtomicU64,
+    /// Sessions closed after `idle_timeout` without traffic.
+    sessions_expired: AtomicU64,
+    /// Sessions open now (a gauge written by this worker only).
+    sessions_active: AtomicU64,
 }
 
 impl Counters {
+    pub(crate) fn forwarded(&self) {
+        self.forwarded.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn refused(&self, error: CallError, n: u64) {
+        self.refused[error.index()].fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn upstream_received(&self, bytes: usize) {
+        self.upstream_received.fetch_add(1, Relaxed);
+        self.upstream_bytes_in.fetch_add(bytes as u64, Relaxed);
+    }
+
+    pub(crate) fn upstream_dropped(&self, reason: DropReason) {
+        self.upstream_dropped[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn session_created(&self, active: usize) {
+        self.sessions_created.fetch_add(1, Relaxed);
+        self.sessions_active.store(active as u64, Relaxed);
+    }
+
+    pub(crate) fn session_closed(&self, active: usize, expired: bool) {
+        if expired {
+            self.sessions_expired.fetch_add(1, Relaxed);
+        }
+        self.sessions_active.store(active as u64, Relaxed);
+    }
+
     pub(crate) fn guest_time(&self, elapsed: std::time::Duration) {
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let bucket = GUEST_TIME_BUCKETS_NS
@@ -186,6 +248,18 @@ impl Stats {
                 *total += b.load(Relaxed);
             }
             s.guest_time_sum_ns += w.guest_time_sum_ns.load(Relaxed);
+            s.forwarded += w.forwarded.load(Relaxed);
+            for (total, r) in s.refused.iter_mut().zip(&w.refused) {
+                *total += r.load(Relaxed);
+            }
+            s.upstream_received += w.upstream_received.load(Relaxed);
+            s.upstream_bytes_in += w.upstream_bytes_in.load(Relaxed);
+            for (total, d) in s.upstream_dropped.iter_mut().zip(&w.upstream_dropped) {
+                *total += d.load(Relaxed);
+            }
+            s.sessions_created += w.sessions_created.load(Relaxed);
+            s.sessions_expired += w.sessions_expired.load(Relaxed);
+            s.sessions_active += w.sessions_active.load(Relaxed);
         }
         s
     }
@@ -211,12 +285,34 @@ pub struct Snapshot {
     /// bucket is everything slower).
     pub guest_time: [u64; GUEST_TIME_BUCKETS_NS.len() + 1],
     pub guest_time_sum_ns: u64,
+    /// Datagrams forwarded upstream without a reply from the guest itself.
+    pub forwarded: u64,
+    /// `forward`, `forward_key` and `send` calls refused, by [`CallError`].
+    pub refused: [u64; CallError::ALL.len()],
+    /// Datagrams from upstreams, and their bytes.
+    pub upstream_received: u64,
+    pub upstream_bytes_in: u64,
+    /// Upstream datagrams not passed on to the client, by reason.
+    pub upstream_dropped: [u64; DropReason::ALL.len()],
+    pub sessions_created: u64,
+    pub sessions_expired: u64,
+    pub sessions_active: u64,
 }
 
 impl Snapshot {
     /// Datagrams dropped for `reason`.
     pub fn dropped(&self, reason: DropReason) -> u64 {
         self.dropped[reason.index()]
+    }
+
+    /// Guest calls refused for `error`.
+    pub fn refused(&self, error: CallError) -> u64 {
+        self.refused[error.index()]
+    }
+
+    /// Upstream datagrams not passed on for `reason`.
+    pub fn upstream_dropped(&self, reason: DropReason) -> u64 {
+        self.upstream_dropped[reason.index()]
     }
 
     /// Datagrams dropped for any reason.
@@ -235,7 +331,18 @@ impl fmt::Display for Snapshot {
         for reason in DropReason::ALL {
             write!(f, " dropped_{}={}", reason, self.dropped(reason))?;
         }
-        write!(f, " reloads={} reload_failures={}", self.reloads, self.reload_failures)
+        write!(f, " reloads={} reload_failures={}", self.reloads, self.reload_failures)?;
+        if self.sessions_created > 0 || self.refused.iter().any(|&n| n > 0) {
+            write!(
+                f,
+                " forwarded={} upstream_received={} sessions_created={} sessions_expired={}",
+                self.forwarded, self.upstream_received, self.sessions_created, self.sessions_expired
+            )?;
+            for error in CallError::ALL {
+                write!(f, " refused_{}={}", error, self.refused(error))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -12,6 +12,8 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
@@ -73,8 +75,28 @@ pub struct Endpoint {
     seed: u64,
     /// Sessions open to it (for `least-sessions`).
     pub sessions: u32,
-    /// Ejected after a health failure until then.
-    ejected_until: Option<Instant>,
+    /// Shared by every clone of the pool (one per worker), so that an endpoint
+    /// one worker found down is avoided by all.
+    health: Arc<Health>,
+}
+
+/// Whether an endpoint is ejected, readable and writable from any worker.
+#[derive(Debug, Default)]
+struct Health {
+    /// Ejected until this many nanoseconds past [`epoch`] (plus one); 0: never ejected.
+    until: AtomicU64,
+    /// An ejection was reported and its end not yet.
+    reported: AtomicBool,
+}
+
+/// The instant every ejection deadline counts from, so that it fits an atomic.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn since_epoch(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX - 1) + 1
 }
 
 /// A named pool of endpoints with its policy.
@@ -99,7 +121,7 @@ impl Pool {
                     addr,
                     seed: xxh3_64(addr.to_string().as_bytes()),
                     sessions: 0,
-                    ejected_until: None,
+                    health: Arc::default(),
                 });
             }
         }
@@ -126,17 +148,34 @@ impl Pool {
 
     /// Whether endpoint `i` may take new sessions at `now`.
     pub fn is_healthy(&self, i: usize, now: Instant) -> bool {
-        self.endpoints
-            .get(i)
-            .is_some_and(|e| e.ejected_until.is_none_or(|until| now >= until))
+        self.endpoints.get(i).is_some_and(|e| {
+            let until = e.health.until.load(Relaxed);
+            until == 0 || since_epoch(now) >= until
+        })
     }
 
-    /// Takes endpoint `i` out of every choice until `until` (a passive health
-    /// failure, such as ICMP port unreachable).
-    pub fn eject(&mut self, i: usize, until: Instant) {
-        if let Some(e) = self.endpoints.get_mut(i) {
-            e.ejected_until = Some(until);
+    /// Takes endpoint `i` out of every choice, in every clone of this pool, until
+    /// `until` (a passive health failure, such as ICMP port unreachable). True
+    /// when this is news: the endpoint was not already reported ejected.
+    pub fn eject(&self, i: usize, until: Instant) -> bool {
+        match self.endpoints.get(i) {
+            Some(e) => {
+                e.health.until.store(since_epoch(until), Relaxed);
+                !e.health.reported.swap(true, Relaxed)
+            }
+            None => false,
         }
+    }
+
+    /// True once, for the first caller to see that endpoint `i`'s ejection has
+    /// ended at `now`: whoever gets true reports that it came back.
+    pub fn came_back(&self, i: usize, now: Instant) -> bool {
+        self.is_healthy(i, now)
+            && self.endpoints[i]
+                .health
+                .reported
+                .compare_exchange(true, false, Relaxed, Relaxed)
+                .is_ok()
     }
 
     /// Counts a session opened to endpoint `i`.

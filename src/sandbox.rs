@@ -25,11 +25,12 @@ use wasmtime::{
     PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap, TypedFunc,
 };
 
-use crate::abi::{self, GuestKind, MAX_DATAGRAM};
+use crate::abi::{self, CallError, GuestKind, MAX_DATAGRAM, NO_REPLY};
 use crate::compiler::Compiler;
-use crate::hostcalls::{self, HostState};
+use crate::hostcalls::{self, HostState, Outbox};
 use crate::metrics::{DropReason, RateLimit};
 use crate::text::cut;
+use crate::upstream::Upstreams;
 use crate::wasi::{self, WasiHost};
 
 /// The largest module file accepted; anything bigger is refused before compiling.
@@ -220,6 +221,7 @@ impl Sandbox {
                 .collect(),
             pre,
             compile_time: Duration::ZERO,
+            on_reply: kind == GuestKind::AbiV1 && module.get_export(abi::ON_REPLY.0).is_some(),
         };
         let trial = match &program.pre {
             Pre::AbiV1(pre) => self.instantiate(pre).map(drop),
@@ -276,6 +278,9 @@ impl Sandbox {
             limits: self.store_limits(),
             peer: None,
             log_limit: Arc::clone(&self.inner.log_limit),
+            net: None,
+            out: Outbox::default(),
+            upstream: String::new(),
         };
         let mut store = Store::new(&self.inner.engine, host);
         store.limiter(|h| &mut h.limits);
@@ -287,11 +292,16 @@ impl Sandbox {
             .ok_or_else(|| wasmtime::format_err!("no `memory` export"))?;
         let alloc = instance.get_typed_func(&mut store, "alloc")?;
         let handle = instance.get_typed_func(&mut store, "handle")?;
+        let on_reply = match instance.get_func(&mut store, abi::ON_REPLY.0) {
+            Some(f) => Some(f.typed(&store)?),
+            None => None,
+        };
         Ok(Live {
             store,
             memory,
             alloc,
             handle,
+            on_reply,
             poisoned: false,
         })
     }
@@ -456,6 +466,8 @@ pub struct Program {
     imports: Vec<String>,
     pre: Pre,
     compile_time: Duration,
+    /// Whether the module exports `on_reply`.
+    on_reply: bool,
 }
 
 /// The first 12 hex digits of a sha256, enough to tell modules apart in logs.
@@ -524,33 +536,118 @@ struct Live {
     memory: Memory,
     alloc: TypedFunc<i32, i32>,
     handle: TypedFunc<(i32, i32), i64>,
+    on_reply: Option<TypedFunc<(i32, i32), i64>>,
     /// The guest misbehaved; this instance must not see another datagram.
     poisoned: bool,
 }
 
+/// Which export a call enters.
+#[derive(Clone, Copy)]
+enum Entry {
+    Handle,
+    OnReply,
+}
+
+/// What one call is about: the datagram, the client, and (for `on_reply`) the
+/// endpoint that sent it.
+struct Call<'a> {
+    entry: Entry,
+    datagram: &'a [u8],
+    peer: SocketAddr,
+    upstream: &'a str,
+}
+
+/// The bytes the answers to a datagram of `len` bytes may total: `max_ratio` × `len`
+/// (no cap when the ratio is 0).
+fn reply_budget(len: usize, max_ratio: f64) -> usize {
+    if max_ratio > 0.0 {
+        (max_ratio * len as f64).floor() as usize
+    } else {
+        usize::MAX
+    }
+}
+
 impl Live {
-    /// Copies the datagram in, runs `handle`, and says where the reply is.
+    /// Lends the worker's sessions to the store, runs the call, and takes them back
+    /// whatever happened.
     fn call(
         &mut self,
-        datagram: &[u8],
-        peer: SocketAddr,
+        call: &Call<'_>,
+        net: &mut Option<Box<Upstreams>>,
         deadline_ticks: u64,
         max_ratio: f64,
-    ) -> Result<Range<usize>, Rejection> {
+    ) -> Result<Option<Range<usize>>, Rejection> {
         self.store.set_epoch_deadline(deadline_ticks);
-        self.store.data_mut().peer = Some(peer);
-        let len = datagram.len();
+        let state = self.store.data_mut();
+        state.peer = Some(call.peer);
+        state.net = net.take();
+        state.out.reset(reply_budget(call.datagram.len(), max_ratio));
+        state.upstream.push_str(call.upstream);
+        let result = self.run(call);
+        let state = self.store.data_mut();
+        *net = state.net.take();
+        state.upstream.clear();
+        result
+    }
+
+    /// Copies the datagram in, runs the export, and says where the reply is.
+    fn run(&mut self, call: &Call<'_>) -> Result<Option<Range<usize>>, Rejection> {
+        let func = match call.entry {
+            Entry::Handle => &self.handle,
+            // Only called for programs that export it.
+            Entry::OnReply => self.on_reply.as_ref().ok_or(DropReason::Trap)?,
+        };
+        let len = call.datagram.len();
         // `len` is at most MAX_DATAGRAM, so it fits an i32.
         let ptr = self.alloc.call(&mut self.store, len as i32)?;
         let dst = abi::alloc_range(ptr, len, self.memory.data_size(&self.store))?;
-        self.memory.data_mut(&mut self.store)[dst].copy_from_slice(datagram);
-        let packed = self.handle.call(&mut self.store, (ptr, len as i32))?;
-        Ok(abi::reply_range(
-            packed,
-            self.memory.data_size(&self.store),
-            len,
-            max_ratio,
-        )?)
+        self.memory.data_mut(&mut self.store)[dst].copy_from_slice(call.datagram);
+        let packed = func.call(&mut self.store, (ptr, len as i32))?;
+        if packed == NO_REPLY {
+            return Ok(None);
+        }
+        // The ratio is checked here against the budget that `send` shares.
+        let range = abi::reply_range(packed, self.memory.data_size(&self.store), len, 0.0)?;
+        let out = &mut self.store.data_mut().out;
+        if range.len() > out.budget {
+            if out.has_sends() {
+                // The sends that fit still go out; the reply is refused like a send.
+                out.refuse(CallError::Amplification);
+                return Ok(None);
+            }
+            return Err(DropReason::Amplification.into());
+        }
+        Ok(Some(range))
+    }
+}
+
+/// What a guest made of one datagram: the reply it returned, and what it did
+/// through host calls on the way (datagrams `send`, forwards, refusals).
+pub struct Answer<'a> {
+    /// What `handle` (or `on_reply`) returned; `None` for -1.
+    pub reply: Option<&'a [u8]>,
+    out: &'a Outbox,
+}
+
+impl Answer<'_> {
+    /// The datagrams `send` queued, in order; they go out before the reply.
+    pub fn sends(&self) -> impl Iterator<Item = &[u8]> {
+        self.out.sends()
+    }
+
+    /// How many `forward`/`forward_key` calls handed the datagram to an upstream.
+    pub fn forwarded(&self) -> u32 {
+        self.out.forwarded
+    }
+
+    /// The refused calls, by reason, as (reason, count) for each nonzero count.
+    pub fn refused(&self) -> impl Iterator<Item = (CallError, u32)> + '_ {
+        CallError::ALL.into_iter().zip(self.out.refused).filter(|&(_, n)| n > 0)
+    }
+
+    /// The first refused call: why a datagram that went nowhere was dropped.
+    pub fn first_refusal(&self) -> Option<CallError> {
+        self.out.first_refusal
     }
 }
 
@@ -563,6 +660,8 @@ pub struct Guest {
     wasi_reply: Bytes,
     isolation: Isolation,
     max_ratio: f64,
+    /// The (always empty) outbox of a WASI command, which has no host calls.
+    no_calls: Outbox,
 }
 
 impl Guest {
@@ -575,6 +674,7 @@ impl Guest {
             wasi_reply: Bytes::new(),
             isolation,
             max_ratio,
+            no_calls: Outbox::default(),
         }
     }
 
@@ -589,18 +689,80 @@ impl Guest {
 
     /// Runs the guest on one datagram from `peer` and returns the reply to send.
     /// After a trap, timeout or bad alloc/reply the instance is thrown away, so the
-    /// next datagram starts from a fresh one.
+    /// next datagram starts from a fresh one. (Without sessions to forward to:
+    /// see [`Guest::handle_with`].)
     pub fn handle(&mut self, datagram: &[u8], peer: SocketAddr) -> Result<&[u8], Rejection> {
-        if datagram.len() > MAX_DATAGRAM {
+        match self.handle_with(datagram, peer, &mut None)?.reply {
+            Some(reply) => Ok(reply),
+            None => Err(DropReason::NoReply.into()),
+        }
+    }
+
+    /// Runs `handle` on one datagram from `peer`, with the worker's sessions `net`
+    /// (lent to the guest's `forward` calls for the length of the call).
+    pub fn handle_with(
+        &mut self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        net: &mut Option<Box<Upstreams>>,
+    ) -> Result<Answer<'_>, Rejection> {
+        let call = Call {
+            entry: Entry::Handle,
+            datagram,
+            peer,
+            upstream: "",
+        };
+        self.run(&call, net)
+    }
+
+    /// The calls refused during the last call that failed (a guest that traps or
+    /// runs out of time after refused calls still has them counted).
+    pub fn refused_before_failure(&self) -> impl Iterator<Item = (CallError, u32)> + '_ {
+        let out = self.live.as_ref().map(|l| &l.store.data().out);
+        CallError::ALL
+            .into_iter()
+            .zip(out.map_or([0; CallError::ALL.len()], |o| o.refused))
+            .filter(|&(_, n)| n > 0)
+    }
+
+    /// Whether the program exports `on_reply`; without it, upstream datagrams go
+    /// to the client unchanged and never enter the guest.
+    pub fn has_on_reply(&self) -> bool {
+        self.program.on_reply
+    }
+
+    /// Runs `on_reply` on a datagram that `upstream` (`POOL/ip:port`) sent back
+    /// for client `peer`. Call only when [`Guest::has_on_reply`].
+    pub fn on_reply(
+        &mut self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        upstream: &str,
+        net: &mut Option<Box<Upstreams>>,
+    ) -> Result<Answer<'_>, Rejection> {
+        let call = Call {
+            entry: Entry::OnReply,
+            datagram,
+            peer,
+            upstream,
+        };
+        self.run(&call, net)
+    }
+
+    fn run(&mut self, call: &Call<'_>, net: &mut Option<Box<Upstreams>>) -> Result<Answer<'_>, Rejection> {
+        if call.datagram.len() > MAX_DATAGRAM {
             return Err(DropReason::Oversize.into());
         }
         let started = self.sandbox.now();
         let pre = match &self.program.pre {
             Pre::AbiV1(pre) => pre,
             Pre::Wasi(pre) => {
-                self.wasi_reply = self.sandbox.run_wasi(pre, datagram, peer, self.max_ratio)?;
+                self.wasi_reply = self.sandbox.run_wasi(pre, call.datagram, call.peer, self.max_ratio)?;
                 self.sandbox.check_budget(started)?;
-                return Ok(&self.wasi_reply);
+                return Ok(Answer {
+                    reply: Some(&self.wasi_reply),
+                    out: &self.no_calls,
+                });
             }
         };
         // A poisoned instance is replaced here, at the start of the next datagram,
@@ -614,10 +776,13 @@ impl Guest {
         };
         let live = self.live.insert(live);
         let result = live
-            .call(datagram, peer, self.sandbox.inner.deadline_ticks, self.max_ratio)
+            .call(call, net, self.sandbox.inner.deadline_ticks, self.max_ratio)
             .and_then(|range| self.sandbox.check_budget(started).map(|()| range));
         match result {
-            Ok(range) => Ok(&live.memory.data(&live.store)[range]),
+            Ok(range) => Ok(Answer {
+                reply: range.map(|r| &live.memory.data(&live.store)[r]),
+                out: &live.store.data().out,
+            }),
             Err(rejection) => {
                 live.poisoned = rejection.reason.poisons_instance();
                 Err(rejection)
@@ -668,6 +833,10 @@ impl fmt::Display for Rejection {
             DropReason::Oversize => f.write_str("the request or reply is larger than 65,507 bytes"),
             DropReason::SendError => f.write_str("the reply could not be sent"),
             DropReason::NoReply => f.write_str("the guest sent no reply"),
+            DropReason::UnknownPool => f.write_str("the guest forwarded to a pool that does not exist"),
+            DropReason::NoHealthyEndpoint => f.write_str("every endpoint of the pool is ejected"),
+            DropReason::SessionOverflow => f.write_str("the pool's session limit (max_sessions) is reached"),
+            DropReason::UpstreamError => f.write_str("the datagram could not be sent upstream"),
         }
     }
 }

@@ -19,9 +19,11 @@ use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::abi::MAX_DATAGRAM;
+use crate::config::PoolSpec;
 use crate::metrics::{Counters, DropReason, RateLimit, Snapshot, Stats};
-use crate::sandbox::{Guest, Isolation, Program, Rejection, Sandbox, WORKER_STACK_BYTES};
+use crate::sandbox::{Guest, Isolation, Program, Sandbox, WORKER_STACK_BYTES};
 use crate::udp::{RecvBatch, SendBatch, Sent, report_queue_overflows};
+use crate::upstream::{LISTENER, Pools, Recv, Upstreams};
 
 /// How long a worker waits for a datagram before it looks for shutdown or a new program.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -55,6 +57,8 @@ pub struct ServeConfig {
     pub batch: usize,
     /// Benchmarks only: uppercase natively instead of running the guest.
     pub native_uppercase: bool,
+    /// Upstream pools the guest may forward to; none: the guest only answers.
+    pub pools: Vec<PoolSpec>,
 }
 
 impl Default for ServeConfig {
@@ -66,6 +70,7 @@ impl Default for ServeConfig {
             max_reply_ratio: 3.0,
             batch: DEFAULT_BATCH,
             native_uppercase: false,
+            pools: Vec::new(),
         }
     }
 }
@@ -85,19 +90,28 @@ struct Shared {
     stop: AtomicBool,
     /// One limit per drop reason, plus one for receive errors.
     warnings: [RateLimit; DropReason::ALL.len() + 1],
+    /// The upstream pools, when the guest may forward.
+    pools: Option<Arc<Pools>>,
 }
 
 impl Gateway {
     /// Binds `config.listen` and starts the workers serving `program`.
     pub fn start(sandbox: &Sandbox, program: Program, config: &ServeConfig) -> anyhow::Result<Self> {
-        let sockets = bind_group(config.listen, config.workers.max(1))
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let workers = config.workers.max(1);
+        let pools = if config.pools.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Pools::new(&config.pools, workers)?))
+        };
+        let sockets =
+            bind_group(config.listen, workers).with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = sockets[0].local_addr()?;
         let shared = Arc::new(Shared {
             program: ArcSwap::from_pointee(program),
             stats: Stats::with_workers(sockets.len()),
             stop: AtomicBool::new(false),
             warnings: std::array::from_fn(|_| RateLimit::new(WARNINGS_PER_SECOND)),
+            pools,
         });
         let mut gateway = Self {
             local_addr,
@@ -115,13 +129,24 @@ impl Gateway {
                     config.max_reply_ratio,
                 )))
             };
+            let counters = gateway.shared.stats.worker(i);
+            let forwarding = match &gateway.shared.pools {
+                Some(pools) => {
+                    let poll = mio::Poll::new().context("cannot create a poller")?;
+                    let registry = poll.registry().try_clone().context("cannot create a poller")?;
+                    let net = Upstreams::new(Arc::clone(pools), i, registry, Arc::clone(&counters));
+                    Some((poll, Box::new(net)))
+                }
+                None => None,
+            };
             let worker = Worker {
                 socket,
                 batch: config.batch.max(1),
+                forwarding,
                 core: Core {
                     handler,
                     shared: Arc::clone(&gateway.shared),
-                    counters: gateway.shared.stats.worker(i),
+                    counters,
                 },
             };
             let thread = std::thread::Builder::new()
@@ -195,6 +220,11 @@ impl Publisher {
         self.shared.stats.snapshot()
     }
 
+    /// The upstream pools, when the guest may forward.
+    pub fn pools(&self) -> Option<&Pools> {
+        self.shared.pools.as_deref()
+    }
+
     /// The program serving now.
     pub fn current(&self) -> Arc<Program> {
         self.shared.program.load_full()
@@ -257,21 +287,6 @@ enum Handler {
 }
 
 impl Handler {
-    fn handle(&mut self, datagram: &[u8], peer: SocketAddr) -> Result<&[u8], Rejection> {
-        match self {
-            Self::Guest(guest) => guest.handle(datagram, peer),
-            Self::NativeUppercase(out) => {
-                if datagram.len() > MAX_DATAGRAM {
-                    return Err(DropReason::Oversize.into());
-                }
-                out.clear();
-                out.extend_from_slice(datagram);
-                out.make_ascii_uppercase();
-                Ok(out)
-            }
-        }
-    }
-
     fn refresh(&mut self, program: &Arc<Program>) {
         if let Self::Guest(guest) = self {
             guest.set_program(program);
@@ -284,6 +299,9 @@ struct Worker {
     socket: UdpSocket,
     /// Datagrams per receive call; 1 means plain `recvfrom`/`sendto`.
     batch: usize,
+    /// With upstream pools: the poller that waits on the listener and session
+    /// sockets together, and the sessions.
+    forwarding: Option<(mio::Poll, Box<Upstreams>)>,
     core: Core,
 }
 
@@ -294,9 +312,17 @@ struct Core {
     counters: Arc<Counters>,
 }
 
+/// How long the shutdown drain waits for upstream replies still on their way.
+const DRAIN: Duration = Duration::from_millis(500);
+
+/// Listener batches taken per wake-up before the sessions get their turn.
+const LISTENER_ROUNDS: usize = 8;
+
 impl Worker {
     fn run(mut self) {
-        if self.batch > 1 {
+        if let Some((poll, net)) = self.forwarding.take() {
+            self.run_forwarding(poll, Some(net));
+        } else if self.batch > 1 {
             self.run_batched();
         } else {
             self.run_single();
@@ -311,14 +337,17 @@ impl Worker {
     fn run_single(&mut self) {
         // Allocated once; every datagram is received into it.
         let mut buf = vec![0u8; RECV_BUFFER];
+        let mut net = None;
+        let (shared, counters) = (Arc::clone(&self.core.shared), Arc::clone(&self.core.counters));
         while !self.stopping() {
             match self.socket.recv_from(&mut buf) {
                 Ok((len, peer)) => {
                     self.core.counters.received(len);
-                    if let Some(reply) = self.core.respond(&buf[..len], peer) {
-                        let sent = self.socket.send_to(reply, peer).map(|_| reply.len());
-                        self.core.sent(peer, sent);
-                    }
+                    let socket = &self.socket;
+                    self.core.respond(&buf[..len], peer, &mut net, &mut |reply, to| {
+                        let result = socket.send_to(reply, to).map(|_| reply.len());
+                        sent(&shared, &counters, to, result);
+                    });
                 }
                 Err(e) => self.core.recv_failed(e),
             }
@@ -329,6 +358,7 @@ impl Worker {
     fn run_batched(&mut self) {
         let mut rx = RecvBatch::new(self.batch, RECV_BUFFER);
         let mut tx = SendBatch::new(self.batch, MAX_DATAGRAM);
+        let mut net = None;
         // The kernel's running count of datagrams it dropped on this socket.
         let mut overflows_seen = 0u32;
         if let Err(e) = report_queue_overflows(&self.socket) {
@@ -337,69 +367,283 @@ impl Worker {
         while !self.stopping() {
             match rx.recv(&self.socket) {
                 Ok(n) => {
-                    if let Some(total) = rx.queue_overflows() {
-                        self.core
-                            .counters
-                            .queue_overflows(u64::from(total.wrapping_sub(overflows_seen)));
-                        overflows_seen = total;
-                    }
-                    // Counted as read before any is handled, so that a batch
-                    // abandoned half-way would show as received but unanswered.
-                    for i in 0..n {
-                        if let Some((datagram, _)) = rx.get(i) {
-                            self.core.counters.received(datagram.len());
-                        }
-                    }
-                    for i in 0..n {
-                        let Some((datagram, peer)) = rx.get(i) else {
-                            self.core.counters.recv_error();
-                            continue;
-                        };
-                        if let Some(reply) = self.core.respond(datagram, peer) {
-                            tx.push(reply, peer);
-                        }
-                    }
-                    let core = &self.core;
-                    tx.flush(&self.socket, |sent| match sent {
-                        Sent::Ok { bytes } => core.counters.replied(bytes),
-                        Sent::Failed { peer, error } => core.sent(peer, Err(error)),
-                    });
+                    self.core.take_batch(&rx, n, &mut overflows_seen, &mut net, &mut tx);
+                    self.core.flush(&mut tx, &self.socket);
                 }
                 Err(e) => self.core.recv_failed(e),
+            }
+        }
+    }
+
+    /// With upstream pools: one poller waits on the listener socket and every
+    /// session socket; client datagrams go through `handle`, upstream datagrams
+    /// through `on_reply` (or straight back), and idle sessions expire.
+    fn run_forwarding(&mut self, mut poll: mio::Poll, mut net: Option<Box<Upstreams>>) {
+        let mut events = mio::Events::with_capacity(256);
+        let mut rx = RecvBatch::new(self.batch, RECV_BUFFER);
+        let mut tx = SendBatch::new(self.batch, MAX_DATAGRAM);
+        let mut buf = vec![0u8; RECV_BUFFER];
+        let mut label = String::new();
+        let mut overflows_seen = 0u32;
+        if let Err(e) = report_queue_overflows(&self.socket)
+            .and_then(|()| self.socket.set_nonblocking(true))
+            .and_then(|()| {
+                poll.registry().register(
+                    &mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&self.socket)),
+                    LISTENER,
+                    mio::Interest::READABLE,
+                )
+            })
+        {
+            tracing::error!(error = %e, "cannot wait on the listener socket; this worker stops");
+            return;
+        }
+        let sweep_every = net.as_ref().map_or(Duration::from_secs(1), |n| n.sweep_every());
+        let mut next_sweep = Instant::now() + sweep_every;
+        // Edge-triggered: the listener is read until it is empty, a few batches
+        // per wake-up, and remembered as ready when it was not emptied.
+        let mut listener_ready = true;
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if drain_until.is_none() && self.stopping() {
+                drain_until = Some(now + DRAIN);
+                listener_ready = false;
+            }
+            if let Some(until) = drain_until
+                && (now >= until || !net.as_ref().is_some_and(|n| n.awaiting()))
+            {
+                break;
+            }
+            let timeout = if listener_ready {
+                Duration::ZERO
+            } else {
+                POLL_INTERVAL.min(next_sweep.saturating_duration_since(now))
+            };
+            if let Err(e) = poll.poll(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                tracing::error!(error = %e, "waiting for datagrams failed; this worker stops");
+                return;
+            }
+            let now = Instant::now();
+            if let Some(n) = net.as_mut() {
+                n.set_now(now);
+            }
+            for event in &events {
+                if event.token() == LISTENER {
+                    listener_ready = drain_until.is_none();
+                    continue;
+                }
+                // Everything the session holds, each through `on_reply` or straight on.
+                while let Some(n) = net.as_mut()
+                    && let Recv::Datagram(len) = n.recv(event.token(), &mut buf)
+                {
+                    let Some(session) = n.session(event.token()) else { break };
+                    let client = session.client;
+                    label.clear();
+                    label.push_str(&session.label);
+                    self.core
+                        .upstream_datagram(&buf[..len], client, &label, &mut net, &mut tx);
+                }
+            }
+            if listener_ready {
+                listener_ready = false;
+                for _ in 0..LISTENER_ROUNDS {
+                    match rx.recv(&self.socket) {
+                        Ok(n) => {
+                            self.core.take_batch(&rx, n, &mut overflows_seen, &mut net, &mut tx);
+                            self.core.flush(&mut tx, &self.socket);
+                            listener_ready = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            listener_ready = false;
+                            break;
+                        }
+                        Err(e) => self.core.recv_failed(e),
+                    }
+                }
+            }
+            self.core.flush(&mut tx, &self.socket);
+            if now >= next_sweep {
+                if let Some(n) = net.as_mut() {
+                    n.expire(now);
+                }
+                self.core.handler.refresh(&self.core.shared.program.load());
+                next_sweep = now + sweep_every;
             }
         }
     }
 }
 
 impl Core {
-    /// Runs the handler on one datagram (already counted as received); the reply
-    /// to send, if any. Drops are counted here.
-    fn respond(&mut self, datagram: &[u8], peer: SocketAddr) -> Option<&[u8]> {
-        let peer = unmapped(peer);
+    /// Handles the `n` datagrams of a receive batch, queueing answers in `tx`.
+    fn take_batch(
+        &mut self,
+        rx: &RecvBatch,
+        n: usize,
+        overflows_seen: &mut u32,
+        net: &mut Option<Box<Upstreams>>,
+        tx: &mut SendBatch,
+    ) {
+        if let Some(total) = rx.queue_overflows() {
+            self.counters
+                .queue_overflows(u64::from(total.wrapping_sub(*overflows_seen)));
+            *overflows_seen = total;
+        }
+        // Counted as read before any is handled, so that a batch abandoned
+        // half-way would show as received but unanswered.
+        for i in 0..n {
+            if let Some((datagram, _)) = rx.get(i) {
+                self.counters.received(datagram.len());
+            }
+        }
+        for i in 0..n {
+            let Some((datagram, peer)) = rx.get(i) else {
+                self.counters.recv_error();
+                continue;
+            };
+            self.respond(datagram, peer, net, &mut |reply, to| tx.push(reply, to));
+        }
+    }
+
+    /// Sends what `tx` holds and counts each fate.
+    fn flush(&self, tx: &mut SendBatch, socket: &UdpSocket) {
+        tx.flush(socket, |fate| match fate {
+            Sent::Ok { bytes } => self.counters.replied(bytes),
+            Sent::Failed { peer, error } => sent(&self.shared, &self.counters, peer, Err(error)),
+        });
+    }
+
+    /// Runs the handler on one datagram (already counted as received) and passes
+    /// what goes back to `peer` to `emit`, `send`s first. Drops are counted here.
+    fn respond(
+        &mut self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        net: &mut Option<Box<Upstreams>>,
+        emit: &mut dyn FnMut(&[u8], SocketAddr),
+    ) {
+        let shown = unmapped(peer);
         self.handler.refresh(&self.shared.program.load());
         let started = Instant::now();
-        let result = self.handler.handle(datagram, peer);
-        self.counters.guest_time(started.elapsed());
-        match result {
-            Ok(reply) => Some(reply),
-            Err(rejection) => {
-                drop_datagram(&self.shared, &self.counters, rejection.reason, peer, &rejection);
-                None
+        if let Some(n) = net.as_mut() {
+            n.begin(peer);
+        }
+        let Self {
+            handler,
+            shared,
+            counters,
+        } = self;
+        match handler {
+            Handler::NativeUppercase(out) => {
+                if datagram.len() > MAX_DATAGRAM {
+                    drop_datagram(shared, counters, DropReason::Oversize, shown, &"oversize");
+                    return;
+                }
+                out.clear();
+                out.extend_from_slice(datagram);
+                out.make_ascii_uppercase();
+                counters.guest_time(started.elapsed());
+                emit(out, peer);
+            }
+            Handler::Guest(guest) => {
+                let result = guest.handle_with(datagram, shown, net);
+                counters.guest_time(started.elapsed());
+                match result {
+                    Ok(answer) => {
+                        for (error, n) in answer.refused() {
+                            counters.refused(error, u64::from(n));
+                        }
+                        let mut answered = false;
+                        for d in answer.sends() {
+                            emit(d, peer);
+                            answered = true;
+                        }
+                        if let Some(reply) = answer.reply {
+                            emit(reply, peer);
+                            answered = true;
+                        }
+                        if answered {
+                        } else if answer.forwarded() > 0 {
+                            counters.forwarded();
+                        } else if let Some(error) = answer.first_refusal() {
+                            let why = format_args!("every forward was refused: {error}");
+                            drop_datagram(shared, counters, error.drop_reason(), shown, &why);
+                        } else {
+                            counters.dropped(DropReason::NoReply);
+                        }
+                    }
+                    Err(rejection) => {
+                        for (error, n) in guest.refused_before_failure() {
+                            counters.refused(error, u64::from(n));
+                        }
+                        drop_datagram(shared, counters, rejection.reason, shown, &rejection);
+                    }
+                }
             }
         }
     }
 
-    /// Counts a reply as sent, or as a send error.
-    fn sent(&self, peer: SocketAddr, result: io::Result<usize>) {
+    /// A datagram an upstream sent back for `client` (as received): through
+    /// `on_reply` when the guest has it, else straight to the client.
+    fn upstream_datagram(
+        &mut self,
+        datagram: &[u8],
+        client: SocketAddr,
+        upstream: &str,
+        net: &mut Option<Box<Upstreams>>,
+        tx: &mut SendBatch,
+    ) {
+        let guest = match &mut self.handler {
+            Handler::Guest(guest) if guest.has_on_reply() => guest,
+            _ => {
+                tx.push(datagram, client);
+                return;
+            }
+        };
+        if let Some(n) = net.as_mut() {
+            n.begin(client);
+        }
+        let shown = unmapped(client);
+        let started = Instant::now();
+        let result = guest.on_reply(datagram, shown, upstream, net);
+        self.counters.guest_time(started.elapsed());
         match result {
-            Ok(bytes) => self.counters.replied(bytes),
-            Err(e) => drop_datagram(
-                &self.shared,
-                &self.counters,
-                DropReason::SendError,
-                peer,
-                &format_args!("the reply could not be sent: {e}"),
-            ),
+            Ok(answer) => {
+                for (error, n) in answer.refused() {
+                    self.counters.refused(error, u64::from(n));
+                }
+                let mut answered = answer.forwarded() > 0;
+                for d in answer.sends() {
+                    tx.push(d, client);
+                    answered = true;
+                }
+                if let Some(reply) = answer.reply {
+                    tx.push(reply, client);
+                    answered = true;
+                }
+                if !answered {
+                    self.counters.upstream_dropped(DropReason::NoReply);
+                }
+            }
+            Err(rejection) => {
+                for (error, n) in guest.refused_before_failure() {
+                    self.counters.refused(error, u64::from(n));
+                }
+                self.counters.upstream_dropped(rejection.reason);
+                if let Some(suppressed) = self.shared.warnings[rejection.reason.index()].allow() {
+                    let program = self.shared.program.load();
+                    tracing::warn!(
+                        peer = %shown,
+                        upstream,
+                        reason = %rejection.reason,
+                        module = program.origin(),
+                        suppressed,
+                        "dropped an upstream datagram: {rejection}"
+                    );
+                }
+            }
         }
     }
 
@@ -431,6 +675,20 @@ fn unmapped(peer: SocketAddr) -> SocketAddr {
             None => peer,
         },
         SocketAddr::V4(_) => peer,
+    }
+}
+
+/// Counts a reply as sent, or as a send error.
+fn sent(shared: &Shared, counters: &Counters, peer: SocketAddr, result: io::Result<usize>) {
+    match result {
+        Ok(bytes) => counters.replied(bytes),
+        Err(e) => drop_datagram(
+            shared,
+            counters,
+            DropReason::SendError,
+            peer,
+            &format_args!("the reply could not be sent: {e}"),
+        ),
     }
 }
 

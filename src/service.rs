@@ -16,6 +16,10 @@ use crate::reload::Reloader;
 use crate::sandbox::{Isolation, Sandbox};
 use crate::server::{Gateway, ServeConfig};
 
+/// File descriptors kept for everything but sessions: listener sockets, module
+/// files, the watcher, the metrics endpoint.
+const FD_RESERVE: u64 = 256;
+
 /// One listener, serving.
 struct Running {
     spec: ListenerSpec,
@@ -48,6 +52,10 @@ pub fn run(
         let load = |sandbox: &Sandbox| {
             load_module(sandbox, spec.module.as_deref()).with_context(|| format!("listener `{}`", spec.name))
         };
+        // Every endpoint resolves before anything binds.
+        for pool in &spec.pools {
+            pool.resolve().with_context(|| format!("listener `{}`", spec.name))?;
+        }
         let mut sandbox = sandbox_for(spec.isolation == Isolation::Fresh)?;
         let mut program = load(&sandbox)?;
         if spec.isolation == Isolation::Reuse && program.kind() == GuestKind::WasiCommand {
@@ -59,6 +67,26 @@ pub fn run(
         loaded.push((spec, sandbox, program));
     }
 
+    let sessions: usize = loaded
+        .iter()
+        .map(|(spec, _, _)| spec.pools.iter().map(|p| p.max_sessions).sum::<usize>())
+        .sum();
+    if sessions > 0 {
+        // A socket per session: the default soft limit (often 1,024) would cap
+        // sessions long before max_sessions does.
+        let limit = crate::upstream::raise_fd_limit()?;
+        if sessions as u64 + FD_RESERVE > limit {
+            tracing::warn!(
+                open_files = limit,
+                max_sessions = sessions,
+                "the open-file limit is below the pools' max_sessions: past it new sessions fail as upstream_error; \
+                 raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower max_sessions"
+            );
+        } else {
+            tracing::debug!(open_files = limit, max_sessions = sessions, "open-file limit");
+        }
+    }
+
     let mut running = Vec::new();
     for (spec, sandbox, program) in loaded {
         let config = ServeConfig {
@@ -68,6 +96,7 @@ pub fn run(
             max_reply_ratio: spec.max_reply_ratio,
             batch: spec.batch,
             native_uppercase,
+            pools: spec.pools.clone(),
         };
         let gateway =
             Gateway::start(&sandbox, program, &config).with_context(|| format!("listener `{}`", spec.name))?;
@@ -135,6 +164,7 @@ fn serve_until_stopped(running: Vec<Running>, metrics: Option<SocketAddr>, nativ
             batch = r.spec.batch,
             watch = r.reloader.is_some() && r.spec.watch,
             native,
+            upstreams = r.gateway.publisher().pools().map(|p| p.describe()).unwrap_or_default(),
             "serving"
         );
     }

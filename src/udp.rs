@@ -36,6 +36,32 @@ fn control_len() -> usize {
     unsafe { libc::CMSG_SPACE(mem::size_of::<u32>() as u32) as usize }
 }
 
+/// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit, so
+/// that upstream sessions (a socket each) are bounded by `max_sessions`, not by a
+/// low default; returns the limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// Asks the kernel to report, with each datagram, how many datagrams it has
 /// dropped on this socket because its receive queue was full (`SO_RXQ_OVFL`).
 pub fn report_queue_overflows(socket: &UdpSocket) -> io::Result<()> {

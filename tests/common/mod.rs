@@ -244,3 +244,89 @@ pub fn write_file(dir: &Path, name: &str, contents: &[u8]) -> String {
     std::fs::write(&path, contents).unwrap();
     path.to_str().unwrap().to_string()
 }
+
+/// A datagram an [`Upstream`] received, and its sender.
+pub type Received = (Vec<u8>, SocketAddr);
+
+/// A real UDP server on loopback for a gateway to forward to: it records every
+/// datagram and, unless silent, answers each with `tag` followed by the datagram.
+/// Stops when dropped.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    got: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    pub fn echo(tag: &str) -> Self {
+        Self::on("127.0.0.1:0", tag, true)
+    }
+
+    pub fn silent() -> Self {
+        Self::on("127.0.0.1:0", "", false)
+    }
+
+    /// On a given address (to bring a stopped endpoint back on its port).
+    pub fn on(addr: &str, tag: &str, answer: bool) -> Self {
+        use std::sync::atomic::Ordering;
+        let socket = UdpSocket::bind(addr).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (g, s, tag) = (got.clone(), stop.clone(), tag.as_bytes().to_vec());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    g.lock().unwrap().push((buf[..n].to_vec(), from));
+                    if answer {
+                        let mut reply = tag.clone();
+                        reply.extend_from_slice(&buf[..n]);
+                        let _ = socket.send_to(&reply, from);
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every datagram received so far, with its sender.
+    pub fn received(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A loopback port that nothing listens on (bound, then closed): datagrams
+/// to it draw ICMP port unreachable.
+pub fn closed_port() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Waits up to 5 s for `done`, polling.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,563 @@
+//! Forwarding through real gateways to real upstream servers on loopback:
+//! policies, sessions, `forward_key`, `on_reply`, `send`, health, limits.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::{REPLY_TIMEOUT, Upstream, ask, assert_silent, client, closed_port, recv, wait_until};
+use wasmgate::abi::CallError;
+use wasmgate::config::PoolSpec;
+use wasmgate::metrics::DropReason;
+use wasmgate::pool::Policy;
+use wasmgate::sandbox::Limits;
+use wasmgate::server::{Gateway, ServeConfig};
+
+const FORWARD: &str = include_str!("../examples/forward.wat");
+const TOKEN_ROUTER: &str = include_str!("../examples/token-router.wat");
+
+fn pool(name: &str, upstreams: &[&Upstream]) -> PoolSpec {
+    pool_of(name, &upstreams.iter().map(|u| u.addr).collect::<Vec<_>>())
+}
+
+fn pool_of(name: &str, addrs: &[SocketAddr]) -> PoolSpec {
+    PoolSpec::new(name, addrs.iter().map(SocketAddr::to_string).collect())
+}
+
+fn forwarding(module: &str, pools: Vec<PoolSpec>) -> Gateway {
+    forwarding_with(module, pools, ServeConfig::default())
+}
+
+fn forwarding_with(module: &str, pools: Vec<PoolSpec>, config: ServeConfig) -> Gateway {
+    common::start_with(
+        module.as_bytes(),
+        Limits::default(),
+        ServeConfig {
+            pools,
+            ..ServeConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                ..config
+            }
+        },
+    )
+}
+
+/// Which upstream (by tag, `u0:` …) answered.
+fn tag(reply: &[u8]) -> String {
+    String::from_utf8_lossy(&reply[..reply.iter().position(|&b| b == b':').unwrap_or(0)]).into_owned()
+}
+
+#[test]
+fn forward_wat_proxies_to_an_upstream_and_replies_come_from_the_listener() {
+    let up = Upstream::echo("u0:");
+    let gateway = forwarding(FORWARD, vec![pool("backend", &[&up])]);
+    let c = client();
+    for i in 0..20 {
+        let msg = format!("hello {i}");
+        // `ask` checks that the reply comes from the gateway's own address.
+        assert_eq!(
+            ask(&c, gateway.local_addr(), msg.as_bytes()),
+            format!("u0:{msg}").as_bytes()
+        );
+    }
+    // The upstream saw the datagrams unchanged, all from one session socket.
+    let got = up.received();
+    assert_eq!(got.len(), 20);
+    assert_eq!(got[3].0, b"hello 3");
+    assert!(got.iter().all(|(_, from)| *from == got[0].1), "one session per client");
+    assert_ne!(got[0].1, gateway.local_addr(), "sessions have their own socket");
+    // Replies are counted just after they are sent.
+    wait_until("20 replies counted", || gateway.stats().replied == 20);
+    let s = gateway.stats();
+    assert_eq!((s.received, s.forwarded), (20, 20));
+    assert_eq!((s.sessions_created, s.sessions_active, s.upstream_received), (1, 1, 20));
+    assert_eq!(s.dropped(DropReason::NoReply), 0, "a forward is not a no_reply");
+    // An empty datagram is forwarded too.
+    assert_eq!(ask(&c, gateway.local_addr(), b""), b"u0:");
+}
+
+/// Sends one datagram from each of `clients` and returns the tag of each reply.
+fn tags_for(gateway: &Gateway, clients: &[UdpSocket], msg: &[u8]) -> Vec<String> {
+    clients
+        .iter()
+        .map(|c| tag(&ask(c, gateway.local_addr(), msg)))
+        .collect()
+}
+
+#[test]
+fn every_policy_chooses_as_named_and_a_client_keeps_its_endpoint() {
+    let ups: Vec<Upstream> = (0..3).map(|i| Upstream::echo(&format!("u{i}:"))).collect();
+    let refs: Vec<&Upstream> = ups.iter().collect();
+    for (name, policy) in Policy::ALL {
+        let spec = PoolSpec {
+            policy,
+            ..pool("backend", &refs)
+        };
+        // One worker, so that round-robin and least-sessions see every session.
+        let gateway = forwarding_with(
+            FORWARD,
+            vec![spec],
+            ServeConfig {
+                workers: 1,
+                ..ServeConfig::default()
+            },
+        );
+        let clients: Vec<UdpSocket> = (0..30).map(|_| client()).collect();
+        let first = tags_for(&gateway, &clients, b"a");
+        // Every client stays with its endpoint, whatever the policy.
+        assert_eq!(tags_for(&gateway, &clients, b"b"), first, "{name}: sessions are sticky");
+        let mut per = HashMap::new();
+        for t in &first {
+            *per.entry(t.clone()).or_insert(0) += 1;
+        }
+        match policy {
+            Policy::RoundRobin => {
+                let expected: Vec<String> = (0..30).map(|i| format!("u{}", i % 3)).collect();
+                assert_eq!(first, expected, "round-robin takes each endpoint in turn");
+            }
+            Policy::LeastSessions => {
+                assert!(per.values().all(|&n| n == 10), "least-sessions balances: {per:?}");
+            }
+            Policy::Hash | Policy::Random => {
+                assert_eq!(per.len(), 3, "{name} uses every endpoint: {per:?}");
+            }
+        }
+        assert_eq!(gateway.stats().sessions_created, 30, "{name}");
+    }
+}
+
+#[test]
+fn hash_policy_owners_are_those_of_the_pool_for_the_client_address() {
+    let ups: Vec<Upstream> = (0..4).map(|i| Upstream::echo(&format!("u{i}:"))).collect();
+    let refs: Vec<&Upstream> = ups.iter().collect();
+    let gateway = forwarding(FORWARD, vec![pool("backend", &refs)]);
+    let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
+    let reference = wasmgate::pool::Pool::new("backend", Policy::Hash, &addrs);
+    let now = std::time::Instant::now();
+    for _ in 0..20 {
+        let c = client();
+        let port = c.local_addr().unwrap().port();
+        let mut key = vec![127, 0, 0, 1];
+        key.extend_from_slice(&port.to_be_bytes());
+        let owner = reference.by_hash(&key, now).unwrap();
+        assert_eq!(tag(&ask(&c, gateway.local_addr(), b"x")), format!("u{owner}"));
+    }
+}
+
+const FAN_OUT: &str = r#"(module
+  (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "ab")
+  (func (export "alloc") (param i32) (result i32) i32.const 64)
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (drop (call $forward (i32.const 0) (i32.const 1) (local.get $ptr) (local.get $len)))
+    (drop (call $forward (i32.const 1) (i32.const 1) (local.get $ptr) (local.get $len)))
+    i64.const -1))"#;
+
+#[test]
+fn fan_out_mirrors_each_datagram_to_two_pools() {
+    let (a, b) = (Upstream::echo("a:"), Upstream::echo("b:"));
+    let gateway = forwarding(FAN_OUT, vec![pool("a", &[&a]), pool("b", &[&b])]);
+    let c = client();
+    c.send_to(b"m", gateway.local_addr()).unwrap();
+    let mut replies = vec![recv(&c, gateway.local_addr()), recv(&c, gateway.local_addr())];
+    replies.sort();
+    assert_eq!(replies, [b"a:m".to_vec(), b"b:m".to_vec()]);
+    assert_eq!((a.count(), b.count()), (1, 1));
+    let s = gateway.stats();
+    assert_eq!((s.sessions_created, s.forwarded), (2, 1));
+}
+
+#[test]
+fn forward_key_sends_every_datagram_with_a_token_to_one_endpoint_whatever_the_client() {
+    let ups: Vec<Upstream> = (0..4).map(|i| Upstream::echo(&format!("u{i}:"))).collect();
+    let refs: Vec<&Upstream> = ups.iter().collect();
+    let gateway = forwarding(TOKEN_ROUTER, vec![pool("backend", &refs)]);
+    let mut owners = HashMap::new();
+    for token in ["tok-0001", "tok-0002", "tok-0003", "tok-0004", "tok-0005", "tok-0006"] {
+        for _ in 0..8 {
+            // A new client address each time: only the token decides.
+            let c = client();
+            let reply = ask(&c, gateway.local_addr(), format!("{token}payload").as_bytes());
+            let t = tag(&reply);
+            assert_eq!(&reply[t.len() + 1..], b"payload", "the token is stripped");
+            assert_eq!(owners.entry(token).or_insert_with(|| t.clone()), &t, "{token} moved");
+        }
+    }
+    let spread: std::collections::HashSet<&String> = owners.values().collect();
+    assert!(spread.len() >= 2, "six tokens all on one endpoint: {owners:?}");
+    // Too short for a token: dropped by the guest.
+    let c = client();
+    c.send_to(b"short", gateway.local_addr()).unwrap();
+    assert_silent(&c, Duration::from_millis(200));
+}
+
+const ON_REPLY: &str = r#"(module
+  (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+  (import "wasmgate" "upstream" (func $upstream (param i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "backend")
+  (func (export "alloc") (param i32) (result i32) i32.const 1024)
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
+    i64.const -1)
+  ;; Upstream answers beginning with "u0:X" are dropped; the others come back
+  ;; as "<POOL/ip:port>|<answer>".
+  (func (export "on_reply") (param $ptr i32) (param $len i32) (result i64)
+    (local $n i32)
+    (if (i32.eq (i32.load8_u (i32.add (local.get $ptr) (i32.const 3))) (i32.const 88))
+      (then (return (i64.const -1))))
+    (local.set $n (call $upstream (i32.const 8192) (i32.const 256)))
+    (i32.store8 (i32.add (i32.const 8192) (local.get $n)) (i32.const 124))
+    (memory.copy (i32.add (i32.const 8193) (local.get $n)) (local.get $ptr) (local.get $len))
+    (i64.or (i64.shl (i64.const 8192) (i64.const 32))
+      (i64.extend_i32_u (i32.add (i32.add (local.get $n) (i32.const 1)) (local.get $len))))))"#;
+
+#[test]
+fn on_reply_rewrites_and_drops_upstream_answers_and_sees_which_endpoint_sent_them() {
+    let up = Upstream::echo("u0:");
+    let gateway = forwarding_with(
+        ON_REPLY,
+        vec![pool("backend", &[&up])],
+        ServeConfig {
+            max_reply_ratio: 0.0,
+            ..ServeConfig::default()
+        },
+    );
+    let c = client();
+    let reply = ask(&c, gateway.local_addr(), b"hi");
+    assert_eq!(String::from_utf8(reply).unwrap(), format!("backend/{}|u0:hi", up.addr));
+    c.send_to(b"Xdrop me", gateway.local_addr()).unwrap();
+    assert_silent(&c, Duration::from_millis(200));
+    let s = gateway.stats();
+    assert_eq!(s.upstream_received, 2);
+    assert_eq!(s.upstream_dropped(DropReason::NoReply), 1);
+}
+
+#[test]
+fn on_reply_is_held_to_the_ratio_of_the_upstream_datagram_it_answers() {
+    let up = Upstream::echo("u0:");
+    // The default ratio 3: "backend/127.0.0.1:PORT|u0:hi" is far more than 3 × 5 bytes.
+    let gateway = forwarding(ON_REPLY, vec![pool("backend", &[&up])]);
+    let c = client();
+    c.send_to(b"hi", gateway.local_addr()).unwrap();
+    assert_silent(&c, Duration::from_millis(300));
+    assert_eq!(gateway.stats().upstream_dropped(DropReason::Amplification), 1);
+}
+
+const SENDER: &str = r#"(module
+  (import "wasmgate" "send" (func $send (param i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (func (export "alloc") (param i32) (result i32) i32.const 64)
+  ;; "s…": send the datagram four times, reply nothing.
+  ;; "r…": send it three times, then reply with it too.
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (local $i i32)
+    (local $codes i32)
+    (loop $again
+      (local.set $codes (i32.add (local.get $codes)
+        (call $send (local.get $ptr) (local.get $len))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (i32.const 3))))
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 115))
+      (then
+        (drop (call $send (local.get $ptr) (local.get $len)))
+        (return (i64.const -1))))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
+      (i64.extend_i32_u (local.get $len)))))"#;
+
+#[test]
+fn send_shares_the_amplification_budget_and_what_fits_still_goes_out() {
+    // No pools at all: `send` works on a plain gateway.
+    let gateway = common::start(SENDER.as_bytes());
+    let c = client();
+    c.send_to(b"s-hello", gateway.local_addr()).unwrap();
+    for _ in 0..3 {
+        assert_eq!(recv(&c, gateway.local_addr()), b"s-hello");
+    }
+    assert_silent(&c, Duration::from_millis(200));
+    // Three sends use the whole budget (3 × 7 bytes): the reply is refused, the sends are not.
+    c.send_to(b"r-hello", gateway.local_addr()).unwrap();
+    for _ in 0..3 {
+        assert_eq!(recv(&c, gateway.local_addr()), b"r-hello");
+    }
+    assert_silent(&c, Duration::from_millis(200));
+    let s = gateway.stats();
+    // The fourth send and the reply past the budget are refused; the datagrams
+    // were answered (by their sends), so neither is a drop.
+    assert_eq!(s.refused(CallError::Amplification), 2);
+    assert_eq!(s.dropped_total(), 0);
+    assert_eq!(s.replied, 6);
+
+    // Without a ratio, all four sends and the reply go out.
+    let gateway = common::start_with(
+        SENDER.as_bytes(),
+        Limits::default(),
+        ServeConfig {
+            max_reply_ratio: 0.0,
+            ..common::config()
+        },
+    );
+    c.send_to(b"s", gateway.local_addr()).unwrap();
+    for _ in 0..4 {
+        assert_eq!(recv(&c, gateway.local_addr()), b"s");
+    }
+    c.send_to(b"r", gateway.local_addr()).unwrap();
+    for _ in 0..4 {
+        assert_eq!(recv(&c, gateway.local_addr()), b"r");
+    }
+    assert_silent(&c, Duration::from_millis(200));
+}
+
+const START_FORWARDS: &str = r#"(module
+  (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 16) "backend")
+  (func $start
+    (i32.store (i32.const 0) (call $forward (i32.const 16) (i32.const 7) (i32.const 16) (i32.const 7))))
+  (start $start)
+  (func (export "alloc") (param i32) (result i32) i32.const 64)
+  ;; Replies with the code the start function got, then with this datagram's.
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (i32.store (i32.const 4) (call $forward (local.get $ptr) (local.get $len) (local.get $ptr) (local.get $len)))
+    (i64.or (i64.shl (i64.const 0) (i64.const 32)) (i64.const 8))))"#;
+
+fn codes(reply: &[u8]) -> (i32, i32) {
+    (
+        i32::from_le_bytes(reply[0..4].try_into().unwrap()),
+        i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+    )
+}
+
+#[test]
+fn forward_in_the_start_function_or_to_an_unknown_pool_gets_its_code() {
+    let up = Upstream::echo("u0:");
+    let gateway = forwarding(START_FORWARDS, vec![pool("backend", &[&up])]);
+    let c = client();
+    // The datagram is the pool name: "nope" is unknown; "backend" works.
+    let (start, unknown) = codes(&ask(&c, gateway.local_addr(), b"nope"));
+    assert_eq!(
+        (start, unknown),
+        (CallError::NoClient.code(), CallError::UnknownPool.code())
+    );
+    let (_, ok) = codes(&ask(&c, gateway.local_addr(), b"backend"));
+    assert_eq!(ok, 0);
+    // The guest replied, so the upstream's answer to "backend" arrives as well.
+    assert_eq!(recv(&c, gateway.local_addr()), b"u0:backend");
+    assert_eq!(gateway.stats().refused(CallError::UnknownPool), 1);
+    // On a gateway with no pools every name is unknown.
+    let plain = common::start(START_FORWARDS.as_bytes());
+    assert_eq!(
+        codes(&ask(&c, plain.local_addr(), b"backend")).1,
+        CallError::UnknownPool.code()
+    );
+}
+
+#[test]
+fn a_datagram_whose_forwards_all_fail_is_dropped_under_their_reason() {
+    let gateway = forwarding(FORWARD, vec![pool_of("other", &[closed_port()])]);
+    let c = client();
+    c.send_to(b"x", gateway.local_addr()).unwrap();
+    assert_silent(&c, Duration::from_millis(200));
+    let s = gateway.stats();
+    assert_eq!(
+        s.dropped(DropReason::UnknownPool),
+        1,
+        "forward.wat forwards to `backend`"
+    );
+    assert_eq!(s.refused(CallError::UnknownPool), 1);
+}
+
+#[test]
+fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for() {
+    let live = Upstream::echo("live:");
+    let down = closed_port();
+    let spec = PoolSpec {
+        eject_for: Duration::from_millis(700),
+        ..pool_of("backend", &[live.addr, down])
+    };
+    let gateway = forwarding_with(
+        FORWARD,
+        vec![spec],
+        ServeConfig {
+            workers: 1,
+            ..ServeConfig::default()
+        },
+    );
+    // Clients that hash to the down endpoint lose their first datagram (the ICMP
+    // error comes after it); then every datagram reaches the live one.
+    let clients: Vec<UdpSocket> = (0..12).map(|_| client()).collect();
+    for c in &clients {
+        c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        c.send_to(b"1", gateway.local_addr()).unwrap();
+        let mut buf = [0u8; 64];
+        let _ = c.recv_from(&mut buf);
+    }
+    for c in &clients {
+        c.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+        assert_eq!(
+            ask(c, gateway.local_addr(), b"2"),
+            b"live:2",
+            "all go to the live endpoint"
+        );
+    }
+    let gateway_pools = gateway.publisher();
+    let healthy = |addr: SocketAddr| {
+        gateway_pools
+            .pools()
+            .unwrap()
+            .endpoints(std::time::Instant::now())
+            .iter()
+            .find(|e| e.addr == addr)
+            .unwrap()
+            .healthy
+    };
+    assert!(!healthy(down), "the closed port is ejected");
+    assert!(healthy(live.addr));
+    // It comes back: the port serves again, and after eject_for new sessions reach it.
+    let back = Upstream::on(&down.to_string(), "back:", true);
+    wait_until("the ejection to end", || healthy(down));
+    let mut reached = false;
+    for _ in 0..40 {
+        let c = client();
+        if tag(&ask(&c, gateway.local_addr(), b"3")) == "back" {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "no new client reached the endpoint after it came back");
+    assert!(back.count() > 0);
+}
+
+#[test]
+fn with_every_endpoint_down_forward_says_no_healthy_endpoint() {
+    let spec = PoolSpec {
+        eject_for: Duration::from_secs(30),
+        ..pool_of("backend", &[closed_port()])
+    };
+    let gateway = forwarding_with(
+        FORWARD,
+        vec![spec],
+        ServeConfig {
+            workers: 1,
+            ..ServeConfig::default()
+        },
+    );
+    let c = client();
+    c.send_to(b"1", gateway.local_addr()).unwrap();
+    // The ICMP error ejects the endpoint; then each datagram is refused at once.
+    wait_until("the ejection", || {
+        c.send_to(b"2", gateway.local_addr()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        gateway.stats().dropped(DropReason::NoHealthyEndpoint) > 0
+    });
+    assert!(gateway.stats().refused(CallError::NoHealthyEndpoint) > 0);
+}
+
+#[test]
+fn max_sessions_refuses_new_sessions_and_counts_them_without_harm() {
+    let up = Upstream::echo("u0:");
+    let spec = PoolSpec {
+        max_sessions: 4,
+        ..pool("backend", &[&up])
+    };
+    let gateway = forwarding_with(
+        FORWARD,
+        vec![spec],
+        ServeConfig {
+            workers: 1,
+            ..ServeConfig::default()
+        },
+    );
+    let clients: Vec<UdpSocket> = (0..10).map(|_| client()).collect();
+    for c in &clients {
+        c.send_to(b"x", gateway.local_addr()).unwrap();
+    }
+    let mut answered = 0;
+    for c in &clients {
+        c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut buf = [0u8; 64];
+        if c.recv_from(&mut buf).is_ok() {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 4);
+    let s = gateway.stats();
+    assert_eq!(s.dropped(DropReason::SessionOverflow), 6);
+    assert_eq!(s.refused(CallError::SessionOverflow), 6);
+    assert_eq!(s.sessions_active, 4);
+    // The clients with sessions keep being served.
+    clients[0].set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    let first_ok = clients
+        .iter()
+        .find(|c| {
+            c.send_to(b"y", gateway.local_addr()).unwrap();
+            let mut buf = [0u8; 64];
+            c.recv_from(&mut buf).is_ok()
+        })
+        .is_some();
+    assert!(first_ok);
+}
+
+#[test]
+fn idle_sessions_expire_and_new_ones_open_on_the_next_datagram() {
+    let up = Upstream::echo("u0:");
+    let spec = PoolSpec {
+        idle_timeout: Duration::from_millis(200),
+        ..pool("backend", &[&up])
+    };
+    let gateway = forwarding(FORWARD, vec![spec]);
+    let c = client();
+    ask(&c, gateway.local_addr(), b"1");
+    assert_eq!(gateway.stats().sessions_active, 1);
+    wait_until("the session to expire", || gateway.stats().sessions_active == 0);
+    assert_eq!(gateway.stats().sessions_expired, 1);
+    assert_eq!(ask(&c, gateway.local_addr(), b"2"), b"u0:2");
+    let s = gateway.stats();
+    assert_eq!((s.sessions_created, s.sessions_active), (2, 1));
+    let senders: std::collections::HashSet<SocketAddr> = up.received().iter().map(|(_, f)| *f).collect();
+    assert_eq!(senders.len(), 2, "the new session has a new socket");
+}
+
+const FORWARD_LOOP: &str = r#"(module
+  (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "backend")
+  (func (export "alloc") (param i32) (result i32) i32.const 64)
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (loop $forever
+      (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
+      (br $forever))
+    i64.const -1))"#;
+
+#[test]
+fn a_guest_forwarding_in_a_loop_is_cut_off_by_the_call_limit_and_the_time_budget() {
+    let up = Upstream::silent();
+    let gateway = forwarding(FORWARD_LOOP, vec![pool("backend", &[&up])]);
+    let c = client();
+    for _ in 0..3 {
+        c.send_to(b"flood", gateway.local_addr()).unwrap();
+    }
+    wait_until("three timeouts", || gateway.stats().dropped(DropReason::Timeout) == 3);
+    std::thread::sleep(Duration::from_millis(100));
+    // At most 64 forwards per datagram reached the upstream; the rest were refused.
+    assert_eq!(up.count(), 3 * wasmgate::abi::MAX_CALLS_PER_DATAGRAM as usize);
+    assert!(gateway.stats().refused(CallError::TooMany) > 1000);
+    // The gateway serves on.
+    let echo = common::start(include_bytes!("../examples/echo.wat"));
+    assert_eq!(ask(&c, echo.local_addr(), b"ok"), b"ok");
+}
+
+#[test]
+fn a_host_name_endpoint_is_resolved() {
+    let up = Upstream::echo("u0:");
+    let spec = PoolSpec::new("backend", vec![format!("localhost:{}", up.addr.port())]);
+    let addrs = spec.resolve().unwrap();
+    assert!(addrs.contains(&up.addr), "{addrs:?}");
+    // `localhost` may also give ::1, where nothing listens: keep the IPv4 one.
+    let spec = PoolSpec::new("backend", vec![up.addr.to_string()]);
+    let gateway = forwarding(FORWARD, vec![spec]);
+    assert_eq!(ask(&client(), gateway.local_addr(), b"n"), b"u0:n");
+}
