@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds every committed guest module from its source, each with its own toolchain:
 #   Rust (SDK)       guest/uppercase.wasm, examples/dns/dns.wasm,     wasm32-unknown-unknown
+#                    examples/dns-proxy/dns_proxy.wasm,
 #                    guest/sdk-probe.wasm (the SDK's test guest)
 #   Rust (WASI)      examples/wasi-rust/whoami.wasm                   wasm32-wasip1
 #   C (freestanding) examples/c/checksum.wasm                         clang + lld
@@ -78,16 +79,17 @@ remap="--remap-path-prefix=$root=. --remap-path-prefix=$HOME=~"
 # Rust with the SDK (ABI v1), one cargo workspace in guest/.
 if rust_target wasm32-unknown-unknown; then
   if (cd guest && RUSTFLAGS="-C target-feature=+simd128 -C link-arg=-zstack-size=65536 $remap" \
-    cargo build --quiet --release --locked --target wasm32-unknown-unknown -p uppercase -p dns -p sdk-probe \
+    cargo build --quiet --release --locked --target wasm32-unknown-unknown -p uppercase -p dns -p dns-proxy -p sdk-probe \
     --target-dir "$out/target"); then
     deliver "$out/target/wasm32-unknown-unknown/release/uppercase.wasm" guest/uppercase.wasm
     deliver "$out/target/wasm32-unknown-unknown/release/dns.wasm" examples/dns/dns.wasm
+    deliver "$out/target/wasm32-unknown-unknown/release/dns_proxy.wasm" examples/dns-proxy/dns_proxy.wasm
     deliver "$out/target/wasm32-unknown-unknown/release/sdk_probe.wasm" guest/sdk-probe.wasm
   else
     fail "cargo build of the Rust guests failed"
   fi
 else
-  not_verified guest/uppercase.wasm examples/dns/dns.wasm guest/sdk-probe.wasm
+  not_verified guest/uppercase.wasm examples/dns/dns.wasm examples/dns-proxy/dns_proxy.wasm guest/sdk-probe.wasm
 fi
 
 # Rust with std, as a WASI command.

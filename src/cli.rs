@@ -296,6 +296,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // --metrics on the command line wins over the file's [metrics].
     crate::service::run(
         listeners,
+        args.config.as_deref(),
         args.metrics.or(file_metrics),
         &args.compile.compiler()?,
         args.native_uppercase,

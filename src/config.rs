@@ -49,12 +49,16 @@ pub struct PoolSpec {
     pub max_sessions: usize,
     /// How long an endpoint that refused a datagram is left out.
     pub eject_for: Duration,
+    /// How often host names are looked up again, so that a name with several
+    /// addresses (a Kubernetes headless Service) is a pool that grows and shrinks.
+    pub resolve_every: Duration,
 }
 
 /// Defaults of a pool, as Envoy's udp_proxy and Quilkin have them.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 pub const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(10);
+pub const DEFAULT_RESOLVE_EVERY: Duration = Duration::from_secs(30);
 
 /// The most sessions a pool may allow per listener.
 pub const MAX_SESSIONS: usize = 1_000_000;
@@ -69,7 +73,13 @@ impl PoolSpec {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_sessions: DEFAULT_MAX_SESSIONS,
             eject_for: DEFAULT_EJECT_FOR,
+            resolve_every: DEFAULT_RESOLVE_EVERY,
         }
+    }
+
+    /// Whether an endpoint is a host name, to be looked up again every `resolve_every`.
+    pub fn has_host_names(&self) -> bool {
+        self.endpoints.iter().any(|e| e.parse::<SocketAddr>().is_err())
     }
 
     /// The endpoints' addresses: host names are looked up (every address of a
@@ -207,6 +217,7 @@ struct UpstreamSection {
     idle_timeout: Option<String>,
     max_sessions: Option<usize>,
     eject_for: Option<String>,
+    resolve_every: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,6 +302,7 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                 None => DEFAULT_MAX_SESSIONS,
             },
             eject_for: duration(&u.eject_for, "eject_for", DEFAULT_EJECT_FOR)?,
+            resolve_every: duration(&u.resolve_every, "resolve_every", DEFAULT_RESOLVE_EVERY)?,
         });
     }
     let mut listeners = Vec::new();
@@ -527,6 +539,148 @@ mod tests {
 
     fn parse_err(text: &str) -> String {
         format!("{:#}", parse(text, Path::new("."), 2).unwrap_err())
+    }
+
+    const LISTENER: &str = "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn upstream_pools_parse_with_their_defaults_and_every_listener_gets_them() {
+        let c = parse_ok(&format!(
+            r#"{LISTENER}
+            [[listener]]
+            name = "m"
+            listen = "127.0.0.1:0"
+
+            [upstreams.resolvers]
+            endpoints = ["10.0.0.7:53", "[2001:db8::1]:53", "dns.example:53"]
+
+            [upstreams.game]
+            endpoints = ["10.0.1.1:7777"]
+            policy = "least-sessions"
+            idle_timeout = "500ms"
+            max_sessions = 20
+            eject_for = "2m"
+            resolve_every = "1h"
+            "#
+        ));
+        for l in &c.listeners {
+            assert_eq!(l.pools.len(), 2);
+        }
+        let pools = &c.listeners[0].pools;
+        // In name order, as TOML tables are.
+        let (game, resolvers) = (&pools[0], &pools[1]);
+        assert_eq!(resolvers.name, "resolvers");
+        assert_eq!(resolvers.endpoints.len(), 3);
+        assert_eq!(resolvers.policy, Policy::Hash);
+        assert_eq!(
+            (
+                resolvers.idle_timeout,
+                resolvers.max_sessions,
+                resolvers.eject_for,
+                resolvers.resolve_every
+            ),
+            (
+                Duration::from_secs(60),
+                10_000,
+                Duration::from_secs(10),
+                Duration::from_secs(30)
+            )
+        );
+        assert!(resolvers.has_host_names() && !game.has_host_names());
+        assert_eq!(game.policy, Policy::LeastSessions);
+        assert_eq!(
+            (game.idle_timeout, game.max_sessions, game.eject_for, game.resolve_every),
+            (
+                Duration::from_millis(500),
+                20,
+                Duration::from_secs(120),
+                Duration::from_secs(3600)
+            )
+        );
+    }
+
+    #[test]
+    fn bad_pools_are_refused_naming_the_key() {
+        let pool = |body: &str| parse_err(&format!("{LISTENER}[upstreams.p]\n{body}"));
+        for (body, expected) in [
+            ("endpoints = []", "upstreams.p: endpoints: the pool is empty"),
+            (
+                "endpoints = [\"10.0.0.1\"]",
+                "upstreams.p: endpoints: `10.0.0.1` is not an endpoint",
+            ),
+            ("endpoints = [\"10.0.0.1:0\"]", "is not an endpoint"),
+            ("endpoints = [\"0.0.0.0:53\"]", "is not an endpoint"),
+            ("endpoints = [\"bad host:53\"]", "is not an endpoint"),
+            (
+                "endpoints = [\"a:1\"]\npolicy = \"fastest\"",
+                "upstreams.p: policy: `fastest` is not a policy",
+            ),
+            (
+                "endpoints = [\"a:1\"]\nidle_timeout = \"60\"",
+                "upstreams.p: idle_timeout: `60` is not a duration",
+            ),
+            (
+                "endpoints = [\"a:1\"]\neject_for = \"0s\"",
+                "upstreams.p: eject_for: `0s` is out of range",
+            ),
+            ("endpoints = [\"a:1\"]\nresolve_every = \"2d\"", "is not a duration"),
+            (
+                "endpoints = [\"a:1\"]\nmax_sessions = 0",
+                "upstreams.p: max_sessions: 0 is out of range",
+            ),
+            ("endpoints = [\"a:1\"]\nweight = 3", "unknown field `weight`"),
+            ("policy = \"hash\"", "missing field `endpoints`"),
+        ] {
+            let e = pool(body);
+            assert!(e.contains(expected), "{body}: {e}");
+        }
+        let e = parse_err(&format!("{LISTENER}[upstreams.\"a b\"]\nendpoints = [\"a:1\"]"));
+        assert!(e.contains("is not a pool name"), "{e}");
+    }
+
+    #[test]
+    fn upstream_flags_and_durations_parse() {
+        let p = parse_upstream_flag("resolvers=10.0.0.7:53, 10.0.0.8:53,[::1]:53,localhost:5353").unwrap();
+        assert_eq!(p.name, "resolvers");
+        assert_eq!(
+            p.endpoints,
+            ["10.0.0.7:53", "10.0.0.8:53", "[::1]:53", "localhost:5353"]
+        );
+        assert_eq!(p.policy, Policy::Hash);
+        for bad in [
+            "resolvers",
+            "=1.2.3.4:5",
+            "r=",
+            "r=1.2.3.4",
+            "r=1.2.3.4:5,",
+            "r w=1.2.3.4:5",
+        ] {
+            assert!(parse_upstream_flag(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        for bad in [
+            "",
+            "s",
+            "5",
+            "5 s",
+            "1.5s",
+            "-1s",
+            "25h",
+            "0ms",
+            "99999999999999999999s",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let two = [PoolSpec::new("a", vec![]), PoolSpec::new("a", vec![])];
+        assert!(
+            check_pools(&two)
+                .unwrap_err()
+                .to_string()
+                .contains("two pools are named `a`")
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use crate::abi::CallError;
 use crate::metrics::{DropReason, GUEST_TIME_BUCKETS_NS, Snapshot};
 use crate::server::Publisher;
-use crate::upstream::EndpointView;
+use crate::upstream::{EndpointView, Pools};
 
 /// The listeners whose counters a scrape reports, by name.
 pub struct GatewayCollector {
@@ -130,11 +130,12 @@ impl GatewayCollector {
     /// Per endpoint of every pool: traffic both ways and health.
     fn encode_endpoints(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
         let now = Instant::now();
-        let views: Vec<(&str, Vec<EndpointView<'_>>)> = self
+        let pools: Vec<(&str, Arc<Pools>)> = self
             .listeners
             .iter()
-            .filter_map(|(n, p)| Some((n.as_str(), p.pools()?.endpoints(now))))
+            .filter_map(|(n, p)| Some((n.as_str(), p.pools()?)))
             .collect();
+        let views: Vec<(&str, Vec<EndpointView<'_>>)> = pools.iter().map(|(n, p)| (*n, p.endpoints(now))).collect();
         for (name, help, value) in ENDPOINT_COUNTERS {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (listener, endpoints) in &views {

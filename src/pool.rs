@@ -134,6 +134,24 @@ impl Pool {
         }
     }
 
+    /// The same pool with a new policy and endpoint list: endpoints it already
+    /// had keep their health (an ejected one stays ejected), so a reload changes
+    /// nothing for them.
+    pub fn rebuilt(&self, policy: Policy, addrs: &[SocketAddr]) -> Self {
+        let mut pool = Self::new(self.name.clone(), policy, addrs);
+        for e in &mut pool.endpoints {
+            if let Some(old) = self.endpoints.iter().find(|o| o.addr == e.addr) {
+                e.health = Arc::clone(&old.health);
+            }
+        }
+        pool
+    }
+
+    /// The position of the endpoint at `addr`, if the pool has it.
+    pub fn position(&self, addr: SocketAddr) -> Option<usize> {
+        self.endpoints.iter().position(|e| e.addr == addr)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -390,6 +408,27 @@ mod tests {
         (0..4).for_each(|_| least.session_opened(1));
         least.session_closed(0);
         assert_eq!(least.pick(b"", now), Some(0));
+    }
+
+    #[test]
+    fn ejection_is_shared_by_clones_and_kept_by_a_rebuild_and_its_end_is_reported_once() {
+        let now = Instant::now();
+        let pool = Pool::new("p", Policy::Hash, &addrs(3));
+        let worker = pool.clone();
+        assert!(worker.eject(1, now + Duration::from_secs(5)), "news the first time");
+        assert!(!pool.eject(1, now + Duration::from_secs(5)), "already reported");
+        assert!(!pool.is_healthy(1, now), "a clone's ejection is seen by all");
+        let rebuilt = pool.rebuilt(Policy::RoundRobin, &[addrs(3)[1], addrs(5)[4]]);
+        assert_eq!(rebuilt.position(addrs(3)[1]), Some(0));
+        assert!(!rebuilt.is_healthy(0, now), "kept endpoints keep their health");
+        assert!(rebuilt.is_healthy(1, now), "a new endpoint starts healthy");
+        let later = now + Duration::from_secs(5);
+        assert!(!pool.came_back(1, now));
+        assert!(worker.came_back(1, later), "reported by the first to see it");
+        assert!(
+            !pool.came_back(1, later) && !rebuilt.came_back(0, later),
+            "and only once"
+        );
     }
 
     #[test]

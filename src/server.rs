@@ -90,8 +90,8 @@ struct Shared {
     stop: AtomicBool,
     /// One limit per drop reason, plus one for receive errors.
     warnings: [RateLimit; DropReason::ALL.len() + 1],
-    /// The upstream pools, when the guest may forward.
-    pools: Option<Arc<Pools>>,
+    /// The upstream pools, when the guest may forward; replaced by a reload.
+    pools: Option<ArcSwap<Pools>>,
 }
 
 impl Gateway {
@@ -101,7 +101,7 @@ impl Gateway {
         let pools = if config.pools.is_empty() {
             None
         } else {
-            Some(Arc::new(Pools::new(&config.pools, workers)?))
+            Some(ArcSwap::from_pointee(Pools::new(&config.pools, workers)?))
         };
         let sockets =
             bind_group(config.listen, workers).with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -134,7 +134,7 @@ impl Gateway {
                 Some(pools) => {
                     let poll = mio::Poll::new().context("cannot create a poller")?;
                     let registry = poll.registry().try_clone().context("cannot create a poller")?;
-                    let net = Upstreams::new(Arc::clone(pools), i, registry, Arc::clone(&counters));
+                    let net = Upstreams::new(pools.load_full(), i, registry, Arc::clone(&counters));
                     Some((poll, Box::new(net)))
                 }
                 None => None,
@@ -221,8 +221,28 @@ impl Publisher {
     }
 
     /// The upstream pools, when the guest may forward.
-    pub fn pools(&self) -> Option<&Pools> {
-        self.shared.pools.as_deref()
+    pub fn pools(&self) -> Option<Arc<Pools>> {
+        self.shared.pools.as_ref().map(ArcSwap::load_full)
+    }
+
+    /// Replaces the pools with `specs` (resolved now), unless that changes
+    /// nothing; true when new pools were published. Workers take them at their
+    /// next wake-up: new endpoints get new sessions at once, and sessions to
+    /// removed endpoints carry on until idle. A gateway started without pools
+    /// cannot take any (its workers do not wait on upstream sockets).
+    pub fn set_pools(&self, specs: &[PoolSpec]) -> anyhow::Result<bool> {
+        let Some(pools) = &self.shared.pools else {
+            anyhow::bail!("the listener was started without upstream pools; restart it to add some");
+        };
+        let current = pools.load_full();
+        if current.same_as(specs) {
+            return Ok(false);
+        }
+        if specs.is_empty() {
+            anyhow::bail!("every pool would be removed; restart the listener to serve without pools");
+        }
+        pools.store(Arc::new(current.rebuilt(specs)?));
+        Ok(true)
     }
 
     /// The program serving now.
@@ -398,8 +418,7 @@ impl Worker {
             tracing::error!(error = %e, "cannot wait on the listener socket; this worker stops");
             return;
         }
-        let sweep_every = net.as_ref().map_or(Duration::from_secs(1), |n| n.sweep_every());
-        let mut next_sweep = Instant::now() + sweep_every;
+        let mut next_sweep = Instant::now();
         // Edge-triggered: the listener is read until it is empty, a few batches
         // per wake-up, and remembered as ready when it was not emptied.
         let mut listener_ready = true;
@@ -429,6 +448,12 @@ impl Worker {
             let now = Instant::now();
             if let Some(n) = net.as_mut() {
                 n.set_now(now);
+                if let Some(pools) = &self.core.shared.pools {
+                    let current = pools.load();
+                    if !n.uses(&current) {
+                        n.adopt(Arc::clone(&current));
+                    }
+                }
             }
             for event in &events {
                 if event.token() == LISTENER {
@@ -466,8 +491,10 @@ impl Worker {
             }
             self.core.flush(&mut tx, &self.socket);
             if now >= next_sweep {
+                let mut sweep_every = Duration::from_secs(1);
                 if let Some(n) = net.as_mut() {
                     n.expire(now);
+                    sweep_every = n.sweep_every();
                 }
                 self.core.handler.refresh(&self.core.shared.program.load());
                 next_sweep = now + sweep_every;

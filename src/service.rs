@@ -1,9 +1,14 @@
 //! Running wasmgate as a service: every listener with its own sandbox, gateway and
-//! reloader, the metrics endpoint, and the signals (SIGHUP reloads every module;
-//! SIGINT and SIGTERM stop reading, answer what is in flight, and exit).
+//! reloader, the metrics endpoint, upstream pools kept current (SIGHUP, a change
+//! of the config file, host names looked up again), and the signals (SIGHUP
+//! reloads every module; SIGINT and SIGTERM stop reading, answer what is in
+//! flight, and exit).
 
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -14,7 +19,7 @@ use crate::compiler::Compiler;
 use crate::config::ListenerSpec;
 use crate::reload::Reloader;
 use crate::sandbox::{Isolation, Sandbox};
-use crate::server::{Gateway, ServeConfig};
+use crate::server::{Gateway, Publisher, ServeConfig};
 
 /// File descriptors kept for everything but sessions: listener sockets, module
 /// files, the watcher, the metrics endpoint.
@@ -32,8 +37,11 @@ struct Running {
 /// start-up with its file and reason and nothing half-started. Modules are
 /// compiled by `compiler`, at start-up and on reload. `native_uppercase`
 /// is for benchmarks: the guest is replaced by a native function.
+/// `config` is the file the listeners came from, if any: its pools are read
+/// again on SIGHUP and when it changes.
 pub fn run(
     listeners: Vec<ListenerSpec>,
+    config: Option<&Path>,
     metrics: Option<SocketAddr>,
     compiler: &Compiler,
     native_uppercase: bool,
@@ -111,10 +119,15 @@ pub fn run(
             reloader,
         });
     }
-    serve_until_stopped(running, metrics, native_uppercase)
+    serve_until_stopped(running, config, metrics, native_uppercase)
 }
 
-fn serve_until_stopped(running: Vec<Running>, metrics: Option<SocketAddr>, native: bool) -> anyhow::Result<()> {
+fn serve_until_stopped(
+    running: Vec<Running>,
+    config: Option<&Path>,
+    metrics: Option<SocketAddr>,
+    native: bool,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -169,7 +182,8 @@ fn serve_until_stopped(running: Vec<Running>, metrics: Option<SocketAddr>, nativ
         );
     }
     let reloaders: Vec<&Reloader> = running.iter().filter_map(|r| r.reloader.as_ref()).collect();
-    runtime.block_on(signals.wait(&reloaders));
+    let pools = PoolKeeper::new(config, &running);
+    runtime.block_on(signals.wait(&reloaders, pools));
     // Every listener stops reading and every reloader stops publishing at once,
     // before saying so; then each worker answers the batch it holds.
     for r in &running {
@@ -188,9 +202,126 @@ fn serve_until_stopped(running: Vec<Running>, metrics: Option<SocketAddr>, nativ
         let stats = r.gateway.shutdown();
         tracing::info!(listener = r.spec.name, %stats, "stopped");
     }
-    // A reload still compiling is waited for briefly, then left behind.
+    // A reload still compiling is waited for briefly, then left behind; so is
+    // a pool reload still looking up names.
     drop(reloaders);
+    runtime.shutdown_timeout(Duration::from_millis(100));
     Ok(())
+}
+
+/// Keeps every listener's upstream pools current: on SIGHUP and when the config
+/// file changes (checked every second), the pools are read from the file again;
+/// host names are looked up again every `resolve_every`. The work (file, DNS)
+/// runs on a blocking thread, one reload at a time, so that signals are never
+/// kept waiting. An invalid change is logged and the old pools keep serving.
+struct PoolKeeper {
+    config: Option<PathBuf>,
+    /// The file's identity (device, inode, size, mtime) when last read.
+    seen: Option<(u64, u64, u64, i64, i64)>,
+    targets: Arc<Vec<(String, Publisher)>>,
+    resolve_every: Option<Duration>,
+    last_resolve: Instant,
+    busy: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PoolKeeper {
+    fn new(config: Option<&Path>, running: &[Running]) -> Self {
+        let targets: Vec<(String, Publisher)> = running
+            .iter()
+            .filter(|r| !r.spec.pools.is_empty())
+            .map(|r| (r.spec.name.clone(), r.gateway.publisher()))
+            .collect();
+        let resolve_every = running
+            .iter()
+            .flat_map(|r| &r.spec.pools)
+            .filter(|p| p.has_host_names())
+            .map(|p| p.resolve_every)
+            .min();
+        Self {
+            // Unknown at first: the first tick reads the file again, so that a
+            // change made while the modules compiled is not missed (an unchanged
+            // file changes nothing).
+            seen: None,
+            config: config.map(Path::to_path_buf),
+            targets: Arc::new(targets),
+            resolve_every,
+            last_resolve: Instant::now(),
+            busy: None,
+        }
+    }
+
+    /// Called every second: reloads when the config file changed or names are due.
+    fn tick(&mut self) {
+        if let Some(path) = &self.config {
+            let now = identity(path);
+            if now.is_some() && now != self.seen {
+                self.seen = now;
+                self.reload("the config file changed", true);
+                return;
+            }
+        }
+        if self
+            .resolve_every
+            .is_some_and(|every| self.last_resolve.elapsed() >= every)
+        {
+            self.reload("host names are due to be looked up again", false);
+        }
+    }
+
+    /// Re-reads the pools (from the file when `from_file` and there is one; else
+    /// the current ones, with names looked up again) and publishes what changed.
+    fn reload(&mut self, why: &'static str, from_file: bool) {
+        if self.targets.is_empty() || self.busy.as_ref().is_some_and(|b| !b.is_finished()) {
+            return;
+        }
+        self.last_resolve = Instant::now();
+        let (targets, config) = (Arc::clone(&self.targets), self.config.clone().filter(|_| from_file));
+        self.busy = Some(tokio::task::spawn_blocking(move || {
+            reload_pools(&targets, config.as_deref(), why)
+        }));
+    }
+}
+
+/// A file's identity, to notice that it changed.
+fn identity(path: &Path) -> Option<(u64, u64, u64, i64, i64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+fn reload_pools(targets: &[(String, Publisher)], config: Option<&Path>, why: &str) {
+    let specs: Vec<(String, Vec<crate::config::PoolSpec>)> = match config {
+        Some(path) => match crate::config::load(path, 1) {
+            Ok(file) => file.listeners.into_iter().map(|l| (l.name, l.pools)).collect(),
+            Err(e) => {
+                tracing::error!(config = %path.display(), "{why}, but it is refused; the old pools keep serving: {e:#}");
+                return;
+            }
+        },
+        None => targets
+            .iter()
+            .filter_map(|(name, p)| Some((name.clone(), p.pools()?.specs())))
+            .collect(),
+    };
+    for (name, publisher) in targets {
+        let Some((_, pools)) = specs.iter().find(|(n, _)| n == name) else {
+            tracing::warn!(
+                listener = name,
+                "{why}: the listener is gone from the file; restart to remove it"
+            );
+            continue;
+        };
+        match publisher.set_pools(pools) {
+            Ok(true) => {
+                let now = publisher.pools().map(|p| p.describe()).unwrap_or_default();
+                tracing::info!(listener = name, upstreams = now, "{why}: pools reloaded");
+            }
+            Ok(false) => tracing::debug!(listener = name, "{why}: the pools are unchanged"),
+            Err(e) => tracing::error!(
+                listener = name,
+                "{why}, but the new pools are refused; the old ones keep serving: {e:#}"
+            ),
+        }
+    }
 }
 
 /// The signals the gateway acts on, registered up front.
@@ -212,15 +343,19 @@ impl Signals {
     }
 
     /// Reloads on SIGHUP; returns on SIGINT (Ctrl-C) or SIGTERM.
-    async fn wait(mut self, reloaders: &[&Reloader]) {
+    async fn wait(mut self, reloaders: &[&Reloader], mut pools: PoolKeeper) {
+        let mut second = tokio::time::interval(Duration::from_secs(1));
+        second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.interrupt.recv() => return,
                 _ = self.terminate.recv() => return,
+                _ = second.tick() => pools.tick(),
                 _ = self.hangup.recv() => {
-                    if reloaders.is_empty() {
+                    pools.reload("SIGHUP", true);
+                    if reloaders.is_empty() && pools.targets.is_empty() {
                         tracing::warn!("SIGHUP: only the embedded guest is served, there is no module file to reload");
-                    } else {
+                    } else if !reloaders.is_empty() {
                         tracing::info!("SIGHUP: reloading every module");
                         for reloader in reloaders {
                             reloader.force();

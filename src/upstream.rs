@@ -40,20 +40,22 @@ pub struct EndpointCounters {
 }
 
 /// The pools of one listener, resolved, with what every worker shares: endpoint
-/// health (inside each [`Pool`]) and the per-worker endpoint counters.
+/// health (inside each [`Pool`]) and each endpoint's per-worker counters. A
+/// reload builds a new `Pools` from the old one ([`Pools::rebuilt`]) and each
+/// worker adopts it at its next wake-up.
 pub struct Pools {
     pools: Vec<Configured>,
-    /// `workers[w][i]`: worker `w`'s counters of endpoint `i` (pools' endpoints
-    /// numbered one after another).
-    workers: Vec<Arc<[EndpointCounters]>>,
-    health_lines: RateLimit,
+    workers: usize,
+    health_lines: Arc<RateLimit>,
 }
 
 struct Configured {
     spec: PoolSpec,
+    /// What the endpoints resolved to.
+    addrs: Vec<SocketAddr>,
     pool: Pool,
-    /// The number of this pool's first endpoint among all of them.
-    first: usize,
+    /// `counters[e][w]`: worker `w`'s counters of endpoint `e`.
+    counters: Vec<Vec<Arc<EndpointCounters>>>,
 }
 
 /// One endpoint, for metrics.
@@ -71,25 +73,51 @@ impl Pools {
     /// Resolves every endpoint of `specs` (host names too) for a listener with
     /// `workers` workers. An error names the pool and endpoint.
     pub fn new(specs: &[PoolSpec], workers: usize) -> anyhow::Result<Self> {
+        Self::build(specs, workers, None)
+    }
+
+    /// New pools from `specs`, resolved now: an endpoint that the old pools had
+    /// keeps its health and counters. Sessions to removed endpoints drain in
+    /// the workers until idle.
+    pub fn rebuilt(&self, specs: &[PoolSpec]) -> anyhow::Result<Self> {
+        Self::build(specs, self.workers, Some(self))
+    }
+
+    fn build(specs: &[PoolSpec], workers: usize, old: Option<&Self>) -> anyhow::Result<Self> {
+        crate::config::check_pools(specs)?;
         let mut pools = Vec::with_capacity(specs.len());
-        let mut first = 0;
         for spec in specs {
             let addrs = spec.resolve()?;
-            let pool = Pool::new(spec.name.clone(), spec.policy, &addrs);
-            let n = pool.endpoints().len();
+            let before = old.and_then(|o| o.pools.iter().find(|c| c.spec.name == spec.name));
+            let pool = match before {
+                Some(b) => b.pool.rebuilt(spec.policy, &addrs),
+                None => Pool::new(spec.name.clone(), spec.policy, &addrs),
+            };
+            let counters = pool
+                .endpoints()
+                .iter()
+                .map(|e| {
+                    let kept = before.and_then(|b| Some(&b.counters[b.pool.position(e.addr)?]));
+                    match kept {
+                        Some(c) => c.clone(),
+                        None => (0..workers).map(|_| Arc::default()).collect(),
+                    }
+                })
+                .collect();
             pools.push(Configured {
                 spec: spec.clone(),
+                addrs,
                 pool,
-                first,
+                counters,
             });
-            first += n;
         }
         Ok(Self {
             pools,
-            workers: (0..workers)
-                .map(|_| (0..first).map(|_| EndpointCounters::default()).collect())
-                .collect(),
-            health_lines: RateLimit::new(HEALTH_LINES_PER_SECOND),
+            workers,
+            health_lines: old.map_or_else(
+                || Arc::new(RateLimit::new(HEALTH_LINES_PER_SECOND)),
+                |o| Arc::clone(&o.health_lines),
+            ),
         })
     }
 
@@ -97,7 +125,23 @@ impl Pools {
         self.pools.is_empty()
     }
 
-    /// The pools' names and resolved endpoints, for the "serving" line.
+    /// Whether `specs` would give exactly these pools (same settings, same
+    /// resolved addresses): a reload that changes nothing is skipped.
+    pub fn same_as(&self, specs: &[PoolSpec]) -> bool {
+        self.pools.len() == specs.len()
+            && self
+                .pools
+                .iter()
+                .zip(specs)
+                .all(|(c, spec)| c.spec == *spec && spec.resolve().is_ok_and(|addrs| addrs == c.addrs))
+    }
+
+    /// The configured pools.
+    pub fn specs(&self) -> Vec<PoolSpec> {
+        self.pools.iter().map(|c| c.spec.clone()).collect()
+    }
+
+    /// The pools' names and resolved endpoints, for logs.
     pub fn describe(&self) -> String {
         self.pools
             .iter()
@@ -114,9 +158,8 @@ impl Pools {
         let mut out = Vec::new();
         for c in &self.pools {
             for (i, e) in c.pool.endpoints().iter().enumerate() {
-                let sum = |f: fn(&EndpointCounters) -> &AtomicU64| {
-                    self.workers.iter().map(|w| f(&w[c.first + i]).load(Relaxed)).sum()
-                };
+                let sum =
+                    |f: fn(&EndpointCounters) -> &AtomicU64| c.counters[i].iter().map(|w| f(w).load(Relaxed)).sum();
                 out.push(EndpointView {
                     pool: &c.spec.name,
                     addr: e.addr,
@@ -130,11 +173,6 @@ impl Pools {
         }
         out
     }
-
-    /// The most file descriptors the sessions of all workers may hold.
-    pub fn max_sockets(&self) -> usize {
-        self.pools.iter().map(|c| c.spec.max_sessions).sum()
-    }
 }
 
 /// One client's conversation with one endpoint.
@@ -143,7 +181,11 @@ pub struct Session {
     /// The client as the listener socket received it (where replies go).
     pub client: SocketAddr,
     pool: usize,
-    endpoint: usize,
+    endpoint: SocketAddr,
+    /// The endpoint's place in its pool; `None` once a reload removed it (the
+    /// session then drains: it carries on until idle).
+    index: Option<usize>,
+    counters: Arc<EndpointCounters>,
     last_active: Instant,
     /// `POOL/ip:port`, as `upstream` tells the guest.
     pub label: String,
@@ -161,28 +203,34 @@ pub enum Recv {
     Gone,
 }
 
-/// One pool, as one worker uses it.
+/// One pool, as one worker uses it. Its place in the worker's list never
+/// changes, so sessions can name it by index across reloads.
 struct WorkerPool {
+    name: String,
     pool: Pool,
+    /// This worker's counters of each endpoint of `pool`.
+    counters: Vec<Arc<EndpointCounters>>,
     idle_timeout: Duration,
     eject_for: Duration,
     /// This worker's share of the pool's `max_sessions`.
     max: usize,
     open: usize,
+    /// A reload removed the pool: no new sessions; the open ones drain.
+    retired: bool,
 }
 
 /// A worker's forwarding state.
 pub struct Upstreams {
     shared: Arc<Pools>,
+    worker: usize,
     pools: Vec<WorkerPool>,
     sessions: Slab<Session>,
     /// (client, pool, endpoint) → session.
-    routes: HashMap<(SocketAddr, usize, usize), usize>,
+    routes: HashMap<(SocketAddr, usize, SocketAddr), usize>,
     /// (client, pool) → the session plain `forward` keeps using while it is healthy.
     affinity: HashMap<(SocketAddr, usize), usize>,
     registry: Registry,
     counters: Arc<Counters>,
-    endpoint_counters: Arc<[EndpointCounters]>,
     /// The time of the batch being handled (read once per wake-up, not per datagram).
     now: Instant,
     /// The client the guest is answering, as received, and its hash key.
@@ -194,33 +242,62 @@ pub struct Upstreams {
 impl Upstreams {
     /// Worker `worker`'s share of `shared`, registering session sockets with `registry`.
     pub fn new(shared: Arc<Pools>, worker: usize, registry: Registry, counters: Arc<Counters>) -> Self {
-        let workers = shared.workers.len().max(1);
-        let pools = shared
-            .pools
-            .iter()
-            .map(|c| WorkerPool {
-                pool: c.pool.clone(),
-                idle_timeout: c.spec.idle_timeout,
-                eject_for: c.spec.eject_for,
-                max: c.spec.max_sessions.div_ceil(workers),
-                open: 0,
-            })
-            .collect();
-        let endpoint_counters = Arc::clone(&shared.workers[worker.min(shared.workers.len() - 1)]);
-        Self {
-            shared,
-            pools,
+        let mut this = Self {
+            shared: Arc::clone(&shared),
+            worker,
+            pools: Vec::new(),
             sessions: Slab::new(),
             routes: HashMap::new(),
             affinity: HashMap::new(),
             registry,
             counters,
-            endpoint_counters,
             now: Instant::now(),
             client: None,
             client_key: [0; 18],
             client_key_len: 0,
+        };
+        this.adopt(shared);
+        this
+    }
+
+    /// Whether `pools` is the version this worker uses.
+    pub fn uses(&self, pools: &Arc<Pools>) -> bool {
+        Arc::ptr_eq(&self.shared, pools)
+    }
+
+    /// Takes a reloaded version of the pools: new endpoints take new sessions at
+    /// once; sessions to removed endpoints (or pools) carry on until idle.
+    pub fn adopt(&mut self, shared: Arc<Pools>) {
+        let workers = shared.workers.max(1);
+        let w = self.worker.min(workers - 1);
+        for wp in &mut self.pools {
+            wp.retired = true;
         }
+        for c in &shared.pools {
+            let fresh = WorkerPool {
+                name: c.spec.name.clone(),
+                pool: c.pool.clone(),
+                counters: c.counters.iter().map(|per| Arc::clone(&per[w])).collect(),
+                idle_timeout: c.spec.idle_timeout,
+                eject_for: c.spec.eject_for,
+                max: c.spec.max_sessions.div_ceil(workers),
+                open: 0,
+                retired: false,
+            };
+            match self.pools.iter_mut().find(|wp| wp.name == c.spec.name) {
+                Some(wp) => *wp = WorkerPool { open: wp.open, ..fresh },
+                None => self.pools.push(fresh),
+            }
+        }
+        // Sessions find their endpoint in the new lists (and count for least-sessions).
+        for (_, s) in &mut self.sessions {
+            let wp = &mut self.pools[s.pool];
+            s.index = if wp.retired { None } else { wp.pool.position(s.endpoint) };
+            if let Some(i) = s.index {
+                wp.pool.session_opened(i);
+            }
+        }
+        self.shared = shared;
     }
 
     /// Sets the time for what follows.
@@ -256,7 +333,7 @@ impl Upstreams {
         let p = self
             .pools
             .iter()
-            .position(|wp| wp.pool.name().as_bytes() == pool)
+            .position(|wp| !wp.retired && wp.name.as_bytes() == pool)
             .ok_or(CallError::UnknownPool)?;
         // A second try after an endpoint turned out to be down, on another one.
         for _ in 0..2 {
@@ -266,9 +343,8 @@ impl Upstreams {
                 Ok(_) => {
                     session.last_active = self.now;
                     session.awaiting = session.awaiting.saturating_add(1);
-                    let c = &self.endpoint_counters[self.shared.pools[p].first + session.endpoint];
-                    c.to.fetch_add(1, Relaxed);
-                    c.to_bytes.fetch_add(data.len() as u64, Relaxed);
+                    session.counters.to.fetch_add(1, Relaxed);
+                    session.counters.to_bytes.fetch_add(data.len() as u64, Relaxed);
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => self.refused(s),
@@ -285,9 +361,11 @@ impl Upstreams {
         let endpoint = match key {
             Some(key) => wp.pool.by_hash(key, now).ok_or(CallError::NoHealthyEndpoint)?,
             None => {
+                // The client keeps its session while its endpoint is healthy, and
+                // also when a reload removed the endpoint (the session drains).
                 if let Some(&s) = self.affinity.get(&(client, p))
                     && let Some(session) = self.sessions.get(s)
-                    && wp.pool.is_healthy(session.endpoint, now)
+                    && session.index.is_none_or(|i| wp.pool.is_healthy(i, now))
                 {
                     return Ok(s);
                 }
@@ -295,7 +373,8 @@ impl Upstreams {
                 wp.pool.pick(key, now).ok_or(CallError::NoHealthyEndpoint)?
             }
         };
-        let s = match self.routes.get(&(client, p, endpoint)) {
+        let addr = wp.pool.endpoints()[endpoint].addr;
+        let s = match self.routes.get(&(client, p, addr)) {
             Some(&s) => s,
             None => self.open(client, p, endpoint)?,
         };
@@ -322,14 +401,16 @@ impl Upstreams {
             socket,
             client,
             pool: p,
-            endpoint,
+            endpoint: addr,
+            index: Some(endpoint),
+            counters: Arc::clone(&wp.counters[endpoint]),
             last_active: self.now,
-            label: format!("{}/{addr}", wp.pool.name()),
+            label: format!("{}/{addr}", wp.name),
             awaiting: 0,
         });
         wp.open += 1;
         wp.pool.session_opened(endpoint);
-        self.routes.insert((client, p, endpoint), s);
+        self.routes.insert((client, p, addr), s);
         self.counters.session_created(self.sessions.len());
         Ok(s)
     }
@@ -340,14 +421,14 @@ impl Upstreams {
         let Some(session) = self.sessions.get(s) else {
             return;
         };
-        let (p, endpoint) = (session.pool, session.endpoint);
-        let wp = &self.pools[p];
-        if wp.pool.eject(endpoint, self.now + wp.eject_for)
+        let wp = &self.pools[session.pool];
+        if let Some(i) = session.index
+            && wp.pool.eject(i, self.now + wp.eject_for)
             && let Some(suppressed) = self.shared.health_lines.allow()
         {
             tracing::warn!(
-                pool = wp.pool.name(),
-                endpoint = %wp.pool.endpoints()[endpoint].addr,
+                pool = wp.name,
+                endpoint = %session.endpoint,
                 eject_for = ?wp.eject_for,
                 suppressed,
                 "endpoint ejected: it answered with ICMP port unreachable"
@@ -367,8 +448,10 @@ impl Upstreams {
             self.affinity.remove(&(session.client, session.pool));
         }
         let wp = &mut self.pools[session.pool];
-        wp.open -= 1;
-        wp.pool.session_closed(session.endpoint);
+        wp.open = wp.open.saturating_sub(1);
+        if let Some(i) = session.index {
+            wp.pool.session_closed(i);
+        }
         self.counters.session_closed(self.sessions.len(), expired);
     }
 
@@ -385,9 +468,8 @@ impl Upstreams {
                 Ok(n) => {
                     session.last_active = self.now;
                     session.awaiting = session.awaiting.saturating_sub(1);
-                    let c = &self.endpoint_counters[self.shared.pools[session.pool].first + session.endpoint];
-                    c.from.fetch_add(1, Relaxed);
-                    c.from_bytes.fetch_add(n as u64, Relaxed);
+                    session.counters.from.fetch_add(1, Relaxed);
+                    session.counters.from_bytes.fetch_add(n as u64, Relaxed);
                     self.counters.upstream_received(n);
                     return Recv::Datagram(n);
                 }
@@ -420,12 +502,12 @@ impl Upstreams {
         for s in idle {
             self.close(s, true);
         }
-        for wp in &self.pools {
+        for wp in self.pools.iter().filter(|wp| !wp.retired) {
             for (i, e) in wp.pool.endpoints().iter().enumerate() {
                 if wp.pool.came_back(i, now)
                     && let Some(suppressed) = self.shared.health_lines.allow()
                 {
-                    tracing::info!(pool = wp.pool.name(), endpoint = %e.addr, suppressed, "endpoint back after ejection");
+                    tracing::info!(pool = wp.name, endpoint = %e.addr, suppressed, "endpoint back after ejection");
                 }
             }
         }

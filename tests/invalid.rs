@@ -128,6 +128,22 @@ fn bad_modules() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["fd_write", "cannot be linked as a WASI command"],
         ),
         (
+            "on_reply_wrong_type.wat",
+            valid_with(r#"(func (export "on_reply") (param i32) (result i64) i64.const -1)"#),
+            vec![
+                "export `on_reply` has type (func (param i32) (result i64))",
+                "expected (func (param i32 i32) (result i64))",
+            ],
+        ),
+        (
+            "forward_wrong_type.wat",
+            valid_with(r#"(import "wasmgate" "forward" (func (param i32 i32) (result i32)))"#),
+            vec![
+                "import `wasmgate.forward` has type (func (param i32 i32) (result i32))",
+                "expected (func (param i32 i32 i32 i32) (result i32))",
+            ],
+        ),
+        (
             "wasi_start_wrong_type.wat",
             r#"(module (memory (export "memory") 1)
                 (func (export "_start") (param i32)))"#

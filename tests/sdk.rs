@@ -9,8 +9,14 @@ use std::time::Duration;
 use common::{Served, ask, assert_silent, client, client_on};
 
 fn probe() -> Served {
+    probe_with(&[])
+}
+
+fn probe_with(extra: &[&str]) -> Served {
     let module = format!("{}/guest/sdk-probe.wasm", env!("CARGO_MANIFEST_DIR"));
-    Served::start(&["--listen", "127.0.0.1:0", "--workers", "1", "--module", &module])
+    let mut args = vec!["--listen", "127.0.0.1:0", "--workers", "1", "--module", &module];
+    args.extend_from_slice(extra);
+    Served::start(&args)
 }
 
 /// Waits for a log line containing every one of `words`.
@@ -66,4 +72,40 @@ fn sdk_log_and_panic_reach_the_gateway_log() {
     assert!(line.contains("sdk-probe/src/lib.rs:"), "the panic's place: {line}");
     log_line(&served, &["reason=trap"]);
     assert_eq!(ask(&c, served.addr, b"still here"), b"still here");
+}
+
+#[test]
+fn sdk_forward_forward_key_send_and_on_reply_with_typed_errors() {
+    let (a, b) = (common::Upstream::echo("a:"), common::Upstream::echo("b:"));
+    let pool = format!("backend={},{}", a.addr, b.addr);
+    let served = probe_with(&["--upstream", &pool, "--max-reply-ratio", "0"]);
+    let c = client();
+    // forward: the answer comes back through `on_reply`, which names the endpoint.
+    let reply = String::from_utf8(ask(&c, served.addr, b"fwd backend hello")).unwrap();
+    let (via, data) = reply
+        .split_once(' ')
+        .map(|(v, rest)| (v, rest.split_once(' ').unwrap()))
+        .unwrap();
+    assert_eq!(via, "via");
+    let endpoint = if data.1 == "a:hello" { a.addr } else { b.addr };
+    assert_eq!(data.0, format!("backend/{endpoint}"), "{reply}");
+    // forward_key: one key, one endpoint, whichever client sends it.
+    let tags: std::collections::HashSet<String> = (0..6)
+        .map(|_| String::from_utf8(ask(&client(), served.addr, b"key backend k-1 x")).unwrap())
+        .collect();
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    // Typed errors.
+    assert_eq!(ask(&c, served.addr, b"fwd nowhere x"), b"UnknownPool");
+    // send: two datagrams, then the reply.
+    c.send_to(b"send hi", served.addr).unwrap();
+    for expected in [&b"hi"[..], b"hi", b"sent"] {
+        assert_eq!(common::recv(&c, served.addr), expected);
+    }
+}
+
+#[test]
+fn sdk_send_past_the_budget_is_a_typed_error() {
+    let served = probe();
+    let c = client();
+    assert_eq!(ask(&c, served.addr, b"sendbig"), b"Amplification");
 }

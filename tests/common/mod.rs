@@ -302,6 +302,11 @@ impl Upstream {
         self.got.lock().unwrap().clone()
     }
 
+    /// Forgets what was received so far.
+    pub fn clear(&self) {
+        self.got.lock().unwrap().clear();
+    }
+
     pub fn count(&self) -> usize {
         self.got.lock().unwrap().len()
     }

@@ -6,13 +6,20 @@
 //! - `silent`: no reply
 //! - `build N`: N bytes of `x`, built in [`Context::reply_buffer`]
 //! - `panic`: panics
+//! - `send TEXT`: sends TEXT twice, then replies `sent`
+//! - `sendbig`: sends 1,000 bytes (past the reply budget of so short a datagram);
+//!   replies with the error's name
+//! - `fwd POOL TEXT`: forwards TEXT to POOL; on an error, replies with its name
+//! - `key POOL KEY TEXT`: forwards TEXT to POOL by KEY; likewise
 //! - anything else: echoed, through `Option<&[u8]>`
+//!
+//! What upstreams send back goes through `back`: `via POOL/ip:port DATA`.
 
 #![no_std]
 
 use core::fmt::Write as _;
 
-use wasmgate_sdk::{Context, Level, Reply};
+use wasmgate_sdk::{CallError, Context, Level, Reply};
 
 struct Cursor<'a> {
     buf: &'a mut [u8],
@@ -74,8 +81,64 @@ fn probe<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
             Reply::Send(&out[..n])
         }
         b"panic" => panic!("asked to"),
+        b"send" => {
+            for _ in 0..2 {
+                if let Err(e) = ctx.send(argument) {
+                    return error_reply(ctx, e);
+                }
+            }
+            Reply::from("sent")
+        }
+        b"sendbig" => {
+            let big = [b'b'; 1000];
+            match ctx.send(&big) {
+                Ok(()) => Reply::from("sent"),
+                Err(e) => error_reply(ctx, e),
+            }
+        }
+        b"fwd" | b"key" => {
+            let mut words = argument.splitn(if command == b"key" { 3 } else { 2 }, |&b| b == b' ');
+            let pool = core::str::from_utf8(words.next().unwrap_or(b"")).unwrap_or("");
+            let key = if command == b"key" { words.next() } else { None };
+            let text = words.next().unwrap_or(b"");
+            let result = match key {
+                Some(key) => ctx.forward_key(pool, key, text),
+                None => ctx.forward(pool, text),
+            };
+            match result {
+                Ok(()) => Reply::Nothing,
+                Err(e) => error_reply(ctx, e),
+            }
+        }
         _ => Reply::from(Some(&*datagram)),
     }
 }
 
-wasmgate_sdk::handler!(probe);
+/// The name of `error`, as the reply.
+fn error_reply(ctx: &mut Context, error: CallError) -> Reply<'_> {
+    let mut out = Cursor {
+        buf: ctx.reply_buffer(),
+        len: 0,
+    };
+    let _ = write!(out, "{error:?}");
+    let len = out.len;
+    Reply::Send(&ctx.reply_buffer()[..len])
+}
+
+/// An upstream's datagram: `via POOL/ip:port DATA`.
+fn back<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
+    let mut name = [0u8; 128];
+    let upstream = ctx.upstream(&mut name).unwrap_or("?");
+    let mut out = Cursor {
+        buf: ctx.reply_buffer(),
+        len: 0,
+    };
+    let _ = write!(out, "via {upstream} ");
+    let len = out.len;
+    let end = len + datagram.len();
+    let buf = ctx.reply_buffer();
+    buf[len..end].copy_from_slice(datagram);
+    Reply::Send(&buf[..end])
+}
+
+wasmgate_sdk::handler!(probe, on_reply = back);

@@ -20,6 +20,12 @@
 //! A handler that only reads may take `&[u8]` and `&Context` instead: the macro
 //! passes mutable references, which Rust narrows at the call.
 //!
+//! A handler may also forward the datagram to an upstream pool
+//! ([`Context::forward`], [`Context::forward_key`]), send the client more
+//! datagrams ([`Context::send`]), and see what upstreams send back by naming an
+//! `on_reply` function: `handler!(handle, on_reply = answer)`. Each returns a
+//! typed [`CallError`] when the host refuses.
+//!
 //! Build with `cargo build --release --target wasm32-unknown-unknown` from a
 //! `cdylib` crate.
 
@@ -37,7 +43,8 @@ pub const MAX_DATAGRAM: usize = 65_507;
 pub enum Reply<'a> {
     /// Send these bytes as one datagram (possibly empty).
     Send(&'a [u8]),
-    /// Send nothing; the host counts the datagram as `no_reply`.
+    /// Send nothing: the host counts the datagram as `no_reply`, or as
+    /// `forwarded` when the handler forwarded it.
     Nothing,
 }
 
@@ -65,6 +72,47 @@ impl<'a, T: Into<Reply<'a>>> From<Option<T>> for Reply<'a> {
     }
 }
 
+/// Why the host refused a [`Context::forward`], [`Context::forward_key`] or
+/// [`Context::send`]; each is also counted by the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// No pool has that name.
+    UnknownPool,
+    /// Every endpoint of the pool is ejected.
+    NoHealthyEndpoint,
+    /// The pool's session limit is reached and this client has no session yet.
+    SessionOverflow,
+    /// More than [`MAX_DATAGRAM`] bytes.
+    Oversize,
+    /// Called outside a datagram (in a start function).
+    NoClient,
+    /// The upstream socket could not be opened or refused the datagram.
+    UpstreamError,
+    /// `send`: past the reply budget (`--max-reply-ratio` × the datagram's size).
+    Amplification,
+    /// More than 64 forwards and sends for one datagram.
+    TooMany,
+    /// A code this SDK does not know (a newer host).
+    Other(i32),
+}
+
+impl CallError {
+    fn check(code: i32) -> Result<(), CallError> {
+        Err(match code {
+            0 => return Ok(()),
+            -1 => Self::UnknownPool,
+            -2 => Self::NoHealthyEndpoint,
+            -3 => Self::SessionOverflow,
+            -4 => Self::Oversize,
+            -5 => Self::NoClient,
+            -6 => Self::UpstreamError,
+            -7 => Self::Amplification,
+            -8 => Self::TooMany,
+            other => Self::Other(other),
+        })
+    }
+}
+
 /// What a handler may ask the host about the datagram it is handling.
 pub struct Context {
     _private: (),
@@ -82,6 +130,46 @@ impl Context {
     pub fn peer_text<'b>(&self, buf: &'b mut [u8; 64]) -> Option<&'b str> {
         // SAFETY: the host writes at most `cap` bytes at `ptr`, which is `buf`.
         let len = unsafe { host::peer(buf.as_mut_ptr(), buf.len() as i32) };
+        let len = usize::try_from(len).ok().filter(|&n| n > 0 && n <= buf.len())?;
+        core::str::from_utf8(&buf[..len]).ok()
+    }
+
+    /// Sends `data` to an endpoint of the pool named `pool`, on behalf of this
+    /// client: the pool's policy picks the endpoint for a new session, and the
+    /// client keeps it while it is healthy. May be called several times (fan-out).
+    pub fn forward(&mut self, pool: &str, data: &[u8]) -> Result<(), CallError> {
+        // SAFETY: the host reads `pool_len` bytes at `pool` and `data_len` at `data`.
+        CallError::check(unsafe { host::forward(pool.as_ptr(), pool.len() as i32, data.as_ptr(), data.len() as i32) })
+    }
+
+    /// As [`Context::forward`], but the endpoint is the one `key` hashes to,
+    /// whatever the client's address (a session token, a connection ID, …).
+    pub fn forward_key(&mut self, pool: &str, key: &[u8], data: &[u8]) -> Result<(), CallError> {
+        // SAFETY: the host reads the three regions, each from its pointer and length.
+        CallError::check(unsafe {
+            host::forward_key(
+                pool.as_ptr(),
+                pool.len() as i32,
+                key.as_ptr(),
+                key.len() as i32,
+                data.as_ptr(),
+                data.len() as i32,
+            )
+        })
+    }
+
+    /// Sends the client one more datagram, before the reply the handler returns.
+    /// Everything sent in answer to one datagram shares one size budget.
+    pub fn send(&mut self, data: &[u8]) -> Result<(), CallError> {
+        // SAFETY: the host reads `len` bytes at `ptr`, which is `data`.
+        CallError::check(unsafe { host::send(data.as_ptr(), data.len() as i32) })
+    }
+
+    /// Inside `on_reply`: the endpoint that sent the datagram, as
+    /// `POOL/ip:port`; `None` elsewhere.
+    pub fn upstream<'b>(&self, buf: &'b mut [u8; 128]) -> Option<&'b str> {
+        // SAFETY: the host writes at most `cap` bytes at `ptr`, which is `buf`.
+        let len = unsafe { host::upstream(buf.as_mut_ptr(), buf.len() as i32) };
         let len = usize::try_from(len).ok().filter(|&n| n > 0 && n <= buf.len())?;
         core::str::from_utf8(&buf[..len]).ok()
     }
@@ -174,6 +262,17 @@ mod host {
     unsafe extern "C" {
         pub(crate) fn log(level: i32, ptr: *const u8, len: i32);
         pub(crate) fn peer(ptr: *mut u8, cap: i32) -> i32;
+        pub(crate) fn forward(pool: *const u8, pool_len: i32, data: *const u8, data_len: i32) -> i32;
+        pub(crate) fn forward_key(
+            pool: *const u8,
+            pool_len: i32,
+            key: *const u8,
+            key_len: i32,
+            data: *const u8,
+            data_len: i32,
+        ) -> i32;
+        pub(crate) fn send(ptr: *const u8, len: i32) -> i32;
+        pub(crate) fn upstream(ptr: *mut u8, cap: i32) -> i32;
     }
 }
 
@@ -187,8 +286,23 @@ static mut REPLY: [u8; MAX_DATAGRAM] = [0; MAX_DATAGRAM];
 /// The function is called as `f(datagram: &mut [u8], ctx: &mut Context)` and must
 /// return a [`Reply`] (or anything that converts into one, such as
 /// `Option<&[u8]>`). Use it once per crate.
+///
+/// `handler!(f, on_reply = g)` also exports `on_reply`: every datagram an
+/// upstream sends back goes through `g` (same signature), whose [`Reply`] goes
+/// to the client. Without it, upstream datagrams reach the client unchanged.
 #[macro_export]
 macro_rules! handler {
+    ($f:path, on_reply = $g:path) => {
+        $crate::handler!($f);
+
+        /// ABI v1: a datagram from an upstream, for the client it answers.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn on_reply(ptr: i32, len: i32) -> i64 {
+            // SAFETY: as for `handle`: one call at a time, after the copy.
+            let (datagram, ctx) = unsafe { $crate::__private::enter(ptr, len) };
+            $crate::__private::pack($crate::Reply::from($g(datagram, ctx)))
+        }
+    };
     ($f:path) => {
         /// ABI v1: where the host copies a datagram of `len` bytes.
         #[unsafe(no_mangle)]

@@ -1,0 +1,363 @@
+//! Forwarding through the built binary: pools changed by editing the config
+//! file and by SIGHUP while traffic flows, two processes agreeing on endpoints,
+//! sockets freed by idle expiry, replies drained at shutdown, `wasmgate send`.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Served, Upstream, ask, client, signal, signal_and_wait, wait_until, write_file};
+
+const FORWARD: &str = "examples/forward.wat";
+const TOKEN_ROUTER: &str = "examples/token-router.wat";
+
+fn example(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(path)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A config file with one listener forwarding to the pool `backend`.
+fn config(endpoints: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[[listener]]\nname = \"fwd\"\nlisten = \"127.0.0.1:0\"\nmodule = \"{}\"\nworkers = 2\n\n\
+         [upstreams.backend]\nendpoints = [{}]\n{extra}",
+        example(FORWARD),
+        list.join(", ")
+    )
+}
+
+/// Replaces the file at `path` by renaming a new one over it, as editors and
+/// deploy tools do.
+fn replace(path: &str, contents: &str) {
+    let tmp = format!("{path}.new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn tag(reply: &[u8]) -> String {
+    String::from_utf8_lossy(&reply[..reply.iter().position(|&b| b == b':').unwrap_or(0)]).into_owned()
+}
+
+/// Clients that each ask once every few milliseconds until stopped, and remember
+/// which endpoint answered each time and how many answers never came.
+struct Probes {
+    stop: Arc<AtomicBool>,
+    lost: Arc<AtomicUsize>,
+    sent: Arc<AtomicUsize>,
+    tags: Arc<std::sync::Mutex<Vec<HashSet<String>>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Probes {
+    fn start(gateway: SocketAddr, n: usize) -> Self {
+        let (stop, lost, sent): (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsize>) = Default::default();
+        let tags = Arc::new(std::sync::Mutex::new(vec![HashSet::new(); n]));
+        let (s, l, c, t) = (
+            Arc::clone(&stop),
+            Arc::clone(&lost),
+            Arc::clone(&sent),
+            Arc::clone(&tags),
+        );
+        let thread = std::thread::spawn(move || {
+            let clients: Vec<UdpSocket> = (0..n)
+                .map(|_| {
+                    let c = client();
+                    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                    c
+                })
+                .collect();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut seq = 0u64;
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for (i, client) in clients.iter().enumerate() {
+                    seq += 1;
+                    client.send_to(&seq.to_be_bytes(), gateway).unwrap();
+                    c.fetch_add(1, Ordering::Relaxed);
+                    let mut buf = [0u8; 64];
+                    match client.recv_from(&mut buf) {
+                        Ok((n, _)) => {
+                            t.lock().unwrap()[i].insert(tag(&buf[..n]));
+                        }
+                        Err(_) => {
+                            l.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Self {
+            stop,
+            lost,
+            sent,
+            tags,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the probes; (sent, lost, the set of endpoints each client saw).
+    fn finish(mut self) -> (usize, usize, Vec<HashSet<String>>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.lost.load(Ordering::Relaxed),
+            self.tags.lock().unwrap().clone(),
+        )
+    }
+}
+
+/// The endpoints new clients reach, by tag.
+fn reached_by_new_clients(gateway: SocketAddr, n: usize) -> HashSet<String> {
+    (0..n).map(|_| tag(&ask(&client(), gateway, b"new"))).collect()
+}
+
+#[test]
+fn pools_change_by_editing_the_config_file_and_by_sighup_while_probes_lose_nothing() {
+    let (a, b, c) = (Upstream::echo("a:"), Upstream::echo("b:"), Upstream::echo("c:"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "gateway.toml", config(&[a.addr, b.addr], "").as_bytes());
+    let served = Served::start(&["--config", &path]);
+    let probes = Probes::start(served.addr, 12);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        reached_by_new_clients(served.addr, 30),
+        HashSet::from(["a".into(), "b".into()])
+    );
+
+    // B leaves, C joins: the file is replaced while the probes run.
+    replace(&path, &config(&[a.addr, c.addr], ""));
+    let line = served
+        .line_with(&["the config file changed", "pools reloaded"])
+        .expect("a reload line");
+    assert!(
+        line.contains(&c.addr.to_string()) && !line.contains(&b.addr.to_string()),
+        "{line}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // New clients go to A or C, never to the removed B.
+    assert_eq!(
+        reached_by_new_clients(served.addr, 30),
+        HashSet::from(["a".into(), "c".into()])
+    );
+
+    // SIGHUP re-reads the file even when nothing about it looks changed: same
+    // inode, same size, same modification time, B back in place of C.
+    let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let text = config(&[a.addr, b.addr], "");
+    assert_eq!(
+        text.len(),
+        config(&[a.addr, c.addr], "").len(),
+        "ports of the same length"
+    );
+    std::fs::write(&path, &text).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(served.child.id(), "HUP");
+    let line = served
+        .line_with(&["SIGHUP", "pools reloaded"])
+        .expect("a SIGHUP reload line");
+    assert!(line.contains(&b.addr.to_string()), "{line}");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (sent, lost, tags) = probes.finish();
+    assert!(sent > 200, "only {sent} probes");
+    assert_eq!(lost, 0, "{lost} of {sent} probe datagrams lost across the reloads");
+    // Every probe client kept its endpoint throughout (sessions to B drained).
+    for (i, seen) in tags.iter().enumerate() {
+        assert_eq!(seen.len(), 1, "probe client {i} moved: {seen:?}");
+    }
+}
+
+#[test]
+fn an_invalid_pool_change_is_logged_and_the_old_pools_keep_serving() {
+    let a = Upstream::echo("a:");
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "gateway.toml", config(&[a.addr], "").as_bytes());
+    let served = Served::start(&["--config", &path]);
+    for (broken, why) in [
+        (config(&[], ""), "empty"),
+        (config(&[a.addr], "policy = \"fastest\"\n"), "fastest"),
+        (config(&[a.addr], "idle_timeout = \"soon\"\n"), "idle_timeout"),
+        (config(&[a.addr], "flavour = \"mint\"\n"), "flavour"),
+    ] {
+        replace(&path, &broken);
+        let line = served
+            .line_with(&["refused", "old pools keep serving"])
+            .expect("a refusal line");
+        assert!(line.contains(why), "{why}: {line}");
+        assert_eq!(ask(&client(), served.addr, b"x"), b"a:x");
+    }
+}
+
+/// Asks each of `keys` through a token router at `gateway` and returns, per key,
+/// which of `ups` received it.
+fn owners(gateway: SocketAddr, ups: &[Upstream], keys: usize) -> Vec<SocketAddr> {
+    let c = client();
+    for k in 0..keys {
+        let token = format!("{k:08}");
+        let reply = ask(&c, gateway, format!("{token}{k}").as_bytes());
+        assert!(reply.ends_with(k.to_string().as_bytes()));
+    }
+    let mut owner = HashMap::new();
+    for u in ups {
+        for (data, _) in u.received() {
+            owner.insert(String::from_utf8(data).unwrap(), u.addr);
+        }
+    }
+    (0..keys).map(|k| owner[&k.to_string()]).collect()
+}
+
+fn router(endpoints: &[SocketAddr]) -> Served {
+    let list: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
+    Served::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--module",
+        &example(TOKEN_ROUTER),
+        "--upstream",
+        &format!("backend={}", list.join(",")),
+    ])
+}
+
+#[test]
+fn two_processes_agree_on_1000_keys_and_removing_one_of_four_moves_only_its_keys() {
+    const KEYS: usize = 1000;
+    let ups: Vec<Upstream> = (0..4).map(|i| Upstream::echo(&format!("u{i}:"))).collect();
+    let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
+    let run = |endpoints: Vec<SocketAddr>| -> Vec<usize> {
+        ups.iter().for_each(Upstream::clear);
+        let served = router(&endpoints);
+        owners(served.addr, &ups, KEYS)
+            .iter()
+            .map(|o| addrs.iter().position(|a| a == o).unwrap())
+            .collect()
+    };
+    let first = run(addrs.clone());
+    // Another process, listing the same endpoints in the reverse order.
+    let second = run(addrs.iter().rev().copied().collect());
+    assert_eq!(first, second, "two processes disagree on some keys");
+    let per: Vec<usize> = (0..4).map(|i| first.iter().filter(|&&o| o == i).count()).collect();
+    assert!(per.iter().all(|&n| (150..=350).contains(&n)), "uneven spread: {per:?}");
+
+    // A third process without endpoint 2: only endpoint 2's keys move.
+    let third = run(addrs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, a)| *a)
+        .collect());
+    let mut moved = 0;
+    for k in 0..KEYS {
+        if first[k] == 2 {
+            assert_ne!(third[k], 2);
+            moved += 1;
+        } else {
+            assert_eq!(first[k], third[k], "key {k} moved though its endpoint stayed");
+        }
+    }
+    let fraction = moved as f64 / KEYS as f64;
+    println!("removing one of 4 endpoints moved {moved} of {KEYS} keys ({fraction:.3})");
+    assert!((0.15..=0.35).contains(&fraction), "{fraction}");
+}
+
+/// The open file descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[test]
+fn idle_sessions_close_their_sockets() {
+    let a = Upstream::echo("a:");
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(
+        dir.path(),
+        "gateway.toml",
+        config(&[a.addr], "idle_timeout = \"300ms\"\n").as_bytes(),
+    );
+    let served = Served::start(&["--config", &path]);
+    let pid = served.child.id();
+    let before = open_fds(pid);
+    let clients: Vec<UdpSocket> = (0..50).map(|_| client()).collect();
+    for c in &clients {
+        assert_eq!(ask(c, served.addr, b"x"), b"a:x");
+    }
+    let during = open_fds(pid);
+    assert!(during >= before + 50, "a socket per session: {before} then {during}");
+    wait_until("the sessions' sockets to close", || open_fds(pid) <= before);
+    // And they are opened again on demand.
+    assert_eq!(ask(&clients[0], served.addr, b"y"), b"a:y");
+}
+
+#[test]
+fn sigterm_delivers_upstream_replies_already_on_their_way() {
+    // An upstream that answers 300 ms late.
+    let slow = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let slow_addr = slow.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = slow.recv_from(&mut buf) {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = slow.send_to(&buf[..n], from);
+        }
+    });
+    let mut served = router_like_forward(slow_addr);
+    let c = client();
+    c.send_to(b"late", served.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let status = signal_and_wait(&mut served.child, "TERM", Duration::from_secs(3));
+    assert!(status.success(), "{status}");
+    let mut buf = [0u8; 64];
+    let (n, from) = c
+        .recv_from(&mut buf)
+        .expect("the late reply was delivered during shutdown");
+    assert_eq!((&buf[..n], from), (&b"late"[..], served.addr));
+}
+
+fn router_like_forward(upstream: SocketAddr) -> Served {
+    Served::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--module",
+        &example(FORWARD),
+        "--upstream",
+        &format!("backend={upstream}"),
+    ])
+}
+
+#[test]
+fn wasmgate_send_works_through_a_forwarding_gateway() {
+    let a = Upstream::echo("a:");
+    let served = router_like_forward(a.addr);
+    let (code, stdout, stderr) = common::run_to_end(&["send", &served.addr.to_string(), "one", "two"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "a:one\na:two\n");
+}
+
+#[test]
+fn the_dns_proxy_config_file_describes_its_pool() {
+    let file = wasmgate::config::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dns-proxy.toml"),
+        1,
+    )
+    .unwrap();
+    let l = &file.listeners[0];
+    assert!(l.module.as_ref().unwrap().ends_with("dns-proxy/dns_proxy.wasm"));
+    assert_eq!(l.pools.len(), 1);
+    assert_eq!(l.pools[0].name, "resolvers");
+    assert_eq!(l.pools[0].idle_timeout, Duration::from_secs(10));
+}
