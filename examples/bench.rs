@@ -11,16 +11,17 @@
 //! `loadgen` `--runs` times, interleaved, and keeps the median run by replies/s.
 //! Loopback only; every run is bounded in time.
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
 use anyhow::{Context as _, bail};
 
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "support/procfs.rs"]
 mod procfs;
 use clap::Parser;
+use harness::{Row, Running, free_port, median_run, parse_row, pinned, server_pid, wait_ready};
 use procfs::rss_kib;
 
 #[derive(Debug, Parser)]
@@ -41,104 +42,45 @@ const MATRIX: [(usize, usize, usize); 4] = [(1, 1, 64), (64, 16, 64), (64, 16, 1
 
 struct Server {
     name: &'static str,
-    /// Arguments after `wasmgate --listen ADDR --workers 1`, or `None` for Python.
+    /// The binary in the release directory (`wasmgate` or `examples/native_gateway`).
+    program: &'static str,
+    /// Arguments after `PROGRAM --listen ADDR --workers 1`, or `None` for Python.
     wasmgate_args: Option<&'static [&'static str]>,
 }
 
 const SERVERS: [Server; 5] = [
     Server {
         name: "native batched",
-        wasmgate_args: Some(&["--native-uppercase"]),
+        program: "examples/native_gateway",
+        wasmgate_args: Some(&[]),
     },
     Server {
         name: "native per-datagram",
-        wasmgate_args: Some(&["--native-uppercase", "--batch", "1"]),
+        program: "examples/native_gateway",
+        wasmgate_args: Some(&["--batch", "1"]),
     },
     Server {
         name: "wasm reuse",
+        program: "wasmgate",
         wasmgate_args: Some(&[]),
     },
     Server {
         name: "wasm fresh",
+        program: "wasmgate",
         wasmgate_args: Some(&["--isolation", "fresh"]),
     },
     Server {
         name: "python seed",
+        program: "",
         wasmgate_args: None,
     },
 ];
-
-#[derive(Clone, Copy, Debug, Default)]
-struct Row {
-    rate: f64,
-    lost: u64,
-    wrong: u64,
-    p50: f64,
-    p99: f64,
-    p999: f64,
-    cpu_us: f64,
-}
-
-fn parse_row(line: &str) -> anyhow::Result<Row> {
-    let f: Vec<&str> = line.trim().split(',').collect();
-    if f.len() != 7 {
-        bail!("unexpected loadgen output: {line:?}");
-    }
-    Ok(Row {
-        rate: f[0].parse()?,
-        lost: f[1].parse()?,
-        wrong: f[2].parse()?,
-        p50: f[3].parse()?,
-        p99: f[4].parse()?,
-        p999: f[5].parse()?,
-        cpu_us: f[6].parse()?,
-    })
-}
-
-/// Runs `cmd` pinned to `cpu` when `taskset` exists.
-fn pinned(cpu: usize, program: &Path) -> Command {
-    if Path::new("/usr/bin/taskset").exists() {
-        let mut c = Command::new("/usr/bin/taskset");
-        c.arg("-c").arg(cpu.to_string()).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Waits until the server at `port` answers.
-fn wait_ready(port: u16) -> anyhow::Result<()> {
-    let probe = UdpSocket::bind("127.0.0.1:0")?;
-    probe.set_read_timeout(Some(Duration::from_millis(100)))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut buf = [0u8; 64];
-    while Instant::now() < deadline {
-        probe.send_to(b"ready?", ("127.0.0.1", port))?;
-        if probe.recv(&mut buf).is_ok() {
-            return Ok(());
-        }
-    }
-    bail!("the server on port {port} did not answer within 20 s")
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn start(server: &Server, bin: &Path, root: &Path, port: u16) -> anyhow::Result<Running> {
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = match server.wasmgate_args {
         Some(extra) => {
-            let mut c = pinned(0, &bin.join("wasmgate"));
+            let mut c = pinned(0, &bin.join(server.program));
             c.args(["--listen", &addr, "--workers", "1"]).args(extra);
             c
         }
@@ -159,16 +101,6 @@ fn start(server: &Server, bin: &Path, root: &Path, port: u16) -> anyhow::Result<
     let running = Running(child);
     wait_ready(port)?;
     Ok(running)
-}
-
-/// The pid doing the work: taskset and env exec their command, so it is the child's.
-fn server_pid(running: &Running) -> u32 {
-    running.0.id()
-}
-
-fn median_run(runs: &mut [Row]) -> Row {
-    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-    runs[runs.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {

@@ -130,10 +130,6 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
 
-    /// Benchmarks only: uppercase natively instead of running the guest.
-    #[arg(long, hide = true)]
-    pub native_uppercase: bool,
-
     #[command(flatten)]
     pub limits: LimitArgs,
 
@@ -299,7 +295,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.config.as_deref(),
         args.metrics.or(file_metrics),
         &args.compile.compiler()?,
-        args.native_uppercase,
     )
 }
 

@@ -55,8 +55,11 @@ pub struct ServeConfig {
     /// Datagrams taken per receive system call (`recvmmsg`); 1 means one
     /// `recvfrom` and one `sendto` per datagram.
     pub batch: usize,
-    /// Benchmarks only: uppercase natively instead of running the guest.
-    pub native_uppercase: bool,
+    /// A handler written in Rust to run instead of the guest (the program is
+    /// then only reported): one per worker, made by this function. For
+    /// benchmarks, whose native baseline is the same data path without the
+    /// WebAssembly hop, and for embedders.
+    pub native: Option<fn() -> Box<dyn Native>>,
     /// Upstream pools the guest may forward to; none: the guest only answers.
     pub pools: Vec<PoolSpec>,
 }
@@ -69,7 +72,7 @@ impl Default for ServeConfig {
             isolation: Isolation::Reuse,
             max_reply_ratio: 3.0,
             batch: DEFAULT_BATCH,
-            native_uppercase: false,
+            native: None,
             pools: Vec::new(),
         }
     }
@@ -119,8 +122,8 @@ impl Gateway {
             workers: Vec::new(),
         };
         for (i, socket) in sockets.into_iter().enumerate() {
-            let handler = if config.native_uppercase {
-                Handler::NativeUppercase(Vec::with_capacity(MAX_DATAGRAM))
+            let handler = if let Some(make) = config.native {
+                Handler::Native(make(), Vec::with_capacity(MAX_DATAGRAM))
             } else {
                 Handler::Guest(Box::new(Guest::new(
                     sandbox.clone(),
@@ -301,9 +304,8 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
 /// What turns a datagram into a reply.
 enum Handler {
     Guest(Box<Guest>),
-    /// Native Rust uppercase instead of the guest, for benchmarks: the same data
-    /// path with only the WebAssembly hop removed. Holds the reply buffer.
-    NativeUppercase(Vec<u8>),
+    /// A Rust handler instead of the guest, and its reply buffer.
+    Native(Box<dyn Native>, Vec<u8>),
 }
 
 impl Handler {
@@ -312,6 +314,28 @@ impl Handler {
             guest.set_program(program);
         }
     }
+}
+
+/// A handler written in Rust, run on the datagram path in place of a guest
+/// ([`ServeConfig::native`]). Upstream datagrams go to the client unchanged.
+pub trait Native: Send {
+    /// Handles one datagram: writes a reply into `reply` (which starts empty),
+    /// or forwards through `net` (present when the listener has pools; the
+    /// current client is already set).
+    fn handle(&mut self, datagram: &[u8], net: Option<&mut Upstreams>, reply: &mut Vec<u8>) -> NativeAnswer;
+}
+
+/// What a [`Native`] handler did with a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NativeAnswer {
+    /// Send `reply` to the client.
+    Reply,
+    /// Forwarded upstream.
+    Forwarded,
+    /// Nothing: counted as `no_reply`.
+    Nothing,
+    /// A forward was refused.
+    Refused(crate::abi::CallError),
 }
 
 /// One worker: its socket and everything else it owns.
@@ -402,7 +426,7 @@ impl Worker {
         let mut events = mio::Events::with_capacity(256);
         let mut rx = RecvBatch::new(self.batch, RECV_BUFFER);
         let mut tx = SendBatch::new(self.batch, MAX_DATAGRAM);
-        let mut buf = vec![0u8; RECV_BUFFER];
+        let mut upstream_rx = RecvBatch::new(self.batch, RECV_BUFFER);
         let mut label = String::new();
         let mut overflows_seen = 0u32;
         if let Err(e) = report_queue_overflows(&self.socket)
@@ -462,14 +486,15 @@ impl Worker {
                 }
                 // Everything the session holds, each through `on_reply` or straight on.
                 while let Some(n) = net.as_mut()
-                    && let Recv::Datagram(len) = n.recv(event.token(), &mut buf)
+                    && let Recv::Datagrams(count) = n.recv(event.token(), &mut upstream_rx)
                 {
                     let Some(session) = n.session(event.token()) else { break };
                     let client = session.client;
                     label.clear();
                     label.push_str(&session.label);
-                    self.core
-                        .upstream_datagram(&buf[..len], client, &label, &mut net, &mut tx);
+                    for (datagram, _) in (0..count).filter_map(|i| upstream_rx.get(i)) {
+                        self.core.upstream_datagram(datagram, client, &label, &mut net, &mut tx);
+                    }
                 }
             }
             if listener_ready {
@@ -563,16 +588,23 @@ impl Core {
             counters,
         } = self;
         match handler {
-            Handler::NativeUppercase(out) => {
+            Handler::Native(native, out) => {
                 if datagram.len() > MAX_DATAGRAM {
                     drop_datagram(shared, counters, DropReason::Oversize, shown, &"oversize");
                     return;
                 }
                 out.clear();
-                out.extend_from_slice(datagram);
-                out.make_ascii_uppercase();
+                let answer = native.handle(datagram, net.as_deref_mut(), out);
                 counters.guest_time(started.elapsed());
-                emit(out, peer);
+                match answer {
+                    NativeAnswer::Reply => emit(out, peer),
+                    NativeAnswer::Forwarded => counters.forwarded(),
+                    NativeAnswer::Nothing => counters.dropped(DropReason::NoReply),
+                    NativeAnswer::Refused(error) => {
+                        counters.refused(error, 1);
+                        drop_datagram(shared, counters, error.drop_reason(), shown, &error);
+                    }
+                }
             }
             Handler::Guest(guest) => {
                 let result = guest.handle_with(datagram, shown, net);

@@ -35,8 +35,7 @@ struct Running {
 /// Serves `listeners` (and metrics at `metrics`) until SIGINT or SIGTERM.
 /// Every module is loaded and checked before anything binds, so a bad one stops
 /// start-up with its file and reason and nothing half-started. Modules are
-/// compiled by `compiler`, at start-up and on reload. `native_uppercase`
-/// is for benchmarks: the guest is replaced by a native function.
+/// compiled by `compiler`, at start-up and on reload.
 /// `config` is the file the listeners came from, if any: its pools are read
 /// again on SIGHUP and when it changes.
 pub fn run(
@@ -44,7 +43,6 @@ pub fn run(
     config: Option<&Path>,
     metrics: Option<SocketAddr>,
     compiler: &Compiler,
-    native_uppercase: bool,
 ) -> anyhow::Result<()> {
     let mut loaded = Vec::new();
     for spec in listeners {
@@ -103,8 +101,8 @@ pub fn run(
             isolation: spec.isolation,
             max_reply_ratio: spec.max_reply_ratio,
             batch: spec.batch,
-            native_uppercase,
             pools: spec.pools.clone(),
+            native: None,
         };
         let gateway =
             Gateway::start(&sandbox, program, &config).with_context(|| format!("listener `{}`", spec.name))?;
@@ -119,14 +117,13 @@ pub fn run(
             reloader,
         });
     }
-    serve_until_stopped(running, config, metrics, native_uppercase)
+    serve_until_stopped(running, config, metrics)
 }
 
 fn serve_until_stopped(
     running: Vec<Running>,
     config: Option<&Path>,
     metrics: Option<SocketAddr>,
-    native: bool,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -176,7 +173,6 @@ fn serve_until_stopped(
             max_reply_ratio = r.spec.max_reply_ratio,
             batch = r.spec.batch,
             watch = r.reloader.is_some() && r.spec.watch,
-            native,
             upstreams = r.gateway.publisher().pools().map(|p| p.describe()).unwrap_or_default(),
             "serving"
         );

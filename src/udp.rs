@@ -9,7 +9,7 @@ use std::io;
 use std::mem;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
-use std::os::fd::AsRawFd as _;
+use std::os::fd::AsRawFd;
 use std::ptr;
 
 use socket2::{SockAddr, SockAddrStorage};
@@ -114,7 +114,7 @@ impl RecvBatch {
 
     /// Blocks until at least one datagram arrives (or the socket's read timeout
     /// passes: `WouldBlock`), then takes every waiting datagram up to the capacity.
-    pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+    pub fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
         for h in &mut self.headers {
             h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_controllen = control_len() as _;

@@ -22,6 +22,7 @@ use crate::abi::CallError;
 use crate::config::PoolSpec;
 use crate::metrics::{Counters, RateLimit};
 use crate::pool::Pool;
+use crate::udp::RecvBatch;
 
 /// The token of the listener socket; session `k` has token `k + 1`.
 pub const LISTENER: Token = Token(0);
@@ -195,8 +196,8 @@ pub struct Session {
 
 /// What reading a session's socket gave.
 pub enum Recv {
-    /// A datagram of this many bytes.
-    Datagram(usize),
+    /// This many datagrams, in the receive batch.
+    Datagrams(usize),
     /// Nothing more to read now.
     Empty,
     /// The session is gone (closed after its endpoint refused, or never existed).
@@ -455,8 +456,9 @@ impl Upstreams {
         self.counters.session_closed(self.sessions.len(), expired);
     }
 
-    /// Reads one datagram from the session with `token` into `buf`.
-    pub fn recv(&mut self, token: Token, buf: &mut [u8]) -> Recv {
+    /// Reads what the session with `token` holds, up to a batch, into `rx`
+    /// (one `recvmmsg`).
+    pub fn recv(&mut self, token: Token, rx: &mut RecvBatch) -> Recv {
         let Some(s) = token.0.checked_sub(1) else {
             return Recv::Gone;
         };
@@ -464,14 +466,16 @@ impl Upstreams {
             return Recv::Gone;
         };
         loop {
-            match session.socket.recv(buf) {
+            match rx.recv(&session.socket) {
                 Ok(n) => {
                     session.last_active = self.now;
-                    session.awaiting = session.awaiting.saturating_sub(1);
-                    session.counters.from.fetch_add(1, Relaxed);
-                    session.counters.from_bytes.fetch_add(n as u64, Relaxed);
-                    self.counters.upstream_received(n);
-                    return Recv::Datagram(n);
+                    session.awaiting = session.awaiting.saturating_sub(n as u32);
+                    for (datagram, _) in (0..n).filter_map(|i| rx.get(i)) {
+                        session.counters.from.fetch_add(1, Relaxed);
+                        session.counters.from_bytes.fetch_add(datagram.len() as u64, Relaxed);
+                        self.counters.upstream_received(datagram.len());
+                    }
+                    return Recv::Datagrams(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Recv::Empty,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

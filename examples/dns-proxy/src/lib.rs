@@ -12,10 +12,11 @@
 //!   sessions), the client gets SERVFAIL at once instead of a timeout.
 //! - Datagrams that are not a well-formed one-question query are dropped.
 //!
-//! Pending queries live in a fixed table of 4,096 slots per instance; a query
-//! whose slot is taken over before its answer comes loses that answer, as a
-//! query lost on the network would. The table lives in the instance, so run it
-//! with `--isolation reuse` (the default).
+//! Pending queries live in a fixed table per instance: 65,536 entries in sets of
+//! four (512 KiB). When all four of a set are waiting, the oldest gives way and
+//! its answer, when it comes, is dropped, as a query lost on the network would
+//! be. The table lives in the instance, so run it with `--isolation reuse` (the
+//! default).
 //!
 //! Build: `scripts/build-guests.sh` (wasm32-unknown-unknown, from the guest workspace).
 //! Run: `wasmgate --config examples/dns-proxy.toml`.
@@ -35,16 +36,24 @@ const RA: u8 = 0x80;
 const SERVFAIL: u8 = 2;
 const NXDOMAIN: u8 = 3;
 
-/// Queries forwarded and not answered yet.
-const SLOTS: usize = 4096;
+/// Sets of the pending table, and entries per set.
+const SETS: usize = 16_384;
+const WAYS: usize = 4;
 
+/// Queries forwarded and not yet answered: in each entry, a hash of the
+/// client's address and the query's ID and question (0: free), and when it was
+/// stored (a count of forwarded queries), so that a full set evicts its oldest.
 #[derive(Clone, Copy)]
-struct Pending {
-    /// A hash of the client's address and the query's ID and question; 0 for free.
-    key: u64,
+struct Set {
+    keys: [u64; WAYS],
+    stamps: [u32; WAYS],
 }
 
-static mut PENDING: [Pending; SLOTS] = [Pending { key: 0 }; SLOTS];
+static mut PENDING: [Set; SETS] = [Set {
+    keys: [0; WAYS],
+    stamps: [0; WAYS],
+}; SETS];
+static mut CLOCK: u32 = 0;
 
 fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     let Some(q) = Question::parse(datagram) else {
@@ -59,7 +68,7 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     let key = pending_key(ctx, &q);
     match ctx.forward(POOL, datagram) {
         Ok(()) => {
-            slot(key).key = key;
+            remember(key);
             Reply::Nothing
         }
         Err(_) => Reply::Send(answer_here(datagram, q.end, SERVFAIL)),
@@ -74,11 +83,9 @@ fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
         return Reply::Nothing;
     }
     let key = pending_key(ctx, &q);
-    let pending = slot(key);
-    if pending.key != key {
+    if !forget(key) {
         return Reply::Nothing; // not a query we forwarded for this client, or answered already
     }
-    pending.key = 0;
     Reply::Send(datagram)
 }
 
@@ -104,12 +111,39 @@ fn pending_key(ctx: &Context, q: &Question) -> u64 {
     h.finish().max(1)
 }
 
-fn slot(key: u64) -> &'static mut Pending {
+fn set(key: u64) -> &'static mut Set {
     // SAFETY: the host calls `handle` and `on_reply` one at a time, and the
     // reference does not outlive the call that takes it.
     #[allow(clippy::deref_addrof)]
     unsafe {
-        &mut (*(&raw mut PENDING))[(key % SLOTS as u64) as usize]
+        &mut (*(&raw mut PENDING))[(key % SETS as u64) as usize]
+    }
+}
+
+/// Stores `key` in its set: in a free entry, or in place of the oldest.
+fn remember(key: u64) {
+    // SAFETY: as for `set`: one call at a time.
+    let now = unsafe {
+        CLOCK = CLOCK.wrapping_add(1);
+        CLOCK
+    };
+    let set = set(key);
+    let way = (0..WAYS)
+        .find(|&w| set.keys[w] == 0 || set.keys[w] == key)
+        .unwrap_or_else(|| (0..WAYS).max_by_key(|&w| now.wrapping_sub(set.stamps[w])).unwrap_or(0));
+    set.keys[way] = key;
+    set.stamps[way] = now;
+}
+
+/// Removes `key` from its set; false when it was not there.
+fn forget(key: u64) -> bool {
+    let set = set(key);
+    match set.keys.iter().position(|&k| k == key) {
+        Some(way) => {
+            set.keys[way] = 0;
+            true
+        }
+        None => false,
     }
 }
 

@@ -1,0 +1,370 @@
+//! The forwarding comparison (run by `scripts/bench.sh` after the main table):
+//!
+//! - **UDP forwarding**: every gateway forwards to the same native upstream (the
+//!   library's data path with a Rust uppercase handler, `examples/native_gateway`),
+//!   and `loadgen` checks every answer: a native forwarder on wasmgate's data path
+//!   without the wasm hop (the floor), wasmgate with `examples/forward.wat`,
+//!   wasmgate with a guest that also has an `on_reply`, and NGINX stream (Debian's
+//!   `nginx` + `libnginx-mod-stream`, one worker, `proxy_responses 1`, `reuseport`).
+//! - **DNS proxy**: `examples/dns-proxy` against `dnsdist` with the same rule
+//!   (`blocked.test` answered NXDOMAIN by the proxy itself), both in front of
+//!   `dnsmasq`, loaded by `dnsperf`; allowed names (forwarded) and blocked ones.
+//!
+//!     cargo build --release --bins --examples && target/release/examples/forward_bench [--runs 3] [--seconds 3]
+//!
+//! Gateways have one worker and are pinned to CPU 0; the load generator and the
+//! upstream share CPU 1. Runs are interleaved and the median by throughput is
+//! shown. A tool that is not installed is skipped with a note. Loopback only.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "support/procfs.rs"]
+mod procfs;
+use harness::{Row, Running, free_port, median_run, parse_row, pinned, wait_ready};
+use procfs::cpu_seconds;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Runs per cell; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+}
+
+/// Clients × window × payload bytes.
+const MATRIX: [(usize, usize, usize); 2] = [(64, 16, 64), (1, 1, 64)];
+
+struct Contender {
+    name: &'static str,
+    _running: Running,
+    port: u16,
+    /// The process doing the work (NGINX's worker, not its master).
+    pid: u32,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn spawn(mut cmd: Command, name: &str) -> anyhow::Result<Running> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok(Running(child))
+}
+
+/// The only child of `pid` (NGINX's worker), once it exists.
+fn only_child(pid: u32) -> anyhow::Result<u32> {
+    for _ in 0..100 {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if let Some(child) = children.split_whitespace().next() {
+            return Ok(child.parse()?);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("process {pid} has no child")
+}
+
+fn exists(path: &str) -> bool {
+    Path::new(path).exists()
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin: PathBuf = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .context("cannot find the release directory")?
+        .to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (wasmgate, native) = (bin.join("wasmgate"), bin.join("examples/native_gateway"));
+    println!(
+        "Forwarding: gateways pinned to CPU 0 (1 worker); load generator and upstream on CPU 1; \
+         {} runs of {} s per cell, median shown\n",
+        args.runs, args.seconds
+    );
+
+    // The upstream every gateway forwards to: a native uppercase server.
+    let up_port = free_port()?;
+    let mut up = pinned(1, &native);
+    up.args(["--listen", &format!("127.0.0.1:{up_port}"), "--workers", "1"]);
+    let _upstream = spawn(up, "the upstream")?;
+    wait_ready(up_port)?;
+    let pool = format!("backend=127.0.0.1:{up_port}");
+
+    let mut contenders = Vec::new();
+    let mut add = |name: &'static str,
+                   mut cmd: Command,
+                   port: u16,
+                   dir: Option<tempfile::TempDir>,
+                   worker_is_child: bool|
+     -> anyhow::Result<()> {
+        cmd.stdin(Stdio::null());
+        let running = spawn(cmd, name)?;
+        wait_ready(port)?;
+        let pid = if worker_is_child {
+            only_child(running.0.id())?
+        } else {
+            running.0.id()
+        };
+        contenders.push(Contender {
+            name,
+            _running: running,
+            port,
+            pid,
+            _dir: dir,
+        });
+        Ok(())
+    };
+    let listen = |port: u16| format!("127.0.0.1:{port}");
+    let port = free_port()?;
+    let mut c = pinned(0, &native);
+    c.args(["--listen", &listen(port), "--workers", "1", "--upstream", &pool]);
+    add("native forwarder", c, port, None, false)?;
+    for (name, module) in [
+        ("wasm forward.wat", "examples/forward.wat"),
+        ("wasm + on_reply", "bench/forward_on_reply.wat"),
+    ] {
+        let port = free_port()?;
+        let mut c = pinned(0, &wasmgate);
+        c.args([
+            "--listen",
+            &listen(port),
+            "--workers",
+            "1",
+            "--upstream",
+            &pool,
+            "--no-watch",
+        ])
+        .arg("--module")
+        .arg(root.join(module));
+        add(name, c, port, None, false)?;
+    }
+    if exists("/usr/sbin/nginx") && exists("/usr/lib/nginx/modules/ngx_stream_module.so") {
+        let port = free_port()?;
+        let dir = tempfile::tempdir()?;
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                 daemon off; worker_processes 1; error_log stderr crit; pid {}/nginx.pid;\n\
+                 events {{ worker_connections 16384; }}\n\
+                 stream {{ server {{ listen 127.0.0.1:{port} udp reuseport; proxy_pass 127.0.0.1:{up_port}; \
+                 proxy_responses 1; proxy_timeout 10s; }} }}\n",
+                dir.path().display()
+            ),
+        )?;
+        let mut c = pinned(0, Path::new("/usr/sbin/nginx"));
+        c.arg("-p").arg(dir.path()).arg("-c").arg(&conf);
+        add("nginx stream", c, port, Some(dir), true)?;
+    } else {
+        println!("(NGINX stream skipped: install nginx and libnginx-mod-stream)\n");
+    }
+
+    let loadgen = bin.join("examples/loadgen");
+    let mut runs = vec![vec![Vec::new(); contenders.len()]; MATRIX.len()];
+    for run in 0..args.runs {
+        for (ci, &(c, w, s)) in MATRIX.iter().enumerate() {
+            for (i, k) in contenders.iter().enumerate() {
+                let out = pinned(1, &loadgen)
+                    .args(["--target", &listen(k.port)])
+                    .args([
+                        "--clients",
+                        &c.to_string(),
+                        "--window",
+                        &w.to_string(),
+                        "--size",
+                        &s.to_string(),
+                    ])
+                    .args(["--seconds", &args.seconds.to_string(), "--warmup", "1"])
+                    .args(["--pid", &k.pid.to_string(), "--csv", "--allow-wrong"])
+                    .output()
+                    .context("cannot run loadgen")?;
+                if !out.status.success() {
+                    bail!(
+                        "loadgen failed against {}: {}",
+                        k.name,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                runs[ci][i].push(parse_row(&String::from_utf8_lossy(&out.stdout))?);
+            }
+            eprintln!("  run {} of {}: measured {c}x{w}x{s}", run + 1, args.runs);
+        }
+    }
+    for (ci, &(c, w, s)) in MATRIX.iter().enumerate() {
+        let rows: Vec<Row> = runs[ci].iter_mut().map(|r| median_run(r)).collect();
+        println!("UDP forwarding, C×W×S = {c}×{w}×{s}");
+        println!(
+            "  {:<18} {:>10} {:>8} {:>7} {:>6} {:>8} {:>8} {:>13} {:>8}",
+            "gateway", "replies/s", "×floor", "lost", "wrong", "p50 µs", "p99 µs", "CPU µs/trip", "×floor"
+        );
+        for (i, k) in contenders.iter().enumerate() {
+            let (r, floor) = (rows[i], rows[0]);
+            println!(
+                "  {:<18} {:>10.0} {:>8.2} {:>7} {:>6} {:>8.0} {:>8.0} {:>13.2} {:>8.2}",
+                k.name,
+                r.rate,
+                r.rate / floor.rate,
+                r.lost,
+                r.wrong,
+                r.p50,
+                r.p99,
+                r.cpu_us,
+                r.cpu_us / floor.cpu_us
+            );
+        }
+        println!();
+    }
+    drop(contenders);
+    dns_table(&args, &wasmgate, root)
+}
+
+/// What one dnsperf run measured.
+#[derive(Clone, Copy, Debug, Default)]
+struct DnsRow {
+    qps: f64,
+    lost: u64,
+    completed: u64,
+    latency_us: f64,
+    cpu_us: f64,
+}
+
+fn dnsperf_field(out: &str, name: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.trim_start().starts_with(name))?;
+    line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {
+    let missing: Vec<&str> = [
+        ("dnsmasq", "/usr/sbin/dnsmasq"),
+        ("dnsdist", "/usr/bin/dnsdist"),
+        ("dnsperf", "/usr/bin/dnsperf"),
+    ]
+    .iter()
+    .filter(|(_, p)| !exists(p))
+    .map(|(n, _)| *n)
+    .collect();
+    if !missing.is_empty() {
+        println!("(DNS proxy table skipped: install {})", missing.join(", "));
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let resolver = free_port()?;
+    let mut c = pinned(1, Path::new("/usr/sbin/dnsmasq"));
+    c.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+    ])
+    .args(["--user=root", "--address=/example.test/192.0.2.1", "--cache-size=0"])
+    .arg(format!("--port={resolver}"))
+    .arg(format!("--pid-file={}/dnsmasq.pid", dir.path().display()));
+    let _dnsmasq = spawn(c, "dnsmasq")?;
+
+    let proxy_port = free_port()?;
+    let mut c = pinned(0, wasmgate);
+    c.args([
+        "--listen",
+        &format!("127.0.0.1:{proxy_port}"),
+        "--workers",
+        "1",
+        "--no-watch",
+    ])
+    .args(["--upstream", &format!("resolvers=127.0.0.1:{resolver}")])
+    .arg("--module")
+    .arg(root.join("examples/dns-proxy/dns_proxy.wasm"));
+    let proxy = spawn(c, "wasmgate dns-proxy")?;
+
+    let dnsdist_port = free_port()?;
+    let conf = dir.path().join("dnsdist.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "setLocal(\"127.0.0.1:{dnsdist_port}\")\n\
+             setSecurityPollSuffix(\"\")\n\
+             newServer({{address=\"127.0.0.1:{resolver}\", checkName=\"example.test.\"}})\n\
+             blocked = newSuffixMatchNode()\nblocked:add(newDNSName(\"blocked.test.\"))\n\
+             addAction(SuffixMatchNodeRule(blocked), RCodeAction(DNSRCode.NXDOMAIN))\n"
+        ),
+    )?;
+    let mut c = pinned(0, Path::new("/usr/bin/dnsdist"));
+    c.args(["--supervised", "--disable-syslog", "-C"]).arg(&conf);
+    let dnsdist = spawn(c, "dnsdist")?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    let queries = |name: &str| -> anyhow::Result<PathBuf> {
+        let path = dir.path().join(format!("{name}.txt"));
+        let mut f = std::fs::File::create(&path)?;
+        for i in 0..1000 {
+            writeln!(f, "q{i}.{name} A")?;
+        }
+        Ok(path)
+    };
+    let cells = [
+        ("allowed (forwarded)", queries("example.test")?),
+        ("blocked (answered by the proxy)", queries("blocked.test")?),
+    ];
+    let servers = [
+        ("wasmgate dns-proxy", proxy_port, proxy.0.id()),
+        ("dnsdist 1.7", dnsdist_port, dnsdist.0.id()),
+    ];
+    let mut runs = vec![vec![Vec::new(); servers.len()]; cells.len()];
+    for _ in 0..args.runs {
+        for (ci, (_, file)) in cells.iter().enumerate() {
+            for (si, &(name, port, pid)) in servers.iter().enumerate() {
+                let before = cpu_seconds(pid).unwrap_or(0.0);
+                let out = pinned(1, Path::new("/usr/bin/dnsperf"))
+                    .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
+                    .arg(file)
+                    .args(["-l", &args.seconds.to_string(), "-c", "64", "-q", "256", "-t", "1"])
+                    .output()
+                    .context("cannot run dnsperf")?;
+                let after = cpu_seconds(pid).unwrap_or(0.0);
+                let text = String::from_utf8_lossy(&out.stdout);
+                let completed = dnsperf_field(&text, "Queries completed").unwrap_or(0.0);
+                if completed == 0.0 {
+                    bail!("dnsperf got no answers from {name}: {text}");
+                }
+                runs[ci][si].push(DnsRow {
+                    qps: dnsperf_field(&text, "Queries per second").unwrap_or(0.0),
+                    lost: dnsperf_field(&text, "Queries lost").unwrap_or(0.0) as u64,
+                    completed: completed as u64,
+                    latency_us: dnsperf_field(&text, "Average Latency (s)").unwrap_or(0.0) * 1e6,
+                    cpu_us: (after - before) * 1e6 / completed,
+                });
+            }
+        }
+    }
+    for (ci, (cell, _)) in cells.iter().enumerate() {
+        println!("DNS proxy, dnsperf 64 clients × 256 in flight, {cell}");
+        println!(
+            "  {:<20} {:>10} {:>10} {:>8} {:>12} {:>14}",
+            "server", "queries/s", "completed", "lost", "avg lat µs", "CPU µs/query"
+        );
+        for (si, (name, _, _)) in servers.iter().enumerate() {
+            let r = &mut runs[ci][si];
+            r.sort_by(|a, b| a.qps.total_cmp(&b.qps));
+            let m = r[r.len() / 2];
+            println!(
+                "  {:<20} {:>10.0} {:>10} {:>8} {:>12.0} {:>14.2}",
+                name, m.qps, m.completed, m.lost, m.latency_us, m.cpu_us
+            );
+        }
+        println!();
+    }
+    Ok(())
+}
