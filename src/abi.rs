@@ -258,23 +258,11 @@ fn check_memory(module: &Module) -> Vec<String> {
     problems
 }
 
-fn check_abi_v1(module: &Module, problems: &mut Vec<String>) {
-    for (name, expected) in &REQUIRED_EXPORTS {
-        match module.get_export(name) {
-            None => problems.push(format!("missing export `{name}` with type {expected}")),
-            Some(ExternType::Func(f)) if matches(&f, expected) => {}
-            Some(ExternType::Func(f)) => problems.push(format!(
-                "export `{name}` has type {}, expected {expected}",
-                describe(&f)
-            )),
-            Some(other) => problems.push(format!(
-                "export `{name}` is {}, not a function {expected}",
-                kind(&other)
-            )),
-        }
-    }
-    let (name, expected) = &ON_REPLY;
+/// Checks the export `name` against `expected`; a missing one is a problem only
+/// when it is `required`.
+fn check_export(module: &Module, name: &str, expected: &Signature, required: bool, problems: &mut Vec<String>) {
     match module.get_export(name) {
+        None if required => problems.push(format!("missing export `{name}` with type {expected}")),
         None => {}
         Some(ExternType::Func(f)) if matches(&f, expected) => {}
         Some(ExternType::Func(f)) => problems.push(format!(
@@ -286,6 +274,13 @@ fn check_abi_v1(module: &Module, problems: &mut Vec<String>) {
             kind(&other)
         )),
     }
+}
+
+fn check_abi_v1(module: &Module, problems: &mut Vec<String>) {
+    for (name, expected) in &REQUIRED_EXPORTS {
+        check_export(module, name, expected, true, problems);
+    }
+    check_export(module, ON_REPLY.0, &ON_REPLY.1, false, problems);
     if module.get_export("handle").is_none() {
         problems.push("(a WASI command module exports `_start` instead of `alloc` and `handle`)".to_string());
     }

@@ -6,17 +6,21 @@
 //! - [`cli`]: the command line, and the `serve`, `check` and `send` commands.
 //! - [`config`]: listeners from flags or a TOML file, checked before anything binds.
 //! - [`service`]: running every listener, the metrics endpoint, and the signals.
-//! - [`server`]: the datagram path: sockets, worker threads, the receive loop.
+//! - [`server`]: the datagram path: sockets, worker threads, the receive loop, and
+//!   with pools the event loop over the listener and session sockets.
 //! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: the wasmtime engine, loading modules, running a guest under limits.
 //! - [`compiler`]: compiling a module in a child process under time and memory bounds.
 //! - [`abi`]: the two kinds of guest (ABI v1 and WASI command) and their checks (pure).
-//! - `hostcalls`: the functions ABI v1 guests may import (`wasmgate.*`, `env.abort`).
+//! - `hostcalls`: the functions ABI v1 guests may import (`wasmgate.*`, `env.abort`),
+//!   the forwarding calls among them.
 //! - [`wasi`]: WASI command modules: stdin in, stdout out, a fresh instance per datagram.
 //! - [`metrics`]: per-worker counters, drop reasons, rate-limited warnings.
 //! - [`pool`]: upstream pools (I/O-free): endpoint choice by policy, rendezvous
-//!   hashing, ejection; the core of forwarding, whose data path is still to come.
+//!   hashing, ejection shared by every worker.
+//! - [`upstream`]: forwarding per worker: sessions (a connected socket each), idle
+//!   expiry, passive health, pools reloaded while they serve.
 //! - [`exposition`]: Prometheus metrics over HTTP, read from the counters at scrape time.
 //! - [`text`]: outside text (guest logs, file contents, replies) escaped and cut for printing.
 //!

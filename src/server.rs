@@ -6,6 +6,12 @@
 //! a batch of datagrams per `recvmmsg` and sends their replies with one `sendmmsg`.
 //! Workers share nothing on the hot path but the published program, read through
 //! a lock-free `ArcSwap`.
+//!
+//! With upstream pools, a worker instead waits on its listener socket and its
+//! sessions' sockets together (one `mio` poller): it owns the sessions of its
+//! clients ([`crate::upstream::Upstreams`]), lends them to the guest for each
+//! call, and passes upstream datagrams through `on_reply` (or straight back)
+//! into the same `sendmmsg` batch as the replies.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};

@@ -30,6 +30,18 @@ fn forwarding(module: &str, pools: Vec<PoolSpec>) -> Gateway {
     forwarding_with(module, pools, ServeConfig::default())
 }
 
+/// A gateway with one worker, so that it sees every session.
+fn one_worker(module: &str, pool: PoolSpec) -> Gateway {
+    forwarding_with(
+        module,
+        vec![pool],
+        ServeConfig {
+            workers: 1,
+            ..ServeConfig::default()
+        },
+    )
+}
+
 fn forwarding_with(module: &str, pools: Vec<PoolSpec>, config: ServeConfig) -> Gateway {
     common::start_with(
         module.as_bytes(),
@@ -96,14 +108,7 @@ fn every_policy_chooses_as_named_and_a_client_keeps_its_endpoint() {
             ..pool("backend", &refs)
         };
         // One worker, so that round-robin and least-sessions see every session.
-        let gateway = forwarding_with(
-            FORWARD,
-            vec![spec],
-            ServeConfig {
-                workers: 1,
-                ..ServeConfig::default()
-            },
-        );
+        let gateway = one_worker(FORWARD, spec);
         let clients: Vec<UdpSocket> = (0..30).map(|_| client()).collect();
         let first = tags_for(&gateway, &clients, b"a");
         // Every client stays with its endpoint, whatever the policy.
@@ -378,14 +383,7 @@ fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for
         eject_for: Duration::from_millis(700),
         ..pool_of("backend", &[live.addr, down])
     };
-    let gateway = forwarding_with(
-        FORWARD,
-        vec![spec],
-        ServeConfig {
-            workers: 1,
-            ..ServeConfig::default()
-        },
-    );
+    let gateway = one_worker(FORWARD, spec);
     // Clients that hash to the down endpoint lose their first datagram (the ICMP
     // error comes after it); then every datagram reaches the live one.
     let clients: Vec<UdpSocket> = (0..12).map(|_| client()).collect();
@@ -437,14 +435,7 @@ fn with_every_endpoint_down_forward_says_no_healthy_endpoint() {
         eject_for: Duration::from_secs(30),
         ..pool_of("backend", &[closed_port()])
     };
-    let gateway = forwarding_with(
-        FORWARD,
-        vec![spec],
-        ServeConfig {
-            workers: 1,
-            ..ServeConfig::default()
-        },
-    );
+    let gateway = one_worker(FORWARD, spec);
     let c = client();
     c.send_to(b"1", gateway.local_addr()).unwrap();
     // The ICMP error ejects the endpoint; then each datagram is refused at once.
@@ -463,14 +454,7 @@ fn max_sessions_refuses_new_sessions_and_counts_them_without_harm() {
         max_sessions: 4,
         ..pool("backend", &[&up])
     };
-    let gateway = forwarding_with(
-        FORWARD,
-        vec![spec],
-        ServeConfig {
-            workers: 1,
-            ..ServeConfig::default()
-        },
-    );
+    let gateway = one_worker(FORWARD, spec);
     let clients: Vec<UdpSocket> = (0..10).map(|_| client()).collect();
     for c in &clients {
         c.send_to(b"x", gateway.local_addr()).unwrap();
