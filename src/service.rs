@@ -16,7 +16,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::abi::GuestKind;
 use crate::cli::load_module;
 use crate::compiler::Compiler;
-use crate::config::ListenerSpec;
+use crate::config::{ListenerSpec, PoolSpec};
 use crate::reload::Reloader;
 use crate::sandbox::{Isolation, Sandbox};
 use crate::server::{Gateway, Publisher, ServeConfig};
@@ -24,6 +24,21 @@ use crate::server::{Gateway, Publisher, ServeConfig};
 /// File descriptors kept for everything but sessions: listener sockets, module
 /// files, the watcher, the metrics endpoint.
 const FD_RESERVE: u64 = 256;
+
+/// Scales every pool's `max_sessions` down in proportion (to at least 1), so that
+/// all of them together fit in `budget` sockets. Returns the total they asked
+/// for when it had to.
+fn fit_sessions(pools: &mut [&mut PoolSpec], budget: u64) -> Option<usize> {
+    let asked: usize = pools.iter().map(|p| p.max_sessions).sum();
+    if asked as u64 <= budget {
+        return None;
+    }
+    for p in pools.iter_mut() {
+        let scaled = (p.max_sessions as u128 * u128::from(budget) / asked as u128) as usize;
+        p.max_sessions = scaled.max(1);
+    }
+    Some(asked)
+}
 
 /// One listener, serving.
 struct Running {
@@ -73,23 +88,25 @@ pub fn run(
         loaded.push((spec, sandbox, program));
     }
 
-    let sessions: usize = loaded
-        .iter()
-        .map(|(spec, _, _)| spec.pools.iter().map(|p| p.max_sessions).sum::<usize>())
-        .sum();
-    if sessions > 0 {
+    let mut fd_budget = None;
+    if loaded.iter().any(|(spec, _, _)| !spec.pools.is_empty()) {
         // A socket per session: the default soft limit (often 1,024) would cap
         // sessions long before max_sessions does.
         let limit = crate::upstream::raise_fd_limit()?;
-        if sessions as u64 + FD_RESERVE > limit {
-            tracing::warn!(
+        let budget = limit.saturating_sub(FD_RESERVE);
+        fd_budget = Some(budget);
+        let mut pools: Vec<&mut PoolSpec> = loaded
+            .iter_mut()
+            .flat_map(|(spec, _, _)| spec.pools.iter_mut())
+            .collect();
+        match fit_sessions(&mut pools, budget) {
+            Some(asked) => tracing::warn!(
                 open_files = limit,
-                max_sessions = sessions,
-                "the open-file limit is below the pools' max_sessions: past it new sessions fail as upstream_error; \
-                 raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower max_sessions"
-            );
-        } else {
-            tracing::debug!(open_files = limit, max_sessions = sessions, "open-file limit");
+                max_sessions = asked,
+                "the open-file limit is below the pools' max_sessions: each pool's max_sessions is scaled down to fit; \
+                 raise the hard limit (ulimit -Hn, LimitNOFILE=) to have them all"
+            ),
+            None => tracing::debug!(open_files = limit, "open-file limit"),
         }
     }
 
@@ -117,13 +134,14 @@ pub fn run(
             reloader,
         });
     }
-    serve_until_stopped(running, config, metrics)
+    serve_until_stopped(running, config, metrics, fd_budget)
 }
 
 fn serve_until_stopped(
     running: Vec<Running>,
     config: Option<&Path>,
     metrics: Option<SocketAddr>,
+    fd_budget: Option<u64>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -178,7 +196,7 @@ fn serve_until_stopped(
         );
     }
     let reloaders: Vec<&Reloader> = running.iter().filter_map(|r| r.reloader.as_ref()).collect();
-    let pools = PoolKeeper::new(config, &running);
+    let pools = PoolKeeper::new(config, &running, fd_budget);
     runtime.block_on(signals.wait(&reloaders, pools));
     // Every listener stops reading and every reloader stops publishing at once,
     // before saying so; then each worker answers the batch it holds.
@@ -218,10 +236,13 @@ struct PoolKeeper {
     resolve_every: Option<Duration>,
     last_resolve: Instant,
     busy: Option<tokio::task::JoinHandle<()>>,
+    /// Sockets the sessions of every pool may have together; pools read again
+    /// are fitted into it as at start-up.
+    fd_budget: Option<u64>,
 }
 
 impl PoolKeeper {
-    fn new(config: Option<&Path>, running: &[Running]) -> Self {
+    fn new(config: Option<&Path>, running: &[Running], fd_budget: Option<u64>) -> Self {
         let targets: Vec<(String, Publisher)> = running
             .iter()
             .filter(|r| !r.spec.pools.is_empty())
@@ -243,6 +264,7 @@ impl PoolKeeper {
             resolve_every,
             last_resolve: Instant::now(),
             busy: None,
+            fd_budget,
         }
     }
 
@@ -272,8 +294,9 @@ impl PoolKeeper {
         }
         self.last_resolve = Instant::now();
         let (targets, config) = (Arc::clone(&self.targets), self.config.clone().filter(|_| from_file));
+        let budget = self.fd_budget;
         self.busy = Some(tokio::task::spawn_blocking(move || {
-            reload_pools(&targets, config.as_deref(), why)
+            reload_pools(&targets, config.as_deref(), budget, why);
         }));
     }
 }
@@ -284,8 +307,8 @@ fn identity(path: &Path) -> Option<(u64, u64, u64, i64, i64)> {
     Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
-fn reload_pools(targets: &[(String, Publisher)], config: Option<&Path>, why: &str) {
-    let specs: Vec<(String, Vec<crate::config::PoolSpec>)> = match config {
+fn reload_pools(targets: &[(String, Publisher)], config: Option<&Path>, fd_budget: Option<u64>, why: &str) {
+    let mut specs: Vec<(String, Vec<PoolSpec>)> = match config {
         Some(path) => match crate::config::load(path, 1) {
             Ok(file) => file.listeners.into_iter().map(|l| (l.name, l.pools)).collect(),
             Err(e) => {
@@ -298,6 +321,12 @@ fn reload_pools(targets: &[(String, Publisher)], config: Option<&Path>, why: &st
             .filter_map(|(name, p)| Some((name.clone(), p.pools()?.specs())))
             .collect(),
     };
+    if let Some(budget) = fd_budget {
+        let mut pools: Vec<&mut PoolSpec> = specs.iter_mut().flat_map(|(_, p)| p.iter_mut()).collect();
+        if fit_sessions(&mut pools, budget).is_some() {
+            tracing::warn!("{why}: the pools' max_sessions are scaled down to fit the open-file limit");
+        }
+    }
     for (name, publisher) in targets {
         let Some((_, pools)) = specs.iter().find(|(n, _)| n == name) else {
             tracing::warn!(
@@ -360,5 +389,25 @@ impl Signals {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_past_the_open_file_budget_are_scaled_down_in_proportion() {
+        let mut a = PoolSpec::new("a", vec![]);
+        let mut b = PoolSpec::new("b", vec![]);
+        (a.max_sessions, b.max_sessions) = (30_000, 10_000);
+        assert_eq!(fit_sessions(&mut [&mut a, &mut b], 40_000), None, "they fit");
+        assert_eq!((a.max_sessions, b.max_sessions), (30_000, 10_000));
+        assert_eq!(fit_sessions(&mut [&mut a, &mut b], 800), Some(40_000));
+        assert_eq!((a.max_sessions, b.max_sessions), (600, 200));
+        let mut tiny = PoolSpec::new("t", vec![]);
+        tiny.max_sessions = 1;
+        fit_sessions(&mut [&mut tiny, &mut a], 10);
+        assert_eq!(tiny.max_sessions, 1, "never below one");
     }
 }

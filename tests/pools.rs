@@ -361,3 +361,53 @@ fn the_dns_proxy_config_file_describes_its_pool() {
     assert_eq!(l.pools[0].name, "resolvers");
     assert_eq!(l.pools[0].idle_timeout, Duration::from_secs(10));
 }
+
+#[test]
+fn under_a_low_open_file_limit_max_sessions_is_scaled_down_with_a_warning_and_enforced() {
+    let a = Upstream::echo("a:");
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "gateway.toml", config(&[a.addr], "").as_bytes());
+    // The hard limit 600 leaves 344 sockets for sessions (256 are kept for the rest).
+    let served = Served::start_program(
+        Path::new("/bin/sh"),
+        &[
+            "-c",
+            "ulimit -Sn 600 && ulimit -Hn 600 && exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_wasmgate"),
+            "--config",
+            &path,
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        "info",
+    );
+    let warning = served
+        .preamble
+        .iter()
+        .find(|l| l.contains("scaled down to fit"))
+        .unwrap_or_else(|| panic!("no warning: {:#?}", served.preamble));
+    assert!(
+        warning.contains("open_files=600") && warning.contains("max_sessions=10000"),
+        "{warning}"
+    );
+    // 344 sessions at most (two workers, 172 each): some of 400 new clients are
+    // refused, none beyond the budget is opened, and the gateway serves on.
+    let clients: Vec<UdpSocket> = (0..400).map(|_| client()).collect();
+    for c in &clients {
+        c.send_to(b"x", served.addr).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut answered = 0;
+    for c in &clients {
+        c.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        if c.recv_from(&mut buf).is_ok() {
+            answered += 1;
+        }
+    }
+    assert!(
+        (300..=344).contains(&answered),
+        "{answered} of 400 clients got a session"
+    );
+    assert!(open_fds(served.child.id()) < 600);
+}
