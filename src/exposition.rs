@@ -103,7 +103,7 @@ const COUNTERS: [CounterFamily; 13] = [
 /// An endpoint family: name, help, and its value.
 type EndpointFamily = (&'static str, &'static str, fn(&EndpointView<'_>) -> u64);
 
-const ENDPOINT_COUNTERS: [EndpointFamily; 4] = [
+const ENDPOINT_COUNTERS: [EndpointFamily; 6] = [
     (
         "wasmgate_endpoint_datagrams_sent",
         "Datagrams forwarded to the endpoint.",
@@ -123,6 +123,16 @@ const ENDPOINT_COUNTERS: [EndpointFamily; 4] = [
         "wasmgate_endpoint_bytes_received",
         "Payload bytes the endpoint sent back.",
         |e| e.from_bytes,
+    ),
+    (
+        "wasmgate_endpoint_sessions_created",
+        "Sessions opened to the endpoint.",
+        |e| e.sessions_created,
+    ),
+    (
+        "wasmgate_endpoint_session_idle_timeouts",
+        "Sessions to the endpoint closed after idle_timeout.",
+        |e| e.sessions_expired,
     ),
 ];
 
@@ -145,6 +155,20 @@ impl GatewayCollector {
                         .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
                         .encode_counter::<NoLabelSet, _, u64>(&value(e), None)?;
                 }
+            }
+        }
+        let mut active = encoder.encode_descriptor(
+            "wasmgate_endpoint_sessions_active",
+            "Sessions open to the endpoint now.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (listener, endpoints) in &views {
+            for e in endpoints {
+                let addr = e.addr.to_string();
+                active
+                    .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
+                    .encode_gauge(&i64::try_from(e.sessions_active).unwrap_or(i64::MAX))?;
             }
         }
         let mut healthy = encoder.encode_descriptor(

@@ -38,6 +38,10 @@ pub struct EndpointCounters {
     pub to_bytes: AtomicU64,
     pub from: AtomicU64,
     pub from_bytes: AtomicU64,
+    pub sessions_created: AtomicU64,
+    pub sessions_expired: AtomicU64,
+    /// Open now (written by the one worker these counters belong to).
+    pub sessions_active: AtomicU64,
 }
 
 /// The pools of one listener, resolved, with what every worker shares: endpoint
@@ -68,6 +72,9 @@ pub struct EndpointView<'a> {
     pub to_bytes: u64,
     pub from: u64,
     pub from_bytes: u64,
+    pub sessions_created: u64,
+    pub sessions_expired: u64,
+    pub sessions_active: u64,
 }
 
 impl Pools {
@@ -169,6 +176,9 @@ impl Pools {
                     to_bytes: sum(|e| &e.to_bytes),
                     from: sum(|e| &e.from),
                     from_bytes: sum(|e| &e.from_bytes),
+                    sessions_created: sum(|e| &e.sessions_created),
+                    sessions_expired: sum(|e| &e.sessions_expired),
+                    sessions_active: sum(|e| &e.sessions_active),
                 });
             }
         }
@@ -411,6 +421,8 @@ impl Upstreams {
         });
         wp.open += 1;
         wp.pool.session_opened(endpoint);
+        wp.counters[endpoint].sessions_created.fetch_add(1, Relaxed);
+        wp.counters[endpoint].sessions_active.fetch_add(1, Relaxed);
         self.routes.insert((client, p, addr), s);
         self.counters.session_created(self.sessions.len());
         Ok(s)
@@ -447,6 +459,10 @@ impl Upstreams {
         self.routes.remove(&(session.client, session.pool, session.endpoint));
         if self.affinity.get(&(session.client, session.pool)) == Some(&s) {
             self.affinity.remove(&(session.client, session.pool));
+        }
+        session.counters.sessions_active.fetch_sub(1, Relaxed);
+        if expired {
+            session.counters.sessions_expired.fetch_add(1, Relaxed);
         }
         let wp = &mut self.pools[session.pool];
         wp.open = wp.open.saturating_sub(1);

@@ -411,3 +411,71 @@ fn under_a_low_open_file_limit_max_sessions_is_scaled_down_with_a_warning_and_en
     );
     assert!(open_fds(served.child.id()) < 600);
 }
+
+#[test]
+fn pool_and_endpoint_metrics_move_with_traffic_and_health() {
+    let a = Upstream::echo("a:");
+    let down = common::closed_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(
+        dir.path(),
+        "gateway.toml",
+        config(&[a.addr, down], "eject_for = \"30s\"\n").as_bytes(),
+    );
+    let served = Served::start(&["--config", &path, "--metrics", "127.0.0.1:0"]);
+    let metrics = served.metrics_addr();
+    // Clients until one has drawn the ICMP error from the closed port (its first
+    // datagram is lost), and three that are answered.
+    let mut answered = 0;
+    for _ in 0..60 {
+        let c = client();
+        c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        c.send_to(b"m", served.addr).unwrap();
+        let mut buf = [0u8; 16];
+        if c.recv_from(&mut buf).is_ok() {
+            answered += 1;
+        }
+        if answered >= 3
+            && common::sample(
+                &common::scrape(metrics),
+                "wasmgate_sessions_created_total{listener=\"fwd\"}",
+            ) > answered as f64
+        {
+            break;
+        }
+    }
+    let label = |addr: SocketAddr| format!("{{listener=\"fwd\",pool=\"backend\",endpoint=\"{addr}\"}}");
+    wait_until("the ejection to show", || {
+        common::sample(
+            &common::scrape(metrics),
+            &format!("wasmgate_endpoint_healthy{}", label(down)),
+        ) == 0.0
+    });
+    let body = common::scrape(metrics);
+    let get = |name: &str, addr: SocketAddr| common::sample(&body, &format!("{name}{}", label(addr)));
+    assert_eq!(get("wasmgate_endpoint_healthy", a.addr), 1.0);
+    assert_eq!(get("wasmgate_endpoint_datagrams_sent_total", a.addr), answered as f64);
+    assert_eq!(
+        get("wasmgate_endpoint_datagrams_received_total", a.addr),
+        answered as f64
+    );
+    assert_eq!(
+        get("wasmgate_endpoint_bytes_received_total", a.addr),
+        3.0 * answered as f64,
+        "a:m"
+    );
+    assert_eq!(get("wasmgate_endpoint_sessions_active", a.addr), answered as f64);
+    assert_eq!(get("wasmgate_endpoint_sessions_created_total", a.addr), answered as f64);
+    assert_eq!(
+        get("wasmgate_endpoint_sessions_active", down),
+        0.0,
+        "closed when refused"
+    );
+    assert!(get("wasmgate_endpoint_datagrams_sent_total", down) >= 1.0);
+    let listener = |name: &str| common::sample(&body, &format!("{name}{{listener=\"fwd\"}}"));
+    assert_eq!(
+        listener("wasmgate_datagrams_forwarded_total"),
+        listener("wasmgate_datagrams_received_total")
+    );
+    assert_eq!(listener("wasmgate_sessions_active"), answered as f64);
+}

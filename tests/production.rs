@@ -10,7 +10,7 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::{ask, client, run_to_end, wasmgate, write_file};
+use common::{ask, client, run_to_end, sample, scrape, wasmgate, write_file};
 
 /// A running `wasmgate --config …`, its listeners by name, and its metrics address.
 struct Service {
@@ -93,31 +93,6 @@ impl Service {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-}
-
-/// GET /metrics over real HTTP; the body.
-fn scrape(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(response.contains("text/plain; version=0.0.4"), "{response}");
-    response.split("\r\n\r\n").nth(1).unwrap().to_string()
-}
-
-/// The value of the sample `name{labels}` in a scrape.
-fn sample(body: &str, name_and_labels: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no sample {name_and_labels} in:\n{body}"))
-        .parse()
-        .unwrap()
 }
 
 const ECHO: &[u8] = include_bytes!("../examples/echo.wat");
