@@ -194,6 +194,18 @@ fn serve_until_stopped(
             upstreams = r.gateway.publisher().pools().map(|p| p.describe()).unwrap_or_default(),
             "serving"
         );
+        let forwards = program
+            .imports()
+            .iter()
+            .any(|i| i == "wasmgate.forward" || i == "wasmgate.forward_key");
+        if forwards && r.spec.pools.is_empty() {
+            tracing::warn!(
+                listener = r.spec.name,
+                module = program.origin(),
+                "the module imports wasmgate.forward, but the listener has no upstream pools: every forward \
+                 will be refused as unknown_pool; add --upstream NAME=ENDPOINTS or [upstreams.NAME]"
+            );
+        }
     }
     let reloaders: Vec<&Reloader> = running.iter().filter_map(|r| r.reloader.as_ref()).collect();
     let pools = PoolKeeper::new(config, &running, fd_budget);

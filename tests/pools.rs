@@ -479,3 +479,16 @@ fn pool_and_endpoint_metrics_move_with_traffic_and_health() {
     );
     assert_eq!(listener("wasmgate_sessions_active"), answered as f64);
 }
+
+#[test]
+fn a_forwarding_module_on_a_listener_without_pools_is_warned_about() {
+    let served = Served::start(&["--listen", "127.0.0.1:0", "--module", &example(FORWARD)]);
+    let line = served
+        .line_with(&["imports wasmgate.forward", "no upstream pools"])
+        .expect("a warning");
+    assert!(line.contains("WARN") && line.contains("--upstream"), "{line}");
+    // And every datagram is dropped as unknown_pool, with the gateway serving on.
+    let c = client();
+    c.send_to(b"x", served.addr).unwrap();
+    common::assert_silent(&c, Duration::from_millis(200));
+}
