@@ -44,7 +44,8 @@ pub(crate) struct Outbox {
     pub(crate) budget: usize,
     calls: u32,
     pub(crate) forwarded: u32,
-    pub(crate) refused: [u32; CallError::ALL.len()],
+    /// Refusals by reason, until the worker takes them ([`Outbox::take_refused`]).
+    refused: [u32; CallError::ALL.len()],
     /// The first refusal: the reason a datagram that got nowhere is dropped for.
     pub(crate) first_refusal: Option<CallError>,
 }
@@ -69,6 +70,13 @@ impl Outbox {
             start = end;
             d
         })
+    }
+
+    /// The refusals counted since they were last taken, by reason; taking them
+    /// leaves none, so that each is counted once whatever the call's outcome.
+    pub(crate) fn take_refused(&mut self) -> impl Iterator<Item = (CallError, u32)> + use<> {
+        let refused = std::mem::take(&mut self.refused);
+        CallError::ALL.into_iter().zip(refused).filter(|&(_, n)| n > 0)
     }
 
     pub(crate) fn has_sends(&self) -> bool {

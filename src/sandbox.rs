@@ -635,14 +635,20 @@ impl Answer<'_> {
         self.out.sends()
     }
 
+    /// Passes every datagram for the client to `emit`: the `send`s, then the
+    /// reply. Whether there was any.
+    pub fn each_datagram(&self, mut emit: impl FnMut(&[u8])) -> bool {
+        let mut any = false;
+        for d in self.sends().chain(self.reply) {
+            emit(d);
+            any = true;
+        }
+        any
+    }
+
     /// How many `forward`/`forward_key` calls handed the datagram to an upstream.
     pub fn forwarded(&self) -> u32 {
         self.out.forwarded
-    }
-
-    /// The refused calls, by reason, as (reason, count) for each nonzero count.
-    pub fn refused(&self) -> impl Iterator<Item = (CallError, u32)> + '_ {
-        CallError::ALL.into_iter().zip(self.out.refused).filter(|&(_, n)| n > 0)
     }
 
     /// The first refused call: why a datagram that went nowhere was dropped.
@@ -715,14 +721,12 @@ impl Guest {
         self.run(&call, net)
     }
 
-    /// The calls refused during the last call that failed (a guest that traps or
-    /// runs out of time after refused calls still has them counted).
-    pub fn refused_before_failure(&self) -> impl Iterator<Item = (CallError, u32)> + '_ {
-        let out = self.live.as_ref().map(|l| &l.store.data().out);
-        CallError::ALL
-            .into_iter()
-            .zip(out.map_or([0; CallError::ALL.len()], |o| o.refused))
-            .filter(|&(_, n)| n > 0)
+    /// The `forward`/`send` calls refused since this was last asked, as
+    /// (reason, count): after the call that made them, whether it answered,
+    /// trapped or ran out of time; each refusal is given once.
+    pub fn take_refused(&mut self) -> impl Iterator<Item = (CallError, u32)> + use<> {
+        let out = self.live.as_mut().map(|l| &mut l.store.data_mut().out);
+        out.map(Outbox::take_refused).into_iter().flatten()
     }
 
     /// Whether the program exports `on_reply`; without it, upstream datagrams go
@@ -1061,6 +1065,35 @@ mod tests {
                 (then (drop (call $peer (i32.const 65530) (i32.const 64)))))
             (i32.store8 (i32.const 0) (i32.add (i32.const 48) (global.get $at_start)))
             (i64.const 1)))"#;
+
+    #[test]
+    fn refused_calls_are_given_once_whatever_follows() {
+        // Forwards twice to a pool that does not exist (there are no pools), then
+        // traps when the datagram starts with "!".
+        let mut g = guest(
+            r#"(module
+              (import "wasmgate" "forward" (func $f (param i32 i32 i32 i32) (result i32)))
+              (memory (export "memory") 2)
+              (func (export "alloc") (param i32) (result i32) i32.const 64)
+              (func (export "handle") (param $p i32) (param $n i32) (result i64)
+                (drop (call $f (i32.const 0) (i32.const 1) (local.get $p) (local.get $n)))
+                (drop (call $f (i32.const 0) (i32.const 1) (local.get $p) (local.get $n)))
+                (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 33)) (then unreachable))
+                i64.const -1))"#,
+        );
+        let refused = |g: &mut Guest| g.take_refused().collect::<Vec<_>>();
+        let answer = g.handle_with(b"x", peer(), &mut None).unwrap();
+        assert_eq!(answer.first_refusal(), Some(CallError::UnknownPool));
+        assert_eq!(refused(&mut g), [(CallError::UnknownPool, 2)]);
+        assert_eq!(refused(&mut g), [], "taken once");
+        // A trap after refused calls still has them counted.
+        assert!(g.handle_with(b"!", peer(), &mut None).is_err());
+        assert_eq!(refused(&mut g), [(CallError::UnknownPool, 2)]);
+        // A datagram refused before the guest runs adds none (the last call's
+        // refusals are not given again).
+        assert!(g.handle_with(&vec![0; MAX_DATAGRAM + 1], peer(), &mut None).is_err());
+        assert_eq!(refused(&mut g), []);
+    }
 
     #[test]
     fn peer_in_the_start_function_is_0_and_a_buffer_outside_memory_traps() {

@@ -617,19 +617,7 @@ impl Core {
                 counters.guest_time(started.elapsed());
                 match result {
                     Ok(answer) => {
-                        for (error, n) in answer.refused() {
-                            counters.refused(error, u64::from(n));
-                        }
-                        let mut answered = false;
-                        for d in answer.sends() {
-                            emit(d, peer);
-                            answered = true;
-                        }
-                        if let Some(reply) = answer.reply {
-                            emit(reply, peer);
-                            answered = true;
-                        }
-                        if answered {
+                        if answer.each_datagram(|d| emit(d, peer)) {
                         } else if answer.forwarded() > 0 {
                             counters.forwarded();
                         } else if let Some(error) = answer.first_refusal() {
@@ -639,13 +627,9 @@ impl Core {
                             counters.dropped(DropReason::NoReply);
                         }
                     }
-                    Err(rejection) => {
-                        for (error, n) in guest.refused_before_failure() {
-                            counters.refused(error, u64::from(n));
-                        }
-                        drop_datagram(shared, counters, rejection.reason, shown, &rejection);
-                    }
+                    Err(rejection) => drop_datagram(shared, counters, rejection.reason, shown, &rejection),
                 }
+                count_refused(counters, guest);
             }
         }
     }
@@ -676,26 +660,11 @@ impl Core {
         self.counters.guest_time(started.elapsed());
         match result {
             Ok(answer) => {
-                for (error, n) in answer.refused() {
-                    self.counters.refused(error, u64::from(n));
-                }
-                let mut answered = answer.forwarded() > 0;
-                for d in answer.sends() {
-                    tx.push(d, client);
-                    answered = true;
-                }
-                if let Some(reply) = answer.reply {
-                    tx.push(reply, client);
-                    answered = true;
-                }
-                if !answered {
+                if !answer.each_datagram(|d| tx.push(d, client)) && answer.forwarded() == 0 {
                     self.counters.upstream_dropped(DropReason::NoReply);
                 }
             }
             Err(rejection) => {
-                for (error, n) in guest.refused_before_failure() {
-                    self.counters.refused(error, u64::from(n));
-                }
                 self.counters.upstream_dropped(rejection.reason);
                 if let Some(suppressed) = self.shared.warnings[rejection.reason.index()].allow() {
                     let program = self.shared.program.load();
@@ -710,6 +679,7 @@ impl Core {
                 }
             }
         }
+        count_refused(&self.counters, guest);
     }
 
     fn recv_failed(&mut self, e: io::Error) {
@@ -740,6 +710,13 @@ fn unmapped(peer: SocketAddr) -> SocketAddr {
             None => peer,
         },
         SocketAddr::V4(_) => peer,
+    }
+}
+
+/// Counts the guest's refused `forward`/`send` calls of the call just made.
+fn count_refused(counters: &Counters, guest: &mut Guest) {
+    for (error, n) in guest.take_refused() {
+        counters.refused(error, u64::from(n));
     }
 }
 
