@@ -11,27 +11,23 @@
 //! `loadgen` `--runs` times, interleaved, and keeps the median run by replies/s.
 //! Loopback only; every run is bounded in time.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 #[path = "support/harness.rs"]
 mod harness;
 #[path = "support/procfs.rs"]
 mod procfs;
 use clap::Parser;
-use harness::{Row, Running, free_port, median_run, parse_row, pinned, server_pid, wait_ready};
+use harness::{Row, RunArgs, Running, free_port, measure, median_run, pinned, release_dir, server_pid, wait_ready};
 use procfs::rss_kib;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Runs per cell; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Measured seconds per run.
-    #[arg(long, default_value_t = 3.0)]
-    seconds: f64,
+    #[command(flatten)]
+    run: RunArgs,
     /// Skip the Python seed server.
     #[arg(long)]
     no_python: bool,
@@ -105,18 +101,14 @@ fn start(server: &Server, bin: &Path, root: &Path, port: u16) -> anyhow::Result<
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin: PathBuf = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .context("cannot find the release directory")?
-        .to_path_buf();
+    let bin = release_dir()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let loadgen = bin.join("examples/loadgen");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "wasmgate benchmark: {cores} cores, server pinned to CPU 0 (1 worker), load generator on CPU 1; \
          {} runs of {} s per cell, median shown\n",
-        args.runs, args.seconds
+        args.run.runs, args.run.seconds
     );
 
     let servers: Vec<&Server> = SERVERS
@@ -135,34 +127,20 @@ fn main() -> anyhow::Result<()> {
     }
     // runs[cell][server]
     let mut runs = vec![vec![Vec::new(); servers.len()]; MATRIX.len()];
-    for run in 0..args.runs {
+    for run in 0..args.run.runs {
         for (ci, &(c, w, s)) in MATRIX.iter().enumerate() {
             for (si, server) in servers.iter().enumerate() {
                 let (_, port, pid) = &running[si];
-                let out = pinned(1, &loadgen)
-                    .args(["--target", &format!("127.0.0.1:{port}")])
-                    .args([
-                        "--clients",
-                        &c.to_string(),
-                        "--window",
-                        &w.to_string(),
-                        "--size",
-                        &s.to_string(),
-                    ])
-                    .args(["--seconds", &args.seconds.to_string(), "--warmup", "1"])
-                    .args(["--pid", &pid.to_string(), "--csv", "--allow-wrong"])
-                    .output()
-                    .context("cannot run loadgen")?;
-                if !out.status.success() {
-                    bail!(
-                        "loadgen failed against {}: {}",
-                        server.name,
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-                runs[ci][si].push(parse_row(&String::from_utf8_lossy(&out.stdout))?);
+                runs[ci][si].push(measure(
+                    &loadgen,
+                    *port,
+                    *pid,
+                    (c, w, s),
+                    args.run.seconds,
+                    server.name,
+                )?);
             }
-            eprintln!("  run {} of {}: measured {c}x{w}x{s}", run + 1, args.runs);
+            eprintln!("  run {} of {}: measured {c}x{w}x{s}", run + 1, args.run.runs);
         }
     }
     let rss: Vec<u64> = running.iter().map(|(_, _, pid)| rss_kib(*pid)).collect();

@@ -31,17 +31,13 @@ use clap::Parser;
 mod harness;
 #[path = "support/procfs.rs"]
 mod procfs;
-use harness::{Row, Running, free_port, median_run, parse_row, pinned, wait_ready};
+use harness::{Row, RunArgs, Running, free_port, measure, median_run, pinned, release_dir, wait_ready};
 use procfs::cpu_seconds;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Runs per cell; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Measured seconds per run.
-    #[arg(long, default_value_t = 3.0)]
-    seconds: f64,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// Clients × window × payload bytes.
@@ -84,17 +80,13 @@ fn exists(path: &str) -> bool {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin: PathBuf = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .context("cannot find the release directory")?
-        .to_path_buf();
+    let bin = release_dir()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (wasmgate, native) = (bin.join("wasmgate"), bin.join("examples/native_gateway"));
     println!(
         "Forwarding: gateways (1 worker) and the upstream pinned to CPU 0; load generator on CPU 1; \
          {} runs of {} s per cell, median shown\n",
-        args.runs, args.seconds
+        args.run.runs, args.run.seconds
     );
 
     // The upstream every gateway forwards to: a native uppercase server.
@@ -177,33 +169,12 @@ fn main() -> anyhow::Result<()> {
 
     let loadgen = bin.join("examples/loadgen");
     let mut runs = vec![vec![Vec::new(); contenders.len()]; MATRIX.len()];
-    for run in 0..args.runs {
+    for run in 0..args.run.runs {
         for (ci, &(c, w, s)) in MATRIX.iter().enumerate() {
             for (i, k) in contenders.iter().enumerate() {
-                let out = pinned(1, &loadgen)
-                    .args(["--target", &listen(k.port)])
-                    .args([
-                        "--clients",
-                        &c.to_string(),
-                        "--window",
-                        &w.to_string(),
-                        "--size",
-                        &s.to_string(),
-                    ])
-                    .args(["--seconds", &args.seconds.to_string(), "--warmup", "1"])
-                    .args(["--pid", &k.pid.to_string(), "--csv", "--allow-wrong"])
-                    .output()
-                    .context("cannot run loadgen")?;
-                if !out.status.success() {
-                    bail!(
-                        "loadgen failed against {}: {}",
-                        k.name,
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-                runs[ci][i].push(parse_row(&String::from_utf8_lossy(&out.stdout))?);
+                runs[ci][i].push(measure(&loadgen, k.port, k.pid, (c, w, s), args.run.seconds, k.name)?);
             }
-            eprintln!("  run {} of {}: measured {c}x{w}x{s}", run + 1, args.runs);
+            eprintln!("  run {} of {}: measured {c}x{w}x{s}", run + 1, args.run.runs);
         }
     }
     for (ci, &(c, w, s)) in MATRIX.iter().enumerate() {
@@ -326,14 +297,14 @@ fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {
         ("dnsdist 1.7", dnsdist_port, dnsdist.0.id()),
     ];
     let mut runs = vec![vec![Vec::new(); servers.len()]; cells.len()];
-    for _ in 0..args.runs {
+    for _ in 0..args.run.runs {
         for (ci, (_, file)) in cells.iter().enumerate() {
             for (si, &(name, port, pid)) in servers.iter().enumerate() {
                 let before = cpu_seconds(pid).unwrap_or(0.0);
                 let out = pinned(1, Path::new("/usr/bin/dnsperf"))
                     .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
                     .arg(file)
-                    .args(["-l", &args.seconds.to_string(), "-c", "64", "-q", "256", "-t", "1"])
+                    .args(["-l", &args.run.seconds.to_string(), "-c", "64", "-q", "256", "-t", "1"])
                     .output()
                     .context("cannot run dnsperf")?;
                 let after = cpu_seconds(pid).unwrap_or(0.0);

@@ -189,6 +189,26 @@ impl GatewayCollector {
     }
 }
 
+/// A counter family (name, help) with a sample per listener and `reason`, the
+/// value of reason `i` in a snapshot given by `value`.
+fn encode_by_reason(
+    encoder: &mut DescriptorEncoder<'_>,
+    (name, help): (&str, &str),
+    snapshots: &[(&str, Snapshot)],
+    reasons: &[&str],
+    value: fn(&Snapshot, usize) -> u64,
+) -> Result<(), fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (listener, s) in snapshots {
+        for (i, reason) in reasons.iter().enumerate() {
+            family
+                .encode_family(&[("listener", *listener), ("reason", *reason)])?
+                .encode_counter::<NoLabelSet, _, u64>(&value(s, i), None)?;
+        }
+    }
+    Ok(())
+}
+
 impl Collector for GatewayCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let snapshots: Vec<(&str, Snapshot)> = self.listeners.iter().map(|(n, p)| (n.as_str(), p.stats())).collect();
@@ -202,47 +222,34 @@ impl Collector for GatewayCollector {
             }
         }
 
-        let mut dropped = encoder.encode_descriptor(
-            "wasmgate_datagrams_dropped",
-            "Datagrams not answered, by reason.",
-            None,
-            MetricType::Counter,
+        let drop_reasons = DropReason::ALL.map(DropReason::as_str);
+        encode_by_reason(
+            &mut encoder,
+            ("wasmgate_datagrams_dropped", "Datagrams not answered, by reason."),
+            &snapshots,
+            &drop_reasons,
+            |s, i| s.dropped[i],
         )?;
-        for (listener, s) in &snapshots {
-            for reason in DropReason::ALL {
-                dropped
-                    .encode_family(&[("listener", *listener), ("reason", reason.as_str())])?
-                    .encode_counter::<NoLabelSet, _, u64>(&s.dropped(reason), None)?;
-            }
-        }
-
-        let mut refused = encoder.encode_descriptor(
-            "wasmgate_guest_calls_refused",
-            "forward, forward_key and send calls refused, by reason.",
-            None,
-            MetricType::Counter,
+        encode_by_reason(
+            &mut encoder,
+            (
+                "wasmgate_guest_calls_refused",
+                "forward, forward_key and send calls refused, by reason.",
+            ),
+            &snapshots,
+            &CallError::ALL.map(CallError::as_str),
+            |s, i| s.refused[i],
         )?;
-        for (listener, s) in &snapshots {
-            for error in CallError::ALL {
-                refused
-                    .encode_family(&[("listener", *listener), ("reason", error.as_str())])?
-                    .encode_counter::<NoLabelSet, _, u64>(&s.refused(error), None)?;
-            }
-        }
-
-        let mut upstream_dropped = encoder.encode_descriptor(
-            "wasmgate_upstream_datagrams_dropped",
-            "Datagrams from upstreams not passed on to the client, by reason (no_reply: on_reply returned -1).",
-            None,
-            MetricType::Counter,
+        encode_by_reason(
+            &mut encoder,
+            (
+                "wasmgate_upstream_datagrams_dropped",
+                "Datagrams from upstreams not passed on to the client, by reason (no_reply: on_reply returned -1).",
+            ),
+            &snapshots,
+            &drop_reasons,
+            |s, i| s.upstream_dropped[i],
         )?;
-        for (listener, s) in &snapshots {
-            for reason in DropReason::ALL {
-                upstream_dropped
-                    .encode_family(&[("listener", *listener), ("reason", reason.as_str())])?
-                    .encode_counter::<NoLabelSet, _, u64>(&s.upstream_dropped(reason), None)?;
-            }
-        }
 
         let mut active = encoder.encode_descriptor(
             "wasmgate_sessions_active",

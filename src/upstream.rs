@@ -129,10 +129,6 @@ impl Pools {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.pools.is_empty()
-    }
-
     /// Whether `specs` would give exactly these pools (same settings, same
     /// resolved addresses): a reload that changes nothing is skipped.
     pub fn same_as(&self, specs: &[PoolSpec]) -> bool {

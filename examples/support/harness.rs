@@ -1,14 +1,15 @@
-//! What the benchmark examples share: pinning to a CPU, free ports, waiting for
-//! a server, loadgen's CSV rows and their medians.
+//! What the benchmark examples share: their run options, the release directory,
+//! pinning to a CPU, free ports, waiting for a server, one `loadgen` run and
+//! the median of its CSV rows.
 
 #![allow(dead_code)] // each example uses a part
 
 use std::net::UdpSocket;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Row {
@@ -84,4 +85,57 @@ pub(crate) fn server_pid(running: &Running) -> u32 {
 pub(crate) fn median_run(runs: &mut [Row]) -> Row {
     runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
     runs[runs.len() / 2]
+}
+
+/// How many runs, of how long, each cell gets.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunArgs {
+    /// Runs per cell; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) runs: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    pub(crate) seconds: f64,
+}
+
+/// The release directory, where the running example was built.
+pub(crate) fn release_dir() -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .context("cannot find the release directory")?
+        .to_path_buf())
+}
+
+/// One `loadgen` run on CPU 1 against `port` (clients × window × payload),
+/// charging the CPU of process `pid`; `name` names the server in errors.
+pub(crate) fn measure(
+    loadgen: &Path,
+    port: u16,
+    pid: u32,
+    (clients, window, size): (usize, usize, usize),
+    seconds: f64,
+    name: &str,
+) -> anyhow::Result<Row> {
+    let out = pinned(1, loadgen)
+        .args(["--target", &format!("127.0.0.1:{port}")])
+        .args(["--clients", &clients.to_string(), "--window", &window.to_string()])
+        .args([
+            "--size",
+            &size.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+            "--warmup",
+            "1",
+        ])
+        .args(["--pid", &pid.to_string(), "--csv", "--allow-wrong"])
+        .output()
+        .context("cannot run loadgen")?;
+    if !out.status.success() {
+        bail!(
+            "loadgen failed against {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_row(&String::from_utf8_lossy(&out.stdout))
 }
