@@ -243,14 +243,17 @@ impl Publisher {
         let Some(pools) = &self.shared.pools else {
             anyhow::bail!("the listener was started without upstream pools; restart it to add some");
         };
-        let current = pools.load_full();
-        if current.same_as(specs) {
-            return Ok(false);
-        }
         if specs.is_empty() {
             anyhow::bail!("every pool would be removed; restart the listener to serve without pools");
         }
-        pools.store(Arc::new(current.rebuilt(specs)?));
+        // Names are looked up once, here; the new pools replace the old only
+        // when they differ.
+        let current = pools.load_full();
+        let new = current.rebuilt(specs)?;
+        if new.same_as(&current) {
+            return Ok(false);
+        }
+        pools.store(Arc::new(new));
         Ok(true)
     }
 

@@ -129,15 +129,15 @@ impl Pools {
         })
     }
 
-    /// Whether `specs` would give exactly these pools (same settings, same
-    /// resolved addresses): a reload that changes nothing is skipped.
-    pub fn same_as(&self, specs: &[PoolSpec]) -> bool {
-        self.pools.len() == specs.len()
+    /// Whether both have the same settings and resolved addresses, pool by
+    /// pool: a reload that would change nothing is skipped.
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.pools.len() == other.pools.len()
             && self
                 .pools
                 .iter()
-                .zip(specs)
-                .all(|(c, spec)| c.spec == *spec && spec.resolve().is_ok_and(|addrs| addrs == c.addrs))
+                .zip(&other.pools)
+                .all(|(a, b)| a.spec == b.spec && a.addrs == b.addrs)
     }
 
     /// The configured pools.
