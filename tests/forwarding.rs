@@ -535,13 +535,34 @@ fn a_guest_forwarding_in_a_loop_is_cut_off_by_the_call_limit_and_the_time_budget
 }
 
 #[test]
-fn a_host_name_endpoint_is_resolved() {
+fn a_host_name_endpoint_is_resolved_and_served_through() {
     let up = Upstream::echo("u0:");
-    let spec = PoolSpec::new("backend", vec![format!("localhost:{}", up.addr.port())]);
-    let addrs = spec.resolve().unwrap();
-    assert!(addrs.contains(&up.addr), "{addrs:?}");
-    // `localhost` may also give ::1, where nothing listens: keep the IPv4 one.
-    let spec = PoolSpec::new("backend", vec![up.addr.to_string()]);
-    let gateway = forwarding(FORWARD, vec![spec]);
-    assert_eq!(ask(&client(), gateway.local_addr(), b"n"), b"u0:n");
+    let spec = PoolSpec {
+        eject_for: Duration::from_secs(30),
+        ..PoolSpec::new("backend", vec![format!("localhost:{}", up.addr.port())])
+    };
+    assert!(spec.resolve().unwrap().contains(&up.addr));
+    let gateway = one_worker(FORWARD, spec);
+    let endpoints: Vec<SocketAddr> = gateway
+        .publisher()
+        .pools()
+        .unwrap()
+        .endpoints(std::time::Instant::now())
+        .iter()
+        .map(|e| e.addr)
+        .collect();
+    assert!(
+        endpoints.contains(&up.addr),
+        "the name became its addresses: {endpoints:?}"
+    );
+    // `localhost` may also be ::1, where nothing listens: a datagram sent there
+    // draws ICMP port unreachable and ejects it, and the next goes to 127.0.0.1.
+    let c = client();
+    c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 16];
+    let answered = (0..3).any(|_| {
+        c.send_to(b"n", gateway.local_addr()).unwrap();
+        matches!(c.recv_from(&mut buf), Ok((4, _))) && &buf[..4] == b"u0:n"
+    });
+    assert!(answered, "no answer through the host-name endpoint");
 }
