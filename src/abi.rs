@@ -32,6 +32,9 @@ pub enum GuestKind {
     /// A WASI preview 1 command: `_start` reads the datagram from stdin and writes
     /// the reply to stdout, in a fresh instance per datagram.
     WasiCommand,
+    /// A component of the `wasmgate:handler` world (`wit/handler.wit`); one
+    /// instance may serve many datagrams, as for ABI v1.
+    Component,
 }
 
 impl GuestKind {
@@ -40,6 +43,7 @@ impl GuestKind {
         match self {
             Self::AbiV1 => "abi-v1",
             Self::WasiCommand => "wasi-command",
+            Self::Component => "component",
         }
     }
 }
@@ -49,6 +53,7 @@ impl fmt::Display for GuestKind {
         f.write_str(match self {
             Self::AbiV1 => "the wasmgate guest ABI v1",
             Self::WasiCommand => "a WASI command (stdin to stdout)",
+            Self::Component => "the wasmgate:handler world (a component)",
         })
     }
 }
@@ -233,6 +238,8 @@ pub fn check_module(module: &Module) -> Result<GuestKind, AbiViolations> {
     match kind {
         GuestKind::AbiV1 => check_abi_v1(module, &mut problems),
         GuestKind::WasiCommand => check_wasi_command(module, &mut problems),
+        // A core module is never judged a component.
+        GuestKind::Component => {}
     }
     if problems.is_empty() {
         Ok(kind)

@@ -58,6 +58,8 @@ pub enum Command {
     Compile {
         /// The data limit in bytes.
         max_memory: String,
+        /// wasmtime's compilation cache directory.
+        cache_dir: Option<PathBuf>,
     },
     /// Send datagrams to a gateway and print the replies.
     ///
@@ -148,15 +150,41 @@ pub struct CompileArgs {
     /// Most memory compiling a module may take: bytes, or a number with MiB or GiB (at least 16MiB).
     #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_compile_memory)]
     pub compile_memory: usize,
+
+    /// Where compiled modules are kept, so that a restart with the same module
+    /// skips compiling it (default: $XDG_CACHE_HOME/wasmgate, else ~/.cache/wasmgate).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Compile every module afresh; keep nothing on disk.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 impl CompileArgs {
     /// A compiler that runs this executable as a child process under these bounds.
     pub fn compiler(&self) -> anyhow::Result<Compiler> {
-        Compiler::this_executable(CompileBounds {
-            timeout: Duration::from_secs(self.compile_timeout),
-            max_memory: self.compile_memory as u64,
-        })
+        Compiler::this_executable(
+            CompileBounds {
+                timeout: Duration::from_secs(self.compile_timeout),
+                max_memory: self.compile_memory as u64,
+            },
+            self.cache_dir(),
+        )
+    }
+
+    /// The cache directory in use, if any.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        if self.no_cache {
+            return None;
+        }
+        if let Some(dir) = &self.cache_dir {
+            return Some(dir.clone());
+        }
+        let home = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+        home("XDG_CACHE_HOME")
+            .or_else(|| home("HOME").map(|h| h.join(".cache")))
+            .map(|base| base.join("wasmgate"))
     }
 }
 
@@ -213,7 +241,9 @@ impl Cli {
                 limits,
                 compile,
             }) => check(&module, &limits, compile.compiler()?),
-            Some(Command::Compile { max_memory }) => Ok(crate::compiler::run_child(&max_memory)),
+            Some(Command::Compile { max_memory, cache_dir }) => {
+                Ok(crate::compiler::run_child(&max_memory, cache_dir.as_deref()))
+            }
             Some(Command::Send {
                 addr,
                 messages,
@@ -228,9 +258,10 @@ fn check(path: &Path, limits: &LimitArgs, compiler: Compiler) -> anyhow::Result<
     let sandbox = Sandbox::new(limits.limits())?.with_compiler(compiler);
     match load_module(&sandbox, Some(path)) {
         Ok(program) => {
-            let imports = match program.imports() {
-                [] => "none".to_string(),
-                list => list.join(", "),
+            let imports = match (program.world(), program.imports()) {
+                (Some(_), list) => format!("{} imports, listed below", list.len()),
+                (None, []) => "none".to_string(),
+                (None, list) => list.join(", "),
             };
             println!(
                 "{}: ok: fits {} (sha256 {}; imports: {imports})",
@@ -238,6 +269,9 @@ fn check(path: &Path, limits: &LimitArgs, compiler: Compiler) -> anyhow::Result<
                 program.kind(),
                 program.sha256_hex()
             );
+            if let Some(world) = program.world() {
+                println!("{world}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -14,9 +14,10 @@ use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use wasmtime::{Engine, Module};
+use wasmtime::component::Component;
+use wasmtime::{Engine, Module, Precompiled};
 
-use crate::sandbox::{MAX_MODULE_BYTES, compile, engine_config};
+use crate::sandbox::{Compiled, MAX_MODULE_BYTES, compile, engine_config};
 
 /// The hidden subcommand the child runs.
 pub const CHILD_COMMAND: &str = "__compile";
@@ -47,8 +48,14 @@ pub enum Compiler {
     /// In this process, without bounds.
     #[default]
     InProcess,
-    /// In a child process running `program __compile`, under `bounds`.
-    Child { program: PathBuf, bounds: CompileBounds },
+    /// In a child process running `program __compile`, under `bounds`, keeping
+    /// what it compiles in wasmtime's on-disk cache at `cache` (if any), so that
+    /// the next start with the same module skips the compile.
+    Child {
+        program: PathBuf,
+        bounds: CompileBounds,
+        cache: Option<PathBuf>,
+    },
 }
 
 impl Compiler {
@@ -56,21 +63,21 @@ impl Compiler {
     /// that is `/proc/self/exe`, the running image even after a package upgrade
     /// has replaced the file on disk (whose compiled modules this process could
     /// not load).
-    pub fn this_executable(bounds: CompileBounds) -> anyhow::Result<Self> {
+    pub fn this_executable(bounds: CompileBounds, cache: Option<PathBuf>) -> anyhow::Result<Self> {
         let running = Path::new("/proc/self/exe");
         let program = if running.exists() {
             running.to_path_buf()
         } else {
             std::env::current_exe().context("cannot find the wasmgate executable to compile modules with")?
         };
-        Ok(Self::Child { program, bounds })
+        Ok(Self::Child { program, bounds, cache })
     }
 
     /// Compiles `bytes` (a `\0asm` binary or WAT text) for `engine`.
-    pub(crate) fn compile(&self, engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
+    pub(crate) fn compile(&self, engine: &Engine, bytes: &[u8]) -> anyhow::Result<Compiled> {
         match self {
             Self::InProcess => compile(engine, bytes),
-            Self::Child { program, bounds } => compile_in_child(engine, program, *bounds, bytes),
+            Self::Child { program, bounds, cache } => compile_in_child(engine, program, *bounds, cache.as_deref(), bytes),
         }
     }
 }
@@ -91,11 +98,20 @@ const POLL: Duration = Duration::from_millis(2);
 /// The most of the child's stderr kept for an error message.
 const MAX_ERROR_BYTES: u64 = 64 << 10;
 
-fn compile_in_child(engine: &Engine, program: &PathBuf, bounds: CompileBounds, bytes: &[u8]) -> anyhow::Result<Module> {
+fn compile_in_child(
+    engine: &Engine,
+    program: &PathBuf,
+    bounds: CompileBounds,
+    cache: Option<&Path>,
+    bytes: &[u8],
+) -> anyhow::Result<Compiled> {
     let started = Instant::now();
-    let child = Command::new(program)
-        .arg(CHILD_COMMAND)
-        .arg(bounds.max_memory.to_string())
+    let mut command = Command::new(program);
+    command.arg(CHILD_COMMAND).arg(bounds.max_memory.to_string());
+    if let Some(dir) = cache {
+        command.arg(dir);
+    }
+    let child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -147,7 +163,13 @@ fn compile_in_child(engine: &Engine, program: &PathBuf, bounds: CompileBounds, b
     // and engine settings). A child subverted by a hostile module could send
     // anything, but compiling that module in-process would have given the same
     // attacker this process already: the child takes away no trust.
-    unsafe { Module::deserialize(engine, &serialized) }
+    let compiled = match Engine::detect_precompiled(&serialized) {
+        // SAFETY: as above.
+        Some(Precompiled::Component) => unsafe { Component::deserialize(engine, &serialized) }.map(Compiled::Component),
+        // SAFETY: as above.
+        _ => unsafe { Module::deserialize(engine, &serialized) }.map(Compiled::Module),
+    };
+    compiled
         .map_err(anyhow::Error::from)
         .context("the compiling process sent back a module that cannot be loaded")
 }
@@ -178,10 +200,10 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-/// The child's side: `wasmgate __compile MAX_MEMORY`. Reads a module from stdin,
-/// compiles it and writes the serialized module to stdout; on failure writes the
-/// reason to stderr and exits 1.
-pub fn run_child(max_memory: &str) -> ExitCode {
+/// The child's side: `wasmgate __compile MAX_MEMORY [CACHE_DIR]`. Reads a module
+/// from stdin, compiles it (or finds it in the cache) and writes the serialized
+/// module to stdout; on failure writes the reason to stderr and exits 1.
+pub fn run_child(max_memory: &str, cache: Option<&Path>) -> ExitCode {
     let result = (|| -> anyhow::Result<Vec<u8>> {
         let max_memory: u64 = max_memory.parse().context("bad memory bound")?;
         limit_this_process(max_memory)?;
@@ -189,9 +211,20 @@ pub fn run_child(max_memory: &str) -> ExitCode {
         std::io::stdin()
             .take(MAX_MODULE_BYTES as u64 + 1)
             .read_to_end(&mut bytes)?;
-        let engine = Engine::new(&engine_config(None))?;
-        let module = compile(&engine, &bytes)?;
-        Ok(module.serialize()?)
+        let mut config = engine_config(None);
+        if let Some(dir) = cache {
+            // A cache that cannot be used only costs time: compile without it.
+            let mut cache_config = wasmtime::CacheConfig::new();
+            cache_config.with_directory(dir);
+            if let Ok(cache) = wasmtime::Cache::new(cache_config) {
+                config.cache(Some(cache));
+            }
+        }
+        let engine = Engine::new(&config)?;
+        Ok(match compile(&engine, &bytes)? {
+            Compiled::Module(module) => module.serialize()?,
+            Compiled::Component(component) => component.serialize()?,
+        })
     })();
     match result {
         Ok(serialized) => match std::io::stdout().lock().write_all(&serialized) {

@@ -33,6 +33,61 @@ pub(crate) struct HostState {
     pub(crate) upstream: String,
 }
 
+impl HostState {
+    /// `forward`/`forward_key` for every kind of guest: hands `data` to an
+    /// endpoint of `pool` for the current client, or says why not (and counts
+    /// the refusal).
+    pub(crate) fn forward(&mut self, pool: &[u8], key: Option<&[u8]>, data: &[u8]) -> Result<(), CallError> {
+        let result = self.out.count_call().and_then(|()| {
+            if self.peer.is_none() {
+                return Err(CallError::NoClient);
+            }
+            if data.len() > MAX_DATAGRAM {
+                return Err(CallError::Oversize);
+            }
+            match self.net.as_mut() {
+                Some(net) => net.forward(pool, key, data),
+                None => Err(CallError::UnknownPool),
+            }
+        });
+        match result {
+            Ok(()) => self.out.forwarded += 1,
+            Err(error) => {
+                self.out.refuse(error);
+            }
+        }
+        result
+    }
+
+    /// `send` for every kind of guest: queues one more datagram for the client
+    /// within the amplification budget, or says why not (and counts the refusal).
+    pub(crate) fn send(&mut self, data: &[u8]) -> Result<(), CallError> {
+        let out = &mut self.out;
+        let result = out.count_call().and_then(|()| {
+            if self.peer.is_none() {
+                Err(CallError::NoClient)
+            } else if data.len() > MAX_DATAGRAM {
+                Err(CallError::Oversize)
+            } else if data.len() > out.budget {
+                Err(CallError::Amplification)
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) => {
+                out.budget -= data.len();
+                out.data.extend_from_slice(data);
+                out.ends.push(out.data.len());
+            }
+            Err(error) => {
+                out.refuse(error);
+            }
+        }
+        result
+    }
+}
+
 /// What one call of `handle` or `on_reply` did besides its return value: the
 /// datagrams it `send`s (kept here until the call ends), what it forwarded, and
 /// what was refused. Its buffers are reused from call to call.
@@ -123,6 +178,19 @@ fn memory(caller: &mut Caller<'_, HostState>, function: &str) -> wasmtime::Resul
 /// (invalid UTF-8 is replaced, long messages are cut to 1 KiB) at `level`:
 /// 0 error, 1 warn, 2 info, 3 debug, 4 or more trace. Lines are rate-limited.
 fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> wasmtime::Result<()> {
+    let mem = memory(&mut caller, "log")?;
+    let (start, len) = (ptr as u32 as usize, len as u32 as usize);
+    let data = mem.data(&caller);
+    let Some(bytes) = start.checked_add(len).and_then(|end| data.get(start..end)) else {
+        wasmtime::bail!("wasmgate.log: message at {start}..+{len} lies outside guest memory");
+    };
+    log_text(caller.data(), level, bytes);
+    Ok(())
+}
+
+/// Logs a guest's message at its level (0 error .. 4 or more trace), cut to
+/// 1 KiB, rate-limited, with the client it is about: `log` for every kind of guest.
+pub(crate) fn log_text(state: &HostState, level: i32, bytes: &[u8]) {
     let level = match level {
         i32::MIN..=0 => tracing::Level::ERROR,
         1 => tracing::Level::WARN,
@@ -137,21 +205,15 @@ fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> was
         tracing::Level::DEBUG => tracing::enabled!(target: "wasmgate::guest", tracing::Level::DEBUG),
         _ => tracing::enabled!(target: "wasmgate::guest", tracing::Level::TRACE),
     };
-    let mem = memory(&mut caller, "log")?;
-    let (start, len) = (ptr as u32 as usize, len as u32 as usize);
-    let data = mem.data(&caller);
-    let Some(bytes) = start.checked_add(len).and_then(|end| data.get(start..end)) else {
-        wasmtime::bail!("wasmgate.log: message at {start}..+{len} lies outside guest memory");
-    };
     if !enabled {
-        return Ok(());
+        return;
     }
-    let Some(suppressed) = caller.data().log_limit.allow() else {
-        return Ok(());
+    let Some(suppressed) = state.log_limit.allow() else {
+        return;
     };
     // Control characters are escaped by the log formatter (text) or by JSON.
-    let text = String::from_utf8_lossy(&bytes[..len.min(MAX_LOG_BYTES)]);
-    let peer = caller.data().peer.map(|p| p.to_string()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_LOG_BYTES)]);
+    let peer = state.peer.map(|p| p.to_string()).unwrap_or_default();
     macro_rules! emit {
         ($lvl:expr) => {
             tracing::event!(target: "wasmgate::guest", $lvl, %peer, suppressed, "{text}")
@@ -164,7 +226,6 @@ fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> was
         tracing::Level::DEBUG => emit!(tracing::Level::DEBUG),
         _ => emit!(tracing::Level::TRACE),
     }
-    Ok(())
 }
 
 /// `peer(ptr: i32, cap: i32) -> i32`: writes the client's address as UTF-8 text
@@ -249,24 +310,9 @@ fn forward_any(
         None => None,
     };
     let data = region(memory, data.0, data.1, function, "the data")?;
-    let result = state.out.count_call().and_then(|()| {
-        if state.peer.is_none() {
-            return Err(CallError::NoClient);
-        }
-        if data.len() > MAX_DATAGRAM {
-            return Err(CallError::Oversize);
-        }
-        match state.net.as_mut() {
-            Some(net) => net.forward(pool, key, data),
-            None => Err(CallError::UnknownPool),
-        }
-    });
-    Ok(match result {
-        Ok(()) => {
-            state.out.forwarded += 1;
-            0
-        }
-        Err(error) => state.out.refuse(error),
+    Ok(match state.forward(pool, key, data) {
+        Ok(()) => 0,
+        Err(error) => error.code(),
     })
 }
 
@@ -276,26 +322,9 @@ fn send(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Resu
     let mem = memory(&mut caller, "send")?;
     let (memory, state) = mem.data_and_store_mut(&mut caller);
     let data = region(memory, ptr, len, "send", "the data")?;
-    let out = &mut state.out;
-    let result = out.count_call().and_then(|()| {
-        if state.peer.is_none() {
-            Err(CallError::NoClient)
-        } else if data.len() > MAX_DATAGRAM {
-            Err(CallError::Oversize)
-        } else if data.len() > out.budget {
-            Err(CallError::Amplification)
-        } else {
-            Ok(())
-        }
-    });
-    Ok(match result {
-        Ok(()) => {
-            out.budget -= data.len();
-            out.data.extend_from_slice(data);
-            out.ends.push(out.data.len());
-            0
-        }
-        Err(error) => out.refuse(error),
+    Ok(match state.send(data) {
+        Ok(()) => 0,
+        Err(error) => error.code(),
     })
 }
 

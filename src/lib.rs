@@ -40,6 +40,7 @@
 pub mod abi;
 pub mod cli;
 pub mod compiler;
+pub mod component;
 pub mod config;
 pub mod exposition;
 mod hostcalls;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
 use wasmtime::{
     Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Memory, Module,
     PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap, TypedFunc,
@@ -27,6 +28,7 @@ use wasmtime::{
 
 use crate::abi::{self, CallError, GuestKind, MAX_DATAGRAM, NO_REPLY};
 use crate::compiler::Compiler;
+use crate::component::{self as wit, ComponentHost, ComponentPre, Exports};
 use crate::hostcalls::{self, HostState, Outbox};
 use crate::metrics::{DropReason, RateLimit};
 use crate::text::cut;
@@ -42,6 +44,14 @@ const TICK: Duration = Duration::from_millis(1);
 /// Caps that no ABI v1 guest should come near; they stop table and instance bombs.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 const MAX_TABLES: usize = 8;
+
+/// A component's caps, over all its core instances: a componentize-py
+/// component has about ten instances, three memories and a table of some
+/// 30,000 functions; these leave room for larger toolchains.
+const COMPONENT_MAX_INSTANCES: usize = 64;
+const COMPONENT_MAX_MEMORIES: usize = 16;
+const COMPONENT_MAX_TABLES: usize = 64;
+const COMPONENT_TABLE_ELEMENTS: usize = 1_000_000;
 
 /// Bytes of each pooled memory and table kept mapped and reset by zeroing.
 const POOL_KEEP_RESIDENT: usize = 256 << 10;
@@ -102,6 +112,7 @@ struct Inner {
     engine: Engine,
     linker: Linker<HostState>,
     wasi_linker: Linker<WasiHost>,
+    component_linker: wasmtime::component::Linker<ComponentHost>,
     limits: Limits,
     /// The time budget in epoch ticks; one more than the timeout so that a
     /// datagram that starts just before a tick still gets its whole budget.
@@ -138,6 +149,7 @@ impl Sandbox {
         let engine = Engine::new(&engine_config(pool.map(|slots| (slots, limits.max_memory))))?;
         let linker = hostcalls::linker(&engine)?;
         let wasi_linker = wasi::linker(&engine)?;
+        let component_linker = wit::linker(&engine)?;
         let deadline_ticks = limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;
         let ticks = Arc::new(AtomicU64::new(0));
         Ok(Self {
@@ -147,6 +159,7 @@ impl Sandbox {
                 engine,
                 linker,
                 wasi_linker,
+                component_linker,
                 limits,
                 deadline_ticks,
                 log_limit: Arc::new(RateLimit::new(GUEST_LOG_LINES_PER_SECOND)),
@@ -198,21 +211,25 @@ impl Sandbox {
     pub fn load(&self, origin: impl Into<String>, bytes: &[u8]) -> anyhow::Result<Program> {
         let origin = origin.into();
         let started = Instant::now();
-        let module = self.compiler.compile(&self.inner.engine, bytes)?;
+        let module = match self.compiler.compile(&self.inner.engine, bytes)? {
+            Compiled::Module(module) => module,
+            Compiled::Component(component) => return self.load_component(origin, bytes, &component, started),
+        };
         let kind = abi::check_module(&module)?;
         self.check_memory(&module)?;
         let linked = match kind {
             GuestKind::AbiV1 => self.inner.linker.instantiate_pre(&module).map(Pre::AbiV1),
             GuestKind::WasiCommand => self.inner.wasi_linker.instantiate_pre(&module).map(Pre::Wasi),
+            GuestKind::Component => unreachable!("a core module is never a component"),
         };
         let pre = linked.map_err(anyhow::Error::from).with_context(|| match kind {
-            GuestKind::AbiV1 => format!("cannot be linked as {kind}"),
             GuestKind::WasiCommand => format!(
                 "cannot be linked as {kind}: its imports must be WASI preview 1 functions with their \
                  standard types (in what follows, the \"expected\" type is the module's and the \"found\" one is WASI's)"
             ),
+            _ => format!("cannot be linked as {kind}"),
         })?;
-        let mut program = Program {
+        let program = Program {
             origin,
             sha256: Sha256::digest(bytes).into(),
             imports: module
@@ -222,13 +239,54 @@ impl Sandbox {
             pre,
             compile_time: Duration::ZERO,
             on_reply: kind == GuestKind::AbiV1 && module.get_export(abi::ON_REPLY.0).is_some(),
+            world: None,
         };
+        self.try_out(program, started)
+    }
+
+    /// Checks a component against the worlds, links it, and instantiates it once.
+    fn load_component(
+        &self,
+        origin: String,
+        bytes: &[u8],
+        component: &Component,
+        started: Instant,
+    ) -> anyhow::Result<Program> {
+        let problems = wit::check(&self.inner.engine, component);
+        if !problems.is_empty() {
+            return Err(abi::AbiViolations {
+                kind: GuestKind::Component,
+                problems,
+            }
+            .into());
+        }
+        let pre = ComponentPre::new(&self.inner.component_linker, component)
+            .map_err(anyhow::Error::from)
+            .context("cannot be linked as the wasmgate:handler world (wit/handler.wit)")?;
+        let engine = &self.inner.engine;
+        let ty = component.component_type();
+        let program = Program {
+            origin,
+            sha256: Sha256::digest(bytes).into(),
+            imports: ty.imports(engine).map(|(name, _)| name.to_string()).collect(),
+            on_reply: pre.has_on_reply(),
+            pre: Pre::Component(pre),
+            compile_time: Duration::ZERO,
+            world: Some(wit::describe(engine, component)),
+        };
+        self.try_out(program, started)
+    }
+
+    /// Instantiates a program once, running its start function under the time
+    /// budget, so that one that cannot serve is refused at load.
+    fn try_out(&self, mut program: Program, started: Instant) -> anyhow::Result<Program> {
         let trial = match &program.pre {
             Pre::AbiV1(pre) => self.instantiate(pre).map(drop),
             Pre::Wasi(pre) => {
                 wasi::warm_up();
                 self.instantiate_wasi(pre, &[], None).map(drop)
             }
+            Pre::Component(pre) => self.instantiate_component(pre).map(drop),
         };
         if let Err(e) = trial {
             return Err(match e.downcast_ref::<Trap>() {
@@ -273,16 +331,19 @@ impl Sandbox {
 
     /// An instance with its start function run. There is no client while the start
     /// function runs, whichever datagram the instance is made for: `peer` says 0.
-    fn instantiate(&self, pre: &InstancePre<HostState>) -> wasmtime::Result<Live> {
-        let host = HostState {
-            limits: self.store_limits(),
+    fn host_state(&self, limits: wasmtime::StoreLimits) -> HostState {
+        HostState {
+            limits,
             peer: None,
             log_limit: Arc::clone(&self.inner.log_limit),
             net: None,
             out: Outbox::default(),
             upstream: String::new(),
-        };
-        let mut store = Store::new(&self.inner.engine, host);
+        }
+    }
+
+    fn instantiate(&self, pre: &InstancePre<HostState>) -> wasmtime::Result<Live> {
+        let mut store = Store::new(&self.inner.engine, self.host_state(self.store_limits()));
         store.limiter(|h| &mut h.limits);
         store.set_epoch_deadline(self.inner.deadline_ticks);
         let instance = pre.instantiate(&mut store)?;
@@ -318,6 +379,30 @@ impl Sandbox {
         let instance = pre.instantiate(&mut store)?;
         let start = instance.get_typed_func(&mut store, "_start")?;
         Ok((store, start))
+    }
+
+    /// A component instance. A component is made of several core instances,
+    /// memories and tables (a Python one of a handful of each); the caps bound
+    /// them all, and the memory cap applies to each memory.
+    fn instantiate_component(&self, pre: &ComponentPre) -> wasmtime::Result<LiveComponent> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.inner.limits.max_memory)
+            .table_elements(COMPONENT_TABLE_ELEMENTS)
+            .tables(COMPONENT_MAX_TABLES)
+            .memories(COMPONENT_MAX_MEMORIES)
+            .instances(COMPONENT_MAX_INSTANCES)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(&self.inner.engine, ComponentHost::new(self.host_state(limits)));
+        store.limiter(|h| &mut h.calls.limits);
+        store.set_epoch_deadline(self.inner.deadline_ticks);
+        let exports = pre.instantiate(&mut store)?;
+        Ok(LiveComponent {
+            store,
+            exports,
+            reply: Vec::new(),
+            poisoned: false,
+        })
     }
 
     /// Runs a WASI command on one datagram in a fresh instance: exit status 0
@@ -379,6 +464,21 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    /// Passes what a component printed to the log, rate-limited with the guest's
+    /// log lines.
+    fn log_output(&self, stream: &str, text: &[u8], peer: SocketAddr) {
+        if !tracing::enabled!(target: "wasmgate::guest", tracing::Level::INFO) {
+            return;
+        }
+        let Some(suppressed) = self.inner.log_limit.allow() else {
+            return;
+        };
+        let text = String::from_utf8_lossy(text);
+        tracing::info!(target: "wasmgate::guest", %peer, suppressed, "{stream}: {}", text.trim_end());
+    }
+}
+
 /// Reads a module file, refusing one over [`MAX_MODULE_BYTES`] without reading it
 /// all, and anything that is not a regular file (a FIFO, a directory, a device)
 /// without blocking on it or reading from it.
@@ -429,8 +529,18 @@ fn file_kind(t: &std::fs::FileType) -> &'static str {
     }
 }
 
-/// Compiles a `\0asm` binary or WAT text, refusing other inputs with a reason.
-pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
+/// What compiling gives: a core module or a component.
+pub(crate) enum Compiled {
+    Module(Module),
+    Component(Component),
+}
+
+/// The layer byte of a component binary (`\0asm`, version 0x0d, layer 1).
+const COMPONENT_HEADER: [u8; 4] = [0x0d, 0, 1, 0];
+
+/// Compiles a `\0asm` binary (a core module or a component) or WAT text,
+/// refusing other inputs with a reason.
+pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Compiled> {
     if bytes.len() > MAX_MODULE_BYTES {
         bail!(
             "is {} bytes, over the {} byte limit for modules",
@@ -438,24 +548,30 @@ pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Module> {
             MAX_MODULE_BYTES
         );
     }
-    let module = if let Some(version) = bytes.strip_prefix(b"\0asm") {
-        if version.get(..4) != Some(&[1, 0, 0, 0]) {
-            bail!("is a WebAssembly component or an unknown binary version; wasmgate runs core modules (version 1)");
+    let compiled = if let Some(version) = bytes.strip_prefix(b"\0asm") {
+        match version.get(..4) {
+            Some([1, 0, 0, 0]) => Module::from_binary(engine, bytes).map(Compiled::Module),
+            Some(v) if v == COMPONENT_HEADER => Component::from_binary(engine, bytes).map(Compiled::Component),
+            _ => bail!("is a WebAssembly binary of an unknown version or layer; wasmgate runs core modules and components"),
         }
-        Module::from_binary(engine, bytes)
     } else if bytes.starts_with(b"\x7fELF") {
         bail!("is a precompiled (serialized) module; only `.wasm` binaries and `.wat` text are accepted");
     } else {
         let Ok(text) = std::str::from_utf8(bytes) else {
             bail!("is neither a WebAssembly binary (it does not start with \\0asm) nor WAT text");
         };
-        if text.trim().is_empty() {
+        let trimmed = text.trim_start();
+        if trimmed.is_empty() {
             bail!("is empty");
         }
-        Module::new(engine, text)
+        if trimmed.starts_with("(component") {
+            Component::new(engine, text).map(Compiled::Component)
+        } else {
+            Module::new(engine, text).map(Compiled::Module)
+        }
     };
     // A WAT error quotes the offending line, which may be megabytes long.
-    module.map_err(|e| anyhow::anyhow!("is not a valid WebAssembly module: {}", cut(&format!("{e:#}"), 1000)))
+    compiled.map_err(|e| anyhow::anyhow!("is not valid WebAssembly: {}", cut(&format!("{e:#}"), 1000)))
 }
 
 /// A module that passed every check, compiled and ready to instantiate. This is
@@ -468,6 +584,8 @@ pub struct Program {
     compile_time: Duration,
     /// Whether the module exports `on_reply`.
     on_reply: bool,
+    /// A component's world, described ([`crate::component::describe`]).
+    world: Option<String>,
 }
 
 /// The first 12 hex digits of a sha256, enough to tell modules apart in logs.
@@ -479,6 +597,7 @@ pub fn short_hex(sha256: &[u8; 32]) -> String {
 enum Pre {
     AbiV1(InstancePre<HostState>),
     Wasi(InstancePre<WasiHost>),
+    Component(ComponentPre),
 }
 
 impl Program {
@@ -507,6 +626,7 @@ impl Program {
         match self.pre {
             Pre::AbiV1(_) => GuestKind::AbiV1,
             Pre::Wasi(_) => GuestKind::WasiCommand,
+            Pre::Component(_) => GuestKind::Component,
         }
     }
 
@@ -518,6 +638,12 @@ impl Program {
     /// How long loading took: compiling, checking and the trial instantiation.
     pub fn compile_time(&self) -> Duration {
         self.compile_time
+    }
+
+    /// For a component: its exports with their types and its imports, one per
+    /// line, in a stable order.
+    pub fn world(&self) -> Option<&str> {
+        self.world.as_deref()
     }
 }
 
@@ -621,6 +747,64 @@ impl Live {
     }
 }
 
+/// A live component instance: its store, its typed exports, and its last reply.
+struct LiveComponent {
+    store: Store<ComponentHost>,
+    exports: Exports,
+    reply: Vec<u8>,
+    poisoned: bool,
+}
+
+impl LiveComponent {
+    /// As [`Live::call`]: lends the sessions, runs the export, takes them back,
+    /// and passes on what the component printed. Whether there is a reply (in
+    /// `self.reply`).
+    fn call(
+        &mut self,
+        call: &Call<'_>,
+        net: &mut Option<Box<Upstreams>>,
+        sandbox: &Sandbox,
+        max_ratio: f64,
+    ) -> Result<bool, Rejection> {
+        self.store.set_epoch_deadline(sandbox.inner.deadline_ticks);
+        let state = &mut self.store.data_mut().calls;
+        state.peer = Some(call.peer);
+        state.net = net.take();
+        state.out.reset(reply_budget(call.datagram.len(), max_ratio));
+        state.upstream.push_str(call.upstream);
+        let peer = call.peer.to_string();
+        let result = match call.entry {
+            Entry::Handle => self.exports.handle(&mut self.store, call.datagram, &peer),
+            Entry::OnReply => self.exports.on_reply(&mut self.store, call.datagram, &peer, call.upstream),
+        };
+        let host = self.store.data_mut();
+        *net = host.calls.net.take();
+        host.calls.upstream.clear();
+        let (stdout, stderr) = host.take_output();
+        for (stream, text) in [("stdout", stdout), ("stderr", stderr)] {
+            if !text.is_empty() {
+                sandbox.log_output(stream, &text, call.peer);
+            }
+        }
+        let Some(reply) = result? else {
+            return Ok(false);
+        };
+        if reply.len() > MAX_DATAGRAM {
+            return Err(DropReason::Oversize.into());
+        }
+        let out = &mut self.store.data_mut().calls.out;
+        if reply.len() > out.budget {
+            if out.has_sends() {
+                out.refuse(CallError::Amplification);
+                return Ok(false);
+            }
+            return Err(DropReason::Amplification.into());
+        }
+        self.reply = reply;
+        Ok(true)
+    }
+}
+
 /// What a guest made of one datagram: the reply it returned, and what it did
 /// through host calls on the way (datagrams `send`, forwards, refusals).
 pub struct Answer<'a> {
@@ -662,6 +846,7 @@ pub struct Guest {
     sandbox: Sandbox,
     program: Arc<Program>,
     live: Option<Live>,
+    component: Option<LiveComponent>,
     /// The last reply of a WASI command, which lives outside any instance.
     wasi_reply: Bytes,
     isolation: Isolation,
@@ -677,6 +862,7 @@ impl Guest {
             sandbox,
             program,
             live: None,
+            component: None,
             wasi_reply: Bytes::new(),
             isolation,
             max_ratio,
@@ -690,6 +876,7 @@ impl Guest {
         if !Arc::ptr_eq(&self.program, program) {
             self.program = Arc::clone(program);
             self.live = None;
+            self.component = None;
         }
     }
 
@@ -725,7 +912,11 @@ impl Guest {
     /// (reason, count): after the call that made them, whether it answered,
     /// trapped or ran out of time; each refusal is given once.
     pub fn take_refused(&mut self) -> impl Iterator<Item = (CallError, u32)> + use<> {
-        let out = self.live.as_mut().map(|l| &mut l.store.data_mut().out);
+        let out = match (&mut self.live, &mut self.component) {
+            (Some(l), _) => Some(&mut l.store.data_mut().out),
+            (None, Some(c)) => Some(&mut c.store.data_mut().calls.out),
+            (None, None) => None,
+        };
         out.map(Outbox::take_refused).into_iter().flatten()
     }
 
@@ -760,6 +951,7 @@ impl Guest {
         let started = self.sandbox.now();
         let pre = match &self.program.pre {
             Pre::AbiV1(pre) => pre,
+            Pre::Component(_) => return self.run_component(call, net, started),
             Pre::Wasi(pre) => {
                 self.wasi_reply = self.sandbox.run_wasi(pre, call.datagram, call.peer, self.max_ratio)?;
                 self.sandbox.check_budget(started)?;
@@ -786,6 +978,40 @@ impl Guest {
             Ok(range) => Ok(Answer {
                 reply: range.map(|r| &live.memory.data(&live.store)[r]),
                 out: &live.store.data().out,
+            }),
+            Err(rejection) => {
+                live.poisoned = rejection.reason.poisons_instance();
+                Err(rejection)
+            }
+        }
+    }
+}
+
+impl Guest {
+    fn run_component(
+        &mut self,
+        call: &Call<'_>,
+        net: &mut Option<Box<Upstreams>>,
+        started: u64,
+    ) -> Result<Answer<'_>, Rejection> {
+        let Pre::Component(pre) = &self.program.pre else {
+            return Err(DropReason::Trap.into());
+        };
+        if self.isolation == Isolation::Fresh || self.component.as_ref().is_some_and(|c| c.poisoned) {
+            self.component = None;
+        }
+        let live = match self.component.take() {
+            Some(live) => live,
+            None => self.sandbox.instantiate_component(pre)?,
+        };
+        let live = self.component.insert(live);
+        let result = live
+            .call(call, net, &self.sandbox, self.max_ratio)
+            .and_then(|reply| self.sandbox.check_budget(started).map(|()| reply));
+        match result {
+            Ok(has_reply) => Ok(Answer {
+                reply: has_reply.then_some(live.reply.as_slice()),
+                out: &live.store.data().calls.out,
             }),
             Err(rejection) => {
                 live.poisoned = rejection.reason.poisons_instance();

@@ -184,7 +184,7 @@ fn serve_until_stopped(
             // A WASI command gets a fresh instance per datagram, whatever was asked.
             isolation = %match program.kind() {
                 GuestKind::WasiCommand => Isolation::Fresh,
-                GuestKind::AbiV1 => r.spec.isolation,
+                GuestKind::AbiV1 | GuestKind::Component => r.spec.isolation,
             },
             timeout_ms = r.spec.limits.timeout.as_millis() as u64,
             max_memory = r.spec.limits.max_memory,
