@@ -131,6 +131,18 @@ fn cases(args: &Args) -> anyhow::Result<Vec<Case>> {
             Some(b"127.0.0.1:40000"),
         ),
     ];
+    // Components: each reused, and each with a fresh instance per datagram (the
+    // difference is the cost of instantiating it).
+    let json = br#"{"user": "bob", "id": 42, "tags": ["a", "b"], "ok": true}"#;
+    let redacted_in = b"user bob@example.com paid with 4111 1111 1111 1111 at 12:00\n";
+    for (name, path, payload) in [
+        ("json (Python component)", "examples/python/python.wasm", &json[..]),
+        ("redact (JS component)", "examples/js/redact.wasm", &redacted_in[..]),
+    ] {
+        let bytes = file(path)?;
+        cases.push(case(name, bytes.clone(), payload, Isolation::Reuse, None));
+        cases.push(case(&format!("{name}, fresh"), bytes, payload, Isolation::Fresh, None));
+    }
     for extra in &args.extra {
         let Some((name, path)) = extra.split_once('=') else {
             bail!("--extra takes NAME=PATH, not {extra}");
@@ -154,7 +166,11 @@ fn main() -> anyhow::Result<()> {
         {
             continue;
         }
-        let limits = Limits::default();
+        let mut limits = Limits::default();
+        if case.name.contains("component") {
+            // SpiderMonkey's heap starts at about 65 MiB.
+            limits.max_memory = 256 << 20;
+        }
         let sandbox = Sandbox::with_instance_pool(limits, 2)?;
         let program = Arc::new(sandbox.load(case.name.clone(), &case.bytes)?);
         let kind = program.kind();
@@ -186,7 +202,7 @@ fn main() -> anyhow::Result<()> {
         native_ns.push(started.elapsed().as_nanos() as f64 / args.datagrams as f64);
         for (case, kind, guest, ns) in &mut guests {
             let n = match kind {
-                GuestKind::AbiV1 if case.isolation == Isolation::Reuse => args.datagrams,
+                GuestKind::AbiV1 | GuestKind::Component if case.isolation == Isolation::Reuse => args.datagrams,
                 _ => (args.datagrams / 10).max(1),
             };
             let started = Instant::now();

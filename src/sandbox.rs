@@ -181,9 +181,12 @@ pub(crate) fn engine_config(pool: Option<(u32, usize)>) -> Config {
     config.wasm_backtrace_max_frames(None);
     if let Some((slots, max_memory)) = pool {
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_core_instances(slots)
-            .total_memories(slots)
-            .total_tables(slots * MAX_TABLES as u32)
+        // Each slot may hold a component, several core instances with their
+        // memories and tables; what a store may use is capped by its limits.
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * COMPONENT_MAX_INSTANCES as u32)
+            .total_memories(slots * COMPONENT_MAX_MEMORIES as u32)
+            .total_tables(slots * COMPONENT_MAX_TABLES as u32)
             .max_memories_per_module(1)
             .max_tables_per_module(MAX_TABLES as u32)
             .table_elements(MAX_TABLE_ELEMENTS)
@@ -294,6 +297,7 @@ impl Sandbox {
                     "its start function ran past the {} ms time budget",
                     self.inner.limits.timeout.as_millis()
                 ),
+                _ if program.kind() == GuestKind::Component => anyhow::Error::from(e).context("instantiating it failed"),
                 _ => anyhow::Error::from(e).context("its start function failed"),
             });
         }
