@@ -77,7 +77,9 @@ impl Compiler {
     pub(crate) fn compile(&self, engine: &Engine, bytes: &[u8]) -> anyhow::Result<Compiled> {
         match self {
             Self::InProcess => compile(engine, bytes),
-            Self::Child { program, bounds, cache } => compile_in_child(engine, program, *bounds, cache.as_deref(), bytes),
+            Self::Child { program, bounds, cache } => {
+                compile_in_child(engine, program, *bounds, cache.as_deref(), bytes)
+            }
         }
     }
 }

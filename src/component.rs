@@ -131,7 +131,9 @@ impl bindings::ProxyImports for ComponentHost {
     }
 
     fn forward_key(&mut self, pool: String, key: Vec<u8>, datagram: Vec<u8>) -> Result<(), WitCallError> {
-        self.calls.forward(pool.as_bytes(), Some(&key), &datagram).map_err(Into::into)
+        self.calls
+            .forward(pool.as_bytes(), Some(&key), &datagram)
+            .map_err(Into::into)
     }
 
     fn send(&mut self, datagram: Vec<u8>) -> Result<(), WitCallError> {
@@ -334,7 +336,9 @@ fn check_export(name: &str, item: &ComponentItem, params: &[&str], problems: &mu
     let found: Vec<String> = func.params().map(|(_, t)| wit_type(&t)).collect();
     let results: Vec<String> = func.results().map(|t| wit_type(&t)).collect();
     if found != params || results != ["option<list<u8>>"] {
-        problems.push(format!("its export `{name}` is `{actual}`; the world wants `{expected}`"));
+        problems.push(format!(
+            "its export `{name}` is `{actual}`; the world wants `{expected}`"
+        ));
     }
 }
 

@@ -297,7 +297,9 @@ impl Sandbox {
                     "its start function ran past the {} ms time budget",
                     self.inner.limits.timeout.as_millis()
                 ),
-                _ if program.kind() == GuestKind::Component => anyhow::Error::from(e).context("instantiating it failed"),
+                _ if program.kind() == GuestKind::Component => {
+                    anyhow::Error::from(e).context("instantiating it failed")
+                }
                 _ => anyhow::Error::from(e).context("its start function failed"),
             });
         }
@@ -556,7 +558,9 @@ pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Compiled>
         match version.get(..4) {
             Some([1, 0, 0, 0]) => Module::from_binary(engine, bytes).map(Compiled::Module),
             Some(v) if v == COMPONENT_HEADER => Component::from_binary(engine, bytes).map(Compiled::Component),
-            _ => bail!("is a WebAssembly binary of an unknown version or layer; wasmgate runs core modules and components"),
+            _ => bail!(
+                "is a WebAssembly binary of an unknown version or layer; wasmgate runs core modules and components"
+            ),
         }
     } else if bytes.starts_with(b"\x7fELF") {
         bail!("is a precompiled (serialized) module; only `.wasm` binaries and `.wat` text are accepted");
@@ -779,7 +783,9 @@ impl LiveComponent {
         let peer = call.peer.to_string();
         let result = match call.entry {
             Entry::Handle => self.exports.handle(&mut self.store, call.datagram, &peer),
-            Entry::OnReply => self.exports.on_reply(&mut self.store, call.datagram, &peer, call.upstream),
+            Entry::OnReply => self
+                .exports
+                .on_reply(&mut self.store, call.datagram, &peer, call.upstream),
         };
         let host = self.store.data_mut();
         *net = host.calls.net.take();

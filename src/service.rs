@@ -180,6 +180,8 @@ fn serve_until_stopped(
             module = program.origin(),
             abi = program.kind().name(),
             sha256 = program.short_sha256(),
+            // Compiling (or finding it in the cache), checking and trying it out.
+            load_ms = program.compile_time().as_millis() as u64,
             workers = r.spec.workers,
             // A WASI command gets a fresh instance per datagram, whatever was asked.
             isolation = %match program.kind() {
@@ -197,6 +199,7 @@ fn serve_until_stopped(
         let forwards = program
             .imports()
             .iter()
+            // Not for components: their toolchains import every function of the world.
             .any(|i| i == "wasmgate.forward" || i == "wasmgate.forward_key");
         if forwards && r.spec.pools.is_empty() {
             tracing::warn!(

@@ -1,0 +1,422 @@
+//! Components as handlers (the `wasmgate:handler` worlds of wit/handler.wit):
+//! the Python, JavaScript and Rust examples through a real gateway, hostile
+//! Python, WASI 0.2 as deny-all, `wasmgate check` on components that do not fit,
+//! and the compilation cache.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{REPLY_TIMEOUT, Served, Upstream, ask, assert_silent, client, run_to_end, sample, scrape, wasmgate};
+use wasmgate::sandbox::{Guest, Isolation, Limits, Sandbox};
+
+fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string()
+}
+
+/// One compilation cache for every test here: the Python and JavaScript
+/// components take seconds to compile in a debug build, and once is enough.
+fn cache_dir() -> String {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("component-cache")
+        .display()
+        .to_string()
+}
+
+/// Compiles `module` into the shared cache, one at a time, so that tests
+/// starting together do not all compile the same large component at once.
+fn warm(module: &str) {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = wasmgate(&[
+        "check",
+        module,
+        "--cache-dir",
+        &cache_dir(),
+        "--timeout-ms",
+        "5000",
+        "--max-memory",
+        "256MiB",
+    ])
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "wasmgate check {module} failed");
+            return;
+        }
+        assert!(Instant::now() < deadline, "compiling {module} took over 180 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Serves `module` from the shared cache with room for a debug build: the
+/// budget per datagram is 1 s (an unoptimised host is slow to instantiate).
+fn serve(module: &str, extra: &[&str]) -> Served {
+    warm(module);
+    let cache = cache_dir();
+    let mut args = vec![
+        "--module",
+        module,
+        "--listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        &cache,
+        "--timeout-ms",
+        "1000",
+        "--max-memory",
+        "256MiB",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Served::start(&args)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn python_example_answers_canonical_json_through_the_gateway() {
+    let gw = serve(&repo("examples/python/python.wasm"), &[]);
+    let c = client();
+    assert_eq!(
+        text(&ask(
+            &c,
+            gw.addr,
+            br#"{"b": 1, "a": [1,  2], "n": null, "s": "caf\u00e9"}"#
+        )),
+        r#"{"a":[1,2],"b":1,"n":null,"s":"café"}"#
+    );
+    assert_eq!(text(&ask(&c, gw.addr, b"[3, 2,1]")), "[3,2,1]");
+    assert_eq!(text(&ask(&c, gw.addr, b"not json")), "invalid JSON");
+    // Message boundaries hold: each datagram gets its own answer.
+    for i in 0..20 {
+        let doc = format!(r#"{{"i": {i}, "a": 0}}"#);
+        assert_eq!(text(&ask(&c, gw.addr, doc.as_bytes())), format!(r#"{{"a":0,"i":{i}}}"#));
+    }
+    // An empty datagram is legal, and gets no answer from this handler.
+    c.send_to(b"", gw.addr).unwrap();
+    assert_silent(&c, Duration::from_millis(300));
+    common::wait_until("23 replies counted", || {
+        sample(
+            &scrape(gw.metrics_addr()),
+            r#"wasmgate_datagrams_replied_total{listener="default"}"#,
+        ) == 23.0
+    });
+}
+
+#[test]
+fn javascript_example_redacts_through_the_gateway() {
+    let gw = serve(&repo("examples/js/redact.wasm"), &[]);
+    let c = client();
+    assert_eq!(
+        text(&ask(
+            &c,
+            gw.addr,
+            b"user bob@example.com paid with 4111 1111 1111 1111 at 12:00"
+        )),
+        "user <email> paid with <number> at 12:00"
+    );
+    assert_eq!(text(&ask(&c, gw.addr, b"nothing to hide 1234")), "nothing to hide 1234");
+    assert_eq!(text(&ask(&c, gw.addr, "é: a.b@c.io".as_bytes())), "é: <email>");
+    // Not UTF-8: the handler answers nothing.
+    c.send_to(&[0xff, 0xfe, 0x00], gw.addr).unwrap();
+    assert_silent(&c, Duration::from_millis(300));
+}
+
+#[test]
+fn rust_component_routes_by_key_through_a_pool_and_answers_through_on_reply() {
+    let (a, b) = (Upstream::echo("a:"), Upstream::echo("b:"));
+    let pool = format!("shards={},{}", a.addr, b.addr);
+    let gw = serve(&repo("examples/rust-component/router.wasm"), &["--upstream", &pool]);
+    // Every datagram for one key reaches one backend, whichever client sends it.
+    let mut owner = std::collections::HashMap::new();
+    for round in 0..3 {
+        let c = client();
+        for key in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"] {
+            let reply = text(&ask(&c, gw.addr, format!("{key} hello {round}").as_bytes()));
+            let (tag, rest) = reply.split_once(':').unwrap();
+            assert_eq!(rest, format!("{key} hello {round}"));
+            let first = owner.entry(key).or_insert_with(|| tag.to_string());
+            assert_eq!(first, tag, "key {key} moved between backends");
+        }
+    }
+    assert!(owner.values().any(|t| t == "a") && owner.values().any(|t| t == "b"));
+    // No key: the component answers at once, without forwarding.
+    let c = client();
+    assert_eq!(text(&ask(&c, gw.addr, b" leading space")), "ERR no key");
+    let body = scrape(gw.metrics_addr());
+    assert_eq!(
+        sample(&body, r#"wasmgate_datagrams_forwarded_total{listener="default"}"#),
+        18.0
+    );
+}
+
+#[test]
+fn hostile_python_costs_one_datagram_each_and_the_next_is_answered() {
+    let gw = serve(
+        &repo("tests/guests/python-probe/probe.wasm"),
+        &["--max-reply-ratio", "0"],
+    );
+    let c = client();
+    let ok = |c: &std::net::UdpSocket| {
+        let reply = text(&ask(c, gw.addr, b"hello"));
+        assert_eq!(reply, format!("ok {}", c.local_addr().unwrap()));
+    };
+    ok(&c);
+    for (attack, reason) in [
+        ("loop", "timeout"),
+        ("alloc", "trap"),
+        ("raise", "trap"),
+        ("sleep", "trap"),
+    ] {
+        let started = Instant::now();
+        c.send_to(attack.as_bytes(), gw.addr).unwrap();
+        // The next datagram is answered, by a fresh instance.
+        ok(&c);
+        assert!(started.elapsed() < REPLY_TIMEOUT, "{attack} held the worker");
+        let line = gw
+            .line_with(&["dropped a datagram", &format!("reason={reason}")])
+            .unwrap_or_else(|| panic!("no drop line for {attack}"));
+        match attack {
+            "alloc" => assert!(line.contains("growing memory"), "{line}"),
+            "sleep" => assert!(line.contains("may not wait"), "{line}"),
+            _ => {}
+        }
+    }
+    // Counted just after the reply is sent.
+    common::wait_until("five replies counted", || {
+        sample(
+            &scrape(gw.metrics_addr()),
+            r#"wasmgate_datagrams_replied_total{listener="default"}"#,
+        ) == 5.0
+    });
+    let body = scrape(gw.metrics_addr());
+    let dropped = |reason: &str| {
+        sample(
+            &body,
+            &format!(r#"wasmgate_datagrams_dropped_total{{listener="default",reason="{reason}"}}"#),
+        )
+    };
+    assert_eq!(dropped("timeout"), 1.0);
+    assert_eq!(dropped("trap"), 3.0);
+}
+
+#[test]
+fn python_sees_no_environment_or_files_and_its_prints_reach_the_log() {
+    let gw = serve(
+        &repo("tests/guests/python-probe/probe.wasm"),
+        &["--max-reply-ratio", "0"],
+    );
+    let c = client();
+    assert_eq!(text(&ask(&c, gw.addr, b"env")), "{}");
+    assert_eq!(text(&ask(&c, gw.addr, b"file")), "denied: FileNotFoundError");
+    assert_eq!(text(&ask(&c, gw.addr, b"dir")), "denied: FileNotFoundError");
+    assert_eq!(text(&ask(&c, gw.addr, b"random")), "16");
+    assert_eq!(text(&ask(&c, gw.addr, b"forward")), "refused: UNKNOWN_POOL");
+    assert_eq!(text(&ask(&c, gw.addr, b"print")), "printed");
+    assert!(gw.line_with(&["stdout: hello from python on stdout"]).is_some());
+}
+
+/// The Rust probe, run in-process without sockets: it reports what WASI let it do.
+fn rust_probe() -> Guest {
+    let limits = Limits {
+        timeout: Duration::from_millis(1000),
+        ..Limits::default()
+    };
+    let sandbox = Sandbox::new(limits).unwrap();
+    let bytes = std::fs::read(repo("tests/guests/rust-probe/probe.wasm")).unwrap();
+    let program = Arc::new(sandbox.load("rust-probe", &bytes).unwrap());
+    Guest::new(sandbox, program, Isolation::Reuse, 0.0)
+}
+
+#[test]
+fn wasi_0_2_is_deny_all_network_files_environment_and_waiting() {
+    let mut guest = rust_probe();
+    let peer: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+    let mut ask = |what: &str| match guest.handle(what.as_bytes(), peer) {
+        Ok(reply) => text(reply),
+        Err(rejection) => format!("dropped: {rejection}"),
+    };
+    assert_eq!(ask("udp"), "denied: PermissionDenied");
+    assert_eq!(ask("tcp"), "denied: PermissionDenied");
+    assert!(ask("dns").starts_with("denied:"));
+    assert_eq!(ask("file"), "denied: NotFound");
+    assert_eq!(ask("dir"), "denied: NotFound");
+    assert_eq!(ask("env"), "[]");
+    assert_eq!(ask("args"), "[]");
+    assert_eq!(ask("stdin"), r#"allowed: """#);
+    assert_eq!(ask("clock"), "allowed: ()");
+    let started = Instant::now();
+    let slept = ask("sleep");
+    assert!(slept.contains("may not wait"), "{slept}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "sleep blocked for {:?}",
+        started.elapsed()
+    );
+    // Printing past the per-datagram cap is not an error.
+    assert_eq!(ask("print"), "printed");
+    assert_eq!(ask("anything"), "ok 127.0.0.1:4242");
+}
+
+/// A component in WAT: `handle` echoes the datagram, but loops forever on one
+/// that starts with `l` and traps on one that starts with `t`. Its allocator
+/// bumps through the first page and starts over.
+const ECHO_COMPONENT: &str = r#"(component
+  (core module $m
+    (memory (export "memory") 1)
+    (global $heap (mut i32) (i32.const 1024))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $p i32)
+      (if (i32.gt_u (global.get $heap) (i32.const 32768)) (then (global.set $heap (i32.const 1024))))
+      (local.set $p (global.get $heap))
+      (global.set $heap (i32.add (global.get $heap) (i32.add (local.get 3) (i32.const 8))))
+      (local.get $p))
+    (func (export "handle") (param $d i32) (param $n i32) (param $p i32) (param $pn i32) (result i32)
+      (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x6c)) (then (loop $forever (br $forever))))
+      (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x74)) (then unreachable))
+      (i32.store8 (i32.const 16) (i32.const 1))
+      (i32.store (i32.const 20) (local.get $d))
+      (i32.store (i32.const 24) (local.get $n))
+      (i32.const 16)))
+  (core instance $i (instantiate $m))
+  (func (export "handle") (param "datagram" (list u8)) (param "peer" string) (result (option (list u8)))
+    (canon lift (core func $i "handle") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#;
+
+#[test]
+fn a_wat_component_is_served_reused_or_fresh_and_a_trap_or_timeout_costs_one_datagram() {
+    for isolation in [Isolation::Reuse, Isolation::Fresh] {
+        let limits = Limits::default();
+        let sandbox = match isolation {
+            Isolation::Reuse => Sandbox::new(limits).unwrap(),
+            Isolation::Fresh => Sandbox::with_instance_pool(limits, 3).unwrap(),
+        };
+        let program = sandbox.load("echo component", ECHO_COMPONENT.as_bytes()).unwrap();
+        let config = wasmgate::server::ServeConfig {
+            isolation,
+            ..common::config()
+        };
+        let gw = wasmgate::server::Gateway::start(&sandbox, program, &config).unwrap();
+        let addr = gw.local_addr();
+        let c = client();
+        assert_eq!(ask(&c, addr, b"hello"), b"hello");
+        for bad in [&b"loop"[..], b"trap"] {
+            c.send_to(bad, addr).unwrap();
+            assert_eq!(ask(&c, addr, b"after"), b"after", "{isolation}");
+        }
+        let stats = gw.stats();
+        assert_eq!(stats.dropped(wasmgate::metrics::DropReason::Timeout), 1, "{isolation}");
+        assert_eq!(stats.dropped(wasmgate::metrics::DropReason::Trap), 1, "{isolation}");
+    }
+}
+
+/// `wasmgate check` on `wat`, written to a file; its exit code and stderr.
+fn check(wat: &str) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_file(dir.path(), "c.wat", wat.as_bytes());
+    run_to_end(&["check", &path, "--no-cache"])
+}
+
+#[test]
+fn check_says_exactly_what_is_wrong_with_a_component() {
+    let (code, out, _) = check(ECHO_COMPONENT);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("fits the wasmgate:handler world"), "{out}");
+    assert!(
+        out.contains("export handle: func(datagram: list<u8>, peer: string) -> option<list<u8>>"),
+        "{out}"
+    );
+
+    let (code, _, err) = check("(component)");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("it exports no `handle` function"), "{err}");
+
+    let wrong = r#"(component
+      (core module $m (func (export "h") (param i32) (result i32) (i32.const 0)))
+      (core instance $i (instantiate $m))
+      (func (export "handle") (param "datagram" u32) (result u32) (canon lift (core func $i "h"))))"#;
+    let (code, _, err) = check(wrong);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("its export `handle` is `func(datagram: u32) -> u32`; the world wants `func(datagram: list<u8>, peer: string) -> option<list<u8>>`"),
+        "{err}"
+    );
+
+    let http = ECHO_COMPONENT.replacen(
+        "(component",
+        r#"(component (import "wasi:http/types@0.2.0" (instance))"#,
+        1,
+    );
+    let (code, _, err) = check(&http);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("it imports `wasi:http/types@0.2.0`, which the gateway does not provide"),
+        "{err}"
+    );
+    assert!(err.contains("componentize-js: `-d http -d fetch-event`"), "{err}");
+
+    let unknown = ECHO_COMPONENT.replacen("(component", r#"(component (import "frobnicate" (func))"#, 1);
+    let (code, _, err) = check(&unknown);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("it imports the function `frobnicate`, which the gateway does not provide"),
+        "{err}"
+    );
+
+    let bad_log = ECHO_COMPONENT.replacen(
+        "(component",
+        r#"(component (import "log" (func (param "level" u32)))"#,
+        1,
+    );
+    let (code, _, err) = check(&bad_log);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("cannot be linked as the wasmgate:handler world"), "{err}");
+    assert!(err.contains("log"), "{err}");
+}
+
+#[test]
+fn the_compile_cache_is_written_on_first_start_and_only_where_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let module = repo("tests/guests/rust-probe/probe.wasm");
+    let cache_arg = cache.display().to_string();
+    let files = |p: &Path| -> usize {
+        fn walk(p: &Path) -> usize {
+            std::fs::read_dir(p)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(p)
+    };
+    let (code, out, err) = run_to_end(&["check", &module, "--cache-dir", &cache_arg]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(files(&cache) > 0, "nothing cached in {}", cache.display());
+    // A second run finds it: the cache does not grow.
+    let before = files(&cache);
+    let (code, _, _) = run_to_end(&["check", &module, "--cache-dir", &cache_arg]);
+    assert_eq!(code, Some(0));
+    assert_eq!(files(&cache), before);
+
+    // --no-cache writes nothing, not even under the default directory.
+    let home = dir.path().join("home");
+    let mut cmd = wasmgate(&["check", &module, "--no-cache"]);
+    cmd.env("HOME", &home).env("XDG_CACHE_HOME", home.join("xdg"));
+    assert!(cmd.output().unwrap().status.success());
+    assert_eq!(files(&home), 0);
+    // Without either flag the default is $XDG_CACHE_HOME/wasmgate.
+    let mut cmd = wasmgate(&["check", &module]);
+    cmd.env("HOME", &home).env("XDG_CACHE_HOME", home.join("xdg"));
+    assert!(cmd.output().unwrap().status.success());
+    assert!(files(&home.join("xdg").join("wasmgate")) > 0);
+}
