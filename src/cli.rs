@@ -52,6 +52,19 @@ pub enum Command {
         #[command(flatten)]
         compile: CompileArgs,
     },
+    /// Start a handler project: writes NAME/ with a minimal handler in LANG
+    /// (and wit/handler.wit for components), and prints the commands that build
+    /// and serve it.
+    New {
+        /// The language.
+        #[arg(long, value_enum)]
+        lang: crate::new::Lang,
+        /// The project's name, which is also its directory.
+        name: String,
+        /// Where to create the project directory.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+    },
     /// Internal: compile a module from stdin under a memory bound (the gateway's
     /// compiling child process).
     #[command(name = "__compile", hide = true)]
@@ -241,6 +254,16 @@ impl Cli {
                 limits,
                 compile,
             }) => check(&module, &limits, compile.compiler()?),
+            Some(Command::New { lang, name, dir }) => {
+                let steps = crate::new::create(lang, &name, &dir)?;
+                println!("created {}", dir.join(&name).display());
+                println!("next:");
+                for step in steps {
+                    println!("  {step}");
+                }
+                println!("then, from another terminal: wasmgate send 127.0.0.1:8008 hello");
+                Ok(ExitCode::SUCCESS)
+            }
             Some(Command::Compile { max_memory, cache_dir }) => {
                 Ok(crate::compiler::run_child(&max_memory, cache_dir.as_deref()))
             }

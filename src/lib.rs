@@ -45,6 +45,7 @@ pub mod config;
 pub mod exposition;
 mod hostcalls;
 pub mod metrics;
+pub mod new;
 pub mod pool;
 pub mod reload;
 pub mod sandbox;
