@@ -7,6 +7,16 @@
 #   C (freestanding) examples/c/checksum.wasm                         clang + lld
 #   C (WASI)         examples/wasi-c/sort.wasm                        clang + lld + wasi-libc
 #   AssemblyScript   examples/assemblyscript/base64.wasm              npm (pinned in package-lock.json)
+#   Rust components  examples/rust-component/router.wasm,             wasm32-wasip2 (wit-bindgen)
+#                    tests/guests/rust-probe/probe.wasm
+#   Python           examples/python/python.wasm,                     componentize-py (requirements.txt)
+#                    tests/guests/python-probe/probe.wasm
+#   JavaScript       examples/js/redact.wasm                          componentize-js (package-lock.json)
+#
+# componentize-py and componentize-js do not build reproducibly (two builds of the same
+# source differ: their pre-initialised heap snapshots vary), so for their components
+# --check compares what can be compared: the rebuilt component must pass `wasmgate check`
+# and have exactly the committed one's world (exports with their types, and imports).
 #
 #   scripts/build-guests.sh           rebuild and copy the .wasm files into place
 #   scripts/build-guests.sh --check   rebuild and fail if any differs from what is committed
@@ -138,6 +148,89 @@ if command -v npm >/dev/null; then
 else
   say "npm is not installed (Debian: apt-get install npm)"
   not_verified examples/assemblyscript/base64.wasm
+fi
+
+# Rust components: the wasm32-wasip2 target links a component directly.
+if rust_target wasm32-wasip2; then
+  if (cd guest && RUSTFLAGS="$remap" cargo build --quiet --release --locked --target wasm32-wasip2 \
+    -p rust-component -p rust-probe --target-dir "$out/target"); then
+    deliver "$out/target/wasm32-wasip2/release/rust_component.wasm" examples/rust-component/router.wasm
+    deliver "$out/target/wasm32-wasip2/release/rust_probe.wasm" tests/guests/rust-probe/probe.wasm
+  else
+    fail "cargo build of the Rust components failed"
+  fi
+else
+  not_verified examples/rust-component/router.wasm tests/guests/rust-probe/probe.wasm
+fi
+
+# The world of a component as the gateway sees it (`wasmgate check`), to compare
+# builds that are not reproducible byte for byte.
+wasmgate_bin=""
+world_of() {
+  if [ -z "$wasmgate_bin" ]; then
+    cargo build --quiet --locked --bin wasmgate || return 1
+    wasmgate_bin=target/debug/wasmgate
+  fi
+  "$wasmgate_bin" check "$1" --no-cache --timeout-ms 5000 --max-memory 256MiB | sed -n '/^world:/,$p'
+}
+
+# Puts a component from a non-reproducible toolchain in place, or checks that the
+# rebuilt one has the committed one's world.
+deliver_world() {
+  local built=$1 committed=$2
+  if [ ! -s "$built" ]; then
+    fail "$committed was not built"
+  elif $check; then
+    local want got
+    want=$(world_of "$committed") || { fail "$committed does not pass wasmgate check"; return; }
+    got=$(world_of "$built") || { fail "the rebuild of $committed does not pass wasmgate check"; return; }
+    if [ -n "$want" ] && [ "$want" = "$got" ]; then
+      say "$committed: rebuilt; not byte-identical (the toolchain is not reproducible), same world ($(echo "$want" | grep -c export) exports, $(echo "$want" | grep -c import) imports)"
+    else
+      fail "$committed: a rebuild has another world; run scripts/build-guests.sh and commit"
+      diff <(echo "$want") <(echo "$got") >&2
+    fi
+  else
+    install -m 644 "$built" "$committed"
+    say "wrote $committed ($(wc -c <"$committed") bytes)"
+  fi
+}
+
+# Python: componentize-py at the version pinned in examples/python/requirements.txt.
+if command -v python3 >/dev/null || apt_install python3; then
+  if python3 -m venv "$out/venv" >/dev/null 2>&1 || { apt_install python3-venv && python3 -m venv "$out/venv"; }; then
+    if "$out/venv/bin/pip" install --quiet -r examples/python/requirements.txt; then
+      (cd examples/python && "$out/venv/bin/componentize-py" -d ../../wit -w handler componentize app \
+        -o "$out/python.wasm" >/dev/null) || fail "componentize-py failed on examples/python/app.py"
+      deliver_world "$out/python.wasm" examples/python/python.wasm
+      (cd tests/guests/python-probe && "$out/venv/bin/componentize-py" -d ../../../wit -w handler componentize probe \
+        -o "$out/python-probe.wasm" >/dev/null) || fail "componentize-py failed on tests/guests/python-probe/probe.py"
+      deliver_world "$out/python-probe.wasm" tests/guests/python-probe/probe.wasm
+    else
+      say "cannot install componentize-py from PyPI"
+      not_verified examples/python/python.wasm tests/guests/python-probe/probe.wasm
+    fi
+  else
+    say "python3 cannot make a virtual environment (Debian: apt-get install python3-venv)"
+    not_verified examples/python/python.wasm tests/guests/python-probe/probe.wasm
+  fi
+else
+  not_verified examples/python/python.wasm tests/guests/python-probe/probe.wasm
+fi
+
+# JavaScript: componentize-js at the version pinned by examples/js/package-lock.json.
+if command -v npm >/dev/null; then
+  mkdir -p "$out/js"
+  cp examples/js/{package.json,package-lock.json,redact.js} "$out/js/"
+  mkdir -p "$out/wit" && cp wit/handler.wit "$out/wit/"
+  if (cd "$out/js" && npm ci --silent --no-audit --no-fund >/dev/null &&
+    npx componentize-js --wit ../wit --world-name handler -d http fetch-event -o redact.wasm redact.js >/dev/null); then
+    deliver_world "$out/js/redact.wasm" examples/js/redact.wasm
+  else
+    fail "the componentize-js build failed (npm ci && npm run build in examples/js)"
+  fi
+else
+  not_verified examples/js/redact.wasm
 fi
 
 if [ ${#unverified[@]} -gt 0 ]; then
