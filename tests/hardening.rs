@@ -296,7 +296,7 @@ fn a_megabyte_long_line_gives_a_short_error() {
     let (code, _, err) = common::run_to_end(&["check", &module]);
     assert_eq!(code, Some(1));
     assert!(
-        err.contains("not a valid WebAssembly module") && err.len() < 4096,
+        err.contains("is not valid WebAssembly") && err.len() < 4096,
         "{} bytes: {}",
         err.len(),
         &err[..err.len().min(300)]

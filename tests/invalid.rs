@@ -82,7 +82,7 @@ fn bad_modules() -> Vec<(&'static str, String, Vec<&'static str>)> {
         (
             "not_wasm.wasm",
             "\u{1}\u{2}\u{3} definitely not WebAssembly \u{ff}".to_string(),
-            vec!["not a valid WebAssembly module"],
+            vec!["is not valid WebAssembly"],
         ),
         (
             "precompiled.cwasm",
