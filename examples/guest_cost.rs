@@ -138,6 +138,7 @@ fn cases(args: &Args) -> anyhow::Result<Vec<Case>> {
     for (name, path, payload) in [
         ("json (Python component)", "examples/python/python.wasm", &json[..]),
         ("redact (JS component)", "examples/js/redact.wasm", &redacted_in[..]),
+        ("probe (Rust component)", "tests/guests/rust-probe/probe.wasm", &b"hello"[..]),
     ] {
         let bytes = file(path)?;
         cases.push(case(name, bytes.clone(), payload, Isolation::Reuse, None));
@@ -168,8 +169,10 @@ fn main() -> anyhow::Result<()> {
         }
         let mut limits = Limits::default();
         if case.name.contains("component") {
-            // SpiderMonkey's heap starts at about 65 MiB.
+            // SpiderMonkey's heap starts at about 65 MiB, and a garbage
+            // collection now and then takes longer than the default 10 ms.
             limits.max_memory = 256 << 20;
+            limits.timeout = std::time::Duration::from_millis(1000);
         }
         let sandbox = Sandbox::with_instance_pool(limits, 2)?;
         let program = Arc::new(sandbox.load(case.name.clone(), &case.bytes)?);

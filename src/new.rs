@@ -99,8 +99,9 @@ pub fn create(lang: Lang, name: &str, parent: &Path) -> anyhow::Result<Vec<Strin
         Lang::Js => steps.extend([
             "npm install".to_string(),
             "npm run build".to_string(),
-            // SpiderMonkey's heap starts at about 65 MiB, past the default cap.
-            serve(&format!("{name}.wasm"), " --max-memory 128MiB"),
+            // SpiderMonkey's heap starts at about 65 MiB, past the default cap,
+            // and a garbage collection now and then outlasts the default 10 ms.
+            serve(&format!("{name}.wasm"), " --max-memory 128MiB --timeout-ms 50"),
         ]),
         Lang::Rust => steps.extend([
             "rustup target add wasm32-wasip2".to_string(),
