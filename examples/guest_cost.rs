@@ -138,7 +138,11 @@ fn cases(args: &Args) -> anyhow::Result<Vec<Case>> {
     for (name, path, payload) in [
         ("json (Python component)", "examples/python/python.wasm", &json[..]),
         ("redact (JS component)", "examples/js/redact.wasm", &redacted_in[..]),
-        ("probe (Rust component)", "tests/guests/rust-probe/probe.wasm", &b"hello"[..]),
+        (
+            "probe (Rust component)",
+            "tests/guests/rust-probe/probe.wasm",
+            &b"hello"[..],
+        ),
     ] {
         let bytes = file(path)?;
         cases.push(case(name, bytes.clone(), payload, Isolation::Reuse, None));
