@@ -5,7 +5,7 @@
 //!
 //! A component is held to what an ABI v1 module is: one instance per worker,
 //! reused and replaced after a trap, the epoch deadline, the store's limits, and
-//! the reply checks. WASI 0.2 imports, at any 0.2.x version, are answered by a
+//! the reply checks. WASI 0.2 imports (0.2.0 to 0.2.12) are answered by a
 //! deny-all context: no directories, no network, no environment, stdin empty,
 //! stdout and stderr to the log, and no call that could block the worker outside
 //! wasm, where the time budget cannot interrupt it (waiting on a pollable traps).
