@@ -1004,6 +1004,7 @@ impl Guest {
         net: &mut Option<Box<Upstreams>>,
         started: u64,
     ) -> Result<Answer<'_>, Rejection> {
+        // Called only for components; anything else is refused, not served.
         let Pre::Component(pre) = &self.program.pre else {
             return Err(DropReason::Trap.into());
         };
