@@ -52,9 +52,7 @@ impl HostState {
         });
         match result {
             Ok(()) => self.out.forwarded += 1,
-            Err(error) => {
-                self.out.refuse(error);
-            }
+            Err(error) => self.out.refuse(error),
         }
         result
     }
@@ -80,9 +78,7 @@ impl HostState {
                 out.data.extend_from_slice(data);
                 out.ends.push(out.data.len());
             }
-            Err(error) => {
-                out.refuse(error);
-            }
+            Err(error) => out.refuse(error),
         }
         result
     }
@@ -138,10 +134,10 @@ impl Outbox {
         !self.ends.is_empty()
     }
 
-    pub(crate) fn refuse(&mut self, error: CallError) -> i32 {
+    /// Counts a refused call under its reason.
+    pub(crate) fn refuse(&mut self, error: CallError) {
         self.refused[error.index()] += 1;
         self.first_refusal.get_or_insert(error);
-        error.code()
     }
 
     /// Counts a call, refusing it past the per-datagram limit.
