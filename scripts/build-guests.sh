@@ -150,15 +150,23 @@ else
   not_verified examples/assemblyscript/base64.wasm
 fi
 
-# Rust components: the wasm32-wasip2 target links a component directly.
-if rust_target wasm32-wasip2; then
-  if (cd guest && RUSTFLAGS="$remap" cargo build --quiet --release --locked --target wasm32-wasip2 \
+# Rust components: the wasm32-wasip2 target links a component directly. Their code
+# layout depends on the directory they are built in, even with paths remapped (a
+# checkout elsewhere gave the probe another function order, and no path in it), so
+# they are built from a copy of their sources at one fixed path.
+fixed=/tmp/wasmgate-guest-build
+if rust_target wasm32-wasip2 && rm -rf "$fixed" && mkdir -p "$fixed" &&
+  tar -C "$root" --exclude=target -cf - guest examples/dns examples/dns-proxy examples/wasi-rust \
+    examples/rust-component tests/guests/rust-probe wit | tar -C "$fixed" -xf -; then
+  if (cd "$fixed/guest" && RUSTFLAGS="--remap-path-prefix=$fixed=. --remap-path-prefix=$HOME=~" \
+    cargo build --quiet --release --locked --target wasm32-wasip2 \
     -p rust-component -p rust-probe --target-dir "$out/target"); then
     deliver "$out/target/wasm32-wasip2/release/rust_component.wasm" examples/rust-component/router.wasm
     deliver "$out/target/wasm32-wasip2/release/rust_probe.wasm" tests/guests/rust-probe/probe.wasm
   else
     fail "cargo build of the Rust components failed"
   fi
+  rm -rf "$fixed"
 else
   not_verified examples/rust-component/router.wasm tests/guests/rust-probe/probe.wasm
 fi
