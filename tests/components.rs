@@ -420,3 +420,34 @@ fn the_compile_cache_is_written_on_first_start_and_only_where_asked() {
     assert!(cmd.output().unwrap().status.success());
     assert!(files(&home.join("xdg").join("wasmgate")) > 0);
 }
+
+#[test]
+fn a_component_is_swapped_in_by_a_reload_while_serving_and_the_log_says_how_long_it_took() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("handler.wasm");
+    std::fs::copy(repo("guest/uppercase.wasm"), &module).unwrap();
+    let module_arg = module.display().to_string();
+    let gw = Served::start(&[
+        "--module",
+        &module_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--no-cache",
+        "--timeout-ms",
+        "1000",
+        "--max-reply-ratio",
+        "0",
+    ]);
+    let c = client();
+    assert_eq!(ask(&c, gw.addr, b"hello"), b"HELLO");
+    // Renamed over, as a deploy does: the component replaces the ABI v1 module.
+    let staged = dir.path().join("handler.wasm.new");
+    std::fs::copy(repo("tests/guests/rust-probe/probe.wasm"), &staged).unwrap();
+    std::fs::rename(&staged, &module).unwrap();
+    let line = gw
+        .line_with(&["reloaded", "abi=\"component\""])
+        .expect("a reloaded line for the component");
+    assert!(line.contains("compile_ms="), "{line}");
+    let me = c.local_addr().unwrap();
+    assert_eq!(text(&ask(&c, gw.addr, b"hello")), format!("ok {me}"));
+}
