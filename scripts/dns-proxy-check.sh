@@ -60,8 +60,10 @@ resolver "$r1"
 pid_r1=$!
 resolver "$r2"
 
-sed -e "s|127.0.0.1:5300|127.0.0.1:$gw|; s|127.0.0.1:9300|127.0.0.1:$metrics|" \
-  -e "s|127.0.0.1:5301|127.0.0.1:$r1|; s|127.0.0.1:5302|127.0.0.1:$r2|" \
+# Whole quoted addresses only: an earlier substitution's port may start with a later
+# pattern's digits (a metrics port 53011 once became 127.0.0.1:<r1>1).
+sed -e "s|\"127.0.0.1:5300\"|\"127.0.0.1:$gw\"|; s|\"127.0.0.1:9300\"|\"127.0.0.1:$metrics\"|" \
+  -e "s|\"127.0.0.1:5301\"|\"127.0.0.1:$r1\"|; s|\"127.0.0.1:5302\"|\"127.0.0.1:$r2\"|" \
   -e "s|^module = .*|module = \"$PWD/examples/dns-proxy/dns_proxy.wasm\"|" \
   examples/dns-proxy.toml >"$tmp/dns-proxy.toml"
 RUST_LOG=info "$bin" --config "$tmp/dns-proxy.toml" 2>"$tmp/gateway.log" &
