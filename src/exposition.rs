@@ -136,6 +136,22 @@ const ENDPOINT_COUNTERS: [EndpointFamily; 6] = [
     ),
 ];
 
+/// A gauge family per endpoint: name, help, and its value in a view.
+type EndpointGauge = (&'static str, &'static str, fn(&EndpointView<'_>) -> i64);
+
+const ENDPOINT_GAUGES: [EndpointGauge; 2] = [
+    (
+        "wasmgate_endpoint_sessions_active",
+        "Sessions open to the endpoint now.",
+        |e| i64::try_from(e.sessions_active).unwrap_or(i64::MAX),
+    ),
+    (
+        "wasmgate_endpoint_healthy",
+        "1 when the endpoint takes new sessions, 0 while it is ejected.",
+        |e| i64::from(e.healthy),
+    ),
+];
+
 impl GatewayCollector {
     /// Per endpoint of every pool: traffic both ways and health.
     fn encode_endpoints(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
@@ -157,32 +173,15 @@ impl GatewayCollector {
                 }
             }
         }
-        let mut active = encoder.encode_descriptor(
-            "wasmgate_endpoint_sessions_active",
-            "Sessions open to the endpoint now.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (listener, endpoints) in &views {
-            for e in endpoints {
-                let addr = e.addr.to_string();
-                active
-                    .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
-                    .encode_gauge(&i64::try_from(e.sessions_active).unwrap_or(i64::MAX))?;
-            }
-        }
-        let mut healthy = encoder.encode_descriptor(
-            "wasmgate_endpoint_healthy",
-            "1 when the endpoint takes new sessions, 0 while it is ejected.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (listener, endpoints) in &views {
-            for e in endpoints {
-                let addr = e.addr.to_string();
-                healthy
-                    .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
-                    .encode_gauge(&i64::from(e.healthy))?;
+        for (name, help, value) in ENDPOINT_GAUGES {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (listener, endpoints) in &views {
+                for e in endpoints {
+                    let addr = e.addr.to_string();
+                    family
+                        .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
+                        .encode_gauge(&value(e))?;
+                }
             }
         }
         Ok(())
