@@ -12,6 +12,7 @@
 
 use std::fmt::Write as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -393,20 +394,32 @@ fn wit_type(ty: &Type) -> String {
 /// A component's stdout or stderr: kept in memory, at most
 /// [`MAX_OUTPUT_BYTES`] per datagram, taken by the host after each call.
 #[derive(Clone, Default)]
-struct LogPipe(Arc<Mutex<BytesMut>>);
+struct LogPipe(Arc<Pipe>);
+
+#[derive(Default)]
+struct Pipe {
+    /// Whether anything was written since the last take: most datagrams print
+    /// nothing, and are then not charged a lock per stream.
+    written: AtomicBool,
+    buffer: Mutex<BytesMut>,
+}
 
 impl LogPipe {
     fn take(&self) -> Bytes {
-        match self.0.lock() {
+        if !self.0.written.swap(false, Ordering::Acquire) {
+            return Bytes::new();
+        }
+        match self.0.buffer.lock() {
             Ok(mut buf) => buf.split().freeze(),
             Err(_) => Bytes::new(),
         }
     }
 
     fn push(&self, bytes: &[u8]) {
-        if let Ok(mut buf) = self.0.lock() {
+        if let Ok(mut buf) = self.0.buffer.lock() {
             let room = MAX_OUTPUT_BYTES.saturating_sub(buf.len());
             buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            self.0.written.store(true, Ordering::Release);
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use wasmtime::{Caller, Engine, Extern, Linker, Memory, StoreLimits};
 
 use crate::abi::{CallError, HOST_MODULE, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
-use crate::metrics::RateLimit;
+use crate::metrics::{DropReason, RateLimit};
 use crate::upstream::Upstreams;
 
 /// The longest guest log message passed on; the rest is cut off.
@@ -34,6 +34,22 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
+    /// Readies the state for one call about `peer`'s datagram: lends it the
+    /// worker's sessions, empties the outbox with `budget` bytes for the client,
+    /// and (inside `on_reply`) names the endpoint. [`HostState::take_back`] ends it.
+    pub(crate) fn lend(&mut self, peer: SocketAddr, net: &mut Option<Box<Upstreams>>, budget: usize, upstream: &str) {
+        self.peer = Some(peer);
+        self.net = net.take();
+        self.out.reset(budget);
+        self.upstream.push_str(upstream);
+    }
+
+    /// Gives the sessions back after a call, whatever its outcome.
+    pub(crate) fn take_back(&mut self, net: &mut Option<Box<Upstreams>>) {
+        *net = self.net.take();
+        self.upstream.clear();
+    }
+
     /// `forward`/`forward_key` for every kind of guest: hands `data` to an
     /// endpoint of `pool` for the current client, or says why not (and counts
     /// the refusal).
@@ -130,8 +146,19 @@ impl Outbox {
         CallError::ALL.into_iter().zip(refused).filter(|&(_, n)| n > 0)
     }
 
-    pub(crate) fn has_sends(&self) -> bool {
-        !self.ends.is_empty()
+    /// Whether a returned reply of `len` bytes fits what is left of the budget
+    /// `send` shares. When it does not but sends went out, the reply is refused
+    /// like a send (`Ok(false)`) and the sends still go; with no sends the
+    /// datagram is dropped for amplification.
+    pub(crate) fn admit_reply(&mut self, len: usize) -> Result<bool, DropReason> {
+        if len <= self.budget {
+            return Ok(true);
+        }
+        if self.ends.is_empty() {
+            return Err(DropReason::Amplification);
+        }
+        self.refuse(CallError::Amplification);
+        Ok(false)
     }
 
     /// Counts a refused call under its reason.

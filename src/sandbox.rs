@@ -335,8 +335,9 @@ impl Sandbox {
             .build()
     }
 
-    /// An instance with its start function run. There is no client while the start
-    /// function runs, whichever datagram the instance is made for: `peer` says 0.
+    /// The host state of a new store, held to `limits`. There is no client while
+    /// the start function runs, whichever datagram the instance is made for:
+    /// `peer` says 0.
     fn host_state(&self, limits: wasmtime::StoreLimits) -> HostState {
         HostState {
             limits,
@@ -348,6 +349,7 @@ impl Sandbox {
         }
     }
 
+    /// An ABI v1 instance with its start function run.
     fn instantiate(&self, pre: &InstancePre<HostState>) -> wasmtime::Result<Live> {
         let mut store = Store::new(&self.inner.engine, self.host_state(self.store_limits()));
         store.limiter(|h| &mut h.limits);
@@ -407,6 +409,7 @@ impl Sandbox {
             store,
             exports,
             reply: Vec::new(),
+            peer: None,
             poisoned: false,
         })
     }
@@ -712,15 +715,10 @@ impl Live {
         max_ratio: f64,
     ) -> Result<Option<Range<usize>>, Rejection> {
         self.store.set_epoch_deadline(deadline_ticks);
-        let state = self.store.data_mut();
-        state.peer = Some(call.peer);
-        state.net = net.take();
-        state.out.reset(reply_budget(call.datagram.len(), max_ratio));
-        state.upstream.push_str(call.upstream);
+        let budget = reply_budget(call.datagram.len(), max_ratio);
+        self.store.data_mut().lend(call.peer, net, budget, call.upstream);
         let result = self.run(call);
-        let state = self.store.data_mut();
-        *net = state.net.take();
-        state.upstream.clear();
+        self.store.data_mut().take_back(net);
         result
     }
 
@@ -742,16 +740,8 @@ impl Live {
         }
         // The ratio is checked here against the budget that `send` shares.
         let range = abi::reply_range(packed, self.memory.data_size(&self.store), len, 0.0)?;
-        let out = &mut self.store.data_mut().out;
-        if range.len() > out.budget {
-            if out.has_sends() {
-                // The sends that fit still go out; the reply is refused like a send.
-                out.refuse(CallError::Amplification);
-                return Ok(None);
-            }
-            return Err(DropReason::Amplification.into());
-        }
-        Ok(Some(range))
+        let admitted = self.store.data_mut().out.admit_reply(range.len())?;
+        Ok(admitted.then_some(range))
     }
 }
 
@@ -760,6 +750,8 @@ struct LiveComponent {
     store: Store<ComponentHost>,
     exports: Exports,
     reply: Vec<u8>,
+    /// The last client and its address as the `peer` parameter gives it.
+    peer: Option<(SocketAddr, String)>,
     poisoned: bool,
 }
 
@@ -775,21 +767,21 @@ impl LiveComponent {
         max_ratio: f64,
     ) -> Result<bool, Rejection> {
         self.store.set_epoch_deadline(sandbox.inner.deadline_ticks);
-        let state = &mut self.store.data_mut().calls;
-        state.peer = Some(call.peer);
-        state.net = net.take();
-        state.out.reset(reply_budget(call.datagram.len(), max_ratio));
-        state.upstream.push_str(call.upstream);
-        let peer = call.peer.to_string();
+        let budget = reply_budget(call.datagram.len(), max_ratio);
+        self.store.data_mut().calls.lend(call.peer, net, budget, call.upstream);
+        // A client sends many datagrams: its address is written out once.
+        if self.peer.as_ref().is_none_or(|(addr, _)| *addr != call.peer) {
+            self.peer = Some((call.peer, call.peer.to_string()));
+        }
+        let peer = self.peer.as_ref().map_or("", |(_, text)| text.as_str());
         let result = match call.entry {
-            Entry::Handle => self.exports.handle(&mut self.store, call.datagram, &peer),
+            Entry::Handle => self.exports.handle(&mut self.store, call.datagram, peer),
             Entry::OnReply => self
                 .exports
-                .on_reply(&mut self.store, call.datagram, &peer, call.upstream),
+                .on_reply(&mut self.store, call.datagram, peer, call.upstream),
         };
         let host = self.store.data_mut();
-        *net = host.calls.net.take();
-        host.calls.upstream.clear();
+        host.calls.take_back(net);
         let (stdout, stderr) = host.take_output();
         for (stream, text) in [("stdout", stdout), ("stderr", stderr)] {
             if !text.is_empty() {
@@ -802,16 +794,9 @@ impl LiveComponent {
         if reply.len() > MAX_DATAGRAM {
             return Err(DropReason::Oversize.into());
         }
-        let out = &mut self.store.data_mut().calls.out;
-        if reply.len() > out.budget {
-            if out.has_sends() {
-                out.refuse(CallError::Amplification);
-                return Ok(false);
-            }
-            return Err(DropReason::Amplification.into());
-        }
+        let admitted = self.store.data_mut().calls.out.admit_reply(reply.len())?;
         self.reply = reply;
-        Ok(true)
+        Ok(admitted)
     }
 }
 
