@@ -369,6 +369,29 @@ fn check_wasi_command(module: &Module, problems: &mut Vec<String>) {
 /// upstream reply) may make; later calls are refused with [`CallError::TooMany`].
 pub const MAX_CALLS_PER_DATAGRAM: u32 = 64;
 
+/// What one call may do: bytes to the client (`send` and the reply together)
+/// and `forward`/`send` calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allowance {
+    pub bytes: usize,
+    pub calls: u32,
+}
+
+impl Allowance {
+    /// A client datagram of `len` bytes: `max_ratio` × `len` (no cap when the
+    /// ratio is 0) and [`MAX_CALLS_PER_DATAGRAM`] calls.
+    pub fn for_request(len: usize, max_ratio: f64) -> Self {
+        Self {
+            bytes: if max_ratio > 0.0 {
+                (max_ratio * len as f64).floor() as usize
+            } else {
+                usize::MAX
+            },
+            calls: MAX_CALLS_PER_DATAGRAM,
+        }
+    }
+}
+
 /// Why a `forward`, `forward_key` or `send` call was refused. The guest gets
 /// [`CallError::code`]; the gateway counts each refusal under [`CallError::as_str`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

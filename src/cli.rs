@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cache::Cache;
 use crate::compiler::{CompileBounds, Compiler};
 use crate::config::{
     self, DEFAULT_REPLY_RATIO, ListenerSpec, MAX_WORKERS, PoolSpec, check_batch, check_ratio, check_timeout_ms,
@@ -71,8 +72,6 @@ pub enum Command {
     Compile {
         /// The data limit in bytes.
         max_memory: String,
-        /// wasmtime's compilation cache directory.
-        cache_dir: Option<PathBuf>,
     },
     /// Send datagrams to a gateway and print the replies.
     ///
@@ -96,7 +95,7 @@ pub enum Command {
 pub struct ServeArgs {
     /// Serve every listener described in this TOML file (see examples/wasmgate.toml)
     /// instead of the one described by the flags below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "upstream"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "upstream", "deny_source_ports"])]
     pub config: Option<PathBuf>,
 
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
@@ -133,6 +132,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME=ENDPOINTS", value_parser = parse_upstream_flag)]
     pub upstream: Vec<PoolSpec>,
 
+    /// Client source ports never answered, as ranges (`0-1023,5353`) or `none`:
+    /// services on well-known ports answer anything, so answering them can start
+    /// a loop from one spoofed datagram. The gateway's own sockets and its pools'
+    /// endpoints are never answered whatever this says.
+    #[arg(long, value_name = "PORTS", default_value = crate::source_filter::DEFAULT_DENIED_PORTS)]
+    pub deny_source_ports: crate::source_filter::PortSet,
+
     /// Do not watch the module file for changes (SIGHUP still reloads it).
     #[arg(long)]
     pub no_watch: bool,
@@ -166,8 +172,15 @@ pub struct CompileArgs {
 
     /// Where compiled modules are kept, so that a restart with the same module
     /// skips compiling it (default: $XDG_CACHE_HOME/wasmgate, else ~/.cache/wasmgate).
+    /// It must be this user's and not writable by group or others, or it is not used.
     #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
     pub cache_dir: Option<PathBuf>,
+
+    /// The key that authenticates cache entries, made on first use; it must be
+    /// outside the cache directory and readable by this user only (default:
+    /// $XDG_STATE_HOME/wasmgate/cache.key, else ~/.local/state/wasmgate/cache.key).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_cache")]
+    pub cache_key: Option<PathBuf>,
 
     /// Compile every module afresh; keep nothing on disk.
     #[arg(long)]
@@ -182,8 +195,39 @@ impl CompileArgs {
                 timeout: Duration::from_secs(self.compile_timeout),
                 max_memory: self.compile_memory as u64,
             },
-            self.cache_dir(),
+            self.cache(),
         )
+    }
+
+    /// The cache in use, if any: a cache directory or key that cannot be used
+    /// safely is refused with a warning, and modules are then compiled afresh.
+    pub fn cache(&self) -> Option<Cache> {
+        let dir = self.cache_dir()?;
+        let key = self.cache_key()?;
+        match Cache::open(&dir, &key) {
+            Ok(cache) => Some(cache),
+            Err(e) => {
+                tracing::warn!(
+                    cache = %dir.display(),
+                    "the compile cache is not used: {e:#}"
+                );
+                None
+            }
+        }
+    }
+
+    /// The cache key's file, if the cache is used.
+    pub fn cache_key(&self) -> Option<PathBuf> {
+        if self.no_cache {
+            return None;
+        }
+        if let Some(key) = &self.cache_key {
+            return Some(key.clone());
+        }
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        var("XDG_STATE_HOME")
+            .or_else(|| var("HOME").map(|h| h.join(".local").join("state")))
+            .map(|base| base.join("wasmgate").join("cache.key"))
     }
 
     /// The cache directory in use, if any.
@@ -264,9 +308,7 @@ impl Cli {
                 println!("then, from another terminal: wasmgate send 127.0.0.1:8008 hello");
                 Ok(ExitCode::SUCCESS)
             }
-            Some(Command::Compile { max_memory, cache_dir }) => {
-                Ok(crate::compiler::run_child(&max_memory, cache_dir.as_deref()))
-            }
+            Some(Command::Compile { max_memory }) => Ok(crate::compiler::run_child(&max_memory)),
             Some(Command::Send {
                 addr,
                 messages,
@@ -341,6 +383,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 batch: args.batch,
                 watch: !args.no_watch,
                 pools: args.upstream.clone(),
+                deny_source_ports: args.deny_source_ports.clone(),
             };
             config::check_pools(&spec.pools)?;
             (vec![spec], None)

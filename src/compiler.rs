@@ -3,7 +3,9 @@
 //! blocks), and a compile cannot be cancelled. So the gateway compiles in a child
 //! process, the `wasmgate` binary itself run as `wasmgate __compile`, under a
 //! memory limit and a deadline: past either it is killed and the module refused,
-//! saying which bound it hit. The child hands back wasmtime's serialized module.
+//! saying which bound it hit. The child hands back wasmtime's serialized module,
+//! which the parent keeps in the authenticated [`crate::cache`] and looks for
+//! there before starting a child.
 //!
 //! Library users and tests that trust their modules can compile in-process
 //! ([`Compiler::InProcess`], the default of [`crate::sandbox::Sandbox`]).
@@ -17,6 +19,7 @@ use anyhow::{Context as _, bail};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Module, Precompiled};
 
+use crate::cache::{Cache, Lookup};
 use crate::sandbox::{Compiled, MAX_MODULE_BYTES, compile, engine_config};
 
 /// The hidden subcommand the child runs.
@@ -49,12 +52,12 @@ pub enum Compiler {
     #[default]
     InProcess,
     /// In a child process running `program __compile`, under `bounds`, keeping
-    /// what it compiles in wasmtime's on-disk cache at `cache` (if any), so that
-    /// the next start with the same module skips the compile.
+    /// what it compiles in `cache` (if any), so that the next start with the
+    /// same module skips the compile.
     Child {
         program: PathBuf,
         bounds: CompileBounds,
-        cache: Option<PathBuf>,
+        cache: Option<Cache>,
     },
 }
 
@@ -63,7 +66,7 @@ impl Compiler {
     /// that is `/proc/self/exe`, the running image even after a package upgrade
     /// has replaced the file on disk (whose compiled modules this process could
     /// not load).
-    pub fn this_executable(bounds: CompileBounds, cache: Option<PathBuf>) -> anyhow::Result<Self> {
+    pub fn this_executable(bounds: CompileBounds, cache: Option<Cache>) -> anyhow::Result<Self> {
         let running = Path::new("/proc/self/exe");
         let program = if running.exists() {
             running.to_path_buf()
@@ -77,9 +80,10 @@ impl Compiler {
     pub(crate) fn compile(&self, engine: &Engine, bytes: &[u8]) -> anyhow::Result<Compiled> {
         match self {
             Self::InProcess => compile(engine, bytes),
-            Self::Child { program, bounds, cache } => {
-                compile_in_child(engine, program, *bounds, cache.as_deref(), bytes)
-            }
+            Self::Child { program, bounds, cache } => match cache {
+                Some(cache) => compile_cached(engine, program, *bounds, cache, bytes),
+                None => compile_in_child(engine, program, *bounds, bytes).map(|(compiled, _)| compiled),
+            },
         }
     }
 }
@@ -100,19 +104,49 @@ const POLL: Duration = Duration::from_millis(2);
 /// The most of the child's stderr kept for an error message.
 const MAX_ERROR_BYTES: u64 = 64 << 10;
 
+/// Takes the module from `cache` when an authentic entry is there; else
+/// compiles it in a child and stores the result. A refused entry is said once
+/// and replaced; a cache that cannot be written only costs the next start time.
+fn compile_cached(
+    engine: &Engine,
+    program: &PathBuf,
+    bounds: CompileBounds,
+    cache: &Cache,
+    bytes: &[u8],
+) -> anyhow::Result<Compiled> {
+    match cache.get(engine, bytes) {
+        Lookup::Hit(artifact) => match deserialize(engine, &artifact) {
+            Ok(compiled) => {
+                tracing::info!(cache = %cache.dir().display(), "compiled module found in the cache");
+                return Ok(compiled);
+            }
+            Err(e) => tracing::warn!(
+                cache = %cache.dir().display(),
+                "compile cache entry refused: it does not load ({e:#}); compiling afresh"
+            ),
+        },
+        Lookup::Rejected(why) => tracing::warn!(
+            cache = %cache.dir().display(),
+            "compile cache entry refused: it {why}; compiling afresh"
+        ),
+        Lookup::Miss => {}
+    }
+    let (compiled, serialized) = compile_in_child(engine, program, bounds, bytes)?;
+    if let Err(e) = cache.put(engine, bytes, &serialized) {
+        tracing::warn!("the compiled module could not be cached: {e:#}");
+    }
+    Ok(compiled)
+}
+
 fn compile_in_child(
     engine: &Engine,
     program: &PathBuf,
     bounds: CompileBounds,
-    cache: Option<&Path>,
     bytes: &[u8],
-) -> anyhow::Result<Compiled> {
+) -> anyhow::Result<(Compiled, Vec<u8>)> {
     let started = Instant::now();
     let mut command = Command::new(program);
     command.arg(CHILD_COMMAND).arg(bounds.max_memory.to_string());
-    if let Some(dir) = cache {
-        command.arg(dir);
-    }
     let child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -159,21 +193,28 @@ fn compile_in_child(
     if !status.success() {
         return Err(child_failure(status, error_text.trim(), bounds));
     }
+    let compiled =
+        deserialize(engine, &serialized).context("the compiling process sent back a module that cannot be loaded")?;
+    Ok((compiled, serialized))
+}
+
+/// Loads a serialized module or component.
+fn deserialize(engine: &Engine, serialized: &[u8]) -> anyhow::Result<Compiled> {
     // SAFETY: `deserialize` runs the machine code it is given, so the bytes must
     // come from wasmtime's own `serialize` for a compatible engine: they do, from
-    // this same executable in `run_child` (and wasmtime checks the header, version
-    // and engine settings). A child subverted by a hostile module could send
-    // anything, but compiling that module in-process would have given the same
-    // attacker this process already: the child takes away no trust.
-    let compiled = match Engine::detect_precompiled(&serialized) {
+    // this same executable in `run_child`, either just now or through the cache,
+    // whose entries are authenticated with a key only this user can read (and
+    // wasmtime checks the header, version and engine settings). A child subverted
+    // by a hostile module could send anything, but compiling that module
+    // in-process would have given the same attacker this process already: the
+    // child takes away no trust.
+    let compiled = match Engine::detect_precompiled(serialized) {
         // SAFETY: as above.
-        Some(Precompiled::Component) => unsafe { Component::deserialize(engine, &serialized) }.map(Compiled::Component),
+        Some(Precompiled::Component) => unsafe { Component::deserialize(engine, serialized) }.map(Compiled::Component),
         // SAFETY: as above.
-        _ => unsafe { Module::deserialize(engine, &serialized) }.map(Compiled::Module),
+        _ => unsafe { Module::deserialize(engine, serialized) }.map(Compiled::Module),
     };
-    compiled
-        .map_err(anyhow::Error::from)
-        .context("the compiling process sent back a module that cannot be loaded")
+    compiled.map_err(anyhow::Error::from)
 }
 
 /// Says why the child failed: the module's own error (exit status 1), or the
@@ -202,10 +243,10 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-/// The child's side: `wasmgate __compile MAX_MEMORY [CACHE_DIR]`. Reads a module
-/// from stdin, compiles it (or finds it in the cache) and writes the serialized
-/// module to stdout; on failure writes the reason to stderr and exits 1.
-pub fn run_child(max_memory: &str, cache: Option<&Path>) -> ExitCode {
+/// The child's side: `wasmgate __compile MAX_MEMORY`. Reads a module from stdin,
+/// compiles it and writes the serialized module to stdout; on failure writes the
+/// reason to stderr and exits 1.
+pub fn run_child(max_memory: &str) -> ExitCode {
     let result = (|| -> anyhow::Result<Vec<u8>> {
         let max_memory: u64 = max_memory.parse().context("bad memory bound")?;
         limit_this_process(max_memory)?;
@@ -213,16 +254,7 @@ pub fn run_child(max_memory: &str, cache: Option<&Path>) -> ExitCode {
         std::io::stdin()
             .take(MAX_MODULE_BYTES as u64 + 1)
             .read_to_end(&mut bytes)?;
-        let mut config = engine_config(None);
-        if let Some(dir) = cache {
-            // A cache that cannot be used only costs time: compile without it.
-            let mut cache_config = wasmtime::CacheConfig::new();
-            cache_config.with_directory(dir);
-            if let Ok(cache) = wasmtime::Cache::new(cache_config) {
-                config.cache(Some(cache));
-            }
-        }
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&engine_config(None))?;
         Ok(match compile(&engine, &bytes)? {
             Compiled::Module(module) => module.serialize()?,
             Compiled::Component(component) => component.serialize()?,

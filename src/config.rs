@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::pool::Policy;
 use crate::sandbox::{Isolation, Limits};
 use crate::server::DEFAULT_BATCH;
+use crate::source_filter::PortSet;
 use crate::text::{cut, quote};
 
 /// Everything needed to run one listener.
@@ -34,6 +35,8 @@ pub struct ListenerSpec {
     /// The upstream pools the guest may forward to (every listener has them all,
     /// each with its own sessions).
     pub pools: Vec<PoolSpec>,
+    /// Client source ports never answered (`0-1023` unless configured).
+    pub deny_source_ports: PortSet,
 }
 
 /// An upstream pool, as configured.
@@ -239,6 +242,7 @@ struct ListenerSection {
     max_reply_ratio: Option<f64>,
     batch: Option<usize>,
     watch: Option<bool>,
+    deny_source_ports: Option<String>,
 }
 
 /// A parsed and checked config file.
@@ -354,6 +358,13 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
             },
             watch: l.watch.unwrap_or(true),
             pools: pools.clone(),
+            deny_source_ports: match &l.deny_source_ports {
+                Some(s) => s
+                    .parse()
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| at("deny_source_ports"))?,
+                None => PortSet::default(),
+            },
         };
         if let Some(module) = &spec.module
             && !module.exists()

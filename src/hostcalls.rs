@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use wasmtime::{Caller, Engine, Extern, Linker, Memory, StoreLimits};
 
-use crate::abi::{CallError, HOST_MODULE, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
+use crate::abi::{Allowance, CallError, HOST_MODULE, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
 use crate::metrics::{DropReason, RateLimit};
 use crate::upstream::Upstreams;
 
@@ -37,10 +37,16 @@ impl HostState {
     /// Readies the state for one call about `peer`'s datagram: lends it the
     /// worker's sessions, empties the outbox with `budget` bytes for the client,
     /// and (inside `on_reply`) names the endpoint. [`HostState::take_back`] ends it.
-    pub(crate) fn lend(&mut self, peer: SocketAddr, net: &mut Option<Box<Upstreams>>, budget: usize, upstream: &str) {
+    pub(crate) fn lend(
+        &mut self,
+        peer: SocketAddr,
+        net: &mut Option<Box<Upstreams>>,
+        allowance: Allowance,
+        upstream: &str,
+    ) {
         self.peer = Some(peer);
         self.net = net.take();
-        self.out.reset(budget);
+        self.out.reset(allowance);
         self.upstream.push_str(upstream);
     }
 
@@ -110,6 +116,8 @@ pub(crate) struct Outbox {
     /// Bytes the guest may still send the client for this datagram.
     pub(crate) budget: usize,
     calls: u32,
+    /// Calls this call may make (fewer inside a long `on_reply` chain).
+    call_limit: u32,
     pub(crate) forwarded: u32,
     /// Refusals by reason, until the worker takes them ([`Outbox::take_refused`]).
     refused: [u32; CallError::ALL.len()],
@@ -118,11 +126,12 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    /// Empties the outbox for a call that may send `budget` bytes to the client.
-    pub(crate) fn reset(&mut self, budget: usize) {
+    /// Empties the outbox for a call with `allowance`.
+    pub(crate) fn reset(&mut self, allowance: Allowance) {
         self.data.clear();
         self.ends.clear();
-        self.budget = budget;
+        self.budget = allowance.bytes;
+        self.call_limit = allowance.calls.min(MAX_CALLS_PER_DATAGRAM);
         self.calls = 0;
         self.forwarded = 0;
         self.refused = [0; CallError::ALL.len()];
@@ -167,9 +176,14 @@ impl Outbox {
         self.first_refusal.get_or_insert(error);
     }
 
-    /// Counts a call, refusing it past the per-datagram limit.
+    /// The `forward`/`send` calls made, refused ones included.
+    pub(crate) fn calls(&self) -> u32 {
+        self.calls
+    }
+
+    /// Counts a call, refusing it past the call's limit.
     fn count_call(&mut self) -> Result<(), CallError> {
-        if self.calls >= MAX_CALLS_PER_DATAGRAM {
+        if self.calls >= self.call_limit {
             return Err(CallError::TooMany);
         }
         self.calls += 1;

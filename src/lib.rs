@@ -12,6 +12,7 @@
 //! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: the wasmtime engine, loading modules, running a guest under limits.
 //! - [`compiler`]: compiling a module in a child process under time and memory bounds.
+//! - [`cache`]: compiled modules kept on disk, trusted only when their HMAC checks out.
 //! - [`abi`]: the two kinds of guest (ABI v1 and WASI command) and their checks (pure).
 //! - `hostcalls`: the functions ABI v1 guests may import (`wasmgate.*`, `env.abort`),
 //!   the forwarding calls among them.
@@ -22,6 +23,8 @@
 //! - [`upstream`]: forwarding per worker: sessions (a connected socket each), idle
 //!   expiry, passive health, pools reloaded while they serve.
 //! - [`exposition`]: Prometheus metrics over HTTP, read from the counters at scrape time.
+//! - [`source_filter`]: the client sources never answered (denied ports, our own
+//!   sockets, upstream endpoints), so that a spoofed datagram cannot start a loop.
 //! - [`text`]: outside text (guest logs, file contents, replies) escaped and cut for printing.
 //!
 //! # Running a guest without a network
@@ -38,6 +41,7 @@
 //! ```
 
 pub mod abi;
+pub mod cache;
 pub mod cli;
 pub mod compiler;
 pub mod component;
@@ -51,6 +55,7 @@ pub mod reload;
 pub mod sandbox;
 pub mod server;
 pub mod service;
+pub mod source_filter;
 pub mod text;
 pub mod udp;
 pub mod upstream;

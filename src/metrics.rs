@@ -39,11 +39,14 @@ pub enum DropReason {
     SessionOverflow,
     /// The guest's forwards failed at the upstream socket, and it sent nothing.
     UpstreamError,
+    /// The source may not be answered (a denied port, the gateway's own socket, an
+    /// upstream endpoint): answering could start a loop. The guest never saw it.
+    DeniedSource,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Timeout,
         Self::Trap,
         Self::BadAlloc,
@@ -56,6 +59,7 @@ impl DropReason {
         Self::NoHealthyEndpoint,
         Self::SessionOverflow,
         Self::UpstreamError,
+        Self::DeniedSource,
     ];
 
     /// A stable position in [`DropReason::ALL`], used to index counter arrays.
@@ -78,6 +82,7 @@ impl DropReason {
             Self::NoHealthyEndpoint => "no_healthy_endpoint",
             Self::SessionOverflow => "session_overflow",
             Self::UpstreamError => "upstream_error",
+            Self::DeniedSource => "denied_source",
         }
     }
 

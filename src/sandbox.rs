@@ -26,7 +26,7 @@ use wasmtime::{
     PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap, TypedFunc,
 };
 
-use crate::abi::{self, CallError, GuestKind, MAX_DATAGRAM, NO_REPLY};
+use crate::abi::{self, Allowance, CallError, GuestKind, MAX_DATAGRAM, NO_REPLY};
 use crate::compiler::Compiler;
 use crate::component::{self as wit, ComponentHost, ComponentPre, Exports};
 use crate::hostcalls::{self, HostState, Outbox};
@@ -692,16 +692,8 @@ struct Call<'a> {
     datagram: &'a [u8],
     peer: SocketAddr,
     upstream: &'a str,
-}
-
-/// The bytes the answers to a datagram of `len` bytes may total: `max_ratio` × `len`
-/// (no cap when the ratio is 0).
-fn reply_budget(len: usize, max_ratio: f64) -> usize {
-    if max_ratio > 0.0 {
-        (max_ratio * len as f64).floor() as usize
-    } else {
-        usize::MAX
-    }
+    /// What the call may do; `None`: what a request of this size earns.
+    allowance: Option<Allowance>,
 }
 
 impl Live {
@@ -715,8 +707,10 @@ impl Live {
         max_ratio: f64,
     ) -> Result<Option<Range<usize>>, Rejection> {
         self.store.set_epoch_deadline(deadline_ticks);
-        let budget = reply_budget(call.datagram.len(), max_ratio);
-        self.store.data_mut().lend(call.peer, net, budget, call.upstream);
+        let allowance = call
+            .allowance
+            .unwrap_or_else(|| Allowance::for_request(call.datagram.len(), max_ratio));
+        self.store.data_mut().lend(call.peer, net, allowance, call.upstream);
         let result = self.run(call);
         self.store.data_mut().take_back(net);
         result
@@ -767,8 +761,13 @@ impl LiveComponent {
         max_ratio: f64,
     ) -> Result<bool, Rejection> {
         self.store.set_epoch_deadline(sandbox.inner.deadline_ticks);
-        let budget = reply_budget(call.datagram.len(), max_ratio);
-        self.store.data_mut().calls.lend(call.peer, net, budget, call.upstream);
+        let allowance = call
+            .allowance
+            .unwrap_or_else(|| Allowance::for_request(call.datagram.len(), max_ratio));
+        self.store
+            .data_mut()
+            .calls
+            .lend(call.peer, net, allowance, call.upstream);
         // A client sends many datagrams: its address is written out once.
         if self.peer.as_ref().is_none_or(|(addr, _)| *addr != call.peer) {
             self.peer = Some((call.peer, call.peer.to_string()));
@@ -823,6 +822,11 @@ impl Answer<'_> {
             any = true;
         }
         any
+    }
+
+    /// The `forward`/`send` calls made, refused ones included.
+    pub fn calls(&self) -> u32 {
+        self.out.calls()
     }
 
     /// How many `forward`/`forward_key` calls handed the datagram to an upstream.
@@ -899,6 +903,7 @@ impl Guest {
             datagram,
             peer,
             upstream: "",
+            allowance: None,
         };
         self.run(&call, net)
     }
@@ -915,6 +920,16 @@ impl Guest {
         out.map(Outbox::take_refused).into_iter().flatten()
     }
 
+    /// The `forward`/`send` calls the last call made, refused ones included,
+    /// whatever its outcome.
+    pub fn last_calls(&mut self) -> u32 {
+        match (&mut self.live, &mut self.component) {
+            (Some(l), _) => l.store.data().out.calls(),
+            (None, Some(c)) => c.store.data().calls.out.calls(),
+            (None, None) => 0,
+        }
+    }
+
     /// Whether the program exports `on_reply`; without it, upstream datagrams go
     /// to the client unchanged and never enter the guest.
     pub fn has_on_reply(&self) -> bool {
@@ -922,19 +937,23 @@ impl Guest {
     }
 
     /// Runs `on_reply` on a datagram that `upstream` (`POOL/ip:port`) sent back
-    /// for client `peer`. Call only when [`Guest::has_on_reply`].
+    /// for client `peer`, within `allowance`: what is left of what the client's
+    /// own datagrams earned (bytes by the reply ratio, calls by the chain limit).
+    /// Call only when [`Guest::has_on_reply`].
     pub fn on_reply(
         &mut self,
         datagram: &[u8],
         peer: SocketAddr,
         upstream: &str,
         net: &mut Option<Box<Upstreams>>,
+        allowance: Allowance,
     ) -> Result<Answer<'_>, Rejection> {
         let call = Call {
             entry: Entry::OnReply,
             datagram,
             peer,
             upstream,
+            allowance: Some(allowance),
         };
         self.run(&call, net)
     }
@@ -1063,6 +1082,7 @@ impl fmt::Display for Rejection {
             DropReason::NoHealthyEndpoint => f.write_str("every endpoint of the pool is ejected"),
             DropReason::SessionOverflow => f.write_str("the pool's session limit (max_sessions) is reached"),
             DropReason::UpstreamError => f.write_str("the datagram could not be sent upstream"),
+            DropReason::DeniedSource => f.write_str("the source may not be answered"),
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::abi::MAX_DATAGRAM;
 use crate::config::PoolSpec;
 use crate::metrics::{Counters, DropReason, RateLimit, Snapshot, Stats};
 use crate::sandbox::{Guest, Isolation, Program, Sandbox, WORKER_STACK_BYTES};
+use crate::source_filter::{PortCounts, PortSet, SourceFilter, listening_ports};
 use crate::udp::{RecvBatch, SendBatch, Sent, report_queue_overflows};
 use crate::upstream::{LISTENER, Pools, Recv, Upstreams};
 
@@ -68,6 +69,9 @@ pub struct ServeConfig {
     pub native: Option<fn() -> Box<dyn Native>>,
     /// Upstream pools the guest may forward to; none: the guest only answers.
     pub pools: Vec<PoolSpec>,
+    /// Client source ports never answered (a loop defence); the gateway's own
+    /// sockets and its pools' endpoints are never answered either.
+    pub deny_source_ports: PortSet,
 }
 
 impl Default for ServeConfig {
@@ -80,6 +84,7 @@ impl Default for ServeConfig {
             batch: DEFAULT_BATCH,
             native: None,
             pools: Vec::new(),
+            deny_source_ports: PortSet::default(),
         }
     }
 }
@@ -101,6 +106,8 @@ struct Shared {
     warnings: [RateLimit; DropReason::ALL.len() + 1],
     /// The upstream pools, when the guest may forward; replaced by a reload.
     pools: Option<ArcSwap<Pools>>,
+    /// The local ports of this gateway's session sockets, which it never answers.
+    session_ports: Arc<PortCounts>,
 }
 
 impl Gateway {
@@ -115,12 +122,15 @@ impl Gateway {
         let sockets =
             bind_group(config.listen, workers).with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = sockets[0].local_addr()?;
+        // Unregistered when the gateway is dropped.
+        listening_ports().add(local_addr.port());
         let shared = Arc::new(Shared {
             program: ArcSwap::from_pointee(program),
             stats: Stats::with_workers(sockets.len()),
             stop: AtomicBool::new(false),
             warnings: std::array::from_fn(|_| RateLimit::new(WARNINGS_PER_SECOND)),
             pools,
+            session_ports: Arc::new(PortCounts::default()),
         });
         let mut gateway = Self {
             local_addr,
@@ -143,7 +153,14 @@ impl Gateway {
                 Some(pools) => {
                     let poll = mio::Poll::new().context("cannot create a poller")?;
                     let registry = poll.registry().try_clone().context("cannot create a poller")?;
-                    let net = Upstreams::new(pools.load_full(), i, registry, Arc::clone(&counters));
+                    let net = Upstreams::new(
+                        pools.load_full(),
+                        i,
+                        registry,
+                        Arc::clone(&counters),
+                        Arc::clone(&gateway.shared.session_ports),
+                        config.max_reply_ratio,
+                    );
                     Some((poll, Box::new(net)))
                 }
                 None => None,
@@ -156,6 +173,7 @@ impl Gateway {
                     handler,
                     shared: Arc::clone(&gateway.shared),
                     counters,
+                    filter: SourceFilter::new(config.deny_source_ports.clone(), local_addr),
                 },
             };
             let thread = std::thread::Builder::new()
@@ -213,6 +231,7 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop();
+        listening_ports().remove(self.local_addr.port());
     }
 }
 
@@ -363,13 +382,20 @@ struct Core {
     handler: Handler,
     shared: Arc<Shared>,
     counters: Arc<Counters>,
+    /// The sources this worker never answers.
+    filter: SourceFilter,
 }
 
 /// How long the shutdown drain waits for upstream replies still on their way.
 const DRAIN: Duration = Duration::from_millis(500);
 
-/// Listener batches taken per wake-up before the sessions get their turn.
+/// Listener batches taken per turn before the sessions get theirs.
 const LISTENER_ROUNDS: usize = 8;
+
+/// Session batches taken per turn (one per ready session, oldest first) before
+/// the listener gets its turn: a flooding upstream costs its own sessions, not
+/// the clients waiting on the listener.
+const SESSION_ROUNDS: usize = 16;
 
 impl Worker {
     fn run(mut self) {
@@ -420,7 +446,8 @@ impl Worker {
         while !self.stopping() {
             match rx.recv(&self.socket) {
                 Ok(n) => {
-                    self.core.take_batch(&rx, n, &mut overflows_seen, &mut net, &mut tx);
+                    self.core
+                        .take_batch(&rx, n, &mut overflows_seen, &mut net, &mut tx, &self.socket);
                     self.core.flush(&mut tx, &self.socket);
                 }
                 Err(e) => self.core.recv_failed(e),
@@ -452,9 +479,12 @@ impl Worker {
             return;
         }
         let mut next_sweep = Instant::now();
-        // Edge-triggered: the listener is read until it is empty, a few batches
-        // per wake-up, and remembered as ready when it was not emptied.
+        // Edge-triggered: a socket is read a bounded amount per turn and kept
+        // as ready while it may hold more; the listener and each session take
+        // turns, so that no socket, however flooded, starves the others.
         let mut listener_ready = true;
+        let mut ready = std::collections::VecDeque::new();
+        let mut queued = std::collections::HashSet::new();
         let mut drain_until: Option<Instant> = None;
         loop {
             let now = Instant::now();
@@ -467,7 +497,7 @@ impl Worker {
             {
                 break;
             }
-            let timeout = if listener_ready {
+            let timeout = if listener_ready || !ready.is_empty() {
                 Duration::ZERO
             } else {
                 POLL_INTERVAL.min(next_sweep.saturating_duration_since(now))
@@ -491,18 +521,33 @@ impl Worker {
             for event in &events {
                 if event.token() == LISTENER {
                     listener_ready = drain_until.is_none();
-                    continue;
+                } else if queued.insert(event.token()) {
+                    ready.push_back(event.token());
                 }
-                // Everything the session holds, each through `on_reply` or straight on.
-                while let Some(n) = net.as_mut()
-                    && let Recv::Datagrams(count) = n.recv(event.token(), &mut upstream_rx)
-                {
-                    let Some(session) = n.session(event.token()) else { break };
-                    let client = session.client;
-                    label.clear();
-                    label.push_str(&session.label);
-                    for (datagram, _) in (0..count).filter_map(|i| upstream_rx.get(i)) {
-                        self.core.upstream_datagram(datagram, client, &label, &mut net, &mut tx);
+            }
+            // One batch from each ready session, each datagram through
+            // `on_reply` or straight on; a session that filled its batch may
+            // hold more and waits for its next turn at the back.
+            for _ in 0..ready.len().min(SESSION_ROUNDS) {
+                let Some(token) = ready.pop_front() else { break };
+                let Some(n) = net.as_mut() else { break };
+                let Recv::Datagrams(count) = n.recv(token, &mut upstream_rx) else {
+                    queued.remove(&token);
+                    continue;
+                };
+                if count < upstream_rx.capacity() {
+                    queued.remove(&token);
+                } else {
+                    ready.push_back(token);
+                }
+                let Some(session) = n.session(token) else { continue };
+                let client = session.client;
+                label.clear();
+                label.push_str(&session.label);
+                for (datagram, _) in (0..count).filter_map(|i| upstream_rx.get(i)) {
+                    self.core.upstream_datagram(datagram, client, &label, &mut net, &mut tx);
+                    if tx.is_full() {
+                        self.core.flush(&mut tx, &self.socket);
                     }
                 }
             }
@@ -511,7 +556,8 @@ impl Worker {
                 for _ in 0..LISTENER_ROUNDS {
                     match rx.recv(&self.socket) {
                         Ok(n) => {
-                            self.core.take_batch(&rx, n, &mut overflows_seen, &mut net, &mut tx);
+                            self.core
+                                .take_batch(&rx, n, &mut overflows_seen, &mut net, &mut tx, &self.socket);
                             self.core.flush(&mut tx, &self.socket);
                             listener_ready = true;
                         }
@@ -546,6 +592,7 @@ impl Core {
         overflows_seen: &mut u32,
         net: &mut Option<Box<Upstreams>>,
         tx: &mut SendBatch,
+        socket: &UdpSocket,
     ) {
         if let Some(total) = rx.queue_overflows() {
             self.counters
@@ -565,6 +612,9 @@ impl Core {
                 continue;
             };
             self.respond(datagram, peer, net, &mut |reply, to| tx.push(reply, to));
+            if tx.is_full() {
+                self.flush(tx, socket);
+            }
         }
     }
 
@@ -586,15 +636,21 @@ impl Core {
         emit: &mut dyn FnMut(&[u8], SocketAddr),
     ) {
         let shown = unmapped(peer);
+        let endpoint = |addr| net.as_ref().is_some_and(|n| n.is_endpoint(addr));
+        if let Err(why) = self.filter.check(shown, Some(&self.shared.session_ports), endpoint) {
+            drop_datagram(&self.shared, &self.counters, DropReason::DeniedSource, shown, &why);
+            return;
+        }
         self.handler.refresh(&self.shared.program.load());
         let started = Instant::now();
         if let Some(n) = net.as_mut() {
-            n.begin(peer);
+            n.client_datagram(peer, datagram.len());
         }
         let Self {
             handler,
             shared,
             counters,
+            ..
         } = self;
         match handler {
             Handler::Native(native, out) => {
@@ -638,7 +694,10 @@ impl Core {
     }
 
     /// A datagram an upstream sent back for `client` (as received): through
-    /// `on_reply` when the guest has it, else straight to the client.
+    /// `on_reply` when the guest has it, else straight to the client. Either
+    /// way what reaches a client that has not proven its address is held to
+    /// the reply ratio of what it sent, and the calls `on_reply` makes count
+    /// against the chain its last datagram started.
     fn upstream_datagram(
         &mut self,
         datagram: &[u8],
@@ -647,42 +706,66 @@ impl Core {
         net: &mut Option<Box<Upstreams>>,
         tx: &mut SendBatch,
     ) {
+        let Some(n) = net.as_mut() else { return };
+        let allowance = n.allowance(client);
+        let shown = unmapped(client);
         let guest = match &mut self.handler {
             Handler::Guest(guest) if guest.has_on_reply() => guest,
             _ => {
-                tx.push(datagram, client);
+                if datagram.len() <= allowance.bytes {
+                    n.charge(client, datagram.len(), 0);
+                    tx.push(datagram, client);
+                } else {
+                    let why = "the answer is larger than --max-reply-ratio times what the client sent";
+                    self.upstream_dropped(DropReason::Amplification, shown, upstream, &why);
+                }
                 return;
             }
         };
-        if let Some(n) = net.as_mut() {
-            n.begin(client);
-        }
-        let shown = unmapped(client);
+        n.begin(client);
         let started = Instant::now();
-        let result = guest.on_reply(datagram, shown, upstream, net);
+        let result = guest.on_reply(datagram, shown, upstream, net, allowance);
         self.counters.guest_time(started.elapsed());
+        let mut bytes = 0;
         match result {
             Ok(answer) => {
-                if !answer.each_datagram(|d| tx.push(d, client)) && answer.forwarded() == 0 {
+                if !answer.each_datagram(|d| {
+                    bytes += d.len();
+                    tx.push(d, client);
+                }) && answer.forwarded() == 0
+                {
                     self.counters.upstream_dropped(DropReason::NoReply);
                 }
             }
             Err(rejection) => {
-                self.counters.upstream_dropped(rejection.reason);
-                if let Some(suppressed) = self.shared.warnings[rejection.reason.index()].allow() {
-                    let program = self.shared.program.load();
-                    tracing::warn!(
-                        peer = %shown,
-                        upstream,
-                        reason = %rejection.reason,
-                        module = program.origin(),
-                        suppressed,
-                        "dropped an upstream datagram: {rejection}"
-                    );
-                }
+                let reason = rejection.reason;
+                self.upstream_dropped(reason, shown, upstream, &rejection);
             }
         }
-        count_refused(&self.counters, guest);
+        if let Handler::Guest(guest) = &mut self.handler {
+            // Counted whatever the outcome: a call that trapped after forwarding
+            // has still spent them.
+            if let Some(n) = net.as_mut() {
+                n.charge(client, bytes, guest.last_calls());
+            }
+            count_refused(&self.counters, guest);
+        }
+    }
+
+    /// Counts an upstream datagram dropped, and says why unless said too often lately.
+    fn upstream_dropped(&self, reason: DropReason, peer: SocketAddr, upstream: &str, why: &dyn std::fmt::Display) {
+        self.counters.upstream_dropped(reason);
+        if let Some(suppressed) = self.shared.warnings[reason.index()].allow() {
+            let program = self.shared.program.load();
+            tracing::warn!(
+                %peer,
+                upstream,
+                %reason,
+                module = program.origin(),
+                suppressed,
+                "dropped an upstream datagram: {why}"
+            );
+        }
     }
 
     fn recv_failed(&mut self, e: io::Error) {

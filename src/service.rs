@@ -120,6 +120,7 @@ pub fn run(
             batch: spec.batch,
             pools: spec.pools.clone(),
             native: None,
+            deny_source_ports: spec.deny_source_ports.clone(),
         };
         let gateway =
             Gateway::start(&sandbox, program, &config).with_context(|| format!("listener `{}`", spec.name))?;

@@ -80,6 +80,11 @@ pub fn report_queue_overflows(socket: &UdpSocket) -> io::Result<()> {
 }
 
 impl RecvBatch {
+    /// Datagrams one receive call may take.
+    pub fn capacity(&self) -> usize {
+        self.headers.len()
+    }
+
     /// `capacity` slots of `slot` bytes each. Pages are only touched when a datagram
     /// that large arrives.
     pub fn new(capacity: usize, slot: usize) -> Self {
@@ -184,6 +189,8 @@ impl RecvBatch {
 /// Collects replies (copied out of guest memory) and sends them with one
 /// `sendmmsg` call per flush.
 pub struct SendBatch {
+    /// Replies queued before the batch counts as full and must be flushed.
+    capacity: usize,
     data: Vec<u8>,
     entries: Vec<(Range<usize>, SockAddr)>,
     iovecs: Vec<libc::iovec>,
@@ -200,11 +207,18 @@ impl SendBatch {
     /// Room for `capacity` replies of up to `max_len` bytes each.
     pub fn new(capacity: usize, max_len: usize) -> Self {
         Self {
+            capacity: capacity.max(1),
             data: Vec::with_capacity(capacity * max_len),
             entries: Vec::with_capacity(capacity),
             iovecs: Vec::with_capacity(capacity),
             headers: Vec::with_capacity(capacity),
         }
+    }
+
+    /// Whether as many replies are queued as one flush is meant to send: the
+    /// caller flushes before queueing more, so memory stays what `new` took.
+    pub fn is_full(&self) -> bool {
+        self.entries.len() >= self.capacity
     }
 
     /// Queues a copy of `reply` for `peer`.

@@ -18,10 +18,11 @@ use anyhow::Context as _;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use crate::abi::CallError;
+use crate::abi::{Allowance, CallError, MAX_CALLS_PER_DATAGRAM};
 use crate::config::PoolSpec;
 use crate::metrics::{Counters, RateLimit};
 use crate::pool::Pool;
+use crate::source_filter::PortCounts;
 use crate::udp::RecvBatch;
 
 /// The token of the listener socket; session `k` has token `k + 1`.
@@ -50,6 +51,8 @@ pub struct EndpointCounters {
 /// worker adopts it at its next wake-up.
 pub struct Pools {
     pools: Vec<Configured>,
+    /// Every endpoint's address: none of them is ever answered as a client.
+    endpoints: std::collections::HashSet<SocketAddr>,
     workers: usize,
     health_lines: Arc<RateLimit>,
 }
@@ -120,6 +123,7 @@ impl Pools {
             });
         }
         Ok(Self {
+            endpoints: pools.iter().flat_map(|c| c.addrs.iter().copied()).collect(),
             pools,
             workers,
             health_lines: old.map_or_else(
@@ -138,6 +142,11 @@ impl Pools {
                 .iter()
                 .zip(&other.pools)
                 .all(|(a, b)| a.spec == b.spec && a.addrs == b.addrs)
+    }
+
+    /// Whether `addr` is an endpoint of one of the pools.
+    pub fn is_endpoint(&self, addr: SocketAddr) -> bool {
+        self.endpoints.contains(&addr)
     }
 
     /// The configured pools.
@@ -185,6 +194,8 @@ impl Pools {
 /// One client's conversation with one endpoint.
 pub struct Session {
     socket: mio::net::UdpSocket,
+    /// The socket's local port, registered as one of the gateway's own.
+    port: u16,
     /// The client as the listener socket received it (where replies go).
     pub client: SocketAddr,
     pool: usize,
@@ -226,6 +237,68 @@ struct WorkerPool {
     retired: bool,
 }
 
+/// Client datagrams sent after the first answer that make a client count as
+/// having proven its address: a spoofer does not see the answers it causes, a
+/// real client goes on talking.
+pub const VALIDATED_AFTER: u32 = 2;
+
+/// What one client with sessions has earned and spent: the upstream answers it
+/// may be sent, and the `forward`/`send` calls `on_reply` may still make for
+/// it. Kept while the client has a session.
+#[derive(Debug)]
+struct Ledger {
+    /// Bytes the client sent (its datagrams that reached the guest).
+    received: u64,
+    /// Bytes of upstream answers (through `on_reply` or straight) sent to it.
+    sent: u64,
+    /// Whether any answer was sent to it.
+    answered: bool,
+    /// Its datagrams after the first answer.
+    after_answer: u32,
+    /// Calls `on_reply` may still make until the client's next datagram.
+    calls_left: u32,
+    sessions: u32,
+}
+
+impl Ledger {
+    fn new(received: usize) -> Self {
+        Self {
+            received: received as u64,
+            sent: 0,
+            answered: false,
+            after_answer: 0,
+            calls_left: MAX_CALLS_PER_DATAGRAM,
+            sessions: 0,
+        }
+    }
+
+    fn on_datagram(&mut self, len: usize) {
+        self.received = self.received.saturating_add(len as u64);
+        if self.answered {
+            self.after_answer = self.after_answer.saturating_add(1);
+        }
+        self.calls_left = MAX_CALLS_PER_DATAGRAM;
+    }
+
+    /// Bytes the client may still be sent: `ratio` × what it sent, less what it
+    /// was sent; no cap once it is validated or with a ratio of 0.
+    fn bytes_left(&self, ratio: f64) -> usize {
+        if ratio <= 0.0 || self.after_answer >= VALIDATED_AFTER {
+            return usize::MAX;
+        }
+        let earned = (ratio * self.received as f64).floor() as u64;
+        usize::try_from(earned.saturating_sub(self.sent)).unwrap_or(usize::MAX)
+    }
+
+    fn charge(&mut self, bytes: usize, calls: u32) {
+        if bytes > 0 {
+            self.sent = self.sent.saturating_add(bytes as u64);
+            self.answered = true;
+        }
+        self.calls_left = self.calls_left.saturating_sub(calls);
+    }
+}
+
 /// A worker's forwarding state.
 pub struct Upstreams {
     shared: Arc<Pools>,
@@ -238,17 +311,32 @@ pub struct Upstreams {
     affinity: HashMap<(SocketAddr, usize), usize>,
     registry: Registry,
     counters: Arc<Counters>,
+    /// The local ports of every session of the gateway (all workers).
+    ports: Arc<PortCounts>,
     /// The time of the batch being handled (read once per wake-up, not per datagram).
     now: Instant,
     /// The client the guest is answering, as received, and its hash key.
     client: Option<SocketAddr>,
     client_key: [u8; 18],
     client_key_len: usize,
+    /// The size of the client datagram being handled, for a new ledger.
+    client_len: usize,
+    /// What each client with a session has earned and spent.
+    ledgers: HashMap<SocketAddr, Ledger>,
+    /// The listener's `max_reply_ratio`, which holds for upstream answers too.
+    max_ratio: f64,
 }
 
 impl Upstreams {
     /// Worker `worker`'s share of `shared`, registering session sockets with `registry`.
-    pub fn new(shared: Arc<Pools>, worker: usize, registry: Registry, counters: Arc<Counters>) -> Self {
+    pub fn new(
+        shared: Arc<Pools>,
+        worker: usize,
+        registry: Registry,
+        counters: Arc<Counters>,
+        ports: Arc<PortCounts>,
+        max_ratio: f64,
+    ) -> Self {
         let mut this = Self {
             shared: Arc::clone(&shared),
             worker,
@@ -258,10 +346,14 @@ impl Upstreams {
             affinity: HashMap::new(),
             registry,
             counters,
+            ports,
             now: Instant::now(),
             client: None,
             client_key: [0; 18],
             client_key_len: 0,
+            client_len: 0,
+            ledgers: HashMap::new(),
+            max_ratio,
         };
         this.adopt(shared);
         this
@@ -307,9 +399,44 @@ impl Upstreams {
         self.shared = shared;
     }
 
+    /// Whether `addr` is an endpoint of the pools in use.
+    pub fn is_endpoint(&self, addr: SocketAddr) -> bool {
+        self.shared.is_endpoint(addr)
+    }
+
     /// Sets the time for what follows.
     pub fn set_now(&mut self, now: Instant) {
         self.now = now;
+    }
+
+    /// A datagram of `len` bytes from `client` is about to reach the guest: what
+    /// it earns (answers within the reply ratio, a new chain of calls) is noted.
+    pub fn client_datagram(&mut self, client: SocketAddr, len: usize) {
+        self.client_len = len;
+        if let Some(ledger) = self.ledgers.get_mut(&client) {
+            ledger.on_datagram(len);
+        }
+        self.begin(client);
+    }
+
+    /// What an upstream answer to `client` may still bring it: bytes within the
+    /// reply ratio, and calls of the `on_reply` chain its last datagram started.
+    pub fn allowance(&self, client: SocketAddr) -> Allowance {
+        match self.ledgers.get(&client) {
+            Some(l) => Allowance {
+                bytes: l.bytes_left(self.max_ratio),
+                calls: l.calls_left,
+            },
+            None => Allowance { bytes: 0, calls: 0 },
+        }
+    }
+
+    /// Counts `bytes` sent to `client` from upstream answers, and `calls` made
+    /// by `on_reply` on its behalf.
+    pub fn charge(&mut self, client: SocketAddr, bytes: usize, calls: u32) {
+        if let Some(ledger) = self.ledgers.get_mut(&client) {
+            ledger.charge(bytes, calls);
+        }
     }
 
     /// The guest is about to answer `client` (as received by the listener socket).
@@ -398,14 +525,17 @@ impl Upstreams {
         }
         let addr = wp.pool.endpoints()[endpoint].addr;
         let socket = connect(addr).map_err(|_| CallError::UpstreamError)?;
+        let port = socket.local_addr().map_err(|_| CallError::UpstreamError)?.port();
         let entry = self.sessions.vacant_entry();
         let s = entry.key();
         let mut socket = mio::net::UdpSocket::from_std(socket);
         self.registry
             .register(&mut socket, Token(s + 1), Interest::READABLE)
             .map_err(|_| CallError::UpstreamError)?;
+        self.ports.add(port);
         entry.insert(Session {
             socket,
+            port,
             client,
             pool: p,
             endpoint: addr,
@@ -420,6 +550,11 @@ impl Upstreams {
         wp.counters[endpoint].sessions_created.fetch_add(1, Relaxed);
         wp.counters[endpoint].sessions_active.fetch_add(1, Relaxed);
         self.routes.insert((client, p, addr), s);
+        let client_len = self.client_len;
+        self.ledgers
+            .entry(client)
+            .or_insert_with(|| Ledger::new(client_len))
+            .sessions += 1;
         self.counters.session_created(self.sessions.len());
         Ok(s)
     }
@@ -452,9 +587,16 @@ impl Upstreams {
         }
         let mut session = self.sessions.remove(s);
         let _ = self.registry.deregister(&mut session.socket);
+        self.ports.remove(session.port);
         self.routes.remove(&(session.client, session.pool, session.endpoint));
         if self.affinity.get(&(session.client, session.pool)) == Some(&s) {
             self.affinity.remove(&(session.client, session.pool));
+        }
+        if let Some(ledger) = self.ledgers.get_mut(&session.client) {
+            ledger.sessions -= 1;
+            if ledger.sessions == 0 {
+                self.ledgers.remove(&session.client);
+            }
         }
         session.counters.sessions_active.fetch_sub(1, Relaxed);
         if expired {

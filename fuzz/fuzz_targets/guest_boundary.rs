@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use wasmgate::abi::Allowance;
 use wasmgate::sandbox::{Guest, Isolation, Limits, Sandbox};
 
 /// The exports a generated module must have, with their types.
@@ -106,7 +107,8 @@ fuzz_target!(|data: &[u8]| {
             let outcome = if entry == 0 {
                 guest.handle_with(datagram, peer, &mut None)
             } else if guest.has_on_reply() {
-                guest.on_reply(datagram, peer, "pool/192.0.2.8:53", &mut None)
+                let allowance = Allowance::for_request(datagram.len(), 3.0);
+                guest.on_reply(datagram, peer, "pool/192.0.2.8:53", &mut None, allowance)
             } else {
                 continue;
             };

@@ -1,0 +1,287 @@
+//! Which client sources a listener never answers, so that one spoofed datagram
+//! cannot start a loop (the "Loop DoS" class, CVE-2024-2169): a gateway answering
+//! itself, another listener of this process, its own session sockets, an endpoint
+//! of its own pools, or a service on a well-known port that answers everything.
+//!
+//! The check runs before the guest, costs a bit test and a hash lookup, and
+//! touches the system only for a source on one of our own ports (to learn whether
+//! its address is one of this host's).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
+
+/// Source ports refused by default: the well-known ports, where the services
+/// that answer anything live (echo, chargen, daytime, DNS, NTP, TFTP, …), and
+/// port 0, which no real client sends from.
+pub const DEFAULT_DENIED_PORTS: &str = "0-1023";
+
+/// A set of UDP ports, as `--deny-source-ports` gives it: `0-1023,5353`, or `none`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PortSet {
+    bits: Box<[u64; 1024]>,
+}
+
+impl PortSet {
+    /// No port.
+    pub fn none() -> Self {
+        Self {
+            bits: Box::new([0; 1024]),
+        }
+    }
+
+    pub fn insert(&mut self, port: u16) {
+        self.bits[usize::from(port) / 64] |= 1 << (port % 64);
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.bits[usize::from(port) / 64] & (1 << (port % 64)) != 0
+    }
+
+    /// The set as ranges, lowest first.
+    fn ranges(&self) -> Vec<(u16, u16)> {
+        let mut out: Vec<(u16, u16)> = Vec::new();
+        for port in 0..=u16::MAX {
+            if !self.contains(port) {
+                continue;
+            }
+            match out.last_mut() {
+                Some((_, end)) if u32::from(*end) + 1 == u32::from(port) => *end = port,
+                _ => out.push((port, port)),
+            }
+        }
+        out
+    }
+}
+
+impl Default for PortSet {
+    /// [`DEFAULT_DENIED_PORTS`].
+    fn default() -> Self {
+        let mut set = Self::none();
+        for port in 0..1024 {
+            set.insert(port);
+        }
+        set
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut set = Self::none();
+        let s = s.trim();
+        if s == "none" || s.is_empty() {
+            return Ok(set);
+        }
+        for item in s.split(',').map(str::trim) {
+            let port = |p: &str| {
+                p.trim()
+                    .parse::<u16>()
+                    .map_err(|_| format!("`{}` is not a port (0 to 65535)", crate::text::cut(p, 40)))
+            };
+            let (first, last) = match item.split_once('-') {
+                Some((a, b)) => (port(a)?, port(b)?),
+                None => (port(item)?, port(item)?),
+            };
+            if first > last {
+                return Err(format!("`{item}` is an empty range: give LOW-HIGH"));
+            }
+            for p in first..=last {
+                set.insert(p);
+            }
+        }
+        Ok(set)
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ranges = self.ranges();
+        if ranges.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, (a, b)) in ranges.into_iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if a == b {
+                write!(f, "{a}")?;
+            } else {
+                write!(f, "{a}-{b}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PortSet({self})")
+    }
+}
+
+/// How many open sockets of ours are bound to each port; read on the datagram
+/// path without a lock.
+pub struct PortCounts {
+    counts: Box<[AtomicU16]>,
+}
+
+impl Default for PortCounts {
+    fn default() -> Self {
+        Self {
+            counts: (0..=u16::MAX).map(|_| AtomicU16::new(0)).collect(),
+        }
+    }
+}
+
+impl PortCounts {
+    pub fn add(&self, port: u16) {
+        self.counts[usize::from(port)].fetch_add(1, Relaxed);
+    }
+
+    pub fn remove(&self, port: u16) {
+        let _ = self.counts[usize::from(port)].fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.counts[usize::from(port)].load(Relaxed) > 0
+    }
+}
+
+/// The listening ports of every gateway in this process: a listener never
+/// answers another (two gateways answering each other is a loop).
+pub fn listening_ports() -> &'static PortCounts {
+    static PORTS: std::sync::LazyLock<PortCounts> = std::sync::LazyLock::new(PortCounts::default);
+    &PORTS
+}
+
+/// One worker's view: the configured denied ports and a memo of which source
+/// addresses are this host's own.
+pub struct SourceFilter {
+    denied: PortSet,
+    /// The listener's own address (its IP may be unspecified).
+    listen: SocketAddr,
+    /// Whether an IP is one of this host's, as learnt by trying to bind it.
+    local: HashMap<IpAddr, bool>,
+}
+
+/// Entries the memo of local addresses may hold before it starts afresh.
+const MAX_MEMO: usize = 256;
+
+/// Why a source is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denied {
+    /// Its port is in `deny_source_ports`.
+    Port,
+    /// It is one of this process's own sockets: a listener or a session.
+    Own,
+    /// It is an endpoint of one of the listener's pools, which answer on sessions only.
+    Endpoint,
+}
+
+impl fmt::Display for Denied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Port => "its source port is denied (deny_source_ports)",
+            Self::Own => "it comes from one of the gateway's own sockets (a loop)",
+            Self::Endpoint => "it comes from an upstream endpoint, which may only answer on its session (a loop)",
+        })
+    }
+}
+
+impl SourceFilter {
+    pub fn new(denied: PortSet, listen: SocketAddr) -> Self {
+        Self {
+            denied,
+            listen,
+            local: HashMap::new(),
+        }
+    }
+
+    /// Whether a datagram from `from` (IPv4-mapped addresses already unmapped) must
+    /// not be answered. `sessions` are the listener's session ports; `endpoint`
+    /// says whether an address is one of its pools' endpoints.
+    pub fn check(
+        &mut self,
+        from: SocketAddr,
+        sessions: Option<&PortCounts>,
+        endpoint: impl FnOnce(SocketAddr) -> bool,
+    ) -> Result<(), Denied> {
+        let port = from.port();
+        if self.denied.contains(port) {
+            return Err(Denied::Port);
+        }
+        let ours = listening_ports().contains(port) || sessions.is_some_and(|s| s.contains(port));
+        if ours && self.is_local(from.ip()) {
+            return Err(Denied::Own);
+        }
+        if endpoint(from) {
+            return Err(Denied::Endpoint);
+        }
+        Ok(())
+    }
+
+    fn is_local(&mut self, ip: IpAddr) -> bool {
+        if ip.is_loopback() || ip.is_unspecified() || ip == self.listen.ip() {
+            return true;
+        }
+        if let Some(&local) = self.local.get(&ip) {
+            return local;
+        }
+        if self.local.len() >= MAX_MEMO {
+            self.local.clear();
+        }
+        // Only an address of this host can be bound.
+        let local = UdpSocket::bind((ip, 0)).is_ok();
+        self.local.insert(ip, local);
+        local
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_sets_parse_print_and_refuse_nonsense() {
+        let set: PortSet = "0-1023, 5353,8008-8009".parse().unwrap();
+        assert!(set.contains(0) && set.contains(1023) && !set.contains(1024));
+        assert!(set.contains(5353) && set.contains(8009) && !set.contains(8010));
+        assert_eq!(set.to_string(), "0-1023,5353,8008-8009");
+        assert_eq!("none".parse::<PortSet>().unwrap().to_string(), "none");
+        assert_eq!(PortSet::default().to_string(), DEFAULT_DENIED_PORTS);
+        assert!("70000".parse::<PortSet>().unwrap_err().contains("not a port"));
+        assert!("9-3".parse::<PortSet>().unwrap_err().contains("empty range"));
+        assert!("53,x".parse::<PortSet>().unwrap_err().contains("`x`"));
+    }
+
+    #[test]
+    fn a_source_on_a_denied_port_our_own_socket_or_an_endpoint_is_refused() {
+        let listen: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let mut filter = SourceFilter::new(PortSet::default(), listen);
+        let sessions = PortCounts::default();
+        sessions.add(40001);
+        let p = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let no_endpoint = |_| false;
+        assert_eq!(filter.check(p("10.0.0.1:53"), None, no_endpoint), Err(Denied::Port));
+        assert_eq!(filter.check(p("127.0.0.1:1"), None, no_endpoint), Err(Denied::Port));
+        assert_eq!(filter.check(p("127.0.0.1:50000"), Some(&sessions), no_endpoint), Ok(()));
+        // Our own session socket, on any loopback address.
+        assert_eq!(
+            filter.check(p("127.0.0.9:40001"), Some(&sessions), no_endpoint),
+            Err(Denied::Own)
+        );
+        sessions.remove(40001);
+        assert_eq!(filter.check(p("127.0.0.9:40001"), Some(&sessions), no_endpoint), Ok(()));
+        // A remote host may use the same port number.
+        sessions.add(40001);
+        assert_eq!(filter.check(p("192.0.2.7:40001"), Some(&sessions), no_endpoint), Ok(()));
+        let endpoint = p("127.0.0.1:5300");
+        assert_eq!(filter.check(endpoint, None, |a| a == endpoint), Err(Denied::Endpoint));
+        let mut open = SourceFilter::new(PortSet::none(), listen);
+        assert_eq!(open.check(p("10.0.0.1:53"), None, no_endpoint), Ok(()));
+    }
+}
