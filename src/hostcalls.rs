@@ -9,7 +9,9 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use wasmtime::{Caller, Engine, Extern, Linker, Memory, StoreLimits};
+use wasmtime::{Caller, Engine, Extern, Linker, Memory};
+
+use crate::instance_limits::InstanceLimits;
 
 use crate::abi::{Allowance, CallError, HOST_MODULE, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
 use crate::metrics::{DropReason, RateLimit};
@@ -20,7 +22,7 @@ const MAX_LOG_BYTES: usize = 1024;
 
 /// Per-store host state: what the host functions need to answer a guest.
 pub(crate) struct HostState {
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: InstanceLimits,
     /// The client whose datagram is being handled; `None` while the start function runs.
     pub(crate) peer: Option<SocketAddr>,
     /// Shared by every instance, so a chatty guest cannot flood the log.
@@ -109,7 +111,7 @@ impl HostState {
 /// What one call of `handle` or `on_reply` did besides its return value: the
 /// datagrams it `send`s (kept here until the call ends), what it forwarded, and
 /// what was refused. Its buffers are reused from call to call.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Outbox {
     data: Vec<u8>,
     ends: Vec<usize>,
@@ -123,6 +125,21 @@ pub(crate) struct Outbox {
     refused: [u32; CallError::ALL.len()],
     /// The first refusal: the reason a datagram that got nowhere is dropped for.
     pub(crate) first_refusal: Option<CallError>,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self {
+            data: Vec::new(),
+            ends: Vec::new(),
+            budget: 0,
+            calls: 0,
+            call_limit: MAX_CALLS_PER_DATAGRAM,
+            forwarded: 0,
+            refused: [0; CallError::ALL.len()],
+            first_refusal: None,
+        }
+    }
 }
 
 impl Outbox {

@@ -11,6 +11,7 @@
 //! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: the wasmtime engine, loading modules, running a guest under limits.
+//! - [`instance_limits`]: one cap on everything a guest instance holds (memories and tables).
 //! - [`compiler`]: compiling a module in a child process under time and memory bounds.
 //! - [`cache`]: compiled modules kept on disk, trusted only when their HMAC checks out.
 //! - [`abi`]: the two kinds of guest (ABI v1 and WASI command) and their checks (pure).
@@ -48,6 +49,7 @@ pub mod component;
 pub mod config;
 pub mod exposition;
 mod hostcalls;
+pub mod instance_limits;
 pub mod metrics;
 pub mod new;
 pub mod pool;

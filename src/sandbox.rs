@@ -30,6 +30,7 @@ use crate::abi::{self, Allowance, CallError, GuestKind, MAX_DATAGRAM, NO_REPLY};
 use crate::compiler::Compiler;
 use crate::component::{self as wit, ComponentHost, ComponentPre, Exports};
 use crate::hostcalls::{self, HostState, Outbox};
+use crate::instance_limits::InstanceLimits;
 use crate::metrics::{DropReason, RateLimit};
 use crate::text::cut;
 use crate::upstream::Upstreams;
@@ -322,8 +323,10 @@ impl Sandbox {
         Ok(())
     }
 
-    fn store_limits(&self) -> wasmtime::StoreLimits {
-        StoreLimitsBuilder::new()
+    /// What an ABI v1 or WASI instance may hold: one memory, a few tables, and
+    /// `--max-memory` for all of them together.
+    fn instance_limits(&self) -> InstanceLimits {
+        let counts = StoreLimitsBuilder::new()
             .memory_size(self.inner.limits.max_memory)
             .table_elements(MAX_TABLE_ELEMENTS)
             .tables(MAX_TABLES)
@@ -332,13 +335,14 @@ impl Sandbox {
             // A guest that outgrows its cap is stopped and replaced, not left to
             // carry on with a failed `memory.grow`.
             .trap_on_grow_failure(true)
-            .build()
+            .build();
+        InstanceLimits::new(counts, self.inner.limits.max_memory)
     }
 
     /// The host state of a new store, held to `limits`. There is no client while
     /// the start function runs, whichever datagram the instance is made for:
     /// `peer` says 0.
-    fn host_state(&self, limits: wasmtime::StoreLimits) -> HostState {
+    fn host_state(&self, limits: InstanceLimits) -> HostState {
         HostState {
             limits,
             peer: None,
@@ -351,7 +355,7 @@ impl Sandbox {
 
     /// An ABI v1 instance with its start function run.
     fn instantiate(&self, pre: &InstancePre<HostState>) -> wasmtime::Result<Live> {
-        let mut store = Store::new(&self.inner.engine, self.host_state(self.store_limits()));
+        let mut store = Store::new(&self.inner.engine, self.host_state(self.instance_limits()));
         store.limiter(|h| &mut h.limits);
         store.set_epoch_deadline(self.inner.deadline_ticks);
         let instance = pre.instantiate(&mut store)?;
@@ -381,7 +385,10 @@ impl Sandbox {
         datagram: &[u8],
         peer: Option<SocketAddr>,
     ) -> wasmtime::Result<(Store<WasiHost>, TypedFunc<(), ()>)> {
-        let mut store = Store::new(&self.inner.engine, WasiHost::new(self.store_limits(), datagram, peer));
+        let mut store = Store::new(
+            &self.inner.engine,
+            WasiHost::new(self.instance_limits(), datagram, peer),
+        );
         store.limiter(|h| &mut h.limits);
         store.set_epoch_deadline(self.inner.deadline_ticks);
         let instance = pre.instantiate(&mut store)?;
@@ -391,9 +398,9 @@ impl Sandbox {
 
     /// A component instance. A component is made of several core instances,
     /// memories and tables (a Python one of a handful of each); the caps bound
-    /// them all, and the memory cap applies to each memory.
+    /// how many, and `--max-memory` what they hold together.
     fn instantiate_component(&self, pre: &ComponentPre) -> wasmtime::Result<LiveComponent> {
-        let limits = StoreLimitsBuilder::new()
+        let counts = StoreLimitsBuilder::new()
             .memory_size(self.inner.limits.max_memory)
             .table_elements(COMPONENT_TABLE_ELEMENTS)
             .tables(COMPONENT_MAX_TABLES)
@@ -401,6 +408,7 @@ impl Sandbox {
             .instances(COMPONENT_MAX_INSTANCES)
             .trap_on_grow_failure(true)
             .build();
+        let limits = InstanceLimits::new(counts, self.inner.limits.max_memory);
         let mut store = Store::new(&self.inner.engine, ComponentHost::new(self.host_state(limits)));
         store.limiter(|h| &mut h.calls.limits);
         store.set_epoch_deadline(self.inner.deadline_ticks);

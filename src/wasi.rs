@@ -12,7 +12,9 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use wasmtime::{Engine, Linker, StoreLimits};
+use wasmtime::{Engine, Linker};
+
+use crate::instance_limits::InstanceLimits;
 use wasmtime_wasi::p1::{self, WasiP1Ctx};
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
@@ -41,7 +43,7 @@ pub const MAX_RANDOM_BYTES: u64 = 64 << 10;
 
 /// Per-store state of a WASI command instance.
 pub(crate) struct WasiHost {
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: InstanceLimits,
     wasi: WasiP1Ctx,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
@@ -83,7 +85,7 @@ impl WasiHost {
     /// State for one run: `datagram` on stdin, `peer` in the environment. `None`
     /// (the trial instantiation when a module is loaded) gives an empty stdin and
     /// no `WASMGATE_PEER`.
-    pub(crate) fn new(limits: StoreLimits, datagram: &[u8], peer: Option<SocketAddr>) -> Self {
+    pub(crate) fn new(limits: InstanceLimits, datagram: &[u8], peer: Option<SocketAddr>) -> Self {
         // One byte over the largest datagram, so that an oversize reply shows.
         let stdout = MemoryOutputPipe::new(MAX_DATAGRAM + 1);
         let stderr = MemoryOutputPipe::new(MAX_STDERR_BYTES);

@@ -26,6 +26,14 @@ fn cache_dir() -> String {
         .to_string()
 }
 
+/// The shared cache's key, beside it (never under the user's home).
+fn cache_key() -> String {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("component-cache.key")
+        .display()
+        .to_string()
+}
+
 /// Compiles `module` into the shared cache, one at a time, so that tests
 /// starting together do not all compile the same large component at once.
 fn warm(module: &str) {
@@ -36,6 +44,8 @@ fn warm(module: &str) {
         module,
         "--cache-dir",
         &cache_dir(),
+        "--cache-key",
+        &cache_key(),
         "--timeout-ms",
         "5000",
         "--max-memory",
@@ -58,7 +68,7 @@ fn warm(module: &str) {
 /// budget per datagram is 1 s (an unoptimised host is slow to instantiate).
 fn serve(module: &str, extra: &[&str]) -> Served {
     warm(module);
-    let cache = cache_dir();
+    let (cache, key) = (cache_dir(), cache_key());
     let mut args = vec![
         "--module",
         module,
@@ -66,6 +76,8 @@ fn serve(module: &str, extra: &[&str]) -> Served {
         "127.0.0.1:0",
         "--cache-dir",
         &cache,
+        "--cache-key",
+        &key,
         "--timeout-ms",
         "1000",
         "--max-memory",
@@ -382,46 +394,6 @@ fn check_says_exactly_what_is_wrong_with_a_component() {
 }
 
 #[test]
-fn the_compile_cache_is_written_on_first_start_and_only_where_asked() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let module = repo("tests/guests/rust-probe/probe.wasm");
-    let cache_arg = cache.display().to_string();
-    let files = |p: &Path| -> usize {
-        fn walk(p: &Path) -> usize {
-            std::fs::read_dir(p)
-                .map(|d| {
-                    d.flatten()
-                        .map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 })
-                        .sum()
-                })
-                .unwrap_or(0)
-        }
-        walk(p)
-    };
-    let (code, out, err) = run_to_end(&["check", &module, "--cache-dir", &cache_arg]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    assert!(files(&cache) > 0, "nothing cached in {}", cache.display());
-    // A second run finds it: the cache does not grow.
-    let before = files(&cache);
-    let (code, _, _) = run_to_end(&["check", &module, "--cache-dir", &cache_arg]);
-    assert_eq!(code, Some(0));
-    assert_eq!(files(&cache), before);
-
-    // --no-cache writes nothing, not even under the default directory.
-    let home = dir.path().join("home");
-    let mut cmd = wasmgate(&["check", &module, "--no-cache"]);
-    cmd.env("HOME", &home).env("XDG_CACHE_HOME", home.join("xdg"));
-    assert!(cmd.output().unwrap().status.success());
-    assert_eq!(files(&home), 0);
-    // Without either flag the default is $XDG_CACHE_HOME/wasmgate.
-    let mut cmd = wasmgate(&["check", &module]);
-    cmd.env("HOME", &home).env("XDG_CACHE_HOME", home.join("xdg"));
-    assert!(cmd.output().unwrap().status.success());
-    assert!(files(&home.join("xdg").join("wasmgate")) > 0);
-}
-
-#[test]
 fn a_component_is_swapped_in_by_a_reload_while_serving_and_the_log_says_how_long_it_took() {
     let dir = tempfile::tempdir().unwrap();
     let module = dir.path().join("handler.wasm");
@@ -450,4 +422,45 @@ fn a_component_is_swapped_in_by_a_reload_while_serving_and_the_log_says_how_long
     assert!(line.contains("compile_ms="), "{line}");
     let me = c.local_addr().unwrap();
     assert_eq!(text(&ask(&c, gw.addr, b"hello")), format!("ok {me}"));
+}
+
+#[test]
+fn a_components_memories_count_together_against_max_memory() {
+    // Two memories of 40 pages (2.5 MiB) each; "g" grows the first by 1 MiB.
+    // Before, the cap applied to each memory: 16 memories could each reach it.
+    let hog = ECHO_COMPONENT
+        .replace(r#"(memory (export "memory") 1)"#, r#"(memory (export "memory") 40)"#)
+        .replace(
+            "(if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x74)) (then unreachable))",
+            "(if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x74)) (then unreachable))
+      (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x67)) (then (drop (memory.grow (i32.const 16)))))",
+        )
+        .replace(
+            "(core instance $i (instantiate $m))",
+            "(core instance $i (instantiate $m))
+  (core module $other (memory (export \"m\") 40))
+  (core instance $o (instantiate $other))",
+        );
+    let limits = |mib: usize| Limits {
+        max_memory: mib << 20,
+        ..Limits::default()
+    };
+    // 5 MiB in all does not fit 4 MiB, though each memory alone would.
+    let err = Sandbox::new(limits(4))
+        .unwrap()
+        .load("hog", hog.as_bytes())
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("memory cap"), "{err:#}");
+    // At 8 MiB it loads, and grows three times (to 8 MiB in all), not five.
+    let sandbox = Sandbox::new(limits(8)).unwrap();
+    let program = Arc::new(sandbox.load("hog", hog.as_bytes()).unwrap());
+    let mut guest = Guest::new(sandbox, program, Isolation::Reuse, 0.0);
+    let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for _ in 0..3 {
+        assert_eq!(guest.handle(b"g", peer).unwrap(), b"g");
+    }
+    let rejection = guest.handle(b"g", peer).unwrap_err();
+    assert_eq!(rejection.reason, wasmgate::metrics::DropReason::Trap, "{rejection}");
+    // A fresh instance serves the next datagram.
+    assert_eq!(guest.handle(b"ok", peer).unwrap(), b"ok");
 }

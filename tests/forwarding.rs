@@ -110,9 +110,13 @@ fn every_policy_chooses_as_named_and_a_client_keeps_its_endpoint() {
         // One worker, so that round-robin and least-sessions see every session.
         let gateway = one_worker(FORWARD, spec);
         let clients: Vec<UdpSocket> = (0..30).map(|_| client()).collect();
-        let first = tags_for(&gateway, &clients, b"a");
+        let first = tags_for(&gateway, &clients, b"aa");
         // Every client stays with its endpoint, whatever the policy.
-        assert_eq!(tags_for(&gateway, &clients, b"b"), first, "{name}: sessions are sticky");
+        assert_eq!(
+            tags_for(&gateway, &clients, b"bb"),
+            first,
+            "{name}: sessions are sticky"
+        );
         let mut per = HashMap::new();
         for t in &first {
             *per.entry(t.clone()).or_insert(0) += 1;
@@ -147,7 +151,7 @@ fn hash_policy_owners_are_those_of_the_pool_for_the_client_address() {
         let mut key = vec![127, 0, 0, 1];
         key.extend_from_slice(&port.to_be_bytes());
         let owner = reference.by_hash(&key, now).unwrap();
-        assert_eq!(tag(&ask(&c, gateway.local_addr(), b"x")), format!("u{owner}"));
+        assert_eq!(tag(&ask(&c, gateway.local_addr(), b"xx")), format!("u{owner}"));
     }
 }
 
@@ -166,10 +170,10 @@ fn fan_out_mirrors_each_datagram_to_two_pools() {
     let (a, b) = (Upstream::echo("a:"), Upstream::echo("b:"));
     let gateway = forwarding(FAN_OUT, vec![pool("a", &[&a]), pool("b", &[&b])]);
     let c = client();
-    c.send_to(b"m", gateway.local_addr()).unwrap();
+    c.send_to(b"mmmm", gateway.local_addr()).unwrap();
     let mut replies = vec![recv(&c, gateway.local_addr()), recv(&c, gateway.local_addr())];
     replies.sort();
-    assert_eq!(replies, [b"a:m".to_vec(), b"b:m".to_vec()]);
+    assert_eq!(replies, [b"a:mmmm".to_vec(), b"b:mmmm".to_vec()]);
     assert_eq!((a.count(), b.count()), (1, 1));
     let s = gateway.stats();
     assert_eq!((s.sessions_created, s.forwarded), (2, 1));
@@ -241,15 +245,131 @@ fn on_reply_rewrites_and_drops_upstream_answers_and_sees_which_endpoint_sent_the
     assert_eq!(s.upstream_dropped(DropReason::NoReply), 1);
 }
 
+/// A real UDP server that answers every datagram with `answer(datagram)`, each
+/// element one datagram. Stops when dropped.
+struct Answering {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Answering {
+    fn new(answer: fn(&[u8]) -> Vec<Vec<u8>>) -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    for d in answer(&buf[..n]) {
+                        let _ = socket.send_to(&d, from);
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
-fn on_reply_is_held_to_the_ratio_of_the_upstream_datagram_it_answers() {
-    let up = Upstream::echo("u0:");
-    // The default ratio 3: "backend/127.0.0.1:PORT|u0:hi" is far more than 3 × 5 bytes.
-    let gateway = forwarding(ON_REPLY, vec![pool("backend", &[&up])]);
+fn on_reply_is_held_to_the_ratio_of_what_the_client_sent_not_of_the_upstream_datagram() {
+    // The upstream answers one byte; on_reply turns it into
+    // "backend/127.0.0.1:PORT|k" (about 27 bytes). The client's datagram sets
+    // the budget: 3 × 12 bytes admits it, 3 × 2 bytes does not. (Held to the
+    // upstream datagram's 3 × 1 byte, both would be dropped.)
+    let up = Answering::new(|_| vec![b"k".to_vec()]);
+    let gateway = forwarding(ON_REPLY, vec![pool_of("backend", &[up.addr])]);
     let c = client();
-    c.send_to(b"hi", gateway.local_addr()).unwrap();
-    assert_silent(&c, Duration::from_millis(300));
+    let reply = ask(&c, gateway.local_addr(), b"hello, world");
+    assert_eq!(String::from_utf8(reply).unwrap(), format!("backend/{}|k", up.addr));
+    let other = client();
+    other.send_to(b"hi", gateway.local_addr()).unwrap();
+    assert_silent(&other, Duration::from_millis(300));
     assert_eq!(gateway.stats().upstream_dropped(DropReason::Amplification), 1);
+}
+
+/// Ten datagrams of 600 bytes for a datagram that starts with "big", else an echo.
+fn amplifier(datagram: &[u8]) -> Vec<Vec<u8>> {
+    if datagram.starts_with(b"big") {
+        vec![vec![b'A'; 600]; 10]
+    } else {
+        vec![datagram.to_vec()]
+    }
+}
+
+#[test]
+fn upstream_answers_to_an_unproven_client_are_held_to_the_reply_ratio_of_what_it_sent() {
+    // Before: 21 bytes in, 6,000 bytes out to whatever address the request claimed.
+    let up = Answering::new(amplifier);
+    let gateway = one_worker(FORWARD, pool_of("backend", &[up.addr]));
+    let victim = client();
+    victim.send_to(b"big: 21 bytes, spoofed", gateway.local_addr()).unwrap();
+    assert_silent(&victim, Duration::from_millis(300));
+    assert_eq!(gateway.stats().upstream_dropped(DropReason::Amplification), 10);
+
+    // A real client talks on after its first answer: two datagrams after an
+    // answer prove its address, and then answers are no longer capped.
+    let c = client();
+    for msg in [&b"hello-1"[..], b"hello-2", b"hello-3"] {
+        assert_eq!(ask(&c, gateway.local_addr(), msg), msg);
+    }
+    c.send_to(b"big", gateway.local_addr()).unwrap();
+    for _ in 0..10 {
+        assert_eq!(recv(&c, gateway.local_addr()), vec![b'A'; 600]);
+    }
+    assert_eq!(gateway.stats().upstream_dropped(DropReason::Amplification), 10);
+}
+
+/// Forwards every client datagram, and every upstream datagram back again.
+const REFORWARD: &str = r#"(module
+  (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "backend")
+  (func (export "alloc") (param i32) (result i32) i32.const 64)
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
+    i64.const -1)
+  ;; Twice: without a bound on the chain this doubles at every round trip.
+  (func (export "on_reply") (param $ptr i32) (param $len i32) (result i64)
+    (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
+    (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
+    i64.const -1))"#;
+
+#[test]
+fn the_work_one_client_datagram_causes_through_on_reply_is_bounded_in_total() {
+    // Before: the call limit started afresh in every on_reply, and one datagram
+    // led to 520,000 upstream datagrams in 5 s.
+    let up = Upstream::echo("");
+    let gateway = one_worker(REFORWARD, pool("backend", &[&up]));
+    let c = client();
+    c.send_to(b"once", gateway.local_addr()).unwrap();
+    let limit = wasmgate::abi::MAX_CALLS_PER_DATAGRAM as usize;
+    wait_until("the chain to run out", || up.count() > limit);
+    std::thread::sleep(Duration::from_millis(300));
+    // The first forward, then 64 by on_reply, then nothing.
+    assert_eq!(up.count(), 1 + limit);
+    assert!(gateway.stats().refused(CallError::TooMany) > 0);
+    // The client's next datagram starts a new chain of the same length.
+    c.send_to(b"twice", gateway.local_addr()).unwrap();
+    wait_until("the second chain", || up.count() >= 2 * (1 + limit));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(up.count(), 2 * (1 + limit));
 }
 
 const SENDER: &str = r#"(module
@@ -364,7 +484,7 @@ fn forward_in_the_start_function_or_to_an_unknown_pool_gets_its_code() {
 fn a_datagram_whose_forwards_all_fail_is_dropped_under_their_reason() {
     let gateway = forwarding(FORWARD, vec![pool_of("other", &[closed_port()])]);
     let c = client();
-    c.send_to(b"x", gateway.local_addr()).unwrap();
+    c.send_to(b"xx", gateway.local_addr()).unwrap();
     assert_silent(&c, Duration::from_millis(200));
     let s = gateway.stats();
     assert_eq!(
@@ -389,15 +509,15 @@ fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for
     let clients: Vec<UdpSocket> = (0..12).map(|_| client()).collect();
     for c in &clients {
         c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-        c.send_to(b"1", gateway.local_addr()).unwrap();
+        c.send_to(b"111", gateway.local_addr()).unwrap();
         let mut buf = [0u8; 64];
         let _ = c.recv_from(&mut buf);
     }
     for c in &clients {
         c.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
         assert_eq!(
-            ask(c, gateway.local_addr(), b"2"),
-            b"live:2",
+            ask(c, gateway.local_addr(), b"222"),
+            b"live:222",
             "all go to the live endpoint"
         );
     }
@@ -420,7 +540,7 @@ fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for
     let mut reached = false;
     for _ in 0..40 {
         let c = client();
-        if tag(&ask(&c, gateway.local_addr(), b"3")) == "back" {
+        if tag(&ask(&c, gateway.local_addr(), b"333")) == "back" {
             reached = true;
             break;
         }
@@ -437,10 +557,10 @@ fn with_every_endpoint_down_forward_says_no_healthy_endpoint() {
     };
     let gateway = one_worker(FORWARD, spec);
     let c = client();
-    c.send_to(b"1", gateway.local_addr()).unwrap();
+    c.send_to(b"11", gateway.local_addr()).unwrap();
     // The ICMP error ejects the endpoint; then each datagram is refused at once.
     wait_until("the ejection", || {
-        c.send_to(b"2", gateway.local_addr()).unwrap();
+        c.send_to(b"22", gateway.local_addr()).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         gateway.stats().dropped(DropReason::NoHealthyEndpoint) > 0
     });
@@ -457,7 +577,7 @@ fn max_sessions_refuses_new_sessions_and_counts_them_without_harm() {
     let gateway = one_worker(FORWARD, spec);
     let clients: Vec<UdpSocket> = (0..10).map(|_| client()).collect();
     for c in &clients {
-        c.send_to(b"x", gateway.local_addr()).unwrap();
+        c.send_to(b"xx", gateway.local_addr()).unwrap();
     }
     let mut answered = 0;
     for c in &clients {
@@ -477,7 +597,7 @@ fn max_sessions_refuses_new_sessions_and_counts_them_without_harm() {
     let first_ok = clients
         .iter()
         .find(|c| {
-            c.send_to(b"y", gateway.local_addr()).unwrap();
+            c.send_to(b"yy", gateway.local_addr()).unwrap();
             let mut buf = [0u8; 64];
             c.recv_from(&mut buf).is_ok()
         })
@@ -494,11 +614,11 @@ fn idle_sessions_expire_and_new_ones_open_on_the_next_datagram() {
     };
     let gateway = forwarding(FORWARD, vec![spec]);
     let c = client();
-    ask(&c, gateway.local_addr(), b"1");
+    ask(&c, gateway.local_addr(), b"11");
     assert_eq!(gateway.stats().sessions_active, 1);
     wait_until("the session to expire", || gateway.stats().sessions_active == 0);
     assert_eq!(gateway.stats().sessions_expired, 1);
-    assert_eq!(ask(&c, gateway.local_addr(), b"2"), b"u0:2");
+    assert_eq!(ask(&c, gateway.local_addr(), b"22"), b"u0:22");
     let s = gateway.stats();
     assert_eq!((s.sessions_created, s.sessions_active), (2, 1));
     let senders: std::collections::HashSet<SocketAddr> = up.received().iter().map(|(_, f)| *f).collect();
@@ -561,8 +681,8 @@ fn a_host_name_endpoint_is_resolved_and_served_through() {
     c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut buf = [0u8; 16];
     let answered = (0..3).any(|_| {
-        c.send_to(b"n", gateway.local_addr()).unwrap();
-        matches!(c.recv_from(&mut buf), Ok((4, _))) && &buf[..4] == b"u0:n"
+        c.send_to(b"nn", gateway.local_addr()).unwrap();
+        matches!(c.recv_from(&mut buf), Ok((5, _))) && &buf[..5] == b"u0:nn"
     });
     assert!(answered, "no answer through the host-name endpoint");
 }

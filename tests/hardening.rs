@@ -699,3 +699,163 @@ fn a_reload_after_the_binary_was_replaced_on_disk_still_compiles() {
     assert_eq!(common::ask(&client(), served.addr, b"hi"), b"h");
     common::signal_and_wait(&mut served.child, "TERM", Duration::from_secs(1));
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(files_under(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+const PWNED: &[u8] = br#"(module
+  (memory (export "memory") 1)
+  (data (i32.const 0) "PWNED")
+  (func (export "alloc") (param i32) (result i32) i32.const 64)
+  (func (export "handle") (param i32 i32) (result i64) i64.const 5))"#;
+
+/// `wasmgate check` with the cache at `cache` and its key at `key`; the exit
+/// code and stderr.
+fn check_cached(module: &str, cache: &std::path::Path, key: &std::path::Path) -> (Option<i32>, String) {
+    let (code, _, err) = common::run_to_end(&[
+        "check",
+        module,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--cache-key",
+        key.to_str().unwrap(),
+    ]);
+    (code, err)
+}
+
+#[test]
+fn a_compile_cache_entry_is_used_only_when_authentic_and_a_bad_one_costs_a_recompile() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, key) = (dir.path().join("cache"), dir.path().join("state").join("cache.key"));
+    let echo = write_file(dir.path(), "echo.wat", ECHO);
+    let pwned = write_file(dir.path(), "pwned.wat", PWNED);
+    // First: compiled and stored. Second: found.
+    let (code, err) = check_cached(&echo, &cache, &key);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("found in the cache"), "{err}");
+    let (code, err) = check_cached(&echo, &cache, &key);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("compiled module found in the cache"), "{err}");
+    let echo_entry = files_under(&cache).pop().expect("an entry");
+    let mode =
+        |p: &std::path::Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions());
+    assert_eq!(mode(&key) & 0o777, 0o600);
+    assert_eq!(mode(&cache) & 0o777, 0o700);
+
+    // The attack: another module's machine code put in the entry's place. Before,
+    // the gateway loaded and ran whatever machine code the entry held.
+    let (code, err) = check_cached(&pwned, &cache, &key);
+    assert_eq!(code, Some(0), "{err}");
+    let pwned_entry = files_under(&cache).into_iter().find(|p| *p != echo_entry).unwrap();
+    std::fs::copy(&pwned_entry, &echo_entry).unwrap();
+    let served = Served::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--module",
+        &echo,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--cache-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        served
+            .preamble
+            .iter()
+            .any(|l| l.contains("compile cache entry refused") && l.contains("failed authentication")),
+        "{:?}",
+        served.preamble
+    );
+    assert_eq!(common::ask(&client(), served.addr, b"mine"), b"mine");
+    drop(served);
+    // The refused entry was replaced by an authentic one.
+    let (_, err) = check_cached(&echo, &cache, &key);
+    assert!(err.contains("found in the cache"), "{err}");
+
+    // Bytes flipped in the machine code: refused, recompiled, served right.
+    let mut bytes = std::fs::read(&echo_entry).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&echo_entry, &bytes).unwrap();
+    let (code, err) = check_cached(&echo, &cache, &key);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("failed authentication"), "{err}");
+
+    // A FIFO in an entry's place: skipped at once, not waited on.
+    std::fs::remove_file(&echo_entry).unwrap();
+    let fifo = std::ffi::CString::new(echo_entry.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let started = Instant::now();
+    let (code, err) = check_cached(&echo, &cache, &key);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
+#[test]
+fn a_cache_directory_others_may_write_is_not_used_and_the_gateway_says_so() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("shared-cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let key = dir.path().join("cache.key");
+    let echo = write_file(dir.path(), "echo.wat", ECHO);
+    let (code, err) = check_cached(&echo, &cache, &key);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("the compile cache is not used") && err.contains("writable by anyone (mode 777)"),
+        "{err}"
+    );
+    assert!(
+        files_under(&cache).is_empty(),
+        "something was written to a cache others may write"
+    );
+    // A key inside the cache directory is refused too.
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, err) = check_cached(&echo, &cache, &cache.join("key"));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("inside it"), "{err}");
+}
+
+#[test]
+fn the_cache_goes_only_where_asked_and_never_under_the_real_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = write_file(dir.path(), "echo.wat", ECHO);
+    let home = dir.path().join("home");
+    // --no-cache writes nothing, not even under the default directories.
+    let mut cmd = common::wasmgate(&["check", &echo, "--no-cache"]);
+    cmd.env("HOME", &home)
+        .env("XDG_CACHE_HOME", home.join("xdg"))
+        .env_remove("XDG_STATE_HOME");
+    assert!(cmd.output().unwrap().status.success());
+    assert!(files_under(&home).is_empty());
+    // Without flags: entries under $XDG_CACHE_HOME/wasmgate, the key under
+    // $HOME/.local/state/wasmgate; the second run finds the first one's entry.
+    for run in 0..2 {
+        let mut cmd = common::wasmgate(&["check", &echo]);
+        cmd.env("HOME", &home)
+            .env("XDG_CACHE_HOME", home.join("xdg"))
+            .env_remove("XDG_STATE_HOME");
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.contains("found in the cache"), run == 1, "run {run}: {err}");
+    }
+    assert_eq!(files_under(&home.join("xdg").join("wasmgate")).len(), 1);
+    assert!(home.join(".local/state/wasmgate/cache.key").is_file());
+}
