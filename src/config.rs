@@ -52,6 +52,17 @@ pub struct PoolSpec {
     pub max_sessions: usize,
     /// How long an endpoint that refused a datagram is left out.
     pub eject_for: Duration,
+    /// Refusals (ICMP port unreachable) in a row, with no answer between them,
+    /// that eject an endpoint: one forged ICMP message must not.
+    pub eject_after: u32,
+    /// A session that has never had an answer ends after this long without a
+    /// datagram: spoofed clients hold a session for this long, not `idle_timeout`.
+    pub unanswered_timeout: Duration,
+    /// Sessions to an endpoint a reload removed end this long after the reload,
+    /// even if both sides still talk; their clients then move.
+    pub drain_timeout: Duration,
+    /// Sessions per listener from one source network (IPv4 /24, IPv6 /48).
+    pub max_sessions_per_prefix: usize,
     /// How often host names are looked up again, so that a name with several
     /// addresses (a Kubernetes headless Service) is a pool that grows and shrinks.
     pub resolve_every: Duration,
@@ -62,6 +73,13 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 pub const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(10);
 pub const DEFAULT_RESOLVE_EVERY: Duration = Duration::from_secs(30);
+pub const DEFAULT_EJECT_AFTER: u32 = 3;
+pub const DEFAULT_UNANSWERED_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_SESSIONS_PER_PREFIX: usize = 1_000;
+
+/// The most refusals in a row `eject_after` may ask for.
+pub const MAX_EJECT_AFTER: u32 = 1_000;
 
 /// The most sessions a pool may allow per listener.
 pub const MAX_SESSIONS: usize = 1_000_000;
@@ -76,6 +94,10 @@ impl PoolSpec {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_sessions: DEFAULT_MAX_SESSIONS,
             eject_for: DEFAULT_EJECT_FOR,
+            eject_after: DEFAULT_EJECT_AFTER,
+            unanswered_timeout: DEFAULT_UNANSWERED_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_sessions_per_prefix: DEFAULT_MAX_SESSIONS_PER_PREFIX,
             resolve_every: DEFAULT_RESOLVE_EVERY,
         }
     }
@@ -220,6 +242,10 @@ struct UpstreamSection {
     idle_timeout: Option<String>,
     max_sessions: Option<usize>,
     eject_for: Option<String>,
+    eject_after: Option<u32>,
+    unanswered_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    max_sessions_per_prefix: Option<usize>,
     resolve_every: Option<String>,
 }
 
@@ -306,6 +332,24 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                 None => DEFAULT_MAX_SESSIONS,
             },
             eject_for: duration(&u.eject_for, "eject_for", DEFAULT_EJECT_FOR)?,
+            eject_after: match u.eject_after {
+                Some(n) if (1..=MAX_EJECT_AFTER).contains(&n) => n,
+                Some(n) => bail!(
+                    "{}: {n} is out of range: give 1 to {MAX_EJECT_AFTER}",
+                    at("eject_after")
+                ),
+                None => DEFAULT_EJECT_AFTER,
+            },
+            unanswered_timeout: duration(&u.unanswered_timeout, "unanswered_timeout", DEFAULT_UNANSWERED_TIMEOUT)?,
+            drain_timeout: duration(&u.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?,
+            max_sessions_per_prefix: match u.max_sessions_per_prefix {
+                Some(n) if (1..=MAX_SESSIONS).contains(&n) => n,
+                Some(n) => bail!(
+                    "{}: {n} is out of range: give 1 to {MAX_SESSIONS}",
+                    at("max_sessions_per_prefix")
+                ),
+                None => DEFAULT_MAX_SESSIONS_PER_PREFIX,
+            },
             resolve_every: duration(&u.resolve_every, "resolve_every", DEFAULT_RESOLVE_EVERY)?,
         });
     }

@@ -103,7 +103,7 @@ const COUNTERS: [CounterFamily; 13] = [
 /// An endpoint family: name, help, and its value.
 type EndpointFamily = (&'static str, &'static str, fn(&EndpointView<'_>) -> u64);
 
-const ENDPOINT_COUNTERS: [EndpointFamily; 6] = [
+const ENDPOINT_COUNTERS: [EndpointFamily; 10] = [
     (
         "wasmgate_endpoint_datagrams_sent",
         "Datagrams forwarded to the endpoint.",
@@ -131,8 +131,28 @@ const ENDPOINT_COUNTERS: [EndpointFamily; 6] = [
     ),
     (
         "wasmgate_endpoint_session_idle_timeouts",
-        "Sessions to the endpoint closed after idle_timeout.",
+        "Sessions to the endpoint closed after idle_timeout (or unanswered_timeout).",
         |e| e.sessions_expired,
+    ),
+    (
+        "wasmgate_endpoint_refusals",
+        "ICMP port unreachable seen on sessions to the endpoint.",
+        |e| e.refusals,
+    ),
+    (
+        "wasmgate_endpoint_ejections",
+        "Times the endpoint was ejected (eject_after refusals in a row).",
+        |e| e.ejections,
+    ),
+    (
+        "wasmgate_endpoint_sessions_evicted",
+        "Sessions to the endpoint that never had an answer, closed to make room for a new client.",
+        |e| e.sessions_evicted,
+    ),
+    (
+        "wasmgate_endpoint_sessions_drained",
+        "Sessions closed drain_timeout after a reload removed the endpoint.",
+        |e| e.sessions_drained,
     ),
 ];
 

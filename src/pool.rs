@@ -12,7 +12,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -87,6 +87,20 @@ struct Health {
     until: AtomicU64,
     /// An ejection was reported and its end not yet.
     reported: AtomicBool,
+    /// Refusals (ICMP port unreachable) since the endpoint last answered.
+    refusals: AtomicU32,
+}
+
+/// What one refusal by an endpoint led to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Counted; fewer than the pool's `eject_after` in a row so far.
+    Counted,
+    /// Ejected; `news` when it was not already reported ejected.
+    Ejected { news: bool },
+    /// Enough refusals, but it is the last healthy endpoint of the pool, which is
+    /// never ejected (a pool with none would refuse every forward).
+    Spared,
 }
 
 /// The instant every ejection deadline counts from, so that it fits an atomic.
@@ -182,6 +196,35 @@ impl Pool {
                 !e.health.reported.swap(true, Relaxed)
             }
             None => false,
+        }
+    }
+
+    /// Counts a refusal by endpoint `i` and ejects it until `until` once it has
+    /// refused `eject_after` times with no answer in between, unless it is the
+    /// last endpoint healthy at `now`. One forged ICMP message ejects nothing.
+    pub fn refused(&self, i: usize, eject_after: u32, now: Instant, until: Instant) -> Refusal {
+        let Some(e) = self.endpoints.get(i) else {
+            return Refusal::Counted;
+        };
+        let streak = e.health.refusals.fetch_add(1, Relaxed).saturating_add(1);
+        if streak < eject_after {
+            return Refusal::Counted;
+        }
+        if !self.healthy(now).any(|j| j != i) {
+            return Refusal::Spared;
+        }
+        e.health.refusals.store(0, Relaxed);
+        Refusal::Ejected {
+            news: self.eject(i, until),
+        }
+    }
+
+    /// Endpoint `i` answered: its refusals no longer count toward ejecting it.
+    pub fn answered(&self, i: usize) {
+        if let Some(e) = self.endpoints.get(i)
+            && e.health.refusals.load(Relaxed) != 0
+        {
+            e.health.refusals.store(0, Relaxed);
         }
     }
 
@@ -383,6 +426,36 @@ mod tests {
             pool.eject(2, later + Duration::from_secs(1));
             assert_eq!(pool.pick(b"k", later), None, "{policy}: every endpoint ejected");
         }
+    }
+
+    #[test]
+    fn refusals_eject_only_in_a_row_and_never_the_last_healthy_endpoint() {
+        let now = Instant::now();
+        let until = now + Duration::from_secs(10);
+        let pool = Pool::new("p", Policy::Hash, &addrs(2));
+        // Two refusals, an answer, two more: never three in a row.
+        for _ in 0..2 {
+            assert_eq!(pool.refused(0, 3, now, until), Refusal::Counted);
+            assert_eq!(pool.refused(0, 3, now, until), Refusal::Counted);
+            pool.answered(0);
+        }
+        assert!(pool.is_healthy(0, now));
+        assert_eq!(pool.refused(0, 3, now, until), Refusal::Counted);
+        assert_eq!(pool.refused(0, 3, now, until), Refusal::Counted);
+        assert_eq!(pool.refused(0, 3, now, until), Refusal::Ejected { news: true });
+        assert!(!pool.is_healthy(0, now));
+        // The other is now the last healthy one: spared, however often it refuses.
+        for _ in 0..10 {
+            let r = pool.refused(1, 3, now, until);
+            assert!(matches!(r, Refusal::Counted | Refusal::Spared), "{r:?}");
+        }
+        assert!(pool.is_healthy(1, now));
+        assert_eq!(pool.refused(1, 3, now, until), Refusal::Spared);
+        // Once the first is back, the second can go.
+        assert_eq!(
+            pool.refused(1, 3, until, until + Duration::from_secs(1)),
+            Refusal::Ejected { news: true }
+        );
     }
 
     #[test]

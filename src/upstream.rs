@@ -21,7 +21,7 @@ use slab::Slab;
 use crate::abi::{Allowance, CallError, MAX_CALLS_PER_DATAGRAM};
 use crate::config::PoolSpec;
 use crate::metrics::{Counters, RateLimit};
-use crate::pool::Pool;
+use crate::pool::{Pool, Refusal};
 use crate::source_filter::PortCounts;
 use crate::udp::RecvBatch;
 
@@ -43,6 +43,14 @@ pub struct EndpointCounters {
     pub sessions_expired: AtomicU64,
     /// Open now (written by the one worker these counters belong to).
     pub sessions_active: AtomicU64,
+    /// Refusals (ICMP port unreachable) seen on its sessions.
+    pub refusals: AtomicU64,
+    /// Times it was ejected.
+    pub ejections: AtomicU64,
+    /// Sessions that never had an answer, closed to make room for a new client.
+    pub sessions_evicted: AtomicU64,
+    /// Sessions closed `drain_timeout` after a reload removed the endpoint.
+    pub sessions_drained: AtomicU64,
 }
 
 /// The pools of one listener, resolved, with what every worker shares: endpoint
@@ -78,6 +86,10 @@ pub struct EndpointView<'a> {
     pub sessions_created: u64,
     pub sessions_expired: u64,
     pub sessions_active: u64,
+    pub refusals: u64,
+    pub ejections: u64,
+    pub sessions_evicted: u64,
+    pub sessions_drained: u64,
 }
 
 impl Pools {
@@ -184,6 +196,10 @@ impl Pools {
                     sessions_created: sum(|e| &e.sessions_created),
                     sessions_expired: sum(|e| &e.sessions_expired),
                     sessions_active: sum(|e| &e.sessions_active),
+                    refusals: sum(|e| &e.refusals),
+                    ejections: sum(|e| &e.ejections),
+                    sessions_evicted: sum(|e| &e.sessions_evicted),
+                    sessions_drained: sum(|e| &e.sessions_drained),
                 });
             }
         }
@@ -209,6 +225,30 @@ pub struct Session {
     pub label: String,
     /// Datagrams forwarded and not yet answered (an estimate for the shutdown drain).
     awaiting: u32,
+    /// Whether the endpoint ever answered on it; until then it is cheap to
+    /// close (`unanswered_timeout`, eviction when the table is full).
+    answered: bool,
+    /// Its place in the order sessions were opened.
+    seq: u64,
+    /// When a reload removed its endpoint; it ends `drain_timeout` later.
+    draining_since: Option<Instant>,
+    /// The client's network, for `max_sessions_per_prefix`.
+    prefix: Prefix,
+}
+
+/// A client's network: the first 24 bits of an IPv4 address, or 48 of an IPv6 one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Prefix([u8; 6]);
+
+impl Prefix {
+    fn of(client: SocketAddr) -> Self {
+        let mut bytes = [0; 6];
+        match client.ip().to_canonical() {
+            std::net::IpAddr::V4(v4) => bytes[..3].copy_from_slice(&v4.octets()[..3]),
+            std::net::IpAddr::V6(v6) => bytes.copy_from_slice(&v6.octets()[..6]),
+        }
+        Self(bytes)
+    }
 }
 
 /// What reading a session's socket gave.
@@ -230,8 +270,13 @@ struct WorkerPool {
     counters: Vec<Arc<EndpointCounters>>,
     idle_timeout: Duration,
     eject_for: Duration,
+    eject_after: u32,
+    unanswered_timeout: Duration,
+    drain_timeout: Duration,
     /// This worker's share of the pool's `max_sessions`.
     max: usize,
+    /// This worker's share of the pool's `max_sessions_per_prefix`.
+    max_per_prefix: usize,
     open: usize,
     /// A reload removed the pool: no new sessions; the open ones drain.
     retired: bool,
@@ -309,6 +354,12 @@ pub struct Upstreams {
     routes: HashMap<(SocketAddr, usize, SocketAddr), usize>,
     /// (client, pool) → the session plain `forward` keeps using while it is healthy.
     affinity: HashMap<(SocketAddr, usize), usize>,
+    /// Sessions not yet answered, oldest first, as (key, seq); entries of
+    /// sessions since answered or closed are skipped when met.
+    unanswered: std::collections::VecDeque<(usize, u64)>,
+    next_seq: u64,
+    /// (pool, client network) → sessions open.
+    prefixes: HashMap<(usize, Prefix), usize>,
     registry: Registry,
     counters: Arc<Counters>,
     /// The local ports of every session of the gateway (all workers).
@@ -344,6 +395,9 @@ impl Upstreams {
             sessions: Slab::new(),
             routes: HashMap::new(),
             affinity: HashMap::new(),
+            unanswered: std::collections::VecDeque::new(),
+            next_seq: 0,
+            prefixes: HashMap::new(),
             registry,
             counters,
             ports,
@@ -379,7 +433,11 @@ impl Upstreams {
                 counters: c.counters.iter().map(|per| Arc::clone(&per[w])).collect(),
                 idle_timeout: c.spec.idle_timeout,
                 eject_for: c.spec.eject_for,
+                eject_after: c.spec.eject_after,
+                unanswered_timeout: c.spec.unanswered_timeout,
+                drain_timeout: c.spec.drain_timeout,
                 max: c.spec.max_sessions.div_ceil(workers),
+                max_per_prefix: c.spec.max_sessions_per_prefix.div_ceil(workers),
                 open: 0,
                 retired: false,
             };
@@ -392,8 +450,14 @@ impl Upstreams {
         for (_, s) in &mut self.sessions {
             let wp = &mut self.pools[s.pool];
             s.index = if wp.retired { None } else { wp.pool.position(s.endpoint) };
-            if let Some(i) = s.index {
-                wp.pool.session_opened(i);
+            match s.index {
+                Some(i) => {
+                    wp.pool.session_opened(i);
+                    s.draining_since = None;
+                }
+                None => {
+                    s.draining_since.get_or_insert(self.now);
+                }
             }
         }
         self.shared = shared;
@@ -519,10 +583,17 @@ impl Upstreams {
     }
 
     fn open(&mut self, client: SocketAddr, p: usize, endpoint: usize) -> Result<usize, CallError> {
-        let wp = &mut self.pools[p];
-        if wp.open >= wp.max {
+        let prefix = Prefix::of(client);
+        let from_prefix = self.prefixes.get(&(p, prefix)).copied().unwrap_or(0);
+        if from_prefix >= self.pools[p].max_per_prefix {
             return Err(CallError::SessionOverflow);
         }
+        // A full table makes room by closing its oldest session that never had
+        // an answer (most likely a spoofed client's) before refusing anyone.
+        if self.pools[p].open >= self.pools[p].max && !self.evict_unanswered(p) {
+            return Err(CallError::SessionOverflow);
+        }
+        let wp = &mut self.pools[p];
         let addr = wp.pool.endpoints()[endpoint].addr;
         let socket = connect(addr).map_err(|_| CallError::UpstreamError)?;
         let port = socket.local_addr().map_err(|_| CallError::UpstreamError)?.port();
@@ -533,9 +604,15 @@ impl Upstreams {
             .register(&mut socket, Token(s + 1), Interest::READABLE)
             .map_err(|_| CallError::UpstreamError)?;
         self.ports.add(port);
+        let seq = self.next_seq;
+        self.next_seq += 1;
         entry.insert(Session {
             socket,
             port,
+            answered: false,
+            seq,
+            draining_since: None,
+            prefix,
             client,
             pool: p,
             endpoint: addr,
@@ -550,6 +627,8 @@ impl Upstreams {
         wp.counters[endpoint].sessions_created.fetch_add(1, Relaxed);
         wp.counters[endpoint].sessions_active.fetch_add(1, Relaxed);
         self.routes.insert((client, p, addr), s);
+        self.unanswered.push_back((s, seq));
+        *self.prefixes.entry((p, prefix)).or_insert(0) += 1;
         let client_len = self.client_len;
         self.ledgers
             .entry(client)
@@ -559,24 +638,68 @@ impl Upstreams {
         Ok(s)
     }
 
-    /// Ejects the endpoint of session `s`, which refused a datagram, and closes it;
-    /// the client's next datagram opens a session to a healthy endpoint.
+    /// Closes the oldest session of pool `p` that never had an answer, if any.
+    fn evict_unanswered(&mut self, p: usize) -> bool {
+        let found = self.unanswered.iter().position(|&(s, seq)| {
+            self.sessions
+                .get(s)
+                .is_some_and(|x| x.seq == seq && !x.answered && x.pool == p)
+        });
+        // Entries in front of it are of sessions answered or gone, or of other pools.
+        let Some(at) = found else { return false };
+        let Some((s, _)) = self.unanswered.remove(at) else {
+            return false;
+        };
+        while self
+            .unanswered
+            .front()
+            .is_some_and(|&(s, seq)| self.sessions.get(s).is_none_or(|x| x.seq != seq || x.answered))
+        {
+            self.unanswered.pop_front();
+        }
+        if let Some(session) = self.sessions.get(s) {
+            session.counters.sessions_evicted.fetch_add(1, Relaxed);
+        }
+        self.close(s, false);
+        true
+    }
+
+    /// Session `s` was refused (ICMP port unreachable): counted against its
+    /// endpoint, which is ejected after `eject_after` in a row (never the last
+    /// healthy one), and closed; the client's next datagram opens another.
     fn refused(&mut self, s: usize) {
         let Some(session) = self.sessions.get(s) else {
             return;
         };
+        session.counters.refusals.fetch_add(1, Relaxed);
         let wp = &self.pools[session.pool];
-        if let Some(i) = session.index
-            && wp.pool.eject(i, self.now + wp.eject_for)
-            && let Some(suppressed) = self.shared.health_lines.allow()
-        {
-            tracing::warn!(
-                pool = wp.name,
-                endpoint = %session.endpoint,
-                eject_for = ?wp.eject_for,
-                suppressed,
-                "endpoint ejected: it answered with ICMP port unreachable"
-            );
+        if let Some(i) = session.index {
+            match wp.pool.refused(i, wp.eject_after, self.now, self.now + wp.eject_for) {
+                Refusal::Ejected { news } => {
+                    session.counters.ejections.fetch_add(1, Relaxed);
+                    if news && let Some(suppressed) = self.shared.health_lines.allow() {
+                        tracing::warn!(
+                            pool = wp.name,
+                            endpoint = %session.endpoint,
+                            eject_for = ?wp.eject_for,
+                            refusals = wp.eject_after,
+                            suppressed,
+                            "endpoint ejected: it answered with ICMP port unreachable"
+                        );
+                    }
+                }
+                Refusal::Spared => {
+                    if let Some(suppressed) = self.shared.health_lines.allow() {
+                        tracing::warn!(
+                            pool = wp.name,
+                            endpoint = %session.endpoint,
+                            suppressed,
+                            "endpoint refuses datagrams but is the pool's last healthy one: kept in use"
+                        );
+                    }
+                }
+                Refusal::Counted => {}
+            }
         }
         self.close(s, false);
     }
@@ -589,6 +712,12 @@ impl Upstreams {
         let _ = self.registry.deregister(&mut session.socket);
         self.ports.remove(session.port);
         self.routes.remove(&(session.client, session.pool, session.endpoint));
+        if let Some(n) = self.prefixes.get_mut(&(session.pool, session.prefix)) {
+            *n -= 1;
+            if *n == 0 {
+                self.prefixes.remove(&(session.pool, session.prefix));
+            }
+        }
         if self.affinity.get(&(session.client, session.pool)) == Some(&s) {
             self.affinity.remove(&(session.client, session.pool));
         }
@@ -624,6 +753,10 @@ impl Upstreams {
                 Ok(n) => {
                     session.last_active = self.now;
                     session.awaiting = session.awaiting.saturating_sub(n as u32);
+                    session.answered = true;
+                    if let Some(i) = session.index {
+                        self.pools[session.pool].pool.answered(i);
+                    }
                     for (datagram, _) in (0..n).filter_map(|i| rx.get(i)) {
                         session.counters.from.fetch_add(1, Relaxed);
                         session.counters.from_bytes.fetch_add(datagram.len() as u64, Relaxed);
@@ -648,17 +781,45 @@ impl Upstreams {
         self.sessions.get(token.0.checked_sub(1)?)
     }
 
-    /// Closes the sessions idle for longer than their pool's `idle_timeout`, and
-    /// reports endpoints whose ejection has ended.
+    /// Closes the sessions idle for longer than their pool's `idle_timeout` (or
+    /// `unanswered_timeout`, for those that never had an answer) and those that
+    /// drained for `drain_timeout`, and reports endpoints whose ejection has ended.
     pub fn expire(&mut self, now: Instant) {
-        let idle: Vec<usize> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| now.saturating_duration_since(s.last_active) >= self.pools[s.pool].idle_timeout)
-            .map(|(k, _)| k)
-            .collect();
+        let mut idle = Vec::new();
+        let mut drained = Vec::new();
+        for (k, s) in &self.sessions {
+            let wp = &self.pools[s.pool];
+            let timeout = if s.answered {
+                wp.idle_timeout
+            } else {
+                wp.unanswered_timeout.min(wp.idle_timeout)
+            };
+            if s.draining_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= wp.drain_timeout)
+            {
+                drained.push(k);
+            } else if now.saturating_duration_since(s.last_active) >= timeout {
+                idle.push(k);
+            }
+        }
         for s in idle {
             self.close(s, true);
+        }
+        for s in drained {
+            if let Some(session) = self.sessions.get(s) {
+                session.counters.sessions_drained.fetch_add(1, Relaxed);
+            }
+            self.close(s, false);
+        }
+        // Entries of sessions answered or gone are dropped; a long-lived
+        // unanswered session at the front must not keep the rest forever.
+        let sessions = &self.sessions;
+        let valid = |&(s, seq): &(usize, u64)| sessions.get(s).is_some_and(|x| x.seq == seq && !x.answered);
+        if self.unanswered.len() > 2 * self.sessions.len() + 64 {
+            self.unanswered.retain(valid);
+        }
+        while self.unanswered.front().is_some_and(|e| !valid(e)) {
+            self.unanswered.pop_front();
         }
         for wp in self.pools.iter().filter(|wp| !wp.retired) {
             for (i, e) in wp.pool.endpoints().iter().enumerate() {
@@ -676,7 +837,7 @@ impl Upstreams {
     pub fn sweep_every(&self) -> Duration {
         self.pools
             .iter()
-            .map(|wp| wp.idle_timeout / 4)
+            .map(|wp| wp.idle_timeout.min(wp.unanswered_timeout).min(wp.drain_timeout) / 4)
             .min()
             .unwrap_or(Duration::from_secs(1))
             .clamp(Duration::from_millis(10), Duration::from_secs(1))

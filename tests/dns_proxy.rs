@@ -194,35 +194,57 @@ fn answers_that_match_no_forwarded_query_are_dropped() {
 }
 
 #[test]
-fn with_no_healthy_resolver_the_client_gets_servfail_at_once() {
+fn the_only_resolver_down_is_never_ejected_and_its_refusals_are_counted() {
+    // One ICMP message ejected an endpoint before, so one forged message could
+    // take a pool's only resolver away. Now it takes eject_after (3) in a row,
+    // and the last healthy endpoint is never ejected (a panic threshold).
+    let down = closed_port();
     let gateway = proxy_with(PoolSpec {
         eject_for: Duration::from_secs(30),
-        ..PoolSpec::new("resolvers", vec![closed_port().to_string()])
+        ..PoolSpec::new("resolvers", vec![down.to_string()])
     });
-    let c = client();
     let to = gateway.local_addr();
-    // The first query goes out and draws ICMP port unreachable, which ejects the
-    // only resolver; from then on the guest answers SERVFAIL itself.
-    c.send_to(&query("example.org.", 1).to_vec().unwrap(), to).unwrap();
-    let mut servfail = None;
-    for id in 2..50 {
-        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        c.send_to(&query("example.org.", id).to_vec().unwrap(), to).unwrap();
-        let mut buf = [0u8; 512];
-        if let Ok((n, _)) = c.recv_from(&mut buf) {
-            servfail = Some(Message::from_vec(&buf[..n]).unwrap());
-            break;
-        }
+    let pools = gateway.publisher();
+    let endpoint = || {
+        let pools = pools.pools().unwrap();
+        let e = &pools.endpoints(std::time::Instant::now())[0];
+        (e.healthy, e.refusals, e.ejections)
+    };
+    // Each query from its own client: a session each, every one refused.
+    for id in 1..=6 {
+        client()
+            .send_to(&query("example.org.", id).to_vec().unwrap(), to)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let reply = servfail.expect("no SERVFAIL within 50 queries");
-    assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
-    c.set_read_timeout(Some(common::REPLY_TIMEOUT)).unwrap();
-    // And every later query at once.
-    let q = query("example.org.", 500);
-    c.send_to(&q.to_vec().unwrap(), to).unwrap();
-    let reply = Message::from_vec(&recv(&c, to)).unwrap();
+    common::wait_until("six refusals", || endpoint().1 >= 6);
+    assert_eq!(endpoint(), (true, 6, 0));
+}
+
+#[test]
+fn a_query_the_pool_cannot_take_gets_servfail_at_once() {
+    // One session at most: a second client's query cannot be forwarded, and the
+    // guest answers it SERVFAIL itself instead of leaving it to time out.
+    let gateway = common::start_with(
+        DNS_PROXY,
+        Limits::default(),
+        ServeConfig {
+            workers: 1,
+            pools: vec![PoolSpec {
+                max_sessions: 1,
+                ..PoolSpec::new("resolvers", vec![dns_server().to_string()])
+            }],
+            ..common::config()
+        },
+    );
+    let to = gateway.local_addr();
+    let first = client();
+    let q = query("example.org.", 7);
+    assert_eq!(dns_ask(&first, to, &q).metadata.response_code, ResponseCode::NoError);
+    let second = client();
+    let reply = dns_ask(&second, to, &query("example.org.", 8));
     assert_eq!(
         (reply.metadata.id, reply.metadata.response_code),
-        (500, ResponseCode::ServFail)
+        (8, ResponseCode::ServFail)
     );
 }

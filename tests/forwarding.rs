@@ -550,25 +550,29 @@ fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for
 }
 
 #[test]
-fn with_every_endpoint_down_forward_says_no_healthy_endpoint() {
+fn with_every_endpoint_down_the_last_is_kept_and_forward_says_no_healthy_endpoint_only_when_all_are_ejected() {
+    // Refusals from a pool's only endpoint never eject it (a panic threshold):
+    // forged ICMP messages cannot empty a pool. Its refusals are counted.
     let spec = PoolSpec {
         eject_for: Duration::from_secs(30),
         ..pool_of("backend", &[closed_port()])
     };
     let gateway = one_worker(FORWARD, spec);
-    let c = client();
-    c.send_to(b"11", gateway.local_addr()).unwrap();
-    // The ICMP error ejects the endpoint; then each datagram is refused at once.
-    wait_until("the ejection", || {
-        c.send_to(b"22", gateway.local_addr()).unwrap();
+    for _ in 0..6 {
+        client().send_to(b"11", gateway.local_addr()).unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        gateway.stats().dropped(DropReason::NoHealthyEndpoint) > 0
+    }
+    let pools = gateway.publisher().pools().unwrap();
+    wait_until("six refusals", || {
+        pools.endpoints(std::time::Instant::now())[0].refusals >= 6
     });
-    assert!(gateway.stats().refused(CallError::NoHealthyEndpoint) > 0);
+    let e = &pools.endpoints(std::time::Instant::now())[0];
+    assert!(e.healthy && e.ejections == 0);
+    assert_eq!(gateway.stats().refused(CallError::NoHealthyEndpoint), 0);
 }
 
 #[test]
-fn max_sessions_refuses_new_sessions_and_counts_them_without_harm() {
+fn max_sessions_refuses_new_sessions_once_every_session_was_answered() {
     let up = Upstream::echo("u0:");
     let spec = PoolSpec {
         max_sessions: 4,
@@ -576,33 +580,24 @@ fn max_sessions_refuses_new_sessions_and_counts_them_without_harm() {
     };
     let gateway = one_worker(FORWARD, spec);
     let clients: Vec<UdpSocket> = (0..10).map(|_| client()).collect();
-    for c in &clients {
+    // Four answered sessions fill the table; none of them can be evicted.
+    for c in &clients[..4] {
+        assert_eq!(ask(c, gateway.local_addr(), b"xx"), b"u0:xx");
+    }
+    for c in &clients[4..] {
         c.send_to(b"xx", gateway.local_addr()).unwrap();
     }
-    let mut answered = 0;
-    for c in &clients {
-        c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-        let mut buf = [0u8; 64];
-        if c.recv_from(&mut buf).is_ok() {
-            answered += 1;
-        }
+    for c in &clients[4..] {
+        assert_silent(c, Duration::from_millis(100));
     }
-    assert_eq!(answered, 4);
     let s = gateway.stats();
     assert_eq!(s.dropped(DropReason::SessionOverflow), 6);
     assert_eq!(s.refused(CallError::SessionOverflow), 6);
     assert_eq!(s.sessions_active, 4);
-    // The clients with sessions keep being served.
-    clients[0].set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-    let first_ok = clients
-        .iter()
-        .find(|c| {
-            c.send_to(b"yy", gateway.local_addr()).unwrap();
-            let mut buf = [0u8; 64];
-            c.recv_from(&mut buf).is_ok()
-        })
-        .is_some();
-    assert!(first_ok);
+    // The clients with sessions keep being served, every one.
+    for c in &clients[..4] {
+        assert_eq!(ask(c, gateway.local_addr(), b"yy"), b"u0:yy");
+    }
 }
 
 #[test]
@@ -790,4 +785,34 @@ fn a_flooding_upstream_keeps_memory_flat_and_the_listener_answered() {
     );
     // Milliseconds when the sessions take turns with the listener; a generous bound.
     assert!(slowest < Duration::from_secs(1), "a probe waited {slowest:?}");
+}
+
+#[test]
+fn sessions_to_a_removed_endpoint_end_after_drain_timeout_however_busy() {
+    // Before: a session to a removed endpoint carried on as long as either side
+    // talked, so its client never moved.
+    let (old, new) = (Upstream::echo("old:"), Upstream::echo("new:"));
+    let spec = |up: &Upstream| PoolSpec {
+        drain_timeout: Duration::from_millis(300),
+        ..pool("backend", &[up])
+    };
+    let gateway = one_worker(FORWARD, spec(&old));
+    let c = client();
+    assert_eq!(ask(&c, gateway.local_addr(), b"one"), b"old:one");
+    assert!(gateway.publisher().set_pools(&[spec(&new)]).unwrap());
+    // The client talks every 50 ms: drained within the timeout, then moved.
+    let started = std::time::Instant::now();
+    let mut moved = None;
+    while started.elapsed() < Duration::from_secs(3) {
+        if tag(&ask(&c, gateway.local_addr(), b"again")) == "new" {
+            moved = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let moved = moved.expect("the client never moved to the new endpoint");
+    assert!(
+        moved >= Duration::from_millis(250),
+        "moved after {moved:?}, before the drain ended"
+    );
 }

@@ -193,3 +193,180 @@ fn a_datagram_spoofed_from_the_gateway_to_its_upstream_does_not_loop() {
     let stats = gateway.shutdown();
     assert_eq!(stats.dropped(DropReason::DeniedSource), 1, "{stats}");
 }
+
+/// A real UDP server that answers only datagrams that start with `legit`
+/// (echoing them): spoofed clients' sessions never see an answer.
+fn answering_only_legit() -> (
+    SocketAddr,
+    std::thread::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = socket.recv_from(&mut buf)
+                && buf[..n].starts_with(b"legit")
+            {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }
+    });
+    (addr, thread, stop)
+}
+
+fn sessions_active(gateway: &wasmgate::server::Gateway) -> u64 {
+    let pools = gateway.publisher().pools().unwrap();
+    pools
+        .endpoints(std::time::Instant::now())
+        .iter()
+        .map(|e| e.sessions_active)
+        .sum()
+}
+
+#[test]
+fn a_full_session_table_evicts_unanswered_sessions_so_new_clients_are_served() {
+    // Before: sessions from spoofed sources filled max_sessions and new clients
+    // were refused for the whole idle timeout.
+    let (upstream, thread, stop) = answering_only_legit();
+    let pool = PoolSpec {
+        max_sessions: 50,
+        unanswered_timeout: Duration::from_secs(60),
+        ..PoolSpec::new("backend", vec![upstream.to_string()])
+    };
+    let gateway = common::start_with(
+        FORWARD.as_bytes(),
+        Default::default(),
+        ServeConfig {
+            pools: vec![pool],
+            ..one_worker(PortSet::default())
+        },
+    );
+    // 200 "spoofed" sources, one datagram each, none answered (sockets closed at once).
+    for _ in 0..200 {
+        client().send_to(b"spoofed", gateway.local_addr()).unwrap();
+    }
+    common::wait_until("the table to fill", || sessions_active(&gateway) == 50);
+    for i in 0..5 {
+        let c = client();
+        let msg = format!("legit {i}");
+        assert_eq!(ask(&c, gateway.local_addr(), msg.as_bytes()), msg.as_bytes());
+    }
+    let pools = gateway.publisher().pools().unwrap();
+    let evicted: u64 = pools
+        .endpoints(std::time::Instant::now())
+        .iter()
+        .map(|e| e.sessions_evicted)
+        .sum();
+    assert!(evicted >= 150 + 5, "{evicted} evicted");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    thread.join().unwrap();
+}
+
+#[test]
+fn unanswered_sessions_end_after_unanswered_timeout_and_answered_ones_stay() {
+    let (upstream, thread, stop) = answering_only_legit();
+    let pool = PoolSpec {
+        unanswered_timeout: Duration::from_millis(300),
+        ..PoolSpec::new("backend", vec![upstream.to_string()])
+    };
+    let gateway = common::start_with(
+        FORWARD.as_bytes(),
+        Default::default(),
+        ServeConfig {
+            pools: vec![pool],
+            ..one_worker(PortSet::default())
+        },
+    );
+    let legit = client();
+    assert_eq!(ask(&legit, gateway.local_addr(), b"legit"), b"legit");
+    for _ in 0..20 {
+        client().send_to(b"spoofed", gateway.local_addr()).unwrap();
+    }
+    common::wait_until("21 sessions", || sessions_active(&gateway) == 21);
+    // Only the answered one outlives the unanswered timeout (the idle one is 60 s).
+    common::wait_until("the unanswered to end", || sessions_active(&gateway) == 1);
+    assert_eq!(ask(&legit, gateway.local_addr(), b"legit again"), b"legit again");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    thread.join().unwrap();
+}
+
+#[test]
+fn one_source_network_gets_at_most_max_sessions_per_prefix() {
+    let up = Upstream::echo("");
+    let pool = PoolSpec {
+        max_sessions_per_prefix: 10,
+        ..PoolSpec::new("backend", vec![up.addr.to_string()])
+    };
+    let gateway = common::start_with(
+        FORWARD.as_bytes(),
+        Default::default(),
+        ServeConfig {
+            pools: vec![pool],
+            ..one_worker(PortSet::default())
+        },
+    );
+    let clients: Vec<UdpSocket> = (0..12).map(|_| client()).collect();
+    for c in &clients {
+        c.send_to(b"hello", gateway.local_addr()).unwrap();
+    }
+    common::wait_until("ten sessions", || sessions_active(&gateway) == 10);
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = gateway.stats();
+    assert_eq!(stats.dropped(DropReason::SessionOverflow), 2, "{stats}");
+    // Another /24 (127.0.1.0/24 on loopback) is not held to that one's cap.
+    let elsewhere = client_on("127.0.1.1:0");
+    assert_eq!(ask(&elsewhere, gateway.local_addr(), b"hi there"), b"hi there");
+}
+
+#[test]
+fn one_refusal_does_not_eject_an_endpoint_three_in_a_row_do() {
+    // Before: one ICMP port unreachable (or one forged one) ejected an endpoint
+    // from every worker for eject_for.
+    let live = Upstream::echo("");
+    let down = common::closed_port();
+    let pool = PoolSpec {
+        eject_for: Duration::from_secs(30),
+        ..PoolSpec::new("backend", vec![live.addr.to_string(), down.to_string()])
+    };
+    let gateway = common::start_with(
+        FORWARD.as_bytes(),
+        Default::default(),
+        ServeConfig {
+            pools: vec![pool],
+            ..one_worker(PortSet::default())
+        },
+    );
+    let pools = gateway.publisher();
+    let view = || {
+        let p = pools.pools().unwrap();
+        let e = p
+            .endpoints(std::time::Instant::now())
+            .into_iter()
+            .find(|e| e.addr == down)
+            .unwrap();
+        (e.healthy, e.refusals, e.ejections)
+    };
+    // Clients whose address hashes to the down endpoint, one at a time.
+    let mut refused = 0;
+    for _ in 0..200 {
+        let c = client();
+        c.send_to(b"hello", gateway.local_addr()).unwrap();
+        std::thread::sleep(Duration::from_millis(15));
+        let (_, refusals, _) = view();
+        if refusals > refused {
+            refused = refusals;
+            if refused == 1 {
+                assert_eq!(view(), (true, 1, 0), "one refusal ejected the endpoint");
+            }
+            if refused == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(view(), (false, 3, 1));
+}
