@@ -8,7 +8,7 @@ use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Upstream, ask, assert_silent, client, closed_port, recv};
+use common::{Upstream, ask, assert_silent, client, closed_port};
 use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, SOA};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
