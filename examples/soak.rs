@@ -1,7 +1,10 @@
 //! A soak: the release `wasmgate` binary serves for a set time under steady
-//! correct traffic from many clients, mixed with hostile datagrams, while its
-//! module is swapped every second (a good module, then a broken one, in turn),
-//! SIGHUP arrives every few seconds and the metrics are scraped every second.
+//! correct traffic from many clients (half answered by the guest, half forwarded
+//! to an echoing upstream and back), mixed with hostile datagrams, spoofed
+//! sources that open sessions nobody answers, a flooding upstream, and datagrams
+//! from the gateway's own port, while its module is swapped every second (a good
+//! module, then a broken one, in turn), SIGHUP arrives every few seconds and the
+//! metrics are scraped every second.
 //!
 //!     scripts/soak.sh --minutes 30
 //!
@@ -39,19 +42,43 @@ struct Args {
     /// Seconds between samples of memory and descriptors.
     #[arg(long, default_value_t = 30)]
     sample_every: u64,
+    /// Spoofed sources a second, each opening a session nobody answers.
+    #[arg(long, default_value_t = 200)]
+    spoofed: u64,
+    /// Datagrams the flooding upstream sends for each one it gets (once a second).
+    #[arg(long, default_value_t = 20_000)]
+    burst: usize,
 }
 
 /// Uppercases, and misbehaves on datagrams starting with `!`: `!L` loops, `!T`
-/// traps, `!M` grows memory without end, `!A` replies 4× too much. `{variant}`
+/// traps, `!M` grows memory without end, `!A` replies 4× too much. Forwards
+/// datagrams starting with `F` to the pool `backend` (an echo), `S` to `silent`
+/// (never answers) and `X` to `flood` (answers each with a burst). `{variant}`
 /// makes two good modules with different bytes (so that each swap recompiles).
 fn good_module(variant: u32) -> String {
     format!(
         r#"(module
+        (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
         (memory (export "memory") 1)
+        (data (i32.const 0) "backend")
+        (data (i32.const 16) "silent")
+        (data (i32.const 32) "flood")
         (global $variant i32 (i32.const {variant}))
         (func (export "alloc") (param i32) (result i32) i32.const 1024)
         (func (export "handle") (param $p i32) (param $len i32) (result i64)
             (local $i i32) (local $c i32)
+            (if (i32.ge_u (local.get $len) (i32.const 1))
+                (then
+                    (local.set $c (i32.load8_u (local.get $p)))
+                    (if (i32.eq (local.get $c) (i32.const 70))
+                        (then (drop (call $forward (i32.const 0) (i32.const 7) (local.get $p) (local.get $len)))
+                              (return (i64.const -1))))
+                    (if (i32.eq (local.get $c) (i32.const 83))
+                        (then (drop (call $forward (i32.const 16) (i32.const 6) (local.get $p) (local.get $len)))
+                              (return (i64.const -1))))
+                    (if (i32.eq (local.get $c) (i32.const 88))
+                        (then (drop (call $forward (i32.const 32) (i32.const 5) (local.get $p) (local.get $len)))
+                              (return (i64.const -1))))))
             (if (i32.and (i32.ge_u (local.get $len) (i32.const 2))
                          (i32.eq (i32.load8_u (local.get $p)) (i32.const 33)))
                 (then
@@ -102,6 +129,8 @@ struct Tally {
     lost: AtomicU64,
     wrong: AtomicU64,
     hostile: AtomicU64,
+    spoofed: AtomicU64,
+    floods: AtomicU64,
     scrapes: AtomicU64,
     scrape_failures: AtomicU64,
 }
@@ -121,10 +150,13 @@ fn correct_client(addr: SocketAddr, seed: u64, rate: u64, stop: &AtomicBool, tal
         state ^= state >> 7;
         state ^= state << 17;
         let len = 1 + (state % 1200) as usize;
-        // A numbered payload of letters and other bytes, never starting with `!`.
-        let mut payload = format!("{seed}:{n}:").into_bytes();
+        // A numbered payload of letters and other bytes, never starting with `!`;
+        // every other one starts with `F`, is forwarded, and comes back unchanged.
+        let forwarded = n % 2 == 1;
+        let mut payload = format!("{}{seed}:{n}:", if forwarded { "F" } else { "" }).into_bytes();
         const BYTES: &[u8] = b"abcXYZ 09-_\xc3\xa9";
         payload.extend((0..len).map(|i| BYTES[(state as usize + i) % BYTES.len()]));
+        let expected = if forwarded { payload.clone() } else { payload.to_ascii_uppercase() };
         n += 1;
         tally.sent.fetch_add(1, Ordering::Relaxed);
         if socket.send_to(&payload, addr).is_err() {
@@ -134,7 +166,7 @@ fn correct_client(addr: SocketAddr, seed: u64, rate: u64, stop: &AtomicBool, tal
         // Replies to this client come in order; an earlier one that arrives late
         // would show as wrong, so one timeout is one loss and nothing else.
         match socket.recv_from(&mut buf) {
-            Ok((got, _)) if buf[..got] == payload.to_ascii_uppercase()[..] => {
+            Ok((got, _)) if buf[..got] == expected[..] => {
                 tally.answered.fetch_add(1, Ordering::Relaxed);
             }
             Ok(_) => {
@@ -169,6 +201,63 @@ fn hostile_client(addr: SocketAddr, stop: &AtomicBool, tally: &Tally) {
     }
 }
 
+/// Spoofed sources, as far as a process without raw sockets can make them: a new
+/// source port for every datagram, sent to the silent pool (a session nobody
+/// answers) and never read; and a socket on the gateway's own port (127.0.0.2),
+/// as a datagram spoofed from the gateway itself would arrive. `rate` a second.
+fn spoofer(addr: SocketAddr, rate: u64, stop: &AtomicBool, tally: &Tally) {
+    let own = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 2], addr.port()))).ok();
+    let gap = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(socket) = UdpSocket::bind("127.0.0.1:0") {
+            let _ = socket.send_to(format!("S spoofed {i}").as_bytes(), addr);
+            tally.spoofed.fetch_add(1, Ordering::Relaxed);
+        }
+        if i % 100 == 0
+            && let Some(own) = &own
+        {
+            let _ = own.send_to(b"loop?", addr);
+            tally.spoofed.fetch_add(1, Ordering::Relaxed);
+        }
+        i += 1;
+        std::thread::sleep(gap);
+    }
+}
+
+/// Upstreams on loopback: an echo, a silent one, and one that answers every
+/// datagram with `burst` datagrams of 1,200 bytes. Their addresses.
+fn upstreams(stop: &Arc<AtomicBool>, burst: usize, threads: &mut Vec<std::thread::JoinHandle<()>>) -> [SocketAddr; 3] {
+    let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); 3];
+    for (kind, addr) in addrs.iter_mut().enumerate() {
+        let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else { continue };
+        let _ = socket.set_read_timeout(Some(Duration::from_millis(50)));
+        if let Ok(a) = socket.local_addr() {
+            *addr = a;
+        }
+        let stop = Arc::clone(stop);
+        threads.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            let flood = [b'f'; 1200];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
+                match kind {
+                    0 => {
+                        let _ = socket.send_to(&buf[..n], from);
+                    }
+                    2 => {
+                        for _ in 0..burst {
+                            let _ = socket.send_to(&flood, from);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }));
+    }
+    addrs
+}
+
 fn scrape(addr: SocketAddr) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -197,6 +286,9 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     let dir = tempfile::tempdir()?;
     let module = dir.path().join("guest.wat");
     std::fs::write(&module, good_module(0))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    let [echo, silent, flood] = upstreams(&stop, args.burst, &mut threads);
     let mut child = Command::new(&args.wasmgate)
         .args([
             "--listen",
@@ -205,6 +297,13 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             "127.0.0.1:0",
             "--workers",
             "2",
+            "--no-cache",
+            "--upstream",
+            &format!("backend={echo}"),
+            "--upstream",
+            &format!("silent={silent}"),
+            "--upstream",
+            &format!("flood={flood}"),
             "--module",
         ])
         .arg(&module)
@@ -229,6 +328,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                 if line.contains("dropped a datagram")
                     && !line.contains("reason=trap")
                     && !line.contains("reason=amplification")
+                    && !line.contains("reason=denied_source")
                 {
                     println!("soak: gateway said: {line}");
                 }
@@ -257,9 +357,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         args.minutes, args.clients, args.rate
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
-    let mut threads = Vec::new();
     for i in 0..args.clients {
         let (stop, tally) = (Arc::clone(&stop), Arc::clone(&tally));
         let rate = args.rate;
@@ -271,6 +369,13 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         let (stop, tally) = (Arc::clone(&stop), Arc::clone(&tally));
         threads.push(std::thread::spawn(move || hostile_client(udp, &stop, &tally)));
     }
+    {
+        let (stop, tally, rate) = (Arc::clone(&stop), Arc::clone(&tally), args.spoofed);
+        threads.push(std::thread::spawn(move || spoofer(udp, rate, &stop, &tally)));
+    }
+    // The flooding upstream's victim: asks once a second, reads what it can.
+    let flooded = UdpSocket::bind("127.0.0.1:0")?;
+    flooded.set_nonblocking(true)?;
 
     let started = Instant::now();
     let run_for = Duration::from_secs_f64(args.minutes * 60.0);
@@ -310,6 +415,11 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         if second % 5 == 4 {
             let _ = Command::new("kill").args(["-HUP", &pid.to_string()]).status();
         }
+        let mut drain = [0u8; 2048];
+        while flooded.recv_from(&mut drain).is_ok() {}
+        if flooded.send_to(b"X flood me", udp).is_ok() {
+            tally.floods.fetch_add(1, Ordering::Relaxed);
+        }
         second += 1;
         // On the second, whatever the scrape and the swap took.
         let next = Duration::from_secs(second);
@@ -332,6 +442,9 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     };
     println!("{}", metric("wasmgate_reload"));
     println!("{}", metric("wasmgate_datagrams_dropped_total"));
+    println!("{}", metric("wasmgate_upstream_datagrams"));
+    println!("{}", metric("wasmgate_endpoint_sessions_evicted_total"));
+    println!("{}", metric("wasmgate_endpoint_session_idle_timeouts_total"));
 
     let (sent, answered, lost, wrong) = (
         tally.sent.load(Ordering::Relaxed),
@@ -348,9 +461,12 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     let rss_flat = max_rss <= steady.1 + (steady.1 / 4).max(8 << 10);
     let fds_flat = last.2 <= steady.2 + 2 && max_fds <= steady.2 + 8;
     println!(
-        "soak: {:.1} min, correct sent={sent} answered={answered} lost={lost} wrong={wrong}, hostile={}, swaps={swaps}, scrapes={} (failed {}, slowest {slowest_scrape:?}), log lines={}",
+        "soak: {:.1} min, correct sent={sent} answered={answered} lost={lost} wrong={wrong}, hostile={}, spoofed={}, flood requests={} (× {} back), swaps={swaps}, scrapes={} (failed {}, slowest {slowest_scrape:?}), log lines={}",
         started.elapsed().as_secs_f64() / 60.0,
         tally.hostile.load(Ordering::Relaxed),
+        tally.spoofed.load(Ordering::Relaxed),
+        tally.floods.load(Ordering::Relaxed),
+        args.burst,
         tally.scrapes.load(Ordering::Relaxed),
         tally.scrape_failures.load(Ordering::Relaxed),
         log_lines.load(Ordering::Relaxed),
