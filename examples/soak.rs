@@ -156,7 +156,11 @@ fn correct_client(addr: SocketAddr, seed: u64, rate: u64, stop: &AtomicBool, tal
         let mut payload = format!("{}{seed}:{n}:", if forwarded { "F" } else { "" }).into_bytes();
         const BYTES: &[u8] = b"abcXYZ 09-_\xc3\xa9";
         payload.extend((0..len).map(|i| BYTES[(state as usize + i) % BYTES.len()]));
-        let expected = if forwarded { payload.clone() } else { payload.to_ascii_uppercase() };
+        let expected = if forwarded {
+            payload.clone()
+        } else {
+            payload.to_ascii_uppercase()
+        };
         n += 1;
         tally.sent.fetch_add(1, Ordering::Relaxed);
         if socket.send_to(&payload, addr).is_err() {
@@ -230,7 +234,9 @@ fn spoofer(addr: SocketAddr, rate: u64, stop: &AtomicBool, tally: &Tally) {
 fn upstreams(stop: &Arc<AtomicBool>, burst: usize, threads: &mut Vec<std::thread::JoinHandle<()>>) -> [SocketAddr; 3] {
     let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); 3];
     for (kind, addr) in addrs.iter_mut().enumerate() {
-        let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else { continue };
+        let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else {
+            continue;
+        };
         let _ = socket.set_read_timeout(Some(Duration::from_millis(50)));
         if let Ok(a) = socket.local_addr() {
             *addr = a;
@@ -240,7 +246,9 @@ fn upstreams(stop: &Arc<AtomicBool>, burst: usize, threads: &mut Vec<std::thread
             let mut buf = vec![0u8; 65_536];
             let flood = [b'f'; 1200];
             while !stop.load(Ordering::Relaxed) {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
                 match kind {
                     0 => {
                         let _ = socket.send_to(&buf[..n], from);

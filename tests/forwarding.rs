@@ -128,6 +128,8 @@ fn every_policy_chooses_as_named_and_a_client_keeps_its_endpoint() {
             }
             Policy::LeastSessions => {
                 assert!(per.values().all(|&n| n == 10), "least-sessions balances: {per:?}");
+                // Round-robin balances these too; an imbalance tells them apart.
+                assert_least_sessions_fills_the_emptiest(&ups);
             }
             Policy::Hash | Policy::Random => {
                 assert_eq!(per.len(), 3, "{name} uses every endpoint: {per:?}");
@@ -135,6 +137,51 @@ fn every_policy_chooses_as_named_and_a_client_keeps_its_endpoint() {
         }
         assert_eq!(gateway.stats().sessions_created, 30, "{name}");
     }
+}
+
+/// `k` + an 8-byte key: `forward_key` with that key; anything else: `forward`.
+const KEYED_OR_PLAIN: &str = r#"(module
+  (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+  (import "wasmgate" "forward_key" (func $forward_key (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "backend")
+  (func (export "alloc") (param i32) (result i32) i32.const 64)
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (if (i32.and (i32.ge_u (local.get $len) (i32.const 9))
+                 (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 107)))
+      (then (drop (call $forward_key (i32.const 0) (i32.const 7)
+                    (i32.add (local.get $ptr) (i32.const 1)) (i32.const 8)
+                    (local.get $ptr) (local.get $len))))
+      (else (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))))
+    i64.const -1))"#;
+
+/// Six keyed sessions on one endpoint, then twelve new clients: least-sessions
+/// gives them all to the other two (round-robin would give it four).
+fn assert_least_sessions_fills_the_emptiest(ups: &[Upstream]) {
+    let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
+    let spec = PoolSpec {
+        policy: Policy::LeastSessions,
+        ..pool_of("backend", &addrs)
+    };
+    let gateway = one_worker(KEYED_OR_PLAIN, spec);
+    let reference = wasmgate::pool::Pool::new("backend", Policy::Hash, &addrs);
+    let now = std::time::Instant::now();
+    let key = (0u32..)
+        .map(|i| format!("{i:08}"))
+        .find(|k| reference.by_hash(k.as_bytes(), now) == Some(0))
+        .unwrap();
+    for _ in 0..6 {
+        let reply = ask(&client(), gateway.local_addr(), format!("k{key}").as_bytes());
+        assert_eq!(tag(&reply), "u0");
+    }
+    let later: Vec<String> = (0..12)
+        .map(|_| tag(&ask(&client(), gateway.local_addr(), b"plain")))
+        .collect();
+    assert!(
+        later.iter().all(|t| t != "u0"),
+        "least-sessions sent a client to the fullest: {later:?}"
+    );
+    assert_eq!(later.iter().filter(|t| *t == "u1").count(), 6, "{later:?}");
 }
 
 #[test]
@@ -184,6 +231,9 @@ fn forward_key_sends_every_datagram_with_a_token_to_one_endpoint_whatever_the_cl
     let ups: Vec<Upstream> = (0..4).map(|i| Upstream::echo(&format!("u{i}:"))).collect();
     let refs: Vec<&Upstream> = ups.iter().collect();
     let gateway = forwarding(TOKEN_ROUTER, vec![pool("backend", &refs)]);
+    let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
+    let reference = wasmgate::pool::Pool::new("backend", Policy::Hash, &addrs);
+    let now = std::time::Instant::now();
     let mut owners = HashMap::new();
     for token in ["tok-0001", "tok-0002", "tok-0003", "tok-0004", "tok-0005", "tok-0006"] {
         for _ in 0..8 {
@@ -194,6 +244,9 @@ fn forward_key_sends_every_datagram_with_a_token_to_one_endpoint_whatever_the_cl
             assert_eq!(&reply[t.len() + 1..], b"payload", "the token is stripped");
             assert_eq!(owners.entry(token).or_insert_with(|| t.clone()), &t, "{token} moved");
         }
+        // The owner is the one rendezvous hashing of the token names.
+        let owner = reference.by_hash(token.as_bytes(), now).unwrap();
+        assert_eq!(owners[token], format!("u{owner}"), "{token}");
     }
     let spread: std::collections::HashSet<&String> = owners.values().collect();
     assert!(spread.len() >= 2, "six tokens all on one endpoint: {owners:?}");
@@ -625,7 +678,11 @@ const FORWARD_LOOP: &str = r#"(module
   (memory (export "memory") 2)
   (data (i32.const 0) "backend")
   (func (export "alloc") (param i32) (result i32) i32.const 64)
+  ;; "ok…" is answered as it is; anything else is forwarded for ever.
   (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (if (i32.eq (i32.load16_u (local.get $ptr)) (i32.const 0x6b6f))
+      (then (return (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
+                            (i64.extend_i32_u (local.get $len))))))
     (loop $forever
       (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
       (br $forever))
@@ -644,9 +701,8 @@ fn a_guest_forwarding_in_a_loop_is_cut_off_by_the_call_limit_and_the_time_budget
     // At most 64 forwards per datagram reached the upstream; the rest were refused.
     assert_eq!(up.count(), 3 * wasmgate::abi::MAX_CALLS_PER_DATAGRAM as usize);
     assert!(gateway.stats().refused(CallError::TooMany) > 1000);
-    // The gateway serves on.
-    let echo = common::start(include_bytes!("../examples/echo.wat"));
-    assert_eq!(ask(&c, echo.local_addr(), b"ok"), b"ok");
+    // The same gateway, and the same client, are served on.
+    assert_eq!(ask(&c, gateway.local_addr(), b"ok"), b"ok");
 }
 
 #[test]
