@@ -218,7 +218,7 @@ fn spoofer(addr: SocketAddr, rate: u64, stop: &AtomicBool, tally: &Tally) {
             let _ = socket.send_to(format!("S spoofed {i}").as_bytes(), addr);
             tally.spoofed.fetch_add(1, Ordering::Relaxed);
         }
-        if i % 100 == 0
+        if i.is_multiple_of(100)
             && let Some(own) = &own
         {
             let _ = own.send_to(b"loop?", addr);
