@@ -249,9 +249,10 @@ struct PoolKeeper {
     /// The file's identity (device, inode, size, mtime) when last read.
     seen: Option<(u64, u64, u64, i64, i64)>,
     targets: Arc<Vec<(String, Publisher)>>,
-    resolve_every: Option<Duration>,
     last_resolve: Instant,
     busy: Option<tokio::task::JoinHandle<()>>,
+    /// A reload asked for while another ran (SIGHUP), done at the next tick.
+    pending: Option<(&'static str, bool)>,
     /// Sockets the sessions of every pool may have together; pools read again
     /// are fitted into it as at start-up.
     fd_budget: Option<u64>,
@@ -259,17 +260,12 @@ struct PoolKeeper {
 
 impl PoolKeeper {
     fn new(config: Option<&Path>, running: &[Running], fd_budget: Option<u64>) -> Self {
+        // Every listener: one started without pools is told, when the file
+        // gives it some, that this needs a restart.
         let targets: Vec<(String, Publisher)> = running
             .iter()
-            .filter(|r| !r.spec.pools.is_empty())
             .map(|r| (r.spec.name.clone(), r.gateway.publisher()))
             .collect();
-        let resolve_every = running
-            .iter()
-            .flat_map(|r| &r.spec.pools)
-            .filter(|p| p.has_host_names())
-            .map(|p| p.resolve_every)
-            .min();
         Self {
             // Unknown at first: the first tick reads the file again, so that a
             // change made while the modules compiled is not missed (an unchanged
@@ -277,36 +273,63 @@ impl PoolKeeper {
             seen: None,
             config: config.map(Path::to_path_buf),
             targets: Arc::new(targets),
-            resolve_every,
             last_resolve: Instant::now(),
             busy: None,
+            pending: None,
             fd_budget,
         }
     }
 
     /// Called every second: reloads when the config file changed or names are due.
     fn tick(&mut self) {
+        if let Some((why, from_file)) = self.pending.take() {
+            self.reload(why, from_file);
+            return;
+        }
         if let Some(path) = &self.config {
             let now = identity(path);
-            if now.is_some() && now != self.seen {
+            // Marked as seen only once a reload of it has started: a change made
+            // while another reload runs is taken at a later tick, not lost.
+            if now.is_some() && now != self.seen && self.reload("the config file changed", true) {
                 self.seen = now;
-                self.reload("the config file changed", true);
                 return;
             }
         }
         if self
-            .resolve_every
+            .resolve_every()
             .is_some_and(|every| self.last_resolve.elapsed() >= every)
         {
             self.reload("host names are due to be looked up again", false);
         }
     }
 
+    /// Whether some listener serves pools.
+    fn serves_pools(&self) -> bool {
+        self.targets.iter().any(|(_, p)| p.pools().is_some())
+    }
+
+    /// The shortest `resolve_every` of the pools serving now that name a host:
+    /// pools a reload brought in count as soon as they serve.
+    fn resolve_every(&self) -> Option<Duration> {
+        self.targets
+            .iter()
+            .filter_map(|(_, p)| p.pools())
+            .flat_map(|pools| pools.specs())
+            .filter(PoolSpec::has_host_names)
+            .map(|p| p.resolve_every)
+            .min()
+    }
+
     /// Re-reads the pools (from the file when `from_file` and there is one; else
     /// the current ones, with names looked up again) and publishes what changed.
-    fn reload(&mut self, why: &'static str, from_file: bool) {
-        if self.targets.is_empty() || self.busy.as_ref().is_some_and(|b| !b.is_finished()) {
-            return;
+    /// False when another reload is still running (nothing started).
+    fn reload(&mut self, why: &'static str, from_file: bool) -> bool {
+        if !self.serves_pools() && (self.config.is_none() || !from_file) {
+            return false;
+        }
+        if self.busy.as_ref().is_some_and(|b| !b.is_finished()) {
+            self.pending = Some((why, from_file));
+            return false;
         }
         self.last_resolve = Instant::now();
         let (targets, config) = (Arc::clone(&self.targets), self.config.clone().filter(|_| from_file));
@@ -314,6 +337,7 @@ impl PoolKeeper {
         self.busy = Some(tokio::task::spawn_blocking(move || {
             reload_pools(&targets, config.as_deref(), budget, why);
         }));
+        true
     }
 }
 
@@ -345,12 +369,18 @@ fn reload_pools(targets: &[(String, Publisher)], config: Option<&Path>, fd_budge
     }
     for (name, publisher) in targets {
         let Some((_, pools)) = specs.iter().find(|(n, _)| n == name) else {
-            tracing::warn!(
-                listener = name,
-                "{why}: the listener is gone from the file; restart to remove it"
-            );
+            // Without a file, only listeners with pools are looked at.
+            if config.is_some() {
+                tracing::warn!(
+                    listener = name,
+                    "{why}: the listener is gone from the file; restart to remove it"
+                );
+            }
             continue;
         };
+        if pools.is_empty() && publisher.pools().is_none() {
+            continue; // no pools before, none now
+        }
         match publisher.set_pools(pools) {
             Ok(true) => {
                 let now = publisher.pools().map(|p| p.describe()).unwrap_or_default();
@@ -394,7 +424,7 @@ impl Signals {
                 _ = second.tick() => pools.tick(),
                 _ = self.hangup.recv() => {
                     pools.reload("SIGHUP", true);
-                    if reloaders.is_empty() && pools.targets.is_empty() {
+                    if reloaders.is_empty() && !pools.serves_pools() && pools.config.is_none() {
                         tracing::warn!("SIGHUP: only the embedded guest is served, there is no module file to reload");
                     } else if !reloaders.is_empty() {
                         tracing::info!("SIGHUP: reloading every module");

@@ -502,3 +502,53 @@ fn a_forwarding_module_on_a_listener_without_pools_is_warned_about() {
     c.send_to(b"x", served.addr).unwrap();
     common::assert_silent(&c, Duration::from_millis(200));
 }
+
+#[test]
+fn host_names_are_looked_up_every_resolve_every_including_names_a_reload_added() {
+    // Before: the interval was fixed at start, from the names present then, so
+    // a name that a reload brought in was never looked up again.
+    let a = Upstream::echo("a:");
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "gateway.toml", config(&[a.addr], "").as_bytes());
+    let served = Served::start_logging(&["--config", &path], "info,wasmgate::service=debug");
+    let named = format!(
+        "[[listener]]\nname = \"fwd\"\nlisten = \"127.0.0.1:0\"\nmodule = \"{}\"\nworkers = 2\n\n\
+         [upstreams.backend]\nendpoints = [\"localhost:{}\"]\nresolve_every = \"1s\"\n",
+        example(FORWARD),
+        a.addr.port()
+    );
+    replace(&path, &named);
+    served
+        .line_with(&["the config file changed", "pools reloaded"])
+        .expect("the reload");
+    // Then the name is looked up again every second (unchanged, so debug lines).
+    for _ in 0..2 {
+        served
+            .line_with(&["host names are due to be looked up again"])
+            .expect("a look-up within 10 s");
+    }
+    assert_eq!(ask(&client(), served.addr, b"hi"), b"a:hi");
+}
+
+#[test]
+fn pools_added_to_a_listener_started_without_them_are_refused_with_a_reason() {
+    // Before: ignored without a word.
+    let dir = tempfile::tempdir().unwrap();
+    let plain = format!(
+        "[[listener]]\nname = \"plain\"\nlisten = \"127.0.0.1:0\"\nmodule = \"{}\"\n",
+        example("examples/echo.wat")
+    );
+    let path = write_file(dir.path(), "gateway.toml", plain.as_bytes());
+    let served = Served::start(&["--config", &path]);
+    let a = Upstream::echo("a:");
+    replace(
+        &path,
+        &format!("{plain}\n[upstreams.backend]\nendpoints = [\"{}\"]\n", a.addr),
+    );
+    let line = served
+        .line_with(&["restart it to add some"])
+        .expect("an error naming the restart");
+    assert!(line.contains("ERROR") && line.contains("plain"), "{line}");
+    // It serves on, as it was.
+    assert_eq!(ask(&client(), served.addr, b"still"), b"still");
+}
