@@ -616,6 +616,10 @@ mod tests {
             max_sessions = 20
             eject_for = "2m"
             resolve_every = "1h"
+            eject_after = 5
+            unanswered_timeout = "2s"
+            drain_timeout = "1m"
+            max_sessions_per_prefix = 7
             "#
         ));
         for l in &c.listeners {
@@ -640,6 +644,24 @@ mod tests {
                 Duration::from_secs(10),
                 Duration::from_secs(30)
             )
+        );
+        assert_eq!(
+            (
+                resolvers.eject_after,
+                resolvers.unanswered_timeout,
+                resolvers.drain_timeout,
+                resolvers.max_sessions_per_prefix
+            ),
+            (3, Duration::from_secs(5), Duration::from_secs(30), 1_000)
+        );
+        assert_eq!(
+            (
+                game.eject_after,
+                game.unanswered_timeout,
+                game.drain_timeout,
+                game.max_sessions_per_prefix
+            ),
+            (5, Duration::from_secs(2), Duration::from_secs(60), 7)
         );
         assert!(resolvers.has_host_names() && !game.has_host_names());
         assert_eq!(game.policy, Policy::LeastSessions);
@@ -684,6 +706,22 @@ mod tests {
                 "upstreams.p: max_sessions: 0 is out of range",
             ),
             ("endpoints = [\"a:1\"]\nweight = 3", "unknown field `weight`"),
+            (
+                "endpoints = [\"a:1\"]\neject_after = 0",
+                "upstreams.p: eject_after: 0 is out of range",
+            ),
+            (
+                "endpoints = [\"a:1\"]\nmax_sessions_per_prefix = 0",
+                "upstreams.p: max_sessions_per_prefix: 0 is out of range",
+            ),
+            (
+                "endpoints = [\"a:1\"]\ndrain_timeout = \"0s\"",
+                "upstreams.p: drain_timeout: `0s` is out of range",
+            ),
+            (
+                "endpoints = [\"a:1\"]\nunanswered_timeout = \"soon\"",
+                "upstreams.p: unanswered_timeout: `soon` is not a duration",
+            ),
             ("policy = \"hash\"", "missing field `endpoints`"),
         ] {
             let e = pool(body);

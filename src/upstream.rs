@@ -868,3 +868,50 @@ fn connect(addr: SocketAddr) -> io::Result<UdpSocket> {
 pub fn raise_fd_limit() -> anyhow::Result<u64> {
     crate::udp::raise_nofile_limit().context("cannot raise the open-file limit")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_is_held_to_the_ratio_until_it_talks_on_after_an_answer() {
+        let mut l = Ledger::new(20);
+        assert_eq!(l.bytes_left(3.0), 60);
+        l.charge(50, 0);
+        assert_eq!(l.bytes_left(3.0), 10);
+        // Its own datagrams earn more, and count toward proving its address.
+        l.on_datagram(10);
+        assert_eq!(l.bytes_left(3.0), 40);
+        l.on_datagram(10);
+        assert_eq!(l.after_answer, VALIDATED_AFTER);
+        assert_eq!(l.bytes_left(3.0), usize::MAX);
+        // No ratio: no cap from the start.
+        assert_eq!(Ledger::new(1).bytes_left(0.0), usize::MAX);
+        // Datagrams before any answer prove nothing.
+        let mut spoofed = Ledger::new(10);
+        for _ in 0..10 {
+            spoofed.on_datagram(10);
+        }
+        assert_eq!(spoofed.bytes_left(3.0), 330);
+    }
+
+    #[test]
+    fn on_reply_calls_come_from_one_allowance_that_the_clients_datagram_renews() {
+        let mut l = Ledger::new(5);
+        l.charge(0, 40);
+        l.charge(0, 40);
+        assert_eq!(l.calls_left, 0);
+        l.on_datagram(5);
+        assert_eq!(l.calls_left, MAX_CALLS_PER_DATAGRAM);
+    }
+
+    #[test]
+    fn clients_of_one_network_share_a_prefix() {
+        let p = |s: &str| Prefix::of(s.parse().unwrap());
+        assert_eq!(p("192.0.2.1:53"), p("192.0.2.200:9"));
+        assert_ne!(p("192.0.2.1:53"), p("192.0.3.1:53"));
+        assert_eq!(p("[::ffff:192.0.2.1]:53"), p("192.0.2.7:1"));
+        assert_eq!(p("[2001:db8:1::1]:53"), p("[2001:db8:1:ffff::2]:53"));
+        assert_ne!(p("[2001:db8:1::1]:53"), p("[2001:db8:2::1]:53"));
+    }
+}

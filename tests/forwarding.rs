@@ -872,3 +872,57 @@ fn sessions_to_a_removed_endpoint_end_after_drain_timeout_however_busy() {
         "moved after {moved:?}, before the drain ended"
     );
 }
+
+/// Forwards everything; `on_reply` traps on answers starting with `t`, loops
+/// on `l`, and passes the rest on.
+const ON_REPLY_HOSTILE: &str = r#"(module
+  (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "backend")
+  (func (export "alloc") (param i32) (result i32) i32.const 64)
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
+    i64.const -1)
+  (func (export "on_reply") (param $ptr i32) (param $len i32) (result i64)
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 116)) (then unreachable))
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 108)) (then (loop $l (br $l))))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
+            (i64.extend_i32_u (local.get $len)))))"#;
+
+#[test]
+fn an_on_reply_that_traps_or_loops_costs_that_answer_and_the_next_is_passed_on() {
+    let up = Upstream::echo("");
+    let gateway = one_worker(ON_REPLY_HOSTILE, pool("backend", &[&up]));
+    let c = client();
+    assert_eq!(ask(&c, gateway.local_addr(), b"fine"), b"fine");
+    for bad in [&b"trap"[..], b"loop"] {
+        c.send_to(bad, gateway.local_addr()).unwrap();
+        assert_silent(&c, Duration::from_millis(200));
+        assert_eq!(ask(&c, gateway.local_addr(), b"after"), b"after");
+    }
+    let s = gateway.stats();
+    assert_eq!(s.upstream_dropped(DropReason::Trap), 1);
+    assert_eq!(s.upstream_dropped(DropReason::Timeout), 1);
+    assert_eq!(s.dropped_total(), 0, "the client datagrams were all forwarded");
+}
+
+#[test]
+fn two_workers_forward_for_many_clients_and_each_keeps_its_session() {
+    let ups: Vec<Upstream> = (0..2).map(|i| Upstream::echo(&format!("u{i}:"))).collect();
+    let refs: Vec<&Upstream> = ups.iter().collect();
+    let gateway = forwarding_with(
+        FORWARD,
+        vec![pool("backend", &refs)],
+        ServeConfig {
+            workers: 2,
+            ..ServeConfig::default()
+        },
+    );
+    let clients: Vec<UdpSocket> = (0..40).map(|_| client()).collect();
+    let first = tags_for(&gateway, &clients, b"one");
+    assert_eq!(tags_for(&gateway, &clients, b"two"), first, "sessions are sticky");
+    let s = gateway.stats();
+    assert_eq!((s.sessions_created, s.sessions_active), (40, 40));
+    assert_eq!(s.forwarded, 80);
+    assert_eq!(ups[0].count() + ups[1].count(), 80);
+}
