@@ -86,7 +86,8 @@ fn serve(module: &str, extra: &[&str]) -> Served {
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
-    Served::start(&args)
+    // Guests' debug lines too: some tests read what a handler logged.
+    Served::start_logging(&args, "info,wasmgate::guest=debug")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -160,6 +161,12 @@ fn rust_component_routes_by_key_through_a_pool_and_answers_through_on_reply() {
         }
     }
     assert!(owner.values().any(|t| t == "a") && owner.values().any(|t| t == "b"));
+    // The answers came through on-reply, which logs each one (its reply is its
+    // input, so only the log tells it ran): the endpoint, the client, the size.
+    let line = gw
+        .line_with(&["answered", "shards/127.0.0.1:"])
+        .expect("on-reply's log line");
+    assert!(line.contains("with ") && line.contains(" bytes"), "{line}");
     // No key: the component answers at once, without forwarding.
     let c = client();
     assert_eq!(text(&ask(&c, gw.addr, b" leading space")), "ERR no key");
@@ -285,6 +292,7 @@ const ECHO_COMPONENT: &str = r#"(component
   (core module $m
     (memory (export "memory") 1)
     (global $heap (mut i32) (i32.const 1024))
+    (global $count (mut i32) (i32.const 0))
     (func (export "realloc") (param i32 i32 i32 i32) (result i32)
       (local $p i32)
       (if (i32.gt_u (global.get $heap) (i32.const 32768)) (then (global.set $heap (i32.const 1024))))
@@ -294,6 +302,13 @@ const ECHO_COMPONENT: &str = r#"(component
     (func (export "handle") (param $d i32) (param $n i32) (param $p i32) (param $pn i32) (result i32)
       (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x6c)) (then (loop $forever (br $forever))))
       (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x74)) (then unreachable))
+      ;; "c": the count of "c" datagrams this instance has seen, as a digit.
+      (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x63))
+        (then
+          (global.set $count (i32.add (global.get $count) (i32.const 1)))
+          (i32.store8 (i32.const 100) (i32.add (i32.const 48) (global.get $count)))
+          (local.set $d (i32.const 100))
+          (local.set $n (i32.const 1))))
       (i32.store8 (i32.const 16) (i32.const 1))
       (i32.store (i32.const 20) (local.get $d))
       (i32.store (i32.const 24) (local.get $n))
@@ -323,6 +338,13 @@ fn a_wat_component_is_served_reused_or_fresh_and_a_trap_or_timeout_costs_one_dat
             c.send_to(bad, addr).unwrap();
             assert_eq!(ask(&c, addr, b"after"), b"after", "{isolation}");
         }
+        // Reused, the instance keeps its count; fresh, every datagram starts at 1.
+        let counts: Vec<Vec<u8>> = (0..3).map(|_| ask(&c, addr, b"c")).collect();
+        let expected: [&[u8]; 3] = match isolation {
+            Isolation::Reuse => [b"1", b"2", b"3"],
+            Isolation::Fresh => [b"1", b"1", b"1"],
+        };
+        assert_eq!(counts, expected, "{isolation}");
         let stats = gw.stats();
         assert_eq!(stats.dropped(wasmgate::metrics::DropReason::Timeout), 1, "{isolation}");
         assert_eq!(stats.dropped(wasmgate::metrics::DropReason::Trap), 1, "{isolation}");

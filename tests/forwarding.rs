@@ -553,7 +553,9 @@ fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for
     let live = Upstream::echo("live:");
     let down = closed_port();
     let spec = PoolSpec {
-        eject_for: Duration::from_millis(700),
+        // Long enough that the ejection is still on when checked on a slow
+        // machine, short enough to see it end within wait_until's 5 s.
+        eject_for: Duration::from_secs(3),
         ..pool_of("backend", &[live.addr, down])
     };
     let gateway = one_worker(FORWARD, spec);

@@ -322,9 +322,11 @@ impl Drop for Upstream {
 }
 
 /// A loopback port that nothing listens on (bound, then closed): datagrams
-/// to it draw ICMP port unreachable.
+/// to it draw ICMP port unreachable. On 127.0.0.254, where no other test
+/// binds, so that the port is not taken again by a socket of a test running
+/// beside this one (on 127.0.0.1 it could be).
 pub fn closed_port() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    UdpSocket::bind("127.0.0.254:0").unwrap().local_addr().unwrap()
 }
 
 /// Waits up to 5 s for `done`, polling.
