@@ -583,14 +583,15 @@ impl Upstreams {
     }
 
     fn open(&mut self, client: SocketAddr, p: usize, endpoint: usize) -> Result<usize, CallError> {
+        // A full table, or a network at its share, makes room by closing its
+        // oldest session that never had an answer (most likely a spoofed
+        // client's) before refusing anyone.
         let prefix = Prefix::of(client);
         let from_prefix = self.prefixes.get(&(p, prefix)).copied().unwrap_or(0);
-        if from_prefix >= self.pools[p].max_per_prefix {
+        if from_prefix >= self.pools[p].max_per_prefix && !self.evict_unanswered(p, Some(prefix)) {
             return Err(CallError::SessionOverflow);
         }
-        // A full table makes room by closing its oldest session that never had
-        // an answer (most likely a spoofed client's) before refusing anyone.
-        if self.pools[p].open >= self.pools[p].max && !self.evict_unanswered(p) {
+        if self.pools[p].open >= self.pools[p].max && !self.evict_unanswered(p, None) {
             return Err(CallError::SessionOverflow);
         }
         let wp = &mut self.pools[p];
@@ -638,12 +639,13 @@ impl Upstreams {
         Ok(s)
     }
 
-    /// Closes the oldest session of pool `p` that never had an answer, if any.
-    fn evict_unanswered(&mut self, p: usize) -> bool {
+    /// Closes the oldest session of pool `p` (from `prefix`, if given) that
+    /// never had an answer, if any.
+    fn evict_unanswered(&mut self, p: usize, prefix: Option<Prefix>) -> bool {
         let found = self.unanswered.iter().position(|&(s, seq)| {
             self.sessions
                 .get(s)
-                .is_some_and(|x| x.seq == seq && !x.answered && x.pool == p)
+                .is_some_and(|x| x.seq == seq && !x.answered && x.pool == p && prefix.is_none_or(|pf| x.prefix == pf))
         });
         // Entries in front of it are of sessions answered or gone, or of other pools.
         let Some(at) = found else { return false };

@@ -204,7 +204,7 @@ fn hostile_python_costs_one_datagram_each_and_the_next_is_answered() {
             .line_with(&["dropped a datagram", &format!("reason={reason}")])
             .unwrap_or_else(|| panic!("no drop line for {attack}"));
         match attack {
-            "alloc" => assert!(line.contains("growing memory"), "{line}"),
+            "alloc" => assert!(line.contains("memory cap"), "{line}"),
             "sleep" => assert!(line.contains("may not wait"), "{line}"),
             _ => {}
         }
@@ -349,6 +349,94 @@ fn a_wat_component_is_served_reused_or_fresh_and_a_trap_or_timeout_costs_one_dat
         assert_eq!(stats.dropped(wasmgate::metrics::DropReason::Timeout), 1, "{isolation}");
         assert_eq!(stats.dropped(wasmgate::metrics::DropReason::Trap), 1, "{isolation}");
     }
+}
+
+/// A component that calls the world's `log` and `send`: every datagram is
+/// logged, then sent back once with `send` and once as the reply. "big…" sends
+/// 70,000 bytes and "amp…" 1,000 bytes instead; each answers with the result's
+/// discriminant and error case as two digits (`13` oversize, `16`
+/// amplification).
+const SENDING_COMPONENT: &str = r#"(component
+  (import "wasmgate:handler/types@0.1.0" (instance $types
+    (type $e (enum "unknown-pool" "no-healthy-endpoint" "session-overflow" "oversize"
+                   "no-client" "upstream-error" "amplification" "too-many-calls"))
+    (export "call-error" (type (eq $e)))))
+  (alias export $types "call-error" (type $call-error))
+  (import "log" (func $log (param "level" u8) (param "message" string)))
+  (import "send" (func $send (param "datagram" (list u8)) (result (result (error $call-error)))))
+  (core module $memory (memory (export "memory") 2))
+  (core instance $mem (instantiate $memory))
+  (core func $log_lowered (canon lower (func $log) (memory (core memory $mem "memory"))))
+  (core func $send_lowered (canon lower (func $send) (memory (core memory $mem "memory"))))
+  (core module $m
+    (import "env" "memory" (memory 2))
+    (import "host" "log" (func $log (param i32 i32 i32)))
+    (import "host" "send" (func $send (param i32 i32 i32)))
+    (global $heap (mut i32) (i32.const 80000))
+    (data (i32.const 200) "component says hi")
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $p i32)
+      (if (i32.gt_u (global.get $heap) (i32.const 120000)) (then (global.set $heap (i32.const 80000))))
+      (local.set $p (global.get $heap))
+      (global.set $heap (i32.add (global.get $heap) (i32.add (local.get 3) (i32.const 8))))
+      (local.get $p))
+    ;; Answers with the result of the send just made (at 64) as two digits.
+    (func $answer (result i32)
+      (i32.store8 (i32.const 300) (i32.add (i32.const 48) (i32.load8_u (i32.const 64))))
+      (i32.store8 (i32.const 301) (i32.add (i32.const 48) (i32.load8_u (i32.const 65))))
+      (i32.store8 (i32.const 16) (i32.const 1))
+      (i32.store (i32.const 20) (i32.const 300))
+      (i32.store (i32.const 24) (i32.const 2))
+      (i32.const 16))
+    (func (export "handle") (param $d i32) (param $n i32) (param $p i32) (param $pn i32) (result i32)
+      (call $log (i32.const 2) (i32.const 200) (i32.const 17))
+      (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x62))
+        (then
+          (call $send (i32.const 1024) (i32.const 70000) (i32.const 64))
+          (return (call $answer))))
+      (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x61))
+        (then
+          (call $send (i32.const 1024) (i32.const 1000) (i32.const 64))
+          (return (call $answer))))
+      (call $send (local.get $d) (local.get $n) (i32.const 64))
+      (i32.store8 (i32.const 16) (i32.const 1))
+      (i32.store (i32.const 20) (local.get $d))
+      (i32.store (i32.const 24) (local.get $n))
+      (i32.const 16)))
+  (core instance $i (instantiate $m
+    (with "env" (instance $mem))
+    (with "host" (instance (export "log" (func $log_lowered)) (export "send" (func $send_lowered))))))
+  (func (export "handle") (param "datagram" (list u8)) (param "peer" string) (result (option (list u8)))
+    (canon lift (core func $i "handle") (memory (core memory $mem "memory")) (realloc (core func $i "realloc")))))"#;
+
+#[test]
+fn a_components_log_and_send_reach_the_log_and_the_client_and_are_held_to_size_and_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_file(dir.path(), "sending.wat", SENDING_COMPONENT.as_bytes());
+    let gw = serve(&path, &["--max-reply-ratio", "3"]);
+    let c = client();
+    // `send` goes out first, then the reply: two datagrams, in order.
+    c.send_to(b"hello", gw.addr).unwrap();
+    let mut buf = [0u8; 2048];
+    for _ in 0..2 {
+        let (n, _) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+    }
+    assert!(gw.line_with(&["component says hi"]).is_some());
+    // 70,000 bytes is over any datagram: refused as oversize, the handler goes on.
+    assert_eq!(text(&ask(&c, gw.addr, b"big")), "13");
+    // 1,000 bytes for a 3-byte request is past 3x: refused as amplification.
+    assert_eq!(text(&ask(&c, gw.addr, b"amp")), "16");
+    assert_silent(&c, Duration::from_millis(200));
+    let body = scrape(gw.metrics_addr());
+    let refused = |reason: &str| {
+        sample(
+            &body,
+            &format!(r#"wasmgate_guest_calls_refused_total{{listener="default",reason="{reason}"}}"#),
+        )
+    };
+    assert_eq!(refused("oversize"), 1.0);
+    assert_eq!(refused("amplification"), 1.0);
 }
 
 /// `wasmgate check` on `wat`, written to a file; its exit code and stderr.

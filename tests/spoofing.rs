@@ -310,17 +310,63 @@ fn one_source_network_gets_at_most_max_sessions_per_prefix() {
             ..one_worker(PortSet::default())
         },
     );
+    // Ten answered clients fill 127.0.0.0/24's share; with none of them
+    // unanswered there is nothing to evict, so two more are refused.
     let clients: Vec<UdpSocket> = (0..12).map(|_| client()).collect();
-    for c in &clients {
+    for c in &clients[..10] {
+        assert_eq!(ask(c, gateway.local_addr(), b"hello"), b"hello");
+    }
+    for c in &clients[10..] {
         c.send_to(b"hello", gateway.local_addr()).unwrap();
     }
-    common::wait_until("ten sessions", || sessions_active(&gateway) == 10);
-    std::thread::sleep(Duration::from_millis(100));
-    let stats = gateway.stats();
-    assert_eq!(stats.dropped(DropReason::SessionOverflow), 2, "{stats}");
+    common::wait_until("two refusals", || {
+        gateway.stats().dropped(DropReason::SessionOverflow) == 2
+    });
+    assert_eq!(sessions_active(&gateway), 10);
     // Another /24 (127.0.1.0/24 on loopback) is not held to that one's cap.
     let elsewhere = client_on("127.0.1.1:0");
     assert_eq!(ask(&elsewhere, gateway.local_addr(), b"hi there"), b"hi there");
+}
+
+#[test]
+fn a_network_at_its_share_evicts_its_own_unanswered_sessions_so_its_real_clients_are_served() {
+    // Before: spoofed sources in one /24 used its whole max_sessions_per_prefix
+    // share, and a real client of that network was refused until they timed out.
+    let (upstream, thread, stop) = answering_only_legit();
+    let pool = PoolSpec {
+        max_sessions_per_prefix: 10,
+        unanswered_timeout: Duration::from_secs(60),
+        ..PoolSpec::new("backend", vec![upstream.to_string()])
+    };
+    let gateway = common::start_with(
+        FORWARD.as_bytes(),
+        Default::default(),
+        ServeConfig {
+            pools: vec![pool],
+            ..one_worker(PortSet::default())
+        },
+    );
+    for _ in 0..30 {
+        client().send_to(b"spoofed", gateway.local_addr()).unwrap();
+    }
+    common::wait_until("the share to fill", || sessions_active(&gateway) == 10);
+    for i in 0..3 {
+        let c = client();
+        let msg = format!("legit {i}");
+        assert_eq!(ask(&c, gateway.local_addr(), msg.as_bytes()), msg.as_bytes());
+    }
+    let evicted: u64 = gateway
+        .publisher()
+        .pools()
+        .unwrap()
+        .endpoints(std::time::Instant::now())
+        .iter()
+        .map(|e| e.sessions_evicted)
+        .sum();
+    assert!(evicted >= 20 + 3, "{evicted} evicted");
+    assert_eq!(gateway.stats().dropped(DropReason::SessionOverflow), 0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    thread.join().unwrap();
 }
 
 #[test]
