@@ -456,4 +456,80 @@ mod tests {
         fit_sessions(&mut [&mut tiny, &mut a], 10);
         assert_eq!(tiny.max_sessions, 1, "never below one");
     }
+
+    fn config_with_endpoint(path: &Path, endpoint: &str) {
+        let text = format!(
+            "[[listener]]\nname = \"default\"\nlisten = \"127.0.0.1:0\"\n\n\
+             [upstreams.backend]\nendpoints = [\"{endpoint}\"]\n"
+        );
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn a_config_edit_made_while_a_reload_runs_is_taken_once_that_reload_ends() {
+        // Before: the edit was marked as seen while the running reload blocked
+        // the new one, so it was never applied.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasmgate.toml");
+        config_with_endpoint(&path, "127.0.0.1:1001");
+        let sandbox = Sandbox::new(crate::sandbox::Limits::default()).unwrap();
+        let program = sandbox.load("<embedded>", crate::DEFAULT_GUEST_WASM).unwrap();
+        let config = ServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            workers: 1,
+            pools: vec![PoolSpec::new("backend", vec!["127.0.0.1:1001".into()])],
+            ..ServeConfig::default()
+        };
+        let gateway = Gateway::start(&sandbox, program, &config).unwrap();
+        let publisher = gateway.publisher();
+        let endpoints = || {
+            let pools = publisher.pools().unwrap();
+            let addrs: Vec<String> = pools
+                .endpoints(Instant::now())
+                .iter()
+                .map(|e| e.addr.to_string())
+                .collect();
+            addrs
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut keeper = PoolKeeper {
+                config: Some(path.clone()),
+                seen: identity(&path),
+                targets: Arc::new(vec![("default".into(), gateway.publisher())]),
+                last_resolve: Instant::now(),
+                busy: None,
+                pending: None,
+                fd_budget: None,
+            };
+            // A slow reload (a name that takes long to look up) is running...
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            keeper.busy = Some(tokio::task::spawn_blocking(move || {
+                let _ = held.recv();
+            }));
+            // ...when the file is edited. Two ticks see the edit and wait.
+            std::thread::sleep(Duration::from_millis(20)); // a new mtime
+            config_with_endpoint(&path, "127.0.0.1:1002");
+            keeper.tick();
+            keeper.tick();
+            assert_eq!(endpoints(), ["127.0.0.1:1001"], "nothing applied while busy");
+            release.send(()).unwrap();
+            while !keeper.busy.as_ref().is_some_and(|b| b.is_finished()) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // The next ticks take the edit.
+            for _ in 0..100 {
+                keeper.tick();
+                if endpoints() == ["127.0.0.1:1002"] {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(endpoints(), ["127.0.0.1:1002"], "the edit was lost");
+        });
+        gateway.shutdown();
+    }
 }
