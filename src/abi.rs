@@ -9,11 +9,8 @@ use std::ops::Range;
 
 use wasmtime::{ExternType, FuncType, Module};
 
-use crate::metrics::DropReason;
-
-/// The largest UDP payload over IPv4 (65,535 − 8 − 20), and so the largest
-/// datagram handed to a guest and the largest reply sent.
-pub const MAX_DATAGRAM: usize = 65_507;
+use crate::verdict::DropReason;
+pub use crate::verdict::{Allowance, CallError, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
 
 /// What `handle` returns for "send nothing back".
 pub const NO_REPLY: i64 = -1;
@@ -362,113 +359,6 @@ fn check_wasi_command(module: &Module, problems: &mut Vec<String>) {
                  a WASI command may import only `{WASI_MODULE}` functions"
             )),
         }
-    }
-}
-
-/// How many `forward`, `forward_key` and `send` calls one datagram (or one
-/// upstream reply) may make; later calls are refused with [`CallError::TooMany`].
-pub const MAX_CALLS_PER_DATAGRAM: u32 = 64;
-
-/// What one call may do: bytes to the client (`send` and the reply together)
-/// and `forward`/`send` calls.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Allowance {
-    pub bytes: usize,
-    pub calls: u32,
-}
-
-impl Allowance {
-    /// A client datagram of `len` bytes: `max_ratio` × `len` (no cap when the
-    /// ratio is 0) and [`MAX_CALLS_PER_DATAGRAM`] calls.
-    pub fn for_request(len: usize, max_ratio: f64) -> Self {
-        Self {
-            bytes: if max_ratio > 0.0 {
-                (max_ratio * len as f64).floor() as usize
-            } else {
-                usize::MAX
-            },
-            calls: MAX_CALLS_PER_DATAGRAM,
-        }
-    }
-}
-
-/// Why a `forward`, `forward_key` or `send` call was refused. The guest gets
-/// [`CallError::code`]; the gateway counts each refusal under [`CallError::as_str`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CallError {
-    /// No pool has that name.
-    UnknownPool,
-    /// Every endpoint of the pool is ejected.
-    NoHealthyEndpoint,
-    /// The pool's session limit is reached and the client has no session yet.
-    SessionOverflow,
-    /// The data is larger than one datagram (65,507 bytes).
-    Oversize,
-    /// Called where there is no client: in the start function.
-    NoClient,
-    /// The upstream socket could not be opened or refused the datagram.
-    UpstreamError,
-    /// `send`: the datagram would take the answers to this datagram past
-    /// `--max-reply-ratio` × its size.
-    Amplification,
-    /// More than [`MAX_CALLS_PER_DATAGRAM`] calls for one datagram.
-    TooMany,
-}
-
-impl CallError {
-    /// Every refusal, in the order of their counters.
-    pub const ALL: [Self; 8] = [
-        Self::UnknownPool,
-        Self::NoHealthyEndpoint,
-        Self::SessionOverflow,
-        Self::Oversize,
-        Self::NoClient,
-        Self::UpstreamError,
-        Self::Amplification,
-        Self::TooMany,
-    ];
-
-    /// What the guest gets back: -1 to -8, in the order of [`CallError::ALL`].
-    pub const fn code(self) -> i32 {
-        -(self as i32) - 1
-    }
-
-    /// A stable position in [`CallError::ALL`].
-    pub const fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The label used in logs and metrics.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::UnknownPool => "unknown_pool",
-            Self::NoHealthyEndpoint => "no_healthy_endpoint",
-            Self::SessionOverflow => "session_overflow",
-            Self::Oversize => "oversize",
-            Self::NoClient => "no_client",
-            Self::UpstreamError => "upstream_error",
-            Self::Amplification => "amplification",
-            Self::TooMany => "too_many_calls",
-        }
-    }
-
-    /// The drop reason of a datagram whose every forward was refused like this
-    /// and that got no reply.
-    pub const fn drop_reason(self) -> DropReason {
-        match self {
-            Self::UnknownPool => DropReason::UnknownPool,
-            Self::NoHealthyEndpoint => DropReason::NoHealthyEndpoint,
-            Self::SessionOverflow => DropReason::SessionOverflow,
-            Self::Oversize => DropReason::Oversize,
-            Self::Amplification => DropReason::Amplification,
-            Self::NoClient | Self::UpstreamError | Self::TooMany => DropReason::UpstreamError,
-        }
-    }
-}
-
-impl fmt::Display for CallError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

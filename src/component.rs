@@ -24,8 +24,8 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::abi::CallError;
 use crate::hostcalls::{self, HostState};
+use crate::verdict::CallError;
 
 /// The world files, compiled in so that `wasmgate new` can write them out.
 pub const HANDLER_WIT: &str = include_str!("../wit/handler.wit");

@@ -23,10 +23,10 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::abi::CallError;
-use crate::metrics::{DropReason, GUEST_TIME_BUCKETS_NS, Snapshot};
+use crate::metrics::{GUEST_TIME_BUCKETS_NS, Snapshot};
 use crate::server::Publisher;
 use crate::upstream::{EndpointView, Pools};
+use crate::verdict::{CallError, DropReason};
 
 /// The listeners whose counters a scrape reports, by name.
 pub struct GatewayCollector {

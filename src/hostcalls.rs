@@ -13,9 +13,10 @@ use wasmtime::{Caller, Engine, Extern, Linker, Memory};
 
 use crate::instance_limits::InstanceLimits;
 
-use crate::abi::{Allowance, CallError, HOST_MODULE, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
-use crate::metrics::{DropReason, RateLimit};
+use crate::abi::HOST_MODULE;
+use crate::metrics::RateLimit;
 use crate::upstream::Upstreams;
+use crate::verdict::{Allowance, CallError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
 
 /// The longest guest log message passed on; the rest is cut off.
 const MAX_LOG_BYTES: usize = 1024;

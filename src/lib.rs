@@ -26,6 +26,8 @@
 //! - [`exposition`]: Prometheus metrics over HTTP, read from the counters at scrape time.
 //! - [`source_filter`]: the client sources never answered (denied ports, our own
 //!   sockets, upstream endpoints), so that a spoofed datagram cannot start a loop.
+//! - [`verdict`]: what can happen to a datagram or a guest's call (drop reasons,
+//!   call errors, their codes and labels); pure, imported by every layer.
 //! - [`text`]: outside text (guest logs, file contents, replies) escaped and cut for printing.
 //!
 //! # Running a guest without a network
@@ -61,6 +63,7 @@ pub mod source_filter;
 pub mod text;
 pub mod udp;
 pub mod upstream;
+pub mod verdict;
 pub mod wasi;
 
 /// The default guest (`guest/uppercase`), built by `scripts/build-guests.sh`.

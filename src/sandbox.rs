@@ -26,14 +26,15 @@ use wasmtime::{
     PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap, TypedFunc,
 };
 
-use crate::abi::{self, Allowance, CallError, GuestKind, MAX_DATAGRAM, NO_REPLY};
+use crate::abi::{self, GuestKind, NO_REPLY};
 use crate::compiler::Compiler;
 use crate::component::{self as wit, ComponentHost, ComponentPre, Exports};
 use crate::hostcalls::{self, HostState, Outbox};
 use crate::instance_limits::InstanceLimits;
-use crate::metrics::{DropReason, RateLimit};
+use crate::metrics::RateLimit;
 use crate::text::cut;
 use crate::upstream::Upstreams;
+use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
 use crate::wasi::{self, WasiHost};
 
 /// The largest module file accepted; anything bigger is refused before compiling.

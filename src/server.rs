@@ -24,13 +24,13 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::abi::MAX_DATAGRAM;
 use crate::config::PoolSpec;
-use crate::metrics::{Counters, DropReason, RateLimit, Snapshot, Stats};
+use crate::metrics::{Counters, RateLimit, Snapshot, Stats};
 use crate::sandbox::{Guest, Isolation, Program, Sandbox, WORKER_STACK_BYTES};
 use crate::source_filter::{PortCounts, PortSet, SourceFilter, listening_ports};
 use crate::udp::{RecvBatch, SendBatch, Sent, report_queue_overflows};
 use crate::upstream::{LISTENER, Pools, Recv, Upstreams};
+use crate::verdict::{CallError, DropReason, MAX_DATAGRAM};
 
 /// How long a worker waits for a datagram before it looks for shutdown or a new program.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -363,7 +363,7 @@ pub enum NativeAnswer {
     /// Nothing: counted as `no_reply`.
     Nothing,
     /// A forward was refused.
-    Refused(crate::abi::CallError),
+    Refused(CallError),
 }
 
 /// One worker: its socket and everything else it owns.

@@ -18,12 +18,12 @@ use anyhow::Context as _;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use crate::abi::{Allowance, CallError, MAX_CALLS_PER_DATAGRAM};
 use crate::config::PoolSpec;
 use crate::metrics::{Counters, RateLimit};
 use crate::pool::{Pool, Refusal};
 use crate::source_filter::PortCounts;
 use crate::udp::RecvBatch;
+use crate::verdict::{Allowance, CallError, MAX_CALLS_PER_DATAGRAM};
 
 /// The token of the listener socket; session `k` has token `k + 1`.
 pub const LISTENER: Token = Token(0);

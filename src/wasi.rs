@@ -19,7 +19,8 @@ use wasmtime_wasi::p1::{self, WasiP1Ctx};
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
-use crate::abi::{MAX_DATAGRAM, WASI_MODULE};
+use crate::abi::WASI_MODULE;
+use crate::verdict::MAX_DATAGRAM;
 
 /// The environment variable that holds the client's address, as `ip:port`.
 pub const PEER_VARIABLE: &str = "WASMGATE_PEER";
