@@ -643,7 +643,9 @@ fn send_from_port_zero(to: std::net::SocketAddr, payload: &[u8]) {
 #[ignore = "needs CAP_NET_RAW for a raw socket; .ci/run runs it as root with --ignored"]
 fn a_reply_that_cannot_be_sent_is_counted_and_serving_goes_on() {
     // The reply to port 0 fails in sendmmsg (EINVAL): counted as a send error, and
-    // the datagrams around it, in the same batch or not, are answered.
+    // the datagrams around it, in the same batch or not, are answered. Port 0 is
+    // denied by default (`denied_source`), so every port is allowed here to reach
+    // the send.
     for batch in [32, 1] {
         let gateway = common::start_with(
             wasmgate::DEFAULT_GUEST_WASM,
@@ -651,6 +653,7 @@ fn a_reply_that_cannot_be_sent_is_counted_and_serving_goes_on() {
             wasmgate::server::ServeConfig {
                 workers: 1,
                 batch,
+                deny_source_ports: wasmgate::source_filter::PortSet::none(),
                 ..common::config()
             },
         );
