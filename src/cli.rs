@@ -12,17 +12,15 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::Cache;
-use crate::compiler::{CompileBounds, Compiler};
 use crate::config::{
-    self, DEFAULT_REPLY_RATIO, ListenerSpec, MAX_WORKERS, PoolSpec, check_batch, check_ratio, check_timeout_ms,
-    check_workers, parse_addr, parse_size, parse_upstream_flag, parse_with,
+    self, DEFAULT_BATCH, DEFAULT_REPLY_RATIO, ListenerSpec, MAX_WORKERS, PoolSpec, check_batch, check_ratio,
+    check_timeout_ms, check_workers, parse_addr, parse_size, parse_upstream_flag, parse_with,
 };
-use crate::sandbox::{Isolation, Limits, Program, Sandbox, read_module};
-use crate::server::DEFAULT_BATCH;
+use crate::engine::child::{CompileBounds, Compiler};
+use crate::sandbox::{Isolation, Limits, Sandbox};
 use crate::text::escape_control;
 
-/// How the embedded default guest is named in logs.
-pub const EMBEDDED_ORIGIN: &str = "<embedded uppercase guest>";
+pub use crate::sandbox::EMBEDDED_ORIGIN;
 
 /// A UDP gateway whose behaviour is a sandboxed WebAssembly module.
 ///
@@ -308,7 +306,7 @@ impl Cli {
                 println!("then, from another terminal: wasmgate send 127.0.0.1:8008 hello");
                 Ok(ExitCode::SUCCESS)
             }
-            Some(Command::Compile { max_memory }) => Ok(crate::compiler::run_child(&max_memory)),
+            Some(Command::Compile { max_memory }) => Ok(crate::engine::child::run_child(&max_memory)),
             Some(Command::Send {
                 addr,
                 messages,
@@ -321,7 +319,7 @@ impl Cli {
 
 fn check(path: &Path, limits: &LimitArgs, compiler: Compiler) -> anyhow::Result<ExitCode> {
     let sandbox = Sandbox::new(limits.limits())?.with_compiler(compiler);
-    match load_module(&sandbox, Some(path)) {
+    match sandbox.load_file(Some(path)) {
         Ok(program) => {
             let imports = match (program.world(), program.imports()) {
                 (Some(_), list) => format!("{} imports, listed below", list.len()),
@@ -344,19 +342,6 @@ fn check(path: &Path, limits: &LimitArgs, compiler: Compiler) -> anyhow::Result<
             Ok(ExitCode::FAILURE)
         }
     }
-}
-
-/// Reads, checks and compiles the module at `path`, or the embedded guest if `None`.
-/// Errors name the file and the reason.
-pub fn load_module(sandbox: &Sandbox, path: Option<&Path>) -> anyhow::Result<Program> {
-    let Some(path) = path else {
-        return sandbox.load(EMBEDDED_ORIGIN, crate::DEFAULT_GUEST_WASM);
-    };
-    let name = path.display().to_string();
-    let bytes = read_module(path).with_context(|| format!("cannot read module {name}"))?;
-    sandbox
-        .load(name.clone(), &bytes)
-        .with_context(|| format!("module {name}"))
 }
 
 fn default_workers() -> usize {

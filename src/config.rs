@@ -4,6 +4,7 @@
 //! the file, the key and the reason.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,10 +13,50 @@ use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
 use crate::pool::Policy;
-use crate::sandbox::{Isolation, Limits};
-use crate::server::DEFAULT_BATCH;
 use crate::source_filter::PortSet;
 use crate::text::{cut, quote};
+
+/// What every guest instance is held to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// Time budget per datagram (alloc + handle), and for the start function.
+    pub timeout: Duration,
+    /// Largest linear memory an instance may have, in bytes.
+    pub max_memory: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_millis(10),
+            max_memory: 64 << 20,
+        }
+    }
+}
+
+/// Whether a worker keeps one instance across datagrams or makes one per datagram.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Isolation {
+    /// Reuse each worker's instance (fast); a fresh one replaces it after any trap,
+    /// timeout or bad reply. Guest globals and memory survive between datagrams.
+    #[default]
+    Reuse,
+    /// A fresh instance for every datagram: nothing survives between datagrams.
+    Fresh,
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Reuse => "reuse",
+            Self::Fresh => "fresh",
+        })
+    }
+}
+
+/// Datagrams per `recvmmsg`: enough to amortise the system call, small enough that
+/// the replies of one batch leave promptly.
+pub const DEFAULT_BATCH: usize = 32;
 
 /// Everything needed to run one listener.
 #[derive(Clone, Debug, PartialEq)]

@@ -4,15 +4,18 @@
 //! # Layout
 //!
 //! - [`cli`]: the command line, and the `serve`, `check` and `send` commands.
-//! - [`config`]: listeners from flags or a TOML file, checked before anything binds.
+//! - [`config`]: listeners from flags or a TOML file, checked before anything binds;
+//!   every listener setting and its default as plain data (no engine, no socket).
 //! - [`service`]: running every listener, the metrics endpoint, and the signals.
 //! - [`server`]: the datagram path: sockets, worker threads, the receive loop, and
 //!   with pools the event loop over the listener and session sockets.
 //! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
-//! - [`sandbox`]: the wasmtime engine, loading modules, running a guest under limits.
+//! - [`sandbox`]: loading modules (one loader for serving, reloads and `check`),
+//!   running a guest under limits.
 //! - [`instance_limits`]: one cap on everything a guest instance holds (memories and tables).
-//! - [`compiler`]: compiling a module in a child process under time and memory bounds.
+//! - [`engine`]: the wasmtime engine's settings, reading and compiling module bytes,
+//!   and ([`engine::child`]) compiling in a child process under time and memory bounds.
 //! - [`cache`]: compiled modules kept on disk, trusted only when their HMAC checks out.
 //! - [`abi`]: the two kinds of guest (ABI v1 and WASI command) and their checks (pure).
 //! - `hostcalls`: the functions ABI v1 guests may import (`wasmgate.*`, `env.abort`),
@@ -46,9 +49,9 @@
 pub mod abi;
 pub mod cache;
 pub mod cli;
-pub mod compiler;
 pub mod component;
 pub mod config;
+pub mod engine;
 pub mod exposition;
 mod hostcalls;
 pub mod instance_limits;

@@ -6,11 +6,8 @@
 //! what to send back, so it is tested without a network.
 
 use std::fmt;
-use std::fs::OpenOptions;
-use std::io::{self, Read as _};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,42 +18,26 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
-use wasmtime::{
-    Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Memory, Module,
-    PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap, TypedFunc,
-};
+use wasmtime::{Engine, ExternType, InstancePre, Linker, Memory, Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
 
 use crate::abi::{self, GuestKind, NO_REPLY};
-use crate::compiler::Compiler;
 use crate::component::{self as wit, ComponentHost, ComponentPre, Exports};
+pub use crate::config::{Isolation, Limits};
+use crate::engine::child::Compiler;
+use crate::engine::{
+    COMPONENT_MAX_INSTANCES, COMPONENT_MAX_MEMORIES, COMPONENT_MAX_TABLES, COMPONENT_TABLE_ELEMENTS, Compiled,
+    MAX_TABLE_ELEMENTS, MAX_TABLES, engine_config,
+};
+pub use crate::engine::{MAX_MODULE_BYTES, read_module};
 use crate::hostcalls::{self, HostState, Outbox};
 use crate::instance_limits::InstanceLimits;
 use crate::metrics::RateLimit;
-use crate::text::cut;
 use crate::upstream::Upstreams;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
 use crate::wasi::{self, WasiHost};
 
-/// The largest module file accepted; anything bigger is refused before compiling.
-pub const MAX_MODULE_BYTES: usize = 64 << 20;
-
 /// How often the epoch ticker advances; the granularity of `--timeout-ms`.
 const TICK: Duration = Duration::from_millis(1);
-
-/// Caps that no ABI v1 guest should come near; they stop table and instance bombs.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
-const MAX_TABLES: usize = 8;
-
-/// A component's caps, over all its core instances, memories and tables:
-/// generous, since toolchains differ; the Python, JavaScript and Rust examples
-/// run well within them (tests/components.rs).
-const COMPONENT_MAX_INSTANCES: usize = 64;
-const COMPONENT_MAX_MEMORIES: usize = 16;
-const COMPONENT_MAX_TABLES: usize = 64;
-const COMPONENT_TABLE_ELEMENTS: usize = 1_000_000;
-
-/// Bytes of each pooled memory and table kept mapped and reset by zeroing.
-const POOL_KEEP_RESIDENT: usize = 256 << 10;
 
 /// Guest log lines let through per second, across all instances.
 const GUEST_LOG_LINES_PER_SECOND: u64 = 20;
@@ -64,44 +45,6 @@ const GUEST_LOG_LINES_PER_SECOND: u64 = 20;
 /// The stack a worker thread needs: wasmtime stops guests at its 512 KiB
 /// `max_wasm_stack` default, and the host needs room on top of that.
 pub const WORKER_STACK_BYTES: usize = 4 << 20;
-
-/// What every guest instance is held to.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Limits {
-    /// Time budget per datagram (alloc + handle), and for the start function.
-    pub timeout: Duration,
-    /// Largest linear memory an instance may have, in bytes.
-    pub max_memory: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            timeout: Duration::from_millis(10),
-            max_memory: 64 << 20,
-        }
-    }
-}
-
-/// Whether a worker keeps one instance across datagrams or makes one per datagram.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Isolation {
-    /// Reuse each worker's instance (fast); a fresh one replaces it after any trap,
-    /// timeout or bad reply. Guest globals and memory survive between datagrams.
-    #[default]
-    Reuse,
-    /// A fresh instance for every datagram: nothing survives between datagrams.
-    Fresh,
-}
-
-impl fmt::Display for Isolation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Reuse => "reuse",
-            Self::Fresh => "fresh",
-        })
-    }
-}
 
 /// The engine and everything shared by the guests it runs. Cheap to clone.
 #[derive(Clone)]
@@ -172,40 +115,23 @@ impl Sandbox {
     }
 }
 
-/// The engine's settings: the same for serving and for the compiling child
-/// process, so that what the child compiles loads here. `pool` is the number of
-/// instance slots and the memory cap, for a pooling allocator (which only changes
-/// how instances are allocated, not how code is compiled).
-pub(crate) fn engine_config(pool: Option<(u32, usize)>) -> Config {
-    let mut config = Config::new();
-    config.epoch_interruption(true);
-    // Nothing reads wasm backtraces, and capturing one costs on every trap.
-    config.wasm_backtrace_max_frames(None);
-    if let Some((slots, max_memory)) = pool {
-        let mut pool = PoolingAllocationConfig::new();
-        // Each slot may hold a component, several core instances with their
-        // memories and tables; what a store may use is capped by its limits.
-        pool.total_component_instances(slots)
-            .total_core_instances(slots * COMPONENT_MAX_INSTANCES as u32)
-            .total_memories(slots * COMPONENT_MAX_MEMORIES as u32)
-            .total_tables(slots * COMPONENT_MAX_TABLES as u32)
-            .max_memories_per_module(1)
-            .max_tables_per_module(MAX_TABLES as u32)
-            .table_elements(MAX_TABLE_ELEMENTS)
-            .max_memory_size(max_memory)
-            // Small guests are reset by zeroing rather than by remapping.
-            .linear_memory_keep_resident(POOL_KEEP_RESIDENT)
-            .table_keep_resident(POOL_KEEP_RESIDENT)
-            .pagemap_scan(wasmtime::Enabled::Auto);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    }
-    config
-}
-
 impl Sandbox {
     /// Whether instances come from a pool ([`Sandbox::with_instance_pool`]).
     pub fn has_instance_pool(&self) -> bool {
         self.inner.pooled
+    }
+
+    /// Reads, checks and compiles the module at `path`, or the embedded default guest
+    /// if `None`: the one loader that serving, `wasmgate check` and tests share.
+    /// Errors name the file and the reason.
+    pub fn load_file(&self, path: Option<&Path>) -> anyhow::Result<Program> {
+        let Some(path) = path else {
+            return self.load(EMBEDDED_ORIGIN, crate::DEFAULT_GUEST_WASM);
+        };
+        let name = path.display().to_string();
+        let bytes = read_module(path).with_context(|| format!("cannot read module {name}"))?;
+        self.load(name.clone(), &bytes)
+            .with_context(|| format!("module {name}"))
     }
 
     /// Compiles `bytes` (a `\0asm` binary or WAT text), tells its kind, checks it
@@ -497,102 +423,8 @@ impl Sandbox {
     }
 }
 
-/// Reads a module file, refusing one over [`MAX_MODULE_BYTES`] without reading it
-/// all, and anything that is not a regular file (a FIFO, a directory, a device)
-/// without blocking on it or reading from it.
-pub fn read_module(path: &Path) -> io::Result<Vec<u8>> {
-    // A plain open() of a FIFO blocks until a writer comes; non-blocking it returns
-    // at once, and the type check below refuses it.
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("it is {}, not a regular file", file_kind(&meta.file_type())),
-        ));
-    }
-    if meta.len() > MAX_MODULE_BYTES as u64 {
-        return Err(too_large());
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_MODULE_BYTES as u64 + 1).read_to_end(&mut bytes)?;
-    if bytes.len() > MAX_MODULE_BYTES {
-        return Err(too_large());
-    }
-    Ok(bytes)
-}
-
-fn too_large() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::FileTooLarge,
-        format!("it is over the {MAX_MODULE_BYTES} byte limit for modules"),
-    )
-}
-
-/// What a file that is not a regular file is, for an error message.
-fn file_kind(t: &std::fs::FileType) -> &'static str {
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO (named pipe)"
-    } else if t.is_char_device() || t.is_block_device() {
-        "a device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "a special file"
-    }
-}
-
-/// What compiling gives: a core module or a component.
-pub(crate) enum Compiled {
-    Module(Module),
-    Component(Component),
-}
-
-/// The layer byte of a component binary (`\0asm`, version 0x0d, layer 1).
-const COMPONENT_HEADER: [u8; 4] = [0x0d, 0, 1, 0];
-
-/// Compiles a `\0asm` binary (a core module or a component) or WAT text,
-/// refusing other inputs with a reason.
-pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<Compiled> {
-    if bytes.len() > MAX_MODULE_BYTES {
-        bail!(
-            "is {} bytes, over the {} byte limit for modules",
-            bytes.len(),
-            MAX_MODULE_BYTES
-        );
-    }
-    let compiled = if let Some(version) = bytes.strip_prefix(b"\0asm") {
-        match version.get(..4) {
-            Some([1, 0, 0, 0]) => Module::from_binary(engine, bytes).map(Compiled::Module),
-            Some(v) if v == COMPONENT_HEADER => Component::from_binary(engine, bytes).map(Compiled::Component),
-            _ => bail!(
-                "is a WebAssembly binary of an unknown version or layer; wasmgate runs core modules and components"
-            ),
-        }
-    } else if bytes.starts_with(b"\x7fELF") {
-        bail!("is a precompiled (serialized) module; only `.wasm` binaries and `.wat` text are accepted");
-    } else {
-        let Ok(text) = std::str::from_utf8(bytes) else {
-            bail!("is neither a WebAssembly binary (it does not start with \\0asm) nor WAT text");
-        };
-        let trimmed = text.trim_start();
-        if trimmed.is_empty() {
-            bail!("is empty");
-        }
-        if trimmed.starts_with("(component") {
-            Component::new(engine, text).map(Compiled::Component)
-        } else {
-            Module::new(engine, text).map(Compiled::Module)
-        }
-    };
-    // A WAT error quotes the offending line, which may be megabytes long.
-    compiled.map_err(|e| anyhow::anyhow!("is not valid WebAssembly: {}", cut(&format!("{e:#}"), 1000)))
-}
+/// How the embedded default guest is named in logs.
+pub const EMBEDDED_ORIGIN: &str = "<embedded uppercase guest>";
 
 /// A module that passed every check, compiled and ready to instantiate. This is
 /// what a reload publishes; instances made from it are cheap.

@@ -43,9 +43,7 @@ const RECV_BUFFER: usize = 65_536;
 /// `net.core.rmem_max` / `wmem_max`.
 const SOCKET_BUFFER: usize = 4 << 20;
 
-/// Datagrams per `recvmmsg`: enough to amortise the system call, small enough that
-/// the replies of one batch leave promptly.
-pub const DEFAULT_BATCH: usize = 32;
+pub use crate::config::DEFAULT_BATCH;
 
 /// Log lines per second for each kind of problem; the rest are only counted.
 const WARNINGS_PER_SECOND: u64 = 5;

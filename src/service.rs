@@ -14,9 +14,8 @@ use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::abi::GuestKind;
-use crate::cli::load_module;
-use crate::compiler::Compiler;
 use crate::config::{ListenerSpec, PoolSpec};
+use crate::engine::child::Compiler;
 use crate::reload::Reloader;
 use crate::sandbox::{Isolation, Sandbox};
 use crate::server::{Gateway, Publisher, ServeConfig};
@@ -71,7 +70,9 @@ pub fn run(
             Ok(sandbox.with_compiler(compiler.clone()))
         };
         let load = |sandbox: &Sandbox| {
-            load_module(sandbox, spec.module.as_deref()).with_context(|| format!("listener `{}`", spec.name))
+            sandbox
+                .load_file(spec.module.as_deref())
+                .with_context(|| format!("listener `{}`", spec.name))
         };
         // Every endpoint resolves before anything binds.
         for pool in &spec.pools {

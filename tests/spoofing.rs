@@ -246,9 +246,11 @@ fn a_full_session_table_evicts_unanswered_sessions_so_new_clients_are_served() {
             ..one_worker(PortSet::default())
         },
     );
-    // 200 "spoofed" sources, one datagram each, none answered (sockets closed at once).
-    for _ in 0..200 {
-        client().send_to(b"spoofed", gateway.local_addr()).unwrap();
+    // 200 "spoofed" sources, one datagram each, none answered (the upstream answers
+    // only "legit"). The sockets stay open so that no two share a port.
+    let spoofed: Vec<_> = (0..200).map(|_| client()).collect();
+    for c in &spoofed {
+        c.send_to(b"spoofed", gateway.local_addr()).unwrap();
     }
     common::wait_until("the table to fill", || sessions_active(&gateway) == 50);
     for i in 0..5 {
@@ -262,7 +264,12 @@ fn a_full_session_table_evicts_unanswered_sessions_so_new_clients_are_served() {
         .iter()
         .map(|e| e.sessions_evicted)
         .sum();
-    assert!(evicted >= 150 + 5, "{evicted} evicted");
+    assert_eq!(
+        evicted,
+        150 + 5,
+        "each session past the 50th evicts one unanswered session"
+    );
+    drop(spoofed);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     thread.join().unwrap();
 }
@@ -284,8 +291,10 @@ fn unanswered_sessions_end_after_unanswered_timeout_and_answered_ones_stay() {
     );
     let legit = client();
     assert_eq!(ask(&legit, gateway.local_addr(), b"legit"), b"legit");
-    for _ in 0..20 {
-        client().send_to(b"spoofed", gateway.local_addr()).unwrap();
+    // Open sockets, so that no two sources share a port.
+    let spoofed: Vec<_> = (0..20).map(|_| client()).collect();
+    for c in &spoofed {
+        c.send_to(b"spoofed", gateway.local_addr()).unwrap();
     }
     common::wait_until("21 sessions", || sessions_active(&gateway) == 21);
     // Only the answered one outlives the unanswered timeout (the idle one is 60 s).
@@ -346,8 +355,9 @@ fn a_network_at_its_share_evicts_its_own_unanswered_sessions_so_its_real_clients
             ..one_worker(PortSet::default())
         },
     );
-    for _ in 0..30 {
-        client().send_to(b"spoofed", gateway.local_addr()).unwrap();
+    let spoofed: Vec<_> = (0..30).map(|_| client()).collect();
+    for c in &spoofed {
+        c.send_to(b"spoofed", gateway.local_addr()).unwrap();
     }
     common::wait_until("the share to fill", || sessions_active(&gateway) == 10);
     for i in 0..3 {
@@ -363,7 +373,11 @@ fn a_network_at_its_share_evicts_its_own_unanswered_sessions_so_its_real_clients
         .iter()
         .map(|e| e.sessions_evicted)
         .sum();
-    assert!(evicted >= 20 + 3, "{evicted} evicted");
+    assert_eq!(
+        evicted,
+        20 + 3,
+        "each session past the share evicts one of that network's"
+    );
     assert_eq!(gateway.stats().dropped(DropReason::SessionOverflow), 0);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     thread.join().unwrap();

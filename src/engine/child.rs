@@ -8,7 +8,7 @@
 //! there before starting a child.
 //!
 //! Library users and tests that trust their modules can compile in-process
-//! ([`Compiler::InProcess`], the default of [`crate::sandbox::Sandbox`]).
+//! ([`Compiler::InProcess`], the default of a `Sandbox`).
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use wasmtime::component::Component;
 use wasmtime::{Engine, Module, Precompiled};
 
 use crate::cache::{Cache, Lookup};
-use crate::sandbox::{Compiled, MAX_MODULE_BYTES, compile, engine_config};
+use crate::engine::{Compiled, MAX_MODULE_BYTES, compile, engine_config};
 
 /// The hidden subcommand the child runs.
 pub const CHILD_COMMAND: &str = "__compile";
