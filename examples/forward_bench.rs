@@ -38,6 +38,10 @@ use procfs::cpu_seconds;
 struct Args {
     #[command(flatten)]
     run: RunArgs,
+    /// Another `wasmgate` binary (a build of an earlier commit, say), run with
+    /// the same guests beside this one, interleaved: old against new.
+    #[arg(long, value_name = "PATH")]
+    baseline: Option<std::path::PathBuf>,
 }
 
 /// Clients × window × payload bytes.
@@ -126,12 +130,17 @@ fn main() -> anyhow::Result<()> {
     let mut c = pinned(0, &native);
     c.args(["--listen", &listen(port), "--workers", "1", "--upstream", &pool]);
     add("native forwarder", c, port, None, false)?;
-    for (name, module) in [
-        ("wasm forward.wat", "examples/forward.wat"),
-        ("wasm + on_reply", "bench/forward_on_reply.wat"),
-    ] {
+    let mut gateways = vec![
+        ("wasm forward.wat", "examples/forward.wat", &wasmgate),
+        ("wasm + on_reply", "bench/forward_on_reply.wat", &wasmgate),
+    ];
+    if let Some(baseline) = &args.baseline {
+        gateways.push(("baseline: wasm forward.wat", "examples/forward.wat", baseline));
+        gateways.push(("baseline: wasm + on_reply", "bench/forward_on_reply.wat", baseline));
+    }
+    for (name, module, binary) in gateways {
         let port = free_port()?;
-        let mut c = pinned(0, &wasmgate);
+        let mut c = pinned(0, binary);
         c.args([
             "--listen",
             &listen(port),

@@ -317,9 +317,9 @@ fn region<'m>(memory: &'m [u8], ptr: i32, len: i32, function: &str, what: &str) 
     }
 }
 
-/// `forward(pool_ptr, pool_len, data_ptr, data_len) -> i32`: sends `data` to an
-/// endpoint of the named pool, on behalf of the current client; 0 when it was
-/// handed to the upstream socket, else a negative [`CallError::code`].
+/// `forward(pool_ptr, pool_len, data_ptr, data_len) -> i32`: queues `data` for an
+/// endpoint of the named pool, on behalf of the current client; 0 when queued,
+/// else a negative [`CallError::code`] the session table decided.
 fn forward(
     caller: Caller<'_, HostState>,
     pool_ptr: i32,

@@ -24,8 +24,10 @@
 //! - [`metrics`]: per-worker counters, drop reasons, rate-limited warnings.
 //! - [`pool`]: upstream pools (I/O-free): endpoint choice by policy, rendezvous
 //!   hashing, ejection shared by every worker.
-//! - [`upstream`]: forwarding per worker: sessions (a connected socket each), idle
-//!   expiry, passive health, pools reloaded while they serve.
+//! - [`upstream`]: a listener's pools, and one worker's session table with no
+//!   socket and no clock of its own (affinity, caps, idle expiry, drain, passive
+//!   health, allowances): it emits open/send/close commands.
+//! - [`net`]: the sockets that apply those commands (one connected socket per session).
 //! - [`exposition`]: Prometheus metrics over HTTP, read from the counters at scrape time.
 //! - [`source_filter`]: the client sources never answered (denied ports, our own
 //!   sockets, upstream endpoints), so that a spoofed datagram cannot start a loop.
@@ -56,6 +58,7 @@ pub mod exposition;
 mod hostcalls;
 pub mod instance_limits;
 pub mod metrics;
+pub mod net;
 pub mod new;
 pub mod pool;
 pub mod reload;

@@ -10,8 +10,10 @@
 //! With upstream pools, a worker instead waits on its listener socket and its
 //! sessions' sockets together (one `mio` poller): it owns the sessions of its
 //! clients ([`crate::upstream::Upstreams`]), lends them to the guest for each
-//! call, and passes upstream datagrams through `on_reply` (or straight back)
-//! into the same `sendmmsg` batch as the replies.
+//! call, then applies the opens, sends and closes the calls queued to the
+//! session sockets ([`crate::net::sessions`]), and passes upstream datagrams
+//! through `on_reply` (or straight back) into the same `sendmmsg` batch as the
+//! replies.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -26,10 +28,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::PoolSpec;
 use crate::metrics::{Counters, RateLimit, Snapshot, Stats};
+use crate::net::sessions::{LISTENER, SessionSockets, session_of};
 use crate::sandbox::{Guest, Isolation, Program, Sandbox, WORKER_STACK_BYTES};
 use crate::source_filter::{PortCounts, PortSet, SourceFilter, listening_ports};
 use crate::udp::{RecvBatch, SendBatch, Sent, report_queue_overflows};
-use crate::upstream::{LISTENER, Pools, Recv, Upstreams};
+use crate::upstream::{Pools, Upstreams};
 use crate::verdict::{CallError, DropReason, MAX_DATAGRAM};
 
 /// How long a worker waits for a datagram before it looks for shutdown or a new program.
@@ -151,15 +154,19 @@ impl Gateway {
                 Some(pools) => {
                     let poll = mio::Poll::new().context("cannot create a poller")?;
                     let registry = poll.registry().try_clone().context("cannot create a poller")?;
+                    let sockets = SessionSockets::new(registry, Arc::clone(&gateway.shared.session_ports));
                     let net = Upstreams::new(
                         pools.load_full(),
                         i,
-                        registry,
                         Arc::clone(&counters),
-                        Arc::clone(&gateway.shared.session_ports),
                         config.max_reply_ratio,
+                        Instant::now(),
                     );
-                    Some((poll, Box::new(net)))
+                    Some(Forwarding {
+                        poll,
+                        sockets,
+                        net: Box::new(net),
+                    })
                 }
                 None => None,
             };
@@ -369,10 +376,16 @@ struct Worker {
     socket: UdpSocket,
     /// Datagrams per receive call; 1 means plain `recvfrom`/`sendto`.
     batch: usize,
-    /// With upstream pools: the poller that waits on the listener and session
-    /// sockets together, and the sessions.
-    forwarding: Option<(mio::Poll, Box<Upstreams>)>,
+    forwarding: Option<Forwarding>,
     core: Core,
+}
+
+/// With upstream pools: the poller that waits on the listener and session
+/// sockets together, the session sockets, and the session table.
+struct Forwarding {
+    poll: mio::Poll,
+    sockets: SessionSockets,
+    net: Box<Upstreams>,
 }
 
 /// The per-datagram work of a worker, apart from the socket.
@@ -397,8 +410,8 @@ const SESSION_ROUNDS: usize = 16;
 
 impl Worker {
     fn run(mut self) {
-        if let Some((poll, net)) = self.forwarding.take() {
-            self.run_forwarding(poll, Some(net));
+        if let Some(forwarding) = self.forwarding.take() {
+            self.run_forwarding(forwarding);
         } else if self.batch > 1 {
             self.run_batched();
         } else {
@@ -456,7 +469,14 @@ impl Worker {
     /// With upstream pools: one poller waits on the listener socket and every
     /// session socket; client datagrams go through `handle`, upstream datagrams
     /// through `on_reply` (or straight back), and idle sessions expire.
-    fn run_forwarding(&mut self, mut poll: mio::Poll, mut net: Option<Box<Upstreams>>) {
+    fn run_forwarding(&mut self, forwarding: Forwarding) {
+        let Forwarding {
+            mut poll,
+            mut sockets,
+            net,
+        } = forwarding;
+        // An Option because the guest's store holds it during a call.
+        let mut net = Some(net);
         let mut events = mio::Events::with_capacity(256);
         let mut rx = RecvBatch::new(self.batch, RECV_BUFFER);
         let mut tx = SendBatch::new(self.batch, MAX_DATAGRAM);
@@ -528,26 +548,42 @@ impl Worker {
             // hold more and waits for its next turn at the back.
             for _ in 0..ready.len().min(SESSION_ROUNDS) {
                 let Some(token) = ready.pop_front() else { break };
-                let Some(n) = net.as_mut() else { break };
-                let Recv::Datagrams(count) = n.recv(token, &mut upstream_rx) else {
+                let (Some(n), Some(id)) = (net.as_mut(), session_of(token)) else {
                     queued.remove(&token);
                     continue;
+                };
+                let count = match sockets.recv(id, &mut upstream_rx) {
+                    Ok(0) => {
+                        queued.remove(&token);
+                        continue;
+                    }
+                    Ok(count) => count,
+                    Err(_) => {
+                        // ICMP port unreachable: counted against the endpoint, session closed.
+                        n.refused_on(id);
+                        apply(&mut net, &mut sockets);
+                        queued.remove(&token);
+                        continue;
+                    }
                 };
                 if count < upstream_rx.capacity() {
                     queued.remove(&token);
                 } else {
                     ready.push_back(token);
                 }
-                let Some(session) = n.session(token) else { continue };
-                let client = session.client;
+                let sizes = (0..count).filter_map(|i| upstream_rx.get(i)).map(|(d, _)| d.len());
+                let Some((client, upstream)) = n.received(id, sizes) else {
+                    continue;
+                };
                 label.clear();
-                label.push_str(&session.label);
+                label.push_str(upstream);
                 for (datagram, _) in (0..count).filter_map(|i| upstream_rx.get(i)) {
                     self.core.upstream_datagram(datagram, client, &label, &mut net, &mut tx);
                     if tx.is_full() {
                         self.core.flush(&mut tx, &self.socket);
                     }
                 }
+                apply(&mut net, &mut sockets);
             }
             if listener_ready {
                 listener_ready = false;
@@ -556,6 +592,7 @@ impl Worker {
                         Ok(n) => {
                             self.core
                                 .take_batch(&rx, n, &mut overflows_seen, &mut net, &mut tx, &self.socket);
+                            apply(&mut net, &mut sockets);
                             self.core.flush(&mut tx, &self.socket);
                             listener_ready = true;
                         }
@@ -574,6 +611,7 @@ impl Worker {
                     n.expire(now);
                     sweep_every = n.sweep_every();
                 }
+                apply(&mut net, &mut sockets);
                 self.core.handler.refresh(&self.core.shared.program.load());
                 next_sweep = now + sweep_every;
             }
@@ -781,6 +819,13 @@ impl Core {
                 }
             }
         }
+    }
+}
+
+/// Applies the session table's queued opens, sends and closes to the sockets.
+fn apply(net: &mut Option<Box<Upstreams>>, sockets: &mut SessionSockets) {
+    if let Some(n) = net.as_mut() {
+        n.poll_commands(|command| sockets.apply(command));
     }
 }
 

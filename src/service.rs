@@ -58,6 +58,36 @@ pub fn run(
     metrics: Option<SocketAddr>,
     compiler: &Compiler,
 ) -> anyhow::Result<()> {
+    run_until(listeners, config, metrics, compiler, terminated, |_| {})
+}
+
+/// The binary's shutdown: SIGINT (Ctrl-C) or SIGTERM. Registered when called
+/// (inside the runtime), so a signal sent once "serving" is logged is handled.
+fn terminated() -> anyhow::Result<impl Future<Output = ()>> {
+    let register = |kind: SignalKind, name: &str| signal(kind).with_context(|| format!("cannot listen for {name}"));
+    let mut interrupt = register(SignalKind::interrupt(), "SIGINT")?;
+    let mut terminate = register(SignalKind::terminate(), "SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+/// As [`run`], but serving until the future `shutdown()` makes completes (it is
+/// called inside the service's runtime), and telling `ready` each listener's
+/// name and bound address once every listener serves: tests and embedders run
+/// the whole service in-process on port 0 this way (mini-redis's
+/// `server::run(listener, shutdown)`).
+pub fn run_until<S: Future<Output = ()>>(
+    listeners: Vec<ListenerSpec>,
+    config: Option<&Path>,
+    metrics: Option<SocketAddr>,
+    compiler: &Compiler,
+    shutdown: impl FnOnce() -> anyhow::Result<S>,
+    ready: impl FnOnce(&[(String, SocketAddr)]),
+) -> anyhow::Result<()> {
     let mut loaded = Vec::new();
     for spec in listeners {
         let sandbox_for = |pooled: bool| -> anyhow::Result<Sandbox> {
@@ -136,14 +166,16 @@ pub fn run(
             reloader,
         });
     }
-    serve_until_stopped(running, config, metrics, fd_budget)
+    serve_until_stopped(running, config, metrics, fd_budget, shutdown, ready)
 }
 
-fn serve_until_stopped(
+fn serve_until_stopped<S: Future<Output = ()>>(
     running: Vec<Running>,
     config: Option<&Path>,
     metrics: Option<SocketAddr>,
     fd_budget: Option<u64>,
+    shutdown: impl FnOnce() -> anyhow::Result<S>,
+    ready: impl FnOnce(&[(String, SocketAddr)]),
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -151,9 +183,10 @@ fn serve_until_stopped(
         .context("cannot start the async runtime")?;
     // Registered before "serving" is logged: a signal sent after that line must be
     // handled, not fatal.
-    let (signals, metrics_server) = {
+    let (signals, shutdown, metrics_server) = {
         let _runtime = runtime.enter();
         let signals = Signals::new()?;
+        let shutdown = shutdown()?;
         let metrics_server = match metrics {
             Some(addr) => {
                 let listener =
@@ -172,7 +205,7 @@ fn serve_until_stopped(
             }
             None => None,
         };
-        (signals, metrics_server)
+        (signals, shutdown, metrics_server)
     };
     for r in &running {
         let program = r.gateway.program();
@@ -214,7 +247,12 @@ fn serve_until_stopped(
     }
     let reloaders: Vec<&Reloader> = running.iter().filter_map(|r| r.reloader.as_ref()).collect();
     let pools = PoolKeeper::new(config, &running, fd_budget);
-    runtime.block_on(signals.wait(&reloaders, pools));
+    let bound: Vec<(String, SocketAddr)> = running
+        .iter()
+        .map(|r| (r.spec.name.clone(), r.gateway.local_addr()))
+        .collect();
+    ready(&bound);
+    runtime.block_on(signals.wait(&reloaders, pools, shutdown));
     // Every listener stops reading and every reloader stops publishing at once,
     // before saying so; then each worker answers the batch it holds.
     for r in &running {
@@ -396,10 +434,8 @@ fn reload_pools(targets: &[(String, Publisher)], config: Option<&Path>, fd_budge
     }
 }
 
-/// The signals the gateway acts on, registered up front.
+/// SIGHUP, registered up front (shutdown comes from the caller).
 struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
     hangup: Signal,
 }
 
@@ -408,20 +444,18 @@ impl Signals {
     fn new() -> anyhow::Result<Self> {
         let register = |kind: SignalKind, name: &str| signal(kind).with_context(|| format!("cannot listen for {name}"));
         Ok(Self {
-            interrupt: register(SignalKind::interrupt(), "SIGINT")?,
-            terminate: register(SignalKind::terminate(), "SIGTERM")?,
             hangup: register(SignalKind::hangup(), "SIGHUP")?,
         })
     }
 
-    /// Reloads on SIGHUP; returns on SIGINT (Ctrl-C) or SIGTERM.
-    async fn wait(mut self, reloaders: &[&Reloader], mut pools: PoolKeeper) {
+    /// Reloads on SIGHUP; returns when `shutdown` completes.
+    async fn wait(mut self, reloaders: &[&Reloader], mut pools: PoolKeeper, shutdown: impl Future<Output = ()>) {
         let mut second = tokio::time::interval(Duration::from_secs(1));
         second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = self.interrupt.recv() => return,
-                _ = self.terminate.recv() => return,
+                () = &mut shutdown => return,
                 _ = second.tick() => pools.tick(),
                 _ = self.hangup.recv() => {
                     pools.reload("SIGHUP", true);

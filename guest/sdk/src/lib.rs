@@ -86,7 +86,9 @@ pub enum CallError {
     Oversize,
     /// Called outside a datagram (in a start function).
     NoClient,
-    /// The upstream socket could not be opened or refused the datagram.
+    /// Kept for older hosts: forwards are now queued, and a socket that cannot
+    /// be opened or refuses the datagram is counted by the host after the call
+    /// (`reason="upstream_error"`); `forward` no longer returns it.
     UpstreamError,
     /// `send`: past the reply budget (`--max-reply-ratio` × the datagram's size).
     Amplification,

@@ -1,0 +1,124 @@
+//! A worker's session sockets: one connected UDP socket per session, registered
+//! with the worker's poller under a token derived from the session id. It does
+//! what the session table ([`crate::upstream::Upstreams`]) asks and says how it
+//! went; it decides nothing.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+
+use mio::{Interest, Registry, Token};
+
+use crate::source_filter::PortCounts;
+use crate::udp::RecvBatch;
+use crate::upstream::{Applied, Command, SessionId};
+
+/// The token of the listener socket; session `id` has token `id + 1`.
+pub const LISTENER: Token = Token(0);
+
+/// The poller token of session `id`.
+pub fn token(id: SessionId) -> Token {
+    Token(usize::try_from(id.raw()).map_or(usize::MAX, |raw| raw.saturating_add(1)))
+}
+
+/// The session a poller token stands for (none for the listener's).
+pub fn session_of(token: Token) -> Option<SessionId> {
+    let raw = token.0.checked_sub(1)?;
+    Some(SessionId::from_raw(raw as u64))
+}
+
+struct Socket {
+    socket: mio::net::UdpSocket,
+    /// Its local port, registered as one of the gateway's own.
+    port: u16,
+}
+
+/// One worker's session sockets.
+pub struct SessionSockets {
+    registry: Registry,
+    sockets: HashMap<SessionId, Socket>,
+    /// The local ports of every session of the gateway (all workers): clients
+    /// with those source ports are never answered.
+    ports: Arc<PortCounts>,
+}
+
+impl SessionSockets {
+    pub fn new(registry: Registry, ports: Arc<PortCounts>) -> Self {
+        Self {
+            registry,
+            sockets: HashMap::new(),
+            ports,
+        }
+    }
+
+    /// Does what `command` asks.
+    pub fn apply(&mut self, command: Command<'_>) -> Applied {
+        match command {
+            Command::Open { id, to } => match self.open(id, to) {
+                Ok(()) => Applied::Done,
+                Err(_) => Applied::Failed,
+            },
+            Command::Send { id, datagram } => {
+                let Some(s) = self.sockets.get(&id) else {
+                    return Applied::Failed;
+                };
+                match s.socket.send(datagram) {
+                    Ok(_) => Applied::Done,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Applied::Refused,
+                    Err(_) => Applied::Failed,
+                }
+            }
+            Command::Close { id } => {
+                if let Some(mut s) = self.sockets.remove(&id) {
+                    let _ = self.registry.deregister(&mut s.socket);
+                    self.ports.remove(s.port);
+                }
+                Applied::Done
+            }
+        }
+    }
+
+    fn open(&mut self, id: SessionId, to: SocketAddr) -> io::Result<()> {
+        let socket = connect(to)?;
+        let port = socket.local_addr()?.port();
+        let mut socket = mio::net::UdpSocket::from_std(socket);
+        self.registry.register(&mut socket, token(id), Interest::READABLE)?;
+        self.ports.add(port);
+        self.sockets.insert(id, Socket { socket, port });
+        Ok(())
+    }
+
+    /// Reads up to a batch of what session `id`'s socket holds into `rx` (one
+    /// `recvmmsg`): `Ok(0)` when there is nothing more now or the session has no
+    /// socket; `ConnectionRefused` when the endpoint answered with ICMP port
+    /// unreachable. Other queued socket errors are read past.
+    pub fn recv(&mut self, id: SessionId, rx: &mut RecvBatch) -> io::Result<usize> {
+        let Some(s) = self.sockets.get(&id) else {
+            return Ok(0);
+        };
+        loop {
+            match rx.recv(&s.socket) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(e),
+                // Interrupted, or another queued error (host unreachable, …).
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// A non-blocking UDP socket connected to `addr`, so that it receives only what
+/// `addr` sends and the kernel reports ICMP errors from it.
+fn connect(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.connect(addr)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}

@@ -1,0 +1,1225 @@
+//! One worker's session table, with no socket and no clock of its own: which
+//! session each client's forward goes to (affinity, policy, key), the caps
+//! (`max_sessions`, per network), eviction of unanswered sessions, idle expiry,
+//! the drain of removed endpoints, passive health from refusals, and what each
+//! client may be sent (the reply ratio) and may cause (the call allowance).
+//!
+//! Like quinn-proto's endpoint it performs no I/O: time comes in (`set_now`,
+//! `expire`), and socket work goes out as [`Command`]s that the worker applies
+//! (`poll_commands`), telling back what each did. So every rule here is unit
+//! tested with a made-up clock and no network.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use super::{EndpointCounters, Pools};
+use crate::metrics::Counters;
+use crate::pool::{Pool, Refusal};
+use crate::verdict::{Allowance, CallError, MAX_CALLS_PER_DATAGRAM};
+
+/// A session, named for as long as the table lives: ids are never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(u64);
+
+impl SessionId {
+    /// The id as a number (the worker's poller token is derived from it).
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+
+    pub const fn from_raw(raw: u64) -> Self {
+        Self(raw)
+    }
+}
+
+/// Socket work for the worker, in the order it must be done.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// Open a socket connected to `to` for session `id`.
+    Open { id: SessionId, to: SocketAddr },
+    /// Send `datagram` on session `id`'s socket.
+    Send { id: SessionId, datagram: &'a [u8] },
+    /// Close session `id`'s socket (if it has one).
+    Close { id: SessionId },
+}
+
+/// What applying a [`Command`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Done,
+    /// ICMP port unreachable: nothing listens at the endpoint.
+    Refused,
+    /// Any other failure (no socket, no descriptor, no buffer).
+    Failed,
+}
+
+/// A command as queued; datagram and key bytes live in the table's arena.
+enum Queued {
+    Open {
+        id: SessionId,
+        to: SocketAddr,
+    },
+    Send {
+        id: SessionId,
+        bytes: Range<usize>,
+        /// The endpoint's counters, for a session closed before its send is applied.
+        counters: Arc<EndpointCounters>,
+        /// How the guest asked for it, to forward it once more if it is refused.
+        retry: Option<Retry>,
+    },
+    Close {
+        id: SessionId,
+    },
+}
+
+struct Retry {
+    client: SocketAddr,
+    pool: usize,
+    key: Option<Range<usize>>,
+}
+
+/// One client's conversation with one endpoint.
+pub struct Session {
+    /// The client as the listener socket received it (where replies go).
+    pub client: SocketAddr,
+    pool: usize,
+    endpoint: SocketAddr,
+    /// The endpoint's place in its pool; `None` once a reload removed it (the
+    /// session then drains: it carries on until idle).
+    index: Option<usize>,
+    counters: Arc<EndpointCounters>,
+    last_active: Instant,
+    /// `POOL/ip:port`, as `upstream` tells the guest.
+    pub label: String,
+    /// Datagrams forwarded and not yet answered (an estimate for the shutdown drain).
+    awaiting: u32,
+    /// Whether the endpoint ever answered on it; until then it is cheap to
+    /// close (`unanswered_timeout`, eviction when the table is full).
+    answered: bool,
+    /// When a reload removed its endpoint; it ends `drain_timeout` later.
+    draining_since: Option<Instant>,
+    /// The client's network, for `max_sessions_per_prefix`.
+    prefix: Prefix,
+}
+
+/// A client's network: the first 24 bits of an IPv4 address, or 48 of an IPv6 one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Prefix([u8; 6]);
+
+impl Prefix {
+    fn of(client: SocketAddr) -> Self {
+        let mut bytes = [0; 6];
+        match client.ip().to_canonical() {
+            std::net::IpAddr::V4(v4) => bytes[..3].copy_from_slice(&v4.octets()[..3]),
+            std::net::IpAddr::V6(v6) => bytes.copy_from_slice(&v6.octets()[..6]),
+        }
+        Self(bytes)
+    }
+}
+
+/// One pool, as one worker uses it. Its place in the worker's list never
+/// changes, so sessions can name it by index across reloads.
+struct WorkerPool {
+    name: String,
+    pool: Pool,
+    /// This worker's counters of each endpoint of `pool`.
+    counters: Vec<Arc<EndpointCounters>>,
+    idle_timeout: Duration,
+    eject_for: Duration,
+    eject_after: u32,
+    unanswered_timeout: Duration,
+    drain_timeout: Duration,
+    /// This worker's share of the pool's `max_sessions`.
+    max: usize,
+    /// This worker's share of the pool's `max_sessions_per_prefix`.
+    max_per_prefix: usize,
+    open: usize,
+    /// A reload removed the pool: no new sessions; the open ones drain.
+    retired: bool,
+}
+
+/// Client datagrams sent after the first answer that make a client count as
+/// having proven its address: a spoofer does not see the answers it causes, a
+/// real client goes on talking.
+pub const VALIDATED_AFTER: u32 = 2;
+
+/// What one client with sessions has earned and spent: the upstream answers it
+/// may be sent, and the `forward`/`send` calls `on_reply` may still make for
+/// it. Kept while the client has a session.
+#[derive(Debug)]
+struct Ledger {
+    /// Bytes the client sent (its datagrams that reached the guest).
+    received: u64,
+    /// Bytes of upstream answers (through `on_reply` or straight) sent to it.
+    sent: u64,
+    /// Whether any answer was sent to it.
+    answered: bool,
+    /// Its datagrams after the first answer.
+    after_answer: u32,
+    /// Calls `on_reply` may still make until the client's next datagram.
+    calls_left: u32,
+    sessions: u32,
+}
+
+impl Ledger {
+    fn new(received: usize) -> Self {
+        Self {
+            received: received as u64,
+            sent: 0,
+            answered: false,
+            after_answer: 0,
+            calls_left: MAX_CALLS_PER_DATAGRAM,
+            sessions: 0,
+        }
+    }
+
+    fn on_datagram(&mut self, len: usize) {
+        self.received = self.received.saturating_add(len as u64);
+        if self.answered {
+            self.after_answer = self.after_answer.saturating_add(1);
+        }
+        self.calls_left = MAX_CALLS_PER_DATAGRAM;
+    }
+
+    /// Bytes the client may still be sent: `ratio` × what it sent, less what it
+    /// was sent; no cap once it is validated or with a ratio of 0.
+    fn bytes_left(&self, ratio: f64) -> usize {
+        if ratio <= 0.0 || self.after_answer >= VALIDATED_AFTER {
+            return usize::MAX;
+        }
+        let earned = (ratio * self.received as f64).floor() as u64;
+        usize::try_from(earned.saturating_sub(self.sent)).unwrap_or(usize::MAX)
+    }
+
+    fn charge(&mut self, bytes: usize, calls: u32) {
+        if bytes > 0 {
+            self.sent = self.sent.saturating_add(bytes as u64);
+            self.answered = true;
+        }
+        self.calls_left = self.calls_left.saturating_sub(calls);
+    }
+}
+
+/// A worker's forwarding state.
+pub struct Upstreams {
+    shared: Arc<Pools>,
+    worker: usize,
+    pools: Vec<WorkerPool>,
+    sessions: HashMap<SessionId, Session>,
+    /// (client, pool, endpoint) → session.
+    routes: HashMap<(SocketAddr, usize, SocketAddr), SessionId>,
+    /// (client, pool) → the session plain `forward` keeps using while it is healthy.
+    affinity: HashMap<(SocketAddr, usize), SessionId>,
+    /// Sessions not yet answered, oldest first; entries of sessions since
+    /// answered or closed are skipped when met.
+    unanswered: VecDeque<SessionId>,
+    /// Ids are never reused, so a command queued for a closed session can
+    /// never reach a newer one.
+    next_id: u64,
+    /// Opens, sends and closes for the worker to apply, in order
+    /// ([`Upstreams::poll_commands`]); datagram and key bytes in `arena`.
+    queue: Vec<Queued>,
+    arena: Vec<u8>,
+    /// (pool, client network) → sessions open.
+    prefixes: HashMap<(usize, Prefix), usize>,
+    counters: Arc<Counters>,
+    /// The time of the batch being handled (read once per wake-up, not per datagram).
+    now: Instant,
+    /// The client the guest is answering, as received, and its hash key.
+    client: Option<SocketAddr>,
+    client_key: [u8; 18],
+    client_key_len: usize,
+    /// The size of the client datagram being handled, for a new ledger.
+    client_len: usize,
+    /// What each client with a session has earned and spent.
+    ledgers: HashMap<SocketAddr, Ledger>,
+    /// The listener's `max_reply_ratio`, which holds for upstream answers too.
+    max_ratio: f64,
+}
+
+impl Upstreams {
+    /// Worker `worker`'s share of `shared`, as of `now`.
+    pub fn new(shared: Arc<Pools>, worker: usize, counters: Arc<Counters>, max_ratio: f64, now: Instant) -> Self {
+        let mut this = Self {
+            shared: Arc::clone(&shared),
+            worker,
+            pools: Vec::new(),
+            sessions: HashMap::new(),
+            routes: HashMap::new(),
+            affinity: HashMap::new(),
+            unanswered: VecDeque::new(),
+            next_id: 0,
+            queue: Vec::new(),
+            arena: Vec::new(),
+            prefixes: HashMap::new(),
+            counters,
+            now,
+            client: None,
+            client_key: [0; 18],
+            client_key_len: 0,
+            client_len: 0,
+            ledgers: HashMap::new(),
+            max_ratio,
+        };
+        this.adopt(shared);
+        this
+    }
+
+    /// Whether `pools` is the version this worker uses.
+    pub fn uses(&self, pools: &Arc<Pools>) -> bool {
+        Arc::ptr_eq(&self.shared, pools)
+    }
+
+    /// Takes a reloaded version of the pools: new endpoints take new sessions at
+    /// once; sessions to removed endpoints (or pools) carry on until idle.
+    pub fn adopt(&mut self, shared: Arc<Pools>) {
+        let workers = shared.workers.max(1);
+        let w = self.worker.min(workers - 1);
+        for wp in &mut self.pools {
+            wp.retired = true;
+        }
+        for c in &shared.pools {
+            let fresh = WorkerPool {
+                name: c.spec.name.clone(),
+                pool: c.pool.clone(),
+                counters: c.counters.iter().map(|per| Arc::clone(&per[w])).collect(),
+                idle_timeout: c.spec.idle_timeout,
+                eject_for: c.spec.eject_for,
+                eject_after: c.spec.eject_after,
+                unanswered_timeout: c.spec.unanswered_timeout,
+                drain_timeout: c.spec.drain_timeout,
+                max: c.spec.max_sessions.div_ceil(workers),
+                max_per_prefix: c.spec.max_sessions_per_prefix.div_ceil(workers),
+                open: 0,
+                retired: false,
+            };
+            match self.pools.iter_mut().find(|wp| wp.name == c.spec.name) {
+                Some(wp) => *wp = WorkerPool { open: wp.open, ..fresh },
+                None => self.pools.push(fresh),
+            }
+        }
+        // Sessions find their endpoint in the new lists (and count for least-sessions).
+        for s in self.sessions.values_mut() {
+            let wp = &mut self.pools[s.pool];
+            s.index = if wp.retired { None } else { wp.pool.position(s.endpoint) };
+            match s.index {
+                Some(i) => {
+                    wp.pool.session_opened(i);
+                    s.draining_since = None;
+                }
+                None => {
+                    s.draining_since.get_or_insert(self.now);
+                }
+            }
+        }
+        self.shared = shared;
+    }
+
+    /// Whether `addr` is an endpoint of the pools in use.
+    pub fn is_endpoint(&self, addr: SocketAddr) -> bool {
+        self.shared.is_endpoint(addr)
+    }
+
+    /// Sets the time for what follows.
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// A datagram of `len` bytes from `client` is about to reach the guest: what
+    /// it earns (answers within the reply ratio, a new chain of calls) is noted.
+    pub fn client_datagram(&mut self, client: SocketAddr, len: usize) {
+        self.client_len = len;
+        if let Some(ledger) = self.ledgers.get_mut(&client) {
+            ledger.on_datagram(len);
+        }
+        self.begin(client);
+    }
+
+    /// What an upstream answer to `client` may still bring it: bytes within the
+    /// reply ratio, and calls of the `on_reply` chain its last datagram started.
+    pub fn allowance(&self, client: SocketAddr) -> Allowance {
+        match self.ledgers.get(&client) {
+            Some(l) => Allowance {
+                bytes: l.bytes_left(self.max_ratio),
+                calls: l.calls_left,
+            },
+            None => Allowance { bytes: 0, calls: 0 },
+        }
+    }
+
+    /// Counts `bytes` sent to `client` from upstream answers, and `calls` made
+    /// by `on_reply` on its behalf.
+    pub fn charge(&mut self, client: SocketAddr, bytes: usize, calls: u32) {
+        if let Some(ledger) = self.ledgers.get_mut(&client) {
+            ledger.charge(bytes, calls);
+        }
+    }
+
+    /// The guest is about to answer `client` (as received by the listener socket).
+    pub fn begin(&mut self, client: SocketAddr) {
+        self.client = Some(client);
+        // The key plain `forward` hashes: the client's IP (IPv4 as 4 bytes, also
+        // when it reached a dual-stack socket) and port, so that replicas agree.
+        let (ip, port) = (client.ip().to_canonical(), client.port());
+        let n = match ip {
+            std::net::IpAddr::V4(v4) => {
+                self.client_key[..4].copy_from_slice(&v4.octets());
+                4
+            }
+            std::net::IpAddr::V6(v6) => {
+                self.client_key[..16].copy_from_slice(&v6.octets());
+                16
+            }
+        };
+        self.client_key[n..n + 2].copy_from_slice(&port.to_be_bytes());
+        self.client_key_len = n + 2;
+    }
+
+    /// Queues `data` for an endpoint of the pool named `pool`, for the current
+    /// client: by the pool's policy (keeping the client's session while its
+    /// endpoint is healthy), or by hashing `key`. `Ok` means queued; what the
+    /// socket then says is counted when the worker applies the commands.
+    pub fn forward(&mut self, pool: &[u8], key: Option<&[u8]>, data: &[u8]) -> Result<(), CallError> {
+        let client = self.client.ok_or(CallError::NoClient)?;
+        let p = self
+            .pools
+            .iter()
+            .position(|wp| !wp.retired && wp.name.as_bytes() == pool)
+            .ok_or(CallError::UnknownPool)?;
+        let id = self.session_for(client, p, key)?;
+        let key = key.map(|k| self.stash(k));
+        let bytes = self.stash(data);
+        let retry = Some(Retry { client, pool: p, key });
+        self.queue_send(id, bytes, retry);
+        Ok(())
+    }
+
+    fn stash(&mut self, bytes: &[u8]) -> Range<usize> {
+        let start = self.arena.len();
+        self.arena.extend_from_slice(bytes);
+        start..self.arena.len()
+    }
+
+    fn queue_send(&mut self, id: SessionId, bytes: Range<usize>, retry: Option<Retry>) {
+        if let Some(session) = self.sessions.get(&id) {
+            let counters = Arc::clone(&session.counters);
+            self.queue.push(Queued::Send {
+                id,
+                bytes,
+                counters,
+                retry,
+            });
+        }
+    }
+
+    /// The session for `client` in pool `p`, opened if needed.
+    fn session_for(&mut self, client: SocketAddr, p: usize, key: Option<&[u8]>) -> Result<SessionId, CallError> {
+        let now = self.now;
+        let wp = &mut self.pools[p];
+        let endpoint = match key {
+            Some(key) => wp.pool.by_hash(key, now).ok_or(CallError::NoHealthyEndpoint)?,
+            None => {
+                // The client keeps its session while its endpoint is healthy, and
+                // also when a reload removed the endpoint (the session drains).
+                if let Some(&s) = self.affinity.get(&(client, p))
+                    && let Some(session) = self.sessions.get(&s)
+                    && session.index.is_none_or(|i| wp.pool.is_healthy(i, now))
+                {
+                    return Ok(s);
+                }
+                let key = &self.client_key[..self.client_key_len];
+                wp.pool.pick(key, now).ok_or(CallError::NoHealthyEndpoint)?
+            }
+        };
+        let addr = wp.pool.endpoints()[endpoint].addr;
+        let s = match self.routes.get(&(client, p, addr)) {
+            Some(&s) => s,
+            None => self.open(client, p, endpoint)?,
+        };
+        if key.is_none() {
+            self.affinity.insert((client, p), s);
+        }
+        Ok(s)
+    }
+
+    fn open(&mut self, client: SocketAddr, p: usize, endpoint: usize) -> Result<SessionId, CallError> {
+        // A full table, or a network at its share, makes room by closing its
+        // oldest session that never had an answer (most likely a spoofed
+        // client's) before refusing anyone.
+        let prefix = Prefix::of(client);
+        let from_prefix = self.prefixes.get(&(p, prefix)).copied().unwrap_or(0);
+        if from_prefix >= self.pools[p].max_per_prefix && !self.evict_unanswered(p, Some(prefix)) {
+            return Err(CallError::SessionOverflow);
+        }
+        if self.pools[p].open >= self.pools[p].max && !self.evict_unanswered(p, None) {
+            return Err(CallError::SessionOverflow);
+        }
+        let wp = &mut self.pools[p];
+        let addr = wp.pool.endpoints()[endpoint].addr;
+        let id = SessionId(self.next_id);
+        self.next_id += 1;
+        self.sessions.insert(
+            id,
+            Session {
+                answered: false,
+                draining_since: None,
+                prefix,
+                client,
+                pool: p,
+                endpoint: addr,
+                index: Some(endpoint),
+                counters: Arc::clone(&wp.counters[endpoint]),
+                last_active: self.now,
+                label: format!("{}/{addr}", wp.name),
+                awaiting: 0,
+            },
+        );
+        self.queue.push(Queued::Open { id, to: addr });
+        wp.open += 1;
+        wp.pool.session_opened(endpoint);
+        wp.counters[endpoint].sessions_created.fetch_add(1, Relaxed);
+        wp.counters[endpoint].sessions_active.fetch_add(1, Relaxed);
+        self.routes.insert((client, p, addr), id);
+        self.unanswered.push_back(id);
+        *self.prefixes.entry((p, prefix)).or_insert(0) += 1;
+        let client_len = self.client_len;
+        self.ledgers
+            .entry(client)
+            .or_insert_with(|| Ledger::new(client_len))
+            .sessions += 1;
+        self.counters.session_created(self.sessions.len());
+        Ok(id)
+    }
+
+    /// Closes the oldest session of pool `p` (from `prefix`, if given) that
+    /// never had an answer, if any.
+    fn evict_unanswered(&mut self, p: usize, prefix: Option<Prefix>) -> bool {
+        let found = self.unanswered.iter().position(|s| {
+            self.sessions
+                .get(s)
+                .is_some_and(|x| !x.answered && x.pool == p && prefix.is_none_or(|pf| x.prefix == pf))
+        });
+        // Entries in front of it are of sessions answered or gone, or of other pools.
+        let Some(at) = found else { return false };
+        let Some(s) = self.unanswered.remove(at) else {
+            return false;
+        };
+        self.skip_answered();
+        if let Some(session) = self.sessions.get(&s) {
+            session.counters.sessions_evicted.fetch_add(1, Relaxed);
+        }
+        self.close(s, false);
+        true
+    }
+
+    /// Drops the entries at the front of `unanswered` of sessions answered or gone.
+    fn skip_answered(&mut self) {
+        while self
+            .unanswered
+            .front()
+            .is_some_and(|s| self.sessions.get(s).is_none_or(|x| x.answered))
+        {
+            self.unanswered.pop_front();
+        }
+    }
+
+    /// Session `s` was refused (ICMP port unreachable): counted against its
+    /// endpoint, which is ejected after `eject_after` in a row (never the last
+    /// healthy one), and closed; the client's next datagram opens another.
+    fn refused(&mut self, s: SessionId) {
+        let Some(session) = self.sessions.get(&s) else {
+            return;
+        };
+        session.counters.refusals.fetch_add(1, Relaxed);
+        let wp = &self.pools[session.pool];
+        if let Some(i) = session.index {
+            match wp.pool.refused(i, wp.eject_after, self.now, self.now + wp.eject_for) {
+                Refusal::Ejected { news } => {
+                    session.counters.ejections.fetch_add(1, Relaxed);
+                    if news && let Some(suppressed) = self.shared.health_lines.allow() {
+                        tracing::warn!(
+                            pool = wp.name,
+                            endpoint = %session.endpoint,
+                            eject_for = ?wp.eject_for,
+                            refusals = wp.eject_after,
+                            suppressed,
+                            "endpoint ejected: it answered with ICMP port unreachable"
+                        );
+                    }
+                }
+                Refusal::Spared => {
+                    if let Some(suppressed) = self.shared.health_lines.allow() {
+                        tracing::warn!(
+                            pool = wp.name,
+                            endpoint = %session.endpoint,
+                            suppressed,
+                            "endpoint refuses datagrams but is the pool's last healthy one: kept in use"
+                        );
+                    }
+                }
+                Refusal::Counted => {}
+            }
+        }
+        self.close(s, false);
+    }
+
+    fn close(&mut self, s: SessionId, expired: bool) {
+        let Some(session) = self.sessions.remove(&s) else {
+            return;
+        };
+        self.queue.push(Queued::Close { id: s });
+        self.routes.remove(&(session.client, session.pool, session.endpoint));
+        if let Some(n) = self.prefixes.get_mut(&(session.pool, session.prefix)) {
+            *n -= 1;
+            if *n == 0 {
+                self.prefixes.remove(&(session.pool, session.prefix));
+            }
+        }
+        if self.affinity.get(&(session.client, session.pool)) == Some(&s) {
+            self.affinity.remove(&(session.client, session.pool));
+        }
+        if let Some(ledger) = self.ledgers.get_mut(&session.client) {
+            ledger.sessions -= 1;
+            if ledger.sessions == 0 {
+                self.ledgers.remove(&session.client);
+            }
+        }
+        session.counters.sessions_active.fetch_sub(1, Relaxed);
+        if expired {
+            session.counters.sessions_expired.fetch_add(1, Relaxed);
+        }
+        let wp = &mut self.pools[session.pool];
+        wp.open = wp.open.saturating_sub(1);
+        if let Some(i) = session.index {
+            wp.pool.session_closed(i);
+        }
+        self.counters.session_closed(self.sessions.len(), expired);
+    }
+
+    /// The opens, sends and closes queued since the last poll, in order, each
+    /// handed to `apply`, which says what the socket did. A send refused (ICMP
+    /// port unreachable) counts against its endpoint, closes the session and is
+    /// forwarded once more, on another endpoint if that one was ejected; a send
+    /// that fails otherwise (its session's socket could not be opened, say) is
+    /// counted as a refused call (`upstream_error`).
+    pub fn poll_commands(&mut self, mut apply: impl FnMut(Command<'_>) -> Applied) {
+        while !self.queue.is_empty() {
+            let mut queue = std::mem::take(&mut self.queue);
+            let mut arena = std::mem::take(&mut self.arena);
+            for queued in queue.drain(..) {
+                match queued {
+                    Queued::Open { id, to } => {
+                        // Its datagrams then fail to send, and are counted there.
+                        if apply(Command::Open { id, to }) != Applied::Done {
+                            self.close(id, false);
+                        }
+                    }
+                    Queued::Close { id } => {
+                        apply(Command::Close { id });
+                    }
+                    Queued::Send {
+                        id,
+                        bytes,
+                        counters,
+                        retry,
+                    } => {
+                        let datagram = &arena[bytes];
+                        match apply(Command::Send { id, datagram }) {
+                            Applied::Done => {
+                                counters.to.fetch_add(1, Relaxed);
+                                counters.to_bytes.fetch_add(datagram.len() as u64, Relaxed);
+                                if let Some(session) = self.sessions.get_mut(&id) {
+                                    session.last_active = self.now;
+                                    session.awaiting = session.awaiting.saturating_add(1);
+                                }
+                            }
+                            Applied::Refused => {
+                                if self.sessions.contains_key(&id) {
+                                    self.refused(id);
+                                } else {
+                                    counters.refusals.fetch_add(1, Relaxed);
+                                }
+                                match retry {
+                                    Some(retry) => self.retry(retry, datagram, &arena),
+                                    None => self.counters.refused(CallError::UpstreamError, 1),
+                                }
+                            }
+                            Applied::Failed => self.counters.refused(CallError::UpstreamError, 1),
+                        }
+                    }
+                }
+            }
+            // Keep the larger allocations for the next round.
+            if self.queue.is_empty() {
+                self.queue = queue;
+            }
+            if self.arena.is_empty() {
+                arena.clear();
+                self.arena = arena;
+            }
+        }
+    }
+
+    /// Forwards a refused datagram once more, as the guest asked for it.
+    fn retry(&mut self, retry: Retry, datagram: &[u8], arena: &[u8]) {
+        self.begin(retry.client);
+        let key = retry.key.map(|k| &arena[k]);
+        match self.session_for(retry.client, retry.pool, key) {
+            Ok(id) => {
+                let bytes = self.stash(datagram);
+                self.queue_send(id, bytes, None);
+            }
+            Err(error) => self.counters.refused(error, 1),
+        }
+    }
+
+    /// `n` datagrams of these sizes came back on session `id`: the client they
+    /// are for and the endpoint's `POOL/ip:port` label, or `None` if the
+    /// session is gone.
+    pub fn received(&mut self, id: SessionId, sizes: impl IntoIterator<Item = usize>) -> Option<(SocketAddr, &str)> {
+        let session = self.sessions.get_mut(&id)?;
+        let mut n = 0u32;
+        for len in sizes {
+            n = n.saturating_add(1);
+            session.counters.from.fetch_add(1, Relaxed);
+            session.counters.from_bytes.fetch_add(len as u64, Relaxed);
+            self.counters.upstream_received(len);
+        }
+        if n > 0 {
+            session.last_active = self.now;
+            session.awaiting = session.awaiting.saturating_sub(n);
+            session.answered = true;
+            if let Some(i) = session.index {
+                self.pools[session.pool].pool.answered(i);
+            }
+        }
+        Some((session.client, &session.label))
+    }
+
+    /// Session `id`'s socket reported ICMP port unreachable: counted against
+    /// its endpoint (see [`Upstreams::poll_commands`]) and closed.
+    pub fn refused_on(&mut self, id: SessionId) {
+        self.refused(id);
+    }
+
+    /// The session `id`, if it is open.
+    pub fn session(&self, id: SessionId) -> Option<&Session> {
+        self.sessions.get(&id)
+    }
+
+    /// Closes the sessions idle for longer than their pool's `idle_timeout` (or
+    /// `unanswered_timeout`, for those that never had an answer) and those that
+    /// drained for `drain_timeout`, and reports endpoints whose ejection has ended.
+    pub fn expire(&mut self, now: Instant) {
+        let mut idle = Vec::new();
+        let mut drained = Vec::new();
+        for (&k, s) in &self.sessions {
+            let wp = &self.pools[s.pool];
+            let timeout = if s.answered {
+                wp.idle_timeout
+            } else {
+                wp.unanswered_timeout.min(wp.idle_timeout)
+            };
+            if s.draining_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= wp.drain_timeout)
+            {
+                drained.push(k);
+            } else if now.saturating_duration_since(s.last_active) >= timeout {
+                idle.push(k);
+            }
+        }
+        for s in idle {
+            self.close(s, true);
+        }
+        for s in drained {
+            if let Some(session) = self.sessions.get(&s) {
+                session.counters.sessions_drained.fetch_add(1, Relaxed);
+            }
+            self.close(s, false);
+        }
+        // Entries of sessions answered or gone are dropped; a long-lived
+        // unanswered session at the front must not keep the rest forever.
+        if self.unanswered.len() > 2 * self.sessions.len() + 64 {
+            let sessions = &self.sessions;
+            self.unanswered.retain(|s| sessions.get(s).is_some_and(|x| !x.answered));
+        }
+        self.skip_answered();
+        for wp in self.pools.iter().filter(|wp| !wp.retired) {
+            for (i, e) in wp.pool.endpoints().iter().enumerate() {
+                if wp.pool.came_back(i, now)
+                    && let Some(suppressed) = self.shared.health_lines.allow()
+                {
+                    tracing::info!(pool = wp.name, endpoint = %e.addr, suppressed, "endpoint back after ejection");
+                }
+            }
+        }
+    }
+
+    /// How often [`Upstreams::expire`] should run: a quarter of the shortest idle
+    /// timeout, between 10 ms and 1 s.
+    pub fn sweep_every(&self) -> Duration {
+        self.pools
+            .iter()
+            .map(|wp| wp.idle_timeout.min(wp.unanswered_timeout).min(wp.drain_timeout) / 4)
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    /// Whether some session still waits for an answer (for the shutdown drain).
+    pub fn awaiting(&self) -> bool {
+        self.sessions.values().any(|s| s.awaiting > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The session table driven by hand: a made-up clock, commands read back as
+    // values, socket outcomes chosen by the test. No socket, no sleep.
+
+    use crate::config::PoolSpec;
+    use crate::metrics::Stats;
+    use crate::pool::Policy;
+
+    const A: &str = "192.0.2.10:53";
+    const B: &str = "192.0.2.11:53";
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Client `i`, each on its own network (so per-network caps stay out of the way).
+    fn client(i: u8) -> SocketAddr {
+        SocketAddr::new([198, 51, i, 1].into(), 5000)
+    }
+
+    fn pool(endpoints: &[&str]) -> PoolSpec {
+        PoolSpec::new("backend", endpoints.iter().map(|e| e.to_string()).collect())
+    }
+
+    /// What a command did, owned, for comparing.
+    #[derive(Debug, PartialEq)]
+    enum Cmd {
+        Open(u64, SocketAddr),
+        Send(u64, Vec<u8>),
+        Close(u64),
+    }
+
+    struct Harness {
+        table: Upstreams,
+        pools: Arc<Pools>,
+        stats: Stats,
+        t0: Instant,
+    }
+
+    fn harness(spec: PoolSpec) -> Harness {
+        harness_of(spec, 1, 0)
+    }
+
+    /// Worker `worker` of `workers`.
+    fn harness_of(spec: PoolSpec, workers: usize, worker: usize) -> Harness {
+        let pools = Arc::new(Pools::new(&[spec], workers).unwrap());
+        let stats = Stats::with_workers(1);
+        let t0 = Instant::now();
+        let table = Upstreams::new(Arc::clone(&pools), worker, stats.worker(0), 3.0, t0);
+        Harness {
+            table,
+            pools,
+            stats,
+            t0,
+        }
+    }
+
+    impl Harness {
+        /// `client`'s datagram reached the guest, which forwards it to "backend".
+        fn forward(&mut self, client: SocketAddr, data: &[u8]) -> Result<(), CallError> {
+            self.table.client_datagram(client, data.len());
+            self.table.forward(b"backend", None, data)
+        }
+
+        /// Every queued command, each applied as `fate` says.
+        fn commands_with(&mut self, mut fate: impl FnMut(&Command<'_>) -> Applied) -> Vec<Cmd> {
+            let mut out = Vec::new();
+            self.table.poll_commands(|c| {
+                out.push(match &c {
+                    Command::Open { id, to } => Cmd::Open(id.raw(), *to),
+                    Command::Send { id, datagram } => Cmd::Send(id.raw(), datagram.to_vec()),
+                    Command::Close { id } => Cmd::Close(id.raw()),
+                });
+                fate(&c)
+            });
+            out
+        }
+
+        fn commands(&mut self) -> Vec<Cmd> {
+            self.commands_with(|_| Applied::Done)
+        }
+
+        fn at(&mut self, after: Duration) -> Instant {
+            let now = self.t0 + after;
+            self.table.set_now(now);
+            now
+        }
+
+        fn endpoint(&self, a: &str) -> EndpointView_ {
+            let e = self
+                .pools
+                .endpoints(self.table.now)
+                .into_iter()
+                .find(|e| e.addr == addr(a))
+                .unwrap();
+            EndpointView_ {
+                healthy: e.healthy,
+                active: e.sessions_active,
+                expired: e.sessions_expired,
+                evicted: e.sessions_evicted,
+                ejections: e.ejections,
+                to: e.to,
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct EndpointView_ {
+        healthy: bool,
+        active: u64,
+        expired: u64,
+        evicted: u64,
+        ejections: u64,
+        to: u64,
+    }
+
+    #[test]
+    fn a_forward_opens_one_session_and_queues_the_datagrams_in_order() {
+        let mut h = harness(pool(&[A]));
+        h.forward(client(1), b"one").unwrap();
+        h.forward(client(1), b"two").unwrap();
+        assert_eq!(
+            h.commands(),
+            [
+                Cmd::Open(0, addr(A)),
+                Cmd::Send(0, b"one".to_vec()),
+                Cmd::Send(0, b"two".to_vec())
+            ]
+        );
+        assert_eq!(h.commands(), [], "each command is given once");
+        assert_eq!(h.endpoint(A).to, 2, "sent datagrams are counted when applied");
+    }
+
+    #[test]
+    fn clients_keep_their_endpoint_and_round_robin_spreads_new_ones() {
+        let mut h = harness(PoolSpec {
+            policy: Policy::RoundRobin,
+            ..pool(&[A, B])
+        });
+        h.forward(client(1), b"x").unwrap();
+        h.forward(client(2), b"x").unwrap();
+        h.forward(client(1), b"y").unwrap();
+        let opened: Vec<SocketAddr> = h
+            .commands()
+            .into_iter()
+            .filter_map(|c| match c {
+                Cmd::Open(_, to) => Some(to),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(opened.len(), 2, "client 1's second datagram reuses its session");
+        assert_ne!(
+            opened[0], opened[1],
+            "round-robin gives the second client the other endpoint"
+        );
+    }
+
+    #[test]
+    fn forward_key_goes_to_the_endpoint_the_key_hashes_to_whatever_the_client() {
+        let mut h = harness(pool(&[A, B]));
+        let key = b"session-token-7";
+        let expected = h.pools.pools[0].pool.by_hash(key, h.t0).unwrap();
+        let expected = h.pools.pools[0].pool.endpoints()[expected].addr;
+        for i in 0..5 {
+            h.table.client_datagram(client(i), 1);
+            h.table.forward(b"backend", Some(key), b"k").unwrap();
+        }
+        for c in h.commands() {
+            if let Cmd::Open(_, to) = c {
+                assert_eq!(to, expected);
+            }
+        }
+    }
+
+    #[test]
+    fn unanswered_sessions_end_after_unanswered_timeout_answered_ones_after_idle_timeout() {
+        let mut h = harness(PoolSpec {
+            idle_timeout: Duration::from_secs(60),
+            unanswered_timeout: Duration::from_secs(5),
+            ..pool(&[A])
+        });
+        h.forward(client(1), b"a").unwrap();
+        h.forward(client(2), b"b").unwrap();
+        h.commands();
+        // Client 1's session (id 0) is answered.
+        assert_eq!(h.table.received(SessionId(0), [3]).map(|(c, _)| c), Some(client(1)));
+        let now = h.at(Duration::from_millis(4_999));
+        h.table.expire(now);
+        assert_eq!(h.commands(), []);
+        let now = h.at(Duration::from_secs(5));
+        h.table.expire(now);
+        assert_eq!(h.commands(), [Cmd::Close(1)], "the unanswered one ends at 5 s");
+        let now = h.at(Duration::from_secs(59));
+        h.table.expire(now);
+        assert_eq!(h.commands(), []);
+        let now = h.at(Duration::from_secs(60));
+        h.table.expire(now);
+        assert_eq!(h.commands(), [Cmd::Close(0)], "the answered one ends after 60 s idle");
+        assert_eq!(h.endpoint(A).expired, 2);
+        assert_eq!(h.endpoint(A).active, 0);
+    }
+
+    #[test]
+    fn a_full_table_evicts_its_oldest_unanswered_session_then_refuses() {
+        let mut h = harness(PoolSpec {
+            max_sessions: 2,
+            ..pool(&[A])
+        });
+        h.forward(client(1), b"1").unwrap();
+        h.forward(client(2), b"2").unwrap();
+        h.commands();
+        h.forward(client(3), b"3").unwrap();
+        assert_eq!(
+            h.commands(),
+            [Cmd::Close(0), Cmd::Open(2, addr(A)), Cmd::Send(2, b"3".to_vec())],
+            "client 1's session, the oldest unanswered, makes room"
+        );
+        h.table.received(SessionId(1), [1]);
+        h.table.received(SessionId(2), [1]);
+        assert_eq!(h.forward(client(4), b"4"), Err(CallError::SessionOverflow));
+        assert_eq!(h.commands(), []);
+        assert_eq!(h.endpoint(A).evicted, 1);
+    }
+
+    #[test]
+    fn max_sessions_is_shared_out_between_workers() {
+        let spec = PoolSpec {
+            max_sessions: 4,
+            ..pool(&[A])
+        };
+        let (mut w0, mut w1) = (harness_of(spec.clone(), 2, 0), harness_of(spec, 2, 1));
+        let mut served = 0;
+        for (i, h) in [&mut w0, &mut w1].into_iter().enumerate() {
+            for c in 0..3u8 {
+                if h.forward(client(10 * i as u8 + c), b"x").is_ok() {
+                    served += 1;
+                    let id = SessionId(u64::from(c));
+                    h.table.received(id, [1]);
+                }
+            }
+        }
+        assert_eq!(served, 4, "two sessions per worker, answered so none can be evicted");
+    }
+
+    #[test]
+    fn a_refused_send_is_forwarded_once_more_and_eject_after_refusals_eject_the_endpoint() {
+        let mut h = harness(PoolSpec {
+            eject_after: 2,
+            eject_for: Duration::from_secs(10),
+            policy: Policy::RoundRobin,
+            ..pool(&[A, B])
+        });
+        // Two clients refused by A, in a row: A is ejected; each datagram goes on to B.
+        let refuse_a = |c: &Command<'_>| match c {
+            Command::Send { id, .. } if id.raw() == 0 => Applied::Refused,
+            _ => Applied::Done,
+        };
+        h.forward(client(1), b"1").unwrap();
+        let first = h.commands_with(refuse_a);
+        let to_a = matches!(first[0], Cmd::Open(0, to) if to == addr(A));
+        assert!(to_a, "round-robin starts with A: {first:?}");
+        assert_eq!(
+            first[1..],
+            [
+                Cmd::Send(0, b"1".to_vec()),
+                Cmd::Close(0),
+                Cmd::Open(1, addr(B)),
+                Cmd::Send(1, b"1".to_vec())
+            ]
+        );
+        assert!(h.endpoint(A).healthy, "one refusal does not eject");
+        h.forward(client(2), b"2").unwrap();
+        let cmds = h.commands_with(|c| match c {
+            Command::Send { id, .. } if id.raw() == 2 => Applied::Refused,
+            _ => Applied::Done,
+        });
+        assert_eq!(cmds[0], Cmd::Open(2, addr(A)), "{cmds:?}");
+        let a = h.endpoint(A);
+        assert!(!a.healthy && a.ejections == 1, "{a:?}");
+        assert_eq!(cmds.last(), Some(&Cmd::Send(3, b"2".to_vec())));
+        // Ejected for 10 s: new clients go to B; then A is back.
+        h.forward(client(3), b"3").unwrap();
+        assert_eq!(h.commands()[0], Cmd::Open(4, addr(B)));
+        let now = h.at(Duration::from_secs(10));
+        h.table.expire(now);
+        assert!(h.endpoint(A).healthy);
+    }
+
+    #[test]
+    fn a_refused_retry_is_not_retried_again_and_is_counted() {
+        let mut h = harness(pool(&[A]));
+        h.forward(client(1), b"1").unwrap();
+        let cmds = h.commands_with(|c| match c {
+            Command::Send { .. } => Applied::Refused,
+            _ => Applied::Done,
+        });
+        assert_eq!(
+            cmds.iter().filter(|c| matches!(c, Cmd::Send(..))).count(),
+            2,
+            "{cmds:?}"
+        );
+        assert_eq!(h.stats.snapshot().refused(CallError::UpstreamError), 1);
+        assert!(h.endpoint(A).healthy, "a pool's last endpoint is never ejected");
+    }
+
+    #[test]
+    fn a_session_that_cannot_be_opened_is_counted_and_forgotten() {
+        let mut h = harness(pool(&[A]));
+        h.forward(client(1), b"1").unwrap();
+        // As the sockets answer when a socket cannot be had: its send fails too.
+        let cmds = h.commands_with(|c| match c {
+            Command::Open { .. } | Command::Send { .. } => Applied::Failed,
+            Command::Close { .. } => Applied::Done,
+        });
+        assert_eq!(
+            cmds,
+            [Cmd::Open(0, addr(A)), Cmd::Send(0, b"1".to_vec()), Cmd::Close(0)],
+            "the send fails on the missing socket; the close comes after what was queued"
+        );
+        assert_eq!(
+            h.stats.snapshot().refused(CallError::UpstreamError),
+            1,
+            "one datagram lost"
+        );
+        assert_eq!(h.endpoint(A).active, 0);
+        h.forward(client(1), b"again").unwrap();
+        assert_eq!(
+            h.commands()[0],
+            Cmd::Open(1, addr(A)),
+            "the next datagram tries a new session"
+        );
+    }
+
+    #[test]
+    fn a_removed_endpoint_drains_for_drain_timeout_then_its_client_moves() {
+        let spec = PoolSpec {
+            drain_timeout: Duration::from_secs(30),
+            policy: Policy::RoundRobin,
+            ..pool(&[A, B])
+        };
+        let mut h = harness(spec.clone());
+        h.forward(client(1), b"1").unwrap();
+        assert_eq!(h.commands()[0], Cmd::Open(0, addr(A)));
+        h.table.received(SessionId(0), [1]);
+        // A reload removes A.
+        let now = h.at(Duration::from_secs(1));
+        let with_a = Arc::clone(&h.pools);
+        let without_a = Arc::new(h.pools.rebuilt(&[pool(&[B])]).unwrap());
+        h.table.adopt(Arc::clone(&without_a));
+        h.pools = without_a;
+        h.forward(client(1), b"2").unwrap();
+        assert_eq!(
+            h.commands(),
+            [Cmd::Send(0, b"2".to_vec())],
+            "the session drains: still used"
+        );
+        h.table.received(SessionId(0), [1]);
+        let now2 = h.at(Duration::from_secs(30) + (now - h.t0) - Duration::from_millis(1));
+        h.table.expire(now2);
+        assert_eq!(
+            h.commands(),
+            [],
+            "talking does not keep it past drain_timeout, but it is not over yet"
+        );
+        let end = h.at(Duration::from_secs(31));
+        h.table.expire(end);
+        assert_eq!(h.commands(), [Cmd::Close(0)]);
+        let a = with_a.endpoints(end).into_iter().find(|e| e.addr == addr(A)).unwrap();
+        assert_eq!((a.sessions_drained, a.sessions_active), (1, 0));
+        h.forward(client(1), b"3").unwrap();
+        assert_eq!(h.commands()[0], Cmd::Open(1, addr(B)), "then the client moves");
+    }
+
+    #[test]
+    fn upstream_answers_to_a_client_are_held_to_the_ratio_until_it_is_validated() {
+        let mut h = harness(pool(&[A]));
+        h.forward(client(1), &[0; 10]).unwrap();
+        h.commands();
+        assert_eq!(h.table.allowance(client(1)).bytes, 30, "3 × the 10 bytes it sent");
+        h.table.charge(client(1), 30, 0);
+        assert_eq!(h.table.allowance(client(1)).bytes, 0);
+        // Two more datagrams after an answer: a real client, no cap.
+        h.forward(client(1), b"x").unwrap();
+        h.forward(client(1), b"y").unwrap();
+        assert_eq!(h.table.allowance(client(1)).bytes, usize::MAX);
+        assert_eq!(h.table.allowance(client(9)).bytes, 0, "no session, nothing to pass on");
+    }
+
+    #[test]
+    fn the_call_allowance_spans_an_on_reply_chain_and_the_clients_next_datagram_renews_it() {
+        let mut h = harness(pool(&[A]));
+        h.forward(client(1), b"q").unwrap();
+        assert_eq!(h.table.allowance(client(1)).calls, MAX_CALLS_PER_DATAGRAM);
+        // Each on_reply of the chain forwards again, spending from one allowance.
+        for _ in 0..MAX_CALLS_PER_DATAGRAM {
+            h.table.charge(client(1), 0, 1);
+        }
+        assert_eq!(h.table.allowance(client(1)).calls, 0, "the chain stops here");
+        h.forward(client(1), b"q2").unwrap();
+        assert_eq!(h.table.allowance(client(1)).calls, MAX_CALLS_PER_DATAGRAM);
+    }
+
+    #[test]
+    fn a_client_is_held_to_the_ratio_until_it_talks_on_after_an_answer() {
+        let mut l = Ledger::new(20);
+        assert_eq!(l.bytes_left(3.0), 60);
+        l.charge(50, 0);
+        assert_eq!(l.bytes_left(3.0), 10);
+        // Its own datagrams earn more, and count toward proving its address.
+        l.on_datagram(10);
+        assert_eq!(l.bytes_left(3.0), 40);
+        l.on_datagram(10);
+        assert_eq!(l.after_answer, VALIDATED_AFTER);
+        assert_eq!(l.bytes_left(3.0), usize::MAX);
+        // No ratio: no cap from the start.
+        assert_eq!(Ledger::new(1).bytes_left(0.0), usize::MAX);
+        // Datagrams before any answer prove nothing.
+        let mut spoofed = Ledger::new(10);
+        for _ in 0..10 {
+            spoofed.on_datagram(10);
+        }
+        assert_eq!(spoofed.bytes_left(3.0), 330);
+    }
+
+    #[test]
+    fn on_reply_calls_come_from_one_allowance_that_the_clients_datagram_renews() {
+        let mut l = Ledger::new(5);
+        l.charge(0, 40);
+        l.charge(0, 40);
+        assert_eq!(l.calls_left, 0);
+        l.on_datagram(5);
+        assert_eq!(l.calls_left, MAX_CALLS_PER_DATAGRAM);
+    }
+
+    #[test]
+    fn clients_of_one_network_share_a_prefix() {
+        let p = |s: &str| Prefix::of(s.parse().unwrap());
+        assert_eq!(p("192.0.2.1:53"), p("192.0.2.200:9"));
+        assert_ne!(p("192.0.2.1:53"), p("192.0.3.1:53"));
+        assert_eq!(p("[::ffff:192.0.2.1]:53"), p("192.0.2.7:1"));
+        assert_eq!(p("[2001:db8:1::1]:53"), p("[2001:db8:1:ffff::2]:53"));
+        assert_ne!(p("[2001:db8:1::1]:53"), p("[2001:db8:2::1]:53"));
+    }
+}
