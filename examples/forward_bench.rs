@@ -45,7 +45,7 @@ struct Args {
 }
 
 /// Clients × window × payload bytes.
-const MATRIX: [(usize, usize, usize); 2] = [(64, 16, 64), (1, 1, 64)];
+const MATRIX: [(usize, usize, usize); 3] = [(64, 16, 64), (64, 16, 1400), (1, 1, 64)];
 
 struct Contender {
     name: &'static str,

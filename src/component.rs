@@ -475,3 +475,94 @@ impl StdoutStream for LogPipe {
         Box::new(self.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn component(wat: &str) -> (Engine, Component) {
+        let engine = Engine::default();
+        let component = Component::new(&engine, wat).unwrap();
+        (engine, component)
+    }
+
+    /// A component exporting `handle` as `func(x: u32) -> u32`.
+    const WRONG_HANDLE: &str = r#"
+        (core module $m (func (export "h") (param i32) (result i32) local.get 0))
+        (core instance $i (instantiate $m))
+        (func $h (param "x" u32) (result u32) (canon lift (core func $i "h")))
+        (export "handle" (func $h))"#;
+
+    #[test]
+    fn every_problem_of_a_component_is_named_with_what_to_do() {
+        let (engine, c) = component(&format!(
+            r#"(component
+                (import "wasi:http/types@0.2.0" (instance))
+                (import "wasi:cli/stdout@0.3.0" (instance))
+                (import "acme-thing" (func))
+                (import "wasi:clocks/monotonic-clock@0.2.3" (instance))
+                {WRONG_HANDLE})"#
+        ));
+        let problems = check(&engine, &c);
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+        let has = |needle: &str| problems.iter().any(|p| p.contains(needle));
+        assert!(has(
+            "`wasi:http/types@0.2.0`, which the gateway does not provide; a handler gets its datagram"
+        ));
+        assert!(has(
+            "`wasi:cli/stdout@0.3.0`, which the gateway does not provide; the gateway provides WASI 0.2.x"
+        ));
+        assert!(has("the function `acme-thing`, which the gateway does not provide"));
+        assert!(
+            has(
+                "its export `handle` is `func(x: u32) -> u32`; the world wants `func(datagram: list<u8>, peer: string) -> option<list<u8>>`"
+            ),
+            "{problems:#?}"
+        );
+        assert!(!has("monotonic-clock"), "WASI 0.2 clocks are provided");
+    }
+
+    #[test]
+    fn a_component_without_handle_is_told_the_signature_to_export() {
+        let (engine, c) = component("(component)");
+        let problems = check(&engine, &c);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("exports no `handle` function"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_description_lists_exports_then_imports_each_sorted() {
+        let (engine, c) = component(&format!(
+            r#"(component (import "zeta" (func)) (import "alpha" (func)) {WRONG_HANDLE})"#
+        ));
+        assert_eq!(
+            describe(&engine, &c),
+            "world:\n  export handle: func(x: u32) -> u32\n  import alpha\n  import zeta"
+        );
+    }
+
+    #[test]
+    fn a_log_pipe_keeps_at_most_max_output_bytes_per_datagram_and_is_emptied_by_take() {
+        let pipe = LogPipe::default();
+        assert!(pipe.take().is_empty());
+        pipe.push(&[b'a'; 1000]);
+        pipe.push(&[b'b'; 100]);
+        let taken = pipe.take();
+        assert_eq!(taken.len(), MAX_OUTPUT_BYTES);
+        assert_eq!(&taken[995..1005], b"aaaaabbbbb");
+        assert!(pipe.take().is_empty(), "taken once");
+        pipe.push(b"next");
+        assert_eq!(&pipe.take()[..], b"next", "the cap is per take, not for ever");
+    }
+
+    #[test]
+    fn call_errors_reach_components_as_the_same_named_case() {
+        for e in CallError::ALL {
+            let wit: WitCallError = e.into();
+            let wit_name = wit.name().replace('-', "");
+            let name = format!("{e:?}").to_lowercase();
+            // `TooMany` is `too-many-calls` in the WIT.
+            assert!(wit_name.starts_with(&name), "{e:?} -> {wit_name}");
+        }
+    }
+}

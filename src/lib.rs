@@ -7,8 +7,9 @@
 //! - [`config`]: listeners from flags or a TOML file, checked before anything binds;
 //!   every listener setting and its default as plain data (no engine, no socket).
 //! - [`service`]: running every listener, the metrics endpoint, and the signals.
-//! - [`server`]: the datagram path: sockets, worker threads, the receive loop, and
-//!   with pools the event loop over the listener and session sockets.
+//! - [`gateway`]: the datagram path: a listener's socket group and its handle
+//!   (`mod.rs`), and each worker thread's loops (`worker.rs`), with pools the
+//!   event loop over the listener and session sockets.
 //! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: loading modules (one loader for serving, reloads and `check`),
@@ -55,6 +56,7 @@ pub mod component;
 pub mod config;
 pub mod engine;
 pub mod exposition;
+pub mod gateway;
 mod hostcalls;
 pub mod instance_limits;
 pub mod metrics;
@@ -63,7 +65,6 @@ pub mod new;
 pub mod pool;
 pub mod reload;
 pub mod sandbox;
-pub mod server;
 pub mod service;
 pub mod source_filter;
 pub mod text;
@@ -71,6 +72,9 @@ pub mod udp;
 pub mod upstream;
 pub mod verdict;
 pub mod wasi;
+
+/// The old path of [`gateway`], kept while tests, examples and fuzz move over.
+pub use gateway as server;
 
 /// The default guest (`guest/uppercase`), built by `scripts/build-guests.sh`.
 pub const DEFAULT_GUEST_WASM: &[u8] = include_bytes!("../guest/uppercase.wasm");

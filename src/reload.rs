@@ -27,8 +27,8 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use sha2::{Digest, Sha256};
 
 use crate::abi::GuestKind;
+use crate::gateway::Publisher;
 use crate::sandbox::{Sandbox, read_module, short_hex};
-use crate::server::Publisher;
 
 /// How long the file must be left alone before it is read: long enough for a
 /// `cp` to finish, short enough that a new module serves well within 250 ms.

@@ -16,9 +16,9 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::abi::GuestKind;
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::engine::child::Compiler;
+use crate::gateway::{Gateway, Publisher, ServeConfig};
 use crate::reload::Reloader;
 use crate::sandbox::{Isolation, Sandbox};
-use crate::server::{Gateway, Publisher, ServeConfig};
 
 /// File descriptors kept for everything but sessions: listener sockets, module
 /// files, the watcher, the metrics endpoint.

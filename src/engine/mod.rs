@@ -6,6 +6,7 @@ use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub mod child;
 pub mod compile;
+pub mod ticker;
 
 pub use compile::{Compiled, MAX_MODULE_BYTES, compile, read_module};
 

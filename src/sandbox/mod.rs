@@ -1,17 +1,15 @@
 //! The WebAssembly sandbox: one engine with its epoch ticker, loading modules into
-//! checked [`Program`]s, and running a program as a [`Guest`] under time and memory
-//! limits.
+//! checked [`Program`]s (`program.rs`), and running a program as a [`Guest`] under
+//! time and memory limits, which gives an [`Answer`] or a [`Rejection`] (`outcome.rs`).
 //!
 //! A [`Guest`] is I/O-free: it takes a datagram and the client's address and says
 //! what to send back, so it is tested without a network.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -24,6 +22,7 @@ use crate::abi::{self, GuestKind, NO_REPLY};
 use crate::component::{self as wit, ComponentHost, ComponentPre, Exports};
 pub use crate::config::{Isolation, Limits};
 use crate::engine::child::Compiler;
+use crate::engine::ticker::{EpochTicker, TICK};
 use crate::engine::{
     COMPONENT_MAX_INSTANCES, COMPONENT_MAX_MEMORIES, COMPONENT_MAX_TABLES, COMPONENT_TABLE_ELEMENTS, Compiled,
     MAX_TABLE_ELEMENTS, MAX_TABLES, engine_config,
@@ -36,8 +35,12 @@ use crate::upstream::Upstreams;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
 use crate::wasi::{self, WasiHost};
 
-/// How often the epoch ticker advances; the granularity of `--timeout-ms`.
-const TICK: Duration = Duration::from_millis(1);
+mod outcome;
+mod program;
+
+pub use outcome::{Answer, Rejection};
+use program::Pre;
+pub use program::{Program, short_hex};
 
 /// Guest log lines let through per second, across all instances.
 const GUEST_LOG_LINES_PER_SECOND: u64 = 20;
@@ -426,88 +429,6 @@ impl Sandbox {
 /// How the embedded default guest is named in logs.
 pub const EMBEDDED_ORIGIN: &str = "<embedded uppercase guest>";
 
-/// A module that passed every check, compiled and ready to instantiate. This is
-/// what a reload publishes; instances made from it are cheap.
-pub struct Program {
-    origin: String,
-    sha256: [u8; 32],
-    imports: Vec<String>,
-    pre: Pre,
-    compile_time: Duration,
-    /// Whether the module exports `on_reply`.
-    on_reply: bool,
-    /// A component's world, described ([`crate::component::describe`]).
-    world: Option<String>,
-}
-
-/// The first 12 hex digits of a sha256, enough to tell modules apart in logs.
-pub fn short_hex(sha256: &[u8; 32]) -> String {
-    sha256[..6].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A linked module, ready to instantiate the way its kind is run.
-enum Pre {
-    AbiV1(InstancePre<HostState>),
-    Wasi(InstancePre<WasiHost>),
-    Component(ComponentPre),
-}
-
-impl Program {
-    /// Where the module came from: its path, or `<embedded uppercase>`.
-    pub fn origin(&self) -> &str {
-        &self.origin
-    }
-
-    /// The sha256 of the module's bytes, in hex.
-    pub fn sha256_hex(&self) -> String {
-        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    /// The sha256 of the module's bytes.
-    pub fn sha256(&self) -> [u8; 32] {
-        self.sha256
-    }
-
-    /// The first 12 hex digits of the sha256, enough to tell modules apart in logs.
-    pub fn short_sha256(&self) -> String {
-        short_hex(&self.sha256)
-    }
-
-    /// Which ABI the module follows, and so how it is run.
-    pub fn kind(&self) -> GuestKind {
-        match self.pre {
-            Pre::AbiV1(_) => GuestKind::AbiV1,
-            Pre::Wasi(_) => GuestKind::WasiCommand,
-            Pre::Component(_) => GuestKind::Component,
-        }
-    }
-
-    /// What the module imports from the host, as `module.name`.
-    pub fn imports(&self) -> &[String] {
-        &self.imports
-    }
-
-    /// How long loading took: compiling, checking and the trial instantiation.
-    pub fn compile_time(&self) -> Duration {
-        self.compile_time
-    }
-
-    /// For a component: its exports with their types and its imports, one per
-    /// line, in a stable order.
-    pub fn world(&self) -> Option<&str> {
-        self.world.as_deref()
-    }
-}
-
-impl fmt::Debug for Program {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Program")
-            .field("origin", &self.origin)
-            .field("sha256", &self.short_sha256())
-            .finish_non_exhaustive()
-    }
-}
-
 /// A live instance: its store and the exports the host calls.
 struct Live {
     store: Store<HostState>,
@@ -637,47 +558,6 @@ impl LiveComponent {
         let admitted = self.store.data_mut().calls.out.admit_reply(reply.len())?;
         self.reply = reply;
         Ok(admitted)
-    }
-}
-
-/// What a guest made of one datagram: the reply it returned, and what it did
-/// through host calls on the way (datagrams `send`, forwards, refusals).
-pub struct Answer<'a> {
-    /// What `handle` (or `on_reply`) returned; `None` for -1.
-    pub reply: Option<&'a [u8]>,
-    out: &'a Outbox,
-}
-
-impl Answer<'_> {
-    /// The datagrams `send` queued, in order; they go out before the reply.
-    pub fn sends(&self) -> impl Iterator<Item = &[u8]> {
-        self.out.sends()
-    }
-
-    /// Passes every datagram for the client to `emit`: the `send`s, then the
-    /// reply. Whether there was any.
-    pub fn each_datagram(&self, mut emit: impl FnMut(&[u8])) -> bool {
-        let mut any = false;
-        for d in self.sends().chain(self.reply) {
-            emit(d);
-            any = true;
-        }
-        any
-    }
-
-    /// The `forward`/`send` calls made, refused ones included.
-    pub fn calls(&self) -> u32 {
-        self.out.calls()
-    }
-
-    /// How many `forward`/`forward_key` calls handed the datagram to an upstream.
-    pub fn forwarded(&self) -> u32 {
-        self.out.forwarded
-    }
-
-    /// The first refused call: why a datagram that went nowhere was dropped.
-    pub fn first_refusal(&self) -> Option<CallError> {
-        self.out.first_refusal
     }
 }
 
@@ -873,94 +753,6 @@ impl Guest {
                 live.poisoned = rejection.reason.poisons_instance();
                 Err(rejection)
             }
-        }
-    }
-}
-
-/// Why a datagram got no reply from the guest, with the error behind it if any.
-#[derive(Debug)]
-pub struct Rejection {
-    pub reason: DropReason,
-    pub error: Option<wasmtime::Error>,
-}
-
-impl std::error::Error for Rejection {}
-
-impl From<DropReason> for Rejection {
-    fn from(reason: DropReason) -> Self {
-        Self { reason, error: None }
-    }
-}
-
-impl From<wasmtime::Error> for Rejection {
-    fn from(error: wasmtime::Error) -> Self {
-        let reason = match error.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => DropReason::Timeout,
-            _ => DropReason::Trap,
-        };
-        Self {
-            reason,
-            error: Some(error),
-        }
-    }
-}
-
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.reason {
-            DropReason::Timeout => f.write_str("the guest ran past its time budget (--timeout-ms)"),
-            DropReason::Trap => match &self.error {
-                Some(e) => write!(f, "the guest trapped: {e:#}"),
-                None => f.write_str("the guest trapped"),
-            },
-            DropReason::BadAlloc => f.write_str("`alloc` returned a region outside the guest's memory"),
-            DropReason::BadReply => f.write_str("`handle` returned a reply region outside the guest's memory"),
-            DropReason::Amplification => f.write_str("the reply is larger than --max-reply-ratio times the request"),
-            DropReason::Oversize => f.write_str("the request or reply is larger than 65,507 bytes"),
-            DropReason::SendError => f.write_str("the reply could not be sent"),
-            DropReason::NoReply => f.write_str("the guest sent no reply"),
-            DropReason::UnknownPool => f.write_str("the guest forwarded to a pool that does not exist"),
-            DropReason::NoHealthyEndpoint => f.write_str("every endpoint of the pool is ejected"),
-            DropReason::SessionOverflow => f.write_str("the pool's session limit (max_sessions) is reached"),
-            DropReason::UpstreamError => f.write_str("the datagram could not be sent upstream"),
-            DropReason::DeniedSource => f.write_str("the source may not be answered"),
-        }
-    }
-}
-
-/// Advances the engine's epoch every [`TICK`] so that guests past their deadline
-/// are interrupted. Stopped and joined when dropped.
-struct EpochTicker {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EpochTicker {
-    fn start(engine: Engine, ticks: Arc<AtomicU64>) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("wasmgate-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
-                    ticks.fetch_add(1, Ordering::Relaxed);
-                    engine.increment_epoch();
-                }
-            })
-            .context("cannot start the epoch ticker thread")?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for EpochTicker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }

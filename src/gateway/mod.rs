@@ -1,0 +1,375 @@
+//! The datagram path: a group of `SO_REUSEPORT` sockets on one address, a worker
+//! thread per socket, and every datagram through that worker's guest and back.
+//!
+//! The kernel spreads clients over the sockets by their address, so each client's
+//! datagrams are always handled by the same worker, in order. A worker takes up to
+//! a batch of datagrams per `recvmmsg` and sends their replies with one `sendmmsg`.
+//! Workers share nothing on the hot path but the published program, read through
+//! a lock-free `ArcSwap`.
+//!
+//! With upstream pools, a worker instead waits on its listener socket and its
+//! sessions' sockets together (one `mio` poller): it owns the sessions of its
+//! clients ([`crate::upstream::Upstreams`]), lends them to the guest for each
+//! call, then applies the opens, sends and closes the calls queued to the
+//! session sockets ([`crate::net::sessions`]), and passes upstream datagrams
+//! through `on_reply` (or straight back) into the same `sendmmsg` batch as the
+//! replies.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::PoolSpec;
+use crate::metrics::{RateLimit, Snapshot, Stats};
+use crate::net::sessions::SessionSockets;
+use crate::sandbox::{Guest, Isolation, Program, Sandbox, WORKER_STACK_BYTES};
+use crate::source_filter::{PortCounts, PortSet, SourceFilter, listening_ports};
+use crate::upstream::{Pools, Upstreams};
+use crate::verdict::{CallError, DropReason, MAX_DATAGRAM};
+
+/// How long a worker waits for a datagram before it looks for shutdown or a new program.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Larger than any UDP payload (65,527 bytes over IPv6), so nothing is truncated:
+/// oversize datagrams are seen whole and dropped by count.
+const RECV_BUFFER: usize = 65_536;
+
+/// Requested kernel socket buffers; they absorb bursts. Linux may cap them at
+/// `net.core.rmem_max` / `wmem_max`.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+pub use crate::config::DEFAULT_BATCH;
+
+/// Log lines per second for each kind of problem; the rest are only counted.
+const WARNINGS_PER_SECOND: u64 = 5;
+
+/// How the datagram path is set up.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    /// Worker threads, each with its own socket and guest instance.
+    pub workers: usize,
+    pub isolation: Isolation,
+    /// Replies larger than this multiple of their request are dropped (0: no cap).
+    pub max_reply_ratio: f64,
+    /// Datagrams taken per receive system call (`recvmmsg`); 1 means one
+    /// `recvfrom` and one `sendto` per datagram.
+    pub batch: usize,
+    /// A handler written in Rust to run instead of the guest (the program is
+    /// then only reported): one per worker, made by this function. For
+    /// benchmarks, whose native baseline is the same data path without the
+    /// WebAssembly hop, and for embedders.
+    pub native: Option<fn() -> Box<dyn Native>>,
+    /// Upstream pools the guest may forward to; none: the guest only answers.
+    pub pools: Vec<PoolSpec>,
+    /// Client source ports never answered (a loop defence); the gateway's own
+    /// sockets and its pools' endpoints are never answered either.
+    pub deny_source_ports: PortSet,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
+            workers: 1,
+            isolation: Isolation::Reuse,
+            max_reply_ratio: 3.0,
+            batch: DEFAULT_BATCH,
+            native: None,
+            pools: Vec::new(),
+            deny_source_ports: PortSet::default(),
+        }
+    }
+}
+
+/// A running gateway. Dropping it stops the workers after the datagram each is
+/// handling and waits for them.
+pub struct Gateway {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// What the workers share.
+struct Shared {
+    program: ArcSwap<Program>,
+    stats: Stats,
+    stop: AtomicBool,
+    /// One limit per drop reason, plus one for receive errors.
+    warnings: [RateLimit; DropReason::ALL.len() + 1],
+    /// The upstream pools, when the guest may forward; replaced by a reload.
+    pools: Option<ArcSwap<Pools>>,
+    /// The local ports of this gateway's session sockets, which it never answers.
+    session_ports: Arc<PortCounts>,
+}
+
+impl Gateway {
+    /// Binds `config.listen` and starts the workers serving `program`.
+    pub fn start(sandbox: &Sandbox, program: Program, config: &ServeConfig) -> anyhow::Result<Self> {
+        let workers = config.workers.max(1);
+        let pools = if config.pools.is_empty() {
+            None
+        } else {
+            Some(ArcSwap::from_pointee(Pools::new(&config.pools, workers)?))
+        };
+        let sockets =
+            bind_group(config.listen, workers).with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = sockets[0].local_addr()?;
+        // Unregistered when the gateway is dropped.
+        listening_ports().add(local_addr.port());
+        let shared = Arc::new(Shared {
+            program: ArcSwap::from_pointee(program),
+            stats: Stats::with_workers(sockets.len()),
+            stop: AtomicBool::new(false),
+            warnings: std::array::from_fn(|_| RateLimit::new(WARNINGS_PER_SECOND)),
+            pools,
+            session_ports: Arc::new(PortCounts::default()),
+        });
+        let mut gateway = Self {
+            local_addr,
+            shared,
+            workers: Vec::new(),
+        };
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let handler = if let Some(make) = config.native {
+                Handler::Native(make(), Vec::with_capacity(MAX_DATAGRAM))
+            } else {
+                Handler::Guest(Box::new(Guest::new(
+                    sandbox.clone(),
+                    gateway.shared.program.load_full(),
+                    config.isolation,
+                    config.max_reply_ratio,
+                )))
+            };
+            let counters = gateway.shared.stats.worker(i);
+            let forwarding = match &gateway.shared.pools {
+                Some(pools) => {
+                    let poll = mio::Poll::new().context("cannot create a poller")?;
+                    let registry = poll.registry().try_clone().context("cannot create a poller")?;
+                    let sockets = SessionSockets::new(registry, Arc::clone(&gateway.shared.session_ports));
+                    let net = Upstreams::new(
+                        pools.load_full(),
+                        i,
+                        Arc::clone(&counters),
+                        config.max_reply_ratio,
+                        Instant::now(),
+                    );
+                    Some(Forwarding {
+                        poll,
+                        sockets,
+                        net: Box::new(net),
+                    })
+                }
+                None => None,
+            };
+            let worker = Worker {
+                socket,
+                batch: config.batch.max(1),
+                forwarding,
+                core: Core {
+                    handler,
+                    shared: Arc::clone(&gateway.shared),
+                    counters,
+                    filter: SourceFilter::new(config.deny_source_ports.clone(), local_addr),
+                },
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("wasmgate-worker-{i}"))
+                .stack_size(WORKER_STACK_BYTES)
+                .spawn(move || worker.run())
+                .context("cannot start a worker thread")?;
+            gateway.workers.push(thread);
+        }
+        Ok(gateway)
+    }
+
+    /// The bound address (with the real port when `listen` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The counters, summed over all workers.
+    pub fn stats(&self) -> Snapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// The program serving now.
+    pub fn program(&self) -> Arc<Program> {
+        self.shared.program.load_full()
+    }
+
+    /// A handle that publishes new programs to this gateway, for the reloader.
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Tells the workers to stop reading; [`Gateway::shutdown`] then waits for them.
+    pub fn stop_reading(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops the workers (each finishes and answers the datagram it holds), waits
+    /// for them, and returns the final counters.
+    pub fn shutdown(mut self) -> Snapshot {
+        self.stop();
+        self.shared.stats.snapshot()
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop();
+        listening_ports().remove(self.local_addr.port());
+    }
+}
+
+/// A handle to a running gateway, for the reloader and the metrics endpoint:
+/// publishes programs and reads counters. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+impl Publisher {
+    /// The gateway's counters.
+    pub fn stats(&self) -> Snapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// The upstream pools, when the guest may forward.
+    pub fn pools(&self) -> Option<Arc<Pools>> {
+        self.shared.pools.as_ref().map(ArcSwap::load_full)
+    }
+
+    /// Replaces the pools with `specs` (resolved now), unless that changes
+    /// nothing; true when new pools were published. Workers take them at their
+    /// next wake-up: new endpoints get new sessions at once, and sessions to
+    /// removed endpoints carry on until idle. A gateway started without pools
+    /// cannot take any (its workers do not wait on upstream sockets).
+    pub fn set_pools(&self, specs: &[PoolSpec]) -> anyhow::Result<bool> {
+        let Some(pools) = &self.shared.pools else {
+            anyhow::bail!("the listener was started without upstream pools; restart it to add some");
+        };
+        if specs.is_empty() {
+            anyhow::bail!("every pool would be removed; restart the listener to serve without pools");
+        }
+        // Names are looked up once, here; the new pools replace the old only
+        // when they differ.
+        let current = pools.load_full();
+        let new = current.rebuilt(specs)?;
+        if new.same_as(&current) {
+            return Ok(false);
+        }
+        pools.store(Arc::new(new));
+        Ok(true)
+    }
+
+    /// The program serving now.
+    pub fn current(&self) -> Arc<Program> {
+        self.shared.program.load_full()
+    }
+
+    /// Makes `program` the one every datagram from now on is handled by, counts a
+    /// reload, and returns the program it replaced. Datagrams already inside the old
+    /// program finish there; it is freed once no worker holds it.
+    pub fn publish(&self, program: Program) -> Arc<Program> {
+        // Counted first, so whoever sees the new program also sees the count.
+        self.shared.stats.reloaded();
+        self.shared.program.swap(Arc::new(program))
+    }
+
+    /// Counts a reload that was refused.
+    pub fn failed(&self) {
+        self.shared.stats.reload_failed();
+    }
+}
+
+/// Binds `n` sockets to `addr` as one `SO_REUSEPORT` group.
+fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
+    if addr.port() != 0 {
+        return (0..n).map(|_| bind_one(addr, true)).collect();
+    }
+    // Linux may give a port-0 bind with SO_REUSEPORT a port that another reuseport
+    // group of the same user already has, and the two would then share traffic.
+    // So pick a free port without SO_REUSEPORT first, then bind the group to it,
+    // trying again if someone takes the port in between.
+    let mut last_error = None;
+    for _ in 0..16 {
+        let port = bind_one(addr, false)?.local_addr()?.port();
+        let addr = SocketAddr::new(addr.ip(), port);
+        match (0..n).map(|_| bind_one(addr, true)).collect() {
+            Ok(sockets) => return Ok(sockets),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_error = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
+}
+
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(reuse_port)?;
+    // Best effort: a smaller buffer than asked for is not a reason to refuse to serve.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    socket.set_read_timeout(Some(POLL_INTERVAL))?;
+    Ok(socket.into())
+}
+
+mod worker;
+
+use worker::{Core, Forwarding, Worker};
+
+/// What turns a datagram into a reply.
+enum Handler {
+    Guest(Box<Guest>),
+    /// A Rust handler instead of the guest, and its reply buffer.
+    Native(Box<dyn Native>, Vec<u8>),
+}
+
+impl Handler {
+    fn refresh(&mut self, program: &Arc<Program>) {
+        if let Self::Guest(guest) = self {
+            guest.set_program(program);
+        }
+    }
+}
+
+/// A handler written in Rust, run on the datagram path in place of a guest
+/// ([`ServeConfig::native`]). Upstream datagrams go to the client unchanged.
+pub trait Native: Send {
+    /// Handles one datagram: writes a reply into `reply` (which starts empty),
+    /// or forwards through `net` (present when the listener has pools; the
+    /// current client is already set).
+    fn handle(&mut self, datagram: &[u8], net: Option<&mut Upstreams>, reply: &mut Vec<u8>) -> NativeAnswer;
+}
+
+/// What a [`Native`] handler did with a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NativeAnswer {
+    /// Send `reply` to the client.
+    Reply,
+    /// Forwarded upstream.
+    Forwarded,
+    /// Nothing: counted as `no_reply`.
+    Nothing,
+    /// A forward was refused.
+    Refused(CallError),
+}

@@ -1,0 +1,101 @@
+//! What running a guest on a datagram gives: an [`Answer`] (the reply and what
+//! the host calls did) or a [`Rejection`] (why it is dropped).
+
+use std::fmt;
+
+use wasmtime::Trap;
+
+use crate::hostcalls::Outbox;
+use crate::verdict::{CallError, DropReason};
+
+/// What a guest made of one datagram: the reply it returned, and what it did
+/// through host calls on the way (datagrams `send`, forwards, refusals).
+pub struct Answer<'a> {
+    /// What `handle` (or `on_reply`) returned; `None` for -1.
+    pub reply: Option<&'a [u8]>,
+    pub(super) out: &'a Outbox,
+}
+
+impl Answer<'_> {
+    /// The datagrams `send` queued, in order; they go out before the reply.
+    pub fn sends(&self) -> impl Iterator<Item = &[u8]> {
+        self.out.sends()
+    }
+
+    /// Passes every datagram for the client to `emit`: the `send`s, then the
+    /// reply. Whether there was any.
+    pub fn each_datagram(&self, mut emit: impl FnMut(&[u8])) -> bool {
+        let mut any = false;
+        for d in self.sends().chain(self.reply) {
+            emit(d);
+            any = true;
+        }
+        any
+    }
+
+    /// The `forward`/`send` calls made, refused ones included.
+    pub fn calls(&self) -> u32 {
+        self.out.calls()
+    }
+
+    /// How many `forward`/`forward_key` calls handed the datagram to an upstream.
+    pub fn forwarded(&self) -> u32 {
+        self.out.forwarded
+    }
+
+    /// The first refused call: why a datagram that went nowhere was dropped.
+    pub fn first_refusal(&self) -> Option<CallError> {
+        self.out.first_refusal
+    }
+}
+
+/// Why a datagram got no reply from the guest, with the error behind it if any.
+#[derive(Debug)]
+pub struct Rejection {
+    pub reason: DropReason,
+    pub error: Option<wasmtime::Error>,
+}
+
+impl std::error::Error for Rejection {}
+
+impl From<DropReason> for Rejection {
+    fn from(reason: DropReason) -> Self {
+        Self { reason, error: None }
+    }
+}
+
+impl From<wasmtime::Error> for Rejection {
+    fn from(error: wasmtime::Error) -> Self {
+        let reason = match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => DropReason::Timeout,
+            _ => DropReason::Trap,
+        };
+        Self {
+            reason,
+            error: Some(error),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.reason {
+            DropReason::Timeout => f.write_str("the guest ran past its time budget (--timeout-ms)"),
+            DropReason::Trap => match &self.error {
+                Some(e) => write!(f, "the guest trapped: {e:#}"),
+                None => f.write_str("the guest trapped"),
+            },
+            DropReason::BadAlloc => f.write_str("`alloc` returned a region outside the guest's memory"),
+            DropReason::BadReply => f.write_str("`handle` returned a reply region outside the guest's memory"),
+            DropReason::Amplification => f.write_str("the reply is larger than --max-reply-ratio times the request"),
+            DropReason::Oversize => f.write_str("the request or reply is larger than 65,507 bytes"),
+            DropReason::SendError => f.write_str("the reply could not be sent"),
+            DropReason::NoReply => f.write_str("the guest sent no reply"),
+            DropReason::UnknownPool => f.write_str("the guest forwarded to a pool that does not exist"),
+            DropReason::NoHealthyEndpoint => f.write_str("every endpoint of the pool is ejected"),
+            DropReason::SessionOverflow => f.write_str("the pool's session limit (max_sessions) is reached"),
+            DropReason::UpstreamError => f.write_str("the datagram could not be sent upstream"),
+            DropReason::DeniedSource => f.write_str("the source may not be answered"),
+        }
+    }
+}
