@@ -86,9 +86,7 @@ pub enum CallError {
     Oversize,
     /// Called outside a datagram (in a start function).
     NoClient,
-    /// Kept for older hosts: forwards are now queued, and a socket that cannot
-    /// be opened or refuses the datagram is counted by the host after the call
-    /// (`reason="upstream_error"`); `forward` no longer returns it.
+    /// Not returned since forwards are queued: the host counts failed sends.
     UpstreamError,
     /// `send`: past the reply budget (`--max-reply-ratio` × the datagram's size).
     Amplification,
