@@ -8,8 +8,9 @@
 //!   every listener setting and its default as plain data (no engine, no socket).
 //! - [`service`]: running every listener, the metrics endpoint, and the signals.
 //! - [`gateway`]: the datagram path: a listener's socket group and its handle
-//!   (`mod.rs`), and each worker thread's loops (`worker.rs`), with pools the
-//!   event loop over the listener and session sockets.
+//!   (`mod.rs`), each worker's socket-free decisions (`core.rs`: client and
+//!   upstream datagrams in, replies and session commands out), and the worker
+//!   thread's I/O around them (`worker.rs`).
 //! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: loading modules (one loader for serving, reloads and `check`),

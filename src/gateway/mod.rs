@@ -149,7 +149,7 @@ impl Gateway {
                 )))
             };
             let counters = gateway.shared.stats.worker(i);
-            let forwarding = match &gateway.shared.pools {
+            let (forwarding, net) = match &gateway.shared.pools {
                 Some(pools) => {
                     let poll = mio::Poll::new().context("cannot create a poller")?;
                     let registry = poll.registry().try_clone().context("cannot create a poller")?;
@@ -161,13 +161,9 @@ impl Gateway {
                         config.max_reply_ratio,
                         Instant::now(),
                     );
-                    Some(Forwarding {
-                        poll,
-                        sockets,
-                        net: Box::new(net),
-                    })
+                    (Some((poll, sockets)), Some(Box::new(net)))
                 }
-                None => None,
+                None => (None, None),
             };
             let worker = Worker {
                 socket,
@@ -178,6 +174,8 @@ impl Gateway {
                     shared: Arc::clone(&gateway.shared),
                     counters,
                     filter: SourceFilter::new(config.deny_source_ports.clone(), local_addr),
+                    net,
+                    label: String::new(),
                 },
             };
             let thread = std::thread::Builder::new()
@@ -333,9 +331,11 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+mod core;
 mod worker;
 
-use worker::{Core, Forwarding, Worker};
+use self::core::Core;
+use self::worker::Worker;
 
 /// What turns a datagram into a reply.
 enum Handler {

@@ -1,0 +1,519 @@
+//! One worker's decisions, with no socket and no clock of its own, in the
+//! manner of quinn-proto's endpoint: a client datagram in ([`Core::on_client`])
+//! gives replies out (through `emit`) and session commands queued
+//! ([`Core::poll_commands`]); an upstream datagram in ([`Core::on_upstream`])
+//! goes through `on_reply` or straight on; time in ([`Core::on_timeout`]) ends
+//! idle sessions. Every drop is counted here. The worker owns the sockets.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Handler, NativeAnswer, Shared};
+use crate::metrics::Counters;
+use crate::sandbox::Guest;
+use crate::source_filter::SourceFilter;
+use crate::upstream::{Applied, Command, SessionId, Upstreams};
+use crate::verdict::{DropReason, MAX_DATAGRAM};
+
+/// The per-datagram work of a worker, apart from the sockets.
+pub(super) struct Core {
+    pub(super) handler: Handler,
+    pub(super) shared: Arc<Shared>,
+    pub(super) counters: Arc<Counters>,
+    /// The sources this worker never answers.
+    pub(super) filter: SourceFilter,
+    /// With pools: this worker's session table (lent to the guest during a call).
+    pub(super) net: Option<Box<Upstreams>>,
+    /// The `POOL/ip:port` of the session being read (kept to reuse its allocation).
+    pub(super) label: String,
+}
+
+impl Core {
+    /// Sets the time for what follows, and takes a reload's pools.
+    pub(super) fn set_now(&mut self, now: Instant) {
+        if let Some(n) = self.net.as_mut() {
+            n.set_now(now);
+            if let Some(pools) = &self.shared.pools {
+                let current = pools.load();
+                if !n.uses(&current) {
+                    n.adopt(Arc::clone(&current));
+                }
+            }
+        }
+    }
+
+    /// Datagrams that came back on session `id`, each through `on_reply` (or
+    /// straight on) to its client via `emit`.
+    pub(super) fn on_upstream<'a>(
+        &mut self,
+        id: SessionId,
+        datagrams: impl Iterator<Item = &'a [u8]> + Clone,
+        emit: &mut dyn FnMut(&[u8], SocketAddr),
+    ) {
+        let Some(n) = self.net.as_mut() else { return };
+        let Some((client, upstream)) = n.received(id, datagrams.clone().map(<[u8]>::len)) else {
+            return;
+        };
+        let mut label = std::mem::take(&mut self.label);
+        label.clear();
+        label.push_str(upstream);
+        for datagram in datagrams {
+            self.upstream_datagram(datagram, client, &label, emit);
+        }
+        self.label = label;
+    }
+
+    /// Session `id`'s socket reported ICMP port unreachable.
+    pub(super) fn on_refused(&mut self, id: SessionId) {
+        if let Some(n) = self.net.as_mut() {
+            n.refused_on(id);
+        }
+    }
+
+    /// Idle sessions end, ejections end, and a replaced program is let go.
+    pub(super) fn on_timeout(&mut self, now: Instant) {
+        if let Some(n) = self.net.as_mut() {
+            n.expire(now);
+        }
+        self.handler.refresh(&self.shared.program.load());
+    }
+
+    /// How long until [`Core::on_timeout`] should run again.
+    pub(super) fn timeout_every(&self) -> Duration {
+        self.net.as_ref().map_or(Duration::from_secs(1), |n| n.sweep_every())
+    }
+
+    /// The session opens, sends and closes queued since the last poll, in order.
+    pub(super) fn poll_commands(&mut self, apply: impl FnMut(Command<'_>) -> Applied) {
+        if let Some(n) = self.net.as_mut() {
+            n.poll_commands(apply);
+        }
+    }
+
+    /// Whether a forwarded datagram still waits for its answer (the shutdown drain).
+    pub(super) fn awaiting(&self) -> bool {
+        self.net.as_ref().is_some_and(|n| n.awaiting())
+    }
+
+    /// A client datagram (already counted as received): the handler runs on it,
+    /// what goes back to `peer` is passed to `emit` (`send`s first), forwards are
+    /// queued as session commands. Drops are counted here.
+    pub(super) fn on_client(&mut self, datagram: &[u8], peer: SocketAddr, emit: &mut dyn FnMut(&[u8], SocketAddr)) {
+        let shown = unmapped(peer);
+        let net = &self.net;
+        let endpoint = |addr| net.as_ref().is_some_and(|n| n.is_endpoint(addr));
+        if let Err(why) = self.filter.check(shown, Some(&self.shared.session_ports), endpoint) {
+            drop_datagram(&self.shared, &self.counters, DropReason::DeniedSource, shown, &why);
+            return;
+        }
+        self.handler.refresh(&self.shared.program.load());
+        let started = Instant::now();
+        if let Some(n) = self.net.as_mut() {
+            n.client_datagram(peer, datagram.len());
+        }
+        let Self {
+            handler,
+            shared,
+            counters,
+            net,
+            ..
+        } = self;
+        match handler {
+            Handler::Native(native, out) => {
+                if datagram.len() > MAX_DATAGRAM {
+                    drop_datagram(shared, counters, DropReason::Oversize, shown, &"oversize");
+                    return;
+                }
+                out.clear();
+                let answer = native.handle(datagram, net.as_deref_mut(), out);
+                counters.guest_time(started.elapsed());
+                match answer {
+                    NativeAnswer::Reply => emit(out, peer),
+                    NativeAnswer::Forwarded => counters.forwarded(),
+                    NativeAnswer::Nothing => counters.dropped(DropReason::NoReply),
+                    NativeAnswer::Refused(error) => {
+                        counters.refused(error, 1);
+                        drop_datagram(shared, counters, error.drop_reason(), shown, &error);
+                    }
+                }
+            }
+            Handler::Guest(guest) => {
+                let result = guest.handle_with(datagram, shown, net);
+                counters.guest_time(started.elapsed());
+                match result {
+                    Ok(answer) => {
+                        if answer.each_datagram(|d| emit(d, peer)) {
+                        } else if answer.forwarded() > 0 {
+                            counters.forwarded();
+                        } else if let Some(error) = answer.first_refusal() {
+                            let why = format_args!("every forward was refused: {error}");
+                            drop_datagram(shared, counters, error.drop_reason(), shown, &why);
+                        } else {
+                            counters.dropped(DropReason::NoReply);
+                        }
+                    }
+                    Err(rejection) => drop_datagram(shared, counters, rejection.reason, shown, &rejection),
+                }
+                count_refused(counters, guest);
+            }
+        }
+    }
+
+    /// A datagram an upstream sent back for `client` (as received): through
+    /// `on_reply` when the guest has it, else straight to the client. Either
+    /// way what reaches a client that has not proven its address is held to
+    /// the reply ratio of what it sent, and the calls `on_reply` makes count
+    /// against the chain its last datagram started.
+    fn upstream_datagram(
+        &mut self,
+        datagram: &[u8],
+        client: SocketAddr,
+        upstream: &str,
+        emit: &mut dyn FnMut(&[u8], SocketAddr),
+    ) {
+        let Some(n) = self.net.as_mut() else { return };
+        let allowance = n.allowance(client);
+        let shown = unmapped(client);
+        let guest = match &mut self.handler {
+            Handler::Guest(guest) if guest.has_on_reply() => guest,
+            _ => {
+                if datagram.len() <= allowance.bytes {
+                    n.charge(client, datagram.len(), 0);
+                    emit(datagram, client);
+                } else {
+                    let why = "the answer is larger than --max-reply-ratio times what the client sent";
+                    self.upstream_dropped(DropReason::Amplification, shown, upstream, &why);
+                }
+                return;
+            }
+        };
+        n.begin(client);
+        let started = Instant::now();
+        let result = guest.on_reply(datagram, shown, upstream, &mut self.net, allowance);
+        self.counters.guest_time(started.elapsed());
+        let mut bytes = 0;
+        match result {
+            Ok(answer) => {
+                if !answer.each_datagram(|d| {
+                    bytes += d.len();
+                    emit(d, client);
+                }) && answer.forwarded() == 0
+                {
+                    self.counters.upstream_dropped(DropReason::NoReply);
+                }
+            }
+            Err(rejection) => {
+                let reason = rejection.reason;
+                self.upstream_dropped(reason, shown, upstream, &rejection);
+            }
+        }
+        if let Handler::Guest(guest) = &mut self.handler {
+            // Counted whatever the outcome: a call that trapped after forwarding
+            // has still spent them.
+            if let Some(n) = self.net.as_mut() {
+                n.charge(client, bytes, guest.last_calls());
+            }
+            count_refused(&self.counters, guest);
+        }
+    }
+
+    /// Counts an upstream datagram dropped, and says why unless said too often lately.
+    fn upstream_dropped(&self, reason: DropReason, peer: SocketAddr, upstream: &str, why: &dyn std::fmt::Display) {
+        self.counters.upstream_dropped(reason);
+        if let Some(suppressed) = self.shared.warnings[reason.index()].allow() {
+            let program = self.shared.program.load();
+            tracing::warn!(
+                %peer,
+                upstream,
+                %reason,
+                module = program.origin(),
+                suppressed,
+                "dropped an upstream datagram: {why}"
+            );
+        }
+    }
+
+    pub(super) fn recv_failed(&mut self, e: io::Error) {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                // Idle: let go of a replaced program now rather than at the next datagram.
+                self.handler.refresh(&self.shared.program.load());
+            }
+            io::ErrorKind::Interrupted => {}
+            _ => {
+                // ENOBUFS, ENOMEM, …: one datagram's trouble, not ours.
+                self.counters.recv_error();
+                if let Some(suppressed) = self.shared.warnings[DropReason::ALL.len()].allow() {
+                    tracing::warn!(error = %e, suppressed, "receive failed; serving on");
+                }
+            }
+        }
+    }
+}
+
+/// An IPv4 client of a dual-stack `[::]` socket arrives as `[::ffff:a.b.c.d]:port`;
+/// guests and logs see it as the IPv4 address it is. (Replies still go to the
+/// address as received, which is what the IPv6 socket can send to.)
+fn unmapped(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => peer,
+        },
+        SocketAddr::V4(_) => peer,
+    }
+}
+
+/// Counts the guest's refused `forward`/`send` calls of the call just made.
+fn count_refused(counters: &Counters, guest: &mut Guest) {
+    for (error, n) in guest.take_refused() {
+        counters.refused(error, u64::from(n));
+    }
+}
+
+/// Counts a reply as sent, or as a send error.
+pub(super) fn sent(shared: &Shared, counters: &Counters, peer: SocketAddr, result: io::Result<usize>) {
+    match result {
+        Ok(bytes) => counters.replied(bytes),
+        Err(e) => drop_datagram(
+            shared,
+            counters,
+            DropReason::SendError,
+            peer,
+            &format_args!("the reply could not be sent: {e}"),
+        ),
+    }
+}
+
+/// Counts a dropped datagram, and says why unless that was said too often lately.
+fn drop_datagram(
+    shared: &Shared,
+    counters: &Counters,
+    reason: DropReason,
+    peer: SocketAddr,
+    why: &dyn std::fmt::Display,
+) {
+    counters.dropped(reason);
+    if reason == DropReason::NoReply {
+        return; // the guest's choice, not a problem
+    }
+    if let Some(suppressed) = shared.warnings[reason.index()].allow() {
+        let program = shared.program.load();
+        tracing::warn!(%peer, %reason, module = program.origin(), suppressed, "dropped a datagram: {why}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The core driven by hand: inline WAT guests, session commands read back as
+    // values, upstream answers fed in, no socket and no sleep.
+
+    use arc_swap::ArcSwap;
+
+    use crate::config::PoolSpec;
+    use crate::metrics::{RateLimit, Stats};
+    use crate::sandbox::{Isolation, Limits, Sandbox};
+    use crate::source_filter::{PortCounts, PortSet};
+    use crate::upstream::Pools;
+
+    /// An endpoint on an unprivileged port, so that only being an endpoint denies it.
+    const A: &str = "192.0.2.10:8053";
+    const CLIENT: &str = "198.51.100.7:40000";
+
+    const FORWARD: &str = r#"(module
+      (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (data (i32.const 0) "backend")
+      (func (export "alloc") (param i32) (result i32) i32.const 64)
+      (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+        (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
+        i64.const -1))"#;
+
+    /// Forwards every client datagram, and every upstream answer twice more.
+    const REFORWARD: &str = r#"(module
+      (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (data (i32.const 0) "backend")
+      (func (export "alloc") (param i32) (result i32) i32.const 64)
+      (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+        (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
+        i64.const -1)
+      (func (export "on_reply") (param $ptr i32) (param $len i32) (result i64)
+        (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
+        (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
+        i64.const -1))"#;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn core_with(wat: &str, pool: PoolSpec) -> Core {
+        let sandbox = Sandbox::new(Limits::default()).unwrap();
+        let program = sandbox.load("test.wat", wat.as_bytes()).unwrap();
+        let pools = Pools::new(&[pool], 1).unwrap();
+        let shared = Arc::new(Shared {
+            program: ArcSwap::from_pointee(program),
+            stats: Stats::with_workers(1),
+            stop: false.into(),
+            warnings: std::array::from_fn(|_| RateLimit::new(5)),
+            pools: Some(ArcSwap::from_pointee(pools)),
+            session_ports: Arc::new(PortCounts::default()),
+        });
+        let counters = shared.stats.worker(0);
+        let guest = Guest::new(sandbox, shared.program.load_full(), Isolation::Reuse, 3.0);
+        let pools = shared.pools.as_ref().map(|p| p.load_full()).unwrap();
+        let net = Upstreams::new(pools, 0, Arc::clone(&counters), 3.0, Instant::now());
+        Core {
+            handler: Handler::Guest(Box::new(guest)),
+            shared,
+            counters,
+            filter: SourceFilter::new(PortSet::default(), addr("127.0.0.1:5353")),
+            net: Some(Box::new(net)),
+            label: String::new(),
+        }
+    }
+
+    fn backend() -> PoolSpec {
+        PoolSpec::new("backend", vec![A.to_string()])
+    }
+
+    /// Datagrams for the client, and datagrams sent upstream on each session.
+    type Outcome = (Vec<Vec<u8>>, Vec<(SessionId, Vec<u8>)>);
+
+    /// A client datagram in: what was emitted, and the datagrams sent upstream.
+    fn client_says(core: &mut Core, from: SocketAddr, datagram: &[u8]) -> Outcome {
+        let mut out = Vec::new();
+        core.on_client(datagram, from, &mut |d, to| {
+            assert_eq!(to, from);
+            out.push(d.to_vec());
+        });
+        (out, sends(core))
+    }
+
+    /// Applies the queued commands (every one succeeds) and returns the sends.
+    fn sends(core: &mut Core) -> Vec<(SessionId, Vec<u8>)> {
+        let mut sent = Vec::new();
+        core.poll_commands(|c| {
+            if let Command::Send { id, datagram } = c {
+                sent.push((id, datagram.to_vec()));
+            }
+            Applied::Done
+        });
+        sent
+    }
+
+    /// Upstream answers on `id`: what reached the client, and what was forwarded again.
+    fn upstream_says(core: &mut Core, id: SessionId, answers: &[&[u8]]) -> Outcome {
+        let mut out = Vec::new();
+        core.on_upstream(id, answers.iter().copied(), &mut |d, to| {
+            assert_eq!(to, addr(CLIENT));
+            out.push(d.to_vec());
+        });
+        (out, sends(core))
+    }
+
+    #[test]
+    fn a_forwarded_datagram_is_sent_on_a_session_and_its_answer_reaches_the_client() {
+        let mut core = core_with(FORWARD, backend());
+        let (replies, sent) = client_says(&mut core, addr(CLIENT), b"query");
+        assert!(replies.is_empty());
+        assert_eq!(sent, [(SessionId::from_raw(0), b"query".to_vec())]);
+        let (out, again) = upstream_says(&mut core, SessionId::from_raw(0), &[b"answer"]);
+        assert_eq!(out, [b"answer".to_vec()]);
+        assert!(again.is_empty());
+        let stats = core.shared.stats.snapshot();
+        assert_eq!(stats.forwarded, 1);
+    }
+
+    #[test]
+    fn answers_to_an_unproven_client_are_held_to_the_ratio_of_what_it_sent() {
+        let mut core = core_with(FORWARD, backend());
+        client_says(&mut core, addr(CLIENT), &[b'q'; 10]);
+        // 3 × 10 bytes: two answers of 12 fit, the third does not.
+        let (out, _) = upstream_says(
+            &mut core,
+            SessionId::from_raw(0),
+            &[&[b'a'; 12], &[b'b'; 12], &[b'c'; 12]],
+        );
+        assert_eq!(out, [vec![b'a'; 12], vec![b'b'; 12]]);
+        assert_eq!(
+            core.shared.stats.snapshot().upstream_dropped(DropReason::Amplification),
+            1
+        );
+    }
+
+    #[test]
+    fn the_work_of_one_client_datagram_through_on_reply_is_bounded_in_total() {
+        let mut core = core_with(REFORWARD, backend());
+        let chain = |core: &mut Core, first: &[u8]| {
+            let (_, mut pending) = client_says(core, addr(CLIENT), first);
+            let mut upstream = pending.len();
+            // Every datagram sent upstream is answered; each answer forwards twice.
+            while let Some((id, datagram)) = pending.pop() {
+                let (_, more) = upstream_says(core, id, &[&datagram]);
+                upstream += more.len();
+                pending.extend(more);
+                assert!(upstream < 1_000, "the chain does not end");
+            }
+            upstream
+        };
+        let limit = crate::verdict::MAX_CALLS_PER_DATAGRAM as usize;
+        assert_eq!(
+            chain(&mut core, b"once"),
+            1 + limit,
+            "the first forward, then the chain's allowance"
+        );
+        assert!(core.shared.stats.snapshot().refused(crate::verdict::CallError::TooMany) > 0);
+        assert_eq!(
+            chain(&mut core, b"twice"),
+            1 + limit,
+            "the client's next datagram starts a new chain"
+        );
+    }
+
+    #[test]
+    fn datagrams_from_an_endpoint_or_a_denied_port_never_reach_the_guest() {
+        let mut core = core_with(FORWARD, backend());
+        assert_eq!(client_says(&mut core, addr(A), b"loop?"), (vec![], vec![]));
+        assert_eq!(client_says(&mut core, addr("198.51.100.7:53"), b"x"), (vec![], vec![]));
+        assert_eq!(core.shared.stats.snapshot().dropped(DropReason::DeniedSource), 2);
+    }
+
+    #[test]
+    fn an_idle_session_ends_on_timeout_and_its_late_answer_goes_nowhere() {
+        let mut core = core_with(
+            FORWARD,
+            PoolSpec {
+                unanswered_timeout: Duration::from_secs(5),
+                ..backend()
+            },
+        );
+        let t0 = Instant::now();
+        core.set_now(t0);
+        client_says(&mut core, addr(CLIENT), b"q");
+        let mut closed = Vec::new();
+        core.on_timeout(t0 + Duration::from_secs(5));
+        core.poll_commands(|c| {
+            if let Command::Close { id } = c {
+                closed.push(id);
+            }
+            Applied::Done
+        });
+        assert_eq!(closed, [SessionId::from_raw(0)]);
+        let (out, _) = upstream_says(&mut core, SessionId::from_raw(0), &[b"late"]);
+        assert!(out.is_empty());
+        assert!(!core.awaiting());
+    }
+
+    #[test]
+    fn mapped_ipv4_clients_are_shown_as_ipv4() {
+        let p = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(unmapped(p("[::ffff:10.1.2.3]:53")), p("10.1.2.3:53"));
+        assert_eq!(unmapped(p("[::1]:53")), p("[::1]:53"));
+        assert_eq!(unmapped(p("127.0.0.1:9")), p("127.0.0.1:9"));
+    }
+}
