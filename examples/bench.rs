@@ -31,6 +31,10 @@ struct Args {
     /// Skip the Python seed server.
     #[arg(long)]
     no_python: bool,
+    /// Another `wasmgate` binary (a build of an earlier commit, say), run with
+    /// the default guest beside this one, interleaved: old against new.
+    #[arg(long, value_name = "PATH")]
+    baseline: Option<String>,
 }
 
 /// Clients × window × payload bytes.
@@ -111,8 +115,15 @@ fn main() -> anyhow::Result<()> {
         args.run.runs, args.run.seconds
     );
 
+    // An absolute `program` replaces the release directory when joined to it.
+    let baseline = args.baseline.map(|path| Server {
+        name: "baseline: wasm reuse",
+        program: Box::leak(path.into_boxed_str()),
+        wasmgate_args: Some(&[]),
+    });
     let servers: Vec<&Server> = SERVERS
         .iter()
+        .chain(baseline.as_ref())
         .filter(|s| !(args.no_python && s.wasmgate_args.is_none()))
         .collect();
     // Every server runs for the whole benchmark (an idle one costs nothing), and

@@ -243,18 +243,17 @@ fn take_batch(
             core.counters.received(datagram.len());
         }
     }
-    let (shared, counters) = (Arc::clone(&core.shared), Arc::clone(&core.counters));
     for i in 0..n {
         let Some((datagram, peer)) = rx.get(i) else {
             core.counters.recv_error();
             continue;
         };
-        core.on_client(datagram, peer, &mut |reply, to| {
-            tx.push(reply, to);
-            if tx.is_full() {
-                flush(&shared, &counters, tx, socket);
-            }
-        });
+        // The batch grows past its size if one datagram brings many (`send`s);
+        // it goes out as soon as it is full.
+        core.on_client(datagram, peer, &mut |reply, to| tx.push(reply, to));
+        if tx.is_full() {
+            flush(&core.shared, &core.counters, tx, socket);
+        }
     }
 }
 
