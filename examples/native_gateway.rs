@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use wasmgate::config::{PoolSpec, parse_upstream_flag};
+use wasmgate::gateway::{Gateway, Native, NativeAnswer, ServeConfig};
 use wasmgate::sandbox::{Limits, Sandbox};
-use wasmgate::server::{Gateway, Native, NativeAnswer, ServeConfig};
 use wasmgate::upstream::Upstreams;
 
 #[derive(Debug, Parser)]
@@ -24,7 +24,7 @@ struct Args {
     listen: SocketAddr,
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    #[arg(long, default_value_t = wasmgate::server::DEFAULT_BATCH)]
+    #[arg(long, default_value_t = wasmgate::gateway::DEFAULT_BATCH)]
     batch: usize,
     /// Forward to this pool (NAME=ENDPOINTS) instead of uppercasing.
     #[arg(long, value_parser = parse_upstream_flag)]

@@ -19,9 +19,9 @@ use clap::Parser;
 #[path = "support/procfs.rs"]
 mod procfs;
 use procfs::rss_kib;
+use wasmgate::gateway::{Gateway, ServeConfig};
 use wasmgate::reload::Reloader;
 use wasmgate::sandbox::{Limits, Sandbox};
-use wasmgate::server::{Gateway, ServeConfig};
 
 #[derive(Debug, Parser)]
 struct Args {

@@ -74,8 +74,5 @@ pub mod upstream;
 pub mod verdict;
 pub mod wasi;
 
-/// The old path of [`gateway`], kept while tests, examples and fuzz move over.
-pub use gateway as server;
-
 /// The default guest (`guest/uppercase`), built by `scripts/build-guests.sh`.
 pub const DEFAULT_GUEST_WASM: &[u8] = include_bytes!("../guest/uppercase.wasm");

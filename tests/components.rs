@@ -326,11 +326,11 @@ fn a_wat_component_is_served_reused_or_fresh_and_a_trap_or_timeout_costs_one_dat
             Isolation::Fresh => Sandbox::with_instance_pool(limits, 3).unwrap(),
         };
         let program = sandbox.load("echo component", ECHO_COMPONENT.as_bytes()).unwrap();
-        let config = wasmgate::server::ServeConfig {
+        let config = wasmgate::gateway::ServeConfig {
             isolation,
             ..common::config()
         };
-        let gw = wasmgate::server::Gateway::start(&sandbox, program, &config).unwrap();
+        let gw = wasmgate::gateway::Gateway::start(&sandbox, program, &config).unwrap();
         let addr = gw.local_addr();
         let c = client();
         assert_eq!(ask(&c, addr, b"hello"), b"hello");

@@ -16,9 +16,9 @@ use hickory_server::Server;
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 use wasmgate::config::PoolSpec;
+use wasmgate::gateway::{Gateway, ServeConfig};
 use wasmgate::metrics::DropReason;
 use wasmgate::sandbox::Limits;
-use wasmgate::server::{Gateway, ServeConfig};
 
 const DNS_PROXY: &[u8] = include_bytes!("../examples/dns-proxy/dns_proxy.wasm");
 

@@ -10,10 +10,10 @@ use std::time::Duration;
 use common::{REPLY_TIMEOUT, Upstream, ask, assert_silent, client, closed_port, recv, wait_until};
 use wasmgate::abi::CallError;
 use wasmgate::config::PoolSpec;
+use wasmgate::gateway::{Gateway, ServeConfig};
 use wasmgate::metrics::DropReason;
 use wasmgate::pool::Policy;
 use wasmgate::sandbox::Limits;
-use wasmgate::server::{Gateway, ServeConfig};
 
 const FORWARD: &str = include_str!("../examples/forward.wat");
 const TOKEN_ROUTER: &str = include_str!("../examples/token-router.wat");

@@ -340,8 +340,8 @@ fn every_drop_reason_moves_its_own_counter() {
 
 #[test]
 fn fresh_instances_from_the_pool_survive_traps_and_slots_are_reused() {
+    use wasmgate::gateway::Gateway;
     use wasmgate::sandbox::{Isolation, Sandbox};
-    use wasmgate::server::Gateway;
     // Two workers and three slots, as `--isolation fresh --workers 2` sets it up:
     // hundreds of datagrams, a third of them trapping, must never run out of slots.
     let sandbox = Sandbox::with_instance_pool(Limits::default(), 3).unwrap();

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::{Served, ask, client, write_file};
 use sha2::Digest as _;
+use wasmgate::gateway::Gateway;
 use wasmgate::reload::Reloader;
 use wasmgate::sandbox::{Limits, Sandbox};
-use wasmgate::server::Gateway;
 
 /// A module that replies with `tag` followed by the datagram.
 fn tagged(tag: u8) -> Vec<u8> {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{Upstream, ask, assert_silent, client, client_on};
 use wasmgate::config::PoolSpec;
+use wasmgate::gateway::ServeConfig;
 use wasmgate::metrics::DropReason;
-use wasmgate::server::ServeConfig;
 use wasmgate::source_filter::PortSet;
 
 const FORWARD: &str = include_str!("../examples/forward.wat");
@@ -219,7 +219,7 @@ fn answering_only_legit() -> (
     (addr, thread, stop)
 }
 
-fn sessions_active(gateway: &wasmgate::server::Gateway) -> u64 {
+fn sessions_active(gateway: &wasmgate::gateway::Gateway) -> u64 {
     let pools = gateway.publisher().pools().unwrap();
     pools
         .endpoints(std::time::Instant::now())

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use wasmgate::gateway::{Gateway, ServeConfig};
 use wasmgate::sandbox::{Isolation, Limits, Sandbox};
-use wasmgate::server::{Gateway, ServeConfig};
 
 /// How long a test waits for a reply that must come.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
