@@ -68,7 +68,7 @@ impl Core {
     /// Session `id`'s socket reported ICMP port unreachable.
     pub(super) fn on_refused(&mut self, id: SessionId) {
         if let Some(n) = self.net.as_mut() {
-            n.refused_on(id);
+            n.refused(id);
         }
     }
 
@@ -324,14 +324,8 @@ mod tests {
     const A: &str = "192.0.2.10:8053";
     const CLIENT: &str = "198.51.100.7:40000";
 
-    const FORWARD: &str = r#"(module
-      (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
-      (memory (export "memory") 2)
-      (data (i32.const 0) "backend")
-      (func (export "alloc") (param i32) (result i32) i32.const 64)
-      (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
-        (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
-        i64.const -1))"#;
+    /// Forwards every client datagram to `backend`.
+    const FORWARD: &str = include_str!("../../examples/forward.wat");
 
     /// Forwards every client datagram, and every upstream answer twice more.
     const REFORWARD: &str = r#"(module

@@ -22,7 +22,7 @@ use crate::pool::Pool;
 
 mod sessions;
 
-pub use sessions::{Applied, Command, Session, SessionId, Upstreams, VALIDATED_AFTER};
+pub use sessions::{Applied, Command, SessionId, Upstreams, VALIDATED_AFTER};
 
 /// Ejections and returns logged per second, per listener.
 const HEALTH_LINES_PER_SECOND: u64 = 5;

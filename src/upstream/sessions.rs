@@ -83,9 +83,9 @@ struct Retry {
 }
 
 /// One client's conversation with one endpoint.
-pub struct Session {
+struct Session {
     /// The client as the listener socket received it (where replies go).
-    pub client: SocketAddr,
+    client: SocketAddr,
     pool: usize,
     endpoint: SocketAddr,
     /// The endpoint's place in its pool; `None` once a reload removed it (the
@@ -94,7 +94,7 @@ pub struct Session {
     counters: Arc<EndpointCounters>,
     last_active: Instant,
     /// `POOL/ip:port`, as `upstream` tells the guest.
-    pub label: String,
+    label: String,
     /// Datagrams forwarded and not yet answered (an estimate for the shutdown drain).
     awaiting: u32,
     /// Whether the endpoint ever answered on it; until then it is cheap to
@@ -527,10 +527,11 @@ impl Upstreams {
         }
     }
 
-    /// Session `s` was refused (ICMP port unreachable): counted against its
-    /// endpoint, which is ejected after `eject_after` in a row (never the last
-    /// healthy one), and closed; the client's next datagram opens another.
-    fn refused(&mut self, s: SessionId) {
+    /// Session `s` was refused (ICMP port unreachable, on a send or on its
+    /// socket): counted against its endpoint, which is ejected after
+    /// `eject_after` in a row (never the last healthy one), and closed; the
+    /// client's next datagram opens another.
+    pub fn refused(&mut self, s: SessionId) {
         let Some(session) = self.sessions.get(&s) else {
             return;
         };
@@ -698,17 +699,6 @@ impl Upstreams {
             }
         }
         Some((session.client, &session.label))
-    }
-
-    /// Session `id`'s socket reported ICMP port unreachable: counted against
-    /// its endpoint (see [`Upstreams::poll_commands`]) and closed.
-    pub fn refused_on(&mut self, id: SessionId) {
-        self.refused(id);
-    }
-
-    /// The session `id`, if it is open.
-    pub fn session(&self, id: SessionId) -> Option<&Session> {
-        self.sessions.get(&id)
     }
 
     /// Closes the sessions idle for longer than their pool's `idle_timeout` (or
@@ -946,11 +936,15 @@ mod tests {
             h.table.client_datagram(client(i), 1);
             h.table.forward(b"backend", Some(key), b"k").unwrap();
         }
-        for c in h.commands() {
-            if let Cmd::Open(_, to) = c {
-                assert_eq!(to, expected);
-            }
-        }
+        let opened: Vec<SocketAddr> = h
+            .commands()
+            .into_iter()
+            .filter_map(|c| match c {
+                Cmd::Open(_, to) => Some(to),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(opened, [expected; 5], "a session per client, all to the key's endpoint");
     }
 
     #[test]
