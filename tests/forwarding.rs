@@ -559,23 +559,6 @@ fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for
         ..pool_of("backend", &[live.addr, down])
     };
     let gateway = one_worker(FORWARD, spec);
-    // Clients that hash to the down endpoint lose their first datagram (the ICMP
-    // error comes after it); then every datagram reaches the live one.
-    let clients: Vec<UdpSocket> = (0..12).map(|_| client()).collect();
-    for c in &clients {
-        c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-        c.send_to(b"111", gateway.local_addr()).unwrap();
-        let mut buf = [0u8; 64];
-        let _ = c.recv_from(&mut buf);
-    }
-    for c in &clients {
-        c.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-        assert_eq!(
-            ask(c, gateway.local_addr(), b"222"),
-            b"live:222",
-            "all go to the live endpoint"
-        );
-    }
     let gateway_pools = gateway.publisher();
     let healthy = |addr: SocketAddr| {
         gateway_pools
@@ -587,6 +570,32 @@ fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for
             .unwrap()
             .healthy
     };
+    // Clients that hash to the down endpoint lose their first datagram (the ICMP
+    // error comes after it). New clients arrive until eject_after of them have
+    // been refused: how many that takes depends on where their ports hash.
+    let mut clients: Vec<UdpSocket> = Vec::new();
+    for _ in 0..200 {
+        if !healthy(down) {
+            break;
+        }
+        let c = client();
+        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        c.send_to(b"111", gateway.local_addr()).unwrap();
+        let mut buf = [0u8; 64];
+        let _ = c.recv_from(&mut buf);
+        clients.push(c);
+    }
+    wait_until("the closed port to be ejected", || !healthy(down));
+    // Then every datagram, of old clients and new, reaches the live one.
+    clients.extend((0..12).map(|_| client()));
+    for c in &clients {
+        c.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+        assert_eq!(
+            ask(c, gateway.local_addr(), b"222"),
+            b"live:222",
+            "all go to the live endpoint"
+        );
+    }
     assert!(!healthy(down), "the closed port is ejected");
     assert!(healthy(live.addr));
     // It comes back: the port serves again, and after eject_for new sessions reach it.
