@@ -119,7 +119,7 @@ pub struct ServeArgs {
     pub max_reply_ratio: f64,
 
     /// Datagrams taken per receive system call (recvmmsg), their replies sent with
-    /// one sendmmsg; 1 uses one recvfrom and one sendto per datagram.
+    /// one sendmmsg; 1 takes one datagram per system call.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = |s: &str| parse_with(s, check_batch))]
     pub batch: usize,
 

@@ -25,7 +25,7 @@ pub struct Counters {
     replied: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
-    /// Failed `recvfrom` calls (ICMP errors, ENOBUFS, …); the loop goes on.
+    /// Failed receive calls (ICMP errors, ENOBUFS, …); the loop goes on.
     recv_errors: AtomicU64,
     /// Datagrams the kernel dropped because the socket's queue was full.
     queue_overflows: AtomicU64,

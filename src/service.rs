@@ -18,7 +18,7 @@ use crate::config::{ListenerSpec, PoolSpec};
 use crate::engine::child::Compiler;
 use crate::gateway::{Gateway, Publisher, ServeConfig};
 use crate::reload::Reloader;
-use crate::sandbox::{Isolation, Sandbox};
+use crate::sandbox::{Isolation, Runtime, Sandbox};
 
 /// File descriptors kept for everything but sessions: listener sockets, module
 /// files, the watcher, the metrics endpoint.
@@ -88,34 +88,26 @@ pub fn run_until<S: Future<Output = ()>>(
     shutdown: impl FnOnce() -> anyhow::Result<S>,
     ready: impl FnOnce(&[(String, SocketAddr)]),
 ) -> anyhow::Result<()> {
+    // One engine for the process, with an instance slot per worker of every
+    // listener plus one each for checking a reloaded module. Pooled, so that
+    // a fresh instance per datagram (`--isolation fresh`, WASI commands) is
+    // cheap whatever module a listener starts or is reloaded with; each
+    // store is still held to its own listener's memory cap.
+    let mut slots = 0u32;
+    for spec in &listeners {
+        slots = slots.saturating_add(u32::try_from(spec.workers.max(1) + 1)?);
+    }
+    let runtime = Runtime::with_instance_pool(slots).context("cannot start the WebAssembly engine")?;
     let mut loaded = Vec::new();
     for spec in listeners {
-        let sandbox_for = |pooled: bool| -> anyhow::Result<Sandbox> {
-            let sandbox = if pooled {
-                // One live instance per worker, plus one for checking a reloaded module.
-                Sandbox::with_instance_pool(spec.limits, u32::try_from(spec.workers + 1)?)?
-            } else {
-                Sandbox::new(spec.limits)?
-            };
-            Ok(sandbox.with_compiler(compiler.clone()))
-        };
-        let load = |sandbox: &Sandbox| {
-            sandbox
-                .load_file(spec.module.as_deref())
-                .with_context(|| format!("listener `{}`", spec.name))
-        };
         // Every endpoint resolves before anything binds.
         for pool in &spec.pools {
             pool.resolve().with_context(|| format!("listener `{}`", spec.name))?;
         }
-        let mut sandbox = sandbox_for(spec.isolation == Isolation::Fresh)?;
-        let mut program = load(&sandbox)?;
-        if spec.isolation == Isolation::Reuse && program.kind() == GuestKind::WasiCommand {
-            // A WASI command gets a fresh instance per datagram whatever the
-            // isolation, and those come fastest from a pool.
-            sandbox = sandbox_for(true)?;
-            program = load(&sandbox)?;
-        }
+        let sandbox = Sandbox::on(Arc::clone(&runtime), spec.limits).with_compiler(compiler.clone());
+        let program = sandbox
+            .load_file(spec.module.as_deref())
+            .with_context(|| format!("listener `{}`", spec.name))?;
         loaded.push((spec, sandbox, program));
     }
 

@@ -120,6 +120,16 @@ impl RecvBatch {
     /// Blocks until at least one datagram arrives (or the socket's read timeout
     /// passes: `WouldBlock`), then takes every waiting datagram up to the capacity.
     pub fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
+        self.recv_with(socket, libc::MSG_WAITFORONE)
+    }
+
+    /// Takes every waiting datagram up to the capacity, without waiting, even
+    /// on a blocking socket (`WouldBlock` when there is none).
+    pub fn try_recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
+        self.recv_with(socket, libc::MSG_DONTWAIT)
+    }
+
+    fn recv_with(&mut self, socket: &impl AsRawFd, flags: libc::c_int) -> io::Result<usize> {
         for h in &mut self.headers {
             h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_controllen = control_len() as _;
@@ -134,7 +144,7 @@ impl RecvBatch {
                 socket.as_raw_fd(),
                 self.headers.as_mut_ptr(),
                 self.headers.len() as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                flags,
                 ptr::null_mut(),
             )
         };

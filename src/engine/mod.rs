@@ -27,17 +27,20 @@ pub(crate) const POOL_KEEP_RESIDENT: usize = 256 << 10;
 
 /// The engine's settings: the same for serving and for the compiling child
 /// process, so that what the child compiles loads here. `pool` is the number of
-/// instance slots and the memory cap, for a pooling allocator (which only changes
-/// how instances are allocated, not how code is compiled).
-pub fn engine_config(pool: Option<(u32, usize)>) -> Config {
+/// instance slots for a pooling allocator (which only changes how instances are
+/// allocated, not how code is compiled).
+pub fn engine_config(pool: Option<u32>) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     // Nothing reads wasm backtraces, and capturing one costs on every trap.
     config.wasm_backtrace_max_frames(None);
-    if let Some((slots, max_memory)) = pool {
+    if let Some(slots) = pool {
         let mut pool = PoolingAllocationConfig::new();
         // Each slot may hold a component, several core instances with their
-        // memories and tables; what a store may use is capped by its limits.
+        // memories and tables; what a store may use is capped by its limits
+        // (each listener's --max-memory), so a slot's memory is left at its
+        // 4 GiB default: a module that asks for more than its listener allows
+        // is then refused by the sandbox's check, which says so plainly.
         pool.total_component_instances(slots)
             .total_core_instances(slots * COMPONENT_MAX_INSTANCES as u32)
             .total_memories(slots * COMPONENT_MAX_MEMORIES as u32)
@@ -45,7 +48,6 @@ pub fn engine_config(pool: Option<(u32, usize)>) -> Config {
             .max_memories_per_module(1)
             .max_tables_per_module(MAX_TABLES as u32)
             .table_elements(MAX_TABLE_ELEMENTS)
-            .max_memory_size(max_memory)
             // Small guests are reset by zeroing rather than by remapping.
             .linear_memory_keep_resident(POOL_KEEP_RESIDENT)
             .table_keep_resident(POOL_KEEP_RESIDENT)

@@ -2,8 +2,9 @@
 //! manner of quinn-proto's endpoint: a client datagram in ([`Core::on_client`])
 //! gives replies out (through `emit`) and session commands queued
 //! ([`Core::poll_commands`]); an upstream datagram in ([`Core::on_upstream`])
-//! goes through `on_reply` or straight on; time in ([`Core::on_timeout`]) ends
-//! idle sessions. Every drop is counted here. The worker owns the sockets.
+//! goes through `on_reply` or straight on; time in ([`Core::on_timeout`], due
+//! at [`Core::poll_timeout`]) ends idle sessions. `now` is always passed in.
+//! Every drop is counted here. The worker owns the sockets.
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,6 +18,9 @@ use crate::source_filter::SourceFilter;
 use crate::upstream::{Applied, Command, SessionId, Upstreams};
 use crate::verdict::{DropReason, MAX_DATAGRAM};
 
+/// Without pools, how often an idle worker lets go of a replaced program.
+const IDLE_REFRESH: Duration = Duration::from_secs(1);
+
 /// The per-datagram work of a worker, apart from the sockets.
 pub(super) struct Core {
     pub(super) handler: Handler,
@@ -28,11 +32,13 @@ pub(super) struct Core {
     pub(super) net: Option<Box<Upstreams>>,
     /// The `POOL/ip:port` of the session being read (kept to reuse its allocation).
     pub(super) label: String,
+    /// When [`Core::on_timeout`] is due.
+    pub(super) next_timeout: Instant,
 }
 
 impl Core {
     /// Sets the time for what follows, and takes a reload's pools.
-    pub(super) fn set_now(&mut self, now: Instant) {
+    fn set_now(&mut self, now: Instant) {
         if let Some(n) = self.net.as_mut() {
             n.set_now(now);
             if let Some(pools) = &self.shared.pools {
@@ -48,10 +54,12 @@ impl Core {
     /// straight on) to its client via `emit`.
     pub(super) fn on_upstream<'a>(
         &mut self,
+        now: Instant,
         id: SessionId,
         datagrams: impl Iterator<Item = &'a [u8]> + Clone,
         emit: &mut dyn FnMut(&[u8], SocketAddr),
     ) {
+        self.set_now(now);
         let Some(n) = self.net.as_mut() else { return };
         let Some((client, upstream)) = n.received(id, datagrams.clone().map(<[u8]>::len)) else {
             return;
@@ -66,7 +74,8 @@ impl Core {
     }
 
     /// Session `id`'s socket reported ICMP port unreachable.
-    pub(super) fn on_refused(&mut self, id: SessionId) {
+    pub(super) fn on_refused(&mut self, now: Instant, id: SessionId) {
+        self.set_now(now);
         if let Some(n) = self.net.as_mut() {
             n.refused(id);
         }
@@ -74,15 +83,18 @@ impl Core {
 
     /// Idle sessions end, ejections end, and a replaced program is let go.
     pub(super) fn on_timeout(&mut self, now: Instant) {
+        self.set_now(now);
         if let Some(n) = self.net.as_mut() {
             n.expire(now);
         }
         self.handler.refresh(&self.shared.program.load());
+        let every = self.net.as_ref().map_or(IDLE_REFRESH, |n| n.sweep_every());
+        self.next_timeout = now + every;
     }
 
-    /// How long until [`Core::on_timeout`] should run again.
-    pub(super) fn timeout_every(&self) -> Duration {
-        self.net.as_ref().map_or(Duration::from_secs(1), |n| n.sweep_every())
+    /// When [`Core::on_timeout`] is due next.
+    pub(super) fn poll_timeout(&self) -> Instant {
+        self.next_timeout
     }
 
     /// The session opens, sends and closes queued since the last poll, in order.
@@ -100,7 +112,14 @@ impl Core {
     /// A client datagram (already counted as received): the handler runs on it,
     /// what goes back to `peer` is passed to `emit` (`send`s first), forwards are
     /// queued as session commands. Drops are counted here.
-    pub(super) fn on_client(&mut self, datagram: &[u8], peer: SocketAddr, emit: &mut dyn FnMut(&[u8], SocketAddr)) {
+    pub(super) fn on_client(
+        &mut self,
+        now: Instant,
+        datagram: &[u8],
+        peer: SocketAddr,
+        emit: &mut dyn FnMut(&[u8], SocketAddr),
+    ) {
+        self.set_now(now);
         let shown = unmapped(peer);
         let net = &self.net;
         let endpoint = |addr| net.as_ref().is_some_and(|n| n.is_endpoint(addr));
@@ -368,6 +387,7 @@ mod tests {
             filter: SourceFilter::new(PortSet::default(), addr("127.0.0.1:5353")),
             net: Some(Box::new(net)),
             label: String::new(),
+            next_timeout: Instant::now(),
         }
     }
 
@@ -380,8 +400,12 @@ mod tests {
 
     /// A client datagram in: what was emitted, and the datagrams sent upstream.
     fn client_says(core: &mut Core, from: SocketAddr, datagram: &[u8]) -> Outcome {
+        client_says_at(core, Instant::now(), from, datagram)
+    }
+
+    fn client_says_at(core: &mut Core, now: Instant, from: SocketAddr, datagram: &[u8]) -> Outcome {
         let mut out = Vec::new();
-        core.on_client(datagram, from, &mut |d, to| {
+        core.on_client(now, datagram, from, &mut |d, to| {
             assert_eq!(to, from);
             out.push(d.to_vec());
         });
@@ -403,7 +427,7 @@ mod tests {
     /// Upstream answers on `id`: what reached the client, and what was forwarded again.
     fn upstream_says(core: &mut Core, id: SessionId, answers: &[&[u8]]) -> Outcome {
         let mut out = Vec::new();
-        core.on_upstream(id, answers.iter().copied(), &mut |d, to| {
+        core.on_upstream(Instant::now(), id, answers.iter().copied(), &mut |d, to| {
             assert_eq!(to, addr(CLIENT));
             out.push(d.to_vec());
         });
@@ -487,8 +511,7 @@ mod tests {
             },
         );
         let t0 = Instant::now();
-        core.set_now(t0);
-        client_says(&mut core, addr(CLIENT), b"q");
+        client_says_at(&mut core, t0, addr(CLIENT), b"q");
         let mut closed = Vec::new();
         core.on_timeout(t0 + Duration::from_secs(5));
         core.poll_commands(|c| {

@@ -2,18 +2,13 @@
 //! thread per socket, and every datagram through that worker's guest and back.
 //!
 //! The kernel spreads clients over the sockets by their address, so each client's
-//! datagrams are always handled by the same worker, in order. A worker takes up to
-//! a batch of datagrams per `recvmmsg` and sends their replies with one `sendmmsg`.
-//! Workers share nothing on the hot path but the published program, read through
-//! a lock-free `ArcSwap`.
-//!
-//! With upstream pools, a worker instead waits on its listener socket and its
-//! sessions' sockets together (one `mio` poller): it owns the sessions of its
-//! clients ([`crate::upstream::Upstreams`]), lends them to the guest for each
-//! call, then applies the opens, sends and closes the calls queued to the
-//! session sockets ([`crate::net::sessions`]), and passes upstream datagrams
-//! through `on_reply` (or straight back) into the same `sendmmsg` batch as the
-//! replies.
+//! datagrams are always handled by the same worker, in order. Each worker is a
+//! socket-free [`core`] (the handler, the session table, every decision and
+//! counter, time passed in) inside an I/O shell ([`worker`]): one `mio` loop
+//! over its listener socket and its session sockets ([`crate::net::sessions`]),
+//! a batch of datagrams per `recvmmsg`, replies and forwards out through one
+//! `sendmmsg`. Workers share nothing on the hot path but the published program
+//! and pools, read through a lock-free `ArcSwap`.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -59,8 +54,8 @@ pub struct ServeConfig {
     pub isolation: Isolation,
     /// Replies larger than this multiple of their request are dropped (0: no cap).
     pub max_reply_ratio: f64,
-    /// Datagrams taken per receive system call (`recvmmsg`); 1 means one
-    /// `recvfrom` and one `sendto` per datagram.
+    /// Datagrams taken per receive system call (`recvmmsg`), and replies sent
+    /// per `sendmmsg`.
     pub batch: usize,
     /// A handler written in Rust to run instead of the guest (the program is
     /// then only reported): one per worker, made by this function. For
@@ -149,26 +144,22 @@ impl Gateway {
                 )))
             };
             let counters = gateway.shared.stats.worker(i);
-            let (forwarding, net) = match &gateway.shared.pools {
-                Some(pools) => {
-                    let poll = mio::Poll::new().context("cannot create a poller")?;
-                    let registry = poll.registry().try_clone().context("cannot create a poller")?;
-                    let sockets = SessionSockets::new(registry, Arc::clone(&gateway.shared.session_ports));
-                    let net = Upstreams::new(
-                        pools.load_full(),
-                        i,
-                        Arc::clone(&counters),
-                        config.max_reply_ratio,
-                        Instant::now(),
-                    );
-                    (Some((poll, sockets)), Some(Box::new(net)))
-                }
-                None => (None, None),
-            };
+            let poll = mio::Poll::new().context("cannot create a poller")?;
+            let registry = poll.registry().try_clone().context("cannot create a poller")?;
+            let net = gateway.shared.pools.as_ref().map(|pools| {
+                Box::new(Upstreams::new(
+                    pools.load_full(),
+                    i,
+                    Arc::clone(&counters),
+                    config.max_reply_ratio,
+                    Instant::now(),
+                ))
+            });
             let worker = Worker {
                 socket,
                 batch: config.batch.max(1),
-                forwarding,
+                poll,
+                sockets: SessionSockets::new(registry, Arc::clone(&gateway.shared.session_ports)),
                 core: Core {
                     handler,
                     shared: Arc::clone(&gateway.shared),
@@ -176,6 +167,7 @@ impl Gateway {
                     filter: SourceFilter::new(config.deny_source_ports.clone(), local_addr),
                     net,
                     label: String::new(),
+                    next_timeout: Instant::now(),
                 },
             };
             let thread = std::thread::Builder::new()
@@ -327,6 +319,8 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
     socket.bind(&addr.into())?;
+    // Blocking, for the worker's wait when it has no session to watch too;
+    // the timeout is how often it looks for shutdown.
     socket.set_read_timeout(Some(POLL_INTERVAL))?;
     Ok(socket.into())
 }

@@ -52,6 +52,11 @@ impl SessionSockets {
         }
     }
 
+    /// Whether no session socket is open.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
     /// Does what `command` asks.
     pub fn apply(&mut self, command: Command<'_>) -> Applied {
         match command {

@@ -1,4 +1,5 @@
-//! The WebAssembly sandbox: one engine with its epoch ticker, loading modules into
+//! The WebAssembly sandbox: a listener's limits on the process's one engine
+//! ([`Runtime`], `runtime.rs`), loading modules into
 //! checked [`Program`]s (`program.rs`), and running a program as a [`Guest`] under
 //! time and memory limits, which gives an [`Answer`] or a [`Rejection`] (`outcome.rs`).
 //!
@@ -9,82 +10,77 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
-use wasmtime::{Engine, ExternType, InstancePre, Linker, Memory, Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
+use wasmtime::{ExternType, InstancePre, Memory, Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
 
 use crate::abi::{self, GuestKind, NO_REPLY};
 use crate::component::{self as wit, ComponentHost, ComponentPre, Exports};
 pub use crate::config::{Isolation, Limits};
 use crate::engine::child::Compiler;
-use crate::engine::ticker::{EpochTicker, TICK};
+use crate::engine::ticker::TICK;
 use crate::engine::{
     COMPONENT_MAX_INSTANCES, COMPONENT_MAX_MEMORIES, COMPONENT_MAX_TABLES, COMPONENT_TABLE_ELEMENTS, Compiled,
-    MAX_TABLE_ELEMENTS, MAX_TABLES, engine_config,
+    MAX_TABLE_ELEMENTS, MAX_TABLES,
 };
 pub use crate::engine::{MAX_MODULE_BYTES, read_module};
-use crate::hostcalls::{self, HostState, Outbox};
+use crate::hostcalls::{HostState, Outbox};
 use crate::instance_limits::InstanceLimits;
-use crate::metrics::RateLimit;
 use crate::upstream::Upstreams;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
 use crate::wasi::{self, WasiHost};
 
 mod outcome;
 mod program;
+mod runtime;
 
 pub use outcome::{Answer, Rejection};
 use program::Pre;
 pub use program::{Program, short_hex};
-
-/// Guest log lines let through per second, across all instances.
-const GUEST_LOG_LINES_PER_SECOND: u64 = 20;
+pub use runtime::Runtime;
 
 /// The stack a worker thread needs: wasmtime stops guests at its 512 KiB
 /// `max_wasm_stack` default, and the host needs room on top of that.
 pub const WORKER_STACK_BYTES: usize = 4 << 20;
 
-/// The engine and everything shared by the guests it runs. Cheap to clone.
+/// A listener's guests: the process's [`Runtime`] with this listener's limits.
+/// Cheap to clone.
 #[derive(Clone)]
 pub struct Sandbox {
-    inner: Arc<Inner>,
-    compiler: Arc<Compiler>,
-}
-
-struct Inner {
-    engine: Engine,
-    linker: Linker<HostState>,
-    wasi_linker: Linker<WasiHost>,
-    component_linker: wasmtime::component::Linker<ComponentHost>,
+    runtime: Arc<Runtime>,
     limits: Limits,
     /// The time budget in epoch ticks; one more than the timeout so that a
     /// datagram that starts just before a tick still gets its whole budget.
     deadline_ticks: u64,
-    log_limit: Arc<RateLimit>,
-    pooled: bool,
-    /// The epoch ticks so far, counted beside the engine's epoch (which cannot be
-    /// read back), so that time in host calls is measured as the deadline measures.
-    ticks: Arc<AtomicU64>,
-    _ticker: EpochTicker,
+    compiler: Arc<Compiler>,
 }
 
 impl Sandbox {
-    /// A sandbox that maps memory for each instance as it is made: best when
-    /// instances are few and long-lived (`--isolation reuse`).
+    /// A sandbox on an engine of its own that maps memory for each instance as
+    /// it is made (see [`Runtime::new`]). A process with several listeners
+    /// shares one runtime among them instead ([`Sandbox::on`]).
     pub fn new(limits: Limits) -> anyhow::Result<Self> {
-        Self::build(limits, None)
+        Ok(Self::on(Runtime::new()?, limits))
     }
 
-    /// A sandbox with a pool of `slots` preallocated instance slots, reused with
-    /// copy-on-write memory images: best when an instance is made per datagram
-    /// (`--isolation fresh`). At most `slots` instances can be alive at once.
+    /// A sandbox on an engine of its own with a pool of `slots` instance slots
+    /// (see [`Runtime::with_instance_pool`]).
     pub fn with_instance_pool(limits: Limits, slots: u32) -> anyhow::Result<Self> {
-        Self::build(limits, Some(slots))
+        Ok(Self::on(Runtime::with_instance_pool(slots)?, limits))
+    }
+
+    /// A sandbox with `limits` on `runtime`, which other sandboxes may share.
+    pub fn on(runtime: Arc<Runtime>, limits: Limits) -> Self {
+        Self {
+            runtime,
+            deadline_ticks: limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1,
+            limits,
+            compiler: Arc::new(Compiler::InProcess),
+        }
     }
 
     /// Compiles modules with `compiler` from now on (in-process by default).
@@ -92,36 +88,12 @@ impl Sandbox {
         self.compiler = Arc::new(compiler);
         self
     }
-
-    fn build(limits: Limits, pool: Option<u32>) -> anyhow::Result<Self> {
-        let engine = Engine::new(&engine_config(pool.map(|slots| (slots, limits.max_memory))))?;
-        let linker = hostcalls::linker(&engine)?;
-        let wasi_linker = wasi::linker(&engine)?;
-        let component_linker = wit::linker(&engine)?;
-        let deadline_ticks = limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;
-        let ticks = Arc::new(AtomicU64::new(0));
-        Ok(Self {
-            inner: Arc::new(Inner {
-                _ticker: EpochTicker::start(engine.clone(), Arc::clone(&ticks))?,
-                ticks,
-                engine,
-                linker,
-                wasi_linker,
-                component_linker,
-                limits,
-                deadline_ticks,
-                log_limit: Arc::new(RateLimit::new(GUEST_LOG_LINES_PER_SECOND)),
-                pooled: pool.is_some(),
-            }),
-            compiler: Arc::new(Compiler::InProcess),
-        })
-    }
 }
 
 impl Sandbox {
     /// Whether instances come from a pool ([`Sandbox::with_instance_pool`]).
     pub fn has_instance_pool(&self) -> bool {
-        self.inner.pooled
+        self.runtime.has_instance_pool()
     }
 
     /// Reads, checks and compiles the module at `path`, or the embedded default guest
@@ -145,15 +117,15 @@ impl Sandbox {
     pub fn load(&self, origin: impl Into<String>, bytes: &[u8]) -> anyhow::Result<Program> {
         let origin = origin.into();
         let started = Instant::now();
-        let module = match self.compiler.compile(&self.inner.engine, bytes)? {
+        let module = match self.compiler.compile(&self.runtime.engine, bytes)? {
             Compiled::Module(module) => module,
             Compiled::Component(component) => return self.load_component(origin, bytes, &component, started),
         };
         let kind = abi::check_module(&module)?;
         self.check_memory(&module)?;
         let linked = match kind {
-            GuestKind::AbiV1 => self.inner.linker.instantiate_pre(&module).map(Pre::AbiV1),
-            GuestKind::WasiCommand => self.inner.wasi_linker.instantiate_pre(&module).map(Pre::Wasi),
+            GuestKind::AbiV1 => self.runtime.linker.instantiate_pre(&module).map(Pre::AbiV1),
+            GuestKind::WasiCommand => self.runtime.wasi_linker.instantiate_pre(&module).map(Pre::Wasi),
             GuestKind::Component => unreachable!("a core module is never a component"),
         };
         let pre = linked.map_err(anyhow::Error::from).with_context(|| match kind {
@@ -186,7 +158,7 @@ impl Sandbox {
         component: &Component,
         started: Instant,
     ) -> anyhow::Result<Program> {
-        let problems = wit::check(&self.inner.engine, component);
+        let problems = wit::check(&self.runtime.engine, component);
         if !problems.is_empty() {
             return Err(abi::AbiViolations {
                 kind: GuestKind::Component,
@@ -194,10 +166,10 @@ impl Sandbox {
             }
             .into());
         }
-        let pre = ComponentPre::new(&self.inner.component_linker, component)
+        let pre = ComponentPre::new(&self.runtime.component_linker, component)
             .map_err(anyhow::Error::from)
             .context("cannot be linked as the wasmgate:handler world (wit/handler.wit)")?;
-        let engine = &self.inner.engine;
+        let engine = &self.runtime.engine;
         let ty = component.component_type();
         let program = Program {
             origin,
@@ -226,7 +198,7 @@ impl Sandbox {
             return Err(match e.downcast_ref::<Trap>() {
                 Some(Trap::Interrupt) => anyhow::anyhow!(
                     "its start function ran past the {} ms time budget",
-                    self.inner.limits.timeout.as_millis()
+                    self.limits.timeout.as_millis()
                 ),
                 _ if program.kind() == GuestKind::Component => {
                     anyhow::Error::from(e).context("instantiating it failed")
@@ -241,7 +213,7 @@ impl Sandbox {
     fn check_memory(&self, module: &Module) -> anyhow::Result<()> {
         if let Some(ExternType::Memory(m)) = module.get_export("memory") {
             let need = m.minimum().saturating_mul(m.page_size());
-            let cap = self.inner.limits.max_memory as u64;
+            let cap = self.limits.max_memory as u64;
             if need > cap {
                 bail!(
                     "its memory starts at {} bytes ({} pages), over the memory limit of {cap} bytes (--max-memory)",
@@ -257,7 +229,7 @@ impl Sandbox {
     /// `--max-memory` for all of them together.
     fn instance_limits(&self) -> InstanceLimits {
         let counts = StoreLimitsBuilder::new()
-            .memory_size(self.inner.limits.max_memory)
+            .memory_size(self.limits.max_memory)
             .table_elements(MAX_TABLE_ELEMENTS)
             .tables(MAX_TABLES)
             .memories(1)
@@ -266,7 +238,7 @@ impl Sandbox {
             // carry on with a failed `memory.grow`.
             .trap_on_grow_failure(true)
             .build();
-        InstanceLimits::new(counts, self.inner.limits.max_memory)
+        InstanceLimits::new(counts, self.limits.max_memory)
     }
 
     /// The host state of a new store, held to `limits`. There is no client while
@@ -276,7 +248,7 @@ impl Sandbox {
         HostState {
             limits,
             peer: None,
-            log_limit: Arc::clone(&self.inner.log_limit),
+            log_limit: Arc::clone(&self.runtime.log_limit),
             net: None,
             out: Outbox::default(),
             upstream: String::new(),
@@ -285,9 +257,9 @@ impl Sandbox {
 
     /// An ABI v1 instance with its start function run.
     fn instantiate(&self, pre: &InstancePre<HostState>) -> wasmtime::Result<Live> {
-        let mut store = Store::new(&self.inner.engine, self.host_state(self.instance_limits()));
+        let mut store = Store::new(&self.runtime.engine, self.host_state(self.instance_limits()));
         store.limiter(|h| &mut h.limits);
-        store.set_epoch_deadline(self.inner.deadline_ticks);
+        store.set_epoch_deadline(self.deadline_ticks);
         let instance = pre.instantiate(&mut store)?;
         // The ABI check guarantees these exports and their types.
         let memory = instance
@@ -316,11 +288,11 @@ impl Sandbox {
         peer: Option<SocketAddr>,
     ) -> wasmtime::Result<(Store<WasiHost>, TypedFunc<(), ()>)> {
         let mut store = Store::new(
-            &self.inner.engine,
+            &self.runtime.engine,
             WasiHost::new(self.instance_limits(), datagram, peer),
         );
         store.limiter(|h| &mut h.limits);
-        store.set_epoch_deadline(self.inner.deadline_ticks);
+        store.set_epoch_deadline(self.deadline_ticks);
         let instance = pre.instantiate(&mut store)?;
         let start = instance.get_typed_func(&mut store, "_start")?;
         Ok((store, start))
@@ -331,17 +303,17 @@ impl Sandbox {
     /// how many, and `--max-memory` what they hold together.
     fn instantiate_component(&self, pre: &ComponentPre) -> wasmtime::Result<LiveComponent> {
         let counts = StoreLimitsBuilder::new()
-            .memory_size(self.inner.limits.max_memory)
+            .memory_size(self.limits.max_memory)
             .table_elements(COMPONENT_TABLE_ELEMENTS)
             .tables(COMPONENT_MAX_TABLES)
             .memories(COMPONENT_MAX_MEMORIES)
             .instances(COMPONENT_MAX_INSTANCES)
             .trap_on_grow_failure(true)
             .build();
-        let limits = InstanceLimits::new(counts, self.inner.limits.max_memory);
-        let mut store = Store::new(&self.inner.engine, ComponentHost::new(self.host_state(limits)));
+        let limits = InstanceLimits::new(counts, self.limits.max_memory);
+        let mut store = Store::new(&self.runtime.engine, ComponentHost::new(self.host_state(limits)));
         store.limiter(|h| &mut h.calls.limits);
-        store.set_epoch_deadline(self.inner.deadline_ticks);
+        store.set_epoch_deadline(self.deadline_ticks);
         let exports = pre.instantiate(&mut store)?;
         Ok(LiveComponent {
             store,
@@ -382,7 +354,7 @@ impl Sandbox {
 
     /// The tick count now, to measure a datagram's handling from.
     fn now(&self) -> u64 {
-        self.inner.ticks.load(Ordering::Relaxed)
+        self.runtime.ticks()
     }
 
     /// The epoch deadline interrupts only wasm code; time spent inside a host call
@@ -390,7 +362,7 @@ impl Sandbox {
     /// a datagram whose handling ran past the budget is dropped as a timeout all
     /// the same, and one the deadline would have let through is not.
     fn check_budget(&self, started: u64) -> Result<(), Rejection> {
-        if self.now().saturating_sub(started) > self.inner.deadline_ticks {
+        if self.now().saturating_sub(started) > self.deadline_ticks {
             return Err(DropReason::Timeout.into());
         }
         Ok(())
@@ -400,7 +372,7 @@ impl Sandbox {
         if !tracing::enabled!(target: "wasmgate::guest", tracing::Level::INFO) {
             return;
         }
-        let Some(suppressed) = self.inner.log_limit.allow() else {
+        let Some(suppressed) = self.runtime.log_limit.allow() else {
             return;
         };
         let text = String::from_utf8_lossy(stderr);
@@ -418,7 +390,7 @@ impl Sandbox {
         if !tracing::enabled!(target: "wasmgate::guest", tracing::Level::INFO) {
             return;
         }
-        let Some(suppressed) = self.inner.log_limit.allow() else {
+        let Some(suppressed) = self.runtime.log_limit.allow() else {
             return;
         };
         let text = String::from_utf8_lossy(text);
@@ -522,7 +494,7 @@ impl LiveComponent {
         sandbox: &Sandbox,
         max_ratio: f64,
     ) -> Result<bool, Rejection> {
-        self.store.set_epoch_deadline(sandbox.inner.deadline_ticks);
+        self.store.set_epoch_deadline(sandbox.deadline_ticks);
         let allowance = call
             .allowance
             .unwrap_or_else(|| Allowance::for_request(call.datagram.len(), max_ratio));
@@ -707,7 +679,7 @@ impl Guest {
         };
         let live = self.live.insert(live);
         let result = live
-            .call(call, net, self.sandbox.inner.deadline_ticks, self.max_ratio)
+            .call(call, net, self.sandbox.deadline_ticks, self.max_ratio)
             .and_then(|range| self.sandbox.check_budget(started).map(|()| range));
         match result {
             Ok(range) => Ok(Answer {

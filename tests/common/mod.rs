@@ -187,6 +187,24 @@ impl Served {
         url.split('/').next().unwrap().parse().unwrap()
     }
 
+    /// Waits up to 10 s for a log line containing every one of `words`; every
+    /// line up to it, that one last, or `None` if it did not come.
+    pub fn lines_until(&self, words: &[&str]) -> Option<Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut lines = Vec::new();
+        loop {
+            let line = self
+                .log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok()?;
+            let found = words.iter().all(|w| line.contains(w));
+            lines.push(line);
+            if found {
+                return Some(lines);
+            }
+        }
+    }
+
     /// Waits up to 10 s for a log line containing every one of `words`, skipping others.
     pub fn line_with(&self, words: &[&str]) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(10);
