@@ -13,8 +13,9 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+use wasmgate::config::ListenerSpec;
 use wasmgate::config::{PoolSpec, parse_upstream_flag};
-use wasmgate::gateway::{Gateway, Native, NativeAnswer, ServeConfig};
+use wasmgate::gateway::{Gateway, Native, NativeAnswer};
 use wasmgate::sandbox::{Limits, Sandbox};
 use wasmgate::upstream::Upstreams;
 
@@ -24,7 +25,7 @@ struct Args {
     listen: SocketAddr,
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    #[arg(long, default_value_t = wasmgate::gateway::DEFAULT_BATCH)]
+    #[arg(long, default_value_t = wasmgate::config::DEFAULT_BATCH)]
     batch: usize,
     /// Forward to this pool (NAME=ENDPOINTS) instead of uppercasing.
     #[arg(long, value_parser = parse_upstream_flag)]
@@ -60,7 +61,7 @@ fn main() -> anyhow::Result<()> {
     let sandbox = Sandbox::new(Limits::default())?;
     let program = sandbox.load("<native>", wasmgate::DEFAULT_GUEST_WASM)?;
     let forwarding = args.upstream.is_some();
-    let config = ServeConfig {
+    let config = ListenerSpec {
         listen: args.listen,
         workers: args.workers,
         batch: args.batch,
@@ -73,14 +74,14 @@ fn main() -> anyhow::Result<()> {
                 }]
             })
             .unwrap_or_default(),
-        native: Some(if forwarding {
-            || Box::new(Forward)
-        } else {
-            || Box::new(Uppercase)
-        }),
-        ..ServeConfig::default()
+        ..ListenerSpec::default()
     };
-    let gateway = Gateway::start(&sandbox, program, &config)?;
+    let native: fn() -> Box<dyn Native> = if forwarding {
+        || Box::new(Forward)
+    } else {
+        || Box::new(Uppercase)
+    };
+    let gateway = Gateway::start_native(&sandbox, program, &config, native)?;
     eprintln!(
         "native gateway on {} ({})",
         gateway.local_addr(),

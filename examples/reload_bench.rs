@@ -19,7 +19,8 @@ use clap::Parser;
 #[path = "support/procfs.rs"]
 mod procfs;
 use procfs::rss_kib;
-use wasmgate::gateway::{Gateway, ServeConfig};
+use wasmgate::config::ListenerSpec;
+use wasmgate::gateway::Gateway;
 use wasmgate::reload::Reloader;
 use wasmgate::sandbox::{Limits, Sandbox};
 
@@ -46,10 +47,10 @@ fn main() -> anyhow::Result<()> {
 
     let sandbox = Sandbox::new(Limits::default())?;
     let program = sandbox.load(path.display().to_string(), wasmgate::DEFAULT_GUEST_WASM)?;
-    let config = ServeConfig {
+    let config = ListenerSpec {
         listen: "127.0.0.1:0".parse()?,
         workers: 2,
-        ..ServeConfig::default()
+        ..ListenerSpec::default()
     };
     let gateway = Gateway::start(&sandbox, program, &config)?;
     let _reloader = Reloader::start(sandbox, path.clone(), gateway.publisher(), true)?;

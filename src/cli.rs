@@ -3,7 +3,6 @@
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::net::{SocketAddr, ToSocketAddrs as _, UdpSocket};
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,8 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::Cache;
 use crate::config::{
-    self, DEFAULT_BATCH, DEFAULT_REPLY_RATIO, ListenerSpec, MAX_WORKERS, PoolSpec, check_batch, check_ratio,
-    check_timeout_ms, check_workers, parse_addr, parse_size, parse_upstream_flag, parse_with,
+    self, DEFAULT_BATCH, DEFAULT_REPLY_RATIO, ListenerSpec, PoolSpec, check_batch, check_ratio, check_timeout_ms,
+    check_workers, parse_addr, parse_size, parse_upstream_flag, parse_with,
 };
 use crate::engine::child::{CompileBounds, Compiler};
 use crate::sandbox::{Isolation, Limits, Sandbox};
@@ -97,7 +96,7 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
 
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8008", value_parser = parse_addr)]
+    #[arg(long, value_name = "ADDR", default_value_t = config::DEFAULT_LISTEN, value_parser = parse_addr)]
     pub listen: SocketAddr,
 
     /// Guest module to run: a `.wasm` binary or `.wat` text [default: the embedded uppercase guest].
@@ -344,32 +343,33 @@ fn check(path: &Path, limits: &LimitArgs, compiler: Compiler) -> anyhow::Result<
     }
 }
 
-fn default_workers() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, NonZeroUsize::get)
-        .min(MAX_WORKERS)
+/// The one listener the flags describe; what a flag leaves out is
+/// [`ListenerSpec::default`], as in a config file.
+fn listener_from_flags(args: &ServeArgs) -> ListenerSpec {
+    let defaults = ListenerSpec::default();
+    ListenerSpec {
+        listen: args.listen,
+        module: args.module.clone(),
+        workers: args.workers.unwrap_or(defaults.workers),
+        isolation: args.isolation,
+        limits: args.limits.limits(),
+        max_reply_ratio: args.max_reply_ratio,
+        batch: args.batch,
+        watch: !args.no_watch,
+        pools: args.upstream.clone(),
+        deny_source_ports: args.deny_source_ports.clone(),
+        ..defaults
+    }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (listeners, file_metrics) = match &args.config {
         Some(path) => {
-            let file = config::load(path, default_workers())?;
+            let file = config::load(path, config::default_workers())?;
             (file.listeners, file.metrics)
         }
         None => {
-            let spec = ListenerSpec {
-                name: "default".to_string(),
-                listen: args.listen,
-                module: args.module.clone(),
-                workers: args.workers.unwrap_or_else(default_workers),
-                isolation: args.isolation,
-                limits: args.limits.limits(),
-                max_reply_ratio: args.max_reply_ratio,
-                batch: args.batch,
-                watch: !args.no_watch,
-                pools: args.upstream.clone(),
-                deny_source_ports: args.deny_source_ports.clone(),
-            };
+            let spec = listener_from_flags(&args);
             config::check_pools(&spec.pools)?;
             (vec![spec], None)
         }
@@ -478,6 +478,12 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_flags_give_the_listener_defaults() {
+        let cli = Cli::try_parse_from(["wasmgate"]).unwrap();
+        assert_eq!(listener_from_flags(&cli.serve), ListenerSpec::default());
     }
 
     #[test]

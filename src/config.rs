@@ -80,6 +80,36 @@ pub struct ListenerSpec {
     pub deny_source_ports: PortSet,
 }
 
+/// Where a listener listens unless told.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8008));
+
+/// Every listener default, written once: the flags and the TOML file start
+/// from these.
+impl Default for ListenerSpec {
+    fn default() -> Self {
+        Self {
+            name: "default".to_string(),
+            listen: DEFAULT_LISTEN,
+            module: None,
+            workers: default_workers(),
+            isolation: Isolation::Reuse,
+            limits: Limits::default(),
+            max_reply_ratio: DEFAULT_REPLY_RATIO,
+            batch: DEFAULT_BATCH,
+            watch: true,
+            pools: Vec::new(),
+            deny_source_ports: PortSet::default(),
+        }
+    }
+}
+
+/// One worker per available core, at most [`MAX_WORKERS`].
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(MAX_WORKERS)
+}
+
 /// An upstream pool, as configured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolSpec {
@@ -397,7 +427,10 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
     let mut listeners = Vec::new();
     for (i, l) in file.listener.iter().enumerate() {
         let at = |key: &str| format!("listener[{i}] ({}): {key}", l.name);
-        let defaults = Limits::default();
+        let defaults = ListenerSpec {
+            workers: default_workers,
+            ..ListenerSpec::default()
+        };
         let spec = ListenerSpec {
             name: l.name.clone(),
             listen: parse_addr(&l.listen)
@@ -408,10 +441,11 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                 Some(n) => check_workers(n)
                     .map_err(anyhow::Error::msg)
                     .with_context(|| at("workers"))?,
-                None => default_workers,
+                None => defaults.workers,
             },
             isolation: match l.isolation.as_deref() {
-                None | Some("reuse") => Isolation::Reuse,
+                None => defaults.isolation,
+                Some("reuse") => Isolation::Reuse,
                 Some("fresh") => Isolation::Fresh,
                 Some(other) => bail!("{}: `{}` is not `reuse` or `fresh`", at("isolation"), quote(other)),
             },
@@ -420,35 +454,35 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                     Some(ms) => check_timeout_ms(ms)
                         .map_err(anyhow::Error::msg)
                         .with_context(|| at("timeout_ms"))?,
-                    None => defaults.timeout,
+                    None => defaults.limits.timeout,
                 },
                 max_memory: match &l.max_memory {
                     Some(s) => parse_size(s)
                         .map_err(anyhow::Error::msg)
                         .with_context(|| at("max_memory"))?,
-                    None => defaults.max_memory,
+                    None => defaults.limits.max_memory,
                 },
             },
             max_reply_ratio: match l.max_reply_ratio {
                 Some(r) => check_ratio(r)
                     .map_err(anyhow::Error::msg)
                     .with_context(|| at("max_reply_ratio"))?,
-                None => DEFAULT_REPLY_RATIO,
+                None => defaults.max_reply_ratio,
             },
             batch: match l.batch {
                 Some(b) => check_batch(b)
                     .map_err(anyhow::Error::msg)
                     .with_context(|| at("batch"))?,
-                None => DEFAULT_BATCH,
+                None => defaults.batch,
             },
-            watch: l.watch.unwrap_or(true),
+            watch: l.watch.unwrap_or(defaults.watch),
             pools: pools.clone(),
             deny_source_ports: match &l.deny_source_ports {
                 Some(s) => s
                     .parse()
                     .map_err(anyhow::Error::msg)
                     .with_context(|| at("deny_source_ports"))?,
-                None => PortSet::default(),
+                None => defaults.deny_source_ports.clone(),
             },
         };
         if let Some(module) = &spec.module
@@ -638,6 +672,13 @@ mod tests {
     }
 
     const LISTENER: &str = "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn a_listener_table_with_only_its_address_gets_the_listener_defaults() {
+        let text = "[[listener]]\nname = \"default\"\nlisten = \"127.0.0.1:8008\"\n";
+        let file = parse(text, Path::new("."), default_workers()).unwrap();
+        assert_eq!(file.listeners, [ListenerSpec::default()]);
+    }
 
     #[test]
     fn upstream_pools_parse_with_their_defaults_and_every_listener_gets_them() {

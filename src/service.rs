@@ -16,7 +16,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::abi::GuestKind;
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::engine::child::Compiler;
-use crate::gateway::{Gateway, Publisher, ServeConfig};
+use crate::gateway::{Gateway, Publisher};
 use crate::reload::Reloader;
 use crate::sandbox::{Isolation, Runtime, Sandbox};
 
@@ -135,18 +135,7 @@ pub fn run_until<S: Future<Output = ()>>(
 
     let mut running = Vec::new();
     for (spec, sandbox, program) in loaded {
-        let config = ServeConfig {
-            listen: spec.listen,
-            workers: spec.workers,
-            isolation: spec.isolation,
-            max_reply_ratio: spec.max_reply_ratio,
-            batch: spec.batch,
-            pools: spec.pools.clone(),
-            native: None,
-            deny_source_ports: spec.deny_source_ports.clone(),
-        };
-        let gateway =
-            Gateway::start(&sandbox, program, &config).with_context(|| format!("listener `{}`", spec.name))?;
+        let gateway = Gateway::start(&sandbox, program, &spec).with_context(|| format!("listener `{}`", spec.name))?;
         // Watch before saying "serving": a change made after that line must be seen.
         let reloader = match &spec.module {
             Some(path) => Some(Reloader::start(sandbox, path.clone(), gateway.publisher(), spec.watch)?),
@@ -501,11 +490,11 @@ mod tests {
         config_with_endpoint(&path, "127.0.0.1:1001");
         let sandbox = Sandbox::new(crate::sandbox::Limits::default()).unwrap();
         let program = sandbox.load("<embedded>", crate::DEFAULT_GUEST_WASM).unwrap();
-        let config = ServeConfig {
+        let config = ListenerSpec {
             listen: "127.0.0.1:0".parse().unwrap(),
             workers: 1,
             pools: vec![PoolSpec::new("backend", vec!["127.0.0.1:1001".into()])],
-            ..ServeConfig::default()
+            ..ListenerSpec::default()
         };
         let gateway = Gateway::start(&sandbox, program, &config).unwrap();
         let publisher = gateway.publisher();

@@ -326,7 +326,7 @@ fn a_wat_component_is_served_reused_or_fresh_and_a_trap_or_timeout_costs_one_dat
             Isolation::Fresh => Sandbox::with_instance_pool(limits, 3).unwrap(),
         };
         let program = sandbox.load("echo component", ECHO_COMPONENT.as_bytes()).unwrap();
-        let config = wasmgate::gateway::ServeConfig {
+        let config = wasmgate::config::ListenerSpec {
             isolation,
             ..common::config()
         };

@@ -15,8 +15,9 @@ use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::Server;
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+use wasmgate::config::ListenerSpec;
 use wasmgate::config::PoolSpec;
-use wasmgate::gateway::{Gateway, ServeConfig};
+use wasmgate::gateway::Gateway;
 use wasmgate::metrics::DropReason;
 use wasmgate::sandbox::Limits;
 
@@ -78,7 +79,7 @@ fn proxy_with(pool: PoolSpec) -> Gateway {
     common::start_with(
         DNS_PROXY,
         Limits::default(),
-        ServeConfig {
+        ListenerSpec {
             pools: vec![pool],
             ..common::config()
         },
@@ -228,7 +229,7 @@ fn a_query_the_pool_cannot_take_gets_servfail_at_once() {
     let gateway = common::start_with(
         DNS_PROXY,
         Limits::default(),
-        ServeConfig {
+        ListenerSpec {
             workers: 1,
             pools: vec![PoolSpec {
                 max_sessions: 1,

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use common::{REPLY_TIMEOUT, Upstream, ask, assert_silent, client, closed_port, recv, wait_until};
 use wasmgate::abi::CallError;
+use wasmgate::config::ListenerSpec;
 use wasmgate::config::PoolSpec;
-use wasmgate::gateway::{Gateway, ServeConfig};
+use wasmgate::gateway::Gateway;
 use wasmgate::metrics::DropReason;
 use wasmgate::pool::Policy;
 use wasmgate::sandbox::Limits;
@@ -27,7 +28,14 @@ fn pool_of(name: &str, addrs: &[SocketAddr]) -> PoolSpec {
 }
 
 fn forwarding(module: &str, pools: Vec<PoolSpec>) -> Gateway {
-    forwarding_with(module, pools, ServeConfig::default())
+    forwarding_with(
+        module,
+        pools,
+        ListenerSpec {
+            workers: 1,
+            ..ListenerSpec::default()
+        },
+    )
 }
 
 /// A gateway with one worker, so that it sees every session.
@@ -35,20 +43,20 @@ fn one_worker(module: &str, pool: PoolSpec) -> Gateway {
     forwarding_with(
         module,
         vec![pool],
-        ServeConfig {
+        ListenerSpec {
             workers: 1,
-            ..ServeConfig::default()
+            ..ListenerSpec::default()
         },
     )
 }
 
-fn forwarding_with(module: &str, pools: Vec<PoolSpec>, config: ServeConfig) -> Gateway {
+fn forwarding_with(module: &str, pools: Vec<PoolSpec>, config: ListenerSpec) -> Gateway {
     common::start_with(
         module.as_bytes(),
         Limits::default(),
-        ServeConfig {
+        ListenerSpec {
             pools,
-            ..ServeConfig {
+            ..ListenerSpec {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 ..config
             }
@@ -283,9 +291,10 @@ fn on_reply_rewrites_and_drops_upstream_answers_and_sees_which_endpoint_sent_the
     let gateway = forwarding_with(
         ON_REPLY,
         vec![pool("backend", &[&up])],
-        ServeConfig {
+        ListenerSpec {
+            workers: 1,
             max_reply_ratio: 0.0,
-            ..ServeConfig::default()
+            ..ListenerSpec::default()
         },
     );
     let c = client();
@@ -473,7 +482,7 @@ fn send_shares_the_amplification_budget_and_what_fits_still_goes_out() {
     let gateway = common::start_with(
         SENDER.as_bytes(),
         Limits::default(),
-        ServeConfig {
+        ListenerSpec {
             max_reply_ratio: 0.0,
             ..common::config()
         },
@@ -924,9 +933,9 @@ fn two_workers_forward_for_many_clients_and_each_keeps_its_session() {
     let gateway = forwarding_with(
         FORWARD,
         vec![pool("backend", &refs)],
-        ServeConfig {
+        ListenerSpec {
             workers: 2,
-            ..ServeConfig::default()
+            ..ListenerSpec::default()
         },
     );
     let clients: Vec<UdpSocket> = (0..40).map(|_| client()).collect();

@@ -330,7 +330,7 @@ fn an_ipv4_client_of_a_dual_stack_listener_is_shown_its_ipv4_address() {
     let gateway = common::start_with(
         PEER,
         wasmgate::sandbox::Limits::default(),
-        wasmgate::gateway::ServeConfig {
+        wasmgate::config::ListenerSpec {
             listen: "[::]:0".parse().unwrap(),
             max_reply_ratio: 0.0,
             ..common::config()
@@ -650,7 +650,7 @@ fn a_reply_that_cannot_be_sent_is_counted_and_serving_goes_on() {
         let gateway = common::start_with(
             wasmgate::DEFAULT_GUEST_WASM,
             wasmgate::sandbox::Limits::default(),
-            wasmgate::gateway::ServeConfig {
+            wasmgate::config::ListenerSpec {
                 workers: 1,
                 batch,
                 deny_source_ports: wasmgate::source_filter::PortSet::none(),

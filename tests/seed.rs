@@ -141,7 +141,7 @@ fn a_burst_larger_than_a_batch_is_answered_in_order() {
     let gateway = start(DEFAULT_GUEST_WASM);
     let addr = gateway.local_addr();
     let c = client();
-    let n = wasmgate::gateway::DEFAULT_BATCH * 3 + 5;
+    let n = wasmgate::config::DEFAULT_BATCH * 3 + 5;
     for i in 0..n {
         c.send_to(format!("msg {i}").as_bytes(), addr).unwrap();
     }

@@ -9,15 +9,15 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::{Upstream, ask, assert_silent, client, client_on};
+use wasmgate::config::ListenerSpec;
 use wasmgate::config::PoolSpec;
-use wasmgate::gateway::ServeConfig;
 use wasmgate::metrics::DropReason;
 use wasmgate::source_filter::PortSet;
 
 const FORWARD: &str = include_str!("../examples/forward.wat");
 
-fn one_worker(deny: PortSet) -> ServeConfig {
-    ServeConfig {
+fn one_worker(deny: PortSet) -> ListenerSpec {
+    ListenerSpec {
         workers: 1,
         deny_source_ports: deny,
         ..common::config()
@@ -93,7 +93,7 @@ fn an_upstream_endpoint_writing_to_the_listener_is_not_forwarded_back_to_itself(
     let gateway = common::start_with(
         FORWARD.as_bytes(),
         Default::default(),
-        ServeConfig {
+        ListenerSpec {
             pools: vec![pool],
             ..one_worker(PortSet::default())
         },
@@ -181,7 +181,7 @@ fn a_datagram_spoofed_from_the_gateway_to_its_upstream_does_not_loop() {
     let gateway = common::start_with(
         FORWARD.as_bytes(),
         Default::default(),
-        ServeConfig {
+        ListenerSpec {
             pools: vec![pool],
             ..one_worker(PortSet::default())
         },
@@ -241,7 +241,7 @@ fn a_full_session_table_evicts_unanswered_sessions_so_new_clients_are_served() {
     let gateway = common::start_with(
         FORWARD.as_bytes(),
         Default::default(),
-        ServeConfig {
+        ListenerSpec {
             pools: vec![pool],
             ..one_worker(PortSet::default())
         },
@@ -284,7 +284,7 @@ fn unanswered_sessions_end_after_unanswered_timeout_and_answered_ones_stay() {
     let gateway = common::start_with(
         FORWARD.as_bytes(),
         Default::default(),
-        ServeConfig {
+        ListenerSpec {
             pools: vec![pool],
             ..one_worker(PortSet::default())
         },
@@ -314,7 +314,7 @@ fn one_source_network_gets_at_most_max_sessions_per_prefix() {
     let gateway = common::start_with(
         FORWARD.as_bytes(),
         Default::default(),
-        ServeConfig {
+        ListenerSpec {
             pools: vec![pool],
             ..one_worker(PortSet::default())
         },
@@ -350,7 +350,7 @@ fn a_network_at_its_share_evicts_its_own_unanswered_sessions_so_its_real_clients
     let gateway = common::start_with(
         FORWARD.as_bytes(),
         Default::default(),
-        ServeConfig {
+        ListenerSpec {
             pools: vec![pool],
             ..one_worker(PortSet::default())
         },
@@ -396,7 +396,7 @@ fn one_refusal_does_not_eject_an_endpoint_three_in_a_row_do() {
     let gateway = common::start_with(
         FORWARD.as_bytes(),
         Default::default(),
-        ServeConfig {
+        ListenerSpec {
             pools: vec![pool],
             ..one_worker(PortSet::default())
         },
@@ -481,7 +481,7 @@ fn forged_icmp_port_unreachable_never_empties_a_pool_and_every_client_is_served_
     let gateway = common::start_with(
         FORWARD.as_bytes(),
         Default::default(),
-        ServeConfig {
+        ListenerSpec {
             pools: vec![pool],
             ..one_worker(PortSet::default())
         },

@@ -21,11 +21,11 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::PoolSpec;
+use crate::config::{ListenerSpec, PoolSpec};
 use crate::metrics::{RateLimit, Snapshot, Stats};
 use crate::net::sessions::SessionSockets;
-use crate::sandbox::{Guest, Isolation, Program, Sandbox, WORKER_STACK_BYTES};
-use crate::source_filter::{PortCounts, PortSet, SourceFilter, listening_ports};
+use crate::sandbox::{Guest, Program, Sandbox, WORKER_STACK_BYTES};
+use crate::source_filter::{PortCounts, SourceFilter, listening_ports};
 use crate::upstream::{Pools, Upstreams};
 use crate::verdict::{CallError, DropReason, MAX_DATAGRAM};
 
@@ -40,49 +40,8 @@ const RECV_BUFFER: usize = 65_536;
 /// `net.core.rmem_max` / `wmem_max`.
 const SOCKET_BUFFER: usize = 4 << 20;
 
-pub use crate::config::DEFAULT_BATCH;
-
 /// Log lines per second for each kind of problem; the rest are only counted.
 const WARNINGS_PER_SECOND: u64 = 5;
-
-/// How the datagram path is set up.
-#[derive(Clone, Debug)]
-pub struct ServeConfig {
-    pub listen: SocketAddr,
-    /// Worker threads, each with its own socket and guest instance.
-    pub workers: usize,
-    pub isolation: Isolation,
-    /// Replies larger than this multiple of their request are dropped (0: no cap).
-    pub max_reply_ratio: f64,
-    /// Datagrams taken per receive system call (`recvmmsg`), and replies sent
-    /// per `sendmmsg`.
-    pub batch: usize,
-    /// A handler written in Rust to run instead of the guest (the program is
-    /// then only reported): one per worker, made by this function. For
-    /// benchmarks, whose native baseline is the same data path without the
-    /// WebAssembly hop, and for embedders.
-    pub native: Option<fn() -> Box<dyn Native>>,
-    /// Upstream pools the guest may forward to; none: the guest only answers.
-    pub pools: Vec<PoolSpec>,
-    /// Client source ports never answered (a loop defence); the gateway's own
-    /// sockets and its pools' endpoints are never answered either.
-    pub deny_source_ports: PortSet,
-}
-
-impl Default for ServeConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
-            workers: 1,
-            isolation: Isolation::Reuse,
-            max_reply_ratio: 3.0,
-            batch: DEFAULT_BATCH,
-            native: None,
-            pools: Vec::new(),
-            deny_source_ports: PortSet::default(),
-        }
-    }
-}
 
 /// A running gateway. Dropping it stops the workers after the datagram each is
 /// handling and waits for them.
@@ -106,8 +65,32 @@ struct Shared {
 }
 
 impl Gateway {
-    /// Binds `config.listen` and starts the workers serving `program`.
-    pub fn start(sandbox: &Sandbox, program: Program, config: &ServeConfig) -> anyhow::Result<Self> {
+    /// Binds `spec.listen` and starts `spec.workers` workers serving `program`.
+    /// (The listener's module, watch and limits are the caller's: `program`
+    /// was loaded by `sandbox` already.)
+    pub fn start(sandbox: &Sandbox, program: Program, spec: &ListenerSpec) -> anyhow::Result<Self> {
+        Self::start_with(sandbox, program, spec, None)
+    }
+
+    /// Like [`Gateway::start`], with a handler written in Rust run instead of
+    /// the guest (`program` is then only reported), one per worker, made by
+    /// `native`: for benchmarks, whose native baseline is the same data path
+    /// without the WebAssembly hop, and for embedders.
+    pub fn start_native(
+        sandbox: &Sandbox,
+        program: Program,
+        spec: &ListenerSpec,
+        native: fn() -> Box<dyn Native>,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(sandbox, program, spec, Some(native))
+    }
+
+    fn start_with(
+        sandbox: &Sandbox,
+        program: Program,
+        config: &ListenerSpec,
+        native: Option<fn() -> Box<dyn Native>>,
+    ) -> anyhow::Result<Self> {
         let workers = config.workers.max(1);
         let pools = if config.pools.is_empty() {
             None
@@ -133,7 +116,7 @@ impl Gateway {
             workers: Vec::new(),
         };
         for (i, socket) in sockets.into_iter().enumerate() {
-            let handler = if let Some(make) = config.native {
+            let handler = if let Some(make) = native {
                 Handler::Native(make(), Vec::with_capacity(MAX_DATAGRAM))
             } else {
                 Handler::Guest(Box::new(Guest::new(
@@ -347,7 +330,7 @@ impl Handler {
 }
 
 /// A handler written in Rust, run on the datagram path in place of a guest
-/// ([`ServeConfig::native`]). Upstream datagrams go to the client unchanged.
+/// ([`Gateway::start_native`]). Upstream datagrams go to the client unchanged.
 pub trait Native: Send {
     /// Handles one datagram: writes a reply into `reply` (which starts empty),
     /// or forwards through `net` (present when the listener has pools; the

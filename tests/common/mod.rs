@@ -9,19 +9,20 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use wasmgate::gateway::{Gateway, ServeConfig};
+use wasmgate::config::ListenerSpec;
+use wasmgate::gateway::Gateway;
 use wasmgate::sandbox::{Isolation, Limits, Sandbox};
 
 /// How long a test waits for a reply that must come.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn config() -> ServeConfig {
-    ServeConfig {
+pub fn config() -> ListenerSpec {
+    ListenerSpec {
         listen: "127.0.0.1:0".parse().unwrap(),
         workers: 2,
         isolation: Isolation::Reuse,
         max_reply_ratio: 3.0,
-        ..ServeConfig::default()
+        ..ListenerSpec::default()
     }
 }
 
@@ -30,7 +31,7 @@ pub fn start(module: &[u8]) -> Gateway {
     start_with(module, Limits::default(), config())
 }
 
-pub fn start_with(module: &[u8], limits: Limits, config: ServeConfig) -> Gateway {
+pub fn start_with(module: &[u8], limits: Limits, config: ListenerSpec) -> Gateway {
     let sandbox = Sandbox::new(limits).unwrap();
     let program = sandbox.load("test module", module).unwrap();
     Gateway::start(&sandbox, program, &config).unwrap()
