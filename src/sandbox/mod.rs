@@ -6,40 +6,42 @@
 //! A [`Guest`] is I/O-free: it takes a datagram and the client's address and says
 //! what to send back, so it is tested without a network.
 
-use std::net::SocketAddr;
-use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
-use wasmtime::{ExternType, InstancePre, Memory, Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
+use wasmtime::{ExternType, Module, StoreLimitsBuilder, Trap};
 
-use crate::abi::{self, GuestKind, NO_REPLY};
-use crate::component::{self as wit, ComponentHost, ComponentPre, Exports};
+use crate::abi::{self, GuestKind};
+use crate::component::{self as wit, ComponentPre};
 pub use crate::config::{Isolation, Limits};
 use crate::engine::child::Compiler;
 use crate::engine::ticker::TICK;
-use crate::engine::{
-    COMPONENT_MAX_INSTANCES, COMPONENT_MAX_MEMORIES, COMPONENT_MAX_TABLES, COMPONENT_TABLE_ELEMENTS, Compiled,
-    MAX_TABLE_ELEMENTS, MAX_TABLES,
-};
+use crate::engine::{Compiled, MAX_TABLE_ELEMENTS, MAX_TABLES};
 pub use crate::engine::{MAX_MODULE_BYTES, read_module};
 use crate::hostcalls::{HostState, Outbox};
 use crate::instance_limits::InstanceLimits;
-use crate::upstream::Upstreams;
-use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
-use crate::wasi::{self, WasiHost};
+use crate::verdict::DropReason;
 
+mod abi_v1;
+mod component_guest;
+mod guest;
+mod kind;
 mod outcome;
 mod program;
 mod runtime;
+mod wasi_command;
+
+use abi_v1::AbiV1;
+use component_guest::ComponentGuest;
+pub use guest::Guest;
+use kind::Kind;
+use wasi_command::WasiCommand;
 
 pub use outcome::{Answer, Rejection};
-use program::Pre;
 pub use program::{Program, short_hex};
 pub use runtime::Runtime;
 
@@ -123,10 +125,19 @@ impl Sandbox {
         };
         let kind = abi::check_module(&module)?;
         self.check_memory(&module)?;
+        // The kind is decided here, once: from now on the program is a `Kind`.
         let linked = match kind {
-            GuestKind::AbiV1 => self.runtime.linker.instantiate_pre(&module).map(Pre::AbiV1),
-            GuestKind::WasiCommand => self.runtime.wasi_linker.instantiate_pre(&module).map(Pre::Wasi),
-            GuestKind::Component => unreachable!("a core module is never a component"),
+            GuestKind::AbiV1 => self
+                .runtime
+                .linker
+                .instantiate_pre(&module)
+                .map(|pre| Box::new(AbiV1(pre)) as Box<dyn Kind>),
+            GuestKind::WasiCommand => self
+                .runtime
+                .wasi_linker
+                .instantiate_pre(&module)
+                .map(|pre| Box::new(WasiCommand(pre)) as Box<dyn Kind>),
+            GuestKind::Component => bail!("a core module is never a component"),
         };
         let pre = linked.map_err(anyhow::Error::from).with_context(|| match kind {
             GuestKind::WasiCommand => format!(
@@ -176,7 +187,7 @@ impl Sandbox {
             sha256: Sha256::digest(bytes).into(),
             imports: ty.imports(engine).map(|(name, _)| name.to_string()).collect(),
             on_reply: pre.has_on_reply(),
-            pre: Pre::Component(pre),
+            pre: Box::new(ComponentGuest(pre)),
             compile_time: Duration::ZERO,
             world: Some(wit::describe(engine, component)),
         };
@@ -186,15 +197,7 @@ impl Sandbox {
     /// Instantiates a program once, running its start function under the time
     /// budget, so that one that cannot serve is refused at load.
     fn try_out(&self, mut program: Program, started: Instant) -> anyhow::Result<Program> {
-        let trial = match &program.pre {
-            Pre::AbiV1(pre) => self.instantiate(pre).map(drop),
-            Pre::Wasi(pre) => {
-                wasi::warm_up();
-                self.instantiate_wasi(pre, &[], None).map(drop)
-            }
-            Pre::Component(pre) => self.instantiate_component(pre).map(drop),
-        };
-        if let Err(e) = trial {
+        if let Err(e) = program.pre.try_out(self) {
             return Err(match e.downcast_ref::<Trap>() {
                 Some(Trap::Interrupt) => anyhow::anyhow!(
                     "its start function ran past the {} ms time budget",
@@ -255,103 +258,6 @@ impl Sandbox {
         }
     }
 
-    /// An ABI v1 instance with its start function run.
-    fn instantiate(&self, pre: &InstancePre<HostState>) -> wasmtime::Result<Live> {
-        let mut store = Store::new(&self.runtime.engine, self.host_state(self.instance_limits()));
-        store.limiter(|h| &mut h.limits);
-        store.set_epoch_deadline(self.deadline_ticks);
-        let instance = pre.instantiate(&mut store)?;
-        // The ABI check guarantees these exports and their types.
-        let memory = instance
-            .get_memory(&mut store, "memory")
-            .ok_or_else(|| wasmtime::format_err!("no `memory` export"))?;
-        let alloc = instance.get_typed_func(&mut store, "alloc")?;
-        let handle = instance.get_typed_func(&mut store, "handle")?;
-        let on_reply = match instance.get_func(&mut store, abi::ON_REPLY.0) {
-            Some(f) => Some(f.typed(&store)?),
-            None => None,
-        };
-        Ok(Live {
-            store,
-            memory,
-            alloc,
-            handle,
-            on_reply,
-            poisoned: false,
-        })
-    }
-
-    fn instantiate_wasi(
-        &self,
-        pre: &InstancePre<WasiHost>,
-        datagram: &[u8],
-        peer: Option<SocketAddr>,
-    ) -> wasmtime::Result<(Store<WasiHost>, TypedFunc<(), ()>)> {
-        let mut store = Store::new(
-            &self.runtime.engine,
-            WasiHost::new(self.instance_limits(), datagram, peer),
-        );
-        store.limiter(|h| &mut h.limits);
-        store.set_epoch_deadline(self.deadline_ticks);
-        let instance = pre.instantiate(&mut store)?;
-        let start = instance.get_typed_func(&mut store, "_start")?;
-        Ok((store, start))
-    }
-
-    /// A component instance. A component is made of several core instances,
-    /// memories and tables (a Python one of a handful of each); the caps bound
-    /// how many, and `--max-memory` what they hold together.
-    fn instantiate_component(&self, pre: &ComponentPre) -> wasmtime::Result<LiveComponent> {
-        let counts = StoreLimitsBuilder::new()
-            .memory_size(self.limits.max_memory)
-            .table_elements(COMPONENT_TABLE_ELEMENTS)
-            .tables(COMPONENT_MAX_TABLES)
-            .memories(COMPONENT_MAX_MEMORIES)
-            .instances(COMPONENT_MAX_INSTANCES)
-            .trap_on_grow_failure(true)
-            .build();
-        let limits = InstanceLimits::new(counts, self.limits.max_memory);
-        let mut store = Store::new(&self.runtime.engine, ComponentHost::new(self.host_state(limits)));
-        store.limiter(|h| &mut h.calls.limits);
-        store.set_epoch_deadline(self.deadline_ticks);
-        let exports = pre.instantiate(&mut store)?;
-        Ok(LiveComponent {
-            store,
-            exports,
-            reply: Vec::new(),
-            peer: None,
-            poisoned: false,
-        })
-    }
-
-    /// Runs a WASI command on one datagram in a fresh instance: exit status 0
-    /// sends what it wrote to stdout, any other status sends nothing.
-    fn run_wasi(
-        &self,
-        pre: &InstancePre<WasiHost>,
-        datagram: &[u8],
-        peer: SocketAddr,
-        max_ratio: f64,
-    ) -> Result<Bytes, Rejection> {
-        let (mut store, start) = self.instantiate_wasi(pre, datagram, Some(peer))?;
-        let status = wasi::exit_status(start.call(&mut store, ()));
-        let (stdout, stderr) = (store.data().stdout(), store.data().stderr());
-        if !stderr.is_empty() {
-            self.log_stderr(&stderr, peer, status.as_ref().ok().copied());
-        }
-        match status {
-            Ok(0) => {
-                abi::check_reply_len(stdout.len(), datagram.len(), max_ratio)?;
-                Ok(stdout)
-            }
-            Ok(_) => Err(DropReason::NoReply.into()),
-            // A program whose stdout is full may fail on its next write; what it
-            // did wrong first is writing more than a datagram.
-            Err(_) if stdout.len() > MAX_DATAGRAM => Err(DropReason::Oversize.into()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// The tick count now, to measure a datagram's handling from.
     fn now(&self) -> u64 {
         self.runtime.ticks()
@@ -367,371 +273,17 @@ impl Sandbox {
         }
         Ok(())
     }
-
-    fn log_stderr(&self, stderr: &[u8], peer: SocketAddr, status: Option<i32>) {
-        if !tracing::enabled!(target: "wasmgate::guest", tracing::Level::INFO) {
-            return;
-        }
-        let Some(suppressed) = self.runtime.log_limit.allow() else {
-            return;
-        };
-        let text = String::from_utf8_lossy(stderr);
-        let text = text.trim_end();
-        // The exit status, or "trap" when the program did not exit.
-        let status = status.map_or_else(|| "trap".to_string(), |s| s.to_string());
-        tracing::info!(target: "wasmgate::guest", %peer, %status, suppressed, "stderr: {text}");
-    }
-}
-
-impl Sandbox {
-    /// Passes what a component printed to the log, rate-limited with the guest's
-    /// log lines.
-    fn log_output(&self, stream: &str, text: &[u8], peer: SocketAddr) {
-        if !tracing::enabled!(target: "wasmgate::guest", tracing::Level::INFO) {
-            return;
-        }
-        let Some(suppressed) = self.runtime.log_limit.allow() else {
-            return;
-        };
-        let text = String::from_utf8_lossy(text);
-        tracing::info!(target: "wasmgate::guest", %peer, suppressed, "{stream}: {}", text.trim_end());
-    }
 }
 
 /// How the embedded default guest is named in logs.
 pub const EMBEDDED_ORIGIN: &str = "<embedded uppercase guest>";
 
-/// A live instance: its store and the exports the host calls.
-struct Live {
-    store: Store<HostState>,
-    memory: Memory,
-    alloc: TypedFunc<i32, i32>,
-    handle: TypedFunc<(i32, i32), i64>,
-    on_reply: Option<TypedFunc<(i32, i32), i64>>,
-    /// The guest misbehaved; this instance must not see another datagram.
-    poisoned: bool,
-}
-
-/// Which export a call enters.
-#[derive(Clone, Copy)]
-enum Entry {
-    Handle,
-    OnReply,
-}
-
-/// What one call is about: the datagram, the client, and (for `on_reply`) the
-/// endpoint that sent it.
-struct Call<'a> {
-    entry: Entry,
-    datagram: &'a [u8],
-    peer: SocketAddr,
-    upstream: &'a str,
-    /// What the call may do; `None`: what a request of this size earns.
-    allowance: Option<Allowance>,
-}
-
-impl Live {
-    /// Lends the worker's sessions to the store, runs the call, and takes them back
-    /// whatever happened.
-    fn call(
-        &mut self,
-        call: &Call<'_>,
-        net: &mut Option<Box<Upstreams>>,
-        deadline_ticks: u64,
-        max_ratio: f64,
-    ) -> Result<Option<Range<usize>>, Rejection> {
-        self.store.set_epoch_deadline(deadline_ticks);
-        let allowance = call
-            .allowance
-            .unwrap_or_else(|| Allowance::for_request(call.datagram.len(), max_ratio));
-        self.store.data_mut().lend(call.peer, net, allowance, call.upstream);
-        let result = self.run(call);
-        self.store.data_mut().take_back(net);
-        result
-    }
-
-    /// Copies the datagram in, runs the export, and says where the reply is.
-    fn run(&mut self, call: &Call<'_>) -> Result<Option<Range<usize>>, Rejection> {
-        let func = match call.entry {
-            Entry::Handle => &self.handle,
-            // Only called for programs that export it.
-            Entry::OnReply => self.on_reply.as_ref().ok_or(DropReason::Trap)?,
-        };
-        let len = call.datagram.len();
-        // `len` is at most MAX_DATAGRAM, so it fits an i32.
-        let ptr = self.alloc.call(&mut self.store, len as i32)?;
-        let dst = abi::alloc_range(ptr, len, self.memory.data_size(&self.store))?;
-        self.memory.data_mut(&mut self.store)[dst].copy_from_slice(call.datagram);
-        let packed = func.call(&mut self.store, (ptr, len as i32))?;
-        if packed == NO_REPLY {
-            return Ok(None);
-        }
-        // The ratio is checked here against the budget that `send` shares.
-        let range = abi::reply_range(packed, self.memory.data_size(&self.store), len, 0.0)?;
-        let admitted = self.store.data_mut().out.admit_reply(range.len())?;
-        Ok(admitted.then_some(range))
-    }
-}
-
-/// A live component instance: its store, its typed exports, and its last reply.
-struct LiveComponent {
-    store: Store<ComponentHost>,
-    exports: Exports,
-    reply: Vec<u8>,
-    /// The last client and its address as the `peer` parameter gives it.
-    peer: Option<(SocketAddr, String)>,
-    poisoned: bool,
-}
-
-impl LiveComponent {
-    /// As [`Live::call`]: lends the sessions, runs the export, takes them back,
-    /// and passes on what the component printed. Whether there is a reply (in
-    /// `self.reply`).
-    fn call(
-        &mut self,
-        call: &Call<'_>,
-        net: &mut Option<Box<Upstreams>>,
-        sandbox: &Sandbox,
-        max_ratio: f64,
-    ) -> Result<bool, Rejection> {
-        self.store.set_epoch_deadline(sandbox.deadline_ticks);
-        let allowance = call
-            .allowance
-            .unwrap_or_else(|| Allowance::for_request(call.datagram.len(), max_ratio));
-        self.store
-            .data_mut()
-            .calls
-            .lend(call.peer, net, allowance, call.upstream);
-        // A client sends many datagrams: its address is written out once.
-        if self.peer.as_ref().is_none_or(|(addr, _)| *addr != call.peer) {
-            self.peer = Some((call.peer, call.peer.to_string()));
-        }
-        let peer = self.peer.as_ref().map_or("", |(_, text)| text.as_str());
-        let result = match call.entry {
-            Entry::Handle => self.exports.handle(&mut self.store, call.datagram, peer),
-            Entry::OnReply => self
-                .exports
-                .on_reply(&mut self.store, call.datagram, peer, call.upstream),
-        };
-        let host = self.store.data_mut();
-        host.calls.take_back(net);
-        let (stdout, stderr) = host.take_output();
-        for (stream, text) in [("stdout", stdout), ("stderr", stderr)] {
-            if !text.is_empty() {
-                sandbox.log_output(stream, &text, call.peer);
-            }
-        }
-        let Some(reply) = result? else {
-            return Ok(false);
-        };
-        if reply.len() > MAX_DATAGRAM {
-            return Err(DropReason::Oversize.into());
-        }
-        let admitted = self.store.data_mut().calls.out.admit_reply(reply.len())?;
-        self.reply = reply;
-        Ok(admitted)
-    }
-}
-
-/// Runs one [`Program`] for one worker, datagram after datagram.
-pub struct Guest {
-    sandbox: Sandbox,
-    program: Arc<Program>,
-    live: Option<Live>,
-    component: Option<LiveComponent>,
-    /// The last reply of a WASI command, which lives outside any instance.
-    wasi_reply: Bytes,
-    isolation: Isolation,
-    max_ratio: f64,
-    /// The (always empty) outbox of a WASI command, which has no host calls.
-    no_calls: Outbox,
-}
-
-impl Guest {
-    /// `max_ratio` caps reply size at that multiple of the request (0: no cap).
-    pub fn new(sandbox: Sandbox, program: Arc<Program>, isolation: Isolation, max_ratio: f64) -> Self {
-        Self {
-            sandbox,
-            program,
-            live: None,
-            component: None,
-            wasi_reply: Bytes::new(),
-            isolation,
-            max_ratio,
-            no_calls: Outbox::default(),
-        }
-    }
-
-    /// Switches to `program` if it is not the one running; the next datagram then
-    /// gets an instance of it, and the old instance is freed now.
-    pub fn set_program(&mut self, program: &Arc<Program>) {
-        if !Arc::ptr_eq(&self.program, program) {
-            self.program = Arc::clone(program);
-            self.live = None;
-            self.component = None;
-        }
-    }
-
-    /// Runs the guest on one datagram from `peer` and returns the reply to send.
-    /// After a trap, timeout or bad alloc/reply the instance is thrown away, so the
-    /// next datagram starts from a fresh one. (Without sessions to forward to:
-    /// see [`Guest::handle_with`].)
-    pub fn handle(&mut self, datagram: &[u8], peer: SocketAddr) -> Result<&[u8], Rejection> {
-        match self.handle_with(datagram, peer, &mut None)?.reply {
-            Some(reply) => Ok(reply),
-            None => Err(DropReason::NoReply.into()),
-        }
-    }
-
-    /// Runs `handle` on one datagram from `peer`, with the worker's sessions `net`
-    /// (lent to the guest's `forward` calls for the length of the call).
-    pub fn handle_with(
-        &mut self,
-        datagram: &[u8],
-        peer: SocketAddr,
-        net: &mut Option<Box<Upstreams>>,
-    ) -> Result<Answer<'_>, Rejection> {
-        let call = Call {
-            entry: Entry::Handle,
-            datagram,
-            peer,
-            upstream: "",
-            allowance: None,
-        };
-        self.run(&call, net)
-    }
-
-    /// The `forward`/`send` calls refused since this was last asked, as
-    /// (reason, count): after the call that made them, whether it answered,
-    /// trapped or ran out of time; each refusal is given once.
-    pub fn take_refused(&mut self) -> impl Iterator<Item = (CallError, u32)> + use<> {
-        let out = match (&mut self.live, &mut self.component) {
-            (Some(l), _) => Some(&mut l.store.data_mut().out),
-            (None, Some(c)) => Some(&mut c.store.data_mut().calls.out),
-            (None, None) => None,
-        };
-        out.map(Outbox::take_refused).into_iter().flatten()
-    }
-
-    /// The `forward`/`send` calls the last call made, refused ones included,
-    /// whatever its outcome.
-    pub fn last_calls(&mut self) -> u32 {
-        match (&mut self.live, &mut self.component) {
-            (Some(l), _) => l.store.data().out.calls(),
-            (None, Some(c)) => c.store.data().calls.out.calls(),
-            (None, None) => 0,
-        }
-    }
-
-    /// Whether the program exports `on_reply`; without it, upstream datagrams go
-    /// to the client unchanged and never enter the guest.
-    pub fn has_on_reply(&self) -> bool {
-        self.program.on_reply
-    }
-
-    /// Runs `on_reply` on a datagram that `upstream` (`POOL/ip:port`) sent back
-    /// for client `peer`, within `allowance`: what is left of what the client's
-    /// own datagrams earned (bytes by the reply ratio, calls by the chain limit).
-    /// Call only when [`Guest::has_on_reply`].
-    pub fn on_reply(
-        &mut self,
-        datagram: &[u8],
-        peer: SocketAddr,
-        upstream: &str,
-        net: &mut Option<Box<Upstreams>>,
-        allowance: Allowance,
-    ) -> Result<Answer<'_>, Rejection> {
-        let call = Call {
-            entry: Entry::OnReply,
-            datagram,
-            peer,
-            upstream,
-            allowance: Some(allowance),
-        };
-        self.run(&call, net)
-    }
-
-    fn run(&mut self, call: &Call<'_>, net: &mut Option<Box<Upstreams>>) -> Result<Answer<'_>, Rejection> {
-        if call.datagram.len() > MAX_DATAGRAM {
-            return Err(DropReason::Oversize.into());
-        }
-        let started = self.sandbox.now();
-        let pre = match &self.program.pre {
-            Pre::AbiV1(pre) => pre,
-            Pre::Component(_) => return self.run_component(call, net, started),
-            Pre::Wasi(pre) => {
-                self.wasi_reply = self.sandbox.run_wasi(pre, call.datagram, call.peer, self.max_ratio)?;
-                self.sandbox.check_budget(started)?;
-                return Ok(Answer {
-                    reply: Some(&self.wasi_reply),
-                    out: &self.no_calls,
-                });
-            }
-        };
-        // A poisoned instance is replaced here, at the start of the next datagram,
-        // so that the reply to this one can still borrow from its memory.
-        if self.isolation == Isolation::Fresh || self.live.as_ref().is_some_and(|l| l.poisoned) {
-            self.live = None;
-        }
-        let live = match self.live.take() {
-            Some(live) => live,
-            None => self.sandbox.instantiate(pre)?,
-        };
-        let live = self.live.insert(live);
-        let result = live
-            .call(call, net, self.sandbox.deadline_ticks, self.max_ratio)
-            .and_then(|range| self.sandbox.check_budget(started).map(|()| range));
-        match result {
-            Ok(range) => Ok(Answer {
-                reply: range.map(|r| &live.memory.data(&live.store)[r]),
-                out: &live.store.data().out,
-            }),
-            Err(rejection) => {
-                live.poisoned = rejection.reason.poisons_instance();
-                Err(rejection)
-            }
-        }
-    }
-}
-
-impl Guest {
-    fn run_component(
-        &mut self,
-        call: &Call<'_>,
-        net: &mut Option<Box<Upstreams>>,
-        started: u64,
-    ) -> Result<Answer<'_>, Rejection> {
-        // Called only for components; anything else is refused, not served.
-        let Pre::Component(pre) = &self.program.pre else {
-            return Err(DropReason::Trap.into());
-        };
-        if self.isolation == Isolation::Fresh || self.component.as_ref().is_some_and(|c| c.poisoned) {
-            self.component = None;
-        }
-        let live = match self.component.take() {
-            Some(live) => live,
-            None => self.sandbox.instantiate_component(pre)?,
-        };
-        let live = self.component.insert(live);
-        let result = live
-            .call(call, net, &self.sandbox, self.max_ratio)
-            .and_then(|reply| self.sandbox.check_budget(started).map(|()| reply));
-        match result {
-            Ok(has_reply) => Ok(Answer {
-                reply: has_reply.then_some(live.reply.as_slice()),
-                out: &live.store.data().calls.out,
-            }),
-            Err(rejection) => {
-                live.poisoned = rejection.reason.poisons_instance();
-                Err(rejection)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
+    use crate::verdict::{CallError, MAX_DATAGRAM};
 
     fn peer() -> SocketAddr {
         "127.0.0.1:4242".parse().unwrap()

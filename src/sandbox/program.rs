@@ -4,12 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use wasmtime::InstancePre;
-
-use super::ComponentPre;
+use super::kind::Kind;
 use crate::abi::GuestKind;
-use crate::hostcalls::HostState;
-use crate::wasi::WasiHost;
 
 /// A module that passed every check, compiled and ready to instantiate. This is
 /// what a reload publishes; instances made from it are cheap.
@@ -17,7 +13,7 @@ pub struct Program {
     pub(super) origin: String,
     pub(super) sha256: [u8; 32],
     pub(super) imports: Vec<String>,
-    pub(super) pre: Pre,
+    pub(super) pre: Box<dyn Kind>,
     pub(super) compile_time: Duration,
     /// Whether the module exports `on_reply`.
     pub(super) on_reply: bool,
@@ -28,13 +24,6 @@ pub struct Program {
 /// The first 12 hex digits of a sha256, enough to tell modules apart in logs.
 pub fn short_hex(sha256: &[u8; 32]) -> String {
     sha256[..6].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A linked module, ready to instantiate the way its kind is run.
-pub(super) enum Pre {
-    AbiV1(InstancePre<HostState>),
-    Wasi(InstancePre<WasiHost>),
-    Component(ComponentPre),
 }
 
 impl Program {
@@ -60,11 +49,7 @@ impl Program {
 
     /// Which ABI the module follows, and so how it is run.
     pub fn kind(&self) -> GuestKind {
-        match self.pre {
-            Pre::AbiV1(_) => GuestKind::AbiV1,
-            Pre::Wasi(_) => GuestKind::WasiCommand,
-            Pre::Component(_) => GuestKind::Component,
-        }
+        self.pre.kind()
     }
 
     /// What the module imports from the host, as `module.name`.

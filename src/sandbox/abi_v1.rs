@@ -1,0 +1,119 @@
+//! ABI v1 guests: a core module exporting `memory`, `alloc` and `handle` (and
+//! perhaps `on_reply`), with the `wasmgate` host calls. One instance serves
+//! datagram after datagram (unless `--isolation fresh`).
+
+use std::ops::Range;
+
+use wasmtime::{InstancePre, Memory, Store, TypedFunc};
+
+use super::kind::{Call, Entry, Instance, Kind};
+use super::{Rejection, Sandbox};
+use crate::abi::{self, GuestKind, NO_REPLY};
+use crate::hostcalls::{HostState, Outbox};
+use crate::upstream::Upstreams;
+use crate::verdict::{Allowance, DropReason};
+
+/// An ABI v1 module linked with the host calls.
+pub(super) struct AbiV1(pub(super) InstancePre<HostState>);
+
+impl Kind for AbiV1 {
+    fn kind(&self) -> GuestKind {
+        GuestKind::AbiV1
+    }
+
+    fn instantiate(&self, sandbox: &Sandbox) -> wasmtime::Result<Box<dyn Instance>> {
+        let mut store = Store::new(&sandbox.runtime.engine, sandbox.host_state(sandbox.instance_limits()));
+        store.limiter(|h| &mut h.limits);
+        store.set_epoch_deadline(sandbox.deadline_ticks);
+        let instance = self.0.instantiate(&mut store)?;
+        // The ABI check guarantees these exports and their types.
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| wasmtime::format_err!("no `memory` export"))?;
+        let alloc = instance.get_typed_func(&mut store, "alloc")?;
+        let handle = instance.get_typed_func(&mut store, "handle")?;
+        let on_reply = match instance.get_func(&mut store, abi::ON_REPLY.0) {
+            Some(f) => Some(f.typed(&store)?),
+            None => None,
+        };
+        Ok(Box::new(Live {
+            store,
+            memory,
+            alloc,
+            handle,
+            on_reply,
+            reply: None,
+        }))
+    }
+}
+
+/// A live instance: its store and the exports the host calls.
+struct Live {
+    store: Store<HostState>,
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    handle: TypedFunc<(i32, i32), i64>,
+    on_reply: Option<TypedFunc<(i32, i32), i64>>,
+    /// Where the last call's reply is in guest memory.
+    reply: Option<Range<usize>>,
+}
+
+impl Instance for Live {
+    fn call(
+        &mut self,
+        call: &Call<'_>,
+        net: &mut Option<Box<Upstreams>>,
+        sandbox: &Sandbox,
+        max_ratio: f64,
+    ) -> Result<bool, Rejection> {
+        self.store.set_epoch_deadline(sandbox.deadline_ticks);
+        let allowance = call
+            .allowance
+            .unwrap_or_else(|| Allowance::for_request(call.datagram.len(), max_ratio));
+        self.store.data_mut().lend(call.peer, net, allowance, call.upstream);
+        self.reply = None;
+        let result = self.run(call);
+        self.store.data_mut().take_back(net);
+        self.reply = result?;
+        Ok(self.reply.is_some())
+    }
+
+    fn reply(&self) -> &[u8] {
+        match &self.reply {
+            Some(range) => &self.memory.data(&self.store)[range.clone()],
+            None => &[],
+        }
+    }
+
+    fn outbox(&self) -> &Outbox {
+        &self.store.data().out
+    }
+
+    fn outbox_mut(&mut self) -> &mut Outbox {
+        &mut self.store.data_mut().out
+    }
+}
+
+impl Live {
+    /// Copies the datagram in, runs the export, and says where the reply is.
+    fn run(&mut self, call: &Call<'_>) -> Result<Option<Range<usize>>, Rejection> {
+        let func = match call.entry {
+            Entry::Handle => &self.handle,
+            // Only called for programs that export it.
+            Entry::OnReply => self.on_reply.as_ref().ok_or(DropReason::Trap)?,
+        };
+        let len = call.datagram.len();
+        // `len` is at most MAX_DATAGRAM, so it fits an i32.
+        let ptr = self.alloc.call(&mut self.store, len as i32)?;
+        let dst = abi::alloc_range(ptr, len, self.memory.data_size(&self.store))?;
+        self.memory.data_mut(&mut self.store)[dst].copy_from_slice(call.datagram);
+        let packed = func.call(&mut self.store, (ptr, len as i32))?;
+        if packed == NO_REPLY {
+            return Ok(None);
+        }
+        // The ratio is checked here against the budget that `send` shares.
+        let range = abi::reply_range(packed, self.memory.data_size(&self.store), len, 0.0)?;
+        let admitted = self.store.data_mut().out.admit_reply(range.len())?;
+        Ok(admitted.then_some(range))
+    }
+}

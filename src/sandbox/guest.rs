@@ -1,0 +1,151 @@
+//! One worker's runs of a [`Program`]: the instance lifecycle, the same for
+//! every kind (made on first use, kept or not by the isolation, replaced
+//! after the guest misbehaves or a reload), and the time budget.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::kind::{Call, Entry, Instance};
+use super::{Answer, Isolation, Program, Rejection, Sandbox};
+use crate::upstream::Upstreams;
+use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
+
+/// Runs one [`Program`] for one worker, datagram after datagram.
+pub struct Guest {
+    sandbox: Sandbox,
+    pub(super) program: Arc<Program>,
+    live: Option<Box<dyn Instance>>,
+    /// The live instance misbehaved and must not see another datagram.
+    poisoned: bool,
+    pub(super) isolation: Isolation,
+    pub(super) max_ratio: f64,
+}
+
+impl Guest {
+    /// `max_ratio` caps reply size at that multiple of the request (0: no cap).
+    pub fn new(sandbox: Sandbox, program: Arc<Program>, isolation: Isolation, max_ratio: f64) -> Self {
+        Self {
+            sandbox,
+            program,
+            live: None,
+            poisoned: false,
+            isolation,
+            max_ratio,
+        }
+    }
+
+    /// Switches to `program` if it is not the one running; the next datagram then
+    /// gets an instance of it, and the old instance is freed now.
+    pub fn set_program(&mut self, program: &Arc<Program>) {
+        if !Arc::ptr_eq(&self.program, program) {
+            self.program = Arc::clone(program);
+            self.live = None;
+            self.poisoned = false;
+        }
+    }
+
+    /// Runs the guest on one datagram from `peer` and returns the reply to send.
+    /// After a trap, timeout or bad alloc/reply the instance is thrown away, so the
+    /// next datagram starts from a fresh one. (Without sessions to forward to:
+    /// see [`Guest::handle_with`].)
+    pub fn handle(&mut self, datagram: &[u8], peer: SocketAddr) -> Result<&[u8], Rejection> {
+        match self.handle_with(datagram, peer, &mut None)?.reply {
+            Some(reply) => Ok(reply),
+            None => Err(DropReason::NoReply.into()),
+        }
+    }
+
+    /// Runs `handle` on one datagram from `peer`, with the worker's sessions `net`
+    /// (lent to the guest's `forward` calls for the length of the call).
+    pub fn handle_with(
+        &mut self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        net: &mut Option<Box<Upstreams>>,
+    ) -> Result<Answer<'_>, Rejection> {
+        let call = Call {
+            entry: Entry::Handle,
+            datagram,
+            peer,
+            upstream: "",
+            allowance: None,
+        };
+        self.run(&call, net)
+    }
+
+    /// The `forward`/`send` calls refused since this was last asked, as
+    /// (reason, count): after the call that made them, whether it answered,
+    /// trapped or ran out of time; each refusal is given once.
+    pub fn take_refused(&mut self) -> impl Iterator<Item = (CallError, u32)> + use<> {
+        self.live
+            .as_mut()
+            .map(|live| live.outbox_mut().take_refused())
+            .into_iter()
+            .flatten()
+    }
+
+    /// The `forward`/`send` calls the last call made, refused ones included,
+    /// whatever its outcome.
+    pub fn last_calls(&mut self) -> u32 {
+        self.live.as_ref().map_or(0, |live| live.outbox().calls())
+    }
+
+    /// Whether the program exports `on_reply`; without it, upstream datagrams go
+    /// to the client unchanged and never enter the guest.
+    pub fn has_on_reply(&self) -> bool {
+        self.program.on_reply
+    }
+
+    /// Runs `on_reply` on a datagram that `upstream` (`POOL/ip:port`) sent back
+    /// for client `peer`, within `allowance`: what is left of what the client's
+    /// own datagrams earned (bytes by the reply ratio, calls by the chain limit).
+    /// Call only when [`Guest::has_on_reply`].
+    pub fn on_reply(
+        &mut self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        upstream: &str,
+        net: &mut Option<Box<Upstreams>>,
+        allowance: Allowance,
+    ) -> Result<Answer<'_>, Rejection> {
+        let call = Call {
+            entry: Entry::OnReply,
+            datagram,
+            peer,
+            upstream,
+            allowance: Some(allowance),
+        };
+        self.run(&call, net)
+    }
+
+    fn run(&mut self, call: &Call<'_>, net: &mut Option<Box<Upstreams>>) -> Result<Answer<'_>, Rejection> {
+        if call.datagram.len() > MAX_DATAGRAM {
+            return Err(DropReason::Oversize.into());
+        }
+        let started = self.sandbox.now();
+        // A poisoned instance is replaced here, at the start of the next datagram,
+        // so that the reply to this one can still borrow from its memory.
+        if self.isolation == Isolation::Fresh || self.poisoned {
+            self.live = None;
+            self.poisoned = false;
+        }
+        let live = match self.live.take() {
+            Some(live) => live,
+            None => self.program.pre.instantiate(&self.sandbox)?,
+        };
+        let live = self.live.insert(live);
+        let result = live
+            .call(call, net, &self.sandbox, self.max_ratio)
+            .and_then(|has_reply| self.sandbox.check_budget(started).map(|()| has_reply));
+        match result {
+            Ok(has_reply) => Ok(Answer {
+                reply: has_reply.then(|| live.reply()),
+                out: live.outbox(),
+            }),
+            Err(rejection) => {
+                self.poisoned = rejection.reason.poisons_instance();
+                Err(rejection)
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! What every guest kind provides, so that loading decides the kind once and
+//! the datagram path never asks: a linked program makes instances ([`Kind`]),
+//! an instance runs calls ([`Instance`]). The kinds are `abi_v1.rs`,
+//! `wasi_command.rs` and `component_guest.rs`.
+
+use std::net::SocketAddr;
+
+use super::{Rejection, Sandbox};
+use crate::abi::GuestKind;
+use crate::hostcalls::Outbox;
+use crate::upstream::Upstreams;
+use crate::verdict::Allowance;
+
+/// A program linked for its kind, ready to make instances. Shared by every
+/// worker.
+pub(super) trait Kind: Send + Sync {
+    fn kind(&self) -> GuestKind;
+
+    /// A new instance with its start function run.
+    fn instantiate(&self, sandbox: &Sandbox) -> wasmtime::Result<Box<dyn Instance>>;
+
+    /// Instantiates once at load, so that a module that cannot serve is
+    /// refused then, not on the datagram path.
+    fn try_out(&self, sandbox: &Sandbox) -> wasmtime::Result<()> {
+        self.instantiate(sandbox).map(drop)
+    }
+}
+
+/// A live instance of some kind, run call after call by one worker.
+pub(super) trait Instance: Send {
+    /// Runs `call`, lending the worker's sessions `net` to the host calls for
+    /// its length; whether it left a reply ([`Instance::reply`]).
+    fn call(
+        &mut self,
+        call: &Call<'_>,
+        net: &mut Option<Box<Upstreams>>,
+        sandbox: &Sandbox,
+        max_ratio: f64,
+    ) -> Result<bool, Rejection>;
+
+    /// The last call's reply (empty when it left none).
+    fn reply(&self) -> &[u8];
+
+    /// What the host calls of the last call did.
+    fn outbox(&self) -> &Outbox;
+
+    fn outbox_mut(&mut self) -> &mut Outbox;
+}
+
+/// Which export a call enters.
+#[derive(Clone, Copy)]
+pub(super) enum Entry {
+    Handle,
+    OnReply,
+}
+
+/// What one call is about: the datagram, the client, and (for `on_reply`) the
+/// endpoint that sent it.
+pub(super) struct Call<'a> {
+    pub(super) entry: Entry,
+    pub(super) datagram: &'a [u8],
+    pub(super) peer: SocketAddr,
+    pub(super) upstream: &'a str,
+    /// What the call may do; `None`: what a request of this size earns.
+    pub(super) allowance: Option<Allowance>,
+}

@@ -1,0 +1,123 @@
+//! WASI command guests: a preview 1 program run once per datagram, in a fresh
+//! instance (from the engine's pool), the datagram on stdin and the reply read
+//! from stdout. It has no host calls.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use wasmtime::{InstancePre, Store, TypedFunc};
+
+use super::kind::{Call, Instance, Kind};
+use super::{Rejection, Sandbox};
+use crate::abi::{self, GuestKind};
+use crate::hostcalls::Outbox;
+use crate::upstream::Upstreams;
+use crate::verdict::{DropReason, MAX_DATAGRAM};
+use crate::wasi::{self, WasiHost};
+
+/// A WASI command linked with wasmtime-wasi's preview 1.
+pub(super) struct WasiCommand(pub(super) InstancePre<WasiHost>);
+
+impl Kind for WasiCommand {
+    fn kind(&self) -> GuestKind {
+        GuestKind::WasiCommand
+    }
+
+    /// Not an instance yet: each call makes its own.
+    fn instantiate(&self, _: &Sandbox) -> wasmtime::Result<Box<dyn Instance>> {
+        Ok(Box::new(Runs {
+            pre: self.0.clone(),
+            reply: Bytes::new(),
+            no_calls: Outbox::default(),
+        }))
+    }
+
+    fn try_out(&self, sandbox: &Sandbox) -> wasmtime::Result<()> {
+        wasi::warm_up();
+        instantiate(&self.0, sandbox, &[], None).map(drop)
+    }
+}
+
+/// Runs of one command, a fresh instance each.
+struct Runs {
+    pre: InstancePre<WasiHost>,
+    /// The last reply, which outlives its instance.
+    reply: Bytes,
+    /// Always empty: a command has no host calls.
+    no_calls: Outbox,
+}
+
+impl Instance for Runs {
+    /// Exit status 0 sends what the program wrote to stdout, any other status
+    /// sends nothing.
+    fn call(
+        &mut self,
+        call: &Call<'_>,
+        _: &mut Option<Box<Upstreams>>,
+        sandbox: &Sandbox,
+        max_ratio: f64,
+    ) -> Result<bool, Rejection> {
+        self.reply = Bytes::new();
+        let (mut store, start) = instantiate(&self.pre, sandbox, call.datagram, Some(call.peer))?;
+        let status = wasi::exit_status(start.call(&mut store, ()));
+        let (stdout, stderr) = (store.data().stdout(), store.data().stderr());
+        if !stderr.is_empty() {
+            log_stderr(sandbox, &stderr, call.peer, status.as_ref().ok().copied());
+        }
+        match status {
+            Ok(0) => {
+                abi::check_reply_len(stdout.len(), call.datagram.len(), max_ratio)?;
+                self.reply = stdout;
+                Ok(true)
+            }
+            Ok(_) => Err(DropReason::NoReply.into()),
+            // A program whose stdout is full may fail on its next write; what it
+            // did wrong first is writing more than a datagram.
+            Err(_) if stdout.len() > MAX_DATAGRAM => Err(DropReason::Oversize.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn reply(&self) -> &[u8] {
+        &self.reply
+    }
+
+    fn outbox(&self) -> &Outbox {
+        &self.no_calls
+    }
+
+    fn outbox_mut(&mut self) -> &mut Outbox {
+        &mut self.no_calls
+    }
+}
+
+fn instantiate(
+    pre: &InstancePre<WasiHost>,
+    sandbox: &Sandbox,
+    datagram: &[u8],
+    peer: Option<SocketAddr>,
+) -> wasmtime::Result<(Store<WasiHost>, TypedFunc<(), ()>)> {
+    let mut store = Store::new(
+        &sandbox.runtime.engine,
+        WasiHost::new(sandbox.instance_limits(), datagram, peer),
+    );
+    store.limiter(|h| &mut h.limits);
+    store.set_epoch_deadline(sandbox.deadline_ticks);
+    let instance = pre.instantiate(&mut store)?;
+    let start = instance.get_typed_func(&mut store, "_start")?;
+    Ok((store, start))
+}
+
+fn log_stderr(sandbox: &Sandbox, stderr: &[u8], peer: SocketAddr, status: Option<i32>) {
+    if !tracing::enabled!(target: "wasmgate::guest", tracing::Level::INFO) {
+        return;
+    }
+    let Some(suppressed) = sandbox.runtime.log_limit.allow() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim_end();
+    // The exit status, or "trap" when the program did not exit.
+    let status = status.map_or_else(|| "trap".to_string(), |s| s.to_string());
+    tracing::info!(target: "wasmgate::guest", %peer, %status, suppressed, "stderr: {text}");
+}
