@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use wasmgate::abi::GuestKind;
+use wasmgate::sandbox::abi::GuestKind;
 use wasmgate::sandbox::{Guest, Isolation, Limits, Sandbox, read_module};
 
 #[derive(Debug, Parser)]

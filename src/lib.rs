@@ -50,16 +50,12 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
-pub mod abi;
 pub mod cache;
 pub mod cli;
-pub mod component;
 pub mod config;
 pub mod engine;
 pub mod exposition;
 pub mod gateway;
-mod hostcalls;
-pub mod instance_limits;
 pub mod metrics;
 pub mod net;
 pub mod new;
@@ -72,7 +68,6 @@ pub mod text;
 pub mod udp;
 pub mod upstream;
 pub mod verdict;
-pub mod wasi;
 
 /// The default guest (`guest/uppercase`), built by `scripts/build-guests.sh`.
 pub const DEFAULT_GUEST_WASM: &[u8] = include_bytes!("../guest/uppercase.wasm");

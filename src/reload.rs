@@ -26,8 +26,8 @@ use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use sha2::{Digest, Sha256};
 
-use crate::abi::GuestKind;
 use crate::gateway::Publisher;
+use crate::sandbox::abi::GuestKind;
 use crate::sandbox::{Sandbox, read_module, short_hex};
 
 /// How long the file must be left alone before it is read: long enough for a

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::abi::GuestKind;
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::engine::child::Compiler;
 use crate::gateway::{Gateway, Publisher};
 use crate::reload::Reloader;
+use crate::sandbox::abi::GuestKind;
 use crate::sandbox::{Isolation, Runtime, Sandbox};
 
 /// File descriptors kept for everything but sessions: listener sockets, module

@@ -8,13 +8,13 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::{REPLY_TIMEOUT, Upstream, ask, assert_silent, client, closed_port, recv, wait_until};
-use wasmgate::abi::CallError;
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::PoolSpec;
 use wasmgate::gateway::Gateway;
 use wasmgate::metrics::DropReason;
 use wasmgate::pool::Policy;
 use wasmgate::sandbox::Limits;
+use wasmgate::sandbox::abi::CallError;
 
 const FORWARD: &str = include_str!("../examples/forward.wat");
 const TOKEN_ROUTER: &str = include_str!("../examples/token-router.wat");
@@ -421,7 +421,7 @@ fn the_work_one_client_datagram_causes_through_on_reply_is_bounded_in_total() {
     let gateway = one_worker(REFORWARD, pool("backend", &[&up]));
     let c = client();
     c.send_to(b"once", gateway.local_addr()).unwrap();
-    let limit = wasmgate::abi::MAX_CALLS_PER_DATAGRAM as usize;
+    let limit = wasmgate::sandbox::abi::MAX_CALLS_PER_DATAGRAM as usize;
     wait_until("the chain to run out", || up.count() > limit);
     std::thread::sleep(Duration::from_millis(300));
     // The first forward, then 64 by on_reply, then nothing.
@@ -719,7 +719,7 @@ fn a_guest_forwarding_in_a_loop_is_cut_off_by_the_call_limit_and_the_time_budget
     wait_until("three timeouts", || gateway.stats().dropped(DropReason::Timeout) == 3);
     std::thread::sleep(Duration::from_millis(100));
     // At most 64 forwards per datagram reached the upstream; the rest were refused.
-    assert_eq!(up.count(), 3 * wasmgate::abi::MAX_CALLS_PER_DATAGRAM as usize);
+    assert_eq!(up.count(), 3 * wasmgate::sandbox::abi::MAX_CALLS_PER_DATAGRAM as usize);
     assert!(gateway.stats().refused(CallError::TooMany) > 1000);
     // The same gateway, and the same client, are served on.
     assert_eq!(ask(&c, gateway.local_addr(), b"ok"), b"ok");

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use wasmgate::abi::Allowance;
+use wasmgate::sandbox::abi::Allowance;
 use wasmgate::sandbox::{Guest, Isolation, Limits, Sandbox};
 
 /// The exports a generated module must have, with their types.

@@ -8,8 +8,8 @@ use wasmtime::{InstancePre, Memory, Store, TypedFunc};
 
 use super::kind::{Call, Entry, Instance, Kind};
 use super::{Rejection, Sandbox};
-use crate::abi::{self, GuestKind, NO_REPLY};
-use crate::hostcalls::{HostState, Outbox};
+use crate::sandbox::abi::{self, GuestKind, NO_REPLY};
+use crate::sandbox::hostcalls::{HostState, Outbox};
 use crate::upstream::Upstreams;
 use crate::verdict::{Allowance, DropReason};
 

@@ -8,11 +8,11 @@ use wasmtime::{Store, StoreLimitsBuilder};
 
 use super::kind::{Call, Entry, Instance, Kind};
 use super::{Rejection, Sandbox};
-use crate::abi::GuestKind;
-use crate::component::{ComponentHost, ComponentPre, Exports};
 use crate::engine::{COMPONENT_MAX_INSTANCES, COMPONENT_MAX_MEMORIES, COMPONENT_MAX_TABLES, COMPONENT_TABLE_ELEMENTS};
-use crate::hostcalls::Outbox;
-use crate::instance_limits::InstanceLimits;
+use crate::sandbox::abi::GuestKind;
+use crate::sandbox::component::{ComponentHost, ComponentPre, Exports};
+use crate::sandbox::hostcalls::Outbox;
+use crate::sandbox::instance_limits::InstanceLimits;
 use crate::upstream::Upstreams;
 use crate::verdict::{Allowance, DropReason, MAX_DATAGRAM};
 

@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 
 use super::{Rejection, Sandbox};
-use crate::abi::GuestKind;
-use crate::hostcalls::Outbox;
+use crate::sandbox::abi::GuestKind;
+use crate::sandbox::hostcalls::Outbox;
 use crate::upstream::Upstreams;
 use crate::verdict::Allowance;
 

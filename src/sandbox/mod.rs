@@ -15,24 +15,29 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{ExternType, Module, StoreLimitsBuilder, Trap};
 
-use crate::abi::{self, GuestKind};
-use crate::component::{self as wit, ComponentPre};
+use self::abi::GuestKind;
+use self::component::{self as wit, ComponentPre};
+use self::hostcalls::{HostState, Outbox};
+use self::instance_limits::InstanceLimits;
 pub use crate::config::{Isolation, Limits};
 use crate::engine::child::Compiler;
 use crate::engine::ticker::TICK;
 use crate::engine::{Compiled, MAX_TABLE_ELEMENTS, MAX_TABLES};
 pub use crate::engine::{MAX_MODULE_BYTES, read_module};
-use crate::hostcalls::{HostState, Outbox};
-use crate::instance_limits::InstanceLimits;
 use crate::verdict::DropReason;
 
+pub mod abi;
 mod abi_v1;
+pub mod component;
 mod component_guest;
 mod guest;
+mod hostcalls;
+pub mod instance_limits;
 mod kind;
 mod outcome;
 mod program;
 mod runtime;
+pub mod wasi;
 mod wasi_command;
 
 use abi_v1::AbiV1;

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use wasmtime::{Engine, Linker};
 
-use crate::component::{self as wit, ComponentHost};
 use crate::engine::engine_config;
 use crate::engine::ticker::EpochTicker;
-use crate::hostcalls::{self, HostState};
 use crate::metrics::RateLimit;
-use crate::wasi::{self, WasiHost};
+use crate::sandbox::component::{self as wit, ComponentHost};
+use crate::sandbox::hostcalls::{self, HostState};
+use crate::sandbox::wasi::{self, WasiHost};
 
 /// Guest log lines let through per second, across all instances.
 const GUEST_LOG_LINES_PER_SECOND: u64 = 20;

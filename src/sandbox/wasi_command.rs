@@ -9,11 +9,11 @@ use wasmtime::{InstancePre, Store, TypedFunc};
 
 use super::kind::{Call, Instance, Kind};
 use super::{Rejection, Sandbox};
-use crate::abi::{self, GuestKind};
-use crate::hostcalls::Outbox;
+use crate::sandbox::abi::{self, GuestKind};
+use crate::sandbox::hostcalls::Outbox;
+use crate::sandbox::wasi::{self, WasiHost};
 use crate::upstream::Upstreams;
 use crate::verdict::{DropReason, MAX_DATAGRAM};
-use crate::wasi::{self, WasiHost};
 
 /// A WASI command linked with wasmtime-wasi's preview 1.
 pub(super) struct WasiCommand(pub(super) InstancePre<WasiHost>);

@@ -24,11 +24,11 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::hostcalls::{self, HostState};
+use crate::sandbox::hostcalls::{self, HostState};
 use crate::verdict::CallError;
 
 /// The world files, compiled in so that `wasmgate new` can write them out.
-pub const HANDLER_WIT: &str = include_str!("../wit/handler.wit");
+pub const HANDLER_WIT: &str = include_str!("../../wit/handler.wit");
 
 /// The export every component handler has.
 pub const HANDLE: &str = "handle";
@@ -78,7 +78,7 @@ impl ComponentHost {
         let wasi = WasiCtxBuilder::new()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
-            .max_random_size(crate::wasi::MAX_RANDOM_BYTES)
+            .max_random_size(crate::sandbox::wasi::MAX_RANDOM_BYTES)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)

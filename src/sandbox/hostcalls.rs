@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use wasmtime::{Caller, Engine, Extern, Linker, Memory};
 
-use crate::instance_limits::InstanceLimits;
+use crate::sandbox::instance_limits::InstanceLimits;
 
-use crate::abi::HOST_MODULE;
 use crate::metrics::RateLimit;
+use crate::sandbox::abi::HOST_MODULE;
 use crate::upstream::Upstreams;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
 
