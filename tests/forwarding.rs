@@ -398,62 +398,7 @@ fn upstream_answers_to_an_unproven_client_are_held_to_the_reply_ratio_of_what_it
     assert_eq!(gateway.stats().upstream_dropped(DropReason::Amplification), 10);
 }
 
-/// Forwards every client datagram, and every upstream datagram back again.
-const REFORWARD: &str = r#"(module
-  (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (data (i32.const 0) "backend")
-  (func (export "alloc") (param i32) (result i32) i32.const 64)
-  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
-    (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
-    i64.const -1)
-  ;; Twice: without a bound on the chain this doubles at every round trip.
-  (func (export "on_reply") (param $ptr i32) (param $len i32) (result i64)
-    (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
-    (drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))
-    i64.const -1))"#;
-
-#[test]
-fn the_work_one_client_datagram_causes_through_on_reply_is_bounded_in_total() {
-    // Before: the call limit started afresh in every on_reply, and one datagram
-    // led to 520,000 upstream datagrams in 5 s.
-    let up = Upstream::echo("");
-    let gateway = one_worker(REFORWARD, pool("backend", &[&up]));
-    let c = client();
-    c.send_to(b"once", gateway.local_addr()).unwrap();
-    let limit = wasmgate::sandbox::abi::MAX_CALLS_PER_DATAGRAM as usize;
-    wait_until("the chain to run out", || up.count() > limit);
-    std::thread::sleep(Duration::from_millis(300));
-    // The first forward, then 64 by on_reply, then nothing.
-    assert_eq!(up.count(), 1 + limit);
-    assert!(gateway.stats().refused(CallError::TooMany) > 0);
-    // The client's next datagram starts a new chain of the same length.
-    c.send_to(b"twice", gateway.local_addr()).unwrap();
-    wait_until("the second chain", || up.count() >= 2 * (1 + limit));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(up.count(), 2 * (1 + limit));
-}
-
-const SENDER: &str = r#"(module
-  (import "wasmgate" "send" (func $send (param i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (func (export "alloc") (param i32) (result i32) i32.const 64)
-  ;; "s…": send the datagram four times, reply nothing.
-  ;; "r…": send it three times, then reply with it too.
-  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
-    (local $i i32)
-    (local $codes i32)
-    (loop $again
-      (local.set $codes (i32.add (local.get $codes)
-        (call $send (local.get $ptr) (local.get $len))))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br_if $again (i32.lt_u (local.get $i) (i32.const 3))))
-    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 115))
-      (then
-        (drop (call $send (local.get $ptr) (local.get $len)))
-        (return (i64.const -1))))
-    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
-      (i64.extend_i32_u (local.get $len)))))"#;
+const SENDER: &str = include_str!("guests/sender.wat");
 
 #[test]
 fn send_shares_the_amplification_budget_and_what_fits_still_goes_out() {

@@ -338,6 +338,7 @@ mod tests {
     use crate::sandbox::{Isolation, Limits, Sandbox};
     use crate::source_filter::{PortCounts, PortSet};
     use crate::upstream::Pools;
+    use crate::verdict::CallError;
 
     /// An endpoint on an unprivileged port, so that only being an endpoint denies it.
     const A: &str = "192.0.2.10:8053";
@@ -345,6 +346,8 @@ mod tests {
 
     /// Forwards every client datagram to `backend`.
     const FORWARD: &str = include_str!("../../examples/forward.wat");
+    /// "s…": `send`s the datagram four times; "r…": three times, then replies with it.
+    const SENDER: &str = include_str!("../../tests/guests/sender.wat");
 
     /// Forwards every client datagram, and every upstream answer twice more.
     const REFORWARD: &str = r#"(module
@@ -365,27 +368,38 @@ mod tests {
     }
 
     fn core_with(wat: &str, pool: PoolSpec) -> Core {
+        core_of(wat, Some(pool))
+    }
+
+    fn core_of(wat: &str, pool: Option<PoolSpec>) -> Core {
         let sandbox = Sandbox::new(Limits::default()).unwrap();
         let program = sandbox.load("test.wat", wat.as_bytes()).unwrap();
-        let pools = Pools::new(&[pool], 1).unwrap();
+        let pools = pool.map(|pool| ArcSwap::from_pointee(Pools::new(&[pool], 1).unwrap()));
         let shared = Arc::new(Shared {
             program: ArcSwap::from_pointee(program),
             stats: Stats::with_workers(1),
             stop: false.into(),
             warnings: std::array::from_fn(|_| RateLimit::new(5)),
-            pools: Some(ArcSwap::from_pointee(pools)),
+            pools,
             session_ports: Arc::new(PortCounts::default()),
         });
         let counters = shared.stats.worker(0);
         let guest = Guest::new(sandbox, shared.program.load_full(), Isolation::Reuse, 3.0);
-        let pools = shared.pools.as_ref().map(|p| p.load_full()).unwrap();
-        let net = Upstreams::new(pools, 0, Arc::clone(&counters), 3.0, Instant::now());
+        let net = shared.pools.as_ref().map(|p| {
+            Box::new(Upstreams::new(
+                p.load_full(),
+                0,
+                Arc::clone(&counters),
+                3.0,
+                Instant::now(),
+            ))
+        });
         Core {
             handler: Handler::Guest(Box::new(guest)),
             shared,
             counters,
             filter: SourceFilter::new(PortSet::default(), addr("127.0.0.1:5353")),
-            net: Some(Box::new(net)),
+            net,
             label: String::new(),
             next_timeout: Instant::now(),
         }
@@ -466,6 +480,8 @@ mod tests {
 
     #[test]
     fn the_work_of_one_client_datagram_through_on_reply_is_bounded_in_total() {
+        // Before the chain had one allowance, the call limit started afresh in
+        // every on_reply, and one datagram led to 520,000 upstream datagrams in 5 s.
         let mut core = core_with(REFORWARD, backend());
         let chain = |core: &mut Core, first: &[u8]| {
             let (_, mut pending) = client_says(core, addr(CLIENT), first);
@@ -491,6 +507,20 @@ mod tests {
             1 + limit,
             "the client's next datagram starts a new chain"
         );
+    }
+
+    #[test]
+    fn sends_and_the_reply_share_one_budget_and_what_fits_still_goes_out() {
+        let mut core = core_of(SENDER, None);
+        // Four sends of 7 bytes against 3 × 7: three go out, the fourth is refused.
+        let (out, _) = client_says(&mut core, addr(CLIENT), b"s-hello");
+        assert_eq!(out, vec![b"s-hello".to_vec(); 3]);
+        // Three sends use the whole budget: the reply is refused, not the sends.
+        let (out, _) = client_says(&mut core, addr(CLIENT), b"r-hello");
+        assert_eq!(out, vec![b"r-hello".to_vec(); 3]);
+        let stats = core.shared.stats.snapshot();
+        assert_eq!(stats.refused(CallError::Amplification), 2);
+        assert_eq!(stats.dropped_total(), 0, "both datagrams were answered");
     }
 
     #[test]
