@@ -11,7 +11,7 @@ use super::{Rejection, Sandbox};
 use crate::sandbox::abi::{self, GuestKind, NO_REPLY};
 use crate::sandbox::hostcalls::{HostState, Outbox};
 use crate::upstream::Upstreams;
-use crate::verdict::{Allowance, DropReason};
+use crate::verdict::DropReason;
 
 /// An ABI v1 module linked with the host calls.
 pub(super) struct AbiV1(pub(super) InstancePre<HostState>);
@@ -67,9 +67,7 @@ impl Instance for Live {
         max_ratio: f64,
     ) -> Result<bool, Rejection> {
         self.store.set_epoch_deadline(sandbox.deadline_ticks);
-        let allowance = call
-            .allowance
-            .unwrap_or_else(|| Allowance::for_request(call.datagram.len(), max_ratio));
+        let allowance = call.allowance(max_ratio);
         self.store.data_mut().lend(call.peer, net, allowance, call.upstream);
         self.reply = None;
         let result = self.run(call);

@@ -14,7 +14,7 @@ use crate::sandbox::component::{ComponentHost, ComponentPre, Exports};
 use crate::sandbox::hostcalls::Outbox;
 use crate::sandbox::instance_limits::InstanceLimits;
 use crate::upstream::Upstreams;
-use crate::verdict::{Allowance, DropReason, MAX_DATAGRAM};
+use crate::verdict::{DropReason, MAX_DATAGRAM};
 
 /// A component linked with the handler world.
 pub(super) struct ComponentGuest(pub(super) ComponentPre);
@@ -71,9 +71,7 @@ impl Instance for LiveComponent {
     ) -> Result<bool, Rejection> {
         self.store.set_epoch_deadline(sandbox.deadline_ticks);
         self.reply.clear();
-        let allowance = call
-            .allowance
-            .unwrap_or_else(|| Allowance::for_request(call.datagram.len(), max_ratio));
+        let allowance = call.allowance(max_ratio);
         self.store
             .data_mut()
             .calls

@@ -64,3 +64,12 @@ pub(super) struct Call<'a> {
     /// What the call may do; `None`: what a request of this size earns.
     pub(super) allowance: Option<Allowance>,
 }
+
+impl Call<'_> {
+    /// What the call may do: its own allowance, else what its datagram earns
+    /// at `max_ratio`.
+    pub(super) fn allowance(&self, max_ratio: f64) -> Allowance {
+        self.allowance
+            .unwrap_or_else(|| Allowance::for_request(self.datagram.len(), max_ratio))
+    }
+}
