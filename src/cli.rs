@@ -63,6 +63,42 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = ".")]
         dir: PathBuf,
     },
+    /// Replay a capture's client datagrams through a module and compare.
+    ///
+    /// Reads pcap (as tcpdump writes it) or pcapng (as tshark or --record write
+    /// it). The client datagrams are those sent to PORT; each goes through MODULE
+    /// in capture order, with its client's address and a clock read off the
+    /// capture. Nothing is sent: forwards are reported, and the upstream answers
+    /// of a --record capture are fed to `on_reply`. MODULE is compared with
+    /// OLD run the same way, or without --against with the replies the capture
+    /// holds. Exits 0 when nothing differs, 1 when something does, 2 on bad input.
+    Replay {
+        /// The capture file.
+        capture: PathBuf,
+        /// The module to try: a `.wasm` binary or `.wat` text.
+        #[arg(long, value_name = "NEW")]
+        module: PathBuf,
+        /// Compare with this module rather than with the recorded replies.
+        #[arg(long, value_name = "OLD")]
+        against: Option<PathBuf>,
+        /// The gateway's UDP port in the capture [default: the port that received most datagrams; on a tie, the one that received first].
+        #[arg(long, value_name = "P")]
+        port: Option<u16>,
+        /// An upstream pool the module may forward to, as for serving (never contacted).
+        #[arg(long, value_name = "NAME=ENDPOINTS", value_parser = parse_upstream_flag)]
+        upstream: Vec<PoolSpec>,
+        /// `reuse` or `fresh`, as for serving.
+        #[arg(long, value_enum, default_value_t)]
+        isolation: Isolation,
+        /// As for serving.
+        #[arg(long, value_name = "RATIO", default_value_t = DEFAULT_REPLY_RATIO, value_parser = |s: &str| parse_with(s, check_ratio))]
+        max_reply_ratio: f64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
     /// Internal: compile a module from stdin under a memory bound (the gateway's
     /// compiling child process).
     #[command(name = "__compile", hide = true)]
@@ -92,7 +128,7 @@ pub enum Command {
 pub struct ServeArgs {
     /// Serve every listener described in this TOML file (see examples/wasmgate.toml)
     /// instead of the one described by the flags below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "upstream", "deny_source_ports"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "upstream", "deny_source_ports", "record"])]
     pub config: Option<PathBuf>,
 
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
@@ -139,6 +175,22 @@ pub struct ServeArgs {
     /// Do not watch the module file for changes (SIGHUP still reloads it).
     #[arg(long)]
     pub no_watch: bool,
+
+    /// Record the listener's datagrams to this pcapng file (readable by tcpdump
+    /// and tshark, replayed by `wasmgate replay`): client datagrams with the
+    /// module's sha256 and what became of them, replies, forwards and upstream
+    /// answers. Recording never slows a worker: past a bounded queue datagrams
+    /// are not recorded and counted (wasmgate_record_dropped_total).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+
+    /// The share of datagrams recorded, 0 to 1.
+    #[arg(long, value_name = "SHARE", default_value_t = 1.0, requires = "record", value_parser = |s: &str| parse_with(s, config::check_sample))]
+    pub record_sample: f64,
+
+    /// Recording stops (with a log line) once the file is this large.
+    #[arg(long, value_name = "SIZE", default_value = "100MiB", requires = "record", value_parser = parse_size)]
+    pub record_max_bytes: usize,
 
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
@@ -311,7 +363,62 @@ impl Cli {
                 messages,
                 timeout_ms,
             }) => send(&addr, &messages, Duration::from_millis(timeout_ms)),
+            Some(Command::Replay {
+                capture,
+                module,
+                against,
+                port,
+                upstream,
+                isolation,
+                max_reply_ratio,
+                json,
+                limits,
+            }) => {
+                let options = crate::replay::Options {
+                    capture,
+                    module,
+                    against,
+                    port,
+                    listener: ListenerSpec {
+                        pools: upstream,
+                        isolation,
+                        max_reply_ratio,
+                        limits: limits.limits(),
+                        ..ListenerSpec::default()
+                    },
+                    limits: limits.limits(),
+                };
+                Ok(replay(&options, json))
+            }
             None => serve(self.serve).map(|()| ExitCode::SUCCESS),
+        }
+    }
+}
+
+/// Runs a replay: exit 0 when nothing differs, 1 when something does, 2 on bad input.
+fn replay(options: &crate::replay::Options, json: bool) -> ExitCode {
+    match crate::replay::run(options) {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("error: cannot write the report: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                print!("{}", report.text());
+            }
+            if report.differs() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
         }
     }
 }
@@ -358,6 +465,11 @@ fn listener_from_flags(args: &ServeArgs) -> ListenerSpec {
         watch: !args.no_watch,
         pools: args.upstream.clone(),
         deny_source_ports: args.deny_source_ports.clone(),
+        record: args.record.as_ref().map(|path| config::RecordSpec {
+            path: path.clone(),
+            sample: args.record_sample,
+            max_bytes: args.record_max_bytes as u64,
+        }),
         ..defaults
     }
 }

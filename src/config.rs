@@ -78,6 +78,31 @@ pub struct ListenerSpec {
     pub pools: Vec<PoolSpec>,
     /// Client source ports never answered (`0-1023` unless configured).
     pub deny_source_ports: PortSet,
+    /// `--record`: the listener's datagrams to a pcapng file.
+    pub record: Option<RecordSpec>,
+}
+
+/// The default of `--record-max-bytes`.
+pub const DEFAULT_RECORD_MAX_BYTES: u64 = 100 << 20;
+
+/// What to record and where (`--record`, `--record-sample`, `--record-max-bytes`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordSpec {
+    pub path: PathBuf,
+    /// The share of client datagrams recorded (with what the gateway did about them), 0..=1.
+    pub sample: f64,
+    /// Recording stops (with a log line) once the file is this large.
+    pub max_bytes: u64,
+}
+
+impl RecordSpec {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            sample: 1.0,
+            max_bytes: DEFAULT_RECORD_MAX_BYTES,
+        }
+    }
 }
 
 /// Where a listener listens unless told.
@@ -99,6 +124,7 @@ impl Default for ListenerSpec {
             watch: true,
             pools: Vec::new(),
             deny_source_ports: PortSet::default(),
+            record: None,
         }
     }
 }
@@ -340,6 +366,9 @@ struct ListenerSection {
     batch: Option<usize>,
     watch: Option<bool>,
     deny_source_ports: Option<String>,
+    record: Option<PathBuf>,
+    record_sample: Option<f64>,
+    record_max_bytes: Option<String>,
 }
 
 /// A parsed and checked config file.
@@ -484,6 +513,32 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                     .with_context(|| at("deny_source_ports"))?,
                 None => defaults.deny_source_ports.clone(),
             },
+            record: match &l.record {
+                None => {
+                    if l.record_sample.is_some() || l.record_max_bytes.is_some() {
+                        bail!(
+                            "{}: record_sample and record_max_bytes need record = \"FILE\"",
+                            at("record")
+                        );
+                    }
+                    None
+                }
+                Some(path) => Some(RecordSpec {
+                    path: path.clone(),
+                    sample: match l.record_sample {
+                        Some(r) => check_sample(r)
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| at("record_sample"))?,
+                        None => 1.0,
+                    },
+                    max_bytes: match &l.record_max_bytes {
+                        Some(s) => parse_size(s)
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| at("record_max_bytes"))? as u64,
+                        None => DEFAULT_RECORD_MAX_BYTES,
+                    },
+                }),
+            },
         };
         if let Some(module) = &spec.module
             && !module.exists()
@@ -601,6 +656,15 @@ pub fn check_batch(n: usize) -> Result<usize, String> {
 }
 
 /// Checks a reply ratio.
+/// A sampled share: 0 to 1.
+pub fn check_sample(r: f64) -> Result<f64, String> {
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("{r} is not a share: give a number from 0 to 1, such as 0.1"))
+    }
+}
+
 pub fn check_ratio(r: f64) -> Result<f64, String> {
     if r.is_finite() && r >= 0.0 {
         Ok(r)

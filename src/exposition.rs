@@ -50,7 +50,7 @@ pub fn registry(listeners: Vec<(String, Publisher)>) -> Registry {
 /// A counter family: name (without `_total`), help, and its value in a snapshot.
 type CounterFamily = (&'static str, &'static str, fn(&Snapshot) -> u64);
 
-const COUNTERS: [CounterFamily; 13] = [
+const COUNTERS: [CounterFamily; 14] = [
     ("wasmgate_datagrams_received", "Datagrams received.", |s| s.received),
     ("wasmgate_datagrams_replied", "Datagrams answered with a reply.", |s| {
         s.replied
@@ -97,6 +97,11 @@ const COUNTERS: [CounterFamily; 13] = [
         "wasmgate_session_idle_timeouts",
         "Upstream sessions closed after idle_timeout without traffic.",
         |s| s.sessions_expired,
+    ),
+    (
+        "wasmgate_record_dropped",
+        "Datagrams --record did not record because its queue was full.",
+        |s| s.record_dropped,
     ),
 ];
 

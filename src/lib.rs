@@ -51,6 +51,7 @@
 //! ```
 
 pub mod cache;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod engine;
@@ -61,6 +62,7 @@ pub mod net;
 pub mod new;
 pub mod pool;
 pub mod reload;
+pub mod replay;
 pub mod sandbox;
 pub mod service;
 pub mod source_filter;

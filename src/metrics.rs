@@ -214,6 +214,8 @@ pub struct Snapshot {
     pub sessions_created: u64,
     pub sessions_expired: u64,
     pub sessions_active: u64,
+    /// Datagrams `--record` did not record because its queue was full.
+    pub record_dropped: u64,
 }
 
 impl Snapshot {

@@ -436,6 +436,7 @@ fn the_whole_service_runs_in_process_serves_every_listener_and_stops_when_told()
         watch: false,
         pools: Vec::new(),
         deny_source_ports: PortSet::default(),
+        record: None,
     };
     let (ready, bound) = std::sync::mpsc::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

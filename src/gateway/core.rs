@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Handler, NativeAnswer, Shared};
+use crate::capture::Hop;
 use crate::metrics::Counters;
 use crate::sandbox::Guest;
 use crate::source_filter::SourceFilter;
@@ -34,9 +35,54 @@ pub(super) struct Core {
     pub(super) label: String,
     /// When [`Core::on_timeout`] is due.
     pub(super) next_timeout: Instant,
+    /// The recorder's sampling state (`--record-sample`).
+    sample_state: u64,
 }
 
 impl Core {
+    pub(super) fn new(
+        handler: Handler,
+        shared: Arc<Shared>,
+        counters: Arc<Counters>,
+        filter: SourceFilter,
+        net: Option<Box<Upstreams>>,
+        worker: usize,
+    ) -> Self {
+        Self {
+            handler,
+            shared,
+            counters,
+            filter,
+            net,
+            label: String::new(),
+            next_timeout: Instant::now(),
+            sample_state: 0x9e37_79b9_7f4a_7c15 ^ worker as u64,
+        }
+    }
+
+    /// Whether this exchange is recorded (`--record`, sampled).
+    fn recording(&mut self) -> bool {
+        match &self.shared.recorder {
+            Some(r) => r.sampled(&mut self.sample_state),
+            None => false,
+        }
+    }
+
+    /// Records one datagram of the exchange being handled.
+    fn record(
+        &self,
+        hop: Hop,
+        src: SocketAddr,
+        dst: SocketAddr,
+        datagram: &[u8],
+        verdict: Option<&'static str>,
+        client: Option<SocketAddr>,
+    ) {
+        if let Some(r) = &self.shared.recorder {
+            let module = self.shared.program.load().sha256();
+            r.record(hop, src, dst, datagram, module, verdict, client);
+        }
+    }
     /// Sets the time for what follows, and takes a reload's pools.
     fn set_now(&mut self, now: Instant) {
         if let Some(n) = self.net.as_mut() {
@@ -60,15 +106,35 @@ impl Core {
         emit: &mut dyn FnMut(&[u8], SocketAddr),
     ) {
         self.set_now(now);
+        let recording = self.recording();
         let Some(n) = self.net.as_mut() else { return };
+        let endpoint = n.session(id).map(|(_, endpoint)| endpoint);
         let Some((client, upstream)) = n.received(id, datagrams.clone().map(<[u8]>::len)) else {
             return;
         };
         let mut label = std::mem::take(&mut self.label);
         label.clear();
         label.push_str(upstream);
+        if !recording {
+            for datagram in datagrams {
+                self.upstream_datagram(datagram, client, &label, emit);
+            }
+            self.label = label;
+            return;
+        }
+        let (local, shown) = (self.shared.local, unmapped(client));
         for datagram in datagrams {
-            self.upstream_datagram(datagram, client, &label, emit);
+            if let Some(endpoint) = endpoint {
+                self.record(Hop::Upstream, endpoint, local, datagram, None, Some(shown));
+            }
+            let mut replies = Vec::new();
+            self.upstream_datagram(datagram, client, &label, &mut |d, to| {
+                replies.push(d.to_vec());
+                emit(d, to);
+            });
+            for reply in &replies {
+                self.record(Hop::Reply, local, shown, reply, None, None);
+            }
         }
         self.label = label;
     }
@@ -98,9 +164,30 @@ impl Core {
     }
 
     /// The session opens, sends and closes queued since the last poll, in order.
-    pub(super) fn poll_commands(&mut self, apply: impl FnMut(Command<'_>) -> Applied) {
-        if let Some(n) = self.net.as_mut() {
+    pub(super) fn poll_commands(&mut self, mut apply: impl FnMut(Command<'_>) -> Applied) {
+        let Some(n) = self.net.as_mut() else { return };
+        if self.shared.recorder.is_none() {
             n.poll_commands(apply);
+            return;
+        }
+        // Forwards are sampled on their own: by the time they are sent, the
+        // client datagram that asked for them may be a batch behind.
+        let mut sent = Vec::new();
+        n.poll_commands(|command| {
+            let applied = apply(command);
+            if let (Command::Send { id, datagram }, Applied::Done) = (command, applied) {
+                sent.push((id, datagram.to_vec()));
+            }
+            applied
+        });
+        let local = self.shared.local;
+        for (id, datagram) in sent {
+            let session = self.net.as_ref().and_then(|n| n.session(id));
+            if let Some((client, endpoint)) = session
+                && self.recording()
+            {
+                self.record(Hop::Forward, local, endpoint, &datagram, None, Some(unmapped(client)));
+            }
         }
     }
 
@@ -128,6 +215,33 @@ impl Core {
             return;
         }
         self.handler.refresh(&self.shared.program.load());
+        let recording = self.recording();
+        let mut replies = Vec::new();
+        let mut emit = |d: &[u8], to: SocketAddr| {
+            if recording {
+                replies.push(d.to_vec());
+            }
+            emit(d, to);
+        };
+        let verdict = self.handle_client(datagram, peer, shown, &mut emit);
+        if recording {
+            let local = self.shared.local;
+            self.record(Hop::Client, shown, local, datagram, Some(verdict), None);
+            for reply in &replies {
+                self.record(Hop::Reply, local, shown, reply, None, None);
+            }
+        }
+    }
+
+    /// The handler on a client datagram that passed the source filter; what
+    /// became of it (`reply`, `forward`, or the drop reason).
+    fn handle_client(
+        &mut self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        shown: SocketAddr,
+        emit: &mut dyn FnMut(&[u8], SocketAddr),
+    ) -> &'static str {
         let started = Instant::now();
         if let Some(n) = self.net.as_mut() {
             n.client_datagram(peer, datagram.len());
@@ -143,39 +257,57 @@ impl Core {
             Handler::Native(native, out) => {
                 if datagram.len() > MAX_DATAGRAM {
                     drop_datagram(shared, counters, DropReason::Oversize, shown, &"oversize");
-                    return;
+                    return DropReason::Oversize.as_str();
                 }
                 out.clear();
                 let answer = native.handle(datagram, net.as_deref_mut(), out);
                 counters.guest_time(started.elapsed());
                 match answer {
-                    NativeAnswer::Reply => emit(out, peer),
-                    NativeAnswer::Forwarded => counters.forwarded(),
-                    NativeAnswer::Nothing => counters.dropped(DropReason::NoReply),
+                    NativeAnswer::Reply => {
+                        emit(out, peer);
+                        "reply"
+                    }
+                    NativeAnswer::Forwarded => {
+                        counters.forwarded();
+                        "forward"
+                    }
+                    NativeAnswer::Nothing => {
+                        counters.dropped(DropReason::NoReply);
+                        DropReason::NoReply.as_str()
+                    }
                     NativeAnswer::Refused(error) => {
                         counters.refused(error, 1);
                         drop_datagram(shared, counters, error.drop_reason(), shown, &error);
+                        error.drop_reason().as_str()
                     }
                 }
             }
             Handler::Guest(guest) => {
                 let result = guest.handle_with(datagram, shown, net);
                 counters.guest_time(started.elapsed());
-                match result {
+                let verdict = match result {
                     Ok(answer) => {
                         if answer.each_datagram(|d| emit(d, peer)) {
+                            "reply"
                         } else if answer.forwarded() > 0 {
                             counters.forwarded();
+                            "forward"
                         } else if let Some(error) = answer.first_refusal() {
                             let why = format_args!("every forward was refused: {error}");
                             drop_datagram(shared, counters, error.drop_reason(), shown, &why);
+                            error.drop_reason().as_str()
                         } else {
                             counters.dropped(DropReason::NoReply);
+                            DropReason::NoReply.as_str()
                         }
                     }
-                    Err(rejection) => drop_datagram(shared, counters, rejection.reason, shown, &rejection),
-                }
+                    Err(rejection) => {
+                        drop_datagram(shared, counters, rejection.reason, shown, &rejection);
+                        rejection.reason.as_str()
+                    }
+                };
                 count_refused(counters, guest);
+                verdict
             }
         }
     }
@@ -275,7 +407,7 @@ impl Core {
 /// An IPv4 client of a dual-stack `[::]` socket arrives as `[::ffff:a.b.c.d]:port`;
 /// guests and logs see it as the IPv4 address it is. (Replies still go to the
 /// address as received, which is what the IPv6 socket can send to.)
-fn unmapped(peer: SocketAddr) -> SocketAddr {
+pub(super) fn unmapped(peer: SocketAddr) -> SocketAddr {
     match peer {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(v4.into(), v6.port()),
@@ -382,6 +514,8 @@ mod tests {
             warnings: std::array::from_fn(|_| RateLimit::new(5)),
             pools,
             session_ports: Arc::new(PortCounts::default()),
+            recorder: None,
+            local: addr("127.0.0.1:5353"),
         });
         let counters = shared.stats.worker(0);
         let guest = Guest::new(sandbox, shared.program.load_full(), Isolation::Reuse, 3.0);
@@ -394,15 +528,14 @@ mod tests {
                 Instant::now(),
             ))
         });
-        Core {
-            handler: Handler::Guest(Box::new(guest)),
+        Core::new(
+            Handler::Guest(Box::new(guest)),
             shared,
             counters,
-            filter: SourceFilter::new(PortSet::default(), addr("127.0.0.1:5353")),
+            SourceFilter::new(PortSet::default(), addr("127.0.0.1:5353")),
             net,
-            label: String::new(),
-            next_timeout: Instant::now(),
-        }
+            0,
+        )
     }
 
     fn backend() -> PoolSpec {

@@ -21,6 +21,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::capture::Recorder;
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::metrics::{RateLimit, Snapshot, Stats};
 use crate::net::sessions::SessionSockets;
@@ -62,6 +63,19 @@ struct Shared {
     pools: Option<ArcSwap<Pools>>,
     /// The local ports of this gateway's session sockets, which it never answers.
     session_ports: Arc<PortCounts>,
+    /// `--record`: where sampled datagrams go.
+    recorder: Option<Recorder>,
+    /// The listener's address, as recordings show it.
+    local: SocketAddr,
+}
+
+impl Shared {
+    /// The workers' counters and the recorder's.
+    fn snapshot(&self) -> Snapshot {
+        let mut s = self.stats.snapshot();
+        s.record_dropped = self.recorder.as_ref().map_or(0, Recorder::dropped);
+        s
+    }
 }
 
 impl Gateway {
@@ -100,6 +114,7 @@ impl Gateway {
         let sockets =
             bind_group(config.listen, workers).with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = sockets[0].local_addr()?;
+        let recorder = config.record.as_ref().map(Recorder::start).transpose()?;
         // Unregistered when the gateway is dropped.
         listening_ports().add(local_addr.port());
         let shared = Arc::new(Shared {
@@ -109,6 +124,8 @@ impl Gateway {
             warnings: std::array::from_fn(|_| RateLimit::new(WARNINGS_PER_SECOND)),
             pools,
             session_ports: Arc::new(PortCounts::default()),
+            recorder,
+            local: local_addr,
         });
         let mut gateway = Self {
             local_addr,
@@ -143,15 +160,14 @@ impl Gateway {
                 batch: config.batch.max(1),
                 poll,
                 sockets: SessionSockets::new(registry, Arc::clone(&gateway.shared.session_ports)),
-                core: Core {
+                core: Core::new(
                     handler,
-                    shared: Arc::clone(&gateway.shared),
+                    Arc::clone(&gateway.shared),
                     counters,
-                    filter: SourceFilter::new(config.deny_source_ports.clone(), local_addr),
+                    SourceFilter::new(config.deny_source_ports.clone(), local_addr),
                     net,
-                    label: String::new(),
-                    next_timeout: Instant::now(),
-                },
+                    i,
+                ),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("wasmgate-worker-{i}"))
@@ -170,7 +186,7 @@ impl Gateway {
 
     /// The counters, summed over all workers.
     pub fn stats(&self) -> Snapshot {
-        self.shared.stats.snapshot()
+        self.shared.snapshot()
     }
 
     /// The program serving now.
@@ -194,7 +210,7 @@ impl Gateway {
     /// for them, and returns the final counters.
     pub fn shutdown(mut self) -> Snapshot {
         self.stop();
-        self.shared.stats.snapshot()
+        self.shared.snapshot()
     }
 
     fn stop(&mut self) {
@@ -222,7 +238,7 @@ pub struct Publisher {
 impl Publisher {
     /// The gateway's counters.
     pub fn stats(&self) -> Snapshot {
-        self.shared.stats.snapshot()
+        self.shared.snapshot()
     }
 
     /// The upstream pools, when the guest may forward.
@@ -309,7 +325,10 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
 }
 
 mod core;
+mod offline;
 mod worker;
+
+pub use offline::{Offline, Outcome};
 
 use self::core::Core;
 use self::worker::Worker;

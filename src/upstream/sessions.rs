@@ -37,7 +37,7 @@ impl SessionId {
 }
 
 /// Socket work for the worker, in the order it must be done.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command<'a> {
     /// Open a socket connected to `to` for session `id`.
     Open { id: SessionId, to: SocketAddr },
@@ -676,6 +676,11 @@ impl Upstreams {
             }
             Err(error) => self.counters.refused(error, 1),
         }
+    }
+
+    /// Session `id`'s client (as received) and endpoint, while it is open.
+    pub fn session(&self, id: SessionId) -> Option<(SocketAddr, SocketAddr)> {
+        self.sessions.get(&id).map(|s| (s.client, s.endpoint))
     }
 
     /// `n` datagrams of these sizes came back on session `id`: the client they

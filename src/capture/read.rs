@@ -1,0 +1,215 @@
+//! Reading a capture file into its UDP datagrams, in capture order.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use pcap_file::DataLink;
+use pcap_file::pcap::PcapReader;
+use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
+use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
+use pcap_file::pcapng::{Block, PcapNgReader};
+
+use super::{Datagram, Hop};
+
+/// The UDP datagrams of a capture file, and what was passed over.
+#[derive(Debug, Default)]
+pub struct Capture {
+    pub datagrams: Vec<Datagram>,
+    /// Packets that are not UDP over IP (ARP, TCP, ICMP, …).
+    pub not_udp: u64,
+    /// Packets cut short by the capture's snap length, and IP fragments (not reassembled).
+    pub incomplete: u64,
+}
+
+/// Reads `path`: pcap (microsecond or nanosecond) or pcapng, over Ethernet, raw
+/// IP, loopback (`DLT_NULL`/`LOOP`) or Linux cooked (`any`) links. The error
+/// names the file and what is wrong with it.
+pub fn read(path: &Path) -> anyhow::Result<Capture> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let capture = parse(&bytes).with_context(|| format!("{}", path.display()))?;
+    if capture.datagrams.is_empty() {
+        bail!(
+            "{}: no UDP datagrams in it ({} other packets, {} incomplete)",
+            path.display(),
+            capture.not_udp,
+            capture.incomplete
+        );
+    }
+    Ok(capture)
+}
+
+/// Parses capture bytes (the file name is the caller's to add).
+pub(crate) fn parse(bytes: &[u8]) -> anyhow::Result<Capture> {
+    let Some(magic) = bytes.get(..4) else {
+        bail!("not a capture: {} bytes, shorter than any capture header", bytes.len());
+    };
+    let mut capture = Capture::default();
+    match magic {
+        [0x0a, 0x0d, 0x0d, 0x0a] => read_pcapng(bytes, &mut capture)?,
+        [0xa1, 0xb2, 0xc3, 0xd4] | [0xd4, 0xc3, 0xb2, 0xa1] | [0xa1, 0xb2, 0x3c, 0x4d] | [0x4d, 0x3c, 0xb2, 0xa1] => {
+            read_pcap(bytes, &mut capture)?
+        }
+        _ => bail!(
+            "not a capture: it starts with {} where pcap or pcapng has its magic number",
+            crate::text::escape_control(&String::from_utf8_lossy(magic))
+        ),
+    }
+    Ok(capture)
+}
+
+fn read_pcap(bytes: &[u8], capture: &mut Capture) -> anyhow::Result<()> {
+    let mut reader = PcapReader::new(bytes).map_err(|e| anyhow::anyhow!("not a pcap file: {e}"))?;
+    let link = reader.header().datalink;
+    let mut n = 0u64;
+    while let Some(packet) = reader.next_packet() {
+        n += 1;
+        let packet = packet.map_err(|e| anyhow::anyhow!("truncated or corrupt at packet {n}: {e}"))?;
+        let whole = packet.orig_len as usize == packet.data.len();
+        add(capture, link, packet.timestamp, &packet.data, whole, None)?;
+    }
+    Ok(())
+}
+
+fn read_pcapng(bytes: &[u8], capture: &mut Capture) -> anyhow::Result<()> {
+    let mut reader = PcapNgReader::new(bytes).map_err(|e| anyhow::anyhow!("not a pcapng file: {e}"))?;
+    // Each interface's link type and timestamp units, as its block said.
+    let mut interfaces: Vec<(DataLink, u8)> = Vec::new();
+    let mut n = 0u64;
+    while let Some(block) = reader.next_block() {
+        n += 1;
+        let block = block.map_err(|e| anyhow::anyhow!("truncated or corrupt at block {n}: {e}"))?;
+        let packet = match block {
+            Block::SectionHeader(_) => {
+                interfaces.clear();
+                continue;
+            }
+            Block::InterfaceDescription(interface) => {
+                // pcap-file reads the raw timestamp as nanoseconds; it is in the
+                // interface's units (microseconds unless it says otherwise).
+                let resolution = interface.options.iter().find_map(|o| match o {
+                    InterfaceDescriptionOption::IfTsResol(r) => Some(*r),
+                    _ => None,
+                });
+                interfaces.push((interface.linktype, resolution.unwrap_or(6)));
+                continue;
+            }
+            Block::EnhancedPacket(packet) => packet,
+            _ => continue,
+        };
+        let Some(&(link, resolution)) = interfaces.get(packet.interface_id as usize) else {
+            bail!(
+                "block {n}: a packet of interface {} that was never described",
+                packet.interface_id
+            );
+        };
+        let at = scaled(packet.timestamp.as_nanos(), resolution);
+        let comment = packet.options.iter().find_map(|o| match o {
+            EnhancedPacketOption::Comment(c) => Some(c.as_ref()),
+            _ => None,
+        });
+        let whole = packet.original_len as usize == packet.data.len();
+        add(capture, link, at, &packet.data, whole, comment)?;
+    }
+    Ok(())
+}
+
+/// A timestamp of `raw` units of the pcapng `if_tsresol` `resolution`.
+fn scaled(raw: u128, resolution: u8) -> Duration {
+    let raw = u64::try_from(raw).unwrap_or(u64::MAX);
+    let exponent = u32::from(resolution & 0x7f);
+    if resolution & 0x80 == 0 {
+        let per_second = 10u64.checked_pow(exponent).unwrap_or(u64::MAX);
+        let nanos = u128::from(raw % per_second) * 1_000_000_000 / u128::from(per_second);
+        Duration::new(raw / per_second, u32::try_from(nanos).unwrap_or(0))
+    } else {
+        let per_second = 1u64.checked_shl(exponent).unwrap_or(u64::MAX);
+        Duration::from_secs_f64(raw as f64 / per_second as f64)
+    }
+}
+
+/// Adds one packet's UDP datagram, if it holds one.
+fn add(
+    capture: &mut Capture,
+    link: DataLink,
+    at: Duration,
+    data: &[u8],
+    whole: bool,
+    comment: Option<&str>,
+) -> anyhow::Result<()> {
+    if !whole {
+        capture.incomplete += 1;
+        return Ok(());
+    }
+    let sliced = match link {
+        DataLink::ETHERNET => SlicedPacket::from_ethernet(data),
+        DataLink::RAW | DataLink::IPV4 | DataLink::IPV6 => SlicedPacket::from_ip(data),
+        // A 4-byte address family (host order for NULL, network order for LOOP).
+        DataLink::NULL | DataLink::LOOP => SlicedPacket::from_ip(data.get(4..).unwrap_or_default()),
+        DataLink::LINUX_SLL => SlicedPacket::from_linux_sll(data),
+        // The 20-byte SLL2 header starts with the protocol type.
+        DataLink::LINUX_SLL2 => SlicedPacket::from_ip(data.get(20..).unwrap_or_default()),
+        other => bail!("link type {other:?} is not supported (Ethernet, raw IP, loopback and Linux cooked are)"),
+    };
+    let Ok(packet) = sliced else {
+        capture.not_udp += 1;
+        return Ok(());
+    };
+    let (src, dst, fragmented) = match &packet.net {
+        Some(NetSlice::Ipv4(ip)) => (
+            IpAddr::from(ip.header().source_addr()),
+            IpAddr::from(ip.header().destination_addr()),
+            ip.is_payload_fragmented(),
+        ),
+        Some(NetSlice::Ipv6(ip)) => (
+            IpAddr::from(ip.header().source_addr()),
+            IpAddr::from(ip.header().destination_addr()),
+            ip.is_payload_fragmented(),
+        ),
+        _ => {
+            capture.not_udp += 1;
+            return Ok(());
+        }
+    };
+    if fragmented {
+        capture.incomplete += 1;
+        return Ok(());
+    }
+    let Some(TransportSlice::Udp(udp)) = &packet.transport else {
+        capture.not_udp += 1;
+        return Ok(());
+    };
+    let (hop, client, verdict) = comment.map(Hop::parse_comment).unwrap_or_default();
+    capture.datagrams.push(Datagram {
+        at,
+        src: SocketAddr::new(src, udp.source_port()),
+        dst: SocketAddr::new(dst, udp.destination_port()),
+        payload: udp.payload().to_vec(),
+        hop,
+        client,
+        verdict,
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_not_a_capture_is_named_as_such() {
+        let e = parse(b"hello world").unwrap_err();
+        assert!(format!("{e:#}").contains("not a capture"), "{e:#}");
+        let e = parse(b"ab").unwrap_err();
+        assert!(format!("{e:#}").contains("shorter than any capture header"), "{e:#}");
+    }
+
+    #[test]
+    fn pcapng_timestamps_follow_the_interface_resolution() {
+        assert_eq!(scaled(1_500_000, 6), Duration::from_millis(1500));
+        assert_eq!(scaled(1_500_000_000, 9), Duration::from_millis(1500));
+        assert_eq!(scaled(3 << 20, 0x80 | 20), Duration::from_secs(3));
+    }
+}

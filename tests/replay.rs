@@ -1,0 +1,303 @@
+//! `--record` and `wasmgate replay`: a gateway records real UDP traffic on
+//! loopback, tcpdump and tshark read the file, and the built binary replays it
+//! (and a capture tcpdump itself wrote) through modules, with its exit codes.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Upstream, ask, client, run_to_end, signal, write_file};
+use wasmgate::config::{ListenerSpec, PoolSpec, RecordSpec};
+
+const FORWARD: &str = include_str!("../examples/forward.wat");
+const ECHO: &str = include_str!("../examples/echo.wat");
+
+/// Traps on a datagram that starts with `!`, else echoes.
+const TRAPS_ON_BANG: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) i32.const 0)
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (if (i32.and (i32.gt_u (local.get $len) (i32.const 0))
+                 (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 33)))
+      (then unreachable))
+    (i64.extend_i32_u (local.get $len))))"#;
+
+fn recording(dir: &Path, name: &str) -> ListenerSpec {
+    ListenerSpec {
+        record: Some(RecordSpec::new(dir.join(name))),
+        ..common::config()
+    }
+}
+
+/// Serves the default guest with `--record`, asks `messages`, and stops the
+/// gateway (which writes the file out); returns its path.
+fn record_uppercase(dir: &Path, messages: &[&[u8]]) -> String {
+    let gateway = common::start_with(
+        wasmgate::DEFAULT_GUEST_WASM,
+        Default::default(),
+        recording(dir, "up.pcapng"),
+    );
+    let socket = client();
+    for m in messages {
+        assert_eq!(ask(&socket, gateway.local_addr(), m), m.to_ascii_uppercase());
+    }
+    gateway.shutdown();
+    dir.join("up.pcapng").display().to_string()
+}
+
+fn installed(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("SKIPPED: {tool} is not installed here (.ci/run installs it)");
+    }
+    found
+}
+
+#[test]
+fn a_recording_replays_the_same_through_its_module_and_differs_through_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = record_uppercase(dir.path(), &[b"hello", b"", b"chen", b"MiXeD 42"]);
+    let echo = write_file(dir.path(), "echo.wat", ECHO.as_bytes());
+
+    let (code, out, err) = run_to_end(&["replay", &capture, "--module", "guest/uppercase.wasm"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("replayed 4 client datagrams"), "{out}");
+    assert!(out.contains("same: 4  different: 0"), "{out}");
+
+    let (code, out, err) = run_to_end(&["replay", &capture, "--module", &echo]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    // The empty datagram and "42"-only parts are the same upper or not: only
+    // the three with lowercase letters differ.
+    assert!(out.contains("same: 1  different: 3"), "{out}");
+    assert!(
+        out.contains(r#"old: reply "HELLO""#) && out.contains(r#"new: reply "hello""#),
+        "{out}"
+    );
+
+    let (code, out, _) = run_to_end(&["replay", &capture, "--module", &echo, "--json"]);
+    assert_eq!(code, Some(1));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["datagrams"], 4);
+    assert_eq!(report["different"], 3);
+    assert_eq!(report["differences"][0]["request"], "\"hello\"");
+}
+
+#[test]
+fn against_another_module_counts_new_traps_and_compares_guest_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = record_uppercase(dir.path(), &[b"!boom", b"fine", b"!again"]);
+    let echo = write_file(dir.path(), "echo.wat", ECHO.as_bytes());
+    let traps = write_file(dir.path(), "traps.wat", TRAPS_ON_BANG.as_bytes());
+
+    let (code, out, err) = run_to_end(&["replay", &capture, "--module", &traps, "--against", &echo, "--json"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["datagrams"], 3);
+    assert_eq!(report["same"], 1);
+    assert_eq!(report["only_old_answered"], 2);
+    assert_eq!(report["new_traps"], 2);
+    assert!(report["guest_time_ratio"].as_f64().is_some_and(|r| r > 0.0), "{report}");
+
+    let (code, out, err) = run_to_end(&["replay", &capture, "--module", &echo, "--against", &echo]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("same: 3  different: 0"), "{out}");
+}
+
+#[test]
+fn a_forwarding_recording_feeds_its_upstream_answers_to_the_replayed_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::echo("up:");
+    let mut spec = recording(dir.path(), "fwd.pcapng");
+    spec.pools = vec![PoolSpec::new("backend", vec![upstream.addr.to_string()])];
+    spec.workers = 1;
+    let gateway = common::start_with(FORWARD.as_bytes(), Default::default(), spec);
+    let socket = client();
+    for m in [&b"one"[..], b"two"] {
+        let mut want = b"up:".to_vec();
+        want.extend_from_slice(m);
+        assert_eq!(ask(&socket, gateway.local_addr(), m), want);
+    }
+    gateway.shutdown();
+    assert_eq!(upstream.count(), 2);
+    let capture = dir.path().join("fwd.pcapng").display().to_string();
+    let forward = write_file(dir.path(), "forward.wat", FORWARD.as_bytes());
+    let pool = format!("backend={}", upstream.addr);
+
+    // Same pools: the forwards match and the recorded answers come back through it.
+    let (code, out, err) = run_to_end(&["replay", &capture, "--module", &forward, "--upstream", &pool]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("same: 2  different: 0"), "{out}");
+    // Nothing was sent for real.
+    assert_eq!(upstream.count(), 2);
+
+    // A module that answers itself differs in reply and in forwards.
+    let (code, out, _) = run_to_end(&["replay", &capture, "--module", "guest/uppercase.wasm"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(r#"old: reply "up:one", forward to {} "one""#, upstream.addr)),
+        "{out}"
+    );
+    assert!(out.contains(r#"new: reply "ONE""#), "{out}");
+}
+
+#[test]
+fn replay_says_what_is_wrong_with_bad_input_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_file(dir.path(), "notes.txt", b"these are not packets\n");
+    let (code, _, err) = run_to_end(&["replay", &text, "--module", "guest/uppercase.wasm"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("notes.txt") && err.contains("not a capture"), "{err}");
+
+    let capture = record_uppercase(dir.path(), &[b"a", b"b"]);
+    let bytes = std::fs::read(&capture).unwrap();
+    let cut = write_file(dir.path(), "cut.pcapng", &bytes[..bytes.len() - 7]);
+    let (code, _, err) = run_to_end(&["replay", &cut, "--module", "guest/uppercase.wasm"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cut.pcapng") && err.contains("truncated"), "{err}");
+
+    // A pcap header with no packets at all.
+    let mut empty = vec![0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0];
+    empty.extend_from_slice(&[0; 8]);
+    empty.extend_from_slice(&65_535u32.to_le_bytes());
+    empty.extend_from_slice(&1u32.to_le_bytes());
+    let empty = write_file(dir.path(), "empty.pcap", &empty);
+    let (code, _, err) = run_to_end(&["replay", &empty, "--module", "guest/uppercase.wasm"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("empty.pcap") && err.contains("no UDP datagrams"), "{err}");
+
+    let (code, _, err) = run_to_end(&["replay", &capture, "--module", "no/such.wasm"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no/such.wasm"), "{err}");
+}
+
+#[test]
+fn a_sample_of_zero_records_nothing_and_the_size_cap_stops_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = recording(dir.path(), "none.pcapng");
+    if let Some(r) = spec.record.as_mut() {
+        r.sample = 0.0;
+    }
+    let gateway = common::start_with(wasmgate::DEFAULT_GUEST_WASM, Default::default(), spec);
+    let socket = client();
+    for _ in 0..20 {
+        ask(&socket, gateway.local_addr(), b"x");
+    }
+    gateway.shutdown();
+    let capture = wasmgate::capture::read(&dir.path().join("none.pcapng"));
+    assert!(format!("{:#}", capture.unwrap_err()).contains("no UDP datagrams"));
+
+    let mut spec = recording(dir.path(), "capped.pcapng");
+    if let Some(r) = spec.record.as_mut() {
+        r.max_bytes = 4096;
+    }
+    let gateway = common::start_with(wasmgate::DEFAULT_GUEST_WASM, Default::default(), spec);
+    for _ in 0..100 {
+        ask(&socket, gateway.local_addr(), &[b'y'; 200]);
+    }
+    gateway.shutdown();
+    let size = std::fs::metadata(dir.path().join("capped.pcapng")).unwrap().len();
+    // It stops at the first packet past the cap.
+    assert!((4096..4096 + 400).contains(&size), "{size} bytes");
+    let capture = wasmgate::capture::read(&dir.path().join("capped.pcapng")).unwrap();
+    assert!(capture.datagrams.len() < 40, "{}", capture.datagrams.len());
+}
+
+#[test]
+fn tcpdump_and_tshark_read_the_recorders_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = record_uppercase(dir.path(), &[b"hello", b"chen"]);
+    if installed("tcpdump") {
+        let out = Command::new("tcpdump").args(["-nr", &capture]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.lines().filter(|l| l.contains("UDP, length")).count(), 4, "{text}");
+    }
+    if installed("tshark") {
+        let out = Command::new("tshark")
+            .args([
+                "-r",
+                &capture,
+                "-T",
+                "fields",
+                "-e",
+                "frame.comment",
+                "-e",
+                "udp.payload",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[0].starts_with("wasmgate hop=client module=") && lines[0].contains("verdict=reply"),
+            "{text}"
+        );
+        assert!(lines[0].ends_with("68656c6c6f"), "{text}"); // "hello"
+        assert!(
+            lines[1].starts_with("wasmgate hop=reply") && lines[1].ends_with("48454c4c4f"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_capture_tcpdump_wrote_on_loopback_replays() {
+    if !installed("tcpdump") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = common::start(wasmgate::DEFAULT_GUEST_WASM);
+    let port = gateway.local_addr().port();
+    let file = dir.path().join("lo.pcap");
+    let mut tcpdump = Command::new("tcpdump")
+        .args(["--immediate-mode", "-i", "lo", "-U", "-w"])
+        .arg(&file)
+        .args(["udp", "port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(tcpdump.stderr.take().unwrap());
+    let mut line = String::new();
+    let _ = stderr.read_line(&mut line);
+    if !line.contains("listening on") {
+        let _ = tcpdump.kill();
+        let _ = tcpdump.wait();
+        eprintln!("SKIPPED: tcpdump cannot capture on lo here (not root?): {line}");
+        return;
+    }
+    // It says so a moment before its socket sees packets.
+    std::thread::sleep(Duration::from_millis(500));
+    let socket = client();
+    let to: SocketAddr = gateway.local_addr();
+    for m in [&b"from tcpdump"[..], b"", b"x"] {
+        ask(&socket, to, m);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    signal(tcpdump.id(), "INT");
+    assert!(tcpdump.wait().unwrap().success());
+    let capture = file.display().to_string();
+
+    let (code, out, err) = run_to_end(&["replay", &capture, "--module", "guest/uppercase.wasm"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains(&format!("replayed 3 client datagrams to port {port}")),
+        "{out}"
+    );
+    assert!(out.contains("same: 3  different: 0"), "{out}");
+
+    let echo = write_file(dir.path(), "echo.wat", ECHO.as_bytes());
+    let (code, out, _) = run_to_end(&["replay", &capture, "--module", &echo]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("same: 1  different: 2"), "{out}");
+}
