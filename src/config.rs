@@ -524,7 +524,8 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                     None
                 }
                 Some(path) => Some(RecordSpec {
-                    path: path.clone(),
+                    // Like `module`, relative to the config file.
+                    path: base.join(path),
                     sample: match l.record_sample {
                         Some(r) => check_sample(r)
                             .map_err(anyhow::Error::msg)
@@ -742,6 +743,18 @@ mod tests {
         let text = "[[listener]]\nname = \"default\"\nlisten = \"127.0.0.1:8008\"\n";
         let file = parse(text, Path::new("."), default_workers()).unwrap();
         assert_eq!(file.listeners, [ListenerSpec::default()]);
+    }
+
+    #[test]
+    fn a_recording_listener_gets_its_file_share_and_cap() {
+        let c = parse_ok(&format!("{LISTENER}record = \"r.pcapng\"\nrecord_sample = 0.25\nrecord_max_bytes = \"1MiB\"\n"));
+        let record = c.listeners[0].record.clone().unwrap();
+        assert_eq!((record.sample, record.max_bytes), (0.25, 1 << 20));
+        assert_eq!(record.path, Path::new("./r.pcapng"));
+        let c = parse_ok(&format!("{LISTENER}record = \"r.pcapng\"\n"));
+        assert_eq!(c.listeners[0].record, Some(RecordSpec::new("./r.pcapng".into())));
+        assert!(parse_err(&format!("{LISTENER}record = \"r\"\nrecord_sample = 2.0\n")).contains("record_sample"));
+        assert!(parse_err(&format!("{LISTENER}record_sample = 0.5\n")).contains("need record"));
     }
 
     #[test]

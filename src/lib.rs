@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line, and the `serve`, `check` and `send` commands.
+//! - [`cli`]: the command line, and the `serve`, `check`, `send`, `new` and `replay` commands.
 //! - [`config`]: listeners from flags or a TOML file, checked before anything binds;
 //!   every listener setting and its default as plain data (no engine, no socket).
 //! - [`service`]: running every listener, the metrics endpoint, and the signals.
@@ -11,18 +11,19 @@
 //!   (`mod.rs`), each worker's socket-free decisions (`core.rs`: client and
 //!   upstream datagrams in, replies and session commands out), and the worker
 //!   thread's I/O around them (`worker.rs`).
+//!   `offline.rs` is that core with no socket at all, for `replay`.
+//! - [`capture`]: reading pcap and pcapng captures into UDP datagrams, and
+//!   `--record` (a listener's datagrams to pcapng through a bounded queue).
+//! - [`replay`]: `wasmgate replay`: a capture's client datagrams through a module, compared.
 //! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
 //! - [`sandbox`]: loading modules (one loader for serving, reloads and `check`),
-//!   running a guest under limits.
-//! - [`instance_limits`]: one cap on everything a guest instance holds (memories and tables).
+//!   running a guest under limits; under it the guest kinds (ABI v1, WASI
+//!   command, component), their host calls and checks, and one cap on
+//!   everything a guest instance holds.
 //! - [`engine`]: the wasmtime engine's settings, reading and compiling module bytes,
 //!   and ([`engine::child`]) compiling in a child process under time and memory bounds.
 //! - [`cache`]: compiled modules kept on disk, trusted only when their HMAC checks out.
-//! - [`abi`]: the two kinds of guest (ABI v1 and WASI command) and their checks (pure).
-//! - `hostcalls`: the functions ABI v1 guests may import (`wasmgate.*`, `env.abort`),
-//!   the forwarding calls among them.
-//! - [`wasi`]: WASI command modules: stdin in, stdout out, a fresh instance per datagram.
 //! - [`metrics`]: per-worker counters, drop reasons, rate-limited warnings.
 //! - [`pool`]: upstream pools (I/O-free): endpoint choice by policy, rendezvous
 //!   hashing, ejection shared by every worker.

@@ -206,6 +206,51 @@ mod tests {
         assert!(format!("{e:#}").contains("shorter than any capture header"), "{e:#}");
     }
 
+    /// A small pcap: one UDP datagram over raw IPv4.
+    fn one_datagram_pcap() -> Vec<u8> {
+        let mut packet = Vec::new();
+        etherparse::PacketBuilder::ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64)
+            .udp(4000, 8008)
+            .write(&mut packet, b"hello")
+            .unwrap();
+        let header = pcap_file::pcap::PcapHeader {
+            datalink: DataLink::RAW,
+            ..Default::default()
+        };
+        let mut writer = pcap_file::pcap::PcapWriter::with_header(Vec::new(), header).unwrap();
+        let p = pcap_file::pcap::PcapPacket::new(Duration::from_secs(1), packet.len() as u32, &packet);
+        writer.write_packet(&p).unwrap();
+        writer.into_writer()
+    }
+
+    #[test]
+    fn a_pcap_gives_its_udp_datagram() {
+        let capture = parse(&one_datagram_pcap()).unwrap();
+        assert_eq!(capture.datagrams.len(), 1);
+        let d = &capture.datagrams[0];
+        assert_eq!((d.src.port(), d.dst.port(), &d.payload[..]), (4000, 8008, &b"hello"[..]));
+    }
+
+    #[test]
+    fn damaged_captures_are_errors_or_skipped_packets_never_a_panic() {
+        let good = one_datagram_pcap();
+        let mut state = 0x1234_5678_9abc_def0u64;
+        for _ in 0..20_000 {
+            let mut bytes = good.clone();
+            for _ in 0..1 + state % 4 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let i = (state % bytes.len() as u64) as usize;
+                bytes[i] = (state >> 32) as u8;
+            }
+            if state % 3 == 0 {
+                bytes.truncate((state >> 40) as usize % bytes.len());
+            }
+            let _ = parse(&bytes);
+        }
+    }
+
     #[test]
     fn pcapng_timestamps_follow_the_interface_resolution() {
         assert_eq!(scaled(1_500_000, 6), Duration::from_millis(1500));

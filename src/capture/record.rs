@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -100,7 +101,13 @@ pub struct Recorder {
 impl Recorder {
     /// Creates the file (an error names it) and starts the writer thread.
     pub fn start(spec: &RecordSpec) -> anyhow::Result<Self> {
-        let file = File::create(&spec.path)
+        // Client payloads are in it: readable by the gateway's user only.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&spec.path)
             .with_context(|| format!("--record {}: cannot create the file", spec.path.display()))?;
         let mut writer = PcapNgWriter::new(BufWriter::new(file))
             .with_context(|| format!("--record {}: cannot write", spec.path.display()))?;
