@@ -747,7 +747,9 @@ mod tests {
 
     #[test]
     fn a_recording_listener_gets_its_file_share_and_cap() {
-        let c = parse_ok(&format!("{LISTENER}record = \"r.pcapng\"\nrecord_sample = 0.25\nrecord_max_bytes = \"1MiB\"\n"));
+        let c = parse_ok(&format!(
+            "{LISTENER}record = \"r.pcapng\"\nrecord_sample = 0.25\nrecord_max_bytes = \"1MiB\"\n"
+        ));
         let record = c.listeners[0].record.clone().unwrap();
         assert_eq!((record.sample, record.max_bytes), (0.25, 1 << 20));
         assert_eq!(record.path, Path::new("./r.pcapng"));

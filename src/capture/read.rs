@@ -228,7 +228,10 @@ mod tests {
         let capture = parse(&one_datagram_pcap()).unwrap();
         assert_eq!(capture.datagrams.len(), 1);
         let d = &capture.datagrams[0];
-        assert_eq!((d.src.port(), d.dst.port(), &d.payload[..]), (4000, 8008, &b"hello"[..]));
+        assert_eq!(
+            (d.src.port(), d.dst.port(), &d.payload[..]),
+            (4000, 8008, &b"hello"[..])
+        );
     }
 
     #[test]
