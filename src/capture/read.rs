@@ -247,7 +247,7 @@ mod tests {
                 let i = (state % bytes.len() as u64) as usize;
                 bytes[i] = (state >> 32) as u8;
             }
-            if state % 3 == 0 {
+            if state.is_multiple_of(3) {
                 bytes.truncate((state >> 40) as usize % bytes.len());
             }
             let _ = parse(&bytes);
