@@ -108,7 +108,11 @@ impl Core {
         self.set_now(now);
         let recording = self.recording();
         let Some(n) = self.net.as_mut() else { return };
-        let endpoint = n.session(id).map(|(_, endpoint)| endpoint);
+        let endpoint = if recording {
+            n.session(id).map(|(_, endpoint)| endpoint)
+        } else {
+            None
+        };
         let Some((client, upstream)) = n.received(id, datagrams.clone().map(<[u8]>::len)) else {
             return;
         };
