@@ -128,7 +128,7 @@ pub enum Command {
 pub struct ServeArgs {
     /// Serve every listener described in this TOML file (see examples/wasmgate.toml)
     /// instead of the one described by the flags below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "upstream", "deny_source_ports", "record"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "upstream", "deny_source_ports", "record", "candidate"])]
     pub config: Option<PathBuf>,
 
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
@@ -191,6 +191,34 @@ pub struct ServeArgs {
     /// Recording stops (with a log line) once the file is this large.
     #[arg(long, value_name = "SIZE", default_value = "100MiB", requires = "record", value_parser = parse_size)]
     pub record_max_bytes: usize,
+
+    /// Load this module beside the active one as a candidate: it runs on the
+    /// same datagrams (a share given by --shadow-sample) after the active has
+    /// answered, with its own instance and limits and its forwards stubbed,
+    /// and what it would have done is compared (wasmgate_shadow_total).
+    /// Clients see only the active module. Edits reload it like the active.
+    #[arg(long, value_name = "PATH")]
+    pub candidate: Option<PathBuf>,
+
+    /// The share of datagrams the candidate shadows, 0 to 1.
+    #[arg(long, value_name = "SHARE", default_value_t = 1.0, requires = "candidate", value_parser = |s: &str| parse_with(s, config::check_sample))]
+    pub shadow_sample: f64,
+
+    /// Let the candidate serve this percentage of clients for real, chosen by
+    /// a hash of the client's IP address (a client stays on its side).
+    #[arg(long, value_name = "P", default_value_t = 0.0, requires = "candidate", value_parser = |s: &str| parse_with(s, config::check_percent))]
+    pub canary_percent: f64,
+
+    /// Promote the candidate to active after N of its datagrams with no
+    /// mismatch, trap or timeout (SIGUSR1 promotes by hand). A candidate
+    /// trapping or timing out more often than the active is unloaded.
+    #[arg(long, value_name = "N", requires = "candidate")]
+    pub promote_after: Option<u64>,
+
+    /// Keep the last 100 shadow mismatches in this file, in the --record
+    /// format (with the active module's replies), for `wasmgate replay`.
+    #[arg(long, value_name = "FILE", requires = "candidate")]
+    pub shadow_mismatches: Option<PathBuf>,
 
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
@@ -469,6 +497,13 @@ fn listener_from_flags(args: &ServeArgs) -> ListenerSpec {
             path: path.clone(),
             sample: args.record_sample,
             max_bytes: args.record_max_bytes as u64,
+        }),
+        candidate: args.candidate.as_ref().map(|path| config::CandidateSpec {
+            path: path.clone(),
+            shadow_sample: args.shadow_sample,
+            canary_percent: args.canary_percent,
+            promote_after: args.promote_after,
+            mismatches: args.shadow_mismatches.clone(),
         }),
         ..defaults
     }

@@ -80,6 +80,8 @@ pub struct ListenerSpec {
     pub deny_source_ports: PortSet,
     /// `--record`: the listener's datagrams to a pcapng file.
     pub record: Option<RecordSpec>,
+    /// `--candidate`: a second module shadowing (or canarying) the active one.
+    pub candidate: Option<CandidateSpec>,
 }
 
 /// The default of `--record-max-bytes`.
@@ -105,6 +107,42 @@ impl RecordSpec {
     }
 }
 
+/// A candidate module beside the active one (`--candidate`, `--shadow-sample`,
+/// `--canary-percent`, `--promote-after`, `--shadow-mismatches`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CandidateSpec {
+    pub path: PathBuf,
+    /// The share of the active module's datagrams the candidate also runs on, stubbed, 0..=1.
+    pub shadow_sample: f64,
+    /// The share of clients (by address) the candidate serves for real, 0..=100.
+    pub canary_percent: f64,
+    /// Promote after this many candidate datagrams with no mismatch, trap or timeout.
+    pub promote_after: Option<u64>,
+    /// Where the last mismatches are written, in the `--record` format.
+    pub mismatches: Option<PathBuf>,
+}
+
+impl CandidateSpec {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            shadow_sample: 1.0,
+            canary_percent: 0.0,
+            promote_after: None,
+            mismatches: None,
+        }
+    }
+}
+
+/// Checks a `--canary-percent`.
+pub fn check_percent(p: f64) -> Result<f64, String> {
+    if (0.0..=100.0).contains(&p) {
+        Ok(p)
+    } else {
+        Err(format!("{p} is not a percentage from 0 to 100"))
+    }
+}
+
 /// Where a listener listens unless told.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8008));
 
@@ -125,6 +163,7 @@ impl Default for ListenerSpec {
             pools: Vec::new(),
             deny_source_ports: PortSet::default(),
             record: None,
+            candidate: None,
         }
     }
 }
@@ -369,6 +408,11 @@ struct ListenerSection {
     record: Option<PathBuf>,
     record_sample: Option<f64>,
     record_max_bytes: Option<String>,
+    candidate: Option<PathBuf>,
+    shadow_sample: Option<f64>,
+    canary_percent: Option<f64>,
+    promote_after: Option<u64>,
+    shadow_mismatches: Option<PathBuf>,
 }
 
 /// A parsed and checked config file.
@@ -540,7 +584,49 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                     },
                 }),
             },
+            candidate: match &l.candidate {
+                None => {
+                    if l.shadow_sample.is_some()
+                        || l.canary_percent.is_some()
+                        || l.promote_after.is_some()
+                        || l.shadow_mismatches.is_some()
+                    {
+                        bail!(
+                            "{}: shadow_sample, canary_percent, promote_after and shadow_mismatches need \
+                             candidate = \"FILE\"",
+                            at("candidate")
+                        );
+                    }
+                    None
+                }
+                Some(path) => Some(CandidateSpec {
+                    path: base.join(path),
+                    shadow_sample: match l.shadow_sample {
+                        Some(r) => check_sample(r)
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| at("shadow_sample"))?,
+                        None => 1.0,
+                    },
+                    canary_percent: match l.canary_percent {
+                        Some(p) => check_percent(p)
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| at("canary_percent"))?,
+                        None => 0.0,
+                    },
+                    promote_after: l.promote_after,
+                    mismatches: l.shadow_mismatches.as_ref().map(|m| base.join(m)),
+                }),
+            },
         };
+        if let Some(candidate) = &spec.candidate
+            && !candidate.path.exists()
+        {
+            bail!(
+                "{}: candidate {} does not exist",
+                at("candidate"),
+                candidate.path.display()
+            );
+        }
         if let Some(module) = &spec.module
             && !module.exists()
         {
@@ -743,6 +829,25 @@ mod tests {
         let text = "[[listener]]\nname = \"default\"\nlisten = \"127.0.0.1:8008\"\n";
         let file = parse(text, Path::new("."), default_workers()).unwrap();
         assert_eq!(file.listeners, [ListenerSpec::default()]);
+    }
+
+    #[test]
+    fn a_candidate_gets_its_file_shares_and_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.wat"), "(module)").unwrap();
+        let path = dir.path().join("c.toml");
+        let listener = format!(
+            "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\ncandidate = \"c.wat\"\nshadow_sample = 0.5\n\
+             canary_percent = 5\npromote_after = 100\nshadow_mismatches = \"m.pcapng\"\n"
+        );
+        std::fs::write(&path, listener).unwrap();
+        let c = load(&path, 1).unwrap();
+        let candidate = c.listeners[0].candidate.clone().unwrap();
+        assert_eq!(candidate.path, dir.path().join("c.wat"));
+        assert_eq!((candidate.shadow_sample, candidate.canary_percent), (0.5, 5.0));
+        assert_eq!(candidate.promote_after, Some(100));
+        assert_eq!(candidate.mismatches, Some(dir.path().join("m.pcapng")));
+        assert!(parse_err(&format!("{LISTENER}canary_percent = 5.0\n")).contains("need candidate"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::gateway::Publisher;
+use crate::gateway::{Publisher, ShadowResult};
 use crate::metrics::{GUEST_TIME_BUCKETS_NS, Snapshot};
 use crate::upstream::{EndpointView, Pools};
 use crate::verdict::{CallError, DropReason};
@@ -50,7 +50,7 @@ pub fn registry(listeners: Vec<(String, Publisher)>) -> Registry {
 /// A counter family: name (without `_total`), help, and its value in a snapshot.
 type CounterFamily = (&'static str, &'static str, fn(&Snapshot) -> u64);
 
-const COUNTERS: [CounterFamily; 14] = [
+const COUNTERS: [CounterFamily; 15] = [
     ("wasmgate_datagrams_received", "Datagrams received.", |s| s.received),
     ("wasmgate_datagrams_replied", "Datagrams answered with a reply.", |s| {
         s.replied
@@ -102,6 +102,11 @@ const COUNTERS: [CounterFamily; 14] = [
         "wasmgate_record_dropped",
         "Datagrams --record did not record because its queue was full.",
         |s| s.record_dropped,
+    ),
+    (
+        "wasmgate_shadow_skipped",
+        "Datagrams not shadowed because the candidate was behind (its queue was full).",
+        |s| s.shadow_skipped,
     ),
 ];
 
@@ -316,20 +321,38 @@ impl Collector for GatewayCollector {
                 .encode_histogram::<NoLabelSet>(s.guest_time_sum_ns as f64 / 1e9, count, &buckets, None)?;
         }
 
+        let mut shadow = encoder.encode_descriptor(
+            "wasmgate_shadow",
+            "Datagrams the candidate module shadowed, by what its verdict was against the active's.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, s) in &snapshots {
+            for (result, n) in ShadowResult::ALL.iter().zip(s.shadow) {
+                shadow
+                    .encode_family(&[("listener", *listener), ("result", result.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+
         let mut info = encoder.encode_descriptor(
             "wasmgate_module",
-            "The module each listener serves now.",
+            "The modules each listener has loaded: the active one serving, and a candidate.",
             None,
             MetricType::Info,
         )?;
         for (listener, publisher) in &self.listeners {
-            let program = publisher.current();
-            info.encode_info(&[
-                ("listener", listener.as_str()),
-                ("module", program.origin()),
-                ("abi", program.kind().name()),
-                ("sha256", program.sha256_hex().as_str()),
-            ])?;
+            let active = Some(publisher.current());
+            for (role, program) in [("active", active), ("candidate", publisher.candidate())] {
+                let Some(program) = program else { continue };
+                info.encode_info(&[
+                    ("listener", listener.as_str()),
+                    ("role", role),
+                    ("module", program.origin()),
+                    ("abi", program.kind().name()),
+                    ("sha256", program.sha256_hex().as_str()),
+                ])?;
+            }
         }
         Ok(())
     }

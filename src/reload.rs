@@ -59,6 +59,17 @@ impl Reloader {
     /// Starts reloading `path` into `publisher`: on every change of the file if
     /// `watch`, and on [`Reloader::force`] either way.
     pub fn start(sandbox: Sandbox, path: PathBuf, publisher: Publisher, watch: bool) -> anyhow::Result<Self> {
+        Self::start_as(Role::Active, sandbox, path, publisher, watch)
+    }
+
+    /// Like [`Reloader::start`], for the module of `role`.
+    pub fn start_as(
+        role: Role,
+        sandbox: Sandbox,
+        path: PathBuf,
+        publisher: Publisher,
+        watch: bool,
+    ) -> anyhow::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let watcher = if watch {
             let events = tx.clone();
@@ -79,6 +90,7 @@ impl Reloader {
             sandbox,
             path,
             publisher,
+            role,
             watcher,
             watched: HashSet::new(),
             names: HashSet::new(),
@@ -137,6 +149,7 @@ struct State {
     sandbox: Sandbox,
     path: PathBuf,
     publisher: Publisher,
+    role: Role,
     watcher: Option<RecommendedWatcher>,
     watched: HashSet<PathBuf>,
     /// The file names in the watched directories whose changes concern the module:
@@ -253,7 +266,7 @@ impl State {
             tracing::debug!(module = %self.path.display(), "still failing: {message}");
             return;
         }
-        let serving = self.publisher.current().short_sha256();
+        let serving = self.serving().map_or_else(|| "none".to_string(), |p| p.short_sha256());
         let module = self.path.display().to_string();
         if missing {
             tracing::warn!(module, serving, "{message}");
@@ -293,13 +306,13 @@ impl State {
             }
         };
         self.last_read = identity;
-        let current = self.publisher.current();
+        let current = self.serving().map(|p| p.sha256());
         let sha: [u8; 32] = Sha256::digest(&bytes).into();
         if !force && self.failed_sha == Some(sha) {
             tracing::debug!(module = %name, "module content is the version that failed; nothing to reload");
             return;
         }
-        if !force && sha == current.sha256() {
+        if !force && Some(sha) == current {
             tracing::debug!(module = %name, "module content unchanged; nothing to reload");
             self.last_problem = None;
             return;
@@ -310,11 +323,20 @@ impl State {
             }
             Ok(program) => {
                 let sha256 = program.short_sha256();
-                let replaced = program.sha256() != current.sha256();
+                let replaced = Some(program.sha256()) != current;
                 let compile_ms = program.compile_time().as_secs_f64() * 1e3;
                 let abi = program.kind().name();
                 let unpooled_wasi = program.kind() == GuestKind::WasiCommand && !self.sandbox.has_instance_pool();
-                let previous = self.publisher.publish(program).short_sha256();
+                let previous = match self.role {
+                    Role::Active => self.publisher.publish(program).short_sha256(),
+                    Role::Candidate => match self.publisher.publish_candidate(program) {
+                        Ok(previous) => previous.map_or_else(|| "none".to_string(), |p| p.short_sha256()),
+                        Err(e) => {
+                            tracing::error!(candidate = %name, "cannot load the candidate: {e:#}");
+                            return;
+                        }
+                    },
+                };
                 self.last_problem = None;
                 self.failed_sha = None;
                 tracing::info!(
@@ -324,6 +346,7 @@ impl State {
                     compile_ms = format_args!("{compile_ms:.1}"),
                     replaced,
                     previous,
+                    role = self.role.as_str(),
                     "reloaded"
                 );
                 if unpooled_wasi {
@@ -347,6 +370,33 @@ impl State {
                     ),
                 );
             }
+        }
+    }
+}
+
+/// Which of a listener's modules a reloader keeps current.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Active,
+    /// `--candidate`.
+    Candidate,
+}
+
+impl Role {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Candidate => "candidate",
+        }
+    }
+}
+
+impl State {
+    /// The module of this role serving now (a candidate may be unloaded).
+    fn serving(&self) -> Option<Arc<crate::sandbox::Program>> {
+        match self.role {
+            Role::Active => Some(self.publisher.current()),
+            Role::Candidate => self.publisher.candidate(),
         }
     }
 }

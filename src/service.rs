@@ -16,7 +16,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::engine::child::Compiler;
 use crate::gateway::{Gateway, Publisher};
-use crate::reload::Reloader;
+use crate::reload::{Reloader, Role};
 use crate::sandbox::abi::GuestKind;
 use crate::sandbox::{Isolation, Runtime, Sandbox};
 
@@ -44,6 +44,8 @@ struct Running {
     spec: ListenerSpec,
     gateway: Gateway,
     reloader: Option<Reloader>,
+    /// `--candidate`'s reloader.
+    candidate: Option<Reloader>,
 }
 
 /// Serves `listeners` (and metrics at `metrics`) until SIGINT or SIGTERM.
@@ -95,7 +97,14 @@ pub fn run_until<S: Future<Output = ()>>(
     // store is still held to its own listener's memory cap.
     let mut slots = 0u32;
     for spec in &listeners {
-        slots = slots.saturating_add(u32::try_from(spec.workers.max(1) + 1)?);
+        let workers = spec.workers.max(1);
+        let mut wanted = workers + 1;
+        if let Some(c) = &spec.candidate {
+            // The shadow's instance, the candidate's reload check, and a
+            // canary instance per worker.
+            wanted += 2 + if c.canary_percent > 0.0 { workers } else { 0 };
+        }
+        slots = slots.saturating_add(u32::try_from(wanted)?);
     }
     let runtime = Runtime::with_instance_pool(slots).context("cannot start the WebAssembly engine")?;
     let mut loaded = Vec::new();
@@ -137,6 +146,19 @@ pub fn run_until<S: Future<Output = ()>>(
     for (spec, sandbox, program) in loaded {
         let gateway = Gateway::start(&sandbox, program, &spec).with_context(|| format!("listener `{}`", spec.name))?;
         // Watch before saying "serving": a change made after that line must be seen.
+        let candidate = match &spec.candidate {
+            Some(c) => {
+                let publisher = gateway.publisher();
+                Some(Reloader::start_as(
+                    Role::Candidate,
+                    sandbox.clone(),
+                    c.path.clone(),
+                    publisher,
+                    spec.watch,
+                )?)
+            }
+            None => None,
+        };
         let reloader = match &spec.module {
             Some(path) => Some(Reloader::start(sandbox, path.clone(), gateway.publisher(), spec.watch)?),
             None => None,
@@ -145,6 +167,7 @@ pub fn run_until<S: Future<Output = ()>>(
             spec,
             gateway,
             reloader,
+            candidate,
         });
     }
     serve_until_stopped(running, config, metrics, fd_budget, shutdown, ready)
@@ -212,6 +235,18 @@ fn serve_until_stopped<S: Future<Output = ()>>(
             upstreams = r.gateway.publisher().pools().map(|p| p.describe()).unwrap_or_default(),
             "serving"
         );
+        if let (Some(c), Some(program)) = (&r.spec.candidate, r.gateway.publisher().candidate()) {
+            tracing::info!(
+                listener = r.spec.name,
+                candidate = program.origin(),
+                sha256 = program.short_sha256(),
+                shadow_sample = c.shadow_sample,
+                canary_percent = c.canary_percent,
+                promote_after = c.promote_after,
+                mismatches = c.mismatches.as_ref().map(|m| m.display().to_string()),
+                "candidate loaded beside the active module"
+            );
+        }
         let forwards = program
             .imports()
             .iter()
@@ -226,19 +261,27 @@ fn serve_until_stopped<S: Future<Output = ()>>(
             );
         }
     }
-    let reloaders: Vec<&Reloader> = running.iter().filter_map(|r| r.reloader.as_ref()).collect();
+    let reloaders: Vec<&Reloader> = running
+        .iter()
+        .flat_map(|r| r.reloader.iter().chain(&r.candidate))
+        .collect();
+    let publishers: Vec<(String, Publisher)> = running
+        .iter()
+        .filter(|r| r.spec.candidate.is_some())
+        .map(|r| (r.spec.name.clone(), r.gateway.publisher()))
+        .collect();
     let pools = PoolKeeper::new(config, &running, fd_budget);
     let bound: Vec<(String, SocketAddr)> = running
         .iter()
         .map(|r| (r.spec.name.clone(), r.gateway.local_addr()))
         .collect();
     ready(&bound);
-    runtime.block_on(signals.wait(&reloaders, pools, shutdown));
+    runtime.block_on(signals.wait(&reloaders, &publishers, pools, shutdown));
     // Every listener stops reading and every reloader stops publishing at once,
     // before saying so; then each worker answers the batch it holds.
     for r in &running {
         r.gateway.stop_reading();
-        if let Some(reloader) = &r.reloader {
+        for reloader in r.reloader.iter().chain(&r.candidate) {
             reloader.stop();
         }
     }
@@ -249,6 +292,7 @@ fn serve_until_stopped<S: Future<Output = ()>>(
     let mut reloaders = Vec::new();
     for r in running {
         reloaders.extend(r.reloader);
+        reloaders.extend(r.candidate);
         let stats = r.gateway.shutdown();
         tracing::info!(listener = r.spec.name, %stats, "stopped");
     }
@@ -415,9 +459,10 @@ fn reload_pools(targets: &[(String, Publisher)], config: Option<&Path>, fd_budge
     }
 }
 
-/// SIGHUP, registered up front (shutdown comes from the caller).
+/// SIGHUP and SIGUSR1, registered up front (shutdown comes from the caller).
 struct Signals {
     hangup: Signal,
+    user1: Signal,
 }
 
 impl Signals {
@@ -426,11 +471,19 @@ impl Signals {
         let register = |kind: SignalKind, name: &str| signal(kind).with_context(|| format!("cannot listen for {name}"));
         Ok(Self {
             hangup: register(SignalKind::hangup(), "SIGHUP")?,
+            user1: register(SignalKind::user_defined1(), "SIGUSR1")?,
         })
     }
 
-    /// Reloads on SIGHUP; returns when `shutdown` completes.
-    async fn wait(mut self, reloaders: &[&Reloader], mut pools: PoolKeeper, shutdown: impl Future<Output = ()>) {
+    /// Reloads on SIGHUP, promotes candidates on SIGUSR1; returns when
+    /// `shutdown` completes.
+    async fn wait(
+        mut self,
+        reloaders: &[&Reloader],
+        candidates: &[(String, Publisher)],
+        mut pools: PoolKeeper,
+        shutdown: impl Future<Output = ()>,
+    ) {
         let mut second = tokio::time::interval(Duration::from_secs(1));
         second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -438,6 +491,16 @@ impl Signals {
             tokio::select! {
                 () = &mut shutdown => return,
                 _ = second.tick() => pools.tick(),
+                _ = self.user1.recv() => {
+                    let mut promoted = false;
+                    for (listener, publisher) in candidates {
+                        promoted |= publisher.promote();
+                        tracing::debug!(listener, "SIGUSR1");
+                    }
+                    if !promoted {
+                        tracing::warn!("SIGUSR1: no listener has a candidate loaded; nothing to promote");
+                    }
+                }
                 _ = self.hangup.recv() => {
                     pools.reload("SIGHUP", true);
                     if reloaders.is_empty() && !pools.serves_pools() && pools.config.is_none() {

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use read::{Capture, read};
-pub use record::{Hop, Recorder};
+pub use record::{Hop, MISMATCHES, MismatchLog, Recorder};
+pub(crate) use record::{chance, threshold};
 
 /// One UDP datagram of a capture.
 #[derive(Clone, Debug, PartialEq, Eq)]

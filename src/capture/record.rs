@@ -4,13 +4,15 @@
 //! makes a worker wait.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::sync::Arc;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
@@ -73,6 +75,7 @@ impl Hop {
 }
 
 /// One datagram for the writer.
+#[derive(Clone)]
 struct Entry {
     at: SystemTime,
     hop: Hop,
@@ -101,25 +104,7 @@ pub struct Recorder {
 impl Recorder {
     /// Creates the file (an error names it) and starts the writer thread.
     pub fn start(spec: &RecordSpec) -> anyhow::Result<Self> {
-        // Client payloads are in it: readable by the gateway's user only.
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&spec.path)
-            .with_context(|| format!("--record {}: cannot create the file", spec.path.display()))?;
-        let mut writer = PcapNgWriter::new(BufWriter::new(file))
-            .with_context(|| format!("--record {}: cannot write", spec.path.display()))?;
-        let interface = InterfaceDescriptionBlock {
-            linktype: DataLink::RAW,
-            snaplen: 0,
-            // Nanoseconds, which is how pcap-file writes timestamps.
-            options: vec![InterfaceDescriptionOption::IfTsResol(9)],
-        };
-        writer
-            .write_pcapng_block(interface)
-            .with_context(|| format!("--record {}: cannot write", spec.path.display()))?;
+        let writer = create(&spec.path).with_context(|| format!("--record {}", spec.path.display()))?;
         let (tx, rx) = sync_channel(QUEUE);
         let stopped = Arc::new(AtomicBool::new(false));
         let path = spec.path.clone();
@@ -128,11 +113,7 @@ impl Recorder {
             .name("wasmgate-record".into())
             .spawn(move || write_all(&rx, writer, &path, max_bytes, &flag))
             .context("cannot start the recording thread")?;
-        let threshold = if spec.sample >= 1.0 {
-            u64::MAX
-        } else {
-            (spec.sample.max(0.0) * u64::MAX as f64) as u64
-        };
+        let threshold = threshold(spec.sample);
         Ok(Self {
             tx: Some(tx),
             writer: Some(writer),
@@ -148,16 +129,7 @@ impl Recorder {
         if self.stopped.load(Relaxed) {
             return false;
         }
-        if self.threshold == u64::MAX {
-            return true;
-        }
-        // xorshift64*: sampling needs spread, not secrecy.
-        let mut x = *state | 1;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        *state = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d) < self.threshold
+        chance(state, self.threshold)
     }
 
     /// Queues one datagram; a full queue drops it (counted).
@@ -238,16 +210,7 @@ fn write_all(
         if !ip_packet(&entry, &mut packet) {
             continue;
         }
-        let block = EnhancedPacketBlock {
-            interface_id: 0,
-            timestamp: entry
-                .at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or(Duration::ZERO),
-            original_len: u32::try_from(packet.len()).unwrap_or(u32::MAX),
-            data: Cow::Borrowed(&packet),
-            options: vec![EnhancedPacketOption::Comment(Cow::Owned(comment(&entry)))],
-        };
+        let block = block(&entry, &packet);
         match writer.write_pcapng_block(block) {
             Ok(n) => written += n as u64,
             Err(e) => {
@@ -268,6 +231,188 @@ fn write_all(
     }
     if let Err(e) = writer.get_mut().flush() {
         tracing::error!(file = %path.display(), error = %e, "recording: cannot write");
+    }
+}
+
+/// The [`chance`] threshold that keeps `share` (0..=1) of draws.
+pub(crate) fn threshold(share: f64) -> u64 {
+    if share >= 1.0 {
+        u64::MAX
+    } else {
+        (share.max(0.0) * u64::MAX as f64) as u64
+    }
+}
+
+/// One sampling draw: true for a share `threshold / u64::MAX` of calls;
+/// `state` is the caller's own generator state (any seed).
+pub(crate) fn chance(state: &mut u64, threshold: u64) -> bool {
+    if threshold == u64::MAX {
+        return true;
+    }
+    // xorshift64*: sampling needs spread, not secrecy.
+    let mut x = *state | 1;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d) < threshold
+}
+
+/// A new pcapng file (readable by the gateway's user only: client payloads
+/// are in it) with its one interface, raw IP with nanosecond timestamps.
+fn create(path: &Path) -> anyhow::Result<PcapNgWriter<BufWriter<File>>> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .context("cannot create the file")?;
+    let mut writer = PcapNgWriter::new(BufWriter::new(file)).context("cannot write")?;
+    let interface = InterfaceDescriptionBlock {
+        linktype: DataLink::RAW,
+        snaplen: 0,
+        // Nanoseconds, which is how pcap-file writes timestamps.
+        options: vec![InterfaceDescriptionOption::IfTsResol(9)],
+    };
+    writer.write_pcapng_block(interface).context("cannot write")?;
+    Ok(writer)
+}
+
+/// An entry as a packet block; `packet` is its IP packet.
+fn block<'a>(entry: &Entry, packet: &'a [u8]) -> EnhancedPacketBlock<'a> {
+    EnhancedPacketBlock {
+        interface_id: 0,
+        timestamp: entry
+            .at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO),
+        original_len: u32::try_from(packet.len()).unwrap_or(u32::MAX),
+        data: Cow::Borrowed(packet),
+        options: vec![EnhancedPacketOption::Comment(Cow::Owned(comment(entry)))],
+    }
+}
+
+/// How many mismatches `--shadow-mismatches` keeps.
+pub const MISMATCHES: usize = 100;
+
+/// How long the mismatch writer waits after a change, so that a burst of
+/// mismatches costs one rewrite.
+const MISMATCH_SETTLE: Duration = Duration::from_millis(100);
+
+/// `--shadow-mismatches`: the last [`MISMATCHES`] client datagrams on which
+/// the candidate differed from the active module, each with the active's
+/// replies, rewritten whole to a pcapng file by a thread of its own shortly
+/// after each change. Replaying the file with the candidate shows the
+/// differences again.
+pub struct MismatchLog {
+    ring: Arc<Mutex<VecDeque<Vec<Entry>>>>,
+    /// Wakes the writer; taken when the log is dropped, which ends it.
+    tx: Option<SyncSender<()>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MismatchLog {
+    /// Creates the file (empty, an error names it) and starts the writer.
+    pub fn start(path: &Path) -> anyhow::Result<Self> {
+        let what = || format!("--shadow-mismatches {}", path.display());
+        let mut file = create(path).with_context(what)?;
+        file.get_mut().flush().with_context(what)?;
+        let ring = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = sync_channel(1);
+        let (path, shared) = (path.to_path_buf(), Arc::clone(&ring));
+        let writer = std::thread::Builder::new()
+            .name("wasmgate-mismatches".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    std::thread::sleep(MISMATCH_SETTLE);
+                    while rx.try_recv().is_ok() {}
+                    rewrite(&path, &shared);
+                }
+                rewrite(&path, &shared);
+            })
+            .context("cannot start the mismatch writer thread")?;
+        Ok(Self {
+            ring,
+            tx: Some(tx),
+            writer: Some(writer),
+        })
+    }
+
+    /// Keeps one mismatch: the client's datagram (with the active module's
+    /// sha256 and verdict) and the active's replies to it.
+    pub fn add(
+        &self,
+        client: SocketAddr,
+        local: SocketAddr,
+        datagram: &[u8],
+        verdict: &'static str,
+        replies: &[Vec<u8>],
+        module: [u8; 32],
+    ) {
+        let at = SystemTime::now();
+        let entry = |hop, src, dst, payload: &[u8], verdict| Entry {
+            at,
+            hop,
+            src,
+            dst,
+            payload: payload.to_vec(),
+            module,
+            verdict,
+            client: None,
+        };
+        let mut exchange = vec![entry(Hop::Client, client, local, datagram, Some(verdict))];
+        exchange.extend(replies.iter().map(|r| entry(Hop::Reply, local, client, r, None)));
+        {
+            let mut ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if ring.len() == MISMATCHES {
+                ring.pop_front();
+            }
+            ring.push_back(exchange);
+        }
+        if let Some(tx) = &self.tx {
+            // Full means a rewrite is due already.
+            let _ = tx.try_send(());
+        }
+    }
+}
+
+impl Drop for MismatchLog {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Writes the ring to `path` through a temporary file renamed over it, so a
+/// reader never sees half a file.
+fn rewrite(path: &Path, ring: &Mutex<VecDeque<Vec<Entry>>>) {
+    let exchanges: Vec<Vec<Entry>> = ring
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .map(|e| e.iter().map(Entry::clone).collect())
+        .collect();
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = std::path::PathBuf::from(temporary);
+    let result = (|| -> anyhow::Result<()> {
+        let mut writer = create(&temporary)?;
+        let mut packet = Vec::new();
+        for entry in exchanges.iter().flatten() {
+            packet.clear();
+            if ip_packet(entry, &mut packet) {
+                writer.write_pcapng_block(block(entry, &packet))?;
+            }
+        }
+        writer.get_mut().flush()?;
+        std::fs::rename(&temporary, path)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::error!(file = %path.display(), error = %format_args!("{e:#}"), "cannot write the shadow mismatches");
     }
 }
 

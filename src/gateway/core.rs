@@ -11,6 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::mpsc::{SyncSender, TrySendError};
+
+use super::shadow::{self, Candidate, Job};
 use super::{Handler, NativeAnswer, Shared};
 use crate::capture::Hop;
 use crate::metrics::Counters;
@@ -37,6 +40,21 @@ pub(super) struct Core {
     pub(super) next_timeout: Instant,
     /// The recorder's sampling state (`--record-sample`).
     sample_state: u64,
+    /// Where shadow samples go (`--candidate` with `--shadow-sample` above 0).
+    shadow: Option<SyncSender<Job>>,
+    shadow_threshold: u64,
+    shadow_state: u64,
+    /// The candidate this worker serves canary clients with, and its handler.
+    canary: Option<(Arc<Candidate>, Handler)>,
+}
+
+/// Whether the datagram in hand goes to the candidate for real, or to the
+/// active and from there to the shadow, or neither.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trial {
+    None,
+    Canary,
+    Active { shadowed: bool },
 }
 
 impl Core {
@@ -47,7 +65,9 @@ impl Core {
         filter: SourceFilter,
         net: Option<Box<Upstreams>>,
         worker: usize,
+        shadow: Option<SyncSender<Job>>,
     ) -> Self {
+        let share = shared.spec.candidate.as_ref().map_or(0.0, |c| c.shadow_sample);
         Self {
             handler,
             shared,
@@ -57,6 +77,70 @@ impl Core {
             label: String::new(),
             next_timeout: Instant::now(),
             sample_state: 0x9e37_79b9_7f4a_7c15 ^ worker as u64,
+            shadow,
+            shadow_threshold: crate::capture::threshold(share),
+            shadow_state: 0x2545_f491_4f6c_dd1d ^ worker as u64,
+            canary: None,
+        }
+    }
+
+    /// What the candidate (if one is loaded) has to do with `client`'s
+    /// datagram; a new candidate gets its canary handler here.
+    fn trial(&mut self, client: SocketAddr) -> Trial {
+        let Some(spec) = &self.shared.spec.candidate else {
+            return Trial::None;
+        };
+        let loaded = self.shared.candidate.load();
+        let Some(candidate) = loaded.as_ref() else {
+            self.canary = None;
+            return Trial::None;
+        };
+        if spec.canary_percent > 0.0 && shadow::canary(client.ip(), spec.canary_percent) {
+            if !self.canary.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, candidate)) {
+                let guest = Guest::new(
+                    self.shared.sandbox.clone(),
+                    Arc::clone(&candidate.program),
+                    self.shared.spec.isolation,
+                    self.shared.spec.max_reply_ratio,
+                );
+                self.canary = Some((Arc::clone(candidate), Handler::Guest(Box::new(guest))));
+            }
+            return Trial::Canary;
+        }
+        let shadowed = self.shadow.is_some() && crate::capture::chance(&mut self.shadow_state, self.shadow_threshold);
+        Trial::Active { shadowed }
+    }
+
+    /// Puts the canary handler in the active's place, or back.
+    fn swap_canary(&mut self) {
+        if let Some((_, handler)) = self.canary.as_mut() {
+            std::mem::swap(&mut self.handler, handler);
+        }
+    }
+
+    /// Tells the candidate's judge how a datagram went, and acts on its ruling.
+    fn judged(&mut self, trial: Trial, verdict: &str) {
+        let loaded = self.shared.candidate.load_full();
+        let Some(candidate) = loaded else { return };
+        let failed = shadow::failed(verdict);
+        match trial {
+            Trial::None => {}
+            Trial::Active { .. } => candidate.active_ran(failed),
+            Trial::Canary => {
+                let promote_after = self.shared.spec.candidate.as_ref().and_then(|c| c.promote_after);
+                if let Some(action) = candidate.candidate_ran(failed, !failed, promote_after) {
+                    self.shared.settle(&candidate, action);
+                }
+            }
+        }
+    }
+
+    /// Hands a shadow sample to the shadow thread; a full queue skips it.
+    fn shadow(&self, job: Job) {
+        if let Some(tx) = &self.shadow
+            && let Err(TrySendError::Full(_)) = tx.try_send(job)
+        {
+            self.shared.shadow.skipped();
         }
     }
 
@@ -119,26 +203,45 @@ impl Core {
         let mut label = std::mem::take(&mut self.label);
         label.clear();
         label.push_str(upstream);
-        if !recording {
+        let shown = unmapped(client);
+        let trial = self.trial(shown);
+        // A canary client's answers go through the candidate's `on_reply`.
+        if trial == Trial::Canary {
+            self.swap_canary();
+        }
+        let shadowed = matches!(trial, Trial::Active { shadowed: true });
+        if !recording && !shadowed {
             for datagram in datagrams {
                 self.upstream_datagram(datagram, client, &label, emit);
             }
-            self.label = label;
-            return;
+        } else {
+            let local = self.shared.local;
+            for datagram in datagrams {
+                if recording && let Some(endpoint) = endpoint {
+                    self.record(Hop::Upstream, endpoint, local, datagram, None, Some(shown));
+                }
+                let mut replies = Vec::new();
+                self.upstream_datagram(datagram, client, &label, &mut |d, to| {
+                    replies.push(d.to_vec());
+                    emit(d, to);
+                });
+                if recording {
+                    for reply in &replies {
+                        self.record(Hop::Reply, local, shown, reply, None, None);
+                    }
+                }
+                if shadowed {
+                    self.shadow(Job::Upstream {
+                        at: now,
+                        client: shown,
+                        datagram: datagram.to_vec(),
+                        replies,
+                    });
+                }
+            }
         }
-        let (local, shown) = (self.shared.local, unmapped(client));
-        for datagram in datagrams {
-            if let Some(endpoint) = endpoint {
-                self.record(Hop::Upstream, endpoint, local, datagram, None, Some(shown));
-            }
-            let mut replies = Vec::new();
-            self.upstream_datagram(datagram, client, &label, &mut |d, to| {
-                replies.push(d.to_vec());
-                emit(d, to);
-            });
-            for reply in &replies {
-                self.record(Hop::Reply, local, shown, reply, None, None);
-            }
+        if trial == Trial::Canary {
+            self.swap_canary();
         }
         self.label = label;
     }
@@ -220,14 +323,46 @@ impl Core {
         }
         self.handler.refresh(&self.shared.program.load());
         let recording = self.recording();
+        let trial = self.trial(shown);
+        let shadowed = matches!(trial, Trial::Active { shadowed: true });
+        let mark = self.net.as_ref().map_or(0, |n| n.queued());
         let mut replies = Vec::new();
         let mut emit = |d: &[u8], to: SocketAddr| {
-            if recording {
+            if recording || shadowed {
                 replies.push(d.to_vec());
             }
             emit(d, to);
         };
-        let verdict = self.handle_client(datagram, peer, shown, &mut emit);
+        let verdict = if trial == Trial::Canary {
+            self.swap_canary();
+            let verdict = self.handle_client(datagram, peer, shown, &mut emit);
+            self.swap_canary();
+            verdict
+        } else {
+            self.handle_client(datagram, peer, shown, &mut emit)
+        };
+        if trial != Trial::None {
+            self.judged(trial, verdict);
+        }
+        if shadowed {
+            let forwards = self
+                .net
+                .as_ref()
+                .map(|n| n.sends_since(mark).map(<[u8]>::to_vec).collect())
+                .unwrap_or_default();
+            self.shadow(Job::Client {
+                at: now,
+                client: shown,
+                datagram: datagram.to_vec(),
+                verdict,
+                replies: if recording {
+                    replies.clone()
+                } else {
+                    std::mem::take(&mut replies)
+                },
+                forwards,
+            });
+        }
         if recording {
             let local = self.shared.local;
             self.record(Hop::Client, shown, local, datagram, Some(verdict), None);

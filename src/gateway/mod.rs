@@ -18,10 +18,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::capture::Recorder;
+use crate::capture::{MismatchLog, Recorder};
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::metrics::{RateLimit, Snapshot, Stats};
 use crate::net::sessions::SessionSockets;
@@ -67,14 +67,84 @@ struct Shared {
     recorder: Option<Recorder>,
     /// The listener's address, as recordings show it.
     local: SocketAddr,
+    /// What the listener was started with, for the candidate's instances.
+    sandbox: Sandbox,
+    spec: ListenerSpec,
+    /// `--candidate`, while one is loaded.
+    candidate: ArcSwapOption<Candidate>,
+    shadow: ShadowCounters,
+    /// `--shadow-mismatches`.
+    mismatches: Option<MismatchLog>,
 }
 
 impl Shared {
-    /// The workers' counters and the recorder's.
+    fn new(
+        sandbox: Sandbox,
+        spec: ListenerSpec,
+        program: Arc<Program>,
+        workers: usize,
+        pools: Option<ArcSwap<Pools>>,
+        recorder: Option<Recorder>,
+        local: SocketAddr,
+    ) -> Self {
+        Self {
+            program: ArcSwap::new(program),
+            stats: Stats::with_workers(workers),
+            stop: AtomicBool::new(false),
+            warnings: std::array::from_fn(|_| RateLimit::new(WARNINGS_PER_SECOND)),
+            pools,
+            session_ports: Arc::new(PortCounts::default()),
+            recorder,
+            local,
+            sandbox,
+            spec,
+            candidate: ArcSwapOption::empty(),
+            shadow: ShadowCounters::default(),
+            mismatches: None,
+        }
+    }
+
+    /// The workers' counters, the recorder's and the shadow's.
     fn snapshot(&self) -> Snapshot {
         let mut s = self.stats.snapshot();
         s.record_dropped = self.recorder.as_ref().map_or(0, Recorder::dropped);
+        (s.shadow, s.shadow_skipped) = self.shadow.read();
         s
+    }
+
+    /// Promotes or unloads `candidate`, unless it is no longer the one loaded
+    /// (another worker, the shadow thread or an edit got there first).
+    fn settle(&self, candidate: &Arc<Candidate>, action: Action) {
+        let expected = Some(Arc::clone(candidate));
+        let previous = self.candidate.compare_and_swap(&expected, None);
+        if !previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, candidate)) {
+            return;
+        }
+        let active = self.program.load().short_sha256();
+        let sha256 = candidate.program.short_sha256();
+        match action {
+            Action::Promote => {
+                self.stats.reloaded();
+                self.program.store(Arc::clone(&candidate.program));
+                tracing::info!(
+                    listener = self.spec.name,
+                    candidate = candidate.program.origin(),
+                    sha256,
+                    previous = active,
+                    "candidate promoted: it is the active module now (the module file is unchanged; \
+                     copy the candidate over it to keep it across restarts)"
+                );
+            }
+            Action::Rollback(why) => {
+                tracing::warn!(
+                    listener = self.spec.name,
+                    candidate = candidate.program.origin(),
+                    sha256,
+                    active,
+                    "candidate rolled back (unloaded): {why}; an edit of its file or SIGHUP loads it again"
+                );
+            }
+        }
     }
 }
 
@@ -115,21 +185,29 @@ impl Gateway {
             bind_group(config.listen, workers).with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = sockets[0].local_addr()?;
         let recorder = config.record.as_ref().map(Recorder::start).transpose()?;
+        let mut shared = Shared::new(
+            sandbox.clone(),
+            config.clone(),
+            Arc::new(program),
+            sockets.len(),
+            pools,
+            recorder,
+            local_addr,
+        );
+        let mut shadow = None;
+        if let Some(c) = &config.candidate {
+            if let Some(path) = &c.mismatches {
+                shared.mismatches = Some(MismatchLog::start(path)?);
+            }
+            if c.shadow_sample > 0.0 {
+                shadow = Some(std::sync::mpsc::sync_channel(shadow::QUEUE));
+            }
+        }
         // Unregistered when the gateway is dropped.
         listening_ports().add(local_addr.port());
-        let shared = Arc::new(Shared {
-            program: ArcSwap::from_pointee(program),
-            stats: Stats::with_workers(sockets.len()),
-            stop: AtomicBool::new(false),
-            warnings: std::array::from_fn(|_| RateLimit::new(WARNINGS_PER_SECOND)),
-            pools,
-            session_ports: Arc::new(PortCounts::default()),
-            recorder,
-            local: local_addr,
-        });
         let mut gateway = Self {
             local_addr,
-            shared,
+            shared: Arc::new(shared),
             workers: Vec::new(),
         };
         for (i, socket) in sockets.into_iter().enumerate() {
@@ -167,6 +245,7 @@ impl Gateway {
                     SourceFilter::new(config.deny_source_ports.clone(), local_addr),
                     net,
                     i,
+                    shadow.as_ref().map(|(tx, _)| tx.clone()),
                 ),
             };
             let thread = std::thread::Builder::new()
@@ -174,6 +253,20 @@ impl Gateway {
                 .stack_size(WORKER_STACK_BYTES)
                 .spawn(move || worker.run())
                 .context("cannot start a worker thread")?;
+            gateway.workers.push(thread);
+        }
+        if let Some(c) = &config.candidate {
+            let program = sandbox.load_file(Some(&c.path)).context("--candidate")?;
+            gateway.publisher().publish_candidate(program)?;
+        }
+        if let Some((_, rx)) = shadow {
+            // Ends once every worker (and with it every sender) is gone.
+            let shared = Arc::clone(&gateway.shared);
+            let thread = std::thread::Builder::new()
+                .name("wasmgate-shadow".into())
+                .stack_size(WORKER_STACK_BYTES)
+                .spawn(move || shadow::run(&shared, &rx))
+                .context("cannot start the shadow thread")?;
             gateway.workers.push(thread);
         }
         Ok(gateway)
@@ -283,6 +376,39 @@ impl Publisher {
         self.shared.program.swap(Arc::new(program))
     }
 
+    /// The candidate loaded now, if any.
+    pub fn candidate(&self) -> Option<Arc<Program>> {
+        self.shared.candidate.load().as_ref().map(|c| Arc::clone(&c.program))
+    }
+
+    /// Makes `program` the candidate (`--candidate`) every worker shadows or
+    /// canaries from now on, with a fresh record; returns the one it replaced.
+    pub fn publish_candidate(&self, program: Program) -> anyhow::Result<Option<Arc<Program>>> {
+        anyhow::ensure!(
+            self.shared.spec.candidate.is_some(),
+            "the listener was started without --candidate"
+        );
+        // Its own pools: the shadow's stubbed sessions must not count as the active's.
+        let pools = match &self.shared.pools {
+            Some(p) => Some(Arc::new(p.load().copy())),
+            None => None,
+        };
+        let candidate = Candidate::new(Arc::new(program), pools);
+        let previous = self.shared.candidate.swap(Some(Arc::new(candidate)));
+        Ok(previous.map(|c| Arc::clone(&c.program)))
+    }
+
+    /// Promotes the candidate by hand (SIGUSR1); false when none is loaded.
+    pub fn promote(&self) -> bool {
+        match self.shared.candidate.load_full() {
+            Some(candidate) => {
+                self.shared.settle(&candidate, Action::Promote);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Counts a reload that was refused.
     pub fn failed(&self) {
         self.shared.stats.reload_failed();
@@ -326,9 +452,13 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
 
 mod core;
 mod offline;
+mod shadow;
 mod worker;
 
 pub use offline::{Offline, Outcome};
+pub use shadow::{Candidate, ShadowResult};
+
+use self::shadow::{Action, ShadowCounters};
 
 use self::core::Core;
 use self::worker::Worker;

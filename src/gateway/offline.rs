@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use super::core::Core;
-use super::{Handler, Shared, WARNINGS_PER_SECOND};
+use super::shadow::Candidate;
+use super::{Handler, Shared};
 use crate::config::ListenerSpec;
-use crate::metrics::{RateLimit, Snapshot, Stats};
+use crate::metrics::Snapshot;
 use crate::sandbox::{Guest, Program, Sandbox};
-use crate::source_filter::{PortCounts, SourceFilter};
+use crate::source_filter::SourceFilter;
 use crate::upstream::{Applied, Command, Pools, SessionId, Upstreams};
 use crate::verdict::DropReason;
 
@@ -40,28 +41,51 @@ pub struct Offline {
     first: Option<Duration>,
     /// Open sessions by client and endpoint, to feed recorded answers to.
     sessions: HashMap<(SocketAddr, SocketAddr), SessionId>,
+    /// The session each client opened last, for answers whose endpoint is not known.
+    by_client: HashMap<SocketAddr, SessionId>,
 }
 
 impl Offline {
     /// A core running `program` as `spec`'s listener at `local` would (its
     /// pools, isolation, reply ratio and denied ports).
     pub fn new(sandbox: &Sandbox, program: Program, spec: &ListenerSpec, local: SocketAddr) -> anyhow::Result<Self> {
-        let start = Instant::now();
         let pools = if spec.pools.is_empty() {
             None
         } else {
-            Some(ArcSwap::from_pointee(Pools::new(&spec.pools, 1)?))
+            Some(Arc::new(Pools::new(&spec.pools, 1)?))
         };
-        let shared = Arc::new(Shared {
-            program: ArcSwap::from_pointee(program),
-            stats: Stats::with_workers(1),
-            stop: false.into(),
-            warnings: std::array::from_fn(|_| RateLimit::new(WARNINGS_PER_SECOND)),
-            pools,
-            session_ports: Arc::new(PortCounts::default()),
-            recorder: None,
+        Ok(Self::with(sandbox, Arc::new(program), spec, local, pools))
+    }
+
+    /// A core running `candidate` beside the listener `shared` serves, with
+    /// the candidate's own copy of the pools (for the shadow).
+    pub(super) fn beside(shared: &Shared, candidate: &Candidate) -> anyhow::Result<Self> {
+        Ok(Self::with(
+            &shared.sandbox,
+            Arc::clone(&candidate.program),
+            &shared.spec,
+            shared.local,
+            candidate.pools.clone(),
+        ))
+    }
+
+    fn with(
+        sandbox: &Sandbox,
+        program: Arc<Program>,
+        spec: &ListenerSpec,
+        local: SocketAddr,
+        pools: Option<Arc<Pools>>,
+    ) -> Self {
+        let start = Instant::now();
+        let shared = Arc::new(Shared::new(
+            sandbox.clone(),
+            spec.clone(),
+            program,
+            1,
+            pools.map(ArcSwap::new),
+            None,
             local,
-        });
+        ));
         let counters = shared.stats.worker(0);
         let guest = Guest::new(
             sandbox.clone(),
@@ -79,13 +103,14 @@ impl Offline {
             ))
         });
         let filter = SourceFilter::new(spec.deny_source_ports.clone(), local);
-        let core = Core::new(Handler::Guest(Box::new(guest)), shared, counters, filter, net, 0);
-        Ok(Self {
+        let core = Core::new(Handler::Guest(Box::new(guest)), shared, counters, filter, net, 0, None);
+        Self {
             core,
             start,
             first: None,
             sessions: HashMap::new(),
-        })
+            by_client: HashMap::new(),
+        }
     }
 
     /// The virtual time of a datagram captured at `at`; sessions due to
@@ -95,8 +120,9 @@ impl Offline {
         let now = self.start + at.saturating_sub(first);
         if now >= self.core.poll_timeout() {
             self.core.on_timeout(now);
-            self.sessions
-                .retain(|_, id| self.core.net.as_ref().is_some_and(|n| n.session(*id).is_some()));
+            let open = |id: &SessionId| self.core.net.as_ref().is_some_and(|n| n.session(*id).is_some());
+            self.sessions.retain(|_, id| open(id));
+            self.by_client.retain(|_, id| open(id));
         }
         now
     }
@@ -125,6 +151,18 @@ impl Offline {
     ) -> Option<Outcome> {
         let now = self.now(at);
         let id = *self.sessions.get(&(client, endpoint))?;
+        Some(self.answer_on(now, id, datagram))
+    }
+
+    /// An upstream's answer for `client` on the session it opened last (the
+    /// shadow's, whose endpoints are not the active's): `None` when it has none.
+    pub(super) fn answer(&mut self, at: Duration, client: SocketAddr, datagram: &[u8]) -> Option<Outcome> {
+        let now = self.now(at);
+        let id = *self.by_client.get(&client)?;
+        Some(self.answer_on(now, id, datagram))
+    }
+
+    fn answer_on(&mut self, now: Instant, id: SessionId, datagram: &[u8]) -> Outcome {
         let before = self.core.shared.stats.snapshot();
         let mut outcome = Outcome::default();
         self.core.on_upstream(now, id, std::iter::once(datagram), &mut |d, _| {
@@ -132,7 +170,7 @@ impl Offline {
         });
         self.apply_commands(&mut outcome);
         self.finish(&before, &mut outcome, |s| &s.upstream_dropped);
-        Some(outcome)
+        outcome
     }
 
     /// The session commands as if every socket did as told: opens noted,
@@ -151,7 +189,9 @@ impl Offline {
         let Some(net) = self.core.net.as_ref() else { return };
         for (id, to) in opened {
             if let Some((client, _)) = net.session(id) {
-                self.sessions.insert((super::core::unmapped(client), to), id);
+                let client = super::core::unmapped(client);
+                self.sessions.insert((client, to), id);
+                self.by_client.insert(client, id);
             }
         }
         for (id, datagram) in sent {

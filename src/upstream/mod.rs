@@ -141,6 +141,32 @@ impl Pools {
         })
     }
 
+    /// The same pools as resolved now, for one worker, with health and
+    /// counters of their own: for a shadow, whose stubbed sessions must not
+    /// count against the real endpoints.
+    pub fn copy(&self) -> Self {
+        let pools: Vec<Configured> = self
+            .pools
+            .iter()
+            .map(|c| {
+                let pool = Pool::new(c.spec.name.clone(), c.spec.policy, &c.addrs);
+                let counters = pool.endpoints().iter().map(|_| vec![Arc::default()]).collect();
+                Configured {
+                    spec: c.spec.clone(),
+                    addrs: c.addrs.clone(),
+                    pool,
+                    counters,
+                }
+            })
+            .collect();
+        Self {
+            endpoints: self.endpoints.clone(),
+            pools,
+            workers: 1,
+            health_lines: Arc::new(RateLimit::new(HEALTH_LINES_PER_SECOND)),
+        }
+    }
+
     /// Whether both have the same settings and resolved addresses, pool by
     /// pool: a reload that would change nothing is skipped.
     pub fn same_as(&self, other: &Self) -> bool {

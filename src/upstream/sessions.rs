@@ -678,6 +678,24 @@ impl Upstreams {
         }
     }
 
+    /// How many commands are queued: a mark for [`Upstreams::sends_since`].
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The datagrams of the sends queued after `mark` (from [`Upstreams::queued`]
+    /// before the guest ran), in order: what one client datagram forwarded.
+    pub fn sends_since(&self, mark: usize) -> impl Iterator<Item = &[u8]> {
+        self.queue
+            .get(mark..)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|q| match q {
+                Queued::Send { bytes, .. } => self.arena.get(bytes.clone()),
+                _ => None,
+            })
+    }
+
     /// Session `id`'s client (as received) and endpoint, while it is open.
     pub fn session(&self, id: SessionId) -> Option<(SocketAddr, SocketAddr)> {
         self.sessions.get(&id).map(|s| (s.client, s.endpoint))

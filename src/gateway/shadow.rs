@@ -1,0 +1,457 @@
+//! A candidate module beside the active one (`--candidate`). Shadowed: the
+//! workers hand sampled datagrams, with what the active module did about them,
+//! over a bounded queue to a thread of the listener's own, where the candidate
+//! runs them in an [`Offline`] core (side effects stubbed) and the verdicts are
+//! compared; a full queue skips the sample, so a slow candidate never holds a
+//! worker. Canaried: a share of clients, by a hash of their address, is served
+//! by the candidate for real. Either way its record decides, by rule, whether
+//! it is promoted to active or unloaded.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::{Offline, Outcome, POLL_INTERVAL, Shared};
+use crate::sandbox::Program;
+use crate::upstream::Pools;
+use crate::verdict::DropReason;
+
+/// Shadow samples waiting for the candidate; past this they are skipped.
+pub(super) const QUEUE: usize = 1024;
+
+/// The datagrams over which trap and timeout rates are compared.
+const WINDOW: usize = 1000;
+
+/// What one shadowed datagram showed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShadowResult {
+    /// The candidate did what the active did: same verdict, replies and forwards.
+    Match,
+    Mismatch,
+    /// The candidate trapped (and the active did not).
+    CandidateTrap,
+    /// The candidate ran out of time (and the active did not).
+    CandidateTimeout,
+}
+
+impl ShadowResult {
+    pub const ALL: [Self; 4] = [Self::Match, Self::Mismatch, Self::CandidateTrap, Self::CandidateTimeout];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Match => "match",
+            Self::Mismatch => "mismatch",
+            Self::CandidateTrap => "candidate_trap",
+            Self::CandidateTimeout => "candidate_timeout",
+        }
+    }
+}
+
+/// The shadow counters of a listener: a count per [`ShadowResult`], and the
+/// samples skipped because the candidate was behind.
+#[derive(Default)]
+pub(super) struct ShadowCounters {
+    results: [AtomicU64; ShadowResult::ALL.len()],
+    skipped: AtomicU64,
+}
+
+impl ShadowCounters {
+    fn count(&self, result: ShadowResult) {
+        self.results[result as usize].fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn skipped(&self) {
+        self.skipped.fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn read(&self) -> ([u64; ShadowResult::ALL.len()], u64) {
+        (
+            self.results.each_ref().map(|c| c.load(Relaxed)),
+            self.skipped.load(Relaxed),
+        )
+    }
+}
+
+/// A loaded candidate and its record since it was loaded.
+pub struct Candidate {
+    pub(super) program: Arc<Program>,
+    /// Its own pools (same settings as the active's): its stubbed sessions
+    /// never touch the active's endpoint counters.
+    pub(super) pools: Option<Arc<Pools>>,
+    judge: Mutex<Judge>,
+}
+
+/// What a candidate's record says to do.
+#[derive(Debug, PartialEq)]
+pub(super) enum Action {
+    Promote,
+    /// Unload it, for this reason.
+    Rollback(String),
+}
+
+impl Candidate {
+    pub(super) fn new(program: Arc<Program>, pools: Option<Arc<Pools>>) -> Self {
+        Self {
+            program,
+            pools,
+            judge: Mutex::new(Judge::default()),
+        }
+    }
+
+    /// The candidate's program.
+    pub fn program(&self) -> &Arc<Program> {
+        &self.program
+    }
+
+    fn judge(&self) -> std::sync::MutexGuard<'_, Judge> {
+        self.judge.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The active module served a datagram (and trapped or timed out, or not).
+    pub(super) fn active_ran(&self, failed: bool) {
+        self.judge().active.push(failed);
+    }
+
+    /// The candidate ran a datagram, shadowed or for real: whether it failed
+    /// (trap or timeout) and whether it was clean (no failure, no mismatch).
+    /// Says what to do, once.
+    pub(super) fn candidate_ran(&self, failed: bool, clean: bool, promote_after: Option<u64>) -> Option<Action> {
+        let mut judge = self.judge();
+        if judge.decided {
+            return None;
+        }
+        judge.candidate.push(failed);
+        judge.judged += 1;
+        if !clean && !judge.blemished {
+            judge.blemished = true;
+            if promote_after.is_some() {
+                tracing::info!(
+                    candidate = self.program.short_sha256(),
+                    "the candidate differed from the active, trapped or timed out: it will not be promoted \
+                     automatically (SIGUSR1 promotes it by hand)"
+                );
+            }
+        }
+        let (candidate, active) = (judge.candidate.rate(), judge.active.rate());
+        if failed && candidate > active {
+            judge.decided = true;
+            return Some(Action::Rollback(format!(
+                "its trap and timeout rate over its last {} datagrams is {:.2}%, the active's is {:.2}%",
+                judge.candidate.outcomes.len(),
+                candidate * 100.0,
+                active * 100.0
+            )));
+        }
+        if let Some(n) = promote_after
+            && !judge.blemished
+            && judge.judged >= n
+        {
+            judge.decided = true;
+            return Some(Action::Promote);
+        }
+        None
+    }
+}
+
+/// A candidate's record.
+#[derive(Default)]
+struct Judge {
+    /// Candidate datagrams judged since it was loaded.
+    judged: u64,
+    /// Whether any of them mismatched, trapped or timed out.
+    blemished: bool,
+    active: Window,
+    candidate: Window,
+    /// Promoted or rolled back already.
+    decided: bool,
+}
+
+/// Failures over the last [`WINDOW`] datagrams.
+#[derive(Default)]
+struct Window {
+    outcomes: VecDeque<bool>,
+    failures: usize,
+}
+
+impl Window {
+    fn push(&mut self, failed: bool) {
+        if self.outcomes.len() == WINDOW && self.outcomes.pop_front() == Some(true) {
+            self.failures -= 1;
+        }
+        self.outcomes.push_back(failed);
+        self.failures += usize::from(failed);
+    }
+
+    fn rate(&self) -> f64 {
+        if self.outcomes.is_empty() {
+            0.0
+        } else {
+            self.failures as f64 / self.outcomes.len() as f64
+        }
+    }
+}
+
+/// Whether `client` is one of the `percent` of clients the candidate serves:
+/// by a hash of its IP address, so a client keeps its side while the share
+/// is unchanged whatever port it sends from.
+pub(super) fn canary(client: IpAddr, percent: f64) -> bool {
+    let bytes = match client {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    // FNV-1a, then a finaliser (splitmix64's) to spread neighbouring addresses.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    ((h % 10_000) as f64) < percent * 100.0
+}
+
+/// Whether a datagram's verdict is a trap or a timeout.
+pub(super) fn failed(verdict: &str) -> bool {
+    verdict == DropReason::Trap.as_str() || verdict == DropReason::Timeout.as_str()
+}
+
+/// A shadow sample, from a worker to the shadow thread.
+pub(super) enum Job {
+    /// A client datagram and what the active module did about it.
+    Client {
+        at: Instant,
+        client: SocketAddr,
+        datagram: Vec<u8>,
+        verdict: &'static str,
+        replies: Vec<Vec<u8>>,
+        forwards: Vec<Vec<u8>>,
+    },
+    /// An upstream datagram for `client` and what the active's `on_reply` sent on.
+    Upstream {
+        at: Instant,
+        client: SocketAddr,
+        datagram: Vec<u8>,
+        replies: Vec<Vec<u8>>,
+    },
+}
+
+/// The shadow thread: runs every sample through the candidate loaded now and
+/// counts what it shows, until the workers are gone.
+pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
+    let epoch = Instant::now();
+    let mut current: Option<(Arc<Candidate>, Offline)> = None;
+    loop {
+        let job = match rx.recv_timeout(POLL_INTERVAL) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(candidate) = shared.candidate.load_full() else {
+            current = None;
+            continue;
+        };
+        if !current.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, &candidate)) {
+            current = None;
+            match Offline::beside(shared, &candidate) {
+                Ok(offline) => current = Some((Arc::clone(&candidate), offline)),
+                Err(e) => {
+                    tracing::error!(
+                        candidate = candidate.program.origin(),
+                        "cannot shadow the candidate: {e:#}"
+                    );
+                    continue;
+                }
+            }
+        }
+        let Some((candidate, offline)) = current.as_mut() else {
+            continue;
+        };
+        let result = match job {
+            Job::Client {
+                at,
+                client,
+                datagram,
+                verdict,
+                replies,
+                forwards,
+            } => {
+                let outcome = offline.client(since(epoch, at), &datagram, client);
+                let result = compare(verdict, &replies, &forwards, &outcome);
+                if result == ShadowResult::Mismatch
+                    && let Some(log) = &shared.mismatches
+                {
+                    let module = shared.program.load().sha256();
+                    log.add(client, shared.local, &datagram, verdict, &replies, module);
+                }
+                result
+            }
+            Job::Upstream {
+                at,
+                client,
+                datagram,
+                replies,
+            } => {
+                // None: the candidate did not forward for this client.
+                let Some(outcome) = offline.answer(since(epoch, at), client, &datagram) else {
+                    continue;
+                };
+                compare_answer(&replies, &outcome)
+            }
+        };
+        shared.shadow.count(result);
+        let failed = matches!(result, ShadowResult::CandidateTrap | ShadowResult::CandidateTimeout);
+        let promote_after = shared.spec.candidate.as_ref().and_then(|c| c.promote_after);
+        if let Some(action) = candidate.candidate_ran(failed, result == ShadowResult::Match, promote_after) {
+            shared.settle(candidate, action);
+        }
+    }
+}
+
+fn since(epoch: Instant, at: Instant) -> Duration {
+    at.saturating_duration_since(epoch)
+}
+
+/// What the candidate's run of a client datagram shows against the active's.
+fn compare(verdict: &str, replies: &[Vec<u8>], forwards: &[Vec<u8>], outcome: &Outcome) -> ShadowResult {
+    if let Some(result) = candidate_failed(verdict, outcome) {
+        return result;
+    }
+    let theirs = if !outcome.replies.is_empty() {
+        "reply"
+    } else if !outcome.forwards.is_empty() {
+        "forward"
+    } else {
+        outcome.dropped.map_or(DropReason::NoReply.as_str(), DropReason::as_str)
+    };
+    // Forwards are compared by content: which endpoint of a pool takes them
+    // is the balancer's choice, not the module's.
+    let same_forwards =
+        outcome.forwards.len() == forwards.len() && outcome.forwards.iter().zip(forwards).all(|((_, a), b)| a == b);
+    if theirs == verdict && outcome.replies == replies && same_forwards {
+        ShadowResult::Match
+    } else {
+        ShadowResult::Mismatch
+    }
+}
+
+/// What the candidate's `on_reply` on an upstream answer shows against the active's.
+fn compare_answer(replies: &[Vec<u8>], outcome: &Outcome) -> ShadowResult {
+    match candidate_failed("", outcome) {
+        Some(result) => result,
+        None if outcome.replies == replies => ShadowResult::Match,
+        None => ShadowResult::Mismatch,
+    }
+}
+
+/// A trap or timeout of the candidate where the active had none.
+fn candidate_failed(verdict: &str, outcome: &Outcome) -> Option<ShadowResult> {
+    match outcome.dropped {
+        Some(DropReason::Trap) if verdict != DropReason::Trap.as_str() => Some(ShadowResult::CandidateTrap),
+        Some(DropReason::Timeout) if verdict != DropReason::Timeout.as_str() => Some(ShadowResult::CandidateTimeout),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_candidate_that_traps_more_than_the_active_is_rolled_back() {
+        let program = Arc::new(
+            crate::sandbox::Sandbox::new(Default::default())
+                .unwrap()
+                .load_file(None)
+                .unwrap(),
+        );
+        let c = Candidate::new(program, None);
+        for _ in 0..10 {
+            c.active_ran(false);
+            assert_eq!(c.candidate_ran(false, true, None), None);
+        }
+        let action = c.candidate_ran(true, false, None);
+        assert!(matches!(action, Some(Action::Rollback(_))), "{action:?}");
+        assert_eq!(c.candidate_ran(true, false, None), None, "decided once");
+    }
+
+    #[test]
+    fn a_candidate_that_fails_no_more_than_the_active_stays() {
+        let program = Arc::new(
+            crate::sandbox::Sandbox::new(Default::default())
+                .unwrap()
+                .load_file(None)
+                .unwrap(),
+        );
+        let c = Candidate::new(program, None);
+        for _ in 0..10 {
+            c.active_ran(true);
+        }
+        assert_eq!(c.candidate_ran(true, false, Some(3)), None);
+        // Blemished: never promoted automatically.
+        for _ in 0..10 {
+            assert_eq!(c.candidate_ran(false, true, Some(3)), None);
+        }
+    }
+
+    #[test]
+    fn promotion_comes_after_n_clean_datagrams() {
+        let program = Arc::new(
+            crate::sandbox::Sandbox::new(Default::default())
+                .unwrap()
+                .load_file(None)
+                .unwrap(),
+        );
+        let c = Candidate::new(program, None);
+        assert_eq!(c.candidate_ran(false, true, Some(3)), None);
+        assert_eq!(c.candidate_ran(false, true, Some(3)), None);
+        assert_eq!(c.candidate_ran(false, true, Some(3)), Some(Action::Promote));
+    }
+
+    #[test]
+    fn the_window_forgets_past_a_thousand() {
+        let mut w = Window::default();
+        w.push(true);
+        for _ in 0..WINDOW {
+            w.push(false);
+        }
+        assert_eq!((w.failures, w.outcomes.len()), (0, WINDOW));
+    }
+
+    #[test]
+    fn canary_share_is_near_its_percentage_and_stable() {
+        let ips = (0..10_000u32).map(|i| IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]));
+        let chosen = ips.clone().filter(|ip| canary(*ip, 10.0)).count();
+        assert!((900..1_100).contains(&chosen), "{chosen} of 10,000 at 10%");
+        assert!(ips.clone().all(|ip| canary(ip, 10.0) == canary(ip, 10.0)));
+        assert!(!ips.clone().any(|ip| canary(ip, 0.0)));
+        assert!(ips.clone().all(|ip| canary(ip, 100.0)));
+    }
+
+    #[test]
+    fn a_mismatch_is_any_difference_in_verdict_replies_or_forwards() {
+        let reply = Outcome {
+            replies: vec![b"HI".to_vec()],
+            ..Outcome::default()
+        };
+        assert_eq!(compare("reply", &[b"HI".to_vec()], &[], &reply), ShadowResult::Match);
+        assert_eq!(compare("reply", &[b"hi".to_vec()], &[], &reply), ShadowResult::Mismatch);
+        let forward = Outcome {
+            forwards: vec![("127.0.0.1:53".parse().unwrap(), b"q".to_vec())],
+            ..Outcome::default()
+        };
+        assert_eq!(compare("forward", &[], &[b"q".to_vec()], &forward), ShadowResult::Match);
+        assert_eq!(
+            compare("forward", &[], &[b"Q".to_vec()], &forward),
+            ShadowResult::Mismatch
+        );
+        let trap = Outcome {
+            dropped: Some(DropReason::Trap),
+            ..Outcome::default()
+        };
+        assert_eq!(compare("reply", &[], &[], &trap), ShadowResult::CandidateTrap);
+        assert_eq!(compare("trap", &[], &[], &trap), ShadowResult::Match);
+    }
+}

@@ -1,0 +1,303 @@
+//! `--candidate`: a second module shadowing the active one on real UDP
+//! traffic (clients and upstreams see only the active's behaviour, verdicts
+//! compared and counted), canaried for a stable share of clients, promoted
+//! after N clean datagrams or by SIGUSR1, rolled back when it traps or loops.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Served, Upstream, ask, client, client_on, run_to_end, sample, scrape, signal, wait_until, write_file};
+use wasmgate::config::{CandidateSpec, ListenerSpec, PoolSpec};
+use wasmgate::gateway::Gateway;
+
+const ECHO: &str = include_str!("../examples/echo.wat");
+const FORWARD: &str = include_str!("../examples/forward.wat");
+
+const TRAPS: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) i32.const 0)
+  (func (export "handle") (param i32 i32) (result i64) unreachable))"#;
+
+const LOOPS: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) i32.const 0)
+  (func (export "handle") (param i32 i32) (result i64) (loop (br 0)) i64.const 0))"#;
+
+/// Shadow counts in the order of `ShadowResult::ALL`.
+const MATCH: usize = 0;
+const MISMATCH: usize = 1;
+const TRAP: usize = 2;
+const TIMEOUT: usize = 3;
+
+fn with_candidate(dir: &Path, source: &str, edit: impl FnOnce(&mut CandidateSpec)) -> ListenerSpec {
+    let mut candidate = CandidateSpec::new(dir.join("candidate.wat").into());
+    std::fs::write(&candidate.path, source).unwrap();
+    edit(&mut candidate);
+    ListenerSpec {
+        candidate: Some(candidate),
+        ..common::config()
+    }
+}
+
+fn start(module: &[u8], spec: ListenerSpec) -> Gateway {
+    common::start_with(module, Default::default(), spec)
+}
+
+fn shadowed(gateway: &Gateway) -> u64 {
+    gateway.stats().shadow.iter().sum()
+}
+
+#[test]
+fn clients_see_only_the_active_replies_and_every_shadowed_datagram_is_judged_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mismatches = dir.path().join("mismatches.pcapng");
+    let spec = with_candidate(dir.path(), ECHO, |c| c.mismatches = Some(mismatches.clone()));
+    let gateway = start(wasmgate::DEFAULT_GUEST_WASM, spec);
+    let socket = client();
+    // 30 with lowercase letters (the echo differs), 20 without (it agrees).
+    for i in 0..30 {
+        let m = format!("hello {i}");
+        assert_eq!(
+            ask(&socket, gateway.local_addr(), m.as_bytes()),
+            m.to_uppercase().as_bytes()
+        );
+    }
+    for i in 0..20 {
+        let m = format!("HELLO {i}");
+        assert_eq!(ask(&socket, gateway.local_addr(), m.as_bytes()), m.as_bytes());
+    }
+    wait_until("50 shadowed datagrams", || shadowed(&gateway) == 50);
+    let stats = gateway.stats();
+    assert_eq!(stats.shadow, [20, 30, 0, 0]);
+    assert_eq!(stats.shadow_skipped, 0);
+    assert!(
+        gateway.publisher().candidate().is_some(),
+        "a mismatch alone does not unload it"
+    );
+    drop(gateway);
+
+    // The mismatches replay as a regression test: the echo differs on each.
+    let file = mismatches.display().to_string();
+    let (code, out, err) = run_to_end(&[
+        "replay",
+        &file,
+        "--module",
+        &dir.path().join("candidate.wat").display().to_string(),
+    ]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("replayed 30 client datagrams"), "{out}");
+    assert!(out.contains("same: 0  different: 30"), "{out}");
+    let (code, out, err) = run_to_end(&["replay", &file, "--module", "guest/uppercase.wasm"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+}
+
+#[test]
+fn a_trapping_candidate_costs_clients_nothing_and_is_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start(wasmgate::DEFAULT_GUEST_WASM, with_candidate(dir.path(), TRAPS, |_| {}));
+    let socket = client();
+    for i in 0..20 {
+        let m = format!("ok {i}");
+        assert_eq!(
+            ask(&socket, gateway.local_addr(), m.as_bytes()),
+            m.to_uppercase().as_bytes()
+        );
+    }
+    wait_until("the rollback", || gateway.publisher().candidate().is_none());
+    let stats = gateway.stats();
+    assert!(stats.shadow[TRAP] >= 1, "{:?}", stats.shadow);
+    assert_eq!(stats.dropped_total(), 0, "the clients lost nothing");
+    assert_eq!(
+        gateway.program().origin(),
+        "test module",
+        "the active module still serves"
+    );
+}
+
+#[test]
+fn a_looping_candidate_times_out_in_the_shadow_and_is_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start(wasmgate::DEFAULT_GUEST_WASM, with_candidate(dir.path(), LOOPS, |_| {}));
+    let socket = client();
+    for _ in 0..5 {
+        assert_eq!(ask(&socket, gateway.local_addr(), b"still here"), b"STILL HERE");
+    }
+    wait_until("the rollback", || gateway.publisher().candidate().is_none());
+    assert!(gateway.stats().shadow[TIMEOUT] >= 1, "{:?}", gateway.stats().shadow);
+}
+
+#[test]
+fn a_candidate_that_agrees_is_promoted_after_n_datagrams() {
+    let dir = tempfile::tempdir().unwrap();
+    // The echo again, as different bytes: a new version that behaves the same.
+    let v2 = format!("{ECHO}\n;; v2\n");
+    let gateway = start(
+        ECHO.as_bytes(),
+        with_candidate(dir.path(), &v2, |c| c.promote_after = Some(25)),
+    );
+    let candidate = gateway.publisher().candidate().unwrap();
+    assert_ne!(candidate.sha256(), gateway.program().sha256());
+    let socket = client();
+    for i in 0..24 {
+        ask(&socket, gateway.local_addr(), format!("m{i}").as_bytes());
+    }
+    wait_until("24 shadowed", || shadowed(&gateway) == 24);
+    assert!(gateway.publisher().candidate().is_some(), "not before 25");
+    ask(&socket, gateway.local_addr(), b"the 25th");
+    wait_until("the promotion", || gateway.program().sha256() == candidate.sha256());
+    assert!(gateway.publisher().candidate().is_none());
+    assert_eq!(gateway.stats().shadow[MATCH], 25);
+    assert_eq!(gateway.stats().shadow, [25, 0, 0, 0]);
+    assert_eq!(gateway.stats().reloads, 1, "a promotion counts as a reload");
+}
+
+#[test]
+fn a_candidate_that_mismatched_is_never_promoted_automatically() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start(
+        wasmgate::DEFAULT_GUEST_WASM,
+        with_candidate(dir.path(), ECHO, |c| c.promote_after = Some(5)),
+    );
+    let socket = client();
+    ask(&socket, gateway.local_addr(), b"lower");
+    for _ in 0..10 {
+        ask(&socket, gateway.local_addr(), b"UPPER");
+    }
+    wait_until("11 shadowed", || shadowed(&gateway) == 11);
+    assert_eq!(gateway.stats().shadow[MISMATCH], 1);
+    assert!(gateway.publisher().candidate().is_some());
+    assert_eq!(gateway.stats().reloads, 0);
+}
+
+#[test]
+fn an_upstream_receives_only_the_active_forwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::echo("up:");
+    // The candidate forwards every datagram twice.
+    let once = "(drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))";
+    assert!(FORWARD.contains(once));
+    let twice = FORWARD.replace(once, &format!("{once} {once}"));
+    let mut spec = with_candidate(dir.path(), &twice, |_| {});
+    spec.pools = vec![PoolSpec::new("backend", vec![upstream.addr.to_string()])];
+    let gateway = start(FORWARD.as_bytes(), spec);
+    let socket = client();
+    for i in 0..10 {
+        let m = format!("q{i}");
+        assert_eq!(
+            ask(&socket, gateway.local_addr(), m.as_bytes()),
+            format!("up:{m}").as_bytes()
+        );
+    }
+    // Each client datagram mismatches (two forwards against one); each answer,
+    // passed on unchanged by both (no on_reply), matches.
+    wait_until("20 shadowed", || shadowed(&gateway) == 20);
+    assert_eq!(gateway.stats().shadow, [10, 10, 0, 0]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(upstream.count(), 10, "only the active's forwards were sent");
+    assert_eq!(gateway.stats().sessions_created, 1, "the shadow opened no socket");
+}
+
+#[test]
+fn canary_clients_are_chosen_by_address_stably_and_near_the_percentage() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = with_candidate(dir.path(), ECHO, |c| {
+        c.canary_percent = 30.0;
+        c.shadow_sample = 0.0;
+    });
+    let gateway = start(wasmgate::DEFAULT_GUEST_WASM, spec);
+    let mut canaries = 0;
+    for i in 0..1_000u32 {
+        // 1,000 clients on 1,000 loopback addresses, each asking twice from
+        // two ports: the same side both times.
+        let ip = format!("127.1.{}.{}", i / 250, 1 + i % 250);
+        let answers: Vec<Vec<u8>> = (0..2)
+            .map(|_| ask(&client_on(&format!("{ip}:0")), gateway.local_addr(), b"abc"))
+            .collect();
+        assert_eq!(answers[0], answers[1], "client {ip} flipped");
+        match answers[0].as_slice() {
+            b"abc" => canaries += 1,
+            b"ABC" => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!((250..=350).contains(&canaries), "{canaries} of 1,000 at 30%");
+    assert_eq!(shadowed(&gateway), 0);
+}
+
+#[test]
+fn a_canary_that_traps_is_rolled_back_and_its_clients_return_to_the_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = with_candidate(dir.path(), TRAPS, |c| {
+        c.canary_percent = 100.0;
+        c.shadow_sample = 0.0;
+    });
+    let gateway = start(wasmgate::DEFAULT_GUEST_WASM, spec);
+    let socket = client();
+    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    socket.send_to(b"first", gateway.local_addr()).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(socket.recv_from(&mut buf).is_err(), "the canary trapped: no answer");
+    wait_until("the rollback", || gateway.publisher().candidate().is_none());
+    assert_eq!(ask(&client(), gateway.local_addr(), b"back"), b"BACK");
+}
+
+#[test]
+fn sigusr1_promotes_and_metrics_show_both_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = write_file(dir.path(), "echo.wat", ECHO.as_bytes());
+    let served = Served::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--candidate",
+        &echo,
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let metrics = served.metrics_addr();
+    let body = scrape(metrics);
+    assert!(
+        body.contains(r#"role="active",module="<embedded uppercase guest>""#),
+        "{body}"
+    );
+    assert!(body.contains(&format!(r#"role="candidate",module="{echo}""#)), "{body}");
+    let socket = client();
+    assert_eq!(ask(&socket, served.addr, b"abc"), b"ABC");
+    wait_until("the shadow's count", || {
+        sample(
+            &scrape(metrics),
+            r#"wasmgate_shadow_total{listener="default",result="mismatch"}"#,
+        ) == 1.0
+    });
+
+    signal(served.child.id(), "USR1");
+    let line = served.line_with(&["candidate promoted"]).expect("a promotion line");
+    assert!(line.contains("previous=") && line.contains("sha256="), "{line}");
+    assert_eq!(ask(&socket, served.addr, b"abc"), b"abc");
+    let body = scrape(metrics);
+    assert!(body.contains(&format!(r#"role="active",module="{echo}""#)), "{body}");
+    assert!(!body.contains(r#"role="candidate""#), "{body}");
+
+    // Editing the candidate file loads it as the next candidate.
+    std::fs::write(&echo, format!("{ECHO}\n;; v3\n")).unwrap();
+    served
+        .line_with(&["reloaded", "role=\"candidate\""])
+        .expect("the candidate reloaded");
+    wait_until("a candidate again", || scrape(metrics).contains(r#"role="candidate""#));
+}
+
+#[test]
+fn bad_candidate_flags_are_refused_with_the_reason() {
+    let (code, _, err) = run_to_end(&["--canary-percent", "10"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--candidate"), "{err}");
+    let (code, _, err) = run_to_end(&["--candidate", "examples/echo.wat", "--canary-percent", "101"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("101 is not a percentage"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write_file(dir.path(), "bad.wat", b"(module");
+    let (code, _, err) = run_to_end(&["--listen", "127.0.0.1:0", "--candidate", &bad]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--candidate") && err.contains("bad.wat"), "{err}");
+}
