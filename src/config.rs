@@ -836,10 +836,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("c.wat"), "(module)").unwrap();
         let path = dir.path().join("c.toml");
-        let listener = format!(
-            "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\ncandidate = \"c.wat\"\nshadow_sample = 0.5\n\
-             canary_percent = 5\npromote_after = 100\nshadow_mismatches = \"m.pcapng\"\n"
-        );
+        let listener = "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\ncandidate = \"c.wat\"\n\
+                        shadow_sample = 0.5\ncanary_percent = 5\npromote_after = 100\nshadow_mismatches = \"m.pcapng\"\n";
         std::fs::write(&path, listener).unwrap();
         let c = load(&path, 1).unwrap();
         let candidate = c.listeners[0].candidate.clone().unwrap();

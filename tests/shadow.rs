@@ -32,7 +32,7 @@ const TRAP: usize = 2;
 const TIMEOUT: usize = 3;
 
 fn with_candidate(dir: &Path, source: &str, edit: impl FnOnce(&mut CandidateSpec)) -> ListenerSpec {
-    let mut candidate = CandidateSpec::new(dir.join("candidate.wat").into());
+    let mut candidate = CandidateSpec::new(dir.join("candidate.wat"));
     std::fs::write(&candidate.path, source).unwrap();
     edit(&mut candidate);
     ListenerSpec {

@@ -605,9 +605,8 @@ mod tests {
     use arc_swap::ArcSwap;
 
     use crate::config::PoolSpec;
-    use crate::metrics::{RateLimit, Stats};
     use crate::sandbox::{Isolation, Limits, Sandbox};
-    use crate::source_filter::{PortCounts, PortSet};
+    use crate::source_filter::PortSet;
     use crate::upstream::Pools;
     use crate::verdict::CallError;
 
@@ -646,16 +645,15 @@ mod tests {
         let sandbox = Sandbox::new(Limits::default()).unwrap();
         let program = sandbox.load("test.wat", wat.as_bytes()).unwrap();
         let pools = pool.map(|pool| ArcSwap::from_pointee(Pools::new(&[pool], 1).unwrap()));
-        let shared = Arc::new(Shared {
-            program: ArcSwap::from_pointee(program),
-            stats: Stats::with_workers(1),
-            stop: false.into(),
-            warnings: std::array::from_fn(|_| RateLimit::new(5)),
+        let shared = Arc::new(Shared::new(
+            sandbox.clone(),
+            crate::config::ListenerSpec::default(),
+            Arc::new(program),
+            1,
             pools,
-            session_ports: Arc::new(PortCounts::default()),
-            recorder: None,
-            local: addr("127.0.0.1:5353"),
-        });
+            None,
+            addr("127.0.0.1:5353"),
+        ));
         let counters = shared.stats.worker(0);
         let guest = Guest::new(sandbox, shared.program.load_full(), Isolation::Reuse, 3.0);
         let net = shared.pools.as_ref().map(|p| {
@@ -674,6 +672,7 @@ mod tests {
             SourceFilter::new(PortSet::default(), addr("127.0.0.1:5353")),
             net,
             0,
+            None,
         )
     }
 

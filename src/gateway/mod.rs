@@ -389,10 +389,7 @@ impl Publisher {
             "the listener was started without --candidate"
         );
         // Its own pools: the shadow's stubbed sessions must not count as the active's.
-        let pools = match &self.shared.pools {
-            Some(p) => Some(Arc::new(p.load().copy())),
-            None => None,
-        };
+        let pools = self.shared.pools.as_ref().map(|p| Arc::new(p.load().copy()));
         let candidate = Candidate::new(Arc::new(program), pools);
         let previous = self.shared.candidate.swap(Some(Arc::new(candidate)));
         Ok(previous.map(|c| Arc::clone(&c.program)))
