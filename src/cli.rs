@@ -215,6 +215,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", requires = "candidate")]
     pub promote_after: Option<u64>,
 
+    /// Keep a candidate loaded however often it traps or times out (to study
+    /// it, or to measure what it costs); it is still never promoted automatically.
+    #[arg(long, requires = "candidate")]
+    pub no_rollback: bool,
+
     /// Keep the last 100 shadow mismatches in this file, in the --record
     /// format (with the active module's replies), for `wasmgate replay`.
     #[arg(long, value_name = "FILE", requires = "candidate")]
@@ -504,6 +509,7 @@ fn listener_from_flags(args: &ServeArgs) -> ListenerSpec {
             canary_percent: args.canary_percent,
             promote_after: args.promote_after,
             mismatches: args.shadow_mismatches.clone(),
+            rollback: !args.no_rollback,
         }),
         ..defaults
     }

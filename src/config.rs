@@ -120,6 +120,8 @@ pub struct CandidateSpec {
     pub promote_after: Option<u64>,
     /// Where the last mismatches are written, in the `--record` format.
     pub mismatches: Option<PathBuf>,
+    /// Unload a candidate that traps or times out more often than the active.
+    pub rollback: bool,
 }
 
 impl CandidateSpec {
@@ -130,6 +132,7 @@ impl CandidateSpec {
             canary_percent: 0.0,
             promote_after: None,
             mismatches: None,
+            rollback: true,
         }
     }
 }
@@ -413,6 +416,7 @@ struct ListenerSection {
     canary_percent: Option<f64>,
     promote_after: Option<u64>,
     shadow_mismatches: Option<PathBuf>,
+    rollback: Option<bool>,
 }
 
 /// A parsed and checked config file.
@@ -590,9 +594,10 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                         || l.canary_percent.is_some()
                         || l.promote_after.is_some()
                         || l.shadow_mismatches.is_some()
+                        || l.rollback.is_some()
                     {
                         bail!(
-                            "{}: shadow_sample, canary_percent, promote_after and shadow_mismatches need \
+                            "{}: shadow_sample, canary_percent, promote_after, shadow_mismatches and rollback need \
                              candidate = \"FILE\"",
                             at("candidate")
                         );
@@ -615,6 +620,7 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                     },
                     promote_after: l.promote_after,
                     mismatches: l.shadow_mismatches.as_ref().map(|m| base.join(m)),
+                    rollback: l.rollback.unwrap_or(true),
                 }),
             },
         };

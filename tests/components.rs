@@ -152,7 +152,10 @@ fn rust_component_routes_by_key_through_a_pool_and_answers_through_on_reply() {
     let mut owner = std::collections::HashMap::new();
     for round in 0..3 {
         let c = client();
-        for key in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"] {
+        // Twelve keys: all twelve on one of two backends by chance is 1 in 2,048.
+        for key in [
+            "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu",
+        ] {
             let reply = text(&ask(&c, gw.addr, format!("{key} hello {round}").as_bytes()));
             let (tag, rest) = reply.split_once(':').unwrap();
             assert_eq!(rest, format!("{key} hello {round}"));
@@ -173,7 +176,7 @@ fn rust_component_routes_by_key_through_a_pool_and_answers_through_on_reply() {
     let body = scrape(gw.metrics_addr());
     assert_eq!(
         sample(&body, r#"wasmgate_datagrams_forwarded_total{listener="default"}"#),
-        18.0
+        36.0
     );
 }
 

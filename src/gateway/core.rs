@@ -127,8 +127,7 @@ impl Core {
             Trial::None => {}
             Trial::Active { .. } => candidate.active_ran(failed),
             Trial::Canary => {
-                let promote_after = self.shared.spec.candidate.as_ref().and_then(|c| c.promote_after);
-                if let Some(action) = candidate.candidate_ran(failed, !failed, promote_after) {
+                if let Some(action) = candidate.candidate_ran(failed, !failed, &shadow::Rules::of(&self.shared.spec)) {
                     self.shared.settle(&candidate, action);
                 }
             }
@@ -137,9 +136,13 @@ impl Core {
 
     /// Hands a shadow sample to the shadow thread; a full queue skips it.
     fn shadow(&self, job: Job) {
-        if let Some(tx) = &self.shadow
-            && let Err(TrySendError::Full(_)) = tx.try_send(job)
-        {
+        let Some(tx) = &self.shadow else { return };
+        let bytes = job.bytes();
+        if !self.shared.shadow.reserve(bytes) {
+            return;
+        }
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(job) {
+            self.shared.shadow.release(bytes);
             self.shared.shadow.skipped();
         }
     }

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -21,6 +21,11 @@ use crate::verdict::DropReason;
 
 /// Shadow samples waiting for the candidate; past this they are skipped.
 pub(super) const QUEUE: usize = 1024;
+
+/// Bytes of shadow samples waiting (datagrams, replies, forwards); past this
+/// they are skipped too, so a flood of large datagrams cannot make the queue
+/// hold 1,024 × 64 KiB.
+const QUEUE_BYTES: usize = 8 << 20;
 
 /// The datagrams over which trap and timeout rates are compared.
 const WINDOW: usize = 1000;
@@ -56,11 +61,28 @@ impl ShadowResult {
 pub(super) struct ShadowCounters {
     results: [AtomicU64; ShadowResult::ALL.len()],
     skipped: AtomicU64,
+    /// Bytes of the samples queued now.
+    queued: AtomicUsize,
 }
 
 impl ShadowCounters {
     fn count(&self, result: ShadowResult) {
         self.results[result as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Reserves room for a sample of `bytes`; false (counted as skipped) when the queue is full.
+    pub(super) fn reserve(&self, bytes: usize) -> bool {
+        if self.queued.fetch_add(bytes, Relaxed) + bytes > QUEUE_BYTES {
+            self.release(bytes);
+            self.skipped();
+            return false;
+        }
+        true
+    }
+
+    /// Gives back a sample's room.
+    pub(super) fn release(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Relaxed);
     }
 
     pub(super) fn skipped(&self) {
@@ -118,7 +140,8 @@ impl Candidate {
     /// The candidate ran a datagram, shadowed or for real: whether it failed
     /// (trap or timeout) and whether it was clean (no failure, no mismatch).
     /// Says what to do, once.
-    pub(super) fn candidate_ran(&self, failed: bool, clean: bool, promote_after: Option<u64>) -> Option<Action> {
+    pub(super) fn candidate_ran(&self, failed: bool, clean: bool, rules: &Rules) -> Option<Action> {
+        let promote_after = rules.promote_after;
         let mut judge = self.judge();
         if judge.decided {
             return None;
@@ -136,7 +159,7 @@ impl Candidate {
             }
         }
         let (candidate, active) = (judge.candidate.rate(), judge.active.rate());
-        if failed && candidate > active {
+        if rules.rollback && failed && candidate > active {
             judge.decided = true;
             return Some(Action::Rollback(format!(
                 "its trap and timeout rate over its last {} datagrams is {:.2}%, the active's is {:.2}%",
@@ -153,6 +176,22 @@ impl Candidate {
             return Some(Action::Promote);
         }
         None
+    }
+}
+
+/// What decides a candidate's fate (from `--promote-after` and `--no-rollback`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Rules {
+    pub(super) promote_after: Option<u64>,
+    pub(super) rollback: bool,
+}
+
+impl Rules {
+    pub(super) fn of(spec: &crate::config::ListenerSpec) -> Self {
+        Self {
+            promote_after: spec.candidate.as_ref().and_then(|c| c.promote_after),
+            rollback: spec.candidate.as_ref().is_none_or(|c| c.rollback),
+        }
     }
 }
 
@@ -218,6 +257,22 @@ pub(super) fn failed(verdict: &str) -> bool {
     verdict == DropReason::Trap.as_str() || verdict == DropReason::Timeout.as_str()
 }
 
+impl Job {
+    /// The bytes it holds, for the queue's byte budget.
+    pub(super) fn bytes(&self) -> usize {
+        let total = |v: &[Vec<u8>]| v.iter().map(Vec::len).sum::<usize>();
+        match self {
+            Self::Client {
+                datagram,
+                replies,
+                forwards,
+                ..
+            } => datagram.len() + total(replies) + total(forwards),
+            Self::Upstream { datagram, replies, .. } => datagram.len() + total(replies),
+        }
+    }
+}
+
 /// A shadow sample, from a worker to the shadow thread.
 pub(super) enum Job {
     /// A client datagram and what the active module did about it.
@@ -245,7 +300,10 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
     let mut current: Option<(Arc<Candidate>, Offline)> = None;
     loop {
         let job = match rx.recv_timeout(POLL_INTERVAL) {
-            Ok(job) => job,
+            Ok(job) => {
+                shared.shadow.release(job.bytes());
+                job
+            }
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
@@ -303,8 +361,7 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
         };
         shared.shadow.count(result);
         let failed = matches!(result, ShadowResult::CandidateTrap | ShadowResult::CandidateTimeout);
-        let promote_after = shared.spec.candidate.as_ref().and_then(|c| c.promote_after);
-        if let Some(action) = candidate.candidate_ran(failed, result == ShadowResult::Match, promote_after) {
+        if let Some(action) = candidate.candidate_ran(failed, result == ShadowResult::Match, &Rules::of(&shared.spec)) {
             shared.settle(candidate, action);
         }
     }
@@ -359,6 +416,15 @@ fn candidate_failed(verdict: &str, outcome: &Outcome) -> Option<ShadowResult> {
 mod tests {
     use super::*;
 
+    const ROLLBACK: Rules = Rules {
+        promote_after: None,
+        rollback: true,
+    };
+    const PROMOTE_3: Rules = Rules {
+        promote_after: Some(3),
+        rollback: true,
+    };
+
     #[test]
     fn a_candidate_that_traps_more_than_the_active_is_rolled_back() {
         let program = Arc::new(
@@ -370,11 +436,17 @@ mod tests {
         let c = Candidate::new(program, None);
         for _ in 0..10 {
             c.active_ran(false);
-            assert_eq!(c.candidate_ran(false, true, None), None);
+            assert_eq!(c.candidate_ran(false, true, &ROLLBACK), None);
         }
-        let action = c.candidate_ran(true, false, None);
+        let action = c.candidate_ran(true, false, &ROLLBACK);
         assert!(matches!(action, Some(Action::Rollback(_))), "{action:?}");
-        assert_eq!(c.candidate_ran(true, false, None), None, "decided once");
+        assert_eq!(c.candidate_ran(true, false, &ROLLBACK), None, "decided once");
+        let kept = Candidate::new(Arc::clone(&c.program), None);
+        let no_rollback = Rules {
+            rollback: false,
+            ..ROLLBACK
+        };
+        assert_eq!(kept.candidate_ran(true, false, &no_rollback), None, "--no-rollback");
     }
 
     #[test]
@@ -389,10 +461,10 @@ mod tests {
         for _ in 0..10 {
             c.active_ran(true);
         }
-        assert_eq!(c.candidate_ran(true, false, Some(3)), None);
+        assert_eq!(c.candidate_ran(true, false, &PROMOTE_3), None);
         // Blemished: never promoted automatically.
         for _ in 0..10 {
-            assert_eq!(c.candidate_ran(false, true, Some(3)), None);
+            assert_eq!(c.candidate_ran(false, true, &PROMOTE_3), None);
         }
     }
 
@@ -405,9 +477,20 @@ mod tests {
                 .unwrap(),
         );
         let c = Candidate::new(program, None);
-        assert_eq!(c.candidate_ran(false, true, Some(3)), None);
-        assert_eq!(c.candidate_ran(false, true, Some(3)), None);
-        assert_eq!(c.candidate_ran(false, true, Some(3)), Some(Action::Promote));
+        assert_eq!(c.candidate_ran(false, true, &PROMOTE_3), None);
+        assert_eq!(c.candidate_ran(false, true, &PROMOTE_3), None);
+        assert_eq!(c.candidate_ran(false, true, &PROMOTE_3), Some(Action::Promote));
+    }
+
+    #[test]
+    fn the_shadow_queue_holds_at_most_its_byte_budget() {
+        let c = ShadowCounters::default();
+        assert!(c.reserve(QUEUE_BYTES - 10));
+        assert!(!c.reserve(65_000), "a large datagram past the budget is skipped");
+        assert!(c.reserve(10));
+        c.release(QUEUE_BYTES);
+        assert!(c.reserve(65_000));
+        assert_eq!(c.read().1, 1);
     }
 
     #[test]
