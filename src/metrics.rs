@@ -216,7 +216,8 @@ pub struct Snapshot {
     pub sessions_active: u64,
     /// Datagrams `--record` did not record because its queue was full.
     pub record_dropped: u64,
-    /// Shadowed datagrams by [`crate::gateway::ShadowResult`], and samples
+    /// Shadowed datagrams by result (match, mismatch, candidate trap, candidate
+    /// timeout, as `ShadowResult::ALL`), and samples
     /// skipped because the candidate was behind.
     pub shadow: [u64; 4],
     pub shadow_skipped: u64,

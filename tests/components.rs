@@ -144,6 +144,34 @@ fn javascript_example_redacts_through_the_gateway() {
 }
 
 #[test]
+fn a_component_candidate_shadows_a_wasi_command_and_only_the_active_answers() {
+    // Active: sort(1) as a WASI command; candidate: the JavaScript redactor.
+    // One line without an address: both give it back (match); two lines: only
+    // sort reorders them (mismatch).
+    let redact = repo("examples/js/redact.wasm");
+    warm(&redact);
+    let gw = serve(&repo("examples/wasi-c/sort.wasm"), &["--candidate", &redact]);
+    let c = client();
+    assert_eq!(ask(&c, gw.addr, b"pear"), b"pear");
+    assert_eq!(ask(&c, gw.addr, b"b\na"), b"a\nb");
+    let metrics = gw.metrics_addr();
+    let count = |result: &str| {
+        let body = scrape(metrics);
+        sample(
+            &body,
+            &format!(r#"wasmgate_shadow_total{{listener="default",result="{result}"}}"#),
+        )
+    };
+    common::wait_until("both judged", || count("match") + count("mismatch") == 2.0);
+    assert_eq!((count("match"), count("mismatch")), (1.0, 1.0));
+    let body = scrape(metrics);
+    assert!(
+        body.contains(r#"role="candidate",module=""#) && body.contains(r#"abi="component""#),
+        "{body}"
+    );
+}
+
+#[test]
 fn rust_component_routes_by_key_through_a_pool_and_answers_through_on_reply() {
     let (a, b) = (Upstream::echo("a:"), Upstream::echo("b:"));
     let pool = format!("shards={},{}", a.addr, b.addr);
