@@ -223,6 +223,34 @@ fn ask_from(gateway: &Gateway, ip: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+fn the_candidates_on_reply_sees_the_active_upstream_answers_without_sending_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::echo("up:");
+    // The candidate forwards the same, and its on_reply capitalises each answer.
+    let on_reply = r#"(func (export "on_reply") (param $ptr i32) (param $len i32) (result i64)
+    (i32.store8 (local.get $ptr) (i32.const 85))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32)) (i64.extend_i32_u (local.get $len))))"#;
+    let body = FORWARD.trim_end().strip_suffix(')').unwrap();
+    let candidate = format!("{body}\n  {on_reply})\n");
+    let mut spec = with_candidate(dir.path(), &candidate, |_| {});
+    spec.pools = vec![PoolSpec::new("backend", vec![upstream.addr.to_string()])];
+    let gateway = start(FORWARD.as_bytes(), spec);
+    let socket = client();
+    for i in 0..10 {
+        let m = format!("q{i}");
+        assert_eq!(
+            ask(&socket, gateway.local_addr(), m.as_bytes()),
+            format!("up:{m}").as_bytes()
+        );
+    }
+    // The same forwards (match); each answer through the candidate's on_reply
+    // ("Up:…") against the active's straight pass ("up:…"): mismatch.
+    wait_until("20 shadowed", || shadowed(&gateway) == 20);
+    assert_eq!(gateway.stats().shadow, [10, 10, 0, 0]);
+    assert_eq!(upstream.count(), 10);
+}
+
+#[test]
 fn canary_clients_are_chosen_by_address_stably_and_near_the_percentage() {
     let dir = tempfile::tempdir().unwrap();
     let spec = with_candidate(dir.path(), ECHO, |c| {
