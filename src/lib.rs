@@ -11,7 +11,9 @@
 //!   (`mod.rs`), each worker's socket-free decisions (`core.rs`: client and
 //!   upstream datagrams in, replies and session commands out), and the worker
 //!   thread's I/O around them (`worker.rs`).
-//!   `offline.rs` is that core with no socket at all, for `replay`.
+//!   `offline.rs` is that core with no socket at all, for `replay` and the
+//!   shadow; `shadow.rs` runs a `--candidate` beside the active module
+//!   (shadow, canary, promotion and rollback).
 //! - [`capture`]: reading pcap and pcapng captures into UDP datagrams, and
 //!   `--record` (a listener's datagrams to pcapng through a bounded queue).
 //! - [`replay`]: `wasmgate replay`: a capture's client datagrams through a module, compared.
