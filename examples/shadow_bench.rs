@@ -31,16 +31,6 @@ struct Args {
 /// Clients × window × payload bytes: one request at a time (latency), and load.
 const MATRIX: [(usize, usize, usize); 2] = [(1, 1, 64), (64, 16, 64)];
 
-const TRAPS: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "alloc") (param i32) (result i32) i32.const 0)
-  (func (export "handle") (param i32 i32) (result i64) unreachable))"#;
-
-const LOOPS: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "alloc") (param i32) (result i32) i32.const 0)
-  (func (export "handle") (param i32 i32) (result i64) (loop (br 0)) i64.const 0))"#;
-
 struct Server {
     name: &'static str,
     program: &'static str,
@@ -99,9 +89,10 @@ fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let loadgen = bin.join("examples/loadgen");
     let scratch = tempfile::tempdir()?;
-    std::fs::write(scratch.path().join("traps.wat"), TRAPS)?;
-    std::fs::write(scratch.path().join("loops.wat"), LOOPS)?;
-    // The default guest again, as a file: a candidate that always agrees.
+    // The hostile guests of the tests, and the default guest again as a file:
+    // a candidate that always agrees.
+    std::fs::copy(root.join("tests/guests/traps.wat"), scratch.path().join("traps.wat"))?;
+    std::fs::copy(root.join("tests/guests/loops.wat"), scratch.path().join("loops.wat"))?;
     std::fs::copy(root.join("guest/uppercase.wasm"), scratch.path().join("agrees.wasm"))?;
     println!(
         "wasmgate shadow benchmark: server pinned to CPU 0 (1 worker, and the shadow thread), load \

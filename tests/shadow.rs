@@ -15,15 +15,8 @@ use wasmgate::gateway::Gateway;
 const ECHO: &str = include_str!("../examples/echo.wat");
 const FORWARD: &str = include_str!("../examples/forward.wat");
 
-const TRAPS: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "alloc") (param i32) (result i32) i32.const 0)
-  (func (export "handle") (param i32 i32) (result i64) unreachable))"#;
-
-const LOOPS: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "alloc") (param i32) (result i32) i32.const 0)
-  (func (export "handle") (param i32 i32) (result i64) (loop (br 0)) i64.const 0))"#;
+const TRAPS: &str = include_str!("guests/traps.wat");
+const LOOPS: &str = include_str!("guests/loops.wat");
 
 /// Shadow counts in the order of `ShadowResult::ALL`.
 const MATCH: usize = 0;
@@ -43,6 +36,26 @@ fn with_candidate(dir: &Path, source: &str, edit: impl FnOnce(&mut CandidateSpec
 
 fn start(module: &[u8], spec: ListenerSpec) -> Gateway {
     common::start_with(module, Default::default(), spec)
+}
+
+/// `examples/forward.wat` serving, beside `candidate`, with the pool
+/// `backend` on `upstream`.
+fn forwarding(dir: &Path, candidate: &str, upstream: &Upstream) -> Gateway {
+    let mut spec = with_candidate(dir, candidate, |_| {});
+    spec.pools = vec![PoolSpec::new("backend", vec![upstream.addr.to_string()])];
+    start(FORWARD.as_bytes(), spec)
+}
+
+/// Asks `q0`…`q9`; each must come back as the upstream's `up:` answer.
+fn ask_ten_through_upstream(gateway: &Gateway) {
+    let socket = client();
+    for i in 0..10 {
+        let m = format!("q{i}");
+        assert_eq!(
+            ask(&socket, gateway.local_addr(), m.as_bytes()),
+            format!("up:{m}").as_bytes()
+        );
+    }
 }
 
 fn shadowed(gateway: &Gateway) -> u64 {
@@ -179,17 +192,8 @@ fn an_upstream_receives_only_the_active_forwards() {
     let once = "(drop (call $forward (i32.const 0) (i32.const 7) (local.get $ptr) (local.get $len)))";
     assert!(FORWARD.contains(once));
     let twice = FORWARD.replace(once, &format!("{once} {once}"));
-    let mut spec = with_candidate(dir.path(), &twice, |_| {});
-    spec.pools = vec![PoolSpec::new("backend", vec![upstream.addr.to_string()])];
-    let gateway = start(FORWARD.as_bytes(), spec);
-    let socket = client();
-    for i in 0..10 {
-        let m = format!("q{i}");
-        assert_eq!(
-            ask(&socket, gateway.local_addr(), m.as_bytes()),
-            format!("up:{m}").as_bytes()
-        );
-    }
+    let gateway = forwarding(dir.path(), &twice, &upstream);
+    ask_ten_through_upstream(&gateway);
     // Each client datagram mismatches (two forwards against one); each answer,
     // passed on unchanged by both (no on_reply), matches.
     wait_until("20 shadowed", || shadowed(&gateway) == 20);
@@ -232,17 +236,8 @@ fn the_candidates_on_reply_sees_the_active_upstream_answers_without_sending_anyt
     (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32)) (i64.extend_i32_u (local.get $len))))"#;
     let body = FORWARD.trim_end().strip_suffix(')').unwrap();
     let candidate = format!("{body}\n  {on_reply})\n");
-    let mut spec = with_candidate(dir.path(), &candidate, |_| {});
-    spec.pools = vec![PoolSpec::new("backend", vec![upstream.addr.to_string()])];
-    let gateway = start(FORWARD.as_bytes(), spec);
-    let socket = client();
-    for i in 0..10 {
-        let m = format!("q{i}");
-        assert_eq!(
-            ask(&socket, gateway.local_addr(), m.as_bytes()),
-            format!("up:{m}").as_bytes()
-        );
-    }
+    let gateway = forwarding(dir.path(), &candidate, &upstream);
+    ask_ten_through_upstream(&gateway);
     // The same forwards (match); each answer through the candidate's on_reply
     // ("Up:…") against the active's straight pass ("up:…"): mismatch.
     wait_until("20 shadowed", || shadowed(&gateway) == 20);

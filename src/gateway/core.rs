@@ -48,13 +48,26 @@ pub(super) struct Core {
     canary: Option<(Arc<Candidate>, Handler)>,
 }
 
+/// The candidate as loaded for one datagram (always `Some` inside a [`Trial`]):
+/// an `arc_swap` guard, so reading it costs no reference count.
+type Loaded = arc_swap::Guard<Option<Arc<Candidate>>>;
+
 /// Whether the datagram in hand goes to the candidate for real, or to the
 /// active and from there to the shadow, or neither.
-#[derive(Clone, Copy, PartialEq, Eq)]
 enum Trial {
     None,
-    Canary,
-    Active { shadowed: bool },
+    Canary(Loaded),
+    Active { shadowed: bool, candidate: Loaded },
+}
+
+impl Trial {
+    fn canary(&self) -> bool {
+        matches!(self, Self::Canary(_))
+    }
+
+    fn shadowed(&self) -> bool {
+        matches!(self, Self::Active { shadowed: true, .. })
+    }
 }
 
 impl Core {
@@ -105,10 +118,13 @@ impl Core {
                 );
                 self.canary = Some((Arc::clone(candidate), Handler::Guest(Box::new(guest))));
             }
-            return Trial::Canary;
+            return Trial::Canary(loaded);
         }
         let shadowed = self.shadow.is_some() && crate::capture::chance(&mut self.shadow_state, self.shadow_threshold);
-        Trial::Active { shadowed }
+        Trial::Active {
+            shadowed,
+            candidate: loaded,
+        }
     }
 
     /// Puts the canary handler in the active's place, or back.
@@ -119,16 +135,21 @@ impl Core {
     }
 
     /// Tells the candidate's judge how a datagram went, and acts on its ruling.
-    fn judged(&mut self, trial: Trial, verdict: &str) {
-        let loaded = self.shared.candidate.load_full();
-        let Some(candidate) = loaded else { return };
+    fn judged(&self, trial: &Trial, verdict: &str) {
         let failed = shadow::failed(verdict);
         match trial {
             Trial::None => {}
-            Trial::Active { .. } => candidate.active_ran(failed),
-            Trial::Canary => {
-                if let Some(action) = candidate.candidate_ran(failed, !failed, &shadow::Rules::of(&self.shared.spec)) {
-                    self.shared.settle(&candidate, action);
+            Trial::Active { candidate, .. } => {
+                if let Some(candidate) = candidate.as_ref() {
+                    candidate.active_ran(failed);
+                }
+            }
+            Trial::Canary(candidate) => {
+                let rules = shadow::Rules::of(&self.shared.spec);
+                if let Some(candidate) = candidate.as_ref()
+                    && let Some(action) = candidate.candidate_ran(failed, !failed, &rules)
+                {
+                    self.shared.settle(candidate, action);
                 }
             }
         }
@@ -209,10 +230,10 @@ impl Core {
         let shown = unmapped(client);
         let trial = self.trial(shown);
         // A canary client's answers go through the candidate's `on_reply`.
-        if trial == Trial::Canary {
+        if trial.canary() {
             self.swap_canary();
         }
-        let shadowed = matches!(trial, Trial::Active { shadowed: true });
+        let shadowed = trial.shadowed();
         if !recording && !shadowed {
             for datagram in datagrams {
                 self.upstream_datagram(datagram, client, &label, emit);
@@ -243,7 +264,7 @@ impl Core {
                 }
             }
         }
-        if trial == Trial::Canary {
+        if trial.canary() {
             self.swap_canary();
         }
         self.label = label;
@@ -327,7 +348,7 @@ impl Core {
         self.handler.refresh(&self.shared.program.load());
         let recording = self.recording();
         let trial = self.trial(shown);
-        let shadowed = matches!(trial, Trial::Active { shadowed: true });
+        let shadowed = trial.shadowed();
         let mark = self.net.as_ref().map_or(0, |n| n.queued());
         let mut replies = Vec::new();
         let mut emit = |d: &[u8], to: SocketAddr| {
@@ -336,7 +357,7 @@ impl Core {
             }
             emit(d, to);
         };
-        let verdict = if trial == Trial::Canary {
+        let verdict = if trial.canary() {
             self.swap_canary();
             let verdict = self.handle_client(datagram, peer, shown, &mut emit);
             self.swap_canary();
@@ -344,9 +365,7 @@ impl Core {
         } else {
             self.handle_client(datagram, peer, shown, &mut emit)
         };
-        if trial != Trial::None {
-            self.judged(trial, verdict);
-        }
+        self.judged(&trial, verdict);
         if shadowed {
             let forwards = self
                 .net

@@ -453,9 +453,9 @@ mod shadow;
 mod worker;
 
 pub use offline::{Offline, Outcome};
-pub use shadow::{Candidate, ShadowResult};
+pub use shadow::ShadowResult;
 
-use self::shadow::{Action, ShadowCounters};
+use self::shadow::{Action, Candidate, ShadowCounters};
 
 use self::core::Core;
 use self::worker::Worker;

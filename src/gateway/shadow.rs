@@ -98,11 +98,15 @@ impl ShadowCounters {
 }
 
 /// A loaded candidate and its record since it was loaded.
-pub struct Candidate {
+pub(super) struct Candidate {
     pub(super) program: Arc<Program>,
     /// Its own pools (same settings as the active's): its stubbed sessions
     /// never touch the active's endpoint counters.
     pub(super) pools: Option<Arc<Pools>>,
+    /// Traps and timeouts of the active module while this candidate is loaded,
+    /// and of the candidate, over their last [`WINDOW`] datagrams each.
+    active: Window,
+    candidate: Window,
     judge: Mutex<Judge>,
 }
 
@@ -119,38 +123,32 @@ impl Candidate {
         Self {
             program,
             pools,
+            active: Window::default(),
+            candidate: Window::default(),
             judge: Mutex::new(Judge::default()),
         }
     }
 
-    /// The candidate's program.
-    pub fn program(&self) -> &Arc<Program> {
-        &self.program
-    }
-
-    fn judge(&self) -> std::sync::MutexGuard<'_, Judge> {
-        self.judge.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// The active module served a datagram (and trapped or timed out, or not).
+    /// On every active datagram while a candidate is loaded: a success costs
+    /// one atomic add, no lock.
     pub(super) fn active_ran(&self, failed: bool) {
-        self.judge().active.push(failed);
+        self.active.push(failed);
     }
 
     /// The candidate ran a datagram, shadowed or for real: whether it failed
     /// (trap or timeout) and whether it was clean (no failure, no mismatch).
     /// Says what to do, once.
     pub(super) fn candidate_ran(&self, failed: bool, clean: bool, rules: &Rules) -> Option<Action> {
-        let promote_after = rules.promote_after;
-        let mut judge = self.judge();
+        self.candidate.push(failed);
+        let mut judge = self.judge.lock().unwrap_or_else(PoisonError::into_inner);
         if judge.decided {
             return None;
         }
-        judge.candidate.push(failed);
         judge.judged += 1;
         if !clean && !judge.blemished {
             judge.blemished = true;
-            if promote_after.is_some() {
+            if rules.promote_after.is_some() {
                 tracing::info!(
                     candidate = self.program.short_sha256(),
                     "the candidate differed from the active, trapped or timed out: it will not be promoted \
@@ -158,17 +156,19 @@ impl Candidate {
                 );
             }
         }
-        let (candidate, active) = (judge.candidate.rate(), judge.active.rate());
-        if rules.rollback && failed && candidate > active {
-            judge.decided = true;
-            return Some(Action::Rollback(format!(
-                "its trap and timeout rate over its last {} datagrams is {:.2}%, the active's is {:.2}%",
-                judge.candidate.outcomes.len(),
-                candidate * 100.0,
-                active * 100.0
-            )));
+        // Only a failure can lift the candidate's rate above the active's.
+        if rules.rollback && failed {
+            let ((candidate, n), (active, _)) = (self.candidate.rate(), self.active.rate());
+            if candidate > active {
+                judge.decided = true;
+                return Some(Action::Rollback(format!(
+                    "its trap and timeout rate over its last {n} datagrams is {:.2}%, the active's is {:.2}%",
+                    candidate * 100.0,
+                    active * 100.0
+                )));
+            }
         }
-        if let Some(n) = promote_after
+        if let Some(n) = rules.promote_after
             && !judge.blemished
             && judge.judged >= n
         {
@@ -202,34 +202,49 @@ struct Judge {
     judged: u64,
     /// Whether any of them mismatched, trapped or timed out.
     blemished: bool,
-    active: Window,
-    candidate: Window,
     /// Promoted or rolled back already.
     decided: bool,
 }
 
-/// Failures over the last [`WINDOW`] datagrams.
+/// Failures over the last [`WINDOW`] datagrams, pushed from every worker: a
+/// success is one relaxed atomic add; only a failure (and reading the rate)
+/// takes the lock.
 #[derive(Default)]
 struct Window {
-    outcomes: VecDeque<bool>,
-    failures: usize,
+    /// Datagrams so far.
+    seen: AtomicU64,
+    /// The sequence numbers of the failures among the last [`WINDOW`], oldest first.
+    failures: Mutex<VecDeque<u64>>,
 }
 
 impl Window {
-    fn push(&mut self, failed: bool) {
-        if self.outcomes.len() == WINDOW && self.outcomes.pop_front() == Some(true) {
-            self.failures -= 1;
+    fn push(&self, failed: bool) {
+        let n = self.seen.fetch_add(1, Relaxed);
+        if failed {
+            let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+            // Workers race between the add and the lock: keep the order.
+            let at = failures.iter().rposition(|&f| f < n).map_or(0, |i| i + 1);
+            failures.insert(at, n);
+            forget(&mut failures, n + 1);
         }
-        self.outcomes.push_back(failed);
-        self.failures += usize::from(failed);
     }
 
-    fn rate(&self) -> f64 {
-        if self.outcomes.is_empty() {
-            0.0
-        } else {
-            self.failures as f64 / self.outcomes.len() as f64
-        }
+    /// The failure rate over the last [`WINDOW`] datagrams, and how many that is.
+    fn rate(&self) -> (f64, u64) {
+        let seen = self.seen.load(Relaxed);
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        forget(&mut failures, seen);
+        let n = seen.min(WINDOW as u64);
+        let rate = if n == 0 { 0.0 } else { failures.len() as f64 / n as f64 };
+        (rate, n)
+    }
+}
+
+/// Drops the failures older than the last [`WINDOW`] of `seen` datagrams.
+fn forget(failures: &mut VecDeque<u64>, seen: u64) {
+    let oldest = seen.saturating_sub(WINDOW as u64);
+    while failures.front().is_some_and(|&f| f < oldest) {
+        failures.pop_front();
     }
 }
 
@@ -425,15 +440,15 @@ mod tests {
         rollback: true,
     };
 
+    /// The embedded guest as a candidate, with a fresh record.
+    fn candidate() -> Candidate {
+        let sandbox = crate::sandbox::Sandbox::new(Default::default()).unwrap();
+        Candidate::new(Arc::new(sandbox.load_file(None).unwrap()), None)
+    }
+
     #[test]
     fn a_candidate_that_traps_more_than_the_active_is_rolled_back() {
-        let program = Arc::new(
-            crate::sandbox::Sandbox::new(Default::default())
-                .unwrap()
-                .load_file(None)
-                .unwrap(),
-        );
-        let c = Candidate::new(program, None);
+        let c = candidate();
         for _ in 0..10 {
             c.active_ran(false);
             assert_eq!(c.candidate_ran(false, true, &ROLLBACK), None);
@@ -441,7 +456,7 @@ mod tests {
         let action = c.candidate_ran(true, false, &ROLLBACK);
         assert!(matches!(action, Some(Action::Rollback(_))), "{action:?}");
         assert_eq!(c.candidate_ran(true, false, &ROLLBACK), None, "decided once");
-        let kept = Candidate::new(Arc::clone(&c.program), None);
+        let kept = candidate();
         let no_rollback = Rules {
             rollback: false,
             ..ROLLBACK
@@ -451,13 +466,7 @@ mod tests {
 
     #[test]
     fn a_candidate_that_fails_no_more_than_the_active_stays() {
-        let program = Arc::new(
-            crate::sandbox::Sandbox::new(Default::default())
-                .unwrap()
-                .load_file(None)
-                .unwrap(),
-        );
-        let c = Candidate::new(program, None);
+        let c = candidate();
         for _ in 0..10 {
             c.active_ran(true);
         }
@@ -470,13 +479,7 @@ mod tests {
 
     #[test]
     fn promotion_comes_after_n_clean_datagrams() {
-        let program = Arc::new(
-            crate::sandbox::Sandbox::new(Default::default())
-                .unwrap()
-                .load_file(None)
-                .unwrap(),
-        );
-        let c = Candidate::new(program, None);
+        let c = candidate();
         assert_eq!(c.candidate_ran(false, true, &PROMOTE_3), None);
         assert_eq!(c.candidate_ran(false, true, &PROMOTE_3), None);
         assert_eq!(c.candidate_ran(false, true, &PROMOTE_3), Some(Action::Promote));
@@ -495,20 +498,24 @@ mod tests {
 
     #[test]
     fn the_window_forgets_past_a_thousand() {
-        let mut w = Window::default();
+        let w = Window::default();
         w.push(true);
-        for _ in 0..WINDOW {
+        assert_eq!(w.rate(), (1.0, 1));
+        for _ in 0..WINDOW - 1 {
             w.push(false);
         }
-        assert_eq!((w.failures, w.outcomes.len()), (0, WINDOW));
+        assert_eq!(w.rate(), (1.0 / WINDOW as f64, WINDOW as u64), "still inside");
+        w.push(false);
+        assert_eq!(w.rate(), (0.0, WINDOW as u64));
     }
 
     #[test]
-    fn canary_share_is_near_its_percentage_and_stable() {
+    fn canary_share_is_near_its_percentage_and_only_grows_with_it() {
         let ips = (0..10_000u32).map(|i| IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]));
         let chosen = ips.clone().filter(|ip| canary(*ip, 10.0)).count();
         assert!((900..1_100).contains(&chosen), "{chosen} of 10,000 at 10%");
-        assert!(ips.clone().all(|ip| canary(ip, 10.0) == canary(ip, 10.0)));
+        // Raising the share only adds clients: none served by the candidate flips back.
+        assert!(ips.clone().filter(|ip| canary(*ip, 10.0)).all(|ip| canary(ip, 20.0)));
         assert!(!ips.clone().any(|ip| canary(ip, 0.0)));
         assert!(ips.clone().all(|ip| canary(ip, 100.0)));
     }
