@@ -17,6 +17,7 @@ use crate::config::{
 };
 use crate::engine::child::{CompileBounds, Compiler};
 use crate::sandbox::{Isolation, Limits, Sandbox};
+use crate::state::StateLimits;
 use crate::text::escape_control;
 
 pub use crate::sandbox::EMBEDDED_ORIGIN;
@@ -128,7 +129,7 @@ pub enum Command {
 pub struct ServeArgs {
     /// Serve every listener described in this TOML file (see examples/wasmgate.toml)
     /// instead of the one described by the flags below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "upstream", "deny_source_ports", "record", "candidate"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "state_max_bytes", "state_max_entries", "upstream", "deny_source_ports", "record", "candidate"])]
     pub config: Option<PathBuf>,
 
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
@@ -359,6 +360,15 @@ pub struct LimitArgs {
     /// Largest linear memory per guest instance: bytes, or a number with KiB, MiB or GiB.
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub max_memory: usize,
+
+    /// Most bytes the state the handlers share may hold (keys, values, and 64 bytes
+    /// an entry): bytes, or a number with KiB, MiB or GiB.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub state_max_bytes: usize,
+
+    /// Most entries (values, limits, penalties) the shared state may hold.
+    #[arg(long, value_name = "N", default_value_t = StateLimits::default().max_entries)]
+    pub state_max_entries: usize,
 }
 
 impl LimitArgs {
@@ -366,6 +376,10 @@ impl LimitArgs {
         Limits {
             timeout: Duration::from_millis(self.timeout_ms),
             max_memory: self.max_memory,
+            state: StateLimits {
+                max_bytes: self.state_max_bytes,
+                max_entries: self.state_max_entries,
+            },
         }
     }
 }

@@ -335,6 +335,50 @@ impl Collector for GatewayCollector {
             }
         }
 
+        for (name, help, value) in [
+            (
+                "wasmgate_state_entries",
+                "Entries (values, limits, penalties) in the state the handlers share.",
+                (|s| s.state.entries) as fn(&Snapshot) -> u64,
+            ),
+            (
+                "wasmgate_state_bytes",
+                "Bytes the shared state holds: keys, values and 64 bytes an entry.",
+                |s| s.state.bytes,
+            ),
+        ] {
+            let mut gauge = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (listener, s) in &snapshots {
+                gauge
+                    .encode_family(&[("listener", *listener)])?
+                    .encode_gauge(&i64::try_from(value(s)).unwrap_or(i64::MAX))?;
+            }
+        }
+        let mut evictions = encoder.encode_descriptor(
+            "wasmgate_state_evictions",
+            "Live entries evicted from the shared state to make room (shortest time left first).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, s) in &snapshots {
+            evictions
+                .encode_family(&[("listener", *listener)])?
+                .encode_counter::<NoLabelSet, _, u64>(&s.state.evictions, None)?;
+        }
+        let mut limits = encoder.encode_descriptor(
+            "wasmgate_limit",
+            "Calls of the limit host call, by result.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, s) in &snapshots {
+            for (result, n) in [("allowed", s.state.allowed), ("denied", s.state.denied)] {
+                limits
+                    .encode_family(&[("listener", *listener), ("result", result)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+
         let mut info = encoder.encode_descriptor(
             "wasmgate_module",
             "The modules each listener has loaded: the active one serving, and a candidate.",

@@ -23,6 +23,8 @@
 //!   running a guest under limits; under it the guest kinds (ABI v1, WASI
 //!   command, component), their host calls and checks, and one cap on
 //!   everything a guest instance holds.
+//! - [`state`]: the key-value store, limits and penalties a listener's
+//!   handlers share (sharded, bounded, clock-free), behind the `state_*` host calls.
 //! - [`engine`]: the wasmtime engine's settings, reading and compiling module bytes,
 //!   and ([`engine::child`]) compiling in a child process under time and memory bounds.
 //! - [`cache`]: compiled modules kept on disk, trusted only when their HMAC checks out.
@@ -69,6 +71,7 @@ pub mod replay;
 pub mod sandbox;
 pub mod service;
 pub mod source_filter;
+pub mod state;
 pub mod text;
 pub mod udp;
 pub mod upstream;

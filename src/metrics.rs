@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
+use crate::state::StateStats;
 use crate::verdict::CallError;
 pub use crate::verdict::DropReason;
 
@@ -221,6 +222,8 @@ pub struct Snapshot {
     /// skipped because the candidate was behind.
     pub shadow: [u64; 4],
     pub shadow_skipped: u64,
+    /// The shared state: what it holds, evictions, and `limit` results.
+    pub state: StateStats,
 }
 
 impl Snapshot {

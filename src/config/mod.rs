@@ -18,6 +18,7 @@ pub use proving::{CandidateSpec, DEFAULT_RECORD_MAX_BYTES, RecordSpec, check_per
 
 use crate::pool::Policy;
 use crate::source_filter::PortSet;
+use crate::state::StateLimits;
 use crate::text::{cut, quote};
 
 /// What every guest instance is held to.
@@ -27,6 +28,8 @@ pub struct Limits {
     pub timeout: Duration,
     /// Largest linear memory an instance may have, in bytes.
     pub max_memory: usize,
+    /// How big the state the listener's handlers share may grow.
+    pub state: StateLimits,
 }
 
 impl Default for Limits {
@@ -34,6 +37,7 @@ impl Default for Limits {
         Self {
             timeout: Duration::from_millis(10),
             max_memory: 64 << 20,
+            state: StateLimits::default(),
         }
     }
 }
@@ -346,6 +350,8 @@ struct ListenerSection {
     isolation: Option<String>,
     timeout_ms: Option<u64>,
     max_memory: Option<String>,
+    state_max_bytes: Option<String>,
+    state_max_entries: Option<usize>,
     max_reply_ratio: Option<f64>,
     batch: Option<usize>,
     watch: Option<bool>,
@@ -480,6 +486,15 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                         .map_err(anyhow::Error::msg)
                         .with_context(|| at("max_memory"))?,
                     None => defaults.limits.max_memory,
+                },
+                state: StateLimits {
+                    max_bytes: match &l.state_max_bytes {
+                        Some(s) => parse_size(s)
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| at("state_max_bytes"))?,
+                        None => defaults.limits.state.max_bytes,
+                    },
+                    max_entries: l.state_max_entries.unwrap_or(defaults.limits.state.max_entries),
                 },
             },
             max_reply_ratio: match l.max_reply_ratio {

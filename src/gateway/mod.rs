@@ -109,6 +109,7 @@ impl Shared {
         let mut s = self.stats.snapshot();
         s.record_dropped = self.recorder.as_ref().map_or(0, Recorder::dropped);
         (s.shadow, s.shadow_skipped) = self.shadow.read();
+        s.state = self.sandbox.state().stats();
         s
     }
 

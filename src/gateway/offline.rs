@@ -60,8 +60,10 @@ impl Offline {
     /// A core running `candidate` beside the listener `shared` serves, with
     /// the candidate's own copy of the pools (for the shadow).
     pub(super) fn beside(shared: &Shared, candidate: &Candidate) -> anyhow::Result<Self> {
+        // Its own state: a shadowed module must not spend the listener's
+        // limits or fill its cache.
         Ok(Self::with(
-            &shared.sandbox,
+            &shared.sandbox.with_own_state(),
             Arc::clone(&candidate.program),
             &shared.spec,
             shared.local,

@@ -97,7 +97,7 @@ pub const ON_REPLY: (&str, Signature) = (
 
 /// The functions the host offers an ABI v1 guest, as (module, name, type); a
 /// guest may import any of them. `env.abort` is what AssemblyScript imports by default.
-pub const HOST_FUNCTIONS: [(&str, &str, Signature); 7] = [
+pub const HOST_FUNCTIONS: [(&str, &str, Signature); 15] = [
     (
         HOST_MODULE,
         "log",
@@ -141,6 +141,70 @@ pub const HOST_FUNCTIONS: [(&str, &str, Signature); 7] = [
     (
         HOST_MODULE,
         "upstream",
+        Signature {
+            params: &["i32", "i32"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "state_get",
+        Signature {
+            params: &["i32", "i32", "i32", "i32"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "state_set",
+        Signature {
+            params: &["i32", "i32", "i32", "i32", "i64"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "state_delete",
+        Signature {
+            params: &["i32", "i32"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "state_incr",
+        Signature {
+            params: &["i32", "i32", "i64", "i64"],
+            results: &["i64"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "state_cas",
+        Signature {
+            params: &["i32", "i32", "i32", "i32", "i32", "i32", "i64"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "limit",
+        Signature {
+            params: &["i32", "i32", "i32", "i32"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "penalize",
+        Signature {
+            params: &["i32", "i32", "i64"],
+            results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "penalized",
         Signature {
             params: &["i32", "i32"],
             results: &["i32"],

@@ -1,6 +1,7 @@
 //! The functions the host offers ABI v1 guests: `wasmgate.log`, `wasmgate.peer`,
 //! the forwarding verbs (`forward`, `forward_key`, `send`, `upstream`), and
-//! `env.abort`, which AssemblyScript imports by default.
+//! `env.abort`, which AssemblyScript imports by default. The state calls are
+//! in `state_calls.rs`.
 //!
 //! Each reads or writes guest memory only through bounds-checked accessors and
 //! traps, with a message saying why, when a guest passes a region outside its memory.
@@ -15,6 +16,7 @@ use crate::sandbox::instance_limits::InstanceLimits;
 
 use crate::metrics::RateLimit;
 use crate::sandbox::abi::HOST_MODULE;
+use crate::state::State;
 use crate::upstream::Upstreams;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
 
@@ -34,6 +36,8 @@ pub(crate) struct HostState {
     pub(crate) out: Outbox,
     /// Inside `on_reply`: the endpoint that sent the datagram, as `POOL/ip:port`.
     pub(crate) upstream: String,
+    /// The listener's shared state (`state_*`, `limit`, `penalize`).
+    pub(crate) state: Arc<State>,
 }
 
 impl HostState {
@@ -200,7 +204,7 @@ impl Outbox {
     }
 
     /// Counts a call, refusing it past the call's limit.
-    fn count_call(&mut self) -> Result<(), CallError> {
+    pub(super) fn count_call(&mut self) -> Result<(), CallError> {
         if self.calls >= self.call_limit {
             return Err(CallError::TooMany);
         }
@@ -219,10 +223,11 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     linker.func_wrap(HOST_MODULE, "send", send)?;
     linker.func_wrap(HOST_MODULE, "upstream", upstream)?;
     linker.func_wrap("env", "abort", abort)?;
+    super::state_calls::define(&mut linker)?;
     Ok(linker)
 }
 
-fn memory(caller: &mut Caller<'_, HostState>, function: &str) -> wasmtime::Result<Memory> {
+pub(super) fn memory(caller: &mut Caller<'_, HostState>, function: &str) -> wasmtime::Result<Memory> {
     match caller.get_export("memory") {
         Some(Extern::Memory(m)) => Ok(m),
         _ => wasmtime::bail!("wasmgate.{function}: the guest exports no `memory`"),
@@ -309,7 +314,13 @@ fn peer(mut caller: Caller<'_, HostState>, ptr: i32, cap: i32) -> wasmtime::Resu
 }
 
 /// The bytes at `ptr..ptr+len` of guest memory, or a trap naming the call and region.
-fn region<'m>(memory: &'m [u8], ptr: i32, len: i32, function: &str, what: &str) -> wasmtime::Result<&'m [u8]> {
+pub(super) fn region<'m>(
+    memory: &'m [u8],
+    ptr: i32,
+    len: i32,
+    function: &str,
+    what: &str,
+) -> wasmtime::Result<&'m [u8]> {
     let (start, len) = (ptr as u32 as usize, len as u32 as usize);
     match start.checked_add(len).and_then(|end| memory.get(start..end)) {
         Some(bytes) => Ok(bytes),

@@ -24,6 +24,7 @@ use crate::engine::child::Compiler;
 use crate::engine::ticker::TICK;
 use crate::engine::{Compiled, MAX_TABLE_ELEMENTS, MAX_TABLES};
 pub use crate::engine::{MAX_MODULE_BYTES, read_module};
+use crate::state::State;
 use crate::verdict::DropReason;
 
 pub mod abi;
@@ -37,6 +38,7 @@ mod kind;
 mod outcome;
 mod program;
 mod runtime;
+mod state_calls;
 pub mod wasi;
 mod wasi_command;
 
@@ -64,6 +66,8 @@ pub struct Sandbox {
     /// datagram that starts just before a tick still gets its whole budget.
     deadline_ticks: u64,
     compiler: Arc<Compiler>,
+    /// The state its guests share; clones share it, so it outlives reloads.
+    state: Arc<State>,
 }
 
 impl Sandbox {
@@ -87,7 +91,22 @@ impl Sandbox {
             deadline_ticks: limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1,
             limits,
             compiler: Arc::new(Compiler::InProcess),
+            state: Arc::new(State::new(limits.state)),
         }
+    }
+
+    /// The same sandbox with a state of its own, empty, with the same bounds:
+    /// for a module that must not touch what the serving one shares (the shadow).
+    pub fn with_own_state(&self) -> Self {
+        Self {
+            state: Arc::new(State::new(self.limits.state)),
+            ..self.clone()
+        }
+    }
+
+    /// The state its guests share.
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
     }
 
     /// Compiles modules with `compiler` from now on (in-process by default).
@@ -260,6 +279,7 @@ impl Sandbox {
             net: None,
             out: Outbox::default(),
             upstream: String::new(),
+            state: Arc::clone(&self.state),
         }
     }
 

@@ -1,0 +1,776 @@
+//! State that handlers share: a bounded key-value store with TTLs, token-bucket
+//! limits and penalties, one per listener, shared by all its workers and kept
+//! across module reloads and instance resets (it lives in the listener's
+//! [`Sandbox`](crate::sandbox::Sandbox), not in an instance).
+//!
+//! Socket-free and clock-free: every call takes the time (`now`, nanoseconds
+//! on the store's own monotonic clock, [`State::now`]), so tests drive it with
+//! a fake clock. Sharded: a key's shard is picked by a seeded hash, and each
+//! shard is a mutex around a hash table, so two workers contend only when they
+//! touch the same shard at the same instant.
+
+use std::hash::BuildHasher as _;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// The longest key, in bytes (a DNS question, name and type, fits).
+pub const MAX_KEY: usize = 512;
+/// The longest value, in bytes: one datagram.
+pub const MAX_VALUE: usize = crate::verdict::MAX_DATAGRAM;
+/// What an entry costs besides its key and value (table slot, box headers,
+/// expiry), counted against `state_max_bytes` so that small entries are not free.
+pub const ENTRY_OVERHEAD: usize = 64;
+/// The smallest count `incr` gives: the 64 numbers below it are the ABI's
+/// error codes (`i64::MIN - code`).
+pub const COUNTER_MIN: i64 = i64::MIN + 64;
+/// Never expires.
+const NEVER: u64 = u64::MAX;
+const NS_PER_MS: u64 = 1_000_000;
+const NS_PER_S: u128 = 1_000_000_000;
+
+/// How big a listener's state may grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateLimits {
+    /// Keys, values and [`ENTRY_OVERHEAD`] per entry, summed.
+    pub max_bytes: usize,
+    pub max_entries: usize,
+}
+
+impl Default for StateLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 << 20,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+/// Why a state call did nothing. Each has a negative code in the guest ABI
+/// (docs/ABI.md), after the forwarding codes; -8 (`too_many_calls`) is shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateError {
+    /// More state, forwarding and send calls for one datagram than allowed.
+    TooManyCalls,
+    /// No such key, or it expired.
+    NotFound,
+    /// No room: the store is at its bounds and nothing with a TTL is left to evict.
+    Full,
+    /// The key is longer than [`MAX_KEY`].
+    KeyTooLong,
+    /// The value is longer than [`MAX_VALUE`].
+    ValueTooLong,
+    /// `cas`: the value was not the one expected.
+    Mismatch,
+    /// `incr`: the value is not an 8-byte counter.
+    NotACounter,
+}
+
+impl StateError {
+    pub const ALL: [Self; 7] = [
+        Self::TooManyCalls,
+        Self::NotFound,
+        Self::Full,
+        Self::KeyTooLong,
+        Self::ValueTooLong,
+        Self::Mismatch,
+        Self::NotACounter,
+    ];
+
+    /// The ABI v1 return code.
+    pub fn code(self) -> i32 {
+        match self {
+            Self::TooManyCalls => -8,
+            Self::NotFound => -9,
+            Self::Full => -10,
+            Self::KeyTooLong => -11,
+            Self::ValueTooLong => -12,
+            Self::Mismatch => -13,
+            Self::NotACounter => -14,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TooManyCalls => "too_many_calls",
+            Self::NotFound => "not_found",
+            Self::Full => "full",
+            Self::KeyTooLong => "key_too_long",
+            Self::ValueTooLong => "value_too_long",
+            Self::Mismatch => "mismatch",
+            Self::NotACounter => "not_a_counter",
+        }
+    }
+}
+
+/// The three kinds of entry live side by side under one key space each: a
+/// limit and a penalty on the client's address never clash with a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Space {
+    Value,
+    Bucket,
+    Penalty,
+}
+
+struct Entry {
+    hash: u64,
+    space: Space,
+    key: Box<[u8]>,
+    /// A value's bytes; a bucket's theoretical arrival time (16 bytes, LE ns).
+    value: Box<[u8]>,
+    /// Nanoseconds on the store's clock; [`NEVER`] without a TTL.
+    expires: u64,
+}
+
+impl Entry {
+    fn size(&self) -> usize {
+        self.key.len() + self.value.len() + ENTRY_OVERHEAD
+    }
+
+    fn live(&self, now: u64) -> bool {
+        self.expires > now
+    }
+}
+
+/// One shard: its table, what it holds, and its share of the bounds.
+#[repr(align(128))]
+struct Shard {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    table: HashTable<Entry>,
+    bytes: usize,
+    evictions: u64,
+    allowed: u64,
+    denied: u64,
+}
+
+/// What a store holds and has done, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateStats {
+    pub entries: u64,
+    pub bytes: u64,
+    /// Live entries removed to make room (expired ones are not counted).
+    pub evictions: u64,
+    /// `limit` calls that were allowed and denied.
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+/// A listener's shared state. Cheap to share (`Arc`); every method takes `&self`.
+pub struct State {
+    shards: Box<[Shard]>,
+    /// log2 of the shard count.
+    bits: u32,
+    /// Each shard's share of the bounds.
+    shard_bytes: usize,
+    shard_entries: usize,
+    limits: StateLimits,
+    /// Seeds the key hash: keys often come from clients, who must not be able
+    /// to choose keys that collide.
+    seed: u64,
+    origin: Instant,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("shards", &self.shards.len())
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl State {
+    /// An empty store held to `limits`. Small stores get one shard, so that
+    /// their bounds are exact; large ones up to 64.
+    pub fn new(limits: StateLimits) -> Self {
+        let wanted = (limits.max_entries / 4096).clamp(1, 64);
+        // The largest power of two not above `wanted`.
+        let bits = usize::BITS - 1 - wanted.leading_zeros();
+        let shards = 1usize << bits;
+        Self {
+            shards: (0..shards)
+                .map(|_| Shard {
+                    inner: Mutex::new(Inner::default()),
+                })
+                .collect(),
+            bits,
+            shard_bytes: limits.max_bytes / shards,
+            shard_entries: limits.max_entries / shards,
+            limits,
+            seed: std::hash::RandomState::new().hash_one(0x5741_534d_4741_5445_u64),
+            origin: Instant::now(),
+        }
+    }
+
+    /// The bounds it was made with.
+    pub fn limits(&self) -> StateLimits {
+        self.limits
+    }
+
+    /// Now, in nanoseconds on this store's clock: what the other methods take.
+    pub fn now(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// Calls `f` with the value of `key` (a counter is its 8 bytes, little-endian).
+    pub fn get<R>(&self, key: &[u8], now: u64, f: impl FnOnce(&[u8]) -> R) -> Result<R, StateError> {
+        check_key(key)?;
+        let (hash, mut shard) = self.shard(Space::Value, key);
+        match shard.find(hash, Space::Value, key, now) {
+            Some(entry) => Ok(f(&entry.value)),
+            None => Err(StateError::NotFound),
+        }
+    }
+
+    /// Sets `key` to `value`, expiring after `ttl_ms` (0 or less: never).
+    pub fn set(&self, key: &[u8], value: &[u8], ttl_ms: i64, now: u64) -> Result<(), StateError> {
+        check_key(key)?;
+        check_value(value)?;
+        let (hash, mut shard) = self.shard(Space::Value, key);
+        let expires = expiry(now, ttl_ms);
+        self.put(&mut shard, hash, Space::Value, key, value, expires, now)
+    }
+
+    /// Removes `key`; whether it was there (and live).
+    pub fn delete(&self, key: &[u8], now: u64) -> Result<bool, StateError> {
+        check_key(key)?;
+        let (hash, mut shard) = self.shard(Space::Value, key);
+        Ok(shard.remove(hash, Space::Value, key).is_some_and(|e| e.live(now)))
+    }
+
+    /// Adds `delta` to the counter at `key` (saturating) and returns the sum.
+    /// A missing key starts at 0 and expires after `ttl_ms` (0 or less: never);
+    /// an existing one keeps its expiry, so a counter with a TTL counts a window.
+    pub fn incr(&self, key: &[u8], delta: i64, ttl_ms: i64, now: u64) -> Result<i64, StateError> {
+        check_key(key)?;
+        let (hash, mut shard) = self.shard(Space::Value, key);
+        if let Some(entry) = shard.find(hash, Space::Value, key, now) {
+            let bytes: &mut [u8; 8] = (&mut *entry.value).try_into().map_err(|_| StateError::NotACounter)?;
+            let sum = i64::from_le_bytes(*bytes).saturating_add(delta).max(COUNTER_MIN);
+            *bytes = sum.to_le_bytes();
+            return Ok(sum);
+        }
+        let expires = expiry(now, ttl_ms);
+        let delta = delta.max(COUNTER_MIN);
+        self.put(&mut shard, hash, Space::Value, key, &delta.to_le_bytes(), expires, now)?;
+        Ok(delta)
+    }
+
+    /// Sets `key` to `value` only if it holds `expected` now (`None`: only if
+    /// it is absent); [`StateError::Mismatch`] otherwise.
+    pub fn cas(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl_ms: i64,
+        now: u64,
+    ) -> Result<(), StateError> {
+        check_key(key)?;
+        check_value(value)?;
+        let (hash, mut shard) = self.shard(Space::Value, key);
+        let current = shard.find(hash, Space::Value, key, now).map(|e| &*e.value);
+        if current != expected {
+            return Err(StateError::Mismatch);
+        }
+        self.put(&mut shard, hash, Space::Value, key, value, expiry(now, ttl_ms), now)
+    }
+
+    /// A token bucket per key holding up to `burst` tokens and refilled at
+    /// `rate_per_s` a second (0: never refilled, a quota): takes one token
+    /// and says whether there was one. Exact: with several workers calling at
+    /// once, exactly as many calls are allowed as tokens there were.
+    ///
+    /// Kept as a GCRA theoretical arrival time, so a bucket is one number, and
+    /// a full bucket needs no entry: its entry expires when it would be full again.
+    pub fn limit(&self, key: &[u8], rate_per_s: u32, burst: u32, now: u64) -> Result<bool, StateError> {
+        check_key(key)?;
+        let (hash, mut shard) = self.shard(Space::Bucket, key);
+        // The time one token takes to come back; "never" is 2^80 ns (38 million years).
+        let interval: u128 = match rate_per_s {
+            0 => 1 << 80,
+            r => NS_PER_S / u128::from(r),
+        };
+        let now128 = u128::from(now);
+        let tat = match shard.find(hash, Space::Bucket, key, now) {
+            Some(entry) => read_u128(&entry.value).max(now128),
+            None => now128,
+        };
+        let next = tat + interval;
+        let allowed = next - now128 <= interval * u128::from(burst);
+        if allowed {
+            let expires = u64::try_from(next).unwrap_or(NEVER);
+            match shard.find(hash, Space::Bucket, key, now) {
+                Some(entry) => {
+                    entry.value.copy_from_slice(&next.to_le_bytes());
+                    entry.expires = expires;
+                }
+                None => {
+                    if let Err(error) =
+                        self.put(&mut shard, hash, Space::Bucket, key, &next.to_le_bytes(), expires, now)
+                    {
+                        // No room to remember the token taken: refuse it, so a
+                        // full store can never turn into an open limit.
+                        shard.denied += 1;
+                        return Err(error);
+                    }
+                }
+            }
+            shard.allowed += 1;
+        } else {
+            shard.denied += 1;
+        }
+        Ok(allowed)
+    }
+
+    /// Marks `key` penalized for `ttl_ms` (0 or less lifts the penalty). A
+    /// penalty already running longer is kept.
+    pub fn penalize(&self, key: &[u8], ttl_ms: i64, now: u64) -> Result<(), StateError> {
+        check_key(key)?;
+        let (hash, mut shard) = self.shard(Space::Penalty, key);
+        if ttl_ms <= 0 {
+            shard.remove(hash, Space::Penalty, key);
+            return Ok(());
+        }
+        let expires = expiry(now, ttl_ms);
+        if let Some(entry) = shard.find(hash, Space::Penalty, key, now) {
+            entry.expires = entry.expires.max(expires);
+            return Ok(());
+        }
+        self.put(&mut shard, hash, Space::Penalty, key, &[], expires, now)
+    }
+
+    /// Whether `key` is penalized now.
+    pub fn penalized(&self, key: &[u8], now: u64) -> Result<bool, StateError> {
+        check_key(key)?;
+        let (hash, mut shard) = self.shard(Space::Penalty, key);
+        Ok(shard.find(hash, Space::Penalty, key, now).is_some())
+    }
+
+    /// What the store holds and has done, summed over its shards.
+    pub fn stats(&self) -> StateStats {
+        let mut s = StateStats::default();
+        for shard in &self.shards {
+            let inner = lock(shard);
+            s.entries += inner.table.len() as u64;
+            s.bytes += inner.bytes as u64;
+            s.evictions += inner.evictions;
+            s.allowed += inner.allowed;
+            s.denied += inner.denied;
+        }
+        s
+    }
+
+    fn shard(&self, space: Space, key: &[u8]) -> (u64, MutexGuard<'_, Inner>) {
+        let hash = self.hash(space, key);
+        // The top bits pick the shard; the table uses the low ones.
+        let index = if self.bits == 0 {
+            0
+        } else {
+            (hash >> (64 - self.bits)) as usize
+        };
+        (hash, lock(&self.shards[index]))
+    }
+
+    fn hash(&self, space: Space, key: &[u8]) -> u64 {
+        // One seed per space, so the spaces' keys spread independently.
+        xxh3_64_with_seed(key, self.seed.wrapping_add(space as u64))
+    }
+
+    /// Inserts or replaces an entry, making room within the shard's bounds first.
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &self,
+        shard: &mut Inner,
+        hash: u64,
+        space: Space,
+        key: &[u8],
+        value: &[u8],
+        expires: u64,
+        now: u64,
+    ) -> Result<(), StateError> {
+        let size = key.len() + value.len() + ENTRY_OVERHEAD;
+        if size > self.shard_bytes || self.shard_entries == 0 {
+            return Err(StateError::Full);
+        }
+        // What the entry replaces does not count against the room it needs.
+        let replaced = shard
+            .table
+            .find(hash, |e| e.space == space && *e.key == *key)
+            .map(Entry::size);
+        let (entries_after, bytes_after) = match replaced {
+            Some(old) => (shard.table.len(), shard.bytes - old + size),
+            None => (shard.table.len() + 1, shard.bytes + size),
+        };
+        if entries_after > self.shard_entries || bytes_after > self.shard_bytes {
+            let protect = replaced.map(|_| (space, key));
+            let room_entries = self.shard_entries.saturating_sub(usize::from(replaced.is_none()));
+            let room_bytes = self.shard_bytes - size + replaced.unwrap_or(0).min(size);
+            if !shard.make_room(room_entries, room_bytes, now, protect) {
+                return Err(StateError::Full);
+            }
+        }
+        match shard
+            .table
+            .entry(hash, |e| e.space == space && *e.key == *key, |e| e.hash)
+        {
+            Slot::Occupied(mut o) => {
+                let entry = o.get_mut();
+                let old = entry.size();
+                if entry.value.len() == value.len() {
+                    entry.value.copy_from_slice(value);
+                } else {
+                    entry.value = value.into();
+                }
+                entry.expires = expires;
+                shard.bytes = shard.bytes - old + size;
+            }
+            Slot::Vacant(v) => {
+                v.insert(Entry {
+                    hash,
+                    space,
+                    key: key.into(),
+                    value: value.into(),
+                    expires,
+                });
+                shard.bytes += size;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// The live entry for `key`; an expired one is removed on the way.
+    fn find(&mut self, hash: u64, space: Space, key: &[u8], now: u64) -> Option<&mut Entry> {
+        match self.table.find_entry(hash, |e| e.space == space && *e.key == *key) {
+            Ok(o) if o.get().live(now) => Some(o.into_mut()),
+            Ok(o) => {
+                let (gone, _) = o.remove();
+                self.bytes -= gone.size();
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn remove(&mut self, hash: u64, space: Space, key: &[u8]) -> Option<Entry> {
+        let o = self
+            .table
+            .find_entry(hash, |e| e.space == space && *e.key == *key)
+            .ok()?;
+        let (gone, _) = o.remove();
+        self.bytes -= gone.size();
+        Some(gone)
+    }
+
+    /// Removes entries until at most `entries` and `bytes` remain: expired
+    /// ones first, then those with the shortest time left. Entries without a
+    /// TTL, and `protect`, are never evicted. When it must evict live entries
+    /// it goes an eighth below the bounds, so that a full store does not scan
+    /// on every insert. False when there is still no room.
+    fn make_room(&mut self, entries: usize, bytes: usize, now: u64, protect: Option<(Space, &[u8])>) -> bool {
+        let fits = |s: &Self| s.table.len() <= entries && s.bytes <= bytes;
+        let mut freed = 0;
+        self.table.retain(|e| {
+            let keep = e.live(now);
+            if !keep {
+                freed += e.size();
+            }
+            keep
+        });
+        self.bytes -= freed;
+        if fits(self) {
+            return true;
+        }
+        let (entries, bytes) = (entries - entries / 8, bytes - bytes / 8);
+        let is_protected = |e: &Entry| protect.is_some_and(|(space, key)| e.space == space && *e.key == *key);
+        let mut by_expiry: Vec<(u64, usize)> = self
+            .table
+            .iter()
+            .filter(|e| e.expires != NEVER && !is_protected(e))
+            .map(|e| (e.expires, e.size()))
+            .collect();
+        by_expiry.sort_unstable_by_key(|&(expires, _)| expires);
+        // The latest expiry that must go for the rest to fit (ties go together).
+        let (mut left_entries, mut left_bytes) = (self.table.len(), self.bytes);
+        let mut cut = None;
+        for (expires, size) in by_expiry {
+            if left_entries <= entries && left_bytes <= bytes {
+                break;
+            }
+            left_entries -= 1;
+            left_bytes -= size;
+            cut = Some(expires);
+        }
+        if let Some(cut) = cut {
+            let (mut evicted, mut freed) = (0, 0);
+            self.table.retain(|e| {
+                let evict = e.expires <= cut && !is_protected(e);
+                if evict {
+                    evicted += 1;
+                    freed += e.size();
+                }
+                !evict
+            });
+            self.bytes -= freed;
+            self.evictions += evicted;
+        }
+        fits(self)
+    }
+}
+
+/// A shard's lock. A panic while it was held (none is expected: nothing in
+/// it calls out) leaves a consistent table, so a poisoned lock is used as is.
+fn lock(shard: &Shard) -> MutexGuard<'_, Inner> {
+    shard.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn check_key(key: &[u8]) -> Result<(), StateError> {
+    if key.len() > MAX_KEY {
+        return Err(StateError::KeyTooLong);
+    }
+    Ok(())
+}
+
+fn check_value(value: &[u8]) -> Result<(), StateError> {
+    if value.len() > MAX_VALUE {
+        return Err(StateError::ValueTooLong);
+    }
+    Ok(())
+}
+
+/// When an entry made `now` with `ttl_ms` expires.
+fn expiry(now: u64, ttl_ms: i64) -> u64 {
+    if ttl_ms <= 0 {
+        return NEVER;
+    }
+    now.saturating_add((ttl_ms as u64).saturating_mul(NS_PER_MS))
+        .min(NEVER - 1)
+}
+
+fn read_u128(bytes: &[u8]) -> u128 {
+    bytes.try_into().map(u128::from_le_bytes).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = NS_PER_MS;
+    const S: u64 = 1000 * MS;
+
+    fn small(max_entries: usize, max_bytes: usize) -> State {
+        State::new(StateLimits { max_bytes, max_entries })
+    }
+
+    fn value(state: &State, key: &[u8], now: u64) -> Option<Vec<u8>> {
+        state.get(key, now, <[u8]>::to_vec).ok()
+    }
+
+    #[test]
+    fn values_are_set_read_replaced_and_deleted() {
+        let s = State::new(StateLimits::default());
+        assert_eq!(s.get(b"k", 0, |_| ()), Err(StateError::NotFound));
+        s.set(b"k", b"one", 0, 0).unwrap();
+        assert_eq!(value(&s, b"k", 0).as_deref(), Some(&b"one"[..]));
+        s.set(b"k", b"three", 0, 0).unwrap();
+        assert_eq!(value(&s, b"k", 0).as_deref(), Some(&b"three"[..]));
+        assert_eq!(s.stats().entries, 1);
+        assert_eq!(s.stats().bytes, (1 + 5 + ENTRY_OVERHEAD) as u64);
+        assert_eq!(s.delete(b"k", 0), Ok(true));
+        assert_eq!(s.delete(b"k", 0), Ok(false));
+        assert_eq!(s.stats(), StateStats::default());
+        s.set(b"", b"", 0, 0).unwrap();
+        assert_eq!(
+            value(&s, b"", 0).as_deref(),
+            Some(&b""[..]),
+            "empty key and value are legal"
+        );
+    }
+
+    #[test]
+    fn entries_expire_after_their_ttl() {
+        let s = State::new(StateLimits::default());
+        s.set(b"k", b"v", 100, 0).unwrap();
+        assert!(value(&s, b"k", 99 * MS).is_some());
+        assert!(value(&s, b"k", 100 * MS).is_none());
+        assert_eq!(s.stats().entries, 0, "read past its expiry, it is gone");
+        assert_eq!(s.incr(b"n", 1, 50, 0), Ok(1));
+        assert_eq!(s.incr(b"n", 1, 50, 49 * MS), Ok(2), "incr keeps the window's expiry");
+        assert_eq!(s.incr(b"n", 1, 50, 50 * MS), Ok(1), "a new window");
+    }
+
+    #[test]
+    fn counters_add_saturate_and_refuse_other_values() {
+        let s = State::new(StateLimits::default());
+        assert_eq!(s.incr(b"n", 5, 0, 0), Ok(5));
+        assert_eq!(s.incr(b"n", -7, 0, 0), Ok(-2));
+        assert_eq!(value(&s, b"n", 0), Some((-2i64).to_le_bytes().to_vec()));
+        assert_eq!(s.incr(b"n", i64::MIN, 0, 0), Ok(COUNTER_MIN));
+        assert_eq!(
+            s.incr(b"n", -1, 0, 0),
+            Ok(COUNTER_MIN),
+            "saturates above the error codes"
+        );
+        assert_eq!(s.incr(b"m", i64::MIN, 0, 0), Ok(COUNTER_MIN));
+        s.set(b"text", b"hello", 0, 0).unwrap();
+        assert_eq!(s.incr(b"text", 1, 0, 0), Err(StateError::NotACounter));
+    }
+
+    #[test]
+    fn cas_sets_only_over_the_expected_value() {
+        let s = State::new(StateLimits::default());
+        assert_eq!(s.cas(b"k", Some(b"x"), b"a", 0, 0), Err(StateError::Mismatch));
+        assert_eq!(s.cas(b"k", None, b"a", 0, 0), Ok(()), "None: only if absent");
+        assert_eq!(s.cas(b"k", None, b"b", 0, 0), Err(StateError::Mismatch));
+        assert_eq!(s.cas(b"k", Some(b"a"), b"b", 0, 0), Ok(()));
+        assert_eq!(value(&s, b"k", 0).as_deref(), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn keys_and_values_over_the_limits_are_refused() {
+        let s = State::new(StateLimits::default());
+        let long_key = vec![b'k'; MAX_KEY + 1];
+        let long_value = vec![0; MAX_VALUE + 1];
+        assert_eq!(s.set(&long_key, b"v", 0, 0), Err(StateError::KeyTooLong));
+        assert_eq!(s.set(b"k", &long_value, 0, 0), Err(StateError::ValueTooLong));
+        assert_eq!(s.limit(&long_key, 1, 1, 0), Err(StateError::KeyTooLong));
+        assert_eq!(s.penalized(&long_key, 0), Err(StateError::KeyTooLong));
+        assert!(
+            s.set(&long_key[..MAX_KEY], &long_value[..MAX_VALUE], 0, 0).is_ok(),
+            "at the limits"
+        );
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let s = State::new(StateLimits::default());
+        let allowed = |now| (0..100).filter(|_| s.limit(b"ip", 10, 5, now) == Ok(true)).count();
+        assert_eq!(allowed(0), 5, "the burst");
+        assert_eq!(allowed(99 * MS), 0, "a token takes 100 ms");
+        assert_eq!(allowed(100 * MS), 1);
+        assert_eq!(allowed(100 * MS + 10 * S), 5, "refilled to the burst, no more");
+        let stats = s.stats();
+        assert_eq!((stats.allowed, stats.denied), (11, 389));
+        assert_eq!(
+            (0..10).filter(|_| s.limit(b"quota", 0, 3, 0) == Ok(true)).count(),
+            3,
+            "rate 0: a quota"
+        );
+        assert_eq!(s.limit(b"quota", 0, 3, u64::MAX / 2), Ok(false), "never refilled");
+        assert_eq!(s.limit(b"none", 1000, 0, 0), Ok(false), "burst 0 allows nothing");
+    }
+
+    #[test]
+    fn a_full_bucket_leaves_no_entry_behind() {
+        let s = State::new(StateLimits::default());
+        assert_eq!(s.limit(b"ip", 1000, 10, 0), Ok(true));
+        assert_eq!(s.stats().entries, 1);
+        // One token back after 1 ms: the bucket is full and its entry expired.
+        s.set(b"other", b"", 0, S).unwrap();
+        assert_eq!(s.penalized(b"x", S), Ok(false));
+        s.limit(b"ip", 1000, 10, S).unwrap();
+        s.limit(b"ip", 1000, 10, S + 5 * S).unwrap();
+        assert_eq!(s.stats().entries, 2);
+    }
+
+    #[test]
+    fn penalties_last_their_ttl_and_keep_the_longer_one() {
+        let s = State::new(StateLimits::default());
+        assert_eq!(s.penalized(b"ip", 0), Ok(false));
+        s.penalize(b"ip", 1000, 0).unwrap();
+        s.penalize(b"ip", 10, 0).unwrap();
+        assert_eq!(s.penalized(b"ip", 999 * MS), Ok(true), "the longer penalty stays");
+        assert_eq!(s.penalized(b"ip", S), Ok(false));
+        s.penalize(b"ip", 1000, S).unwrap();
+        s.penalize(b"ip", 0, S).unwrap();
+        assert_eq!(s.penalized(b"ip", S), Ok(false), "0 lifts it");
+        s.set(b"ip", b"a value", 0, 0).unwrap();
+        assert_eq!(s.limit(b"ip", 1, 1, 0), Ok(true), "spaces do not clash");
+        assert_eq!(value(&s, b"ip", 0).as_deref(), Some(&b"a value"[..]));
+    }
+
+    #[test]
+    fn when_full_expired_entries_go_first_then_the_shortest_ttl() {
+        let s = small(10, 1 << 20);
+        for i in 0..4u8 {
+            s.set(&[b'e', i], b"", 10, 0).unwrap(); // expired by 1 s
+        }
+        for i in 0..3u8 {
+            s.set(&[b'f', i], b"", 0, 0).unwrap(); // no TTL: never evicted
+        }
+        s.set(b"long", b"", 60_000, 0).unwrap();
+        s.set(b"short", b"", 5_000, 0).unwrap();
+        s.set(b"mid", b"", 30_000, 0).unwrap();
+        assert_eq!(s.stats().entries, 10);
+        s.set(b"new", b"", 0, S).unwrap();
+        assert_eq!(s.stats().entries, 7, "the four expired ones made room");
+        assert_eq!(s.stats().evictions, 0, "expired entries are not evictions");
+        for i in 3..6u8 {
+            s.set(&[b'g', i], b"", 0, S).unwrap();
+        }
+        assert_eq!(s.stats().entries, 10);
+        s.set(b"one more", b"", 0, S).unwrap();
+        // Down to 7/8 of 10 (8 entries, then the new one): the two shortest TTLs went.
+        assert!(value(&s, b"short", S).is_none() && value(&s, b"mid", S).is_none());
+        assert!(value(&s, b"long", S).is_some());
+        assert_eq!(s.stats().evictions, 2);
+        s.set(b"last", b"", 0, S).unwrap();
+        s.set(b"evicts long", b"", 0, S).unwrap();
+        assert!(value(&s, b"long", S).is_none());
+        assert_eq!(
+            s.set(b"too many", b"", 0, S),
+            Err(StateError::Full),
+            "only entries without a TTL are left"
+        );
+        assert_eq!(s.stats().entries, 10);
+        s.set(b"last", b"replacing needs no room", 0, S).unwrap();
+    }
+
+    #[test]
+    fn the_byte_bound_counts_keys_values_and_overhead() {
+        let per = ENTRY_OVERHEAD + 1 + 100;
+        let s = small(1000, per * 4);
+        for i in 0..4u8 {
+            s.set(&[i], &[0; 100], 1000, 0).unwrap();
+        }
+        assert_eq!(s.stats().bytes as usize, per * 4);
+        s.set(&[9], &[0; 100], 1000, MS).unwrap();
+        assert!(s.stats().bytes as usize <= per * 4);
+        assert!(value(&s, &[0], MS).is_none(), "the earliest to expire went");
+        assert_eq!(s.set(&[10], &vec![0; per * 5], 1000, MS), Err(StateError::Full));
+    }
+
+    #[test]
+    fn two_threads_share_one_bucket_exactly() {
+        let s = std::sync::Arc::new(State::new(StateLimits::default()));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let s = std::sync::Arc::clone(&s);
+                std::thread::spawn(move || {
+                    (0..10_000)
+                        .filter(|_| s.limit(b"shared", 0, 1234, 0) == Ok(true))
+                        .count()
+                })
+            })
+            .collect();
+        let allowed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(allowed, 1234);
+    }
+
+    #[test]
+    fn large_stores_are_sharded_and_small_ones_are_not() {
+        assert_eq!(State::new(StateLimits::default()).shards.len(), 64);
+        assert_eq!(small(100, 1 << 20).shards.len(), 1);
+        assert_eq!(small(3 * 4096, 1 << 20).shards.len(), 2);
+    }
+}
