@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Rebuilds every committed guest module from its source, each with its own toolchain:
 #   Rust (SDK)       guest/uppercase.wasm, examples/dns/dns.wasm,     wasm32-unknown-unknown
-#                    examples/dns-proxy/dns_proxy.wasm,
+#                    examples/dns-proxy/dns_proxy.wasm, examples/dns-limit/dns_limit.wasm,
+#                    examples/dns-cache/dns_cache.wasm,
 #                    guest/sdk-probe.wasm (the SDK's test guest)
 #   Rust (WASI)      examples/wasi-rust/whoami.wasm                   wasm32-wasip1
 #   C (freestanding) examples/c/checksum.wasm                         clang + lld
 #   C (WASI)         examples/wasi-c/sort.wasm                        clang + lld + wasi-libc
 #   AssemblyScript   examples/assemblyscript/base64.wasm              npm (pinned in package-lock.json)
 #   Rust components  examples/rust-component/router.wasm,             wasm32-wasip2 (wit-bindgen)
-#                    tests/guests/rust-probe/probe.wasm
+#                    tests/guests/rust-probe/probe.wasm, tests/guests/rust-state/state.wasm
 #   Python           examples/python/python.wasm,                     componentize-py (requirements.txt)
 #                    tests/guests/python-probe/probe.wasm
 #   JavaScript       examples/js/redact.wasm                          componentize-js (package-lock.json)
@@ -89,17 +90,20 @@ remap="--remap-path-prefix=$root=. --remap-path-prefix=$HOME=~"
 # Rust with the SDK (ABI v1), one cargo workspace in guest/.
 if rust_target wasm32-unknown-unknown; then
   if (cd guest && RUSTFLAGS="-C target-feature=+simd128 -C link-arg=-zstack-size=65536 $remap" \
-    cargo build --quiet --release --locked --target wasm32-unknown-unknown -p uppercase -p dns -p dns-proxy -p sdk-probe \
+    cargo build --quiet --release --locked --target wasm32-unknown-unknown -p uppercase -p dns -p dns-proxy -p dns-limit -p dns-cache -p sdk-probe \
     --target-dir "$out/target"); then
     deliver "$out/target/wasm32-unknown-unknown/release/uppercase.wasm" guest/uppercase.wasm
     deliver "$out/target/wasm32-unknown-unknown/release/dns.wasm" examples/dns/dns.wasm
     deliver "$out/target/wasm32-unknown-unknown/release/dns_proxy.wasm" examples/dns-proxy/dns_proxy.wasm
+    deliver "$out/target/wasm32-unknown-unknown/release/dns_limit.wasm" examples/dns-limit/dns_limit.wasm
+    deliver "$out/target/wasm32-unknown-unknown/release/dns_cache.wasm" examples/dns-cache/dns_cache.wasm
     deliver "$out/target/wasm32-unknown-unknown/release/sdk_probe.wasm" guest/sdk-probe.wasm
   else
     fail "cargo build of the Rust guests failed"
   fi
 else
-  not_verified guest/uppercase.wasm examples/dns/dns.wasm examples/dns-proxy/dns_proxy.wasm guest/sdk-probe.wasm
+  not_verified guest/uppercase.wasm examples/dns/dns.wasm examples/dns-proxy/dns_proxy.wasm examples/dns-limit/dns_limit.wasm \
+    examples/dns-cache/dns_cache.wasm guest/sdk-probe.wasm
 fi
 
 # Rust with std, as a WASI command.
@@ -156,19 +160,21 @@ fi
 # they are built from a copy of their sources at one fixed path.
 fixed=/tmp/wasmgate-guest-build
 if rust_target wasm32-wasip2 && rm -rf "$fixed" && mkdir -p "$fixed" &&
-  tar -C "$root" --exclude=target -cf - guest examples/dns examples/dns-proxy examples/wasi-rust \
-    examples/rust-component tests/guests/rust-probe wit | tar -C "$fixed" -xf -; then
+  tar -C "$root" --exclude=target -cf - guest examples/dns examples/dns-proxy examples/dns-wire examples/dns-limit \
+    examples/dns-cache examples/wasi-rust \
+    examples/rust-component tests/guests/rust-probe tests/guests/rust-state wit | tar -C "$fixed" -xf -; then
   if (cd "$fixed/guest" && RUSTFLAGS="--remap-path-prefix=$fixed=. --remap-path-prefix=$HOME=~" \
     cargo build --quiet --release --locked --target wasm32-wasip2 \
-    -p rust-component -p rust-probe --target-dir "$out/target"); then
+    -p rust-component -p rust-probe -p rust-state --target-dir "$out/target"); then
     deliver "$out/target/wasm32-wasip2/release/rust_component.wasm" examples/rust-component/router.wasm
     deliver "$out/target/wasm32-wasip2/release/rust_probe.wasm" tests/guests/rust-probe/probe.wasm
+    deliver "$out/target/wasm32-wasip2/release/rust_state.wasm" tests/guests/rust-state/state.wasm
   else
     fail "cargo build of the Rust components failed"
   fi
   rm -rf "$fixed"
 else
-  not_verified examples/rust-component/router.wasm tests/guests/rust-probe/probe.wasm
+  not_verified examples/rust-component/router.wasm tests/guests/rust-probe/probe.wasm tests/guests/rust-state/state.wasm
 fi
 
 # The world of a component as the gateway sees it (`wasmgate check`), to compare

@@ -605,3 +605,59 @@ fn a_components_memories_count_together_against_max_memory() {
     // A fresh instance serves the next datagram.
     assert_eq!(guest.handle(b"ok", peer).unwrap(), b"ok");
 }
+
+/// Sets `from-abi-v1` to `hello` in the shared state, and replies `set`.
+const SETS_A_VALUE: &str = r#"(module
+  (import "wasmgate" "state_set" (func $set (param i32 i32 i32 i32 i64) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 1000) "from-abi-v1hello")
+  (data (i32.const 2000) "set")
+  (func (export "alloc") (param i32) (result i32) i32.const 0)
+  (func (export "handle") (param i32 i32) (result i64)
+    (drop (call $set (i32.const 1000) (i32.const 11) (i32.const 1011) (i32.const 5) (i64.const 0)))
+    (i64.const 0x000007D000000003)))"#;
+
+#[test]
+fn a_component_shares_the_listeners_state_with_the_module_it_replaced() {
+    let limits = Limits {
+        timeout: Duration::from_millis(1000),
+        ..Limits::default()
+    };
+    let sandbox = Sandbox::new(limits).unwrap();
+    let program = sandbox.load("abi v1", SETS_A_VALUE.as_bytes()).unwrap();
+    let gateway = wasmgate::gateway::Gateway::start(&sandbox, program, &common::config()).unwrap();
+    let to = gateway.local_addr();
+    let c = client();
+    assert_eq!(text(&ask(&c, to, b"set it")), "set");
+    let component = std::fs::read(repo("tests/guests/rust-state/state.wasm")).unwrap();
+    let program = sandbox.load("tests/guests/rust-state/state.wasm", &component).unwrap();
+    assert!(
+        program
+            .imports()
+            .iter()
+            .any(|i| i.starts_with("wasmgate:handler/state")),
+        "{:?}",
+        program.imports()
+    );
+    gateway.publisher().publish(program);
+    // Padded: the replies may be longer than the commands (the reply ratio).
+    let say = |line: &str| text(&ask(&c, to, format!("{line:40}").as_bytes()));
+    assert_eq!(say("get from-abi-v1"), "hello", "what the ABI v1 module set");
+    assert_eq!(say("get nothing"), "None");
+    assert_eq!(say("set k v 0"), "()");
+    assert_eq!(say("cas k - w"), "false");
+    assert_eq!(say("cas k v w"), "true");
+    assert_eq!(say("get k"), "w");
+    assert_eq!(say("incr n 5"), "5");
+    assert_eq!(say("incr k"), "error not-a-counter");
+    assert_eq!(say("del k"), "true");
+    assert_eq!(say("penalize ip 60000"), "()");
+    assert_eq!(say("penalized ip"), "true");
+    let long = format!("get {}", "k".repeat(600));
+    assert_eq!(say(&long), "error key-too-long");
+    // One bucket of 5 for clients on both workers.
+    let allowed = (0..12)
+        .filter(|_| text(&ask(&client(), to, b"limit bucket 0 5")) == "true")
+        .count();
+    assert_eq!(allowed, 5);
+}

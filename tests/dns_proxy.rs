@@ -5,16 +5,12 @@ mod common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::str::FromStr as _;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Upstream, ask, assert_silent, client, closed_port};
+use common::dns::{addresses, dns_ask, query};
+use common::{Upstream, assert_silent, client, closed_port};
 use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, SOA};
-use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
-use hickory_server::Server;
-use hickory_server::store::in_memory::InMemoryZoneHandler;
-use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+use hickory_proto::rr::{Name, RecordType};
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::PoolSpec;
 use wasmgate::gateway::Gateway;
@@ -23,49 +19,13 @@ use wasmgate::sandbox::Limits;
 
 const DNS_PROXY: &[u8] = include_bytes!("../examples/dns-proxy/dns_proxy.wasm");
 
-/// A zone with an SOA and one A record.
-fn zone(origin: &str, address: [u8; 4]) -> (LowerName, InMemoryZoneHandler) {
-    let origin = Name::from_str(origin).unwrap();
-    let mut zone = InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
-    let soa = SOA::new(
-        Name::from_str("ns.example.org.").unwrap(),
-        Name::from_str("hostmaster.example.org.").unwrap(),
-        1,
-        3600,
-        600,
-        86_400,
-        60,
-    );
-    assert!(zone.upsert_mut(Record::from_rdata(origin.clone(), 3600, RData::SOA(soa)), 1));
-    let [a, b, c, d] = address;
-    assert!(zone.upsert_mut(Record::from_rdata(origin.clone(), 60, RData::A(A::new(a, b, c, d))), 1));
-    (LowerName::new(&origin), zone)
-}
-
-/// Starts hickory-server on a loopback port of its choosing, serving
 /// `example.org` (192.0.2.10) and `blocked.test` (192.0.2.66, so that an answer
-/// for it shows the query got past the guest). It runs until the test process ends.
+/// for it shows the query got past the guest).
 fn dns_server() -> SocketAddr {
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.set_nonblocking(true).unwrap();
-    let addr = socket.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let mut catalog = Catalog::new();
-            for (name, address) in [("example.org.", [192, 0, 2, 10]), ("blocked.test.", [192, 0, 2, 66])] {
-                let (origin, handler) = zone(name, address);
-                catalog.upsert(origin, vec![Arc::new(handler)]);
-            }
-            let mut server = Server::new(catalog);
-            server.register_socket(tokio::net::UdpSocket::from_std(socket).unwrap());
-            let _ = server.block_until_done().await;
-        });
-    });
-    addr
+    common::dns::dns_server(&[
+        ("example.org.", &[("example.org.", [192, 0, 2, 10], 60)]),
+        ("blocked.test.", &[("blocked.test.", [192, 0, 2, 66], 60)]),
+    ])
 }
 
 fn proxy(endpoints: &[SocketAddr]) -> Gateway {
@@ -84,23 +44,6 @@ fn proxy_with(pool: PoolSpec) -> Gateway {
             ..common::config()
         },
     )
-}
-
-fn query(name: &str, id: u16) -> Message {
-    let mut q = Message::query();
-    q.metadata.id = id;
-    q.metadata.recursion_desired = true;
-    q.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::A));
-    q
-}
-
-fn dns_ask(c: &UdpSocket, to: SocketAddr, q: &Message) -> Message {
-    let reply = ask(c, to, &q.to_vec().unwrap());
-    Message::from_vec(&reply).unwrap_or_else(|e| panic!("unparseable DNS reply {reply:02x?}: {e}"))
-}
-
-fn addresses(m: &Message) -> Vec<String> {
-    m.answers.iter().map(|r| r.data.to_string()).collect()
 }
 
 #[test]

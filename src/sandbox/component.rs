@@ -25,6 +25,7 @@ use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::sandbox::hostcalls::{self, HostState};
+use crate::state::StateError;
 use crate::verdict::CallError;
 
 /// The world files, compiled in so that `wasmgate new` can write them out.
@@ -46,9 +47,10 @@ const WORLD_FUNCTIONS: [&str; 4] = ["log", "forward", "forward-key", "send"];
 /// the rest is dropped (not refused: a chatty `print` must not fail a handler).
 pub const MAX_OUTPUT_BYTES: usize = 1024;
 
-/// The host side of the worlds, generated from `wit/handler.wit`.
+/// The host side of the worlds, generated from `wit/handler.wit`: the world
+/// with every import and both exports.
 mod bindings {
-    wasmtime::component::bindgen!({ path: "wit", world: "proxy" });
+    wasmtime::component::bindgen!({ path: "wit", world: "stateful-proxy" });
 }
 
 /// The `handler` world: the same imports, without `on-reply`.
@@ -60,6 +62,7 @@ mod handler_bindings {
     });
 }
 
+use bindings::wasmgate::handler::state::StateError as WitStateError;
 use bindings::wasmgate::handler::types::CallError as WitCallError;
 
 /// Per-store state of a component instance.
@@ -122,7 +125,7 @@ impl From<CallError> for WitCallError {
     }
 }
 
-impl bindings::ProxyImports for ComponentHost {
+impl bindings::StatefulProxyImports for ComponentHost {
     fn log(&mut self, level: u8, message: String) {
         hostcalls::log_text(&self.calls, i32::from(level), message.as_bytes());
     }
@@ -144,11 +147,74 @@ impl bindings::ProxyImports for ComponentHost {
 
 impl bindings::wasmgate::handler::types::Host for ComponentHost {}
 
+impl From<StateError> for WitStateError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::TooManyCalls => Self::TooManyCalls,
+            StateError::NotFound => Self::NotFound,
+            StateError::Full => Self::Full,
+            StateError::KeyTooLong => Self::KeyTooLong,
+            StateError::ValueTooLong => Self::ValueTooLong,
+            StateError::Mismatch => Self::Mismatch,
+            StateError::NotACounter => Self::NotACounter,
+        }
+    }
+}
+
+/// `wasmgate:handler/state`: the calls of `state_calls.rs`, typed.
+impl bindings::wasmgate::handler::state::Host for ComponentHost {
+    fn get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, WitStateError> {
+        match self.calls.state_get(&key, <[u8]>::to_vec) {
+            Ok(value) => Ok(Some(value)),
+            Err(StateError::NotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn set(&mut self, key: Vec<u8>, value: Vec<u8>, ttl_ms: i64) -> Result<(), WitStateError> {
+        Ok(self.calls.state_set(&key, &value, ttl_ms)?)
+    }
+
+    fn delete(&mut self, key: Vec<u8>) -> Result<bool, WitStateError> {
+        Ok(self.calls.state_delete(&key)?)
+    }
+
+    fn incr(&mut self, key: Vec<u8>, delta: i64, ttl_ms: i64) -> Result<i64, WitStateError> {
+        Ok(self.calls.state_incr(&key, delta, ttl_ms)?)
+    }
+
+    fn cas(
+        &mut self,
+        key: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_ms: i64,
+    ) -> Result<bool, WitStateError> {
+        match self.calls.state_cas(&key, expected.as_deref(), &value, ttl_ms) {
+            Ok(()) => Ok(true),
+            Err(StateError::Mismatch) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn limit(&mut self, key: Vec<u8>, rate_per_s: u32, burst: u32) -> Result<bool, WitStateError> {
+        Ok(self.calls.limit(&key, rate_per_s, burst)?)
+    }
+
+    fn penalize(&mut self, key: Vec<u8>, ttl_ms: i64) -> Result<(), WitStateError> {
+        Ok(self.calls.penalize(&key, ttl_ms)?)
+    }
+
+    fn penalized(&mut self, key: Vec<u8>) -> Result<bool, WitStateError> {
+        Ok(self.calls.penalized(&key)?)
+    }
+}
+
 /// A linker with the world's imports and WASI 0.2, but for the calls that wait.
 pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<ComponentHost>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-    bindings::Proxy::add_to_linker::<_, wasmtime::component::HasSelf<ComponentHost>>(&mut linker, |h| h)?;
+    bindings::StatefulProxy::add_to_linker::<_, wasmtime::component::HasSelf<ComponentHost>>(&mut linker, |h| h)?;
     // Waiting blocks the worker in the host, where the epoch deadline cannot reach;
     // a handler has nothing to wait for (its datagram is a parameter), so a wait
     // is a bug or an attack, and traps at once.
@@ -176,14 +242,14 @@ const POLL_INTERFACE: &str = "wasi:io/poll@0.2.12";
 /// A component's exports, typed: the `handler` world or the `proxy` world.
 pub(crate) enum Exports {
     Handler(handler_bindings::Handler),
-    Proxy(bindings::Proxy),
+    Proxy(bindings::StatefulProxy),
 }
 
 /// A linked component, ready to instantiate.
 #[derive(Clone)]
 pub(crate) enum ComponentPre {
     Handler(handler_bindings::HandlerPre<ComponentHost>),
-    Proxy(bindings::ProxyPre<ComponentHost>),
+    Proxy(bindings::StatefulProxyPre<ComponentHost>),
 }
 
 impl ComponentPre {
@@ -191,7 +257,7 @@ impl ComponentPre {
     pub(crate) fn new(linker: &Linker<ComponentHost>, component: &Component) -> wasmtime::Result<Self> {
         let pre = linker.instantiate_pre(component)?;
         if component.get_export_index(None, ON_REPLY).is_some() {
-            Ok(Self::Proxy(bindings::ProxyPre::new(pre)?))
+            Ok(Self::Proxy(bindings::StatefulProxyPre::new(pre)?))
         } else {
             Ok(Self::Handler(handler_bindings::HandlerPre::new(pre)?))
         }
@@ -315,7 +381,7 @@ fn check_import(name: &str, item: &ComponentItem) -> Option<String> {
     };
     Some(format!(
         "it imports the {what} `{name}`, which the gateway does not provide (it provides `log`, `forward`, \
-         `forward-key`, `send`, `wasmgate:handler/types` and WASI 0.2)"
+         `forward-key`, `send`, `wasmgate:handler/types`, `wasmgate:handler/state` and WASI 0.2)"
     ))
 }
 

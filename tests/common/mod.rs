@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod dns;
+
 use wasmgate::config::ListenerSpec;
 use wasmgate::gateway::Gateway;
 use wasmgate::sandbox::{Isolation, Limits, Sandbox};

@@ -26,6 +26,12 @@
 //! `on_reply` function: `handler!(handle, on_reply = answer)`. Each returns a
 //! typed [`CallError`] when the host refuses.
 //!
+//! State shared by every worker of the listener, kept across reloads and
+//! traps: values with a TTL ([`Context::state_get`], [`Context::state_set`],
+//! [`Context::state_incr`], [`Context::state_cas`], [`Context::state_delete`]),
+//! token-bucket limits ([`Context::limit`]) and penalties ([`Context::penalize`],
+//! [`Context::penalized`]), each with a typed [`StateError`].
+//!
 //! Build with `cargo build --release --target wasm32-unknown-unknown` from a
 //! `cdylib` crate.
 
@@ -113,6 +119,57 @@ impl CallError {
     }
 }
 
+/// Why a state call ([`Context::state_get`], [`Context::limit`], …) did nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateError {
+    /// More than 64 state, forwarding and send calls for one datagram.
+    TooMany,
+    /// The shared state is at its bounds and nothing with a TTL is left to evict.
+    Full,
+    /// The key is longer than [`MAX_KEY`] bytes.
+    KeyTooLong,
+    /// The value is longer than [`MAX_DATAGRAM`] bytes.
+    ValueTooLong,
+    /// [`Context::state_incr`] on a value that is not an 8-byte counter.
+    NotACounter,
+    /// [`Context::state_get`]: the value is this many bytes, more than the buffer holds.
+    BufferTooSmall(usize),
+    /// A code this SDK does not know (a newer host).
+    Other(i32),
+}
+
+/// The longest key of the shared state, in bytes.
+pub const MAX_KEY: usize = 512;
+
+impl StateError {
+    fn from_code(code: i32) -> Self {
+        match code {
+            -8 => Self::TooMany,
+            -10 => Self::Full,
+            -11 => Self::KeyTooLong,
+            -12 => Self::ValueTooLong,
+            -14 => Self::NotACounter,
+            other => Self::Other(other),
+        }
+    }
+
+    /// 0 or 1 as a bool, anything else as the error it codes.
+    fn flag(code: i32) -> Result<bool, Self> {
+        match code {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(Self::from_code(other)),
+        }
+    }
+
+    fn unit(code: i32) -> Result<(), Self> {
+        match code {
+            0 => Ok(()),
+            other => Err(Self::from_code(other)),
+        }
+    }
+}
+
 /// What a handler may ask the host about the datagram it is handling.
 pub struct Context {
     _private: (),
@@ -172,6 +229,121 @@ impl Context {
         let len = unsafe { host::upstream(buf.as_mut_ptr(), buf.len() as i32) };
         let len = usize::try_from(len).ok().filter(|&n| n > 0 && n <= buf.len())?;
         core::str::from_utf8(&buf[..len]).ok()
+    }
+
+    /// The value of `key` in the listener's shared state, copied into `buf`;
+    /// `None` if absent or expired. A counter is its 8 bytes, little-endian.
+    pub fn state_get<'b>(&self, key: &[u8], buf: &'b mut [u8]) -> Result<Option<&'b [u8]>, StateError> {
+        let cap = buf.len().min(i32::MAX as usize);
+        // SAFETY: the host reads the key and writes at most `cap` bytes at `buf`.
+        let len = unsafe { host::state_get(key.as_ptr(), key.len() as i32, buf.as_mut_ptr(), cap as i32) };
+        match len {
+            -9 => Ok(None),
+            n if n < 0 => Err(StateError::from_code(n)),
+            n if n as usize > cap => Err(StateError::BufferTooSmall(n as usize)),
+            n => Ok(Some(&buf[..n as usize])),
+        }
+    }
+
+    /// The value of `key`, read into the reply buffer ([`Context::reply_buffer`])
+    /// and returned there, ready to be edited and sent: how a cache answers.
+    pub fn state_get_reply(&mut self, key: &[u8]) -> Result<Option<&mut [u8]>, StateError> {
+        let buf = self.reply_buffer();
+        // SAFETY: the host reads the key and writes at most `MAX_DATAGRAM` bytes at `buf`.
+        let len = unsafe { host::state_get(key.as_ptr(), key.len() as i32, buf.as_mut_ptr(), buf.len() as i32) };
+        match len {
+            -9 => Ok(None),
+            n if n < 0 => Err(StateError::from_code(n)),
+            n if n as usize > buf.len() => Err(StateError::BufferTooSmall(n as usize)),
+            n => Ok(Some(&mut buf[..n as usize])),
+        }
+    }
+
+    /// Sets `key` to `value` in the shared state; it expires after `ttl_ms`
+    /// milliseconds (0: never). When the state is full, expired entries and
+    /// then those with the least time left make room.
+    pub fn state_set(&mut self, key: &[u8], value: &[u8], ttl_ms: i64) -> Result<(), StateError> {
+        // SAFETY: the host reads the key and the value.
+        StateError::unit(unsafe {
+            host::state_set(
+                key.as_ptr(),
+                key.len() as i32,
+                value.as_ptr(),
+                value.len() as i32,
+                ttl_ms,
+            )
+        })
+    }
+
+    /// Removes `key`; whether it was there.
+    pub fn state_delete(&mut self, key: &[u8]) -> Result<bool, StateError> {
+        // SAFETY: the host reads the key.
+        StateError::flag(unsafe { host::state_delete(key.as_ptr(), key.len() as i32) })
+    }
+
+    /// Adds `delta` to the counter at `key`, atomically across every worker,
+    /// and returns the sum. A missing counter starts at 0 and expires after
+    /// `ttl_ms` (0: never): with a TTL it counts a fixed window.
+    pub fn state_incr(&mut self, key: &[u8], delta: i64, ttl_ms: i64) -> Result<i64, StateError> {
+        // SAFETY: the host reads the key.
+        let n = unsafe { host::state_incr(key.as_ptr(), key.len() as i32, delta, ttl_ms) };
+        // Counts stop 64 above i64::MIN; below that is `i64::MIN - code`.
+        if n < i64::MIN + 64 {
+            return Err(StateError::from_code((i64::MIN - n) as i32));
+        }
+        Ok(n)
+    }
+
+    /// Sets `key` to `value` only if it now holds `expected` (`None`: only if
+    /// it is absent); whether it did.
+    pub fn state_cas(
+        &mut self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl_ms: i64,
+    ) -> Result<bool, StateError> {
+        let (expected_ptr, expected_len) = match expected {
+            Some(e) => (e.as_ptr(), e.len() as i32),
+            None => (core::ptr::null(), -1),
+        };
+        // SAFETY: the host reads the three regions (none for `expected_len` -1).
+        let code = unsafe {
+            host::state_cas(
+                key.as_ptr(),
+                key.len() as i32,
+                expected_ptr,
+                expected_len,
+                value.as_ptr(),
+                value.len() as i32,
+                ttl_ms,
+            )
+        };
+        match code {
+            0 => Ok(true),
+            -13 => Ok(false),
+            other => Err(StateError::from_code(other)),
+        }
+    }
+
+    /// Takes a token from the bucket `key`, shared by every worker: up to
+    /// `burst` tokens, `rate_per_s` back each second (0: never). Whether there was one.
+    pub fn limit(&mut self, key: &[u8], rate_per_s: u32, burst: u32) -> Result<bool, StateError> {
+        // SAFETY: the host reads the key.
+        StateError::flag(unsafe { host::limit(key.as_ptr(), key.len() as i32, rate_per_s as i32, burst as i32) })
+    }
+
+    /// Marks `key` penalized for `ttl_ms` milliseconds (0 lifts it); a longer
+    /// penalty already running is kept.
+    pub fn penalize(&mut self, key: &[u8], ttl_ms: i64) -> Result<(), StateError> {
+        // SAFETY: the host reads the key.
+        StateError::unit(unsafe { host::penalize(key.as_ptr(), key.len() as i32, ttl_ms) })
+    }
+
+    /// Whether `key` is penalized now.
+    pub fn penalized(&self, key: &[u8]) -> Result<bool, StateError> {
+        // SAFETY: the host reads the key.
+        StateError::flag(unsafe { host::penalized(key.as_ptr(), key.len() as i32) })
     }
 
     /// A buffer of [`MAX_DATAGRAM`] bytes for building a reply that is not the
@@ -273,6 +445,22 @@ mod host {
         ) -> i32;
         pub(crate) fn send(ptr: *const u8, len: i32) -> i32;
         pub(crate) fn upstream(ptr: *mut u8, cap: i32) -> i32;
+        pub(crate) fn state_get(key: *const u8, key_len: i32, buf: *mut u8, cap: i32) -> i32;
+        pub(crate) fn state_set(key: *const u8, key_len: i32, value: *const u8, value_len: i32, ttl_ms: i64) -> i32;
+        pub(crate) fn state_delete(key: *const u8, key_len: i32) -> i32;
+        pub(crate) fn state_incr(key: *const u8, key_len: i32, delta: i64, ttl_ms: i64) -> i64;
+        pub(crate) fn state_cas(
+            key: *const u8,
+            key_len: i32,
+            expected: *const u8,
+            expected_len: i32,
+            value: *const u8,
+            value_len: i32,
+            ttl_ms: i64,
+        ) -> i32;
+        pub(crate) fn limit(key: *const u8, key_len: i32, rate_per_s: i32, burst: i32) -> i32;
+        pub(crate) fn penalize(key: *const u8, key_len: i32, ttl_ms: i64) -> i32;
+        pub(crate) fn penalized(key: *const u8, key_len: i32) -> i32;
     }
 }
 

@@ -1,0 +1,95 @@
+//! A wasmgate handler with the Rust SDK and the shared state: a caching DNS
+//! proxy.
+//!
+//! - A query whose question (name, any case; type; class) has a cached answer
+//!   is answered from the cache, with the query's ID and the query's spelling
+//!   of the name; it never reaches the resolvers.
+//! - Other queries go to the pool `resolvers`, remembered in the shared state
+//!   for 5 s (client, ID and question); `on_reply` passes an answer only if it
+//!   matches a remembered query, once (anti-spoofing).
+//! - A NOERROR answer with records, not truncated, is cached for the smallest
+//!   TTL of its answer records (`Context::state_set` with that TTL), capped at
+//!   [`MAX_TTL_S`]. The cache is the listener's shared state: every worker
+//!   fills and reads one cache, which survives module reloads; when the state
+//!   is full, the answers closest to expiry go first.
+//! - Cached answers are served with the TTLs they arrived with (the guest has
+//!   no clock to age them); a client may hold a record up to twice its TTL.
+//!
+//! Build: `scripts/build-guests.sh`. Run: `wasmgate --config examples/dns-cache.toml`.
+
+#![no_std]
+
+use dns_wire::{HEADER, MATCH_KEY, MAX_KEY, NOERROR, Question, SERVFAIL, answer_here, match_key, min_answer_ttl};
+use wasmgate_sdk::{Context, Reply};
+
+/// The longest an answer is cached, in seconds, whatever its TTL.
+pub const MAX_TTL_S: u32 = 3600;
+const PENDING_MS: i64 = 5_000;
+const POOL: &str = "resolvers";
+/// Cache keys start with this byte, pending queries with a client address.
+const CACHED: u8 = b'#';
+
+fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
+    let Some(q) = Question::parse(datagram) else {
+        return Reply::Nothing;
+    };
+    if q.response {
+        return Reply::Nothing; // answering a response could start a loop
+    }
+    let mut key = [0u8; 1 + MAX_KEY];
+    let key = cache_key(datagram, &q, &mut key);
+    let hit = ctx.state_get_reply(key).ok().flatten().map(|answer| answer.len());
+    if let Some(len) = hit.filter(|&len| len >= q.end) {
+        let answer = &mut ctx.reply_buffer()[..len];
+        // The query's ID, and its question as the client spelled it (a cached
+        // answer has the same question, but perhaps in another case).
+        answer[..2].copy_from_slice(&datagram[..2]);
+        answer[HEADER..q.end].copy_from_slice(&datagram[HEADER..q.end]);
+        return Reply::Send(answer);
+    }
+    let mut pending = [0u8; MATCH_KEY];
+    let pending = pending_key(ctx, datagram, &q, &mut pending);
+    match ctx.forward(POOL, datagram) {
+        Ok(()) => {
+            let _ = ctx.state_set(pending, b"", PENDING_MS);
+            Reply::Nothing
+        }
+        Err(_) => Reply::Send(answer_here(datagram, q.end, SERVFAIL)),
+    }
+}
+
+fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
+    let Some(q) = Question::parse(datagram) else {
+        return Reply::Nothing;
+    };
+    let mut pending = [0u8; MATCH_KEY];
+    let pending = pending_key(ctx, datagram, &q, &mut pending);
+    if !q.response || ctx.state_delete(pending) != Ok(true) {
+        return Reply::Nothing;
+    }
+    if q.rcode == NOERROR && !q.truncated {
+        if let Some(ttl) = min_answer_ttl(datagram, &q).filter(|&t| t > 0) {
+            let mut key = [0u8; 1 + MAX_KEY];
+            let key = cache_key(datagram, &q, &mut key);
+            // A full cache only means this answer is not kept.
+            let _ = ctx.state_set(key, datagram, i64::from(ttl.min(MAX_TTL_S)) * 1000);
+        }
+    }
+    Reply::Send(datagram)
+}
+
+wasmgate_sdk::handler!(query, on_reply = reply);
+
+fn cache_key<'k>(m: &[u8], q: &Question, out: &'k mut [u8; 1 + MAX_KEY]) -> &'k [u8] {
+    let mut question = [0u8; MAX_KEY];
+    let question = q.key(m, &mut question);
+    out[0] = CACHED;
+    out[1..1 + question.len()].copy_from_slice(question);
+    &out[..1 + question.len()]
+}
+
+fn pending_key<'k>(ctx: &Context, m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {
+    let mut peer = [0u8; 64];
+    let client = ctx.peer_text(&mut peer).unwrap_or("");
+    match_key(client.as_bytes(), m, q, out)
+}

@@ -1,0 +1,91 @@
+//! A wasmgate handler with the Rust SDK and the shared state: a DNS proxy that
+//! limits each client IP address.
+//!
+//! - Each client IP gets a token bucket of [`BURST`] queries refilled at
+//!   [`RATE`] a second (`Context::limit`), shared by every worker of the
+//!   listener, so a client spread over workers by its source ports gets no
+//!   more than one bucket.
+//! - A query past the bucket is answered REFUSED, and its client is penalized
+//!   for [`PENALTY_MS`] (`Context::penalize`): every query of a penalized
+//!   client is REFUSED at once, whatever its bucket holds, until the penalty
+//!   ends. Its queries never reach the resolvers.
+//! - Other queries go to the pool `resolvers`, and are remembered in the
+//!   shared state for 5 s (client, ID and question); `on_reply` passes an
+//!   answer only if it matches a remembered query, once (anti-spoofing), on
+//!   whichever worker it arrives.
+//!
+//! Build: `scripts/build-guests.sh`. Run: `wasmgate --config examples/dns-limit.toml`.
+
+#![no_std]
+
+use dns_wire::{MATCH_KEY, Question, REFUSED, SERVFAIL, answer_here, match_key};
+use wasmgate_sdk::{Context, Reply};
+
+/// Queries a second each client IP may send, on average.
+pub const RATE: u32 = 5;
+/// Queries a client may send at once, after a quiet spell.
+pub const BURST: u32 = 10;
+/// How long a client that went past its bucket is refused.
+pub const PENALTY_MS: i64 = 10_000;
+/// How long a forwarded query waits for its answer.
+const PENDING_MS: i64 = 5_000;
+const POOL: &str = "resolvers";
+
+fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
+    let Some(q) = Question::parse(datagram) else {
+        return Reply::Nothing;
+    };
+    if q.response {
+        return Reply::Nothing; // answering a response could start a loop
+    }
+    let mut peer = [0u8; 64];
+    let Some(ip) = ctx.peer_text(&mut peer).and_then(client_ip) else {
+        return Reply::Nothing;
+    };
+    let ip = ip.as_bytes();
+    // A full state refuses: a limit that cannot count must not let a flood through.
+    let penalized = ctx.penalized(ip).unwrap_or(true);
+    if penalized || !ctx.limit(ip, RATE, BURST).unwrap_or(false) {
+        if !penalized {
+            let _ = ctx.penalize(ip, PENALTY_MS);
+        }
+        return Reply::Send(answer_here(datagram, q.end, REFUSED));
+    }
+    let mut key = [0u8; MATCH_KEY];
+    let key = pending_key(ctx, datagram, &q, &mut key);
+    match ctx.forward(POOL, datagram) {
+        Ok(()) => {
+            let _ = ctx.state_set(key, b"", PENDING_MS);
+            Reply::Nothing
+        }
+        Err(_) => Reply::Send(answer_here(datagram, q.end, SERVFAIL)),
+    }
+}
+
+fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
+    let Some(q) = Question::parse(datagram) else {
+        return Reply::Nothing;
+    };
+    let mut key = [0u8; MATCH_KEY];
+    let key = pending_key(ctx, datagram, &q, &mut key);
+    // Only an answer to a query forwarded for this client, and only once.
+    if !q.response || ctx.state_delete(key) != Ok(true) {
+        return Reply::Nothing;
+    }
+    Reply::Send(datagram)
+}
+
+wasmgate_sdk::handler!(query, on_reply = reply);
+
+/// `ip` of `ip:port` (IPv6 `[ip]:port`).
+fn client_ip(peer: &str) -> Option<&str> {
+    let (ip, _port) = peer.rsplit_once(':')?;
+    Some(ip.trim_start_matches('[').trim_end_matches(']'))
+}
+
+/// The shared-state key of a query or its answer for the current client.
+fn pending_key<'k>(ctx: &Context, m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {
+    let mut peer = [0u8; 64];
+    let client = ctx.peer_text(&mut peer).unwrap_or("");
+    match_key(client.as_bytes(), m, q, out)
+}

@@ -1,0 +1,137 @@
+//! The little of the DNS wire format (RFC 1035) that the wasmgate DNS examples
+//! need: a message's header and its one question, a response made in place,
+//! the key a question is cached and matched under, and the smallest TTL of an
+//! answer. `no_std`, no allocator; every read is bounds-checked, so a hostile
+//! datagram gives `None`, never a panic.
+
+#![no_std]
+
+pub const HEADER: usize = 12;
+/// The header's QR bit (byte 2): a response.
+pub const QR: u8 = 0x80;
+/// The header's TC bit (byte 2): truncated.
+pub const TC: u8 = 0x02;
+/// The header's RA bit (byte 3).
+pub const RA: u8 = 0x80;
+
+pub const NOERROR: u8 = 0;
+pub const SERVFAIL: u8 = 2;
+pub const NXDOMAIN: u8 = 3;
+pub const REFUSED: u8 = 5;
+
+/// The longest question key: a name of 255 bytes, then type and class.
+pub const MAX_KEY: usize = 255 + 4;
+
+/// The header and the one question of a DNS message.
+pub struct Question {
+    pub id: u16,
+    pub response: bool,
+    pub truncated: bool,
+    pub rcode: u8,
+    pub answers: u16,
+    /// Where the question section ends.
+    pub end: usize,
+}
+
+impl Question {
+    /// `None` unless the message has a header and exactly one well-formed,
+    /// uncompressed question.
+    pub fn parse(m: &[u8]) -> Option<Self> {
+        let header = m.get(..HEADER)?;
+        if u16::from_be_bytes([header[4], header[5]]) != 1 {
+            return None;
+        }
+        let mut at = HEADER;
+        loop {
+            let len = *m.get(at)? as usize;
+            if len > 63 {
+                return None; // compression pointers and reserved label types
+            }
+            at += 1 + len;
+            if len == 0 {
+                break;
+            }
+        }
+        if at - HEADER > 255 || m.len() < at + 4 {
+            return None;
+        }
+        Some(Self {
+            id: u16::from_be_bytes([header[0], header[1]]),
+            response: header[2] & QR != 0,
+            truncated: header[2] & TC != 0,
+            rcode: header[3] & 0x0f,
+            answers: u16::from_be_bytes([header[6], header[7]]),
+            end: at + 4,
+        })
+    }
+
+    /// The question as a key: the name in wire form, lowercased, then type
+    /// and class. Two queries that differ only in the name's case share it.
+    pub fn key<'k>(&self, m: &[u8], out: &'k mut [u8; MAX_KEY]) -> &'k [u8] {
+        let question = &m[HEADER..self.end];
+        let key = &mut out[..question.len()];
+        key.copy_from_slice(question);
+        key.make_ascii_lowercase(); // length bytes are below 64: never changed
+        key
+    }
+}
+
+/// The longest [`match_key`]: a client address as text (64 bytes at most),
+/// a separator, the ID and the question.
+pub const MATCH_KEY: usize = 64 + 1 + 2 + MAX_KEY;
+
+/// The key under which a forwarded query waits for its answer: the client's
+/// address (`ip:port`), the ID and the question, so that only the answer to
+/// that query, for that client, matches.
+pub fn match_key<'k>(client: &[u8], m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {
+    let client = &client[..client.len().min(64)];
+    let mut question = [0u8; MAX_KEY];
+    let question = q.key(m, &mut question);
+    let mut len = 0;
+    for part in [client, b"\0", &q.id.to_be_bytes(), question] {
+        out[len..len + part.len()].copy_from_slice(part);
+        len += part.len();
+    }
+    &out[..len]
+}
+
+/// Turns the query into a response with `rcode` and no records, in place.
+pub fn answer_here(datagram: &mut [u8], question_end: usize, rcode: u8) -> &[u8] {
+    datagram[2] |= QR; // keep the opcode and RD
+    datagram[3] = RA | rcode;
+    datagram[6..HEADER].fill(0); // ANCOUNT, NSCOUNT, ARCOUNT
+    &datagram[..question_end]
+}
+
+/// The smallest TTL of the answer section's records, in seconds; `None` when
+/// there is none or the message is malformed.
+pub fn min_answer_ttl(m: &[u8], q: &Question) -> Option<u32> {
+    let mut at = q.end;
+    let mut min: Option<u32> = None;
+    for _ in 0..q.answers {
+        at = skip_name(m, at)?;
+        let fixed = m.get(at..at + 10)?; // type, class, TTL, RDLENGTH
+        let ttl = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+        let rdlength = u16::from_be_bytes([fixed[8], fixed[9]]) as usize;
+        at += 10 + rdlength;
+        if at > m.len() {
+            return None;
+        }
+        min = Some(min.map_or(ttl, |m| m.min(ttl)));
+    }
+    min
+}
+
+/// Where the name at `at` ends: after its zero label, or after the two bytes
+/// of a compression pointer.
+fn skip_name(m: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *m.get(at)? as usize;
+        match len {
+            0 => return Some(at + 1),
+            1..=63 => at += 1 + len,
+            0xc0..=0xff => return Some(at + 2).filter(|&end| end <= m.len()),
+            _ => return None,
+        }
+    }
+}
