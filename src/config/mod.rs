@@ -779,6 +779,25 @@ mod tests {
     const LISTENER: &str = "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n";
 
     #[test]
+    fn a_listener_gets_its_state_bounds_and_bad_ones_are_named() {
+        let text = format!("{LISTENER}state_max_bytes = \"2MiB\"\nstate_max_entries = 500\n");
+        let file = parse(&text, Path::new("."), 2).unwrap();
+        assert_eq!(
+            file.listeners[0].limits.state,
+            StateLimits {
+                max_bytes: 2 << 20,
+                max_entries: 500
+            }
+        );
+        let defaults = parse(LISTENER, Path::new("."), 2).unwrap();
+        assert_eq!(defaults.listeners[0].limits.state, StateLimits::default());
+        let e = parse_err(&format!("{LISTENER}state_max_bytes = \"lots\"\n"));
+        assert!(e.contains("state_max_bytes") && e.contains("not a size"), "{e}");
+        let e = parse_err(&format!("{LISTENER}state_max_entries = -1\n"));
+        assert!(e.contains("line 4") && e.contains("-1"), "{e}");
+    }
+
+    #[test]
     fn a_listener_table_with_only_its_address_gets_the_listener_defaults() {
         let text = "[[listener]]\nname = \"default\"\nlisten = \"127.0.0.1:8008\"\n";
         let file = parse(text, Path::new("."), default_workers()).unwrap();
