@@ -30,6 +30,7 @@ impl Kind for AbiV1 {
         let memory = instance
             .get_memory(&mut store, "memory")
             .ok_or_else(|| wasmtime::format_err!("no `memory` export"))?;
+        store.data_mut().memory = Some(memory);
         let alloc = instance.get_typed_func(&mut store, "alloc")?;
         let handle = instance.get_typed_func(&mut store, "handle")?;
         let on_reply = match instance.get_func(&mut store, abi::ON_REPLY.0) {

@@ -38,6 +38,9 @@ pub(crate) struct HostState {
     pub(crate) upstream: String,
     /// The listener's shared state (`state_*`, `limit`, `penalize`).
     pub(crate) state: Arc<State>,
+    /// An ABI v1 instance's `memory`, kept once it is instantiated: looking
+    /// the export up by name on every host call costs more than the call.
+    pub(crate) memory: Option<Memory>,
 }
 
 impl HostState {
@@ -228,6 +231,9 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
 }
 
 pub(super) fn memory(caller: &mut Caller<'_, HostState>, function: &str) -> wasmtime::Result<Memory> {
+    if let Some(memory) = caller.data().memory {
+        return Ok(memory);
+    }
     match caller.get_export("memory") {
         Some(Extern::Memory(m)) => Ok(m),
         _ => wasmtime::bail!("wasmgate.{function}: the guest exports no `memory`"),

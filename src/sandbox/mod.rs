@@ -280,6 +280,7 @@ impl Sandbox {
             out: Outbox::default(),
             upstream: String::new(),
             state: Arc::clone(&self.state),
+            memory: None,
         }
     }
 

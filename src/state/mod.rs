@@ -11,7 +11,6 @@
 
 use std::hash::BuildHasher as _;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as Slot;
@@ -175,7 +174,8 @@ pub struct State {
     /// Seeds the key hash: keys often come from clients, who must not be able
     /// to choose keys that collide.
     seed: u64,
-    origin: Instant,
+    /// [`coarse_now`] when the store was made.
+    origin: u64,
 }
 
 impl std::fmt::Debug for State {
@@ -189,9 +189,14 @@ impl std::fmt::Debug for State {
 
 impl State {
     /// An empty store held to `limits`. Small stores get one shard, so that
-    /// their bounds are exact; large ones up to 64.
+    /// their bounds are exact; large ones up to 1,024, each with room for at
+    /// least 1,024 entries and 4 of the largest. Many shards keep workers apart:
+    /// two workers on different keys then rarely touch one shard's cache line.
     pub fn new(limits: StateLimits) -> Self {
-        let wanted = (limits.max_entries / 4096).clamp(1, 64);
+        let largest = MAX_KEY + MAX_VALUE + ENTRY_OVERHEAD;
+        let wanted = (limits.max_entries / 1024)
+            .min(limits.max_bytes / (4 * largest))
+            .clamp(1, 1024);
         // The largest power of two not above `wanted`.
         let bits = usize::BITS - 1 - wanted.leading_zeros();
         let shards = 1usize << bits;
@@ -206,7 +211,7 @@ impl State {
             shard_entries: limits.max_entries / shards,
             limits,
             seed: std::hash::RandomState::new().hash_one(0x5741_534d_4741_5445_u64),
-            origin: Instant::now(),
+            origin: coarse_now(),
         }
     }
 
@@ -216,8 +221,11 @@ impl State {
     }
 
     /// Now, in nanoseconds on this store's clock: what the other methods take.
+    /// The kernel's coarse monotonic clock (a tick, 1 to 4 ms, of resolution)
+    /// costs a few nanoseconds where the precise one costs tens, once per call:
+    /// TTLs in milliseconds and refills of a few tokens at a time need no more.
     pub fn now(&self) -> u64 {
-        self.origin.elapsed().as_nanos() as u64
+        coarse_now().saturating_sub(self.origin)
     }
 
     /// Calls `f` with the value of `key` (a counter is its 8 bytes, little-endian).
@@ -300,20 +308,24 @@ impl State {
             r => NS_PER_S / u128::from(r),
         };
         let now128 = u128::from(now);
-        let tat = match shard.find(hash, Space::Bucket, key, now) {
-            Some(entry) => read_u128(&entry.value).max(now128),
-            None => now128,
-        };
-        let next = tat + interval;
-        let allowed = next - now128 <= interval * u128::from(burst);
-        if allowed {
-            let expires = u64::try_from(next).unwrap_or(NEVER);
-            match shard.find(hash, Space::Bucket, key, now) {
-                Some(entry) => {
+        let tolerance = interval * u128::from(burst);
+        // One lookup: a live bucket is updated in place; a missing one (or one
+        // full again, whose entry expired) starts full.
+        let allowed = match shard.find(hash, Space::Bucket, key, now) {
+            Some(entry) => {
+                let next = read_u128(&entry.value).max(now128) + interval;
+                let allowed = next - now128 <= tolerance;
+                if allowed {
                     entry.value.copy_from_slice(&next.to_le_bytes());
-                    entry.expires = expires;
+                    entry.expires = u64::try_from(next).unwrap_or(NEVER);
                 }
-                None => {
+                allowed
+            }
+            None => {
+                let next = now128 + interval;
+                let allowed = interval <= tolerance;
+                if allowed {
+                    let expires = u64::try_from(next).unwrap_or(NEVER);
                     if let Err(error) =
                         self.put(&mut shard, hash, Space::Bucket, key, &next.to_le_bytes(), expires, now)
                     {
@@ -323,7 +335,10 @@ impl State {
                         return Err(error);
                     }
                 }
+                allowed
             }
+        };
+        if allowed {
             shard.allowed += 1;
         } else {
             shard.denied += 1;
@@ -532,6 +547,17 @@ impl Inner {
 /// it calls out) leaves a consistent table, so a poisoned lock is used as is.
 fn lock(shard: &Shard) -> MutexGuard<'_, Inner> {
     shard.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds.
+fn coarse_now() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to write; the clock id is
+    // Linux's, which every kernel since 2.6.32 has.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 fn check_key(key: &[u8]) -> Result<(), StateError> {
@@ -769,8 +795,20 @@ mod tests {
 
     #[test]
     fn large_stores_are_sharded_and_small_ones_are_not() {
-        assert_eq!(State::new(StateLimits::default()).shards.len(), 64);
+        assert_eq!(State::new(StateLimits::default()).shards.len(), 128);
         assert_eq!(small(100, 1 << 20).shards.len(), 1);
-        assert_eq!(small(3 * 4096, 1 << 20).shards.len(), 2);
+        assert_eq!(small(2047, 64 << 20).shards.len(), 1);
+        assert_eq!(small(4096, 64 << 20).shards.len(), 4, "by entries");
+        assert_eq!(
+            small(1 << 20, 1 << 20).shards.len(),
+            2,
+            "by bytes: each holds 4 of the largest entries"
+        );
+        let s = small(1 << 20, 1 << 20);
+        assert_eq!(
+            s.set(b"k", &vec![0; MAX_VALUE], 0, 0),
+            Ok(()),
+            "the largest value fits a shard"
+        );
     }
 }
