@@ -129,7 +129,7 @@ pub enum Command {
 pub struct ServeArgs {
     /// Serve every listener described in this TOML file (see examples/wasmgate.toml)
     /// instead of the one described by the flags below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "state_max_bytes", "state_max_entries", "upstream", "deny_source_ports", "record", "candidate"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "state_max_bytes", "state_max_entries", "state_redis", "upstream", "deny_source_ports", "record", "candidate"])]
     pub config: Option<PathBuf>,
 
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
@@ -215,6 +215,21 @@ pub struct ServeArgs {
     /// trapping or timing out more often than the active is unloaded.
     #[arg(long, value_name = "N", requires = "candidate")]
     pub promote_after: Option<u64>,
+
+    /// Share the handlers' `limit` buckets with every gateway using this Redis
+    /// (`redis://HOST:PORT`): each flushes what it spent every few milliseconds,
+    /// never on the datagram path (see docs/ABI.md for the error this allows).
+    #[arg(long, value_name = "URL")]
+    pub state_redis: Option<String>,
+
+    /// With Redis unreachable: `open` (each gateway limits alone) or `closed`
+    /// (every `limit` call denies until Redis is back).
+    #[arg(long, value_name = "open|closed", default_value = "open", requires = "state_redis")]
+    pub state_redis_failure: String,
+
+    /// How often, in milliseconds, limits are flushed to Redis (1 to 1000).
+    #[arg(long, value_name = "MS", default_value_t = 5, requires = "state_redis")]
+    pub state_redis_flush_ms: u64,
 
     /// Keep a candidate loaded however often it traps or times out (to study
     /// it, or to measure what it costs); it is still never promoted automatically.
@@ -499,9 +514,20 @@ fn check(path: &Path, limits: &LimitArgs, compiler: Compiler) -> anyhow::Result<
 
 /// The one listener the flags describe; what a flag leaves out is
 /// [`ListenerSpec::default`], as in a config file.
-fn listener_from_flags(args: &ServeArgs) -> ListenerSpec {
+fn listener_from_flags(args: &ServeArgs) -> anyhow::Result<ListenerSpec> {
     let defaults = ListenerSpec::default();
-    ListenerSpec {
+    let cluster = match &args.state_redis {
+        Some(url) => Some(
+            config::cluster_spec(
+                url,
+                Some(&args.state_redis_failure),
+                Duration::from_millis(args.state_redis_flush_ms),
+            )
+            .context("--state-redis")?,
+        ),
+        None => None,
+    };
+    Ok(ListenerSpec {
         listen: args.listen,
         module: args.module.clone(),
         workers: args.workers.unwrap_or(defaults.workers),
@@ -525,8 +551,9 @@ fn listener_from_flags(args: &ServeArgs) -> ListenerSpec {
             mismatches: args.shadow_mismatches.clone(),
             rollback: !args.no_rollback,
         }),
+        cluster,
         ..defaults
-    }
+    })
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -536,7 +563,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             (file.listeners, file.metrics)
         }
         None => {
-            let spec = listener_from_flags(&args);
+            let spec = listener_from_flags(&args)?;
             config::check_pools(&spec.pools)?;
             (vec![spec], None)
         }
@@ -650,7 +677,7 @@ mod tests {
     #[test]
     fn no_flags_give_the_listener_defaults() {
         let cli = Cli::try_parse_from(["wasmgate"]).unwrap();
-        assert_eq!(listener_from_flags(&cli.serve), ListenerSpec::default());
+        assert_eq!(listener_from_flags(&cli.serve).unwrap(), ListenerSpec::default());
     }
 
     #[test]

@@ -379,6 +379,43 @@ impl Collector for GatewayCollector {
             }
         }
 
+        let clustered: Vec<(&str, crate::state::ClusterStats)> = snapshots
+            .iter()
+            .filter_map(|(listener, s)| Some((*listener, s.cluster?)))
+            .collect();
+        if !clustered.is_empty() {
+            for (name, help, value) in [
+                (
+                    "wasmgate_state_redis_up",
+                    "1 while Redis answers the limits' flushes (the cluster scope), else 0.",
+                    (|c| u64::from(c.up)) as fn(&crate::state::ClusterStats) -> u64,
+                ),
+                (
+                    "wasmgate_state_cluster_gateways",
+                    "Gateways sharing this listener's limits through Redis (flushed in the last 3 s).",
+                    |c| u64::from(c.gateways),
+                ),
+            ] {
+                let mut gauge = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                for (listener, c) in &clustered {
+                    gauge
+                        .encode_family(&[("listener", *listener)])?
+                        .encode_gauge(&i64::try_from(value(c)).unwrap_or(i64::MAX))?;
+                }
+            }
+            let mut errors = encoder.encode_descriptor(
+                "wasmgate_state_redis_errors",
+                "Flushes of the limits to Redis that failed (unreachable, timeout, error reply).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (listener, c) in &clustered {
+                errors
+                    .encode_family(&[("listener", *listener)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&c.errors, None)?;
+            }
+        }
+
         let mut info = encoder.encode_descriptor(
             "wasmgate_module",
             "The modules each listener has loaded: the active one serving, and a candidate.",

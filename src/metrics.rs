@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
-use crate::state::StateStats;
+use crate::state::{ClusterStats, StateStats};
 use crate::verdict::CallError;
 pub use crate::verdict::DropReason;
 
@@ -224,6 +224,8 @@ pub struct Snapshot {
     pub shadow_skipped: u64,
     /// The shared state: what it holds, evictions, and `limit` results.
     pub state: StateStats,
+    /// Its cluster scope through Redis, if it has one.
+    pub cluster: Option<ClusterStats>,
 }
 
 impl Snapshot {

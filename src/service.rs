@@ -114,6 +114,12 @@ pub fn run_until<S: Future<Output = ()>>(
             pool.resolve().with_context(|| format!("listener `{}`", spec.name))?;
         }
         let sandbox = Sandbox::on(Arc::clone(&runtime), spec.limits).with_compiler(compiler.clone());
+        if let Some(cluster) = &spec.cluster {
+            sandbox
+                .state()
+                .join_cluster(&spec.name, cluster)
+                .with_context(|| format!("listener `{}`", spec.name))?;
+        }
         let program = sandbox
             .load_file(spec.module.as_deref())
             .with_context(|| format!("listener `{}`", spec.name))?;

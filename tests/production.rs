@@ -438,6 +438,7 @@ fn the_whole_service_runs_in_process_serves_every_listener_and_stops_when_told()
         deny_source_ports: PortSet::default(),
         record: None,
         candidate: None,
+        cluster: None,
     };
     let (ready, bound) = std::sync::mpsc::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -18,7 +18,7 @@ pub use proving::{CandidateSpec, DEFAULT_RECORD_MAX_BYTES, RecordSpec, check_per
 
 use crate::pool::Policy;
 use crate::source_filter::PortSet;
-use crate::state::StateLimits;
+use crate::state::{ClusterSpec, StateLimits};
 use crate::text::{cut, quote};
 
 /// What every guest instance is held to.
@@ -90,6 +90,8 @@ pub struct ListenerSpec {
     pub record: Option<RecordSpec>,
     /// `--candidate`: a second module shadowing (or canarying) the active one.
     pub candidate: Option<CandidateSpec>,
+    /// `--state-redis`: limits shared with other gateways through Redis.
+    pub cluster: Option<ClusterSpec>,
 }
 
 /// Where a listener listens unless told.
@@ -113,6 +115,7 @@ impl Default for ListenerSpec {
             deny_source_ports: PortSet::default(),
             record: None,
             candidate: None,
+            cluster: None,
         }
     }
 }
@@ -314,6 +317,8 @@ struct File {
     #[serde(default)]
     metrics: Option<MetricsSection>,
     #[serde(default)]
+    state: Option<StateSection>,
+    #[serde(default)]
     listener: Vec<ListenerSection>,
     #[serde(default)]
     upstreams: BTreeMap<String, UpstreamSection>,
@@ -338,6 +343,38 @@ struct UpstreamSection {
 #[serde(deny_unknown_fields)]
 struct MetricsSection {
     listen: String,
+}
+
+/// `[state]`: what every listener's shared state does beyond the process.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateSection {
+    redis: Option<String>,
+    redis_failure: Option<String>,
+    redis_flush: Option<String>,
+}
+
+/// How often gateways tell each other what their limits spent, unless told.
+pub const DEFAULT_REDIS_FLUSH: Duration = Duration::from_millis(5);
+
+/// Checks a `[state]` Redis URL and its options into a [`ClusterSpec`].
+pub fn cluster_spec(url: &str, failure: Option<&str>, flush: Duration) -> anyhow::Result<ClusterSpec> {
+    if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+        bail!("`{}` is not a Redis URL: write redis://HOST:PORT", quote(url));
+    }
+    if flush.is_zero() || flush > Duration::from_secs(1) {
+        bail!("the flush interval must be from 1ms to 1s");
+    }
+    let fail_closed = match failure {
+        None | Some("open") => false,
+        Some("closed") => true,
+        Some(other) => bail!("`{}` is not `open` or `closed`", quote(other)),
+    };
+    Ok(ClusterSpec {
+        url: url.to_string(),
+        fail_closed,
+        flush,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -394,6 +431,23 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                 .map_err(anyhow::Error::msg)
                 .context("metrics.listen")?,
         ),
+        None => None,
+    };
+    let cluster = match &file.state {
+        Some(StateSection {
+            redis: Some(url),
+            redis_failure,
+            redis_flush,
+        }) => {
+            let flush = match redis_flush {
+                Some(d) => parse_duration(d)
+                    .map_err(anyhow::Error::msg)
+                    .context("state.redis_flush")?,
+                None => DEFAULT_REDIS_FLUSH,
+            };
+            Some(cluster_spec(url, redis_failure.as_deref(), flush).context("state.redis")?)
+        }
+        Some(_) => bail!("state: redis_failure and redis_flush need redis = \"redis://HOST:PORT\""),
         None => None,
     };
     let mut pools = Vec::new();
@@ -580,6 +634,7 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                     rollback: l.rollback.unwrap_or(true),
                 }),
             },
+            cluster: cluster.clone(),
         };
         if let Some(candidate) = &spec.candidate
             && !candidate.path.exists()
@@ -777,6 +832,38 @@ mod tests {
     }
 
     const LISTENER: &str = "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn a_state_table_shares_every_listeners_limits_through_redis() {
+        let text = format!(
+            "[state]\nredis = \"redis://127.0.0.1:6379\"\nredis_failure = \"closed\"\nredis_flush = \"10ms\"\n{LISTENER}"
+        );
+        let file = parse(&text, Path::new("."), 2).unwrap();
+        assert_eq!(
+            file.listeners[0].cluster,
+            Some(ClusterSpec {
+                url: "redis://127.0.0.1:6379".into(),
+                fail_closed: true,
+                flush: Duration::from_millis(10)
+            })
+        );
+        assert_eq!(parse(LISTENER, Path::new("."), 2).unwrap().listeners[0].cluster, None);
+        for (state, words) in [
+            ("redis = \"http://x:1\"", ["state.redis", "not a Redis URL"]),
+            (
+                "redis = \"redis://x:1\"\nredis_failure = \"maybe\"",
+                ["state.redis", "`open` or `closed`"],
+            ),
+            (
+                "redis = \"redis://x:1\"\nredis_flush = \"5s\"",
+                ["state.redis", "1ms to 1s"],
+            ),
+            ("redis_failure = \"open\"", ["state:", "need redis"]),
+        ] {
+            let e = parse_err(&format!("[state]\n{state}\n{LISTENER}"));
+            assert!(words.iter().all(|w| e.contains(w)), "{state}: {e}");
+        }
+    }
 
     #[test]
     fn a_listener_gets_its_state_bounds_and_bad_ones_are_named() {

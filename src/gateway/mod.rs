@@ -110,6 +110,7 @@ impl Shared {
         s.record_dropped = self.recorder.as_ref().map_or(0, Recorder::dropped);
         (s.shadow, s.shadow_skipped) = self.shadow.read();
         s.state = self.sandbox.state().stats();
+        s.cluster = self.sandbox.state().cluster_stats();
         s
     }
 

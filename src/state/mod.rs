@@ -10,7 +10,11 @@
 //! touch the same shard at the same instant.
 
 use std::hash::BuildHasher as _;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+mod cluster;
+
+pub use cluster::{ClusterSpec, ClusterStats};
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as Slot;
@@ -119,10 +123,72 @@ struct Entry {
     hash: u64,
     space: Space,
     key: Box<[u8]>,
-    /// A value's bytes; a bucket's theoretical arrival time (16 bytes, LE ns).
+    /// A value's bytes; a bucket's [`Bucket`].
     value: Box<[u8]>,
     /// Nanoseconds on the store's clock; [`NEVER`] without a TTL.
     expires: u64,
+    /// A bucket with something to tell the cluster (in the shard's `dirty` list).
+    dirty: bool,
+}
+
+/// A token bucket as a GCRA theoretical arrival time, and what the cluster
+/// scope needs: tokens taken here since the last flush, the cluster-wide
+/// total at the last flush, and the bucket's rate. Stored as a value's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Bucket {
+    pub(crate) tat: u128,
+    pub(crate) pending: u32,
+    pub(crate) rate: u32,
+    pub(crate) burst: u32,
+    /// [`UNSEEN`] until the first flush.
+    pub(crate) seen: u64,
+    /// Tokens held back when the bucket was made (the other gateways' share
+    /// of the burst), given back at its first flush.
+    pub(crate) held: u32,
+}
+
+/// A bucket's cluster total before its first flush.
+pub(crate) const UNSEEN: u64 = u64::MAX;
+
+impl Bucket {
+    const BYTES: usize = 40;
+
+    fn read(bytes: &[u8]) -> Self {
+        let word = |r: std::ops::Range<usize>| bytes.get(r).unwrap_or(&[]);
+        Self {
+            tat: word(0..16).try_into().map(u128::from_le_bytes).unwrap_or(0),
+            pending: word(16..20).try_into().map(u32::from_le_bytes).unwrap_or(0),
+            rate: word(20..24).try_into().map(u32::from_le_bytes).unwrap_or(0),
+            burst: word(24..28).try_into().map(u32::from_le_bytes).unwrap_or(0),
+            seen: word(28..36).try_into().map(u64::from_le_bytes).unwrap_or(UNSEEN),
+            held: word(36..40).try_into().map(u32::from_le_bytes).unwrap_or(0),
+        }
+    }
+
+    fn bytes(&self) -> [u8; Self::BYTES] {
+        let mut b = [0u8; Self::BYTES];
+        b[0..16].copy_from_slice(&self.tat.to_le_bytes());
+        b[16..20].copy_from_slice(&self.pending.to_le_bytes());
+        b[20..24].copy_from_slice(&self.rate.to_le_bytes());
+        b[24..28].copy_from_slice(&self.burst.to_le_bytes());
+        b[28..36].copy_from_slice(&self.seen.to_le_bytes());
+        b[36..40].copy_from_slice(&self.held.to_le_bytes());
+        b
+    }
+
+    /// When a bucket is full again, and its entry can go.
+    fn expires(&self) -> u64 {
+        u64::try_from(self.tat).unwrap_or(NEVER)
+    }
+}
+
+/// The time one token takes to come back at `rate_per_s`; "never" (rate 0)
+/// is 2^80 ns, 38 million years.
+pub(crate) fn interval(rate_per_s: u32) -> u128 {
+    match rate_per_s {
+        0 => 1 << 80,
+        r => NS_PER_S / u128::from(r),
+    }
 }
 
 impl Entry {
@@ -148,6 +214,8 @@ struct Inner {
     evictions: u64,
     allowed: u64,
     denied: u64,
+    /// Buckets to flush to the cluster (with a cluster scope only).
+    dirty: Vec<(u64, Box<[u8]>)>,
 }
 
 /// What a store holds and has done, for metrics.
@@ -176,6 +244,8 @@ pub struct State {
     seed: u64,
     /// [`coarse_now`] when the store was made.
     origin: u64,
+    /// Set when the listener shares its limits through Redis.
+    cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for State {
@@ -212,6 +282,7 @@ impl State {
             limits,
             seed: std::hash::RandomState::new().hash_one(0x5741_534d_4741_5445_u64),
             origin: coarse_now(),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -301,43 +372,65 @@ impl State {
     /// a full bucket needs no entry: its entry expires when it would be full again.
     pub fn limit(&self, key: &[u8], rate_per_s: u32, burst: u32, now: u64) -> Result<bool, StateError> {
         check_key(key)?;
+        let cluster = self.cluster.get();
         let (hash, mut shard) = self.shard(Space::Bucket, key);
-        // The time one token takes to come back; "never" is 2^80 ns (38 million years).
-        let interval: u128 = match rate_per_s {
-            0 => 1 << 80,
-            r => NS_PER_S / u128::from(r),
-        };
+        if cluster.is_some_and(|c| c.refuses()) {
+            shard.denied += 1;
+            return Ok(false);
+        }
+        let interval = interval(rate_per_s);
         let now128 = u128::from(now);
         let tolerance = interval * u128::from(burst);
         // One lookup: a live bucket is updated in place; a missing one (or one
-        // full again, whose entry expired) starts full.
-        let allowed = match shard.find(hash, Space::Bucket, key, now) {
+        // full again, whose entry expired) starts full, or with a cluster,
+        // with this gateway's share of the burst.
+        let (allowed, newly_dirty) = match shard.find(hash, Space::Bucket, key, now) {
             Some(entry) => {
-                let next = read_u128(&entry.value).max(now128) + interval;
+                let mut b = Bucket::read(&entry.value);
+                let next = b.tat.max(now128).saturating_add(interval);
                 let allowed = next - now128 <= tolerance;
                 if allowed {
-                    entry.value.copy_from_slice(&next.to_le_bytes());
-                    entry.expires = u64::try_from(next).unwrap_or(NEVER);
+                    b.tat = next;
+                    b.pending = b.pending.saturating_add(1);
+                    entry.expires = b.expires();
                 }
-                allowed
+                b.rate = rate_per_s;
+                b.burst = burst;
+                entry.value.copy_from_slice(&b.bytes());
+                let newly_dirty = cluster.is_some() && !entry.dirty;
+                entry.dirty |= newly_dirty;
+                (allowed, newly_dirty)
             }
             None => {
-                let next = now128 + interval;
-                let allowed = interval <= tolerance;
-                if allowed {
-                    let expires = u64::try_from(next).unwrap_or(NEVER);
-                    if let Err(error) =
-                        self.put(&mut shard, hash, Space::Bucket, key, &next.to_le_bytes(), expires, now)
-                    {
-                        // No room to remember the token taken: refuse it, so a
-                        // full store can never turn into an open limit.
-                        shard.denied += 1;
-                        return Err(error);
-                    }
+                let held = cluster.map_or(0, |c| burst - burst.div_ceil(c.gateways()));
+                let start = now128 + u128::from(held) * interval;
+                let next = start + interval;
+                let allowed = next - now128 <= tolerance;
+                let b = Bucket {
+                    tat: if allowed { next } else { start },
+                    pending: u32::from(allowed),
+                    rate: rate_per_s,
+                    burst,
+                    seen: UNSEEN,
+                    held,
+                };
+                if (allowed || held > 0)
+                    && let Err(error) = self.put(&mut shard, hash, Space::Bucket, key, &b.bytes(), b.expires(), now)
+                {
+                    // No room to remember the token taken: refuse it, so a
+                    // full store can never turn into an open limit.
+                    shard.denied += 1;
+                    return Err(error);
                 }
-                allowed
+                (allowed, cluster.is_some() && (allowed || held > 0))
             }
         };
+        if newly_dirty {
+            if let Some(entry) = shard.find(hash, Space::Bucket, key, now) {
+                entry.dirty = true;
+            }
+            shard.dirty.push((hash, key.into()));
+        }
         if allowed {
             shard.allowed += 1;
         } else {
@@ -386,13 +479,16 @@ impl State {
 
     fn shard(&self, space: Space, key: &[u8]) -> (u64, MutexGuard<'_, Inner>) {
         let hash = self.hash(space, key);
-        // The top bits pick the shard; the table uses the low ones.
-        let index = if self.bits == 0 {
+        (hash, lock(&self.shards[self.shard_index(hash)]))
+    }
+
+    /// The top bits of a key's hash pick its shard; the table uses the low ones.
+    fn shard_index(&self, hash: u64) -> usize {
+        if self.bits == 0 {
             0
         } else {
             (hash >> (64 - self.bits)) as usize
-        };
-        (hash, lock(&self.shards[index]))
+        }
     }
 
     fn hash(&self, space: Space, key: &[u8]) -> u64 {
@@ -455,6 +551,7 @@ impl State {
                     key: key.into(),
                     value: value.into(),
                     expires,
+                    dirty: false,
                 });
                 shard.bytes += size;
             }
@@ -581,10 +678,6 @@ fn expiry(now: u64, ttl_ms: i64) -> u64 {
     }
     now.saturating_add((ttl_ms as u64).saturating_mul(NS_PER_MS))
         .min(NEVER - 1)
-}
-
-fn read_u128(bytes: &[u8]) -> u128 {
-    bytes.try_into().map(u128::from_le_bytes).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -1,0 +1,193 @@
+//! The cluster scope of the shared state: gateway processes (the built binary)
+//! sharing `limit` buckets through a real `redis-server` on loopback, and what
+//! happens when Redis stops and comes back. `.ci/run` installs Debian's
+//! redis-server; without it these tests say SKIPPED and check nothing.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Served, ask, client, sample, scrape, wait_until, write_file};
+
+/// Replies 1 when `limit("shared", RATE, BURST)` allows the datagram, else 0.
+fn limiter(rate: u32, burst: u32) -> String {
+    format!(
+        r#"(module
+  (import "wasmgate" "limit" (func $limit (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 1000) "shared")
+  (func (export "alloc") (param i32) (result i32) i32.const 0)
+  (func (export "handle") (param $p i32) (param $len i32) (result i64)
+    (i32.store8 (i32.const 2000) (call $limit (i32.const 1000) (i32.const 6) (i32.const {rate}) (i32.const {burst})))
+    (i64.const 0x000007D000000001)))"#
+    )
+}
+
+/// A `redis-server` on a loopback port, killed when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    /// `None` (and a SKIPPED line) when redis-server is not installed.
+    fn start() -> Option<Self> {
+        let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        Self::on(port)
+    }
+
+    fn on(port: u16) -> Option<Self> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            eprintln!("SKIPPED: redis-server is not installed (Debian: apt install redis-server)");
+            return None;
+        };
+        let redis = Self { child, port };
+        wait_until("redis-server to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn gateway(module: &str, redis: &str, extra: &[&str]) -> Served {
+    let mut args = vec![
+        "--module",
+        module,
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--state-redis",
+        redis,
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Served::start(&args)
+}
+
+fn metric(gw: &Served, name: &str) -> f64 {
+    sample(&scrape(gw.metrics_addr()), &format!("{name}{{listener=\"default\"}}"))
+}
+
+fn allowed(socket: &std::net::UdpSocket, to: SocketAddr) -> bool {
+    ask(socket, to, b"q") == [1]
+}
+
+#[test]
+fn two_gateways_share_a_limit_through_redis_within_the_documented_error() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (rate, burst) = (20.0, 10.0);
+    let module = write_file(dir.path(), "limit.wat", limiter(20, 10).as_bytes());
+    let a = gateway(&module, &redis.url(), &[]);
+    let b = gateway(&module, &redis.url(), &[]);
+    wait_until("both gateways to see each other", || {
+        metric(&a, "wasmgate_state_cluster_gateways") == 2.0 && metric(&b, "wasmgate_state_cluster_gateways") == 2.0
+    });
+    // 2 s of traffic, spread over both gateways and several clients.
+    let clients: Vec<_> = (0..4).map(|_| client()).collect();
+    let started = Instant::now();
+    let mut total = 0usize;
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let to = if i % 2 == 0 { a.addr } else { b.addr };
+        total += usize::from(allowed(&clients[i % clients.len()], to));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // One bucket for both: its burst, then its rate. Alone, each gateway would
+    // allow that much itself, twice as many in all.
+    let shared = burst + rate * elapsed;
+    eprintln!("{total} of {i} allowed in {elapsed:.2} s through two gateways; one shared bucket allows {shared:.1}");
+    assert!(i as f64 > 3.0 * shared, "enough traffic to exhaust the bucket: {i}");
+    assert!(
+        (total as f64 - shared).abs() <= 6.0,
+        "{total} allowed in {elapsed:.2} s; one shared bucket allows {shared:.0} (two alone: {:.0})",
+        2.0 * shared
+    );
+    assert!(metric(&a, "wasmgate_state_redis_up") == 1.0);
+    assert_eq!(metric(&a, "wasmgate_state_redis_errors_total"), 0.0);
+}
+
+#[test]
+fn redis_stopped_and_restarted_mid_traffic_fails_open_or_closed_as_configured() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // A large quota: the limit itself never denies here.
+    let module = write_file(dir.path(), "limit.wat", limiter(0, 100_000).as_bytes());
+    let open = gateway(&module, &redis.url(), &[]);
+    let closed = gateway(&module, &redis.url(), &["--state-redis-failure", "closed"]);
+    let c = client();
+    wait_until("both gateways to flush", || {
+        metric(&open, "wasmgate_state_cluster_gateways") == 2.0
+    });
+    assert!(allowed(&c, open.addr) && allowed(&c, closed.addr));
+
+    let port = redis.stop();
+    let down = open.line_with(&["Redis is unreachable", "failing open"]);
+    assert!(down.is_some(), "the open gateway says Redis went, once");
+    assert!(closed.line_with(&["Redis is unreachable", "failing closed"]).is_some());
+    assert_eq!(metric(&open, "wasmgate_state_redis_up"), 0.0);
+    for _ in 0..20 {
+        assert!(allowed(&c, open.addr), "fail open: the gateway limits alone");
+        assert!(!allowed(&c, closed.addr), "fail closed: every limit denies");
+    }
+    // Retried every second and counted; logged once, not per retry.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(metric(&open, "wasmgate_state_redis_errors_total") >= 2.0);
+
+    let _redis = Redis::on(port).expect("redis-server ran a moment ago");
+    assert!(open.line_with(&["Redis is back"]).is_some());
+    assert!(closed.line_with(&["Redis is back"]).is_some());
+    wait_until("the closed gateway to allow again", || allowed(&c, closed.addr));
+    assert_eq!(metric(&closed, "wasmgate_state_redis_up"), 1.0);
+    assert!(allowed(&c, open.addr));
+}
+
+#[test]
+fn a_bad_redis_url_is_refused_with_the_reason() {
+    let (code, _, err) = common::run_to_end(&["--state-redis", "http://127.0.0.1:6379"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--state-redis") && err.contains("not a Redis URL"),
+        "{err}"
+    );
+    let (code, _, err) = common::run_to_end(&["--state-redis-failure", "closed"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--state-redis"), "{err}");
+}
