@@ -31,7 +31,9 @@ use clap::Parser;
 mod harness;
 #[path = "support/procfs.rs"]
 mod procfs;
-use harness::{Row, RunArgs, Running, free_port, measure, median_run, pinned, release_dir, wait_ready};
+use harness::{
+    Row, RunArgs, Running, dnsperf_field, free_port, measure, median_run, pinned, release_dir, spawn, wait_ready,
+};
 use procfs::cpu_seconds;
 
 #[derive(Debug, Parser)]
@@ -54,16 +56,6 @@ struct Contender {
     /// The process doing the work (NGINX's worker, not its master).
     pid: u32,
     _dir: Option<tempfile::TempDir>,
-}
-
-fn spawn(mut cmd: Command, name: &str) -> anyhow::Result<Running> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {name}"))?;
-    Ok(Running(child))
 }
 
 /// The only child of `pid` (NGINX's worker), once it exists.
@@ -222,11 +214,6 @@ struct DnsRow {
     completed: u64,
     latency_us: f64,
     cpu_us: f64,
-}
-
-fn dnsperf_field(out: &str, name: &str) -> Option<f64> {
-    let line = out.lines().find(|l| l.trim_start().starts_with(name))?;
-    line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()
 }
 
 fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {

@@ -24,7 +24,8 @@
 //!   command, component), their host calls and checks, and one cap on
 //!   everything a guest instance holds.
 //! - [`state`]: the key-value store, limits and penalties a listener's
-//!   handlers share (sharded, bounded, clock-free), behind the `state_*` host calls.
+//!   handlers share (sharded, bounded, clock-free), behind the `state_*` host
+//!   calls; `cluster.rs` shares the limits between gateways through Redis.
 //! - [`engine`]: the wasmtime engine's settings, reading and compiling module bytes,
 //!   and ([`engine::child`]) compiling in a child process under time and memory bounds.
 //! - [`cache`]: compiled modules kept on disk, trusted only when their HMAC checks out.

@@ -70,6 +70,23 @@ pub(crate) fn wait_ready(port: u16) -> anyhow::Result<()> {
 
 pub(crate) struct Running(pub(crate) Child);
 
+/// Starts `cmd` quietly (no stdin, output discarded); killed when dropped.
+pub(crate) fn spawn(mut cmd: Command, name: &str) -> anyhow::Result<Running> {
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok(Running(child))
+}
+
+/// A number from dnsperf's report: the first word after `name:`.
+pub(crate) fn dnsperf_field(out: &str, name: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.trim_start().starts_with(name))?;
+    line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();

@@ -13,8 +13,11 @@ use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
 mod proving;
+mod state;
 
 pub use proving::{CandidateSpec, DEFAULT_RECORD_MAX_BYTES, RecordSpec, check_percent, check_sample};
+use state::StateSection;
+pub use state::{DEFAULT_REDIS_FLUSH, cluster_spec};
 
 use crate::pool::Policy;
 use crate::source_filter::PortSet;
@@ -345,38 +348,6 @@ struct MetricsSection {
     listen: String,
 }
 
-/// `[state]`: what every listener's shared state does beyond the process.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StateSection {
-    redis: Option<String>,
-    redis_failure: Option<String>,
-    redis_flush: Option<String>,
-}
-
-/// How often gateways tell each other what their limits spent, unless told.
-pub const DEFAULT_REDIS_FLUSH: Duration = Duration::from_millis(5);
-
-/// Checks a `[state]` Redis URL and its options into a [`ClusterSpec`].
-pub fn cluster_spec(url: &str, failure: Option<&str>, flush: Duration) -> anyhow::Result<ClusterSpec> {
-    if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
-        bail!("`{}` is not a Redis URL: write redis://HOST:PORT", quote(url));
-    }
-    if flush.is_zero() || flush > Duration::from_secs(1) {
-        bail!("the flush interval must be from 1ms to 1s");
-    }
-    let fail_closed = match failure {
-        None | Some("open") => false,
-        Some("closed") => true,
-        Some(other) => bail!("`{}` is not `open` or `closed`", quote(other)),
-    };
-    Ok(ClusterSpec {
-        url: url.to_string(),
-        fail_closed,
-        flush,
-    })
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListenerSection {
@@ -433,23 +404,7 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
         ),
         None => None,
     };
-    let cluster = match &file.state {
-        Some(StateSection {
-            redis: Some(url),
-            redis_failure,
-            redis_flush,
-        }) => {
-            let flush = match redis_flush {
-                Some(d) => parse_duration(d)
-                    .map_err(anyhow::Error::msg)
-                    .context("state.redis_flush")?,
-                None => DEFAULT_REDIS_FLUSH,
-            };
-            Some(cluster_spec(url, redis_failure.as_deref(), flush).context("state.redis")?)
-        }
-        Some(_) => bail!("state: redis_failure and redis_flush need redis = \"redis://HOST:PORT\""),
-        None => None,
-    };
+    let cluster = file.state.as_ref().map(StateSection::cluster).transpose()?.flatten();
     let mut pools = Vec::new();
     for (name, u) in &file.upstreams {
         let at = |key: &str| format!("upstreams.{name}: {key}");

@@ -216,7 +216,8 @@ impl Outbox {
     }
 }
 
-/// A linker with every host function defined; filled once per engine.
+/// A linker with these host functions defined (the runtime adds the state
+/// calls); filled once per engine.
 pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     linker.func_wrap(HOST_MODULE, "log", log)?;
@@ -226,7 +227,6 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     linker.func_wrap(HOST_MODULE, "send", send)?;
     linker.func_wrap(HOST_MODULE, "upstream", upstream)?;
     linker.func_wrap("env", "abort", abort)?;
-    super::state_calls::define(&mut linker)?;
     Ok(linker)
 }
 

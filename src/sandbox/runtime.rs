@@ -12,6 +12,7 @@ use crate::engine::ticker::EpochTicker;
 use crate::metrics::RateLimit;
 use crate::sandbox::component::{self as wit, ComponentHost};
 use crate::sandbox::hostcalls::{self, HostState};
+use crate::sandbox::state_calls;
 use crate::sandbox::wasi::{self, WasiHost};
 
 /// Guest log lines let through per second, across all instances.
@@ -50,8 +51,10 @@ impl Runtime {
     fn build(pool: Option<u32>) -> anyhow::Result<Arc<Self>> {
         let engine = Engine::new(&engine_config(pool))?;
         let ticks = Arc::new(AtomicU64::new(0));
+        let mut linker = hostcalls::linker(&engine)?;
+        state_calls::define(&mut linker)?;
         Ok(Arc::new(Self {
-            linker: hostcalls::linker(&engine)?,
+            linker,
             wasi_linker: wasi::linker(&engine)?,
             component_linker: wit::linker(&engine)?,
             log_limit: Arc::new(RateLimit::new(GUEST_LOG_LINES_PER_SECOND)),

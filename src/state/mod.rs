@@ -1,7 +1,7 @@
 //! State that handlers share: a bounded key-value store with TTLs, token-bucket
 //! limits and penalties, one per listener, shared by all its workers and kept
 //! across module reloads and instance resets (it lives in the listener's
-//! [`Sandbox`](crate::sandbox::Sandbox), not in an instance).
+//! sandbox, not in an instance).
 //!
 //! Socket-free and clock-free: every call takes the time (`now`, nanoseconds
 //! on the store's own monotonic clock, [`State::now`]), so tests drive it with

@@ -21,10 +21,11 @@
 use dns_wire::{MATCH_KEY, Question, REFUSED, SERVFAIL, answer_here, match_key};
 use wasmgate_sdk::{Context, Reply};
 
-/// Queries a second each client IP may send, on average.
-pub const RATE: u32 = 5;
-/// Queries a client may send at once, after a quiet spell.
-pub const BURST: u32 = 10;
+/// Queries a second each client IP may send, on average (5; a build with
+/// `DNS_LIMIT_RATE` set takes that instead, as `examples/limit_bench` does).
+pub const RATE: u32 = number(option_env!("DNS_LIMIT_RATE"), 5);
+/// Queries a client may send at once, after a quiet spell (10, or `DNS_LIMIT_BURST`).
+pub const BURST: u32 = number(option_env!("DNS_LIMIT_BURST"), 10);
 /// How long a client that went past its bucket is refused.
 pub const PENALTY_MS: i64 = 10_000;
 /// How long a forwarded query waits for its answer.
@@ -76,6 +77,19 @@ fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
 }
 
 wasmgate_sdk::handler!(query, on_reply = reply);
+
+/// A decimal number from the build's environment, or `default`.
+const fn number(text: Option<&str>, default: u32) -> u32 {
+    let Some(text) = text else { return default };
+    let digits = text.as_bytes();
+    let (mut n, mut i) = (0u32, 0);
+    while i < digits.len() {
+        assert!(digits[i].is_ascii_digit(), "DNS_LIMIT_RATE and DNS_LIMIT_BURST are decimal numbers");
+        n = n * 10 + (digits[i] - b'0') as u32;
+        i += 1;
+    }
+    n
+}
 
 /// `ip` of `ip:port` (IPv6 `[ip]:port`).
 fn client_ip(peer: &str) -> Option<&str> {
