@@ -27,14 +27,13 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 
+#[path = "support/dns.rs"]
+mod dns;
 #[path = "support/harness.rs"]
 mod harness;
 #[path = "support/procfs.rs"]
 mod procfs;
-use harness::{
-    Row, RunArgs, Running, dnsperf_field, free_port, measure, median_run, pinned, release_dir, spawn, wait_ready,
-};
-use procfs::cpu_seconds;
+use harness::{Row, RunArgs, Running, free_port, measure, median_run, pinned, release_dir, spawn, wait_ready};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -206,16 +205,6 @@ fn main() -> anyhow::Result<()> {
     dns_table(&args, &wasmgate, root)
 }
 
-/// What one dnsperf run measured.
-#[derive(Clone, Copy, Debug, Default)]
-struct DnsRow {
-    qps: f64,
-    lost: u64,
-    completed: u64,
-    latency_us: f64,
-    cpu_us: f64,
-}
-
 fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {
     let missing: Vec<&str> = [
         ("dnsmasq", "/usr/sbin/dnsmasq"),
@@ -232,32 +221,9 @@ fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let resolver = free_port()?;
-    let mut c = pinned(1, Path::new("/usr/sbin/dnsmasq"));
-    c.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--listen-address=127.0.0.1",
-    ])
-    .args(["--user=root", "--address=/example.test/192.0.2.1", "--cache-size=0"])
-    .arg(format!("--port={resolver}"))
-    .arg(format!("--pid-file={}/dnsmasq.pid", dir.path().display()));
-    let _dnsmasq = spawn(c, "dnsmasq")?;
+    let _dnsmasq = dns::dnsmasq(dir.path(), resolver)?;
 
-    let proxy_port = free_port()?;
-    let mut c = pinned(0, wasmgate);
-    c.args([
-        "--listen",
-        &format!("127.0.0.1:{proxy_port}"),
-        "--workers",
-        "1",
-        "--no-watch",
-    ])
-    .args(["--upstream", &format!("resolvers=127.0.0.1:{resolver}")])
-    .arg("--module")
-    .arg(root.join("examples/dns-proxy/dns_proxy.wasm"));
-    let proxy = spawn(c, "wasmgate dns-proxy")?;
+    let (proxy_port, proxy) = dns::proxy(wasmgate, &root.join("examples/dns-proxy/dns_proxy.wasm"), resolver)?;
 
     let dnsdist_port = free_port()?;
     let conf = dir.path().join("dnsdist.conf");
@@ -296,26 +262,7 @@ fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {
     for _ in 0..args.run.runs {
         for (ci, (_, file)) in cells.iter().enumerate() {
             for (si, &(name, port, pid)) in servers.iter().enumerate() {
-                let before = cpu_seconds(pid).unwrap_or(0.0);
-                let out = pinned(1, Path::new("/usr/bin/dnsperf"))
-                    .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
-                    .arg(file)
-                    .args(["-l", &args.run.seconds.to_string(), "-c", "64", "-q", "256", "-t", "1"])
-                    .output()
-                    .context("cannot run dnsperf")?;
-                let after = cpu_seconds(pid).unwrap_or(0.0);
-                let text = String::from_utf8_lossy(&out.stdout);
-                let completed = dnsperf_field(&text, "Queries completed").unwrap_or(0.0);
-                if completed == 0.0 {
-                    bail!("dnsperf got no answers from {name}: {text}");
-                }
-                runs[ci][si].push(DnsRow {
-                    qps: dnsperf_field(&text, "Queries per second").unwrap_or(0.0),
-                    lost: dnsperf_field(&text, "Queries lost").unwrap_or(0.0) as u64,
-                    completed: completed as u64,
-                    latency_us: dnsperf_field(&text, "Average Latency (s)").unwrap_or(0.0) * 1e6,
-                    cpu_us: (after - before) * 1e6 / completed,
-                });
+                runs[ci][si].push(dns::dnsperf(file, port, pid, args.run.seconds).with_context(|| name.to_string())?);
             }
         }
     }

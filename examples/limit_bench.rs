@@ -28,12 +28,13 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 
+#[path = "support/dns.rs"]
+mod dns;
 #[path = "support/harness.rs"]
 mod harness;
 #[path = "support/procfs.rs"]
 mod procfs;
-use harness::{dnsperf_field, free_port, pinned, release_dir, spawn};
-use procfs::cpu_seconds;
+use harness::{free_port, pinned, release_dir, spawn};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -41,15 +42,6 @@ struct Args {
     runs: usize,
     #[arg(long, default_value_t = 3)]
     seconds: u64,
-}
-
-/// What one dnsperf run measured.
-#[derive(Clone, Copy, Debug, Default)]
-struct DnsRow {
-    qps: f64,
-    lost: u64,
-    completed: u64,
-    cpu_us: f64,
 }
 
 const NO_LIMIT: u32 = 100_000_000;
@@ -71,20 +63,7 @@ fn main() -> anyhow::Result<()> {
     let unlimited = build_unlimited(root, dir.path())?;
 
     let resolver = free_port()?;
-    let mut c = pinned(1, Path::new("/usr/sbin/dnsmasq"));
-    c.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--listen-address=127.0.0.1",
-        "--user=root",
-        "--address=/example.test/192.0.2.1",
-        "--cache-size=0",
-    ])
-    .arg(format!("--port={resolver}"))
-    .arg(format!("--pid-file={}/dnsmasq.pid", dir.path().display()));
-    let _dnsmasq = spawn(c, "dnsmasq")?;
+    let _dnsmasq = dns::dnsmasq(dir.path(), resolver)?;
 
     let queries = dir.path().join("queries.txt");
     let mut f = std::fs::File::create(&queries)?;
@@ -105,19 +84,7 @@ fn main() -> anyhow::Result<()> {
         ),
     ];
     for (cell, module, rule) in &cells {
-        let proxy_port = free_port()?;
-        let mut c = pinned(0, &wasmgate);
-        c.args([
-            "--listen",
-            &format!("127.0.0.1:{proxy_port}"),
-            "--workers",
-            "1",
-            "--no-watch",
-        ])
-        .args(["--upstream", &format!("resolvers=127.0.0.1:{resolver}")])
-        .arg("--module")
-        .arg(module);
-        let proxy = spawn(c, "wasmgate dns-limit")?;
+        let (proxy_port, proxy) = dns::proxy(&wasmgate, module, resolver)?;
 
         let dnsdist_port = free_port()?;
         let conf = dir.path().join("dnsdist.conf");
@@ -136,19 +103,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(2));
 
         // The same proxy without a limit (examples/dns-proxy), for what the limit costs.
-        let plain_port = free_port()?;
-        let mut c = pinned(0, &wasmgate);
-        c.args([
-            "--listen",
-            &format!("127.0.0.1:{plain_port}"),
-            "--workers",
-            "1",
-            "--no-watch",
-        ])
-        .args(["--upstream", &format!("resolvers=127.0.0.1:{resolver}")])
-        .arg("--module")
-        .arg(root.join("examples/dns-proxy/dns_proxy.wasm"));
-        let plain = spawn(c, "wasmgate dns-proxy")?;
+        let (plain_port, plain) = dns::proxy(&wasmgate, &root.join("examples/dns-proxy/dns_proxy.wasm"), resolver)?;
         let mut servers = vec![
             ("wasmgate dns-limit", proxy_port, proxy.0.id()),
             ("dnsdist 1.7", dnsdist_port, dnsdist.0.id()),
@@ -159,13 +114,14 @@ fn main() -> anyhow::Result<()> {
         let mut runs = vec![Vec::new(); servers.len()];
         for _ in 0..args.runs {
             for (si, &(name, port, pid)) in servers.iter().enumerate() {
-                runs[si].push(dnsperf(&queries, port, pid, args.seconds).with_context(|| name.to_string())?);
+                runs[si]
+                    .push(dns::dnsperf(&queries, port, pid, args.seconds as f64).with_context(|| name.to_string())?);
             }
         }
         println!("Rate-limited DNS proxy, dnsperf 64 clients × 256 in flight, {cell}");
         println!(
-            "  {:<20} {:>10} {:>10} {:>8} {:>14}",
-            "server", "queries/s", "completed", "lost", "CPU µs/query"
+            "  {:<22} {:>10} {:>10} {:>8} {:>12} {:>14}",
+            "server", "queries/s", "completed", "lost", "avg lat µs", "CPU µs/query"
         );
         for (si, (name, _, _)) in servers.iter().enumerate() {
             let r = &mut runs[si];
@@ -173,11 +129,12 @@ fn main() -> anyhow::Result<()> {
             let all: Vec<String> = r.iter().map(|x| format!("{:.0}", x.qps)).collect();
             let m = r[r.len() / 2];
             println!(
-                "  {:<20} {:>10.0} {:>10} {:>8} {:>14.2}   (runs: {})",
+                "  {:<22} {:>10.0} {:>10} {:>8} {:>12.0} {:>14.2}   (runs: {})",
                 name,
                 m.qps,
                 m.completed,
                 m.lost,
+                m.latency_us,
                 m.cpu_us,
                 all.join(", ")
             );
@@ -211,26 +168,4 @@ fn build_unlimited(root: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
         bail!("building dns-limit for wasm32-unknown-unknown failed (rustup target add wasm32-unknown-unknown)");
     }
     Ok(dir.join("target/wasm32-unknown-unknown/release/dns_limit.wasm"))
-}
-
-fn dnsperf(queries: &Path, port: u16, pid: u32, seconds: u64) -> anyhow::Result<DnsRow> {
-    let before = cpu_seconds(pid).unwrap_or(0.0);
-    let out = pinned(1, Path::new("/usr/bin/dnsperf"))
-        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
-        .arg(queries)
-        .args(["-l", &seconds.to_string(), "-c", "64", "-q", "256", "-t", "1"])
-        .output()
-        .context("cannot run dnsperf")?;
-    let after = cpu_seconds(pid).unwrap_or(0.0);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let completed = dnsperf_field(&text, "Queries completed").unwrap_or(0.0);
-    if completed == 0.0 {
-        bail!("dnsperf got no answers: {text}");
-    }
-    Ok(DnsRow {
-        qps: dnsperf_field(&text, "Queries per second").unwrap_or(0.0),
-        lost: dnsperf_field(&text, "Queries lost").unwrap_or(0.0) as u64,
-        completed: completed as u64,
-        cpu_us: (after - before) * 1e6 / completed,
-    })
 }

@@ -80,12 +80,7 @@ fn native(threads: usize, calls: usize) -> f64 {
     let handles: Vec<_> = (0..threads)
         .map(|t| std::thread::spawn(move || native_thread(t, calls)))
         .collect();
-    let slowest = handles
-        .into_iter()
-        .map(|h| h.join().unwrap_or_default())
-        .max()
-        .unwrap_or_default();
-    per_call(slowest, calls)
+    per_call(slowest(handles), calls)
 }
 
 fn native_thread(thread: usize, calls: usize) -> Duration {
@@ -140,12 +135,16 @@ fn store(threads: usize, calls: usize, one_key: bool) -> f64 {
             })
         })
         .collect();
-    let slowest = handles
+    per_call(slowest(handles), calls)
+}
+
+/// The longest any of the threads took.
+fn slowest(handles: Vec<std::thread::JoinHandle<Duration>>) -> Duration {
+    handles
         .into_iter()
         .map(|h| h.join().unwrap_or_default())
         .max()
-        .unwrap_or_default();
-    per_call(slowest, calls)
+        .unwrap_or_default()
 }
 
 /// A guest calling `limit` `n` times per datagram on a key made of the

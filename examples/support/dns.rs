@@ -1,0 +1,74 @@
+//! What the DNS benchmarks share: a dnsmasq resolver, a one-worker wasmgate
+//! proxy in front of it, and one dnsperf run measured with the server's CPU.
+//! Uses the `harness` and `procfs` modules of the example that includes it.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+
+use crate::harness::{Running, dnsperf_field, free_port, pinned, spawn};
+use crate::procfs::cpu_seconds;
+
+/// What one dnsperf run measured.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct DnsRow {
+    pub(crate) qps: f64,
+    pub(crate) lost: u64,
+    pub(crate) completed: u64,
+    pub(crate) latency_us: f64,
+    pub(crate) cpu_us: f64,
+}
+
+/// dnsmasq on `port`, pinned to CPU 1, answering `example.test` and every
+/// name under it with 192.0.2.1 itself (no cache, no upstream).
+pub(crate) fn dnsmasq(dir: &Path, port: u16) -> anyhow::Result<Running> {
+    let mut c = pinned(1, Path::new("/usr/sbin/dnsmasq"));
+    c.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+    ])
+    .args(["--user=root", "--address=/example.test/192.0.2.1", "--cache-size=0"])
+    .arg(format!("--port={port}"))
+    .arg(format!("--pid-file={}/dnsmasq-{port}.pid", dir.display()));
+    spawn(c, "dnsmasq")
+}
+
+/// wasmgate serving `module` with one worker, pinned to CPU 0, with the pool
+/// `resolvers` on `resolver`; its port and the process.
+pub(crate) fn proxy(wasmgate: &Path, module: &Path, resolver: u16) -> anyhow::Result<(u16, Running)> {
+    let port = free_port()?;
+    let mut c = pinned(0, wasmgate);
+    c.args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1", "--no-watch"])
+        .args(["--upstream", &format!("resolvers=127.0.0.1:{resolver}")])
+        .arg("--module")
+        .arg(module);
+    Ok((port, spawn(c, "wasmgate")?))
+}
+
+/// dnsperf on CPU 1 for `seconds` against `port` (64 clients, 256 queries in
+/// flight, 1 s timeout), with the CPU the process `pid` spent meanwhile.
+pub(crate) fn dnsperf(queries: &Path, port: u16, pid: u32, seconds: f64) -> anyhow::Result<DnsRow> {
+    let before = cpu_seconds(pid).unwrap_or(0.0);
+    let out = pinned(1, Path::new("/usr/bin/dnsperf"))
+        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
+        .arg(queries)
+        .args(["-l", &seconds.to_string(), "-c", "64", "-q", "256", "-t", "1"])
+        .output()
+        .context("cannot run dnsperf")?;
+    let after = cpu_seconds(pid).unwrap_or(0.0);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let completed = dnsperf_field(&text, "Queries completed").unwrap_or(0.0);
+    if completed == 0.0 {
+        bail!("dnsperf got no answers: {text}");
+    }
+    Ok(DnsRow {
+        qps: dnsperf_field(&text, "Queries per second").unwrap_or(0.0),
+        lost: dnsperf_field(&text, "Queries lost").unwrap_or(0.0) as u64,
+        completed: completed as u64,
+        latency_us: dnsperf_field(&text, "Average Latency (s)").unwrap_or(0.0) * 1e6,
+        cpu_us: (after - before) * 1e6 / completed,
+    })
+}
