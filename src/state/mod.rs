@@ -176,6 +176,14 @@ impl Bucket {
         b
     }
 
+    /// The arrival time alone, without reading the rest.
+    fn tat_of(bytes: &[u8]) -> u128 {
+        bytes
+            .get(..16)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u128::from_le_bytes)
+    }
+
     /// When a bucket is full again, and its entry can go.
     fn expires(&self) -> u64 {
         u64::try_from(self.tat).unwrap_or(NEVER)
@@ -386,19 +394,24 @@ impl State {
         // with this gateway's share of the burst.
         let (allowed, newly_dirty) = match shard.find(hash, Space::Bucket, key, now) {
             Some(entry) => {
-                let mut b = Bucket::read(&entry.value);
-                let next = b.tat.max(now128).saturating_add(interval);
+                // The hot path: only the arrival time (and, in a cluster, the
+                // spent count) is read and written, in place.
+                let next = Bucket::tat_of(&entry.value).max(now128).saturating_add(interval);
                 let allowed = next - now128 <= tolerance;
                 if allowed {
-                    b.tat = next;
-                    b.pending = b.pending.saturating_add(1);
-                    entry.expires = b.expires();
+                    entry.value[..16].copy_from_slice(&next.to_le_bytes());
+                    entry.expires = u64::try_from(next).unwrap_or(NEVER);
                 }
-                b.rate = rate_per_s;
-                b.burst = burst;
-                entry.value.copy_from_slice(&b.bytes());
-                let newly_dirty = cluster.is_some() && !entry.dirty;
-                entry.dirty |= newly_dirty;
+                let newly_dirty = match cluster {
+                    None => false,
+                    Some(_) => {
+                        let mut b = Bucket::read(&entry.value);
+                        b.pending = b.pending.saturating_add(u32::from(allowed));
+                        (b.rate, b.burst) = (rate_per_s, burst);
+                        entry.value.copy_from_slice(&b.bytes());
+                        !std::mem::replace(&mut entry.dirty, true)
+                    }
+                };
                 (allowed, newly_dirty)
             }
             None => {
