@@ -4,9 +4,9 @@
 //! - A query whose question (name, any case; type; class) has a cached answer
 //!   is answered from the cache, with the query's ID and the query's spelling
 //!   of the name; it never reaches the resolvers.
-//! - Other queries go to the pool `resolvers`, remembered in the shared state
-//!   for 5 s (client, ID and question); `on_reply` passes an answer only if it
-//!   matches a remembered query, once (anti-spoofing).
+//! - Other queries go to the pool `resolvers`, remembered in the instance
+//!   (client, ID and question: `dns_wire::Pending`); `on_reply` passes an
+//!   answer only if it matches a remembered query, once (anti-spoofing).
 //! - A NOERROR answer with records, not truncated, is cached for the smallest
 //!   TTL of its answer records (`Context::state_set` with that TTL), capped at
 //!   [`MAX_TTL_S`]. The cache is the listener's shared state: every worker
@@ -19,12 +19,11 @@
 
 #![no_std]
 
-use dns_wire::{HEADER, MATCH_KEY, MAX_KEY, NOERROR, Question, SERVFAIL, answer_here, match_key, min_answer_ttl};
+use dns_wire::{Pending, HEADER, MATCH_KEY, MAX_KEY, NOERROR, Question, SERVFAIL, answer_here, match_key, min_answer_ttl};
 use wasmgate_sdk::{Context, Reply};
 
 /// The longest an answer is cached, in seconds, whatever its TTL.
 pub const MAX_TTL_S: u32 = 3600;
-const PENDING_MS: i64 = 5_000;
 const POOL: &str = "resolvers";
 /// Cache keys start with this byte, pending queries with a client address.
 const CACHED: u8 = b'#';
@@ -51,7 +50,7 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     let pending = pending_key(ctx, datagram, &q, &mut pending);
     match ctx.forward(POOL, datagram) {
         Ok(()) => {
-            let _ = ctx.state_set(pending, b"", PENDING_MS);
+            pending_table().remember(pending);
             Reply::Nothing
         }
         Err(_) => Reply::Send(answer_here(datagram, q.end, SERVFAIL)),
@@ -64,7 +63,7 @@ fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     };
     let mut pending = [0u8; MATCH_KEY];
     let pending = pending_key(ctx, datagram, &q, &mut pending);
-    if !q.response || ctx.state_delete(pending) != Ok(true) {
+    if !q.response || !pending_table().forget(pending) {
         return Reply::Nothing;
     }
     if q.rcode == NOERROR && !q.truncated {
@@ -86,6 +85,18 @@ fn cache_key<'k>(m: &[u8], q: &Question, out: &'k mut [u8; 1 + MAX_KEY]) -> &'k 
     out[0] = CACHED;
     out[1..1 + question.len()].copy_from_slice(question);
     &out[..1 + question.len()]
+}
+
+/// This instance's forwarded queries (see [`Pending`]).
+static mut PENDING: Pending = Pending::new();
+
+fn pending_table() -> &'static mut Pending {
+    // SAFETY: the host calls `handle` and `on_reply` one at a time, and the
+    // reference does not outlive the call that takes it.
+    #[allow(clippy::deref_addrof)]
+    unsafe {
+        &mut *(&raw mut PENDING)
+    }
 }
 
 fn pending_key<'k>(ctx: &Context, m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {

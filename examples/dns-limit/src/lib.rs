@@ -10,15 +10,17 @@
 //!   client is REFUSED at once, whatever its bucket holds, until the penalty
 //!   ends. Its queries never reach the resolvers.
 //! - Other queries go to the pool `resolvers`, and are remembered in the
-//!   shared state for 5 s (client, ID and question); `on_reply` passes an
-//!   answer only if it matches a remembered query, once (anti-spoofing), on
-//!   whichever worker it arrives.
+//!   instance (client, ID and question: `dns_wire::Pending`, as
+//!   examples/dns-proxy does); `on_reply` passes an answer only if it matches
+//!   a remembered query, once (anti-spoofing). Answers come back to the
+//!   worker that forwarded, so the instance's own table is enough, and cheaper
+//!   than the shared state.
 //!
 //! Build: `scripts/build-guests.sh`. Run: `wasmgate --config examples/dns-limit.toml`.
 
 #![no_std]
 
-use dns_wire::{MATCH_KEY, Question, REFUSED, SERVFAIL, answer_here, match_key};
+use dns_wire::{Pending, MATCH_KEY, Question, REFUSED, SERVFAIL, answer_here, match_key};
 use wasmgate_sdk::{Context, Reply};
 
 /// Queries a second each client IP may send, on average (5; a build with
@@ -29,7 +31,6 @@ pub const BURST: u32 = number(option_env!("DNS_LIMIT_BURST"), 10);
 /// How long a client that went past its bucket is refused.
 pub const PENALTY_MS: i64 = 10_000;
 /// How long a forwarded query waits for its answer.
-const PENDING_MS: i64 = 5_000;
 const POOL: &str = "resolvers";
 
 fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
@@ -56,7 +57,7 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     let key = pending_key(ctx, datagram, &q, &mut key);
     match ctx.forward(POOL, datagram) {
         Ok(()) => {
-            let _ = ctx.state_set(key, b"", PENDING_MS);
+            pending_table().remember(key);
             Reply::Nothing
         }
         Err(_) => Reply::Send(answer_here(datagram, q.end, SERVFAIL)),
@@ -70,7 +71,7 @@ fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     let mut key = [0u8; MATCH_KEY];
     let key = pending_key(ctx, datagram, &q, &mut key);
     // Only an answer to a query forwarded for this client, and only once.
-    if !q.response || ctx.state_delete(key) != Ok(true) {
+    if !q.response || !pending_table().forget(key) {
         return Reply::Nothing;
     }
     Reply::Send(datagram)
@@ -98,6 +99,18 @@ fn client_ip(peer: &str) -> Option<&str> {
 }
 
 /// The shared-state key of a query or its answer for the current client.
+/// This instance's forwarded queries (see [`Pending`]).
+static mut PENDING: Pending = Pending::new();
+
+fn pending_table() -> &'static mut Pending {
+    // SAFETY: the host calls `handle` and `on_reply` one at a time, and the
+    // reference does not outlive the call that takes it.
+    #[allow(clippy::deref_addrof)]
+    unsafe {
+        &mut *(&raw mut PENDING)
+    }
+}
+
 fn pending_key<'k>(ctx: &Context, m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {
     let mut peer = [0u8; 64];
     let client = ctx.peer_text(&mut peer).unwrap_or("");

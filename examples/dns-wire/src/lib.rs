@@ -135,3 +135,71 @@ fn skip_name(m: &[u8], mut at: usize) -> Option<usize> {
         }
     }
 }
+
+/// Sets of the pending table, and entries per set.
+const SETS: usize = 16_384;
+const WAYS: usize = 4;
+
+/// Queries forwarded and not yet answered, kept in the instance that forwarded
+/// them (answers come back to the worker, so the instance, whose session sent
+/// the query): 65,536 entries in sets of four (512 KiB). Each entry is a hash
+/// of [`match_key`] (0: free) and when it was stored, so that a full set gives
+/// way to the newest query and the oldest one's answer, when it comes, is
+/// dropped as a query lost on the network would be.
+pub struct Pending {
+    keys: [[u64; WAYS]; SETS],
+    stamps: [[u32; WAYS]; SETS],
+    clock: u32,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pending {
+    pub const fn new() -> Self {
+        Self {
+            keys: [[0; WAYS]; SETS],
+            stamps: [[0; WAYS]; SETS],
+            clock: 0,
+        }
+    }
+
+    /// Remembers the query with this [`match_key`].
+    pub fn remember(&mut self, key: &[u8]) {
+        let h = hash(key);
+        self.clock = self.clock.wrapping_add(1);
+        let (now, set) = (self.clock, (h % SETS as u64) as usize);
+        let (keys, stamps) = (&mut self.keys[set], &mut self.stamps[set]);
+        let way = (0..WAYS)
+            .find(|&w| keys[w] == 0 || keys[w] == h)
+            .unwrap_or_else(|| (0..WAYS).max_by_key(|&w| now.wrapping_sub(stamps[w])).unwrap_or(0));
+        keys[way] = h;
+        stamps[way] = now;
+    }
+
+    /// Forgets the query with this [`match_key`]; false when it was not there
+    /// (never forwarded for this client, or answered already).
+    pub fn forget(&mut self, key: &[u8]) -> bool {
+        let h = hash(key);
+        let keys = &mut self.keys[(h % SETS as u64) as usize];
+        match keys.iter().position(|&k| k == h) {
+            Some(way) => {
+                keys[way] = 0;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// FNV-1a, 64 bits, never 0 (0 marks a free entry): small and enough to key a table.
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h.max(1)
+}
