@@ -52,6 +52,7 @@ fn fixture() -> &'static Fixture {
         sandbox: Sandbox::new(Limits {
             timeout: TIMEOUT,
             max_memory: 1 << 20,
+            ..Limits::default()
         })
         .expect("a sandbox"),
         exports: wat::parse_str(EXPORTS).expect("exports module"),

@@ -18,6 +18,7 @@ fn sandbox() -> &'static Sandbox {
         Sandbox::new(Limits {
             timeout: Duration::from_millis(10),
             max_memory: 1 << 20,
+            ..Limits::default()
         })
         .expect("a sandbox")
     })
