@@ -19,7 +19,7 @@
 
 #![no_std]
 
-use dns_wire::{Pending, HEADER, MATCH_KEY, MAX_KEY, NOERROR, Question, SERVFAIL, answer_here, match_key, min_answer_ttl};
+use dns_wire::{pending_table, HEADER, MATCH_KEY, MAX_KEY, NOERROR, Question, SERVFAIL, answer_here, match_key, min_answer_ttl};
 use wasmgate_sdk::{Context, Reply};
 
 /// The longest an answer is cached, in seconds, whatever its TTL.
@@ -85,18 +85,6 @@ fn cache_key<'k>(m: &[u8], q: &Question, out: &'k mut [u8; 1 + MAX_KEY]) -> &'k 
     out[0] = CACHED;
     out[1..1 + question.len()].copy_from_slice(question);
     &out[..1 + question.len()]
-}
-
-/// This instance's forwarded queries (see [`Pending`]).
-static mut PENDING: Pending = Pending::new();
-
-fn pending_table() -> &'static mut Pending {
-    // SAFETY: the host calls `handle` and `on_reply` one at a time, and the
-    // reference does not outlive the call that takes it.
-    #[allow(clippy::deref_addrof)]
-    unsafe {
-        &mut *(&raw mut PENDING)
-    }
 }
 
 fn pending_key<'k>(ctx: &Context, m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {

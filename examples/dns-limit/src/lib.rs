@@ -20,7 +20,7 @@
 
 #![no_std]
 
-use dns_wire::{Pending, MATCH_KEY, Question, REFUSED, SERVFAIL, answer_here, match_key};
+use dns_wire::{pending_table, MATCH_KEY, Question, REFUSED, SERVFAIL, answer_here, match_key};
 use wasmgate_sdk::{Context, Reply};
 
 /// Queries a second each client IP may send, on average (5; a build with
@@ -99,18 +99,6 @@ fn client_ip(peer: &str) -> Option<&str> {
 }
 
 /// The shared-state key of a query or its answer for the current client.
-/// This instance's forwarded queries (see [`Pending`]).
-static mut PENDING: Pending = Pending::new();
-
-fn pending_table() -> &'static mut Pending {
-    // SAFETY: the host calls `handle` and `on_reply` one at a time, and the
-    // reference does not outlive the call that takes it.
-    #[allow(clippy::deref_addrof)]
-    unsafe {
-        &mut *(&raw mut PENDING)
-    }
-}
-
 fn pending_key<'k>(ctx: &Context, m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {
     let mut peer = [0u8; 64];
     let client = ctx.peer_text(&mut peer).unwrap_or("");

@@ -195,6 +195,17 @@ impl Pending {
     }
 }
 
+/// The instance's one [`Pending`] table.
+static mut PENDING: Pending = Pending::new();
+
+/// The instance's forwarded queries. Only from `handle` and `on_reply`, which
+/// the host calls one at a time; the reference must not outlive the call.
+#[allow(clippy::deref_addrof)]
+pub fn pending_table() -> &'static mut Pending {
+    // SAFETY: one call at a time (above), so no other reference is live.
+    unsafe { &mut *(&raw mut PENDING) }
+}
+
 /// FNV-1a, 64 bits, never 0 (0 marks a free entry): small and enough to key a table.
 fn hash(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
