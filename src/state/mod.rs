@@ -439,9 +439,6 @@ impl State {
             }
         };
         if newly_dirty {
-            if let Some(entry) = shard.find(hash, Space::Bucket, key, now) {
-                entry.dirty = true;
-            }
             shard.dirty.push((hash, key.into()));
         }
         if allowed {
@@ -564,7 +561,8 @@ impl State {
                     key: key.into(),
                     value: value.into(),
                     expires,
-                    dirty: false,
+                    // A bucket made in a cluster has its first flush to come.
+                    dirty: space == Space::Bucket && self.cluster.get().is_some(),
                 });
                 shard.bytes += size;
             }
