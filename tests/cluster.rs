@@ -1,6 +1,6 @@
 //! The cluster scope of the shared state: gateway processes (the built binary)
-//! sharing `limit` buckets through a real `redis-server` on loopback, and what
-//! happens when Redis stops and comes back. `.ci/run` installs Debian's
+//! sharing `limit` buckets, counters and penalties through a real
+//! `redis-server` on loopback, and what happens when Redis stops and comes back. `.ci/run` installs Debian's
 //! redis-server; without it these tests say SKIPPED and check nothing.
 
 mod common;
@@ -23,6 +23,41 @@ fn limiter(rate: u32, burst: u32) -> String {
     (i32.store8 (i32.const 2000) (call $limit (i32.const 1000) (i32.const 6) (i32.const {rate}) (i32.const {burst})))
     (i64.const 0x000007D000000001)))"#
     )
+}
+
+/// By the datagram's first byte: `i` adds 1 to the counter `hits` and `r`
+/// reads it (adding 0), both replying its 8 bytes; `p` penalizes `bad` for
+/// 60 s, `l` lifts it, `q` replies whether it is penalized (1 byte).
+const SHARER: &str = r#"(module
+  (import "wasmgate" "state_incr" (func $incr (param i32 i32 i64 i64) (result i64)))
+  (import "wasmgate" "penalize" (func $penalize (param i32 i32 i64) (result i32)))
+  (import "wasmgate" "penalized" (func $penalized (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 1000) "hits")
+  (data (i32.const 1100) "bad")
+  (func (export "alloc") (param i32) (result i32) i32.const 0)
+  (func (export "handle") (param $p i32) (param $len i32) (result i64)
+    (local $op i32)
+    (local.set $op (i32.load8_u (i32.const 0)))
+    (if (i32.eq (local.get $op) (i32.const 0x69))
+      (then (i64.store (i32.const 2000) (call $incr (i32.const 1000) (i32.const 4) (i64.const 1) (i64.const 60000)))
+            (return (i64.const 0x000007D000000008))))
+    (if (i32.eq (local.get $op) (i32.const 0x72))
+      (then (i64.store (i32.const 2000) (call $incr (i32.const 1000) (i32.const 4) (i64.const 0) (i64.const 60000)))
+            (return (i64.const 0x000007D000000008))))
+    (if (i32.eq (local.get $op) (i32.const 0x70))
+      (then (drop (call $penalize (i32.const 1100) (i32.const 3) (i64.const 60000)))))
+    (if (i32.eq (local.get $op) (i32.const 0x6C))
+      (then (drop (call $penalize (i32.const 1100) (i32.const 3) (i64.const 0)))))
+    (i32.store8 (i32.const 2000) (call $penalized (i32.const 1100) (i32.const 3)))
+    (i64.const 0x000007D000000001)))"#;
+
+fn count(socket: &std::net::UdpSocket, to: SocketAddr, op: &[u8]) -> i64 {
+    // As long as the reply: a larger reply would be dropped as amplification.
+    let mut asked = [b' '; 8];
+    asked[..op.len()].copy_from_slice(op);
+    let reply = ask(socket, to, &asked);
+    i64::from_le_bytes(reply.try_into().expect("a counter is 8 bytes"))
 }
 
 /// A `redis-server` on a loopback port, killed when dropped.
@@ -145,6 +180,45 @@ fn two_gateways_share_a_limit_through_redis_within_the_documented_error() {
 }
 
 #[test]
+fn two_gateways_share_counters_and_penalties_through_redis() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let module = write_file(dir.path(), "sharer.wat", SHARER.as_bytes());
+    let a = gateway(&module, &redis.url(), &["--state-redis-flush-ms", "5"]);
+    let b = gateway(&module, &redis.url(), &["--state-redis-flush-ms", "5"]);
+    let c = client();
+    for _ in 0..5 {
+        count(&c, a.addr, b"i");
+    }
+    for _ in 0..3 {
+        count(&c, b.addr, b"i");
+    }
+    // Each counts its own at once, and the other's once a flush brings it.
+    wait_until("both gateways to count all 8", || {
+        count(&c, a.addr, b"r") == 8 && count(&c, b.addr, b"r") == 8
+    });
+    assert_eq!(count(&c, b.addr, b"i"), 9);
+
+    assert_eq!(ask(&c, b.addr, b"q"), [0]);
+    assert_eq!(ask(&c, a.addr, b"p"), [1], "penalized here at once");
+    wait_until("the penalty to reach the other gateway", || {
+        ask(&c, b.addr, b"q") == [1]
+    });
+    assert_eq!(ask(&c, b.addr, b"l"), [0], "lifted there");
+    wait_until("the lifting to reach the first", || ask(&c, a.addr, b"q") == [0]);
+
+    // A gateway joining later learns the penalties running.
+    assert_eq!(ask(&c, a.addr, b"p"), [1]);
+    let late = gateway(&module, &redis.url(), &[]);
+    wait_until("the late gateway to learn the penalty", || {
+        ask(&c, late.addr, b"q") == [1]
+    });
+    wait_until("the late gateway to learn the count", || {
+        count(&c, late.addr, b"r") == 9
+    });
+}
+
+#[test]
 fn redis_stopped_and_restarted_mid_traffic_fails_open_or_closed_as_configured() {
     let Some(redis) = Redis::start() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -177,6 +251,18 @@ fn redis_stopped_and_restarted_mid_traffic_fails_open_or_closed_as_configured() 
     wait_until("the closed gateway to allow again", || allowed(&c, closed.addr));
     assert_eq!(metric(&closed, "wasmgate_state_redis_up"), 1.0);
     assert!(allowed(&c, open.addr));
+    // What the open gateway spent while Redis was down was kept and sent:
+    // 1 before, 20 during and 1 after, besides the closed gateway's.
+    let mut redis = redis::Client::open(_redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("redis-server answers");
+    wait_until("the spending to reach Redis", || {
+        let spent: Option<i64> = redis::cmd("GET")
+            .arg("wasmgate:default:limit:shared")
+            .query(&mut redis)
+            .unwrap_or(None);
+        spent.is_some_and(|n| n >= 1 + 20 + 1 + 2)
+    });
 }
 
 #[test]

@@ -324,6 +324,34 @@ fn keys_and_values_over_the_limits_are_refused_with_their_codes() {
 }
 
 #[test]
+fn a_refused_key_still_counts_against_the_calls_allowance() {
+    // 64 `state_get`s with a 600-byte key (each refused), then one `limit`:
+    // the 65th call of the datagram, so `too_many_calls`.
+    let module = r#"(module
+      (import "wasmgate" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
+      (import "wasmgate" "limit" (func $limit (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "alloc") (param i32) (result i32) i32.const 0)
+      (func (export "handle") (param $p i32) (param $len i32) (result i64)
+        (local $i i32)
+        (loop $again
+          (i32.store (i32.const 4096) (call $get (i32.const 0) (i32.const 600) (i32.const 8192) (i32.const 16)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $again (i32.lt_u (local.get $i) (i32.const 64))))
+        (i32.store (i32.const 4100) (call $limit (i32.const 0) (i32.const 8) (i32.const 1) (i32.const 1)))
+        (i64.const 0x0000100000000008)))"#;
+    let mut spec = config();
+    spec.max_reply_ratio = 0.0;
+    let gateway = start_with(module.as_bytes(), Limits::default(), spec);
+    let reply = ask(&client(), gateway.local_addr(), b"x");
+    let codes: Vec<i32> = reply
+        .chunks(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(codes, [KEY_TOO_LONG, TOO_MANY_CALLS]);
+}
+
+#[test]
 fn a_region_outside_memory_traps_and_the_next_datagram_is_served() {
     let (gateway, _) = serve(StateLimits::default());
     let talk = Talk::new(&gateway);

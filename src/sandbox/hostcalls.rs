@@ -41,6 +41,10 @@ pub(crate) struct HostState {
     /// An ABI v1 instance's `memory`, kept once it is instantiated: looking
     /// the export up by name on every host call costs more than the call.
     pub(crate) memory: Option<Memory>,
+    /// The state's clock, read at the datagram's first state call and kept
+    /// for the rest: it ticks in milliseconds, and a call costs less than a
+    /// clock read.
+    pub(crate) now: Option<u64>,
 }
 
 impl HostState {
@@ -57,6 +61,7 @@ impl HostState {
         self.peer = Some(peer);
         self.net = net.take();
         self.out.reset(allowance);
+        self.now = None;
         self.upstream.push_str(upstream);
     }
 

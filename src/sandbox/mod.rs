@@ -281,6 +281,7 @@ impl Sandbox {
             upstream: String::new(),
             state: Arc::clone(&self.state),
             memory: None,
+            now: None,
         }
     }
 

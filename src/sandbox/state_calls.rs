@@ -20,7 +20,7 @@ impl HostState {
             self.out.refuse(error);
             StateError::TooManyCalls
         })?;
-        Ok(self.state.now())
+        Ok(*self.now.get_or_insert_with(|| self.state.now()))
     }
 
     /// `state_get`: calls `f` with the value of `key`.
@@ -108,7 +108,8 @@ fn state_get(
             key[..k.len()].copy_from_slice(k);
             &key[..k.len()]
         }
-        _ => return Ok(StateError::KeyTooLong.code()),
+        // Refused, but counted against the allowance like every other call.
+        _ => return Ok(code(state.state_call().and(Err::<i32, _>(StateError::KeyTooLong)))),
     };
     let start = buf_ptr as u32 as usize;
     let cap = buf_cap as u32 as usize;

@@ -1,28 +1,33 @@
-//! The cluster scope: several gateways share their `limit` buckets through
-//! Redis, with no network round trip on the datagram path.
+//! The cluster scope: several gateways share their `limit` buckets, their
+//! `state_incr` counters and their penalties through Redis, with no network
+//! round trip on the datagram path.
 //!
-//! Each gateway keeps deciding alone, exactly, on its own buckets. A flusher
-//! thread per listener, every few milliseconds, sends what each bucket spent
-//! here since the last flush (`INCRBY` on a cluster-wide total, in one
-//! pipeline) and gets the totals back; what the other gateways spent is then
-//! debited from the local bucket, as if those tokens had been taken here. A
-//! heartbeat in a sorted set counts the gateways, and a bucket new to a
-//! gateway starts with its share of the burst (`burst / gateways`), so that
-//! gateways that have not heard of each other's spending cannot together pass
-//! the burst. The error is bounded: between two flushes, the other gateways
-//! may spend what their buckets refill in that time (see docs/ABI.md).
+//! Each gateway keeps deciding alone, exactly, on its own copies. A flusher
+//! thread per listener, every few milliseconds, sends in one pipeline what
+//! each bucket spent and each counter added here since the last flush
+//! (`INCRBY` on a cluster-wide total) and gets the totals back: what the
+//! other gateways spent is debited from the local bucket, as if those tokens
+//! had been taken here, and a counter takes the cluster's sum. A heartbeat in
+//! a sorted set counts the gateways, and a bucket new to a gateway starts with
+//! its share of the burst (`burst / gateways`), so that gateways that have not
+//! heard of each other's spending cannot together pass the burst. Penalties
+//! go out on a Redis stream that every gateway reads from where it left off.
+//! The error is bounded: between two flushes, the other gateways may spend
+//! what their buckets refill in that time (see docs/ABI.md).
 //!
-//! Redis down: fail open (each gateway limits alone) or closed (`limit`
-//! denies), as configured; logged once when it goes and once when it is back,
-//! counted, and retried every second.
+//! Redis down: fail open (each gateway limits alone, with the whole burst) or
+//! closed (`limit` denies), as configured; logged once when it goes and once
+//! when it is back, counted, and retried every second. What was spent, added
+//! and penalized meanwhile is kept and sent when it is back.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use redis::Value;
 
-use super::{Bucket, Space, State, UNSEEN, interval, lock};
+use super::{Bucket, COUNTER_MIN, NEVER, NS_PER_MS, Space, State, UNSEEN, interval, lock};
 
 /// Where and how a listener shares its limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +46,12 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 const RETRY: Duration = Duration::from_secs(1);
 /// A gateway that has not flushed for this long no longer counts.
 const HEARTBEAT: Duration = Duration::from_secs(3);
+/// Penalties kept on the stream (roughly: Redis trims it lazily), and the
+/// most a gateway reads in one flush.
+const PENALTY_LOG: usize = 10_000;
+const PENALTY_READ: usize = 1_000;
+/// Penalties waiting for Redis; past this, the oldest are dropped (and counted).
+const PENALTY_BACKLOG: usize = 100_000;
 
 /// What the flusher shares with the datagram path.
 #[derive(Debug)]
@@ -50,6 +61,10 @@ pub(crate) struct Cluster {
     fail_closed: bool,
     errors: AtomicU64,
     flushes: AtomicU64,
+    /// Penalties set here, to publish: the key and when it ends (Unix
+    /// milliseconds; 0 lifts it).
+    penalties: Mutex<Vec<(Box<[u8]>, u64)>>,
+    penalties_dropped: AtomicU64,
 }
 
 /// The cluster scope's figures, for metrics.
@@ -65,41 +80,94 @@ pub struct ClusterStats {
 }
 
 impl Cluster {
+    fn new(fail_closed: bool, gateways: u32) -> Self {
+        Self {
+            gateways: AtomicU32::new(gateways),
+            // Until the first flush says otherwise, as if Redis were there:
+            // a gateway starting with Redis down fails closed only once it knows.
+            up: AtomicBool::new(true),
+            fail_closed,
+            errors: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            penalties: Mutex::new(Vec::new()),
+            penalties_dropped: AtomicU64::new(0),
+        }
+    }
+
     /// Gateways sharing the limits (at least this one).
     pub(super) fn gateways(&self) -> u32 {
         self.gateways.load(Relaxed).max(1)
+    }
+
+    /// Gateways a new bucket's burst is split between: 1 while Redis is
+    /// down, when each gateway limits alone.
+    pub(super) fn sharing(&self) -> u32 {
+        if self.up.load(Relaxed) { self.gateways() } else { 1 }
     }
 
     /// Whether `limit` denies everything now (Redis down and fail-closed).
     pub(super) fn refuses(&self) -> bool {
         self.fail_closed && !self.up.load(Relaxed)
     }
+
+    /// Queues a penalty (or its lifting, `ttl_ms` ≤ 0) for the other gateways.
+    pub(super) fn publish_penalty(&self, key: &[u8], ttl_ms: i64) {
+        let until = if ttl_ms <= 0 {
+            0
+        } else {
+            unix_ms().saturating_add(ttl_ms as u64)
+        };
+        let mut queue = self.penalties.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() >= PENALTY_BACKLOG {
+            queue.remove(0);
+            self.penalties_dropped.fetch_add(1, Relaxed);
+        }
+        queue.push((key.into(), until));
+    }
+
+    fn take_penalties(&self) -> Vec<(Box<[u8]>, u64)> {
+        std::mem::take(&mut *self.penalties.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts back penalties a failed flush did not publish, before newer ones.
+    fn give_back_penalties(&self, mut sent: Vec<(Box<[u8]>, u64)>) {
+        let mut queue = self.penalties.lock().unwrap_or_else(|p| p.into_inner());
+        sent.append(&mut queue);
+        let excess = sent.len().saturating_sub(PENALTY_BACKLOG);
+        if excess > 0 {
+            sent.drain(..excess);
+            self.penalties_dropped.fetch_add(excess as u64, Relaxed);
+        }
+        *queue = sent;
+    }
 }
 
-/// A bucket's news for one flush.
+/// One bucket's or counter's news for one flush.
 struct Flush {
+    space: Space,
     hash: u64,
     key: Box<[u8]>,
-    sent: u32,
-    refill_ms: u64,
+    /// Tokens a bucket spent, or what a counter added, here since the last flush.
+    sent: i64,
+    /// How long the cluster-wide total must last: a bucket's refill time, a
+    /// counter's time left (`None`: no TTL).
+    ttl_ms: Option<u64>,
 }
 
+/// What Redis said of one flushed key: its cluster-wide total and, for a
+/// counter, its time left in milliseconds (negative: none). `None` when the
+/// key's reply was an error (a counter past the 64-bit range, a key of the
+/// wrong type): that key is skipped, the others go on.
+type Total = Option<(i64, i64)>;
+
 impl State {
-    /// Shares this store's limits through Redis under `listener`'s name,
-    /// from now on: starts the flusher thread, which ends with the store.
-    /// Fails only on a URL that cannot be Redis; an unreachable server is
-    /// logged and retried.
+    /// Shares this store's limits, counters and penalties through Redis under
+    /// `listener`'s name, from now on: starts the flusher thread, which ends
+    /// with the store. Fails only on a URL that cannot be Redis; an
+    /// unreachable server is logged and retried.
     pub fn join_cluster(self: &Arc<Self>, listener: &str, spec: &ClusterSpec) -> anyhow::Result<()> {
         let client = redis::Client::open(spec.url.as_str()).with_context(|| format!("state redis {:?}", spec.url))?;
-        let cluster = Arc::new(Cluster {
-            gateways: AtomicU32::new(1),
-            // Until the first flush says otherwise, as if Redis were there:
-            // a gateway starting with Redis down fails closed only once it knows.
-            up: AtomicBool::new(true),
-            fail_closed: spec.fail_closed,
-            errors: AtomicU64::new(0),
-            flushes: AtomicU64::new(0),
-        });
+        let cluster = Arc::new(Cluster::new(spec.fail_closed, 1));
         if self.cluster.set(Arc::clone(&cluster)).is_err() {
             anyhow::bail!("the listener `{listener}` already shares its state");
         }
@@ -112,6 +180,8 @@ impl State {
             id: format!("{}-{}", std::process::id(), self.seed),
             flush: spec.flush,
             listener: listener.to_string(),
+            // From the stream's start: a gateway joining learns the penalties running.
+            penalty_cursor: "0-0".to_string(),
         };
         std::thread::Builder::new()
             .name(format!("redis-{listener}"))
@@ -130,68 +200,144 @@ impl State {
         })
     }
 
-    /// Takes every dirty bucket's tokens spent since the last flush.
+    /// Takes every dirty bucket's tokens spent, and every dirty counter's
+    /// increments, since the last flush.
     fn take_dirty(&self, now: u64) -> Vec<Flush> {
         let mut flushes = Vec::new();
         for shard in &self.shards {
             let mut inner = lock(shard);
             let dirty = std::mem::take(&mut inner.dirty);
-            for (hash, key) in dirty {
-                let Some(entry) = inner.find(hash, Space::Bucket, &key, now) else {
+            for (space, hash, key) in dirty {
+                let Some(entry) = inner.find(hash, space, &key, now) else {
                     continue;
                 };
-                let mut b = Bucket::read(&entry.value);
-                // How long an empty bucket takes to fill: the total must last that long.
-                let refill = interval(b.rate).saturating_mul(u128::from(b.burst)) / 1_000_000;
+                entry.dirty = false;
+                let (sent, ttl_ms) = match space {
+                    Space::Bucket => {
+                        let mut b = Bucket::read(&entry.value);
+                        // How long an empty bucket takes to fill: the total must last that long.
+                        let refill = interval(b.rate).saturating_mul(u128::from(b.burst)) / 1_000_000;
+                        let sent = b.pending;
+                        b.pending = 0;
+                        entry.value.copy_from_slice(&b.bytes());
+                        (i64::from(sent), Some(u64::try_from(refill).unwrap_or(u64::MAX)))
+                    }
+                    Space::Value => {
+                        let sent = std::mem::take(&mut entry.pending);
+                        let left = (entry.until != NEVER).then(|| (entry.until - now).div_ceil(NS_PER_MS));
+                        (sent, left)
+                    }
+                    Space::Penalty => continue,
+                };
                 flushes.push(Flush {
+                    space,
                     hash,
                     key,
-                    sent: b.pending,
-                    refill_ms: u64::try_from(refill).unwrap_or(u64::MAX),
+                    sent,
+                    ttl_ms,
                 });
-                b.pending = 0;
-                entry.value.copy_from_slice(&b.bytes());
-                entry.dirty = false;
             }
         }
         flushes
     }
 
-    /// Debits each flushed bucket with what the other gateways spent, given
-    /// the cluster-wide totals Redis returned.
-    fn apply(&self, flushes: &[Flush], totals: &[u64], now: u64) {
-        let now128 = u128::from(now);
-        for (f, &total) in flushes.iter().zip(totals) {
+    /// Puts back what a failed flush took, to be sent with the next one.
+    fn give_back(&self, flushes: Vec<Flush>, now: u64) {
+        for f in flushes {
             let mut inner = lock(&self.shards[self.shard_index(f.hash)]);
-            let Some(entry) = inner.find(f.hash, Space::Bucket, &f.key, now) else {
+            let Some(entry) = inner.find(f.hash, f.space, &f.key, now) else {
                 continue;
             };
+            match f.space {
+                Space::Bucket => {
+                    let mut b = Bucket::read(&entry.value);
+                    b.pending = b.pending.saturating_add(u32::try_from(f.sent).unwrap_or(0));
+                    entry.value.copy_from_slice(&b.bytes());
+                }
+                Space::Value => entry.pending = entry.pending.saturating_add(f.sent),
+                Space::Penalty => continue,
+            }
+            if !std::mem::replace(&mut entry.dirty, true) {
+                inner.dirty.push((f.space, f.hash, f.key));
+            }
+        }
+    }
+
+    /// Brings each flushed key up to the cluster: a bucket is debited with
+    /// what the other gateways spent, a counter takes the cluster's sum (and
+    /// the cluster's expiry, so that every gateway counts the same window).
+    fn apply(&self, flushes: &[Flush], totals: &[Total], now: u64) {
+        let now128 = u128::from(now);
+        for (f, total) in flushes.iter().zip(totals) {
+            let Some((total, left_ms)) = *total else { continue };
+            let mut inner = lock(&self.shards[self.shard_index(f.hash)]);
+            let Some(entry) = inner.find(f.hash, f.space, &f.key, now) else {
+                continue;
+            };
+            if f.space == Space::Value {
+                // Added here since the flush was taken, on top of the cluster's sum.
+                let sum = total.saturating_add(entry.pending).max(COUNTER_MIN);
+                if let Ok(bytes) = <&mut [u8; 8]>::try_from(&mut *entry.value) {
+                    *bytes = sum.to_le_bytes();
+                }
+                if left_ms > 0 {
+                    entry.until = now.saturating_add((left_ms as u64).saturating_mul(NS_PER_MS));
+                }
+                continue;
+            }
+            let total = u64::try_from(total).unwrap_or(0);
             let mut b = Bucket::read(&entry.value);
             let step = interval(b.rate);
-            if b.seen == UNSEEN {
+            let tolerance = step.saturating_mul(u128::from(b.burst));
+            let empty = now128.saturating_add(tolerance);
+            let sent = u64::try_from(f.sent).unwrap_or(0);
+            // The others' spending may put the bucket in debt (they spent
+            // tokens it counted as refilled), by one burst at most: tokens
+            // spent long ago (say, while Redis was down) have come back since.
+            let mut most = empty.saturating_add(tolerance);
+            let foreign = if b.seen == UNSEEN {
+                // Before the first flush, spending is history: empty at most.
+                most = empty;
                 // The share held back for the others is given back, and
-                // everything they spent before this first flush taken: at most
-                // it empties the bucket (tokens spent long ago have come back).
+                // everything they spent before this first flush taken.
                 b.tat = b
                     .tat
                     .saturating_sub(u128::from(b.held).saturating_mul(step))
                     .max(now128.min(b.tat));
                 b.held = 0;
-                let foreign = u128::from(total.saturating_sub(u64::from(f.sent)));
-                let empty = now128.saturating_add(step.saturating_mul(u128::from(b.burst)));
-                if b.tat < empty {
-                    b.tat = b.tat.saturating_add(foreign.saturating_mul(step)).min(empty);
-                }
+                total.saturating_sub(sent)
             } else {
                 // A total below what was seen: the Redis key expired or was reset.
-                let foreign = total.saturating_sub(b.seen.saturating_add(u64::from(f.sent)));
-                b.tat = b.tat.saturating_add(u128::from(foreign).saturating_mul(step));
+                total.saturating_sub(b.seen.saturating_add(sent))
+            };
+            if b.tat < most {
+                b.tat = b.tat.saturating_add(u128::from(foreign).saturating_mul(step)).min(most);
             }
             b.seen = total;
-            entry.expires = b.expires();
             entry.value.copy_from_slice(&b.bytes());
         }
     }
+
+    /// A penalty (or its lifting) another gateway published.
+    fn learn_penalty(&self, key: &[u8], until_unix_ms: u64, now: u64) {
+        let ttl_ms = match until_unix_ms {
+            0 => 0,
+            until => match until.checked_sub(unix_ms()) {
+                Some(left) if left > 0 => i64::try_from(left).unwrap_or(i64::MAX),
+                _ => return, // over already
+            },
+        };
+        if super::check_key(key).is_ok() {
+            // Full: the penalty is not kept here, as a local one would not be.
+            let _ = self.penalize_here(key, ttl_ms, now);
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 struct Flusher {
@@ -203,10 +349,19 @@ struct Flusher {
     id: String,
     flush: Duration,
     listener: String,
+    /// The last penalty read from the stream.
+    penalty_cursor: String,
+}
+
+/// What one exchange brought back.
+struct Exchanged {
+    totals: Vec<Total>,
+    penalties: Vec<(Box<[u8]>, u64)>,
+    gateways: u32,
 }
 
 impl Flusher {
-    fn run(self) {
+    fn run(mut self) {
         let mut connection: Option<redis::Connection> = None;
         let mut next_try = Instant::now();
         loop {
@@ -214,8 +369,6 @@ impl Flusher {
             let Some(state) = self.state.upgrade() else {
                 return; // the listener is gone
             };
-            let now = state.now();
-            let flushes = state.take_dirty(now);
             if connection.is_none() && Instant::now() >= next_try {
                 match self.connect() {
                     Ok(c) => connection = Some(c),
@@ -225,24 +378,33 @@ impl Flusher {
                     }
                 }
             }
-            // Unreachable: what was spent here is not told (the others
-            // under-count it), and each gateway limits alone or denies.
+            // Unreachable: what is spent here stays pending (each gateway
+            // limits alone or denies meanwhile) and goes with the next flush.
             let Some(c) = connection.as_mut() else { continue };
-            match self.exchange(c, &flushes) {
-                Ok((totals, gateways)) => {
-                    state.apply(&flushes, &totals, state.now());
-                    self.cluster.gateways.store(gateways, Relaxed);
+            let now = state.now();
+            let flushes = state.take_dirty(now);
+            let penalties = self.cluster.take_penalties();
+            match self.exchange(c, &flushes, &penalties) {
+                Ok(back) => {
+                    let now = state.now();
+                    state.apply(&flushes, &back.totals, now);
+                    for (key, until) in &back.penalties {
+                        state.learn_penalty(key, *until, now);
+                    }
+                    self.cluster.gateways.store(back.gateways, Relaxed);
                     self.cluster.flushes.fetch_add(1, Relaxed);
                     if !self.cluster.up.swap(true, Relaxed) {
                         tracing::info!(
                             listener = self.listener,
                             redis = self.url,
-                            gateways,
-                            "state: Redis is back; limits are shared again"
+                            gateways = back.gateways,
+                            "state: Redis is back; limits, counters and penalties are shared again"
                         );
                     }
                 }
                 Err(e) => {
+                    state.give_back(flushes, state.now());
+                    self.cluster.give_back_penalties(penalties);
                     connection = None;
                     next_try = Instant::now() + RETRY;
                     self.down(&e);
@@ -275,25 +437,73 @@ impl Flusher {
         }
     }
 
-    /// One pipeline: each bucket's spending added to its total (which comes
-    /// back), and this gateway's heartbeat, which gives the gateway count.
-    fn exchange(&self, c: &mut redis::Connection, flushes: &[Flush]) -> redis::RedisResult<(Vec<u64>, u32)> {
+    fn key(&self, kind: &str, key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.prefix.len() + kind.len() + key.len());
+        k.extend_from_slice(self.prefix.as_bytes());
+        k.extend_from_slice(kind.as_bytes());
+        k.extend_from_slice(key);
+        k
+    }
+
+    /// One pipeline: each bucket's spending and each counter's increments
+    /// added to their totals (which come back), the penalties set here
+    /// published and the others' read, and this gateway's heartbeat, which
+    /// gives the gateway count.
+    fn exchange(
+        &mut self,
+        c: &mut redis::Connection,
+        flushes: &[Flush],
+        penalties: &[(Box<[u8]>, u64)],
+    ) -> redis::RedisResult<Exchanged> {
         let mut pipe = redis::pipe();
         for f in flushes {
-            let mut key = Vec::with_capacity(self.prefix.len() + 6 + f.key.len());
-            key.extend_from_slice(self.prefix.as_bytes());
-            key.extend_from_slice(b"limit:");
-            key.extend_from_slice(&f.key);
-            pipe.cmd("INCRBY").arg(&key).arg(f.sent);
-            // The total outlives every gateway's bucket for the key: a bucket
-            // lasts until it is full again.
-            let ttl_ms = f.refill_ms.saturating_add(60_000).min(86_400_000);
-            pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+            match f.space {
+                Space::Bucket => {
+                    let key = self.key("limit:", &f.key);
+                    pipe.cmd("INCRBY").arg(&key).arg(f.sent);
+                    // The total outlives every gateway's bucket for the key: a
+                    // bucket lasts until it is full again.
+                    let ttl_ms = f.ttl_ms.unwrap_or(0).saturating_add(60_000).min(86_400_000);
+                    pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+                }
+                _ => {
+                    // The first gateway to flush a counter starts its window.
+                    let key = self.key("count:", &f.key);
+                    let set = pipe.cmd("SET").arg(&key).arg(0).arg("NX");
+                    if let Some(ttl_ms) = f.ttl_ms {
+                        set.arg("PX").arg(ttl_ms.max(1));
+                    }
+                    set.ignore();
+                    pipe.cmd("INCRBY").arg(&key).arg(f.sent);
+                    pipe.cmd("PTTL").arg(&key);
+                }
+            }
         }
+        let stream = format!("{}penalties", self.prefix);
+        for (key, until) in penalties {
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(PENALTY_LOG)
+                .arg("*")
+                .arg("k")
+                .arg(&**key)
+                .arg("u")
+                .arg(*until)
+                .ignore();
+        }
+        if !penalties.is_empty() {
+            pipe.cmd("PEXPIRE").arg(&stream).arg(86_400_000).ignore();
+        }
+        pipe.cmd("XREAD")
+            .arg("COUNT")
+            .arg(PENALTY_READ)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(&self.penalty_cursor);
         let members = format!("{}gateways", self.prefix);
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = unix_ms();
         pipe.cmd("ZADD").arg(&members).arg(now_ms).arg(&self.id).ignore();
         pipe.cmd("ZREMRANGEBYSCORE")
             .arg(&members)
@@ -305,10 +515,88 @@ impl Flusher {
             .arg(HEARTBEAT.as_millis() as u64 * 2)
             .ignore();
         pipe.cmd("ZCARD").arg(&members);
-        let mut replies: Vec<u64> = pipe.query(c)?;
-        let gateways = replies.pop().unwrap_or(1);
-        Ok((replies, u32::try_from(gateways).unwrap_or(u32::MAX)))
+
+        let replies: Vec<Value> = pipe.query(c)?;
+        let mut replies = replies.into_iter();
+        let mut totals = Vec::with_capacity(flushes.len());
+        for f in flushes {
+            let total = int(replies.next());
+            totals.push(match f.space {
+                Space::Bucket => total.map(|t| (t, -1)),
+                _ => total.zip(int(replies.next())),
+            });
+        }
+        let read = replies.next();
+        let gateways = int(replies.next()).unwrap_or(1);
+        let mut learned = Vec::new();
+        if let Some(last) = stream_entries(read, &mut learned) {
+            self.penalty_cursor = last;
+        }
+        Ok(Exchanged {
+            totals,
+            penalties: learned,
+            gateways: u32::try_from(gateways.max(1)).unwrap_or(u32::MAX),
+        })
     }
+}
+
+/// An integer reply; `None` for an error or anything else.
+fn int(value: Option<Value>) -> Option<i64> {
+    match value? {
+        Value::Int(n) => Some(n),
+        Value::BulkString(b) => std::str::from_utf8(&b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// The penalties in an `XREAD` reply (`[[stream, [[id, [k, KEY, u, UNTIL]], …]]]`,
+/// or nil when there is nothing new), pushed onto `out`; the last entry's ID.
+/// An entry that is not ours (a field missing, a bad number) is skipped.
+fn stream_entries(reply: Option<Value>, out: &mut Vec<(Box<[u8]>, u64)>) -> Option<String> {
+    let Some(Value::Array(streams)) = reply else {
+        return None;
+    };
+    let mut last = None;
+    for stream in streams {
+        let Value::Array(mut pair) = stream else { continue };
+        let Some(Value::Array(entries)) = pair.pop() else {
+            continue;
+        };
+        for entry in entries {
+            let Value::Array(parts) = entry else { continue };
+            let [id, Value::Array(fields)] = parts.as_slice() else {
+                continue;
+            };
+            let Some(id) = text(id).and_then(|id| std::str::from_utf8(id).ok()) else {
+                continue;
+            };
+            last = Some(id.to_string());
+            let (mut key, mut until) = (None, None);
+            for field in fields.chunks_exact(2) {
+                match text(&field[0]) {
+                    Some(b"k") => key = text(&field[1]),
+                    Some(b"u") => {
+                        until = text(&field[1])
+                            .and_then(|u| std::str::from_utf8(u).ok())
+                            .and_then(|u| u.parse::<u64>().ok())
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(key), Some(until)) = (key, until) {
+                out.push((key.into(), until));
+            }
+        }
+    }
+    last
 }
 
 #[cfg(test)]
@@ -323,27 +611,21 @@ mod tests {
     /// A store in a cluster of `gateways`, with no flusher: the test flushes.
     fn member(gateways: u32) -> State {
         let state = State::new(StateLimits::default());
-        let cluster = Arc::new(Cluster {
-            gateways: AtomicU32::new(gateways),
-            up: AtomicBool::new(true),
-            fail_closed: false,
-            errors: AtomicU64::new(0),
-            flushes: AtomicU64::new(0),
-        });
+        let cluster = Arc::new(Cluster::new(false, gateways));
         state.cluster.set(cluster).unwrap();
         state
     }
 
     /// One flush of every store, in turn, through a map standing for Redis.
-    fn flush_all(stores: &[State], redis: &mut HashMap<Vec<u8>, u64>, now: u64) {
+    fn flush_all(stores: &[State], redis: &mut HashMap<Vec<u8>, i64>, now: u64) {
         for s in stores {
             let flushes = s.take_dirty(now);
-            let totals: Vec<u64> = flushes
+            let totals: Vec<Total> = flushes
                 .iter()
                 .map(|f| {
                     let total = redis.entry(f.key.to_vec()).or_default();
-                    *total += u64::from(f.sent);
-                    *total
+                    *total += f.sent;
+                    Some((*total, -1))
                 })
                 .collect();
             s.apply(&flushes, &totals, now);
@@ -364,6 +646,72 @@ mod tests {
             }
         }
         allowed
+    }
+
+    #[test]
+    fn counters_add_up_across_gateways_and_take_the_clusters_window() {
+        let stores = [member(2), member(2)];
+        let mut redis = HashMap::new();
+        assert_eq!(stores[0].incr(b"hits", 3, 10_000, 0), Ok(3));
+        assert_eq!(stores[1].incr(b"hits", 4, 10_000, 0), Ok(4));
+        flush_all(&stores, &mut redis, MS);
+        // The first to flush knew only its own; the second already the sum.
+        assert_eq!(stores[1].incr(b"hits", 1, 10_000, 2 * MS), Ok(8));
+        // A gateway is brought up to the sum at the flush after it touched
+        // the counter (an increment of 0 reads it and asks).
+        assert_eq!(stores[0].incr(b"hits", 0, 10_000, 2 * MS), Ok(3));
+        flush_all(&stores, &mut redis, 3 * MS);
+        // It flushed before the other's +1 reached Redis.
+        assert_eq!(stores[0].incr(b"hits", 0, 10_000, 3 * MS), Ok(7));
+        flush_all(&stores, &mut redis, 4 * MS);
+        assert_eq!(stores[0].incr(b"hits", 0, 10_000, 4 * MS), Ok(8));
+        assert_eq!(redis[&b"hits"[..]], 8);
+        // Incremented between a flush's take and its answer: kept on top.
+        let flushes = stores[0].take_dirty(5 * MS);
+        assert_eq!(stores[0].incr(b"hits", 2, 10_000, 5 * MS), Ok(10));
+        stores[0].apply(&flushes, &[Some((8, 9_000))], 6 * MS);
+        assert_eq!(stores[0].incr(b"hits", 0, 10_000, 6 * MS), Ok(10));
+        // The cluster's window: 9 s left at 6 ms, so gone at 9.006 s, not 10 s.
+        assert_eq!(stores[0].incr(b"hits", 0, 10_000, 9_007 * MS), Ok(0));
+    }
+
+    #[test]
+    fn what_a_failed_flush_took_is_sent_with_the_next() {
+        let stores = [member(2), member(2)];
+        let mut redis = HashMap::new();
+        for _ in 0..5 {
+            stores[0].incr(b"n", 1, 0, 0).unwrap();
+            stores[0].limit(b"k", 0, 100, 0).unwrap();
+        }
+        let lost = stores[0].take_dirty(MS);
+        assert_eq!(lost.len(), 2);
+        stores[0].give_back(lost, MS);
+        stores[0].incr(b"n", 1, 0, MS).unwrap();
+        flush_all(&stores, &mut redis, 2 * MS);
+        assert_eq!(redis[&b"n"[..]], 6);
+        assert_eq!(redis[&b"k"[..]], 5);
+        assert_eq!(stores[1].incr(b"n", 0, 0, 3 * MS), Ok(0), "not flushed to it yet");
+        flush_all(&stores, &mut redis, 3 * MS);
+        assert_eq!(stores[1].incr(b"n", 0, 0, 4 * MS), Ok(6));
+    }
+
+    #[test]
+    fn the_others_spending_puts_a_bucket_one_burst_in_debt_at_most() {
+        let stores = [member(2), member(2)];
+        let mut redis = HashMap::new();
+        stores[0].limit(b"k", 10, 10, 0).unwrap();
+        flush_all(&stores, &mut redis, MS);
+        // Another gateway spent 1,000 tokens while this one was cut off.
+        redis.insert(b"k".to_vec(), 1_001);
+        stores[0].limit(b"k", 10, 10, 2 * MS).unwrap();
+        flush_all(&stores[..1], &mut redis, 3 * MS);
+        // One burst in debt: empty for a second, full a second later (and
+        // forgotten: it starts again with its share, 5), not 100 s later.
+        assert_eq!(stores[0].limit(b"k", 10, 10, 1_000 * MS), Ok(false));
+        let refilled: u64 = (0..20)
+            .map(|_| u64::from(stores[0].limit(b"k", 10, 10, 2_100 * MS) == Ok(true)))
+            .sum();
+        assert_eq!(refilled, 5);
     }
 
     #[test]

@@ -125,10 +125,14 @@ struct Entry {
     key: Box<[u8]>,
     /// A value's bytes; a bucket's [`Bucket`].
     value: Box<[u8]>,
-    /// Nanoseconds on the store's clock; [`NEVER`] without a TTL.
-    expires: u64,
-    /// A bucket with something to tell the cluster (in the shard's `dirty` list).
+    /// Nanoseconds on the store's clock; [`NEVER`] without a TTL. A bucket's
+    /// is its arrival time, read from its value (see [`Entry::expires`]).
+    until: u64,
+    /// A bucket or counter with something to tell the cluster (in the
+    /// shard's `dirty` list).
     dirty: bool,
+    /// A counter's increments here since the last flush (cluster scope only).
+    pending: i64,
 }
 
 /// A token bucket as a GCRA theoretical arrival time, and what the cluster
@@ -204,8 +208,19 @@ impl Entry {
         self.key.len() + self.value.len() + ENTRY_OVERHEAD
     }
 
+    /// When the entry goes. A bucket goes when it is full again: its arrival
+    /// time, kept only in its value, so that `limit` writes one line of
+    /// memory (the value's) and not also the table slot, whose neighbours
+    /// are other workers' keys.
+    fn expires(&self) -> u64 {
+        match self.space {
+            Space::Bucket => u64::try_from(Bucket::tat_of(&self.value)).unwrap_or(NEVER),
+            Space::Value | Space::Penalty => self.until,
+        }
+    }
+
     fn live(&self, now: u64) -> bool {
-        self.expires > now
+        self.expires() > now
     }
 }
 
@@ -222,8 +237,8 @@ struct Inner {
     evictions: u64,
     allowed: u64,
     denied: u64,
-    /// Buckets to flush to the cluster (with a cluster scope only).
-    dirty: Vec<(u64, Box<[u8]>)>,
+    /// Buckets and counters to flush to the cluster (with a cluster scope only).
+    dirty: Vec<(Space, u64, Box<[u8]>)>,
 }
 
 /// What a store holds and has done, for metrics.
@@ -336,19 +351,49 @@ impl State {
     /// Adds `delta` to the counter at `key` (saturating) and returns the sum.
     /// A missing key starts at 0 and expires after `ttl_ms` (0 or less: never);
     /// an existing one keeps its expiry, so a counter with a TTL counts a window.
+    ///
+    /// With a cluster scope, the increments are also added up across the
+    /// gateways: the sum includes what the others had added at the last flush.
     pub fn incr(&self, key: &[u8], delta: i64, ttl_ms: i64, now: u64) -> Result<i64, StateError> {
         check_key(key)?;
+        let shared = self.cluster.get().is_some();
         let (hash, mut shard) = self.shard(Space::Value, key);
-        if let Some(entry) = shard.find(hash, Space::Value, key, now) {
-            let bytes: &mut [u8; 8] = (&mut *entry.value).try_into().map_err(|_| StateError::NotACounter)?;
-            let sum = i64::from_le_bytes(*bytes).saturating_add(delta).max(COUNTER_MIN);
-            *bytes = sum.to_le_bytes();
-            return Ok(sum);
+        let (sum, newly_dirty) = match shard.find(hash, Space::Value, key, now) {
+            Some(entry) => {
+                let bytes: &mut [u8; 8] = (&mut *entry.value).try_into().map_err(|_| StateError::NotACounter)?;
+                let sum = i64::from_le_bytes(*bytes).saturating_add(delta).max(COUNTER_MIN);
+                *bytes = sum.to_le_bytes();
+                if !shared {
+                    return Ok(sum);
+                }
+                entry.pending = entry.pending.saturating_add(delta);
+                (sum, !std::mem::replace(&mut entry.dirty, true))
+            }
+            None => {
+                let delta = delta.max(COUNTER_MIN);
+                self.put(
+                    &mut shard,
+                    hash,
+                    Space::Value,
+                    key,
+                    &delta.to_le_bytes(),
+                    expiry(now, ttl_ms),
+                    now,
+                )?;
+                if !shared {
+                    return Ok(delta);
+                }
+                if let Some(entry) = shard.find(hash, Space::Value, key, now) {
+                    entry.pending = delta;
+                    entry.dirty = true;
+                }
+                (delta, true)
+            }
+        };
+        if newly_dirty {
+            shard.dirty.push((Space::Value, hash, key.into()));
         }
-        let expires = expiry(now, ttl_ms);
-        let delta = delta.max(COUNTER_MIN);
-        self.put(&mut shard, hash, Space::Value, key, &delta.to_le_bytes(), expires, now)?;
-        Ok(delta)
+        Ok(sum)
     }
 
     /// Sets `key` to `value` only if it holds `expected` now (`None`: only if
@@ -400,7 +445,6 @@ impl State {
                 let allowed = next - now128 <= tolerance;
                 if allowed {
                     entry.value[..16].copy_from_slice(&next.to_le_bytes());
-                    entry.expires = u64::try_from(next).unwrap_or(NEVER);
                 }
                 let newly_dirty = match cluster {
                     None => false,
@@ -415,7 +459,8 @@ impl State {
                 (allowed, newly_dirty)
             }
             None => {
-                let held = cluster.map_or(0, |c| burst - burst.div_ceil(c.gateways()));
+                // Alone (no cluster, or Redis down and failing open), the whole burst.
+                let held = cluster.map_or(0, |c| burst - burst.div_ceil(c.sharing()));
                 let start = now128 + u128::from(held) * interval;
                 let next = start + interval;
                 let allowed = next - now128 <= tolerance;
@@ -439,7 +484,7 @@ impl State {
             }
         };
         if newly_dirty {
-            shard.dirty.push((hash, key.into()));
+            shard.dirty.push((Space::Bucket, hash, key.into()));
         }
         if allowed {
             shard.allowed += 1;
@@ -450,9 +495,19 @@ impl State {
     }
 
     /// Marks `key` penalized for `ttl_ms` (0 or less lifts the penalty). A
-    /// penalty already running longer is kept.
+    /// penalty already running longer is kept. With a cluster scope, the
+    /// other gateways learn it at their next flush.
     pub fn penalize(&self, key: &[u8], ttl_ms: i64, now: u64) -> Result<(), StateError> {
         check_key(key)?;
+        self.penalize_here(key, ttl_ms, now)?;
+        if let Some(cluster) = self.cluster.get() {
+            cluster.publish_penalty(key, ttl_ms);
+        }
+        Ok(())
+    }
+
+    /// [`State::penalize`] on this gateway only.
+    fn penalize_here(&self, key: &[u8], ttl_ms: i64, now: u64) -> Result<(), StateError> {
         let (hash, mut shard) = self.shard(Space::Penalty, key);
         if ttl_ms <= 0 {
             shard.remove(hash, Space::Penalty, key);
@@ -460,7 +515,7 @@ impl State {
         }
         let expires = expiry(now, ttl_ms);
         if let Some(entry) = shard.find(hash, Space::Penalty, key, now) {
-            entry.expires = entry.expires.max(expires);
+            entry.until = entry.until.max(expires);
             return Ok(());
         }
         self.put(&mut shard, hash, Space::Penalty, key, &[], expires, now)
@@ -551,7 +606,7 @@ impl State {
                 } else {
                     entry.value = value.into();
                 }
-                entry.expires = expires;
+                entry.until = expires;
                 shard.bytes = shard.bytes - old + size;
             }
             Slot::Vacant(v) => {
@@ -560,9 +615,10 @@ impl State {
                     space,
                     key: key.into(),
                     value: value.into(),
-                    expires,
+                    until: expires,
                     // A bucket made in a cluster has its first flush to come.
                     dirty: space == Space::Bucket && self.cluster.get().is_some(),
+                    pending: 0,
                 });
                 shard.bytes += size;
             }
@@ -619,8 +675,9 @@ impl Inner {
         let mut by_expiry: Vec<(u64, usize)> = self
             .table
             .iter()
-            .filter(|e| e.expires != NEVER && !is_protected(e))
-            .map(|e| (e.expires, e.size()))
+            .map(|e| (e.expires(), e))
+            .filter(|&(expires, e)| expires != NEVER && !is_protected(e))
+            .map(|(expires, e)| (expires, e.size()))
             .collect();
         by_expiry.sort_unstable_by_key(|&(expires, _)| expires);
         // The latest expiry that must go for the rest to fit (ties go together).
@@ -637,7 +694,7 @@ impl Inner {
         if let Some(cut) = cut {
             let (mut evicted, mut freed) = (0, 0);
             self.table.retain(|e| {
-                let evict = e.expires <= cut && !is_protected(e);
+                let evict = e.expires() <= cut && !is_protected(e);
                 if evict {
                     evicted += 1;
                     freed += e.size();
