@@ -307,11 +307,8 @@ fn peer(mut caller: Caller<'_, HostState>, ptr: i32, cap: i32) -> wasmtime::Resu
     let Some(addr) = caller.data().peer else {
         return Ok(0);
     };
-    // "[" + 45-char IPv6 + "%" + 10-digit scope + "]:" + 5-digit port fits in 64 bytes.
     let mut buf = [0u8; 64];
-    let mut cursor = &mut buf[..];
-    write!(cursor, "{addr}")?;
-    let len = 64 - cursor.len();
+    let len = peer_text(&addr, &mut buf)?;
     if len <= cap as u32 as usize {
         let mem = memory(&mut caller, "peer")?;
         if mem.write(&mut caller, ptr as u32 as usize, &buf[..len]).is_err() {
@@ -322,6 +319,50 @@ fn peer(mut caller: Caller<'_, HostState>, ptr: i32, cap: i32) -> wasmtime::Resu
         }
     }
     Ok(len as i32)
+}
+
+/// Writes `addr` as `SocketAddr`'s `Display` does, into `buf`; its length.
+/// IPv4, by far the most common, by hand: the formatting machinery costs
+/// more than the rest of the call, and guests ask on every datagram.
+fn peer_text(addr: &SocketAddr, buf: &mut [u8; 64]) -> std::io::Result<usize> {
+    /// `n` in decimal at `buf[at..]`; where it ends.
+    fn decimal(buf: &mut [u8], at: usize, n: u16) -> usize {
+        let mut digits = [0u8; 5];
+        let (mut n, mut len) = (n, 0);
+        loop {
+            digits[len] = b'0' + (n % 10) as u8;
+            len += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for (i, d) in digits[..len].iter().rev().enumerate() {
+            buf[at + i] = *d;
+        }
+        at + len
+    }
+    match addr {
+        SocketAddr::V4(v4) => {
+            // At most "255.255.255.255:65535", 21 bytes.
+            let mut at = 0;
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[at] = b'.';
+                    at += 1;
+                }
+                at = decimal(buf, at, u16::from(octet));
+            }
+            buf[at] = b':';
+            Ok(decimal(buf, at + 1, v4.port()))
+        }
+        SocketAddr::V6(_) => {
+            // "[" + 45-char IPv6 + "%" + 10-digit scope + "]:" + 5-digit port fits in 64 bytes.
+            let mut cursor = &mut buf[..];
+            write!(cursor, "{addr}")?;
+            Ok(64 - cursor.len())
+        }
+    }
 }
 
 /// The bytes at `ptr..ptr+len` of guest memory, or a trap naming the call and region.
@@ -463,6 +504,35 @@ fn assemblyscript_string(data: &[u8], ptr: i32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_is_what_display_writes() {
+        let addrs = [
+            "0.0.0.0:0",
+            "127.0.0.1:53",
+            "10.20.30.40:8080",
+            "255.255.255.255:65535",
+            "1.2.3.4:5",
+            "[::1]:53",
+            "[fe80::1%4294967295]:65535",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:1",
+        ];
+        for text in addrs {
+            let addr: SocketAddr = text.parse().unwrap();
+            let mut buf = [0u8; 64];
+            let len = peer_text(&addr, &mut buf).unwrap();
+            assert_eq!(std::str::from_utf8(&buf[..len]).unwrap(), addr.to_string());
+        }
+        // Every digit count of an octet and of a port.
+        for octet in [0u8, 9, 10, 99, 100, 255] {
+            for port in [0u16, 9, 10, 99, 100, 999, 1000, 9999, 10000, 65535] {
+                let addr = SocketAddr::from(([octet, 255 - octet, octet / 2, 1], port));
+                let mut buf = [0u8; 64];
+                let len = peer_text(&addr, &mut buf).unwrap();
+                assert_eq!(std::str::from_utf8(&buf[..len]).unwrap(), addr.to_string());
+            }
+        }
+    }
 
     fn utf16_object(at: usize, text: &str) -> Vec<u8> {
         let mut mem = vec![0u8; at];

@@ -40,8 +40,13 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     if q.response {
         return Reply::Nothing; // answering a response could start a loop
     }
+    // The client's address, asked once: its IP keys the bucket, the whole of
+    // it the pending query.
     let mut peer = [0u8; 64];
-    let Some(ip) = ctx.peer_text(&mut peer).and_then(client_ip) else {
+    let Some(client) = ctx.peer_text(&mut peer) else {
+        return Reply::Nothing;
+    };
+    let Some(ip) = client_ip(client) else {
         return Reply::Nothing;
     };
     let ip = ip.as_bytes();
@@ -54,7 +59,7 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
         return Reply::Send(answer_here(datagram, q.end, REFUSED));
     }
     let mut key = [0u8; MATCH_KEY];
-    let key = pending_key(ctx, datagram, &q, &mut key);
+    let key = match_key(client.as_bytes(), datagram, &q, &mut key);
     match ctx.forward(POOL, datagram) {
         Ok(()) => {
             pending_table().remember(key);
