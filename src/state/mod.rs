@@ -230,13 +230,18 @@ struct Shard {
     inner: Mutex<Inner>,
 }
 
+/// Laid out so that what `limit` writes on every call (the lock, before it,
+/// and the counts) shares the table's header in one cache line: two workers
+/// on different keys of one shard then move one line between their cores,
+/// not two.
 #[derive(Default)]
+#[repr(C)]
 struct Inner {
     table: HashTable<Entry>,
-    bytes: usize,
-    evictions: u64,
     allowed: u64,
     denied: u64,
+    bytes: usize,
+    evictions: u64,
     /// Buckets and counters to flush to the cluster (with a cluster scope only).
     dirty: Vec<(Space, u64, Box<[u8]>)>,
 }
@@ -952,6 +957,19 @@ mod tests {
             .collect();
         let allowed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
         assert_eq!(allowed, 1234);
+    }
+
+    #[test]
+    fn what_limit_writes_shares_the_locks_cache_line() {
+        let shard = Shard {
+            inner: Mutex::new(Inner::default()),
+        };
+        let base = &shard as *const Shard as usize;
+        let inner = &*lock(&shard) as *const Inner as usize - base;
+        // std's mutex keeps its lock word before the data.
+        assert!((1..=8).contains(&inner), "the data starts at byte {inner}");
+        let end = inner + std::mem::offset_of!(Inner, denied) + 8;
+        assert!(end <= 64, "the counts end at byte {end} of the shard");
     }
 
     #[test]
