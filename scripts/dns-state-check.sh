@@ -104,5 +104,9 @@ ask EXAMPLE.org A | grep -q "^EXAMPLE.org.*IN.*A.*192.0.2.10" || fail "dns-cache
 for _ in $(seq 5); do ask +short example.org A >/dev/null; done
 scrape | grep -q '^wasmgate_datagrams_forwarded_total{listener="dns"} 1$' || fail "dns-cache: the resolver was asked more than once"
 scrape | grep -q '^wasmgate_state_entries{listener="dns"} 1$' || fail "dns-cache: not one cached answer in the state"
-say "dns-cache: seven queries, one reached the resolver; the others were answered from the cache"
+sleep 2
+ttl=$(ask +noall +answer example.org A | awk '{print $2}')
+[ -n "$ttl" ] && [ "$ttl" -ge 55 ] && [ "$ttl" -le 58 ] \
+  || fail "dns-cache: after 2 s in the cache the TTL is ${ttl:-missing}, not 60 less the seconds it was kept"
+say "dns-cache: seven queries, one reached the resolver; the others were answered from the cache, aged (TTL $ttl of 60)"
 say "ok"

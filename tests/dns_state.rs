@@ -107,6 +107,7 @@ fn a_cached_answer_is_served_to_any_client_without_the_resolver_until_its_ttl() 
         assert_eq!(addresses(&reply), ["192.0.2.10"]);
     }
     assert_eq!(gateway.stats().forwarded, 1, "six answers from the cache");
+    assert_eq!(reply_ttls(&dns_ask(&first, to, &query("example.org.", 9))), [60]);
     // A TTL of 1 s: cached, then gone.
     dns_ask(&first, to, &query("short.example.org.", 2));
     dns_ask(&first, to, &query("short.example.org.", 3));
@@ -115,10 +116,22 @@ fn a_cached_answer_is_served_to_any_client_without_the_resolver_until_its_ttl() 
     let reply = dns_ask(&first, to, &query("short.example.org.", 4));
     assert_eq!(addresses(&reply), ["192.0.2.11"]);
     assert_eq!(gateway.stats().forwarded, 3, "expired: asked again");
+    // Served from the cache a second later, the answer has aged a second.
+    let aged = reply_ttls(&dns_ask(&first, to, &query("example.org.", 10)));
+    assert!(
+        aged.len() == 1 && (57..=59).contains(&aged[0]),
+        "the TTL less the whole seconds in the cache: {aged:?}"
+    );
+    assert_eq!(gateway.stats().forwarded, 3);
     // Names the resolver refuses are not cached.
     for id in 5..7 {
         let reply = dns_ask(&first, to, &query("elsewhere.test.", id));
         assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
     }
     assert_eq!(gateway.stats().forwarded, 5);
+}
+
+/// The TTLs of an answer's records.
+fn reply_ttls(m: &hickory_proto::op::Message) -> Vec<u32> {
+    m.answers.iter().map(|r| r.ttl).collect()
 }

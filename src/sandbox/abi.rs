@@ -97,7 +97,7 @@ pub const ON_REPLY: (&str, Signature) = (
 
 /// The functions the host offers an ABI v1 guest, as (module, name, type); a
 /// guest may import any of them. `env.abort` is what AssemblyScript imports by default.
-pub const HOST_FUNCTIONS: [(&str, &str, Signature); 15] = [
+pub const HOST_FUNCTIONS: [(&str, &str, Signature); 16] = [
     (
         HOST_MODULE,
         "log",
@@ -208,6 +208,14 @@ pub const HOST_FUNCTIONS: [(&str, &str, Signature); 15] = [
         Signature {
             params: &["i32", "i32"],
             results: &["i32"],
+        },
+    ),
+    (
+        HOST_MODULE,
+        "now_ms",
+        Signature {
+            params: &[],
+            results: &["i64"],
         },
     ),
     (

@@ -81,6 +81,7 @@ pub(crate) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(HOST_MODULE, "limit", limit)?;
     linker.func_wrap(HOST_MODULE, "penalize", penalize)?;
     linker.func_wrap(HOST_MODULE, "penalized", penalized)?;
+    linker.func_wrap(HOST_MODULE, "now_ms", now_ms)?;
     Ok(())
 }
 
@@ -232,6 +233,15 @@ fn penalized(mut caller: Caller<'_, HostState>, key_ptr: i32, key_len: i32) -> w
     let (memory, state) = mem.data_and_store_mut(&mut caller);
     let key = region(memory, key_ptr, key_len, "penalized", "the key")?;
     Ok(code(state.penalized(key)))
+}
+
+/// `now_ms() -> i64`: milliseconds on the state's clock, the one TTLs run
+/// on (monotonic and coarse; read once per datagram). Not a state call: not
+/// counted against the allowance.
+fn now_ms(mut caller: Caller<'_, HostState>) -> i64 {
+    let host = caller.data_mut();
+    let now = *host.now.get_or_insert_with(|| host.state.now());
+    (now / 1_000_000) as i64
 }
 
 #[cfg(test)]

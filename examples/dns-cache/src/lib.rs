@@ -12,18 +12,24 @@
 //!   [`MAX_TTL_S`]. The cache is the listener's shared state: every worker
 //!   fills and reads one cache, which survives module reloads; when the state
 //!   is full, the answers closest to expiry go first.
-//! - Cached answers are served with the TTLs they arrived with (the guest has
-//!   no clock to age them); a client may hold a record up to twice its TTL.
+//! - A cached answer is served with its TTLs less the seconds it has been in
+//!   the cache (`Context::now_ms`; the time it was stored is kept after the
+//!   answer), so no client holds a record past the moment its TTL allows.
+//!   Answers over [`MAX_CACHED`] bytes (rare over UDP) are passed on uncached.
 //!
 //! Build: `scripts/build-guests.sh`. Run: `wasmgate --config examples/dns-cache.toml`.
 
 #![no_std]
 
-use dns_wire::{pending_table, HEADER, MATCH_KEY, MAX_KEY, NOERROR, Question, SERVFAIL, answer_here, match_key, min_answer_ttl};
+use dns_wire::{pending_table, HEADER, MATCH_KEY, MAX_KEY, NOERROR, Question, SERVFAIL, age_ttls, answer_here, match_key, min_answer_ttl};
 use wasmgate_sdk::{Context, Reply};
 
 /// The longest an answer is cached, in seconds, whatever its TTL.
 pub const MAX_TTL_S: u32 = 3600;
+/// The largest answer cached, in bytes.
+pub const MAX_CACHED: usize = 4096;
+/// After the answer, the cache keeps when it was stored (`now_ms`, 8 bytes LE).
+const STAMP: usize = 8;
 const POOL: &str = "resolvers";
 /// Cache keys start with this byte, pending queries with a client address.
 const CACHED: u8 = b'#';
@@ -37,9 +43,17 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     }
     let mut key = [0u8; 1 + MAX_KEY];
     let key = cache_key(datagram, &q, &mut key);
-    let hit = ctx.state_get_reply(key).ok().flatten().map(|answer| answer.len());
-    if let Some(len) = hit.filter(|&len| len >= q.end) {
-        let answer = &mut ctx.reply_buffer()[..len];
+    let now = ctx.now_ms();
+    let hit = ctx.state_get_reply(key).ok().flatten().map(|value| value.len());
+    if let Some(len) = hit.filter(|&len| len >= q.end + STAMP).map(|len| len - STAMP) {
+        let buffer = ctx.reply_buffer();
+        let mut stored = [0u8; STAMP];
+        stored.copy_from_slice(&buffer[len..len + STAMP]);
+        let age_s = now.saturating_sub(u64::from_le_bytes(stored)) / 1000;
+        let answer = &mut buffer[..len];
+        // Aged by whole seconds, as resolvers do; a record that cannot be
+        // walked is served as it is (it was passed on as it is when stored).
+        let _ = age_ttls(answer, &q, u32::try_from(age_s).unwrap_or(u32::MAX));
         // The query's ID, and its question as the client spelled it (a cached
         // answer has the same question, but perhaps in another case).
         answer[..2].copy_from_slice(&datagram[..2]);
@@ -68,10 +82,16 @@ fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     }
     if q.rcode == NOERROR && !q.truncated {
         if let Some(ttl) = min_answer_ttl(datagram, &q).filter(|&t| t > 0) {
-            let mut key = [0u8; 1 + MAX_KEY];
-            let key = cache_key(datagram, &q, &mut key);
-            // A full cache only means this answer is not kept.
-            let _ = ctx.state_set(key, datagram, i64::from(ttl.min(MAX_TTL_S)) * 1000);
+            if datagram.len() <= MAX_CACHED {
+                let mut key = [0u8; 1 + MAX_KEY];
+                let key = cache_key(datagram, &q, &mut key);
+                let mut value = [0u8; MAX_CACHED + STAMP];
+                let len = datagram.len();
+                value[..len].copy_from_slice(datagram);
+                value[len..len + STAMP].copy_from_slice(&ctx.now_ms().to_le_bytes());
+                // A full cache only means this answer is not kept.
+                let _ = ctx.state_set(key, &value[..len + STAMP], i64::from(ttl.min(MAX_TTL_S)) * 1000);
+            }
         }
     }
     Reply::Send(datagram)

@@ -122,6 +122,34 @@ pub fn min_answer_ttl(m: &[u8], q: &Question) -> Option<u32> {
     min
 }
 
+/// Takes `secs` off the TTL of every record of a response (answer, authority
+/// and additional sections; not the OPT pseudo-record, whose TTL field holds
+/// flags), down to 0: a cached answer served as it ages. `None` when a record
+/// runs past the message (those before it are aged).
+pub fn age_ttls(m: &mut [u8], q: &Question, secs: u32) -> Option<()> {
+    let header = m.get(..HEADER)?;
+    let count = |i: usize| u16::from_be_bytes([header[i], header[i + 1]]) as usize;
+    let records = count(6) + count(8) + count(10);
+    let mut at = q.end;
+    for _ in 0..records {
+        at = skip_name(m, at)?;
+        let fixed = m.get_mut(at..at + 10)?; // type, class, TTL, RDLENGTH
+        if u16::from_be_bytes([fixed[0], fixed[1]]) != OPT {
+            let ttl = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+            fixed[4..8].copy_from_slice(&ttl.saturating_sub(secs).to_be_bytes());
+        }
+        let rdlength = u16::from_be_bytes([fixed[8], fixed[9]]) as usize;
+        at += 10 + rdlength;
+        if at > m.len() {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// The OPT pseudo-record's type (EDNS, RFC 6891).
+const OPT: u16 = 41;
+
 /// Where the name at `at` ends: after its zero label, or after the two bytes
 /// of a compression pointer.
 fn skip_name(m: &[u8], mut at: usize) -> Option<usize> {

@@ -346,6 +346,15 @@ impl Context {
         StateError::flag(unsafe { host::penalized(key.as_ptr(), key.len() as i32) })
     }
 
+    /// Milliseconds on the gateway's monotonic clock, the one state TTLs run
+    /// on: coarse (it ticks every few milliseconds), read once per datagram,
+    /// and not wall time (only differences mean anything). Not counted
+    /// against the datagram's calls.
+    pub fn now_ms(&self) -> u64 {
+        // SAFETY: no arguments; the host only returns a number.
+        unsafe { host::now_ms() as u64 }
+    }
+
     /// A buffer of [`MAX_DATAGRAM`] bytes for building a reply that is not the
     /// datagram edited in place. Its contents are left over from earlier datagrams.
     pub fn reply_buffer(&mut self) -> &mut [u8] {
@@ -461,6 +470,7 @@ mod host {
         pub(crate) fn limit(key: *const u8, key_len: i32, rate_per_s: i32, burst: i32) -> i32;
         pub(crate) fn penalize(key: *const u8, key_len: i32, ttl_ms: i64) -> i32;
         pub(crate) fn penalized(key: *const u8, key_len: i32) -> i32;
+        pub(crate) fn now_ms() -> i64;
     }
 }
 
