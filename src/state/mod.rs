@@ -122,7 +122,7 @@ enum Space {
 struct Entry {
     hash: u64,
     space: Space,
-    key: Box<[u8]>,
+    key: Key,
     /// A value's bytes; a bucket's [`Bucket`].
     value: Box<[u8]>,
     /// Nanoseconds on the store's clock; [`NEVER`] without a TTL. A bucket's
@@ -203,9 +203,56 @@ pub(crate) fn interval(rate_per_s: u32) -> u128 {
     }
 }
 
+/// A key, kept in the table's slot when short (an address, a counter's
+/// name), so that finding it reads no other memory, and compared byte by
+/// byte rather than through a `memcmp` call that costs more than the bytes.
+enum Key {
+    Short { len: u8, bytes: [u8; SHORT_KEY] },
+    Long(Box<[u8]>),
+}
+
+/// The longest key kept in the slot: an IPv4 `a.b.c.d:port` is 21 bytes.
+/// Longer ones (an IPv6 address, up to 39) cost a pointer to follow; a
+/// larger slot for everyone measured slower than that.
+const SHORT_KEY: usize = 22;
+
+impl Key {
+    fn new(key: &[u8]) -> Self {
+        if key.len() <= SHORT_KEY {
+            let mut bytes = [0u8; SHORT_KEY];
+            bytes[..key.len()].copy_from_slice(key);
+            Self::Short {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Long(key.into())
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Short { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Long(key) => key,
+        }
+    }
+
+    fn is(&self, key: &[u8]) -> bool {
+        match self {
+            Self::Short { len, bytes } => usize::from(*len) == key.len() && bytes.iter().zip(key).all(|(a, b)| a == b),
+            Self::Long(long) => **long == *key,
+        }
+    }
+}
+
 impl Entry {
+    /// Whether this is `key`'s entry in `space` (its hash compared first).
+    fn is(&self, hash: u64, space: Space, key: &[u8]) -> bool {
+        self.hash == hash && self.space == space && self.key.is(key)
+    }
+
     fn size(&self) -> usize {
-        self.key.len() + self.value.len() + ENTRY_OVERHEAD
+        self.key.bytes().len() + self.value.len() + ENTRY_OVERHEAD
     }
 
     /// When the entry goes. A bucket goes when it is full again: its arrival
@@ -583,10 +630,7 @@ impl State {
             return Err(StateError::Full);
         }
         // What the entry replaces does not count against the room it needs.
-        let replaced = shard
-            .table
-            .find(hash, |e| e.space == space && *e.key == *key)
-            .map(Entry::size);
+        let replaced = shard.table.find(hash, |e| e.is(hash, space, key)).map(Entry::size);
         let (entries_after, bytes_after) = match replaced {
             Some(old) => (shard.table.len(), shard.bytes - old + size),
             None => (shard.table.len() + 1, shard.bytes + size),
@@ -599,10 +643,7 @@ impl State {
                 return Err(StateError::Full);
             }
         }
-        match shard
-            .table
-            .entry(hash, |e| e.space == space && *e.key == *key, |e| e.hash)
-        {
+        match shard.table.entry(hash, |e| e.is(hash, space, key), |e| e.hash) {
             Slot::Occupied(mut o) => {
                 let entry = o.get_mut();
                 let old = entry.size();
@@ -618,7 +659,7 @@ impl State {
                 v.insert(Entry {
                     hash,
                     space,
-                    key: key.into(),
+                    key: Key::new(key),
                     value: value.into(),
                     until: expires,
                     // A bucket made in a cluster has its first flush to come.
@@ -635,7 +676,7 @@ impl State {
 impl Inner {
     /// The live entry for `key`; an expired one is removed on the way.
     fn find(&mut self, hash: u64, space: Space, key: &[u8], now: u64) -> Option<&mut Entry> {
-        match self.table.find_entry(hash, |e| e.space == space && *e.key == *key) {
+        match self.table.find_entry(hash, |e| e.is(hash, space, key)) {
             Ok(o) if o.get().live(now) => Some(o.into_mut()),
             Ok(o) => {
                 let (gone, _) = o.remove();
@@ -647,10 +688,7 @@ impl Inner {
     }
 
     fn remove(&mut self, hash: u64, space: Space, key: &[u8]) -> Option<Entry> {
-        let o = self
-            .table
-            .find_entry(hash, |e| e.space == space && *e.key == *key)
-            .ok()?;
+        let o = self.table.find_entry(hash, |e| e.is(hash, space, key)).ok()?;
         let (gone, _) = o.remove();
         self.bytes -= gone.size();
         Some(gone)
@@ -676,7 +714,7 @@ impl Inner {
             return true;
         }
         let (entries, bytes) = (entries - entries / 8, bytes - bytes / 8);
-        let is_protected = |e: &Entry| protect.is_some_and(|(space, key)| e.space == space && *e.key == *key);
+        let is_protected = |e: &Entry| protect.is_some_and(|(space, key)| e.space == space && e.key.is(key));
         let mut by_expiry: Vec<(u64, usize)> = self
             .table
             .iter()
@@ -970,6 +1008,21 @@ mod tests {
         assert!((1..=8).contains(&inner), "the data starts at byte {inner}");
         let end = inner + std::mem::offset_of!(Inner, denied) + 8;
         assert!(end <= 64, "the counts end at byte {end} of the shard");
+    }
+
+    #[test]
+    fn short_and_long_keys_are_told_apart() {
+        let state = State::new(StateLimits::default());
+        let long = [b'k'; SHORT_KEY + 1];
+        let keys: [&[u8]; 6] = [b"", b"a", b"a\0", &long[..SHORT_KEY], &long, &[b'k'; 512]];
+        for (i, key) in keys.iter().enumerate() {
+            state.set(key, &[i as u8], 0, 0).unwrap();
+        }
+        for (i, key) in keys.iter().enumerate() {
+            assert_eq!(value(&state, key, 0), Some(vec![i as u8]), "key {i}");
+        }
+        assert!(state.delete(&long, 0).unwrap());
+        assert_eq!(value(&state, &long[..SHORT_KEY], 0), Some(vec![3]));
     }
 
     #[test]
