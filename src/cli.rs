@@ -216,9 +216,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", requires = "candidate")]
     pub promote_after: Option<u64>,
 
-    /// Share the handlers' `limit` buckets with every gateway using this Redis
-    /// (`redis://HOST:PORT`): each flushes what it spent every few milliseconds,
-    /// never on the datagram path (see docs/ABI.md for the error this allows).
+    /// Share the handlers' `limit` buckets, `state_incr` counters and penalties
+    /// with every gateway using this Redis (`redis://HOST:PORT`): each flushes
+    /// what it spent, added and penalized every few milliseconds, never on the
+    /// datagram path (see docs/ABI.md for the error this allows).
     #[arg(long, value_name = "URL")]
     pub state_redis: Option<String>,
 
@@ -227,7 +228,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "open|closed", default_value = "open", requires = "state_redis")]
     pub state_redis_failure: String,
 
-    /// How often, in milliseconds, limits are flushed to Redis (1 to 1000).
+    /// How often, in milliseconds, limits, counters and penalties are flushed
+    /// to Redis (1 to 1000).
     #[arg(long, value_name = "MS", default_value_t = 5, requires = "state_redis")]
     pub state_redis_flush_ms: u64,
 

@@ -219,6 +219,38 @@ fn two_gateways_share_counters_and_penalties_through_redis() {
 }
 
 #[test]
+fn a_key_redis_refuses_is_skipped_and_the_rest_is_shared() {
+    let Some(redis) = Redis::start() else { return };
+    // Something else wrote a string where the counter's total goes.
+    let mut r = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("redis-server answers");
+    let () = redis::cmd("SET")
+        .arg("wasmgate:default:count:hits")
+        .arg("not a number")
+        .query(&mut r)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let module = write_file(dir.path(), "sharer.wat", SHARER.as_bytes());
+    let a = gateway(&module, &redis.url(), &[]);
+    let b = gateway(&module, &redis.url(), &[]);
+    let c = client();
+    assert_eq!(count(&c, a.addr, b"i"), 1, "counted here all the same");
+    assert!(a.line_with(&["Redis refused a key's flush", "key=hits"]).is_some());
+    // The rest still goes through: a penalty reaches the other gateway.
+    assert_eq!(ask(&c, a.addr, b"p"), [1]);
+    wait_until("the penalty to reach the other gateway", || {
+        ask(&c, b.addr, b"q") == [1]
+    });
+    assert_eq!(
+        metric(&a, "wasmgate_state_redis_up"),
+        1.0,
+        "Redis is not taken for down"
+    );
+    assert!(metric(&a, "wasmgate_state_redis_errors_total") >= 1.0);
+}
+
+#[test]
 fn redis_stopped_and_restarted_mid_traffic_fails_open_or_closed_as_configured() {
     let Some(redis) = Redis::start() else { return };
     let dir = tempfile::tempdir().unwrap();

@@ -29,7 +29,7 @@ use redis::Value;
 
 use super::{Bucket, COUNTER_MIN, NEVER, NS_PER_MS, Space, State, UNSEEN, interval, lock};
 
-/// Where and how a listener shares its limits.
+/// Where and how a listener shares its limits, counters and penalties.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterSpec {
     /// `redis://HOST:PORT[/DB]` (also `redis://:PASSWORD@…`, `rediss://` is not built in).
@@ -65,6 +65,8 @@ pub(crate) struct Cluster {
     /// milliseconds; 0 lifts it).
     penalties: Mutex<Vec<(Box<[u8]>, u64)>>,
     penalties_dropped: AtomicU64,
+    /// A key's flush was refused: said once.
+    refused_once: AtomicBool,
 }
 
 /// The cluster scope's figures, for metrics.
@@ -91,6 +93,7 @@ impl Cluster {
             flushes: AtomicU64::new(0),
             penalties: Mutex::new(Vec::new()),
             penalties_dropped: AtomicU64::new(0),
+            refused_once: AtomicBool::new(false),
         }
     }
 
@@ -120,9 +123,18 @@ impl Cluster {
         let mut queue = self.penalties.lock().unwrap_or_else(|p| p.into_inner());
         if queue.len() >= PENALTY_BACKLOG {
             queue.remove(0);
-            self.penalties_dropped.fetch_add(1, Relaxed);
+            self.dropped_penalties(1);
         }
         queue.push((key.into(), until));
+    }
+
+    /// Counts penalties dropped unpublished, and says so the first time.
+    fn dropped_penalties(&self, n: u64) {
+        if self.penalties_dropped.fetch_add(n, Relaxed) == 0 {
+            tracing::warn!(
+                "state: over {PENALTY_BACKLOG} penalties wait for Redis; the oldest are dropped unpublished (said once)"
+            );
+        }
     }
 
     fn take_penalties(&self) -> Vec<(Box<[u8]>, u64)> {
@@ -136,7 +148,7 @@ impl Cluster {
         let excess = sent.len().saturating_sub(PENALTY_BACKLOG);
         if excess > 0 {
             sent.drain(..excess);
-            self.penalties_dropped.fetch_add(excess as u64, Relaxed);
+            self.dropped_penalties(excess as u64);
         }
         *queue = sent;
     }
@@ -437,6 +449,21 @@ impl Flusher {
         }
     }
 
+    /// Counts a key whose flush Redis refused (what it carried is dropped),
+    /// and says so once.
+    fn refused(&self, key: &[u8]) {
+        self.cluster.errors.fetch_add(1, Relaxed);
+        if !self.cluster.refused_once.swap(true, Relaxed) {
+            tracing::warn!(
+                listener = self.listener,
+                redis = self.url,
+                key = %String::from_utf8_lossy(key),
+                "state: Redis refused a key's flush (not a number there, or past the 64-bit range); \
+                 that key is not shared, the others are (said once)"
+            );
+        }
+    }
+
     fn key(&self, kind: &str, key: &[u8]) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.prefix.len() + kind.len() + key.len());
         k.extend_from_slice(self.prefix.as_bytes());
@@ -516,15 +543,21 @@ impl Flusher {
             .ignore();
         pipe.cmd("ZCARD").arg(&members);
 
-        let replies: Vec<Value> = pipe.query(c)?;
+        // A key's error reply (a counter past the 64-bit range, a key of the
+        // wrong type) must not fail the others' flush: it comes back in its place.
+        let replies: Vec<Value> = pipe.ignore_errors().query(c)?;
         let mut replies = replies.into_iter();
         let mut totals = Vec::with_capacity(flushes.len());
         for f in flushes {
             let total = int(replies.next());
-            totals.push(match f.space {
+            let total = match f.space {
                 Space::Bucket => total.map(|t| (t, -1)),
                 _ => total.zip(int(replies.next())),
-            });
+            };
+            if total.is_none() {
+                self.refused(&f.key);
+            }
+            totals.push(total);
         }
         let read = replies.next();
         let gateways = int(replies.next()).unwrap_or(1);

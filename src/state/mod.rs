@@ -319,7 +319,7 @@ pub struct State {
     seed: u64,
     /// [`coarse_now`] when the store was made.
     origin: u64,
-    /// Set when the listener shares its limits through Redis.
+    /// Set when the listener shares its limits, counters and penalties through Redis.
     cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
 }
 
