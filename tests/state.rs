@@ -312,15 +312,7 @@ fn keys_and_values_over_the_limits_are_refused_with_their_codes() {
         (i32.store (i32.const 4100) (call $limit (i32.const 0) (i32.const 513) (i32.const 1) (i32.const 1)))
         (i32.store (i32.const 4104) (call $limit (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 1)))
         (i64.const 0x000010000000000c)))"#;
-    let mut spec = config();
-    spec.max_reply_ratio = 0.0;
-    let gateway = start_with(module.as_bytes(), Limits::default(), spec);
-    let reply = ask(&client(), gateway.local_addr(), b"x");
-    let codes: Vec<i32> = reply
-        .chunks(4)
-        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    assert_eq!(codes, [KEY_TOO_LONG, KEY_TOO_LONG, 1]);
+    assert_eq!(codes_of(module), [KEY_TOO_LONG, KEY_TOO_LONG, 1]);
 }
 
 #[test]
@@ -340,15 +332,7 @@ fn a_refused_key_still_counts_against_the_calls_allowance() {
           (br_if $again (i32.lt_u (local.get $i) (i32.const 64))))
         (i32.store (i32.const 4100) (call $limit (i32.const 0) (i32.const 8) (i32.const 1) (i32.const 1)))
         (i64.const 0x0000100000000008)))"#;
-    let mut spec = config();
-    spec.max_reply_ratio = 0.0;
-    let gateway = start_with(module.as_bytes(), Limits::default(), spec);
-    let reply = ask(&client(), gateway.local_addr(), b"x");
-    let codes: Vec<i32> = reply
-        .chunks(4)
-        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    assert_eq!(codes, [KEY_TOO_LONG, TOO_MANY_CALLS]);
+    assert_eq!(codes_of(module), [KEY_TOO_LONG, TOO_MANY_CALLS]);
 }
 
 #[test]
@@ -410,4 +394,17 @@ fn a_bad_state_flag_is_refused_with_the_reason() {
     let (code, _, err) = common::run_to_end(&["--state-max-bytes", "lots"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--state-max-bytes") && err.contains("lots"), "{err}");
+}
+
+/// Serves `module` (which replies with the i32 codes its calls returned,
+/// whatever the request's size) and asks it once: the codes.
+fn codes_of(module: &str) -> Vec<i32> {
+    let mut spec = config();
+    spec.max_reply_ratio = 0.0;
+    let gateway = start_with(module.as_bytes(), Limits::default(), spec);
+    let reply = ask(&client(), gateway.local_addr(), b"x");
+    reply
+        .chunks(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
