@@ -748,6 +748,49 @@ mod tests {
     }
 
     #[test]
+    fn a_penalty_stream_reply_of_any_shape_gives_only_well_formed_entries() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let entry = |id: &str, fields: Vec<Value>| Value::Array(vec![bulk(id), Value::Array(fields)]);
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("wasmgate:default:penalties"),
+            Value::Array(vec![
+                entry("1-0", vec![bulk("k"), bulk("10.0.0.1"), bulk("u"), bulk("123")]),
+                entry("2-0", vec![bulk("k"), bulk("no until")]),
+                entry("3-0", vec![bulk("u"), bulk("not a number"), bulk("k"), bulk("x")]),
+                entry("4-0", vec![bulk("k"), bulk("odd"), bulk("u")]),
+                Value::Int(7),
+                Value::Array(vec![bulk("5-0")]),
+                entry(
+                    "6-0",
+                    vec![
+                        bulk("u"),
+                        bulk("0"),
+                        bulk("k"),
+                        bulk("10.0.0.2"),
+                        bulk("extra"),
+                        bulk("x"),
+                    ],
+                ),
+            ]),
+        ])]);
+        let mut out = Vec::new();
+        assert_eq!(stream_entries(Some(reply), &mut out).as_deref(), Some("6-0"));
+        let got: Vec<(&[u8], u64)> = out.iter().map(|(k, u)| (&**k, *u)).collect();
+        assert_eq!(got, [(&b"10.0.0.1"[..], 123), (&b"10.0.0.2"[..], 0)]);
+        // Nothing new, an error, or not an array at all: no entries, cursor kept.
+        for reply in [
+            None,
+            Some(Value::Nil),
+            Some(Value::Int(1)),
+            Some(Value::Array(vec![Value::Nil])),
+        ] {
+            let mut out = Vec::new();
+            assert_eq!(stream_entries(reply, &mut out), None);
+            assert!(out.is_empty());
+        }
+    }
+
+    #[test]
     fn two_gateways_flushing_every_5_ms_allow_one_bucket() {
         let stores = [member(2), member(2)];
         // 100 a second, burst 20, for 2 s: one bucket allows 20 + 200.
