@@ -378,7 +378,7 @@ pub struct LimitArgs {
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub max_memory: usize,
 
-    /// Most bytes the state the handlers share may hold (keys, values, and 64 bytes
+    /// Most bytes the state the handlers share may hold (keys, values, and 128 bytes
     /// an entry): bytes, or a number with KiB, MiB or GiB.
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub state_max_bytes: usize,

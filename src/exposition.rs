@@ -343,7 +343,7 @@ impl Collector for GatewayCollector {
             ),
             (
                 "wasmgate_state_bytes",
-                "Bytes the shared state holds: keys, values and 64 bytes an entry.",
+                "Bytes the shared state holds: keys, values and 128 bytes an entry.",
                 |s| s.state.bytes,
             ),
         ] {

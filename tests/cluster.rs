@@ -283,8 +283,9 @@ fn redis_stopped_and_restarted_mid_traffic_fails_open_or_closed_as_configured() 
     wait_until("the closed gateway to allow again", || allowed(&c, closed.addr));
     assert_eq!(metric(&closed, "wasmgate_state_redis_up"), 1.0);
     assert!(allowed(&c, open.addr));
-    // What the open gateway spent while Redis was down was kept and sent:
-    // 1 before, 20 during and 1 after, besides the closed gateway's.
+    // What the open gateway spent while Redis was down was kept and sent: 20
+    // during, then 1 after, and the closed gateway's 1 after (the new Redis
+    // starts empty, so what was flushed before it stopped is not there).
     let mut redis = redis::Client::open(_redis.url())
         .and_then(|c| c.get_connection())
         .expect("redis-server answers");
@@ -293,7 +294,7 @@ fn redis_stopped_and_restarted_mid_traffic_fails_open_or_closed_as_configured() 
             .arg("wasmgate:default:limit:shared")
             .query(&mut redis)
             .unwrap_or(None);
-        spent.is_some_and(|n| n >= 1 + 20 + 1 + 2)
+        spent.is_some_and(|n| n >= 20 + 1 + 1)
     });
 }
 

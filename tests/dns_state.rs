@@ -107,7 +107,9 @@ fn a_cached_answer_is_served_to_any_client_without_the_resolver_until_its_ttl() 
         assert_eq!(addresses(&reply), ["192.0.2.10"]);
     }
     assert_eq!(gateway.stats().forwarded, 1, "six answers from the cache");
-    assert_eq!(reply_ttls(&dns_ask(&first, to, &query("example.org.", 9))), [60]);
+    // Less than a second in the cache (or just over, on a slow machine).
+    let fresh = reply_ttls(&dns_ask(&first, to, &query("example.org.", 9)));
+    assert!(fresh == [60] || fresh == [59], "{fresh:?}");
     // A TTL of 1 s: cached, then gone.
     dns_ask(&first, to, &query("short.example.org.", 2));
     dns_ask(&first, to, &query("short.example.org.", 3));
