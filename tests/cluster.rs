@@ -294,7 +294,7 @@ fn redis_stopped_and_restarted_mid_traffic_fails_open_or_closed_as_configured() 
             .arg("wasmgate:default:limit:shared")
             .query(&mut redis)
             .unwrap_or(None);
-        spent.is_some_and(|n| n >= 20 + 1 + 1)
+        spent.is_some_and(|n| n >= 22)
     });
 }
 
