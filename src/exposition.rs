@@ -387,12 +387,12 @@ impl Collector for GatewayCollector {
             for (name, help, value) in [
                 (
                     "wasmgate_state_redis_up",
-                    "1 while Redis answers the limits' flushes (the cluster scope), else 0.",
+                    "1 while Redis answers the flushes of the shared limits, counters and penalties (the cluster scope), else 0.",
                     (|c| u64::from(c.up)) as fn(&crate::state::ClusterStats) -> u64,
                 ),
                 (
                     "wasmgate_state_cluster_gateways",
-                    "Gateways sharing this listener's limits through Redis (flushed in the last 3 s).",
+                    "Gateways sharing this listener's limits, counters and penalties through Redis (flushed in the last 3 s).",
                     |c| u64::from(c.gateways),
                 ),
             ] {
@@ -405,7 +405,7 @@ impl Collector for GatewayCollector {
             }
             let mut errors = encoder.encode_descriptor(
                 "wasmgate_state_redis_errors",
-                "Flushes of the limits to Redis that failed (unreachable, timeout, error reply).",
+                "Flushes to Redis that failed (unreachable, timeout), and keys whose flush Redis refused.",
                 None,
                 MetricType::Counter,
             )?;

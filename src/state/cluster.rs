@@ -76,7 +76,7 @@ pub struct ClusterStats {
     pub up: bool,
     /// Gateways that flushed in the last 3 s, this one included.
     pub gateways: u32,
-    /// Flushes that failed (connection refused, timeout, an error reply).
+    /// Flushes that failed (connection refused, timeout), and keys whose flush Redis refused.
     pub errors: u64,
     pub flushes: u64,
 }
