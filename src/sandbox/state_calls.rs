@@ -20,7 +20,13 @@ impl HostState {
             self.out.refuse(error);
             StateError::TooManyCalls
         })?;
-        Ok(*self.now.get_or_insert_with(|| self.state.now()))
+        Ok(self.clock())
+    }
+
+    /// The state's clock in nanoseconds, read at the datagram's first state
+    /// call (or `now_ms`) and the same for the rest of it.
+    fn clock(&mut self) -> u64 {
+        *self.now.get_or_insert_with(|| self.state.now())
     }
 
     /// `state_get`: calls `f` with the value of `key`.
@@ -239,9 +245,7 @@ fn penalized(mut caller: Caller<'_, HostState>, key_ptr: i32, key_len: i32) -> w
 /// on (monotonic and coarse; read once per datagram). Not a state call: not
 /// counted against the allowance.
 fn now_ms(mut caller: Caller<'_, HostState>) -> i64 {
-    let host = caller.data_mut();
-    let now = *host.now.get_or_insert_with(|| host.state.now());
-    (now / 1_000_000) as i64
+    (caller.data_mut().clock() / 1_000_000) as i64
 }
 
 #[cfg(test)]

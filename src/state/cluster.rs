@@ -20,6 +20,7 @@
 //! when it is back, counted, and retried every second. What was spent, added
 //! and penalized meanwhile is kept and sent when it is back.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -50,7 +51,7 @@ const HEARTBEAT: Duration = Duration::from_secs(3);
 /// most a gateway reads in one flush.
 const PENALTY_LOG: usize = 10_000;
 const PENALTY_READ: usize = 1_000;
-/// Penalties waiting for Redis; past this, the oldest are dropped (and counted).
+/// Penalties waiting for Redis; past this, the oldest are dropped (said once).
 const PENALTY_BACKLOG: usize = 100_000;
 
 /// What the flusher shares with the datagram path.
@@ -63,8 +64,9 @@ pub(crate) struct Cluster {
     flushes: AtomicU64,
     /// Penalties set here, to publish: the key and when it ends (Unix
     /// milliseconds; 0 lifts it).
-    penalties: Mutex<Vec<(Box<[u8]>, u64)>>,
-    penalties_dropped: AtomicU64,
+    penalties: Mutex<VecDeque<(Box<[u8]>, u64)>>,
+    /// Penalties were dropped from a full backlog: said once.
+    dropped_once: AtomicBool,
     /// A key's flush was refused: said once.
     refused_once: AtomicBool,
 }
@@ -91,8 +93,8 @@ impl Cluster {
             fail_closed,
             errors: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
-            penalties: Mutex::new(Vec::new()),
-            penalties_dropped: AtomicU64::new(0),
+            penalties: Mutex::new(VecDeque::new()),
+            dropped_once: AtomicBool::new(false),
             refused_once: AtomicBool::new(false),
         }
     }
@@ -121,36 +123,33 @@ impl Cluster {
             unix_ms().saturating_add(ttl_ms as u64)
         };
         let mut queue = self.penalties.lock().unwrap_or_else(|p| p.into_inner());
-        if queue.len() >= PENALTY_BACKLOG {
-            queue.remove(0);
-            self.dropped_penalties(1);
-        }
-        queue.push((key.into(), until));
+        queue.push_back((key.into(), until));
+        self.bound(&mut queue);
     }
 
-    /// Counts penalties dropped unpublished, and says so the first time.
-    fn dropped_penalties(&self, n: u64) {
-        if self.penalties_dropped.fetch_add(n, Relaxed) == 0 {
-            tracing::warn!(
-                "state: over {PENALTY_BACKLOG} penalties wait for Redis; the oldest are dropped unpublished (said once)"
-            );
-        }
-    }
-
-    fn take_penalties(&self) -> Vec<(Box<[u8]>, u64)> {
+    fn take_penalties(&self) -> VecDeque<(Box<[u8]>, u64)> {
         std::mem::take(&mut *self.penalties.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Puts back penalties a failed flush did not publish, before newer ones.
-    fn give_back_penalties(&self, mut sent: Vec<(Box<[u8]>, u64)>) {
+    fn give_back_penalties(&self, mut sent: VecDeque<(Box<[u8]>, u64)>) {
         let mut queue = self.penalties.lock().unwrap_or_else(|p| p.into_inner());
         sent.append(&mut queue);
-        let excess = sent.len().saturating_sub(PENALTY_BACKLOG);
-        if excess > 0 {
-            sent.drain(..excess);
-            self.dropped_penalties(excess as u64);
-        }
         *queue = sent;
+        self.bound(&mut queue);
+    }
+
+    /// Drops the oldest penalties past the backlog's bound, and says so once.
+    fn bound(&self, queue: &mut VecDeque<(Box<[u8]>, u64)>) {
+        let excess = queue.len().saturating_sub(PENALTY_BACKLOG);
+        if excess > 0 {
+            queue.drain(..excess);
+            if !self.dropped_once.swap(true, Relaxed) {
+                tracing::warn!(
+                    "state: over {PENALTY_BACKLOG} penalties wait for Redis; the oldest are dropped unpublished (said once)"
+                );
+            }
+        }
     }
 }
 
@@ -228,7 +227,7 @@ impl State {
                     Space::Bucket => {
                         let mut b = Bucket::read(&entry.value);
                         // How long an empty bucket takes to fill: the total must last that long.
-                        let refill = interval(b.rate).saturating_mul(u128::from(b.burst)) / 1_000_000;
+                        let refill = interval(b.rate).saturating_mul(u128::from(b.burst)) / u128::from(NS_PER_MS);
                         let sent = b.pending;
                         b.pending = 0;
                         entry.value.copy_from_slice(&b.bytes());
@@ -480,7 +479,7 @@ impl Flusher {
         &mut self,
         c: &mut redis::Connection,
         flushes: &[Flush],
-        penalties: &[(Box<[u8]>, u64)],
+        penalties: &VecDeque<(Box<[u8]>, u64)>,
     ) -> redis::RedisResult<Exchanged> {
         let mut pipe = redis::pipe();
         for f in flushes {
@@ -788,6 +787,25 @@ mod tests {
             assert_eq!(stream_entries(reply, &mut out), None);
             assert!(out.is_empty());
         }
+    }
+
+    #[test]
+    fn penalties_waiting_for_redis_keep_their_order_and_the_newest_past_the_bound() {
+        let cluster = Cluster::new(false, 2);
+        for i in 0..PENALTY_BACKLOG + 5 {
+            cluster.publish_penalty(i.to_string().as_bytes(), 1000);
+        }
+        let sent = cluster.take_penalties();
+        assert_eq!(sent.len(), PENALTY_BACKLOG);
+        assert_eq!(&*sent[0].0, b"5", "the 5 oldest dropped");
+        // A failed flush puts them back before one set meanwhile, and the
+        // oldest go again past the bound.
+        cluster.publish_penalty(b"new", 0);
+        cluster.give_back_penalties(sent);
+        let queue = cluster.take_penalties();
+        assert_eq!(queue.len(), PENALTY_BACKLOG);
+        assert_eq!(&*queue[0].0, b"6");
+        assert_eq!(queue.back().map(|(k, until)| (&**k, *until)), Some((&b"new"[..], 0)));
     }
 
     #[test]

@@ -232,7 +232,8 @@ impl State {
         check_value(value)?;
         let (hash, mut shard) = self.shard(Space::Value, key);
         let expires = expiry(now, ttl_ms);
-        self.put(&mut shard, hash, Space::Value, key, value, expires, now)
+        self.put(&mut shard, hash, Space::Value, key, value, expires, now)?;
+        Ok(())
     }
 
     /// Removes `key`; whether it was there (and live).
@@ -265,22 +266,14 @@ impl State {
             }
             None => {
                 let delta = delta.max(COUNTER_MIN);
-                self.put(
-                    &mut shard,
-                    hash,
-                    Space::Value,
-                    key,
-                    &delta.to_le_bytes(),
-                    expiry(now, ttl_ms),
-                    now,
-                )?;
+                let bytes = delta.to_le_bytes();
+                let entry = self.put(&mut shard, hash, Space::Value, key, &bytes, expiry(now, ttl_ms), now)?;
                 if !shared {
                     return Ok(delta);
                 }
-                if let Some(entry) = shard.find(hash, Space::Value, key, now) {
-                    entry.pending = delta;
-                    entry.dirty = true;
-                }
+                // A counter made in a cluster has its first flush to come.
+                entry.pending = delta;
+                entry.dirty = true;
                 (delta, true)
             }
         };
@@ -307,7 +300,8 @@ impl State {
         if current != expected {
             return Err(StateError::Mismatch);
         }
-        self.put(&mut shard, hash, Space::Value, key, value, expiry(now, ttl_ms), now)
+        self.put(&mut shard, hash, Space::Value, key, value, expiry(now, ttl_ms), now)?;
+        Ok(())
     }
 
     /// A token bucket per key holding up to `burst` tokens and refilled at
@@ -366,15 +360,22 @@ impl State {
                     seen: UNSEEN,
                     held,
                 };
-                if (allowed || held > 0)
-                    && let Err(error) = self.put(&mut shard, hash, Space::Bucket, key, &b.bytes(), b.expires(), now)
-                {
-                    // No room to remember the token taken: refuse it, so a
-                    // full store can never turn into an open limit.
-                    shard.denied += 1;
-                    return Err(error);
+                // A full bucket needs no entry; one with a token taken or
+                // a share held back does.
+                let kept = allowed || held > 0;
+                if kept {
+                    match self.put(&mut shard, hash, Space::Bucket, key, &b.bytes(), b.expires(), now) {
+                        // A bucket made in a cluster has its first flush to come.
+                        Ok(entry) => entry.dirty = cluster.is_some(),
+                        Err(error) => {
+                            // No room to remember the token taken: refuse it, so a
+                            // full store can never turn into an open limit.
+                            shard.denied += 1;
+                            return Err(error);
+                        }
+                    }
                 }
-                (allowed, cluster.is_some() && (allowed || held > 0))
+                (allowed, cluster.is_some() && kept)
             }
         };
         if newly_dirty {
@@ -412,7 +413,8 @@ impl State {
             entry.until = entry.until.max(expires);
             return Ok(());
         }
-        self.put(&mut shard, hash, Space::Penalty, key, &[], expires, now)
+        self.put(&mut shard, hash, Space::Penalty, key, &[], expires, now)?;
+        Ok(())
     }
 
     /// Whether `key` is penalized now.
@@ -457,16 +459,16 @@ impl State {
 
     /// Inserts or replaces an entry, making room within the shard's bounds first.
     #[allow(clippy::too_many_arguments)]
-    fn put(
+    fn put<'s>(
         &self,
-        shard: &mut Inner,
+        shard: &'s mut Inner,
         hash: u64,
         space: Space,
         key: &[u8],
         value: &[u8],
         expires: u64,
         now: u64,
-    ) -> Result<(), StateError> {
+    ) -> Result<&'s mut Entry, StateError> {
         let size = key.len() + value.len() + ENTRY_OVERHEAD;
         if size > self.shard_bytes || self.shard_entries == 0 {
             return Err(StateError::Full);
@@ -485,9 +487,9 @@ impl State {
                 return Err(StateError::Full);
             }
         }
-        match shard.table.entry(hash, |e| e.is(hash, space, key), |e| e.hash) {
-            Slot::Occupied(mut o) => {
-                let entry = o.get_mut();
+        let entry = match shard.table.entry(hash, |e| e.is(hash, space, key), |e| e.hash) {
+            Slot::Occupied(o) => {
+                let entry = o.into_mut();
                 let old = entry.size();
                 if entry.value.len() == value.len() {
                     entry.value.copy_from_slice(value);
@@ -496,22 +498,23 @@ impl State {
                 }
                 entry.until = expires;
                 shard.bytes = shard.bytes - old + size;
+                entry
             }
             Slot::Vacant(v) => {
+                shard.bytes += size;
                 v.insert(Entry {
                     hash,
                     space,
                     key: Key::new(key),
                     value: value.into(),
                     until: expires,
-                    // A bucket made in a cluster has its first flush to come.
-                    dirty: space == Space::Bucket && self.cluster.get().is_some(),
+                    dirty: false,
                     pending: 0,
-                });
-                shard.bytes += size;
+                })
+                .into_mut()
             }
-        }
-        Ok(())
+        };
+        Ok(entry)
     }
 }
 
