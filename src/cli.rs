@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::cache::Cache;
 use crate::config::{
     self, DEFAULT_BATCH, DEFAULT_REPLY_RATIO, ListenerSpec, PoolSpec, check_batch, check_ratio, check_timeout_ms,
-    check_workers, parse_addr, parse_size, parse_upstream_flag, parse_with,
+    check_wall_timeout_ms, check_workers, parse_addr, parse_size, parse_upstream_flag, parse_with,
 };
 use crate::engine::child::{CompileBounds, Compiler};
 use crate::sandbox::{Isolation, Limits, Sandbox};
@@ -106,6 +106,8 @@ pub enum Command {
     Compile {
         /// The data limit in bytes.
         max_memory: String,
+        /// The CPU time limit in seconds.
+        cpu_seconds: String,
     },
     /// Send datagrams to a gateway and print the replies.
     ///
@@ -129,7 +131,7 @@ pub enum Command {
 pub struct ServeArgs {
     /// Serve every listener described in this TOML file (see examples/wasmgate.toml)
     /// instead of the one described by the flags below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "max_memory", "state_max_bytes", "state_max_entries", "state_redis", "upstream", "deny_source_ports", "record", "candidate"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "wall_timeout_ms", "max_memory", "state_max_bytes", "state_max_entries", "state_redis", "upstream", "deny_source_ports", "record", "candidate"])]
     pub config: Option<PathBuf>,
 
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
@@ -262,9 +264,15 @@ pub struct ServeArgs {
 /// for every listener. A module that needs more is refused, saying which bound.
 #[derive(Debug, Args)]
 pub struct CompileArgs {
-    /// Longest a module may take to compile, in seconds (1 to 3600).
+    /// Most CPU time compiling a module may take, in seconds (1 to 3600): a
+    /// compile slowed by a busy host is not refused for time it did not get.
     #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = |s: &str| parse_with(s, check_compile_timeout))]
     pub compile_timeout: u64,
+
+    /// Longest a compile may take in wall time, however little CPU it got, in
+    /// seconds (1 to 3600).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600, value_parser = |s: &str| parse_with(s, check_compile_timeout))]
+    pub compile_wall_timeout: u64,
 
     /// Most memory compiling a module may take: bytes, or a number with MiB or GiB (at least 16MiB).
     #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_compile_memory)]
@@ -293,6 +301,7 @@ impl CompileArgs {
         Compiler::this_executable(
             CompileBounds {
                 timeout: Duration::from_secs(self.compile_timeout),
+                wall_timeout: Duration::from_secs(self.compile_wall_timeout),
                 max_memory: self.compile_memory as u64,
             },
             self.cache(),
@@ -370,9 +379,17 @@ pub enum LogFormat {
 /// What each guest instance is held to.
 #[derive(Debug, Args)]
 pub struct LimitArgs {
-    /// Time budget for the guest per datagram (and for its start function), in milliseconds (1 to 60000).
+    /// Time budget for the guest per datagram (and for its start function), in
+    /// milliseconds of CPU time (1 to 60000): time the worker spends preempted
+    /// on a busy host is not charged.
     #[arg(long, value_name = "MS", default_value_t = 10, value_parser = |s: &str| parse_with(s, |ms| check_timeout_ms(ms).map(|_| ms)))]
     pub timeout_ms: u64,
+
+    /// Wall-time ceiling on the same, in milliseconds (1 to 600000), for a guest
+    /// held up rather than computing (default: ten times --timeout-ms; never
+    /// below it).
+    #[arg(long, value_name = "MS", value_parser = |s: &str| parse_with(s, |ms| check_wall_timeout_ms(ms).map(|_| ms)))]
+    pub wall_timeout_ms: Option<u64>,
 
     /// Largest linear memory per guest instance: bytes, or a number with KiB, MiB or GiB.
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
@@ -392,6 +409,7 @@ impl LimitArgs {
     pub fn limits(&self) -> Limits {
         Limits {
             timeout: Duration::from_millis(self.timeout_ms),
+            wall_timeout: self.wall_timeout_ms.map(Duration::from_millis),
             max_memory: self.max_memory,
             state: StateLimits {
                 max_bytes: self.state_max_bytes,
@@ -421,7 +439,10 @@ impl Cli {
                 println!("then, from another terminal: wasmgate send 127.0.0.1:8008 hello");
                 Ok(ExitCode::SUCCESS)
             }
-            Some(Command::Compile { max_memory }) => Ok(crate::engine::child::run_child(&max_memory)),
+            Some(Command::Compile {
+                max_memory,
+                cpu_seconds,
+            }) => Ok(crate::engine::child::run_child(&max_memory, &cpu_seconds)),
             Some(Command::Send {
                 addr,
                 messages,

@@ -40,11 +40,15 @@ pub enum DropReason {
     /// The source may not be answered (a denied port, the gateway's own socket, an
     /// upstream endpoint): answering could start a loop. The guest never saw it.
     DeniedSource,
+    /// The source sent back what this gateway last sent it, many times in a
+    /// row: a loop with another gateway (another process or host). The guest
+    /// never saw it.
+    Loop,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Timeout,
         Self::Trap,
         Self::BadAlloc,
@@ -58,6 +62,7 @@ impl DropReason {
         Self::SessionOverflow,
         Self::UpstreamError,
         Self::DeniedSource,
+        Self::Loop,
     ];
 
     /// A stable position in [`DropReason::ALL`], used to index counter arrays.
@@ -81,6 +86,7 @@ impl DropReason {
             Self::SessionOverflow => "session_overflow",
             Self::UpstreamError => "upstream_error",
             Self::DeniedSource => "denied_source",
+            Self::Loop => "loop",
         }
     }
 

@@ -150,3 +150,109 @@ fn assemblyscript_abort_messages_reach_the_gateway_log() {
         .line_with(&["WARN", "env.abort: boom! at a.ts:3:7", "reason=trap"])
         .expect("the abort message in the drop warning");
 }
+
+/// Spins the number of turns given by the datagram's first four bytes (little
+/// endian), then replies "ok".
+const SPINS: &str = r#"(module
+    (memory (export "memory") 1)
+    (func (export "alloc") (param i32) (result i32) i32.const 1024)
+    (func (export "handle") (param $p i32) (param $n i32) (result i64)
+        (local $i i32)
+        (local.set $i (i32.load (local.get $p)))
+        (block $done (loop $spin
+            (br_if $done (i32.eqz (local.get $i)))
+            (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+            (br $spin)))
+        (i32.store16 (i32.const 0) (i32.const 0x6b6f))
+        (i64.const 2)))"#;
+
+/// Sends `turns` and waits up to `wait` for "ok"; the round trip, or `None`.
+fn spin(c: &std::net::UdpSocket, to: std::net::SocketAddr, turns: u32, wait: Duration) -> Option<Duration> {
+    c.set_read_timeout(Some(wait)).unwrap();
+    let started = std::time::Instant::now();
+    c.send_to(&turns.to_le_bytes(), to).unwrap();
+    let mut buf = [0u8; 16];
+    let got = c.recv_from(&mut buf).ok().filter(|(n, _)| &buf[..*n] == b"ok");
+    got.map(|_| started.elapsed())
+}
+
+#[test]
+fn the_time_budget_is_cpu_time_so_a_preempted_guest_is_not_timed_out() {
+    // Before: the budget was wall time, so a worker preempted mid-call was
+    // charged for the preemption and good datagrams were dropped as `timeout`
+    // on any busy host.
+    let cpu = common::last_cpu();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "spin.wat", SPINS.as_bytes());
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--module",
+        &path,
+        "--workers",
+        "1",
+        "--timeout-ms",
+        "20",
+        "--wall-timeout-ms",
+        "60000",
+        "--no-cache",
+    ];
+    // The gateway at the lowest priority, on the CPU the busy loop will take.
+    let served = Served::start_command(common::pinned(common::wasmgate(&args), cpu, 19));
+    let c = client();
+    // Calibrated on the quiet CPU: turns worth about 4 ms of the guest's time.
+    let probe = 1_000_000;
+    let quiet = (0..3)
+        .map(|_| spin(&c, served.addr, probe, Duration::from_secs(5)).expect("a quiet reply"))
+        .min()
+        .unwrap();
+    let turns = (f64::from(probe) * 4e-3 / quiet.as_secs_f64()).clamp(1e5, 2e8) as u32;
+    assert!(spin(&c, served.addr, turns, Duration::from_secs(5)).is_some());
+    let busy = common::BusyLoop::on(cpu);
+    let mut times = Vec::new();
+    for i in 0..12 {
+        let t = spin(&c, served.addr, turns, Duration::from_secs(20));
+        times.push(t.unwrap_or_else(|| panic!("datagram {i} was dropped under load ({times:?})")));
+    }
+    drop(busy);
+    times.sort();
+    // The test means something only if the calls took longer than the budget
+    // in wall time: the worker was preempted.
+    assert!(
+        times[times.len() / 2] > Duration::from_millis(20),
+        "the busy loop did not slow the guest down: {times:?}"
+    );
+    // An endless loop is still cut off, and the next datagram answered.
+    assert_eq!(spin(&c, served.addr, u32::MAX, Duration::from_millis(1500)), None);
+    assert!(spin(&c, served.addr, 1, Duration::from_secs(5)).is_some());
+    drop(served);
+    wall_ceiling(cpu, &path);
+}
+
+/// The wall ceiling still bounds a call whose worker hardly runs. (Run after
+/// the CPU-time test, not beside it: both need the CPU to themselves.)
+fn wall_ceiling(cpu: usize, path: &str) {
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--module",
+        path,
+        "--workers",
+        "1",
+        "--timeout-ms",
+        "50",
+        "--wall-timeout-ms",
+        "60",
+        "--no-cache",
+    ];
+    let served = Served::start_command(common::pinned(common::wasmgate(&args), cpu, 19));
+    let c = client();
+    let busy = common::BusyLoop::on(cpu);
+    // At the share a niceness of 19 leaves beside a busy loop (about 1.5%),
+    // 60 ms of wall time hold about 1 ms of CPU time: the wall ceiling ends it.
+    assert_eq!(spin(&c, served.addr, 200_000_000, Duration::from_secs(10)), None);
+    let line = served.line_with(&["dropped a datagram"]).expect("a drop line");
+    assert!(line.contains("reason=timeout"), "{line}");
+    drop(busy);
+    assert!(spin(&c, served.addr, 1, Duration::from_secs(10)).is_some());
+}

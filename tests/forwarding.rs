@@ -590,7 +590,7 @@ fn with_every_endpoint_down_the_last_is_kept_and_forward_says_no_healthy_endpoin
 }
 
 #[test]
-fn max_sessions_refuses_new_sessions_once_every_session_was_answered() {
+fn max_sessions_refuses_new_sessions_once_every_client_is_validated() {
     let up = Upstream::echo("u0:");
     let spec = PoolSpec {
         max_sessions: 4,
@@ -598,9 +598,12 @@ fn max_sessions_refuses_new_sessions_once_every_session_was_answered() {
     };
     let gateway = one_worker(FORWARD, spec);
     let clients: Vec<UdpSocket> = (0..10).map(|_| client()).collect();
-    // Four answered sessions fill the table; none of them can be evicted.
+    // Four validated clients (each talked on after its answer) fill the
+    // table; none of them can be evicted.
     for c in &clients[..4] {
-        assert_eq!(ask(c, gateway.local_addr(), b"xx"), b"u0:xx");
+        for _ in 0..=wasmgate::upstream::VALIDATED_AFTER {
+            assert_eq!(ask(c, gateway.local_addr(), b"xx"), b"u0:xx");
+        }
     }
     for c in &clients[4..] {
         c.send_to(b"xx", gateway.local_addr()).unwrap();

@@ -469,6 +469,39 @@ fn million_functions() -> Vec<u8> {
 }
 
 #[test]
+fn a_compile_slowed_by_a_busy_host_is_not_refused_for_time_it_did_not_get() {
+    // Before: the compile bound was wall time, and the child (at a lower
+    // priority) starved beside busy loops until the bound refused the module.
+    let dir = tempfile::tempdir().unwrap();
+    let mut wat = String::from(
+        r#"(module (memory (export "memory") 1)
+        (func (export "alloc") (param i32) (result i32) i32.const 0)
+        (func (export "handle") (param i32 i32) (result i64) i64.const -1)"#,
+    );
+    // About half a second of compiling: thousands of functions.
+    for i in 0..4_000 {
+        wat.push_str(&format!("(func $f{i} (result i32) i32.const {i})"));
+    }
+    wat.push(')');
+    let path = write_file(dir.path(), "many.wat", wat.as_bytes());
+    let cpu = common::last_cpu();
+    let busy = [common::BusyLoop::on(cpu), common::BusyLoop::on(cpu)];
+    let args = ["check", path.as_str(), "--no-cache", "--compile-timeout", "3"];
+    let started = Instant::now();
+    let out = common::pinned(common::wasmgate(&args), cpu, 0).output().unwrap();
+    let took = started.elapsed();
+    drop(busy);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "refused after {took:?}: {err}");
+    // It means something only if the compile took longer than the bound in
+    // wall time.
+    assert!(
+        took > Duration::from_secs(3),
+        "the busy loops did not slow the compile: {took:?}"
+    );
+}
+
+#[test]
 fn a_module_over_a_compile_bound_is_refused_naming_the_bound() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_file(dir.path(), "million.wasm", &million_functions());
@@ -479,7 +512,7 @@ fn a_module_over_a_compile_bound_is_refused_naming_the_bound() {
         ),
         (
             ["--compile-memory", "4GiB", "--compile-timeout", "1"],
-            "the 1 s compile time bound (--compile-timeout)",
+            "the 1 s compile time bound (--compile-timeout), in CPU time",
         ),
     ] {
         for command in [vec!["check", &path], vec!["--listen", "127.0.0.1:0", "--module", &path]] {

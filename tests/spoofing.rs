@@ -194,6 +194,42 @@ fn a_datagram_spoofed_from_the_gateway_to_its_upstream_does_not_loop() {
     assert_eq!(stats.dropped(DropReason::DeniedSource), 1, "{stats}");
 }
 
+/// The `received=` count of a gateway process's final stats line, after SIGTERM.
+fn received_at_exit(mut served: common::Served) -> u64 {
+    let status = common::signal_and_wait(&mut served.child, "TERM", Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0));
+    let stopped = served
+        .log
+        .iter()
+        .find(|l| l.contains("stopped"))
+        .expect("a final stats line");
+    let n = stopped
+        .split("received=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next());
+    n.and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no received= in {stopped}"))
+}
+
+#[test]
+#[ignore = "needs CAP_NET_RAW for a raw socket; .ci/run runs it as root with --ignored"]
+fn one_datagram_spoofed_between_two_gateway_processes_ends_as_a_loop() {
+    // Before: gateways A and B in separate processes (which no local check of
+    // one process can see) answered each other 63,989 times in 3 s.
+    let a = common::Served::start(&["--listen", "127.0.0.1:0", "--workers", "1"]);
+    let b = common::Served::start(&["--listen", "127.0.0.1:0", "--workers", "1"]);
+    send_spoofed(a.addr, b.addr, b"LOOP");
+    std::thread::sleep(Duration::from_millis(500));
+    // Both still serve everyone else.
+    assert_eq!(ask(&client(), a.addr, b"a"), b"A");
+    assert_eq!(ask(&client(), b.addr, b"b"), b"B");
+    let bound = u64::from(wasmgate::gateway::LOOP_AFTER);
+    let (at_a, at_b) = (received_at_exit(a), received_at_exit(b));
+    // Each gateway's own client, and at most LOOP_AFTER passes of the loop.
+    assert!(at_a <= bound + 1, "A received {at_a}");
+    assert!(at_b <= bound + 2, "B received {at_b}");
+}
+
 /// A real UDP server that answers only datagrams that start with `legit`
 /// (echoing them): spoofed clients' sessions never see an answer.
 fn answering_only_legit() -> (
@@ -284,8 +320,76 @@ fn a_full_session_table_evicts_unanswered_sessions_so_new_clients_are_served() {
     thread.join().unwrap();
 }
 
+/// Asks three times, so that the client has talked on after an answer
+/// reached it (`VALIDATED_AFTER`): a real client, not a spoofed source.
+fn ask_validated(c: &UdpSocket, to: SocketAddr, msg: &[u8]) {
+    for _ in 0..=wasmgate::upstream::VALIDATED_AFTER {
+        assert_eq!(ask(c, to, msg), msg);
+    }
+}
+
 #[test]
-fn unanswered_sessions_end_after_unanswered_timeout_and_answered_ones_stay() {
+fn spoofed_sessions_the_upstream_answers_are_evicted_so_new_clients_are_served() {
+    // Before: an upstream that answers (as every resolver does) marked each
+    // spoofed session "answered", none could be evicted, and new clients were
+    // refused (`session_overflow`) for the whole idle timeout.
+    let up = Upstream::echo("");
+    let pool = PoolSpec {
+        max_sessions: 100,
+        unanswered_timeout: Duration::from_secs(60),
+        ..PoolSpec::new("backend", vec![up.addr.to_string()])
+    };
+    let gateway = common::start_with(
+        FORWARD.as_bytes(),
+        Default::default(),
+        ListenerSpec {
+            pools: vec![pool],
+            ..one_worker(PortSet::default())
+        },
+    );
+    // 300 "spoofed" sources, one datagram each: the upstream echoes every one,
+    // and the answers reach sockets that never read them nor talk again.
+    let spoofed: Vec<_> = (0..300).map(|_| client()).collect();
+    for c in &spoofed {
+        c.send_to(b"spoofed", gateway.local_addr()).unwrap();
+    }
+    common::wait_until("the upstream to answer all 300", || up.count() >= 300);
+    common::wait_until("the answers to reach the gateway", || {
+        gateway.stats().upstream_received >= 300
+    });
+    assert_eq!(sessions_active(&gateway), 100);
+    // Real clients prove their address and are never evicted for spoofed ones.
+    let real: Vec<_> = (0..5).map(|_| client()).collect();
+    for (i, c) in real.iter().enumerate() {
+        ask_validated(c, gateway.local_addr(), format!("real {i}").as_bytes());
+    }
+    assert_eq!(gateway.stats().dropped(DropReason::SessionOverflow), 0);
+    // More spoofed sources evict spoofed sessions only: the real clients keep
+    // theirs (their sessions carry on, no new one is opened for them).
+    let created = gateway.stats().sessions_created;
+    for c in &spoofed[..50] {
+        c.send_to(b"spoofed again", gateway.local_addr()).unwrap();
+    }
+    let more: Vec<_> = (0..150).map(|_| client()).collect();
+    for c in &more {
+        c.send_to(b"spoofed", gateway.local_addr()).unwrap();
+    }
+    common::wait_until("the new spoofed sessions", || {
+        gateway.stats().sessions_created >= created + 150
+    });
+    for (i, c) in real.iter().enumerate() {
+        let msg = format!("real again {i}");
+        assert_eq!(ask(c, gateway.local_addr(), msg.as_bytes()), msg.as_bytes());
+    }
+    assert!(
+        gateway.stats().sessions_created < created + 150 + 50 + 1,
+        "no session was opened again for a real client"
+    );
+    drop((spoofed, more));
+}
+
+#[test]
+fn unvalidated_sessions_end_after_unanswered_timeout_and_validated_ones_stay() {
     let (upstream, thread, stop) = answering_only_legit();
     let pool = PoolSpec {
         unanswered_timeout: Duration::from_millis(300),
@@ -300,14 +404,14 @@ fn unanswered_sessions_end_after_unanswered_timeout_and_answered_ones_stay() {
         },
     );
     let legit = client();
-    assert_eq!(ask(&legit, gateway.local_addr(), b"legit"), b"legit");
+    ask_validated(&legit, gateway.local_addr(), b"legit");
     // Open sockets, so that no two sources share a port.
     let spoofed: Vec<_> = (0..20).map(|_| client()).collect();
     for c in &spoofed {
         c.send_to(b"spoofed", gateway.local_addr()).unwrap();
     }
     common::wait_until("21 sessions", || sessions_active(&gateway) == 21);
-    // Only the answered one outlives the unanswered timeout (the idle one is 60 s).
+    // Only the validated one outlives the unanswered timeout (the idle one is 60 s).
     common::wait_until("the unanswered to end", || sessions_active(&gateway) == 1);
     assert_eq!(ask(&legit, gateway.local_addr(), b"legit again"), b"legit again");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -329,11 +433,11 @@ fn one_source_network_gets_at_most_max_sessions_per_prefix() {
             ..one_worker(PortSet::default())
         },
     );
-    // Ten answered clients fill 127.0.0.0/24's share; with none of them
-    // unanswered there is nothing to evict, so two more are refused.
+    // Ten validated clients fill 127.0.0.0/24's share; with none of them
+    // unvalidated there is nothing to evict, so two more are refused.
     let clients: Vec<UdpSocket> = (0..12).map(|_| client()).collect();
     for c in &clients[..10] {
-        assert_eq!(ask(c, gateway.local_addr(), b"hello"), b"hello");
+        ask_validated(c, gateway.local_addr(), b"hello");
     }
     for c in &clients[10..] {
         c.send_to(b"hello", gateway.local_addr()).unwrap();

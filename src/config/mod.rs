@@ -27,8 +27,13 @@ use crate::text::{cut, quote};
 /// What every guest instance is held to.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
-    /// Time budget per datagram (alloc + handle), and for the start function.
+    /// Time budget per datagram (alloc + handle), and for the start function:
+    /// CPU time of the thread that runs the guest, so that a busy host does not
+    /// charge a guest for the time it was preempted.
     pub timeout: Duration,
+    /// The wall-time ceiling on the same, for a guest held up rather than
+    /// computing; `None`: [`WALL_TIMEOUT_FACTOR`] times `timeout`.
+    pub wall_timeout: Option<Duration>,
     /// Largest linear memory an instance may have, in bytes.
     pub max_memory: usize,
     /// How big the state the listener's handlers share may grow.
@@ -39,9 +44,24 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             timeout: Duration::from_millis(10),
+            wall_timeout: None,
             max_memory: 64 << 20,
             state: StateLimits::default(),
         }
+    }
+}
+
+/// The wall-time ceiling of a guest call, unless set, in multiples of its CPU
+/// budget: room for a worker that gets a tenth of a core on a busy host.
+pub const WALL_TIMEOUT_FACTOR: u32 = 10;
+
+impl Limits {
+    /// The wall-time ceiling of a guest call: as set, else
+    /// [`WALL_TIMEOUT_FACTOR`] times the CPU budget; never below the budget.
+    pub fn wall_timeout(&self) -> Duration {
+        self.wall_timeout
+            .unwrap_or(self.timeout * WALL_TIMEOUT_FACTOR)
+            .max(self.timeout)
     }
 }
 
@@ -357,6 +377,7 @@ struct ListenerSection {
     workers: Option<usize>,
     isolation: Option<String>,
     timeout_ms: Option<u64>,
+    wall_timeout_ms: Option<u64>,
     max_memory: Option<String>,
     state_max_bytes: Option<String>,
     state_max_entries: Option<usize>,
@@ -489,6 +510,14 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                         .map_err(anyhow::Error::msg)
                         .with_context(|| at("timeout_ms"))?,
                     None => defaults.limits.timeout,
+                },
+                wall_timeout: match l.wall_timeout_ms {
+                    Some(ms) => Some(
+                        check_wall_timeout_ms(ms)
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| at("wall_timeout_ms"))?,
+                    ),
+                    None => defaults.limits.wall_timeout,
                 },
                 max_memory: match &l.max_memory {
                     Some(s) => parse_size(s)
@@ -692,6 +721,20 @@ pub fn check_timeout_ms(ms: u64) -> Result<Duration, String> {
         Ok(Duration::from_millis(ms))
     } else {
         Err(format!("{ms} is out of range: give 1 to {MAX_TIMEOUT_MS} milliseconds"))
+    }
+}
+
+/// The longest wall-time ceiling of a guest call.
+pub const MAX_WALL_TIMEOUT_MS: u64 = 600_000;
+
+/// Checks a wall-time ceiling in milliseconds.
+pub fn check_wall_timeout_ms(ms: u64) -> Result<Duration, String> {
+    if (1..=MAX_WALL_TIMEOUT_MS).contains(&ms) {
+        Ok(Duration::from_millis(ms))
+    } else {
+        Err(format!(
+            "{ms} is out of range: give 1 to {MAX_WALL_TIMEOUT_MS} milliseconds"
+        ))
     }
 }
 

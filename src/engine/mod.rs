@@ -4,6 +4,7 @@
 
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+pub mod budget;
 pub mod child;
 pub mod compile;
 pub mod ticker;

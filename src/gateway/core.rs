@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::mpsc::{SyncSender, TrySendError};
 
+use super::loop_guard::{LOOP_AFTER, LoopGuard};
 use super::shadow::{self, Candidate, Job};
 use super::{Handler, NativeAnswer, Shared};
 use crate::capture::Hop;
@@ -46,6 +47,8 @@ pub(super) struct Core {
     shadow_state: u64,
     /// The candidate this worker serves canary clients with, and its handler.
     canary: Option<(Arc<Candidate>, Handler)>,
+    /// What this worker last sent each source, to end loops between gateways.
+    loops: LoopGuard,
 }
 
 /// The candidate as loaded for one datagram (always `Some` inside a [`Trial`]):
@@ -94,6 +97,12 @@ impl Core {
             shadow_threshold: crate::capture::threshold(share),
             shadow_state: 0x2545_f491_4f6c_dd1d ^ worker as u64,
             canary: None,
+            // A seed no client can know, so that no choice of sources can
+            // push a loop's slots out of the table.
+            loops: LoopGuard::new(std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                worker,
+            )),
         }
     }
 
@@ -345,16 +354,26 @@ impl Core {
             drop_datagram(&self.shared, &self.counters, DropReason::DeniedSource, shown, &why);
             return;
         }
+        if self.loops.is_loop(shown, datagram) {
+            let why = format_args!(
+                "the source sent back what this gateway last sent it, {LOOP_AFTER} times in a row: a loop with another gateway"
+            );
+            drop_datagram(&self.shared, &self.counters, DropReason::Loop, shown, &why);
+            return;
+        }
         self.handler.refresh(&self.shared.program.load());
         let recording = self.recording();
         let trial = self.trial(shown);
         let shadowed = trial.shadowed();
         let mark = self.net.as_ref().map_or(0, |n| n.queued());
         let mut replies = Vec::new();
+        let mut last_sent = None;
+        let hash = self.loops.hasher();
         let mut emit = |d: &[u8], to: SocketAddr| {
             if recording || shadowed {
                 replies.push(d.to_vec());
             }
+            last_sent = Some(hash(d));
             emit(d, to);
         };
         let verdict = if trial.canary() {
@@ -365,6 +384,9 @@ impl Core {
         } else {
             self.handle_client(datagram, peer, shown, &mut emit)
         };
+        if let Some(hash) = last_sent {
+            self.loops.sent_hash(shown, hash);
+        }
         self.judged(&trial, verdict);
         if shadowed {
             let forwards = self

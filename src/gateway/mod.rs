@@ -450,6 +450,8 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
 }
 
 mod core;
+mod loop_guard;
+pub use loop_guard::LOOP_AFTER;
 mod offline;
 mod shadow;
 mod worker;

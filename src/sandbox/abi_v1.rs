@@ -24,7 +24,7 @@ impl Kind for AbiV1 {
     fn instantiate(&self, sandbox: &Sandbox) -> wasmtime::Result<Box<dyn Instance>> {
         let mut store = Store::new(&sandbox.runtime.engine, sandbox.host_state(sandbox.instance_limits()));
         store.limiter(|h| &mut h.limits);
-        store.set_epoch_deadline(sandbox.deadline_ticks);
+        sandbox.arm(&mut store);
         let instance = self.0.instantiate(&mut store)?;
         // The ABI check guarantees these exports and their types.
         let memory = instance
@@ -67,7 +67,7 @@ impl Instance for Live {
         sandbox: &Sandbox,
         max_ratio: f64,
     ) -> Result<bool, Rejection> {
-        self.store.set_epoch_deadline(sandbox.deadline_ticks);
+        self.store.set_epoch_deadline(sandbox.budget.deadline_ticks());
         let allowance = call.allowance(max_ratio);
         self.store.data_mut().lend(call.peer, net, allowance, call.upstream);
         self.reply = None;

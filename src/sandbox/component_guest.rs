@@ -39,7 +39,7 @@ impl Kind for ComponentGuest {
         let limits = InstanceLimits::new(counts, sandbox.limits.max_memory);
         let mut store = Store::new(&sandbox.runtime.engine, ComponentHost::new(sandbox.host_state(limits)));
         store.limiter(|h| &mut h.calls.limits);
-        store.set_epoch_deadline(sandbox.deadline_ticks);
+        sandbox.arm(&mut store);
         let exports = self.0.instantiate(&mut store)?;
         Ok(Box::new(LiveComponent {
             store,
@@ -69,7 +69,7 @@ impl Instance for LiveComponent {
         sandbox: &Sandbox,
         max_ratio: f64,
     ) -> Result<bool, Rejection> {
-        self.store.set_epoch_deadline(sandbox.deadline_ticks);
+        self.store.set_epoch_deadline(sandbox.budget.deadline_ticks());
         self.reply.clear();
         let allowance = call.allowance(max_ratio);
         self.store

@@ -122,7 +122,7 @@ impl Guest {
         if call.datagram.len() > MAX_DATAGRAM {
             return Err(DropReason::Oversize.into());
         }
-        let started = self.sandbox.now();
+        let meter = self.sandbox.start_meter();
         // A poisoned instance is replaced here, at the start of the next datagram,
         // so that the reply to this one can still borrow from its memory.
         if self.isolation == Isolation::Fresh || self.poisoned {
@@ -136,7 +136,7 @@ impl Guest {
         let live = self.live.insert(live);
         let result = live
             .call(call, net, &self.sandbox, self.max_ratio)
-            .and_then(|has_reply| self.sandbox.check_budget(started).map(|()| has_reply));
+            .and_then(|has_reply| self.sandbox.check_budget(&meter).map(|()| has_reply));
         match result {
             Ok(has_reply) => Ok(Answer {
                 reply: has_reply.then(|| live.reply()),

@@ -13,15 +13,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
-use wasmtime::{ExternType, Module, StoreLimitsBuilder, Trap};
+use wasmtime::{ExternType, Module, Store, StoreLimitsBuilder, Trap};
 
 use self::abi::GuestKind;
 use self::component::{self as wit, ComponentPre};
 use self::hostcalls::{HostState, Outbox};
 use self::instance_limits::InstanceLimits;
 pub use crate::config::{Isolation, Limits};
+use crate::engine::budget::{self, Budget, Meter};
 use crate::engine::child::Compiler;
-use crate::engine::ticker::TICK;
 use crate::engine::{Compiled, MAX_TABLE_ELEMENTS, MAX_TABLES};
 pub use crate::engine::{MAX_MODULE_BYTES, read_module};
 use crate::state::State;
@@ -62,9 +62,8 @@ pub const WORKER_STACK_BYTES: usize = 4 << 20;
 pub struct Sandbox {
     runtime: Arc<Runtime>,
     limits: Limits,
-    /// The time budget in epoch ticks; one more than the timeout so that a
-    /// datagram that starts just before a tick still gets its whole budget.
-    deadline_ticks: u64,
+    /// What a call may spend: CPU time, with a wall-time ceiling.
+    budget: Budget,
     compiler: Arc<Compiler>,
     /// The state its guests share; clones share it, so it outlives reloads.
     state: Arc<State>,
@@ -88,7 +87,10 @@ impl Sandbox {
     pub fn on(runtime: Arc<Runtime>, limits: Limits) -> Self {
         Self {
             runtime,
-            deadline_ticks: limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1,
+            budget: Budget {
+                cpu: limits.timeout,
+                wall: limits.wall_timeout(),
+            },
             limits,
             compiler: Arc::new(Compiler::InProcess),
             state: Arc::new(State::new(limits.state)),
@@ -221,6 +223,7 @@ impl Sandbox {
     /// Instantiates a program once, running its start function under the time
     /// budget, so that one that cannot serve is refused at load.
     fn try_out(&self, mut program: Program, started: Instant) -> anyhow::Result<Program> {
+        self.start_meter();
         if let Err(e) = program.pre.try_out(self) {
             return Err(match e.downcast_ref::<Trap>() {
                 Some(Trap::Interrupt) => anyhow::anyhow!(
@@ -285,17 +288,25 @@ impl Sandbox {
         }
     }
 
-    /// The tick count now, to measure a datagram's handling from.
-    fn now(&self) -> u64 {
-        self.runtime.ticks()
+    /// Starts metering a call (and the start function of an instance made for
+    /// it) on this thread.
+    fn start_meter(&self) -> Meter {
+        self.budget.start(self.runtime.ticks())
+    }
+
+    /// Gives a new store the call's epoch deadline and the callback that judges
+    /// the budget when it passes ([`budget::on_deadline`]).
+    fn arm<T: 'static>(&self, store: &mut Store<T>) {
+        store.set_epoch_deadline(self.budget.deadline_ticks());
+        store.epoch_deadline_callback(|_| budget::on_deadline());
     }
 
     /// The epoch deadline interrupts only wasm code; time spent inside a host call
-    /// (WASI above all) is checked here, after the fact, in the same ticks, so that
-    /// a datagram whose handling ran past the budget is dropped as a timeout all
-    /// the same, and one the deadline would have let through is not.
-    fn check_budget(&self, started: u64) -> Result<(), Rejection> {
-        if self.now().saturating_sub(started) > self.deadline_ticks {
+    /// (WASI above all) is judged here, after the fact, by the same rule, so
+    /// that a datagram whose handling ran past the budget is dropped as a
+    /// timeout all the same, and one the deadline would have let through is not.
+    fn check_budget(&self, meter: &Meter) -> Result<(), Rejection> {
+        if meter.overran(self.runtime.ticks()) {
             return Err(DropReason::Timeout.into());
         }
         Ok(())

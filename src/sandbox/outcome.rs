@@ -96,6 +96,7 @@ impl fmt::Display for Rejection {
             DropReason::SessionOverflow => f.write_str("the pool's session limit (max_sessions) is reached"),
             DropReason::UpstreamError => f.write_str("the datagram could not be sent upstream"),
             DropReason::DeniedSource => f.write_str("the source may not be answered"),
+            DropReason::Loop => f.write_str("the source sent back what it was sent: a loop"),
         }
     }
 }

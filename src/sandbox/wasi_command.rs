@@ -102,7 +102,7 @@ fn instantiate(
         WasiHost::new(sandbox.instance_limits(), datagram, peer),
     );
     store.limiter(|h| &mut h.limits);
-    store.set_epoch_deadline(sandbox.deadline_ticks);
+    sandbox.arm(&mut store);
     let instance = pre.instantiate(&mut store)?;
     let start = instance.get_typed_func(&mut store, "_start")?;
     Ok((store, start))

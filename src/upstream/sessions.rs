@@ -1,6 +1,6 @@
 //! One worker's session table, with no socket and no clock of its own: which
 //! session each client's forward goes to (affinity, policy, key), the caps
-//! (`max_sessions`, per network), eviction of unanswered sessions, idle expiry,
+//! (`max_sessions`, per network), eviction of unvalidated sessions, idle expiry,
 //! the drain of removed endpoints, passive health from refusals, and what each
 //! client may be sent (the reply ratio) and may cause (the call allowance).
 //!
@@ -97,9 +97,6 @@ struct Session {
     label: String,
     /// Datagrams forwarded and not yet answered (an estimate for the shutdown drain).
     awaiting: u32,
-    /// Whether the endpoint ever answered on it; until then it is cheap to
-    /// close (`unanswered_timeout`, eviction when the table is full).
-    answered: bool,
     /// When a reload removed its endpoint; it ends `drain_timeout` later.
     draining_since: Option<Instant>,
     /// The client's network, for `max_sessions_per_prefix`.
@@ -144,7 +141,11 @@ struct WorkerPool {
 
 /// Client datagrams sent after the first answer that make a client count as
 /// having proven its address: a spoofer does not see the answers it causes, a
-/// real client goes on talking.
+/// real client goes on talking. Until then its answers are held to the reply
+/// ratio, and its sessions are cheap: they end after `unanswered_timeout` and
+/// are the first closed to make room. An upstream's answer proves nothing about
+/// the client (a resolver answers spoofed queries too); only the client's own
+/// datagrams after it do.
 pub const VALIDATED_AFTER: u32 = 2;
 
 /// What one client with sessions has earned and spent: the upstream answers it
@@ -177,6 +178,11 @@ impl Ledger {
         }
     }
 
+    /// Whether the client proved its address ([`VALIDATED_AFTER`]).
+    fn validated(&self) -> bool {
+        self.after_answer >= VALIDATED_AFTER
+    }
+
     fn on_datagram(&mut self, len: usize) {
         self.received = self.received.saturating_add(len as u64);
         if self.answered {
@@ -188,7 +194,7 @@ impl Ledger {
     /// Bytes the client may still be sent: `ratio` × what it sent, less what it
     /// was sent; no cap once it is validated or with a ratio of 0.
     fn bytes_left(&self, ratio: f64) -> usize {
-        if ratio <= 0.0 || self.after_answer >= VALIDATED_AFTER {
+        if ratio <= 0.0 || self.validated() {
             return usize::MAX;
         }
         let earned = (ratio * self.received as f64).floor() as u64;
@@ -214,9 +220,9 @@ pub struct Upstreams {
     routes: HashMap<(SocketAddr, usize, SocketAddr), SessionId>,
     /// (client, pool) → the session plain `forward` keeps using while it is healthy.
     affinity: HashMap<(SocketAddr, usize), SessionId>,
-    /// Sessions not yet answered, oldest first; entries of sessions since
-    /// answered or closed are skipped when met.
-    unanswered: VecDeque<SessionId>,
+    /// Sessions of clients not yet validated, oldest first; entries of
+    /// sessions closed or of clients since validated are skipped when met.
+    unvalidated: VecDeque<SessionId>,
     /// Ids are never reused, so a command queued for a closed session can
     /// never reach a newer one.
     next_id: u64,
@@ -251,7 +257,7 @@ impl Upstreams {
             sessions: HashMap::new(),
             routes: HashMap::new(),
             affinity: HashMap::new(),
-            unanswered: VecDeque::new(),
+            unvalidated: VecDeque::new(),
             next_id: 0,
             queue: Vec::new(),
             arena: Vec::new(),
@@ -448,14 +454,15 @@ impl Upstreams {
 
     fn open(&mut self, client: SocketAddr, p: usize, endpoint: usize) -> Result<SessionId, CallError> {
         // A full table, or a network at its share, makes room by closing its
-        // oldest session that never had an answer (most likely a spoofed
-        // client's) before refusing anyone.
+        // oldest session of a client that never proved its address (most
+        // likely a spoofed one, whatever the upstream answered) before
+        // refusing anyone. A validated client is never closed for another.
         let prefix = Prefix::of(client);
         let from_prefix = self.prefixes.get(&(p, prefix)).copied().unwrap_or(0);
-        if from_prefix >= self.pools[p].max_per_prefix && !self.evict_unanswered(p, Some(prefix)) {
+        if from_prefix >= self.pools[p].max_per_prefix && !self.evict_unvalidated(p, Some(prefix)) {
             return Err(CallError::SessionOverflow);
         }
-        if self.pools[p].open >= self.pools[p].max && !self.evict_unanswered(p, None) {
+        if self.pools[p].open >= self.pools[p].max && !self.evict_unvalidated(p, None) {
             return Err(CallError::SessionOverflow);
         }
         let wp = &mut self.pools[p];
@@ -465,7 +472,6 @@ impl Upstreams {
         self.sessions.insert(
             id,
             Session {
-                answered: false,
                 draining_since: None,
                 prefix,
                 client,
@@ -484,7 +490,7 @@ impl Upstreams {
         wp.counters[endpoint].sessions_created.fetch_add(1, Relaxed);
         wp.counters[endpoint].sessions_active.fetch_add(1, Relaxed);
         self.routes.insert((client, p, addr), id);
-        self.unanswered.push_back(id);
+        self.unvalidated.push_back(id);
         *self.prefixes.entry((p, prefix)).or_insert(0) += 1;
         let client_len = self.client_len;
         self.ledgers
@@ -495,20 +501,25 @@ impl Upstreams {
         Ok(id)
     }
 
-    /// Closes the oldest session of pool `p` (from `prefix`, if given) that
-    /// never had an answer, if any.
-    fn evict_unanswered(&mut self, p: usize, prefix: Option<Prefix>) -> bool {
-        let found = self.unanswered.iter().position(|s| {
-            self.sessions
-                .get(s)
-                .is_some_and(|x| !x.answered && x.pool == p && prefix.is_none_or(|pf| x.prefix == pf))
+    /// Whether session `x`'s client has proven its address.
+    fn is_validated(ledgers: &HashMap<SocketAddr, Ledger>, x: &Session) -> bool {
+        ledgers.get(&x.client).is_some_and(Ledger::validated)
+    }
+
+    /// Closes the oldest session of pool `p` (from `prefix`, if given) whose
+    /// client has not proven its address, if any.
+    fn evict_unvalidated(&mut self, p: usize, prefix: Option<Prefix>) -> bool {
+        let found = self.unvalidated.iter().position(|s| {
+            self.sessions.get(s).is_some_and(|x| {
+                !Self::is_validated(&self.ledgers, x) && x.pool == p && prefix.is_none_or(|pf| x.prefix == pf)
+            })
         });
-        // Entries in front of it are of sessions answered or gone, or of other pools.
+        // Entries in front of it are of sessions validated or gone, or of other pools.
         let Some(at) = found else { return false };
-        let Some(s) = self.unanswered.remove(at) else {
+        let Some(s) = self.unvalidated.remove(at) else {
             return false;
         };
-        self.skip_answered();
+        self.skip_validated();
         if let Some(session) = self.sessions.get(&s) {
             session.counters.sessions_evicted.fetch_add(1, Relaxed);
         }
@@ -516,14 +527,15 @@ impl Upstreams {
         true
     }
 
-    /// Drops the entries at the front of `unanswered` of sessions answered or gone.
-    fn skip_answered(&mut self) {
-        while self
-            .unanswered
-            .front()
-            .is_some_and(|s| self.sessions.get(s).is_none_or(|x| x.answered))
-        {
-            self.unanswered.pop_front();
+    /// Drops the entries at the front of `unvalidated` of sessions gone or of
+    /// clients since validated.
+    fn skip_validated(&mut self) {
+        while self.unvalidated.front().is_some_and(|s| {
+            self.sessions
+                .get(s)
+                .is_none_or(|x| Self::is_validated(&self.ledgers, x))
+        }) {
+            self.unvalidated.pop_front();
         }
     }
 
@@ -716,7 +728,6 @@ impl Upstreams {
         if n > 0 {
             session.last_active = self.now;
             session.awaiting = session.awaiting.saturating_sub(n);
-            session.answered = true;
             if let Some(i) = session.index {
                 self.pools[session.pool].pool.answered(i);
             }
@@ -725,14 +736,15 @@ impl Upstreams {
     }
 
     /// Closes the sessions idle for longer than their pool's `idle_timeout` (or
-    /// `unanswered_timeout`, for those that never had an answer) and those that
-    /// drained for `drain_timeout`, and reports endpoints whose ejection has ended.
+    /// `unanswered_timeout`, for those whose client has not proven its address)
+    /// and those that drained for `drain_timeout`, and reports endpoints whose
+    /// ejection has ended.
     pub fn expire(&mut self, now: Instant) {
         let mut idle = Vec::new();
         let mut drained = Vec::new();
         for (&k, s) in &self.sessions {
             let wp = &self.pools[s.pool];
-            let timeout = if s.answered {
+            let timeout = if Self::is_validated(&self.ledgers, s) {
                 wp.idle_timeout
             } else {
                 wp.unanswered_timeout.min(wp.idle_timeout)
@@ -754,13 +766,14 @@ impl Upstreams {
             }
             self.close(s, false);
         }
-        // Entries of sessions answered or gone are dropped; a long-lived
-        // unanswered session at the front must not keep the rest forever.
-        if self.unanswered.len() > 2 * self.sessions.len() + 64 {
-            let sessions = &self.sessions;
-            self.unanswered.retain(|s| sessions.get(s).is_some_and(|x| !x.answered));
+        // Entries of sessions validated or gone are dropped; a long-lived
+        // unvalidated session at the front must not keep the rest forever.
+        if self.unvalidated.len() > 2 * self.sessions.len() + 64 {
+            let (sessions, ledgers) = (&self.sessions, &self.ledgers);
+            self.unvalidated
+                .retain(|s| sessions.get(s).is_some_and(|x| !Self::is_validated(ledgers, x)));
         }
-        self.skip_answered();
+        self.skip_validated();
         for wp in self.pools.iter().filter(|wp| !wp.retired) {
             for (i, e) in wp.pool.endpoints().iter().enumerate() {
                 if wp.pool.came_back(i, now)
@@ -874,6 +887,21 @@ mod tests {
             self.commands_with(|_| Applied::Done)
         }
 
+        /// The upstream answers on session `id`, and the answer goes to `client`.
+        fn answer(&mut self, client: SocketAddr, id: SessionId) {
+            assert_eq!(self.table.received(id, [1]).map(|(c, _)| c), Some(client));
+            self.table.charge(client, 1, 0);
+        }
+
+        /// `client` gets an answer on session `id`, then talks on: validated.
+        fn validate(&mut self, client: SocketAddr, id: SessionId) {
+            self.answer(client, id);
+            for _ in 0..VALIDATED_AFTER {
+                self.forward(client, b"more").unwrap();
+            }
+            self.commands();
+        }
+
         fn at(&mut self, after: Duration) -> Instant {
             let now = self.t0 + after;
             self.table.set_now(now);
@@ -971,7 +999,7 @@ mod tests {
     }
 
     #[test]
-    fn unanswered_sessions_end_after_unanswered_timeout_answered_ones_after_idle_timeout() {
+    fn unvalidated_sessions_end_after_unanswered_timeout_validated_ones_after_idle_timeout() {
         let mut h = harness(PoolSpec {
             idle_timeout: Duration::from_secs(60),
             unanswered_timeout: Duration::from_secs(5),
@@ -979,27 +1007,36 @@ mod tests {
         });
         h.forward(client(1), b"a").unwrap();
         h.forward(client(2), b"b").unwrap();
+        h.forward(client(3), b"c").unwrap();
         h.commands();
-        // Client 1's session (id 0) is answered.
-        assert_eq!(h.table.received(SessionId(0), [3]).map(|(c, _)| c), Some(client(1)));
+        // Client 1 proves its address; client 2's session is answered by the
+        // upstream, which proves nothing about client 2.
+        h.validate(client(1), SessionId(0));
+        h.answer(client(2), SessionId(1));
         let now = h.at(Duration::from_millis(4_999));
         h.table.expire(now);
         assert_eq!(h.commands(), []);
         let now = h.at(Duration::from_secs(5));
         h.table.expire(now);
-        assert_eq!(h.commands(), [Cmd::Close(1)], "the unanswered one ends at 5 s");
+        let mut closed = h.commands();
+        closed.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            closed,
+            [Cmd::Close(1), Cmd::Close(2)],
+            "the unvalidated ones end at 5 s, answered or not"
+        );
         let now = h.at(Duration::from_secs(59));
         h.table.expire(now);
         assert_eq!(h.commands(), []);
         let now = h.at(Duration::from_secs(60));
         h.table.expire(now);
-        assert_eq!(h.commands(), [Cmd::Close(0)], "the answered one ends after 60 s idle");
-        assert_eq!(h.endpoint(A).expired, 2);
+        assert_eq!(h.commands(), [Cmd::Close(0)], "the validated one ends after 60 s idle");
+        assert_eq!(h.endpoint(A).expired, 3);
         assert_eq!(h.endpoint(A).active, 0);
     }
 
     #[test]
-    fn a_full_table_evicts_its_oldest_unanswered_session_then_refuses() {
+    fn a_full_table_evicts_its_oldest_unvalidated_session_then_refuses() {
         let mut h = harness(PoolSpec {
             max_sessions: 2,
             ..pool(&[A])
@@ -1011,13 +1048,58 @@ mod tests {
         assert_eq!(
             h.commands(),
             [Cmd::Close(0), Cmd::Open(2, addr(A)), Cmd::Send(2, b"3".to_vec())],
-            "client 1's session, the oldest unanswered, makes room"
+            "client 1's session, the oldest unvalidated, makes room"
         );
-        h.table.received(SessionId(1), [1]);
-        h.table.received(SessionId(2), [1]);
+        h.validate(client(2), SessionId(1));
+        h.validate(client(3), SessionId(2));
+        h.commands();
         assert_eq!(h.forward(client(4), b"4"), Err(CallError::SessionOverflow));
         assert_eq!(h.commands(), []);
         assert_eq!(h.endpoint(A).evicted, 1);
+    }
+
+    #[test]
+    fn spoofed_sessions_the_upstream_answers_are_still_evicted_for_new_clients() {
+        // An echoing upstream answers every spoofed source: the answers reach
+        // addresses that never talk again, so none of them is validated.
+        let mut h = harness(PoolSpec {
+            max_sessions: 100,
+            max_sessions_per_prefix: 1_000,
+            ..pool(&[A])
+        });
+        for i in 0..100u16 {
+            let spoofed = SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 4000));
+            h.forward(spoofed, b"x").unwrap();
+            h.commands();
+            h.answer(spoofed, SessionId(u64::from(i)));
+        }
+        let mut served = 0;
+        for c in 1..=5 {
+            if h.forward(client(c), b"new").is_ok() {
+                served += 1;
+            }
+        }
+        assert_eq!(served, 5, "every new client gets in by evicting a spoofed session");
+        assert_eq!(h.endpoint(A).evicted, 5);
+    }
+
+    #[test]
+    fn a_validated_client_is_never_evicted_for_an_unvalidated_one() {
+        let mut h = harness(PoolSpec {
+            max_sessions: 3,
+            ..pool(&[A])
+        });
+        for c in 1..=3 {
+            h.forward(client(c), b"q").unwrap();
+            h.commands();
+            h.validate(client(c), SessionId(u64::from(c) - 1));
+        }
+        h.commands();
+        for spoofed in 10..20 {
+            assert_eq!(h.forward(client(spoofed), b"x"), Err(CallError::SessionOverflow));
+        }
+        assert_eq!(h.endpoint(A).evicted, 0);
+        assert_eq!(h.endpoint(A).active, 3);
     }
 
     #[test]
@@ -1027,17 +1109,22 @@ mod tests {
             ..pool(&[A])
         };
         let (mut w0, mut w1) = (harness_of(spec.clone(), 2, 0), harness_of(spec, 2, 1));
-        let mut served = 0;
+        let mut served = [0; 2];
         for (i, h) in [&mut w0, &mut w1].into_iter().enumerate() {
             for c in 0..3u8 {
-                if h.forward(client(10 * i as u8 + c), b"x").is_ok() {
-                    served += 1;
-                    let id = SessionId(u64::from(c));
-                    h.table.received(id, [1]);
+                let who = client(10 * i as u8 + c);
+                if h.forward(who, b"x").is_ok() {
+                    served[i] += 1;
+                    h.commands();
+                    h.validate(who, SessionId(u64::from(c)));
                 }
             }
         }
-        assert_eq!(served, 4, "two sessions per worker, answered so none can be evicted");
+        assert_eq!(
+            served,
+            [2, 2],
+            "two sessions per worker, validated so none can be evicted"
+        );
     }
 
     #[test]

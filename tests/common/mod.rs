@@ -137,9 +137,16 @@ impl Served {
 
     /// As [`Served::start_logging`], running `program` (a copy of the binary).
     pub fn start_program(program: &Path, args: &[&str], filter: &str) -> Self {
-        let mut child = Command::new(program)
-            .args(args)
-            .env("RUST_LOG", filter)
+        let mut command = Command::new(program);
+        command.args(args).env("RUST_LOG", filter);
+        Self::start_command(command)
+    }
+
+    /// As [`Served::start`], running `command` as it is set up (its standard
+    /// streams are taken over).
+    pub fn start_command(mut command: Command) -> Self {
+        let args: Vec<_> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -264,6 +271,54 @@ pub fn write_file(dir: &Path, name: &str, contents: &[u8]) -> String {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
     path.to_str().unwrap().to_string()
+}
+
+/// The last CPU: where a test that needs one to itself pins its processes.
+pub fn last_cpu() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+}
+
+/// Runs `command` on CPU `cpu` only, at niceness `nice`.
+pub fn pinned(mut command: Command, cpu: usize, nice: i32) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: only async-signal-safe system calls between fork and exec, on
+    // values owned by the closure.
+    unsafe {
+        command.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+                || libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// A busy loop on one CPU, stopped when dropped (and after 60 s in any case).
+pub struct BusyLoop(std::process::Child);
+
+impl BusyLoop {
+    pub fn on(cpu: usize) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        let mut sh = Command::new("timeout");
+        sh.args(["-s", "KILL", "60", "sh", "-c", "while :; do :; done"])
+            .process_group(0);
+        Self(pinned(sh, cpu, 0).spawn().unwrap())
+    }
+}
+
+impl Drop for BusyLoop {
+    fn drop(&mut self) {
+        // The whole group: `timeout` and the shell under it.
+        let group = -(self.0.id() as i32);
+        // SAFETY: a plain system call with no memory arguments.
+        unsafe { libc::kill(group, libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
 }
 
 /// A datagram an [`Upstream`] received, and its sender.
