@@ -2,6 +2,7 @@
 //! (as tcpdump, tshark or `--record` write them) and recording a listener's
 //! traffic to pcapng without slowing its workers.
 
+mod output;
 mod read;
 mod record;
 

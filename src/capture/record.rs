@@ -8,7 +8,6 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
@@ -260,14 +259,13 @@ pub(crate) fn chance(state: &mut u64, threshold: u64) -> bool {
 
 /// A new pcapng file (readable by the gateway's user only: client payloads
 /// are in it) with its one interface, raw IP with nanosecond timestamps.
+/// Made in its place at once, safely ([`super::output`]).
 fn create(path: &Path) -> anyhow::Result<PcapNgWriter<BufWriter<File>>> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .context("cannot create the file")?;
+    pcapng(super::output::create(path)?)
+}
+
+/// `file` as a pcapng file with its one interface.
+fn pcapng(file: File) -> anyhow::Result<PcapNgWriter<BufWriter<File>>> {
     let mut writer = PcapNgWriter::new(BufWriter::new(file)).context("cannot write")?;
     let interface = InterfaceDescriptionBlock {
         linktype: DataLink::RAW,
@@ -395,21 +393,27 @@ fn rewrite(path: &Path, ring: &Mutex<VecDeque<Vec<Entry>>>) {
         .iter()
         .map(|e| e.iter().map(Entry::clone).collect())
         .collect();
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = std::path::PathBuf::from(temporary);
     let result = (|| -> anyhow::Result<()> {
-        let mut writer = create(&temporary)?;
-        let mut packet = Vec::new();
-        for entry in exchanges.iter().flatten() {
-            packet.clear();
-            if ip_packet(entry, &mut packet) {
-                writer.write_pcapng_block(block(entry, &packet))?;
+        let pending = super::output::beside(path)?;
+        let written = (|| -> anyhow::Result<()> {
+            let mut writer = pcapng(pending.file.try_clone()?)?;
+            let mut packet = Vec::new();
+            for entry in exchanges.iter().flatten() {
+                packet.clear();
+                if ip_packet(entry, &mut packet) {
+                    writer.write_pcapng_block(block(entry, &packet))?;
+                }
+            }
+            writer.get_mut().flush()?;
+            Ok(())
+        })();
+        match written {
+            Ok(()) => pending.publish(path).map(drop),
+            Err(e) => {
+                pending.discard();
+                Err(e)
             }
         }
-        writer.get_mut().flush()?;
-        std::fs::rename(&temporary, path)?;
-        Ok(())
     })();
     if let Err(e) = result {
         tracing::error!(file = %path.display(), error = %format_args!("{e:#}"), "cannot write the shadow mismatches");

@@ -367,11 +367,13 @@ impl State {
                     match self.put(&mut shard, hash, Space::Bucket, key, &b.bytes(), b.expires(), now) {
                         // A bucket made in a cluster has its first flush to come.
                         Ok(entry) => entry.dirty = cluster.is_some(),
-                        Err(error) => {
-                            // No room to remember the token taken: refuse it, so a
-                            // full store can never turn into an open limit.
+                        Err(_) => {
+                            // No room to remember the token taken: deny it, so a
+                            // full store can never turn into an open limit. A
+                            // denial, not an error code: a guest that tests for
+                            // 0 (or `Ok(false)`) must not let the request through.
                             shard.denied += 1;
-                            return Err(error);
+                            return Ok(false);
                         }
                     }
                 }
@@ -808,6 +810,8 @@ mod tests {
             Err(StateError::Full),
             "only entries without a TTL are left"
         );
+        // A limit that cannot store its bucket denies, as a denial (not -10).
+        assert_eq!(s.limit(b"new client", 100, 10, S), Ok(false));
         assert_eq!(s.stats().entries, 10);
         s.set(b"last", b"replacing needs no room", 0, S).unwrap();
     }

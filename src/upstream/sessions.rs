@@ -1226,7 +1226,8 @@ mod tests {
         let mut h = harness(spec.clone());
         h.forward(client(1), b"1").unwrap();
         assert_eq!(h.commands()[0], Cmd::Open(0, addr(A)));
-        h.table.received(SessionId(0), [1]);
+        // A real client: its session would otherwise end after unanswered_timeout.
+        h.validate(client(1), SessionId(0));
         // A reload removes A.
         let now = h.at(Duration::from_secs(1));
         let with_a = Arc::clone(&h.pools);
