@@ -24,17 +24,18 @@ use crate::sandbox::{Isolation, Runtime, Sandbox};
 /// files, the watcher, the metrics endpoint.
 const FD_RESERVE: u64 = 256;
 
-/// Scales every pool's `max_sessions` down in proportion (to at least 1), so that
-/// all of them together fit in `budget` sockets. Returns the total they asked
-/// for when it had to.
-fn fit_sessions(pools: &mut [&mut PoolSpec], budget: u64) -> Option<usize> {
+/// Scales every pool's `max_sessions` down in proportion (to at least `floor`,
+/// the most workers of any listener, each of which needs a share), so that all
+/// of them together fit in `budget` sockets. Returns the total they asked for
+/// when it had to.
+fn fit_sessions(pools: &mut [&mut PoolSpec], budget: u64, floor: usize) -> Option<usize> {
     let asked: usize = pools.iter().map(|p| p.max_sessions).sum();
     if asked as u64 <= budget {
         return None;
     }
     for p in pools.iter_mut() {
         let scaled = (p.max_sessions as u128 * u128::from(budget) / asked as u128) as usize;
-        p.max_sessions = scaled.max(1);
+        p.max_sessions = scaled.max(floor).min(p.max_sessions);
     }
     Some(asked)
 }
@@ -133,11 +134,12 @@ pub fn run_until<S: Future<Output = ()>>(
         let limit = crate::upstream::raise_fd_limit()?;
         let budget = limit.saturating_sub(FD_RESERVE);
         fd_budget = Some(budget);
+        let floor = loaded.iter().map(|(spec, _, _)| spec.workers).max().unwrap_or(1);
         let mut pools: Vec<&mut PoolSpec> = loaded
             .iter_mut()
             .flat_map(|(spec, _, _)| spec.pools.iter_mut())
             .collect();
-        match fit_sessions(&mut pools, budget) {
+        match fit_sessions(&mut pools, budget, floor) {
             Some(asked) => tracing::warn!(
                 open_files = limit,
                 max_sessions = asked,
@@ -432,8 +434,13 @@ fn reload_pools(targets: &[(String, Publisher)], config: Option<&Path>, fd_budge
             .collect(),
     };
     if let Some(budget) = fd_budget {
+        let floor = targets
+            .iter()
+            .filter_map(|(_, p)| Some(p.pools()?.workers()))
+            .max()
+            .unwrap_or(1);
         let mut pools: Vec<&mut PoolSpec> = specs.iter_mut().flat_map(|(_, p)| p.iter_mut()).collect();
-        if fit_sessions(&mut pools, budget).is_some() {
+        if fit_sessions(&mut pools, budget, floor).is_some() {
             tracing::warn!("{why}: the pools' max_sessions are scaled down to fit the open-file limit");
         }
     }
@@ -532,14 +539,21 @@ mod tests {
         let mut a = PoolSpec::new("a", vec![]);
         let mut b = PoolSpec::new("b", vec![]);
         (a.max_sessions, b.max_sessions) = (30_000, 10_000);
-        assert_eq!(fit_sessions(&mut [&mut a, &mut b], 40_000), None, "they fit");
+        assert_eq!(fit_sessions(&mut [&mut a, &mut b], 40_000, 1), None, "they fit");
         assert_eq!((a.max_sessions, b.max_sessions), (30_000, 10_000));
-        assert_eq!(fit_sessions(&mut [&mut a, &mut b], 800), Some(40_000));
+        assert_eq!(fit_sessions(&mut [&mut a, &mut b], 800, 1), Some(40_000));
         assert_eq!((a.max_sessions, b.max_sessions), (600, 200));
         let mut tiny = PoolSpec::new("t", vec![]);
         tiny.max_sessions = 1;
-        fit_sessions(&mut [&mut tiny, &mut a], 10);
+        fit_sessions(&mut [&mut tiny, &mut a], 10, 1);
         assert_eq!(tiny.max_sessions, 1, "never below one");
+        (a.max_sessions, b.max_sessions) = (600, 200);
+        fit_sessions(&mut [&mut a, &mut b], 10, 4);
+        assert_eq!(
+            (a.max_sessions, b.max_sessions),
+            (7, 4),
+            "never below a session per worker"
+        );
     }
 
     fn config_with_endpoint(path: &Path, endpoint: &str) {

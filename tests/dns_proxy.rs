@@ -167,8 +167,9 @@ fn the_only_resolver_down_is_never_ejected_and_its_refusals_are_counted() {
 
 #[test]
 fn a_query_the_pool_cannot_take_gets_servfail_at_once() {
-    // One session at most: a second client's query cannot be forwarded, and the
-    // guest answers it SERVFAIL itself instead of leaving it to time out.
+    // One session at most, held by a validated client: a second client's query
+    // cannot be forwarded, and the guest answers it SERVFAIL itself instead of
+    // leaving it to time out.
     let gateway = common::start_with(
         DNS_PROXY,
         Limits::default(),
@@ -183,8 +184,12 @@ fn a_query_the_pool_cannot_take_gets_servfail_at_once() {
     );
     let to = gateway.local_addr();
     let first = client();
-    let q = query("example.org.", 7);
-    assert_eq!(dns_ask(&first, to, &q).metadata.response_code, ResponseCode::NoError);
+    // A client that asks on after its answers has proven its address: its
+    // session is not closed to make room for a newcomer.
+    for id in 0..=wasmgate::upstream::VALIDATED_AFTER as u16 {
+        let q = query("example.org.", 100 + id);
+        assert_eq!(dns_ask(&first, to, &q).metadata.response_code, ResponseCode::NoError);
+    }
     let second = client();
     let reply = dns_ask(&second, to, &query("example.org.", 8));
     assert_eq!(

@@ -35,6 +35,72 @@ fn recording(dir: &Path, name: &str) -> ListenerSpec {
 
 /// Serves the default guest with `--record`, asks `messages`, and stops the
 /// gateway (which writes the file out); returns its path.
+/// A pcapng file of raw-IP UDP datagrams to 127.0.0.1:8008, its interface
+/// with timestamp resolution `resolution`, each packet at its raw timestamp.
+fn pcapng_at(resolution: u8, stamps: &[u64]) -> Vec<u8> {
+    use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
+    use pcap_file::pcapng::blocks::interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption};
+    let mut writer = pcap_file::pcapng::PcapNgWriter::new(Vec::new()).unwrap();
+    writer
+        .write_pcapng_block(InterfaceDescriptionBlock {
+            linktype: pcap_file::DataLink::RAW,
+            snaplen: 0,
+            options: vec![InterfaceDescriptionOption::IfTsResol(resolution)],
+        })
+        .unwrap();
+    for (i, &raw) in stamps.iter().enumerate() {
+        let mut packet = Vec::new();
+        etherparse::PacketBuilder::ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64)
+            .udp(4000 + i as u16, 8008)
+            .write(&mut packet, b"hello")
+            .unwrap();
+        writer
+            .write_pcapng_block(EnhancedPacketBlock {
+                interface_id: 0,
+                // pcap-file writes the raw count as nanoseconds.
+                timestamp: std::time::Duration::from_nanos(raw),
+                original_len: packet.len() as u32,
+                data: packet.into(),
+                options: vec![],
+            })
+            .unwrap();
+    }
+    writer.into_inner()
+}
+
+#[test]
+fn hostile_captures_get_an_answer_never_a_panic_a_hang_or_all_memory() {
+    // Before: two timestamp forms panicked (exit 101), /dev/zero was read until
+    // memory ran out, and a FIFO blocked for ever.
+    let dir = tempfile::tempdir().unwrap();
+    let replay = |capture: &str| run_to_end(&["replay", capture, "--module", "guest/uppercase.wasm"]);
+    // Seconds (resolution 0) far apart: past what an Instant can add.
+    let seconds = write_file(dir.path(), "seconds.pcapng", &pcapng_at(0, &[1, u64::MAX]));
+    // A binary resolution of 2^0 with the largest count: past a Duration.
+    let binary = write_file(dir.path(), "binary.pcapng", &pcapng_at(0x80, &[1, u64::MAX]));
+    for capture in [&seconds, &binary] {
+        let (code, out, err) = replay(capture);
+        // 1: the replies differ from the recorded ones (there are none).
+        assert!(matches!(code, Some(0 | 1)), "{capture}: {code:?} {out}{err}");
+        assert!(out.contains("2 client datagrams"), "{out}");
+    }
+    let fifo = dir.path().join("fifo.pcap");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    for (capture, says) in [
+        (fifo.to_str().unwrap(), "a FIFO"),
+        ("/dev/zero", "a device"),
+        ("/", "a directory"),
+    ] {
+        let (code, _, err) = replay(capture);
+        assert_eq!(code, Some(2), "{capture}: {err}");
+        assert!(
+            err.contains(capture) && err.contains(says) && err.contains("not a regular file"),
+            "{err}"
+        );
+    }
+}
+
 fn record_uppercase(dir: &Path, messages: &[&[u8]]) -> String {
     let gateway = common::start_with(
         wasmgate::DEFAULT_GUEST_WASM,

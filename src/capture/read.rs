@@ -14,6 +14,10 @@ use pcap_file::pcapng::{Block, PcapNgReader};
 
 use super::{Datagram, Hop};
 
+/// The largest capture `replay` reads: it holds the capture's datagrams in
+/// memory (several times the file's size for small datagrams).
+pub const MAX_CAPTURE_BYTES: usize = 256 << 20;
+
 /// The UDP datagrams of a capture file, and what was passed over.
 #[derive(Debug, Default)]
 pub struct Capture {
@@ -28,7 +32,8 @@ pub struct Capture {
 /// IP, loopback (`DLT_NULL`/`LOOP`) or Linux cooked (`any`) links. The error
 /// names the file and what is wrong with it.
 pub fn read(path: &Path) -> anyhow::Result<Capture> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = crate::engine::compile::read_regular(path, MAX_CAPTURE_BYTES, "captures")
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     let capture = parse(&bytes).with_context(|| format!("{}", path.display()))?;
     if capture.datagrams.is_empty() {
         bail!(
@@ -126,7 +131,8 @@ fn scaled(raw: u128, resolution: u8) -> Duration {
         Duration::new(raw / per_second, u32::try_from(nanos).unwrap_or(0))
     } else {
         let per_second = 1u64.checked_shl(exponent).unwrap_or(u64::MAX);
-        Duration::from_secs_f64(raw as f64 / per_second as f64)
+        // A hostile resolution can put the time past what a Duration holds.
+        Duration::try_from_secs_f64(raw as f64 / per_second as f64).unwrap_or(Duration::MAX)
     }
 }
 
@@ -259,5 +265,8 @@ mod tests {
         assert_eq!(scaled(1_500_000, 6), Duration::from_millis(1500));
         assert_eq!(scaled(1_500_000_000, 9), Duration::from_millis(1500));
         assert_eq!(scaled(3 << 20, 0x80 | 20), Duration::from_secs(3));
+        // Hostile resolutions are the end of time, never a panic.
+        assert_eq!(scaled(u128::from(u64::MAX), 0x80), Duration::MAX);
+        assert!(scaled(u128::from(u64::MAX), 0x7f) <= Duration::from_secs(1));
     }
 }

@@ -19,6 +19,13 @@ pub const MAX_MODULE_BYTES: usize = 64 << 20;
 /// all, and anything that is not a regular file (a FIFO, a directory, a device)
 /// without blocking on it or reading from it.
 pub fn read_module(path: &Path) -> io::Result<Vec<u8>> {
+    read_regular(path, MAX_MODULE_BYTES, "modules")
+}
+
+/// Reads a regular file of at most `max` bytes (`what` names such files in
+/// the error): a FIFO, a device (`/dev/zero`) or a directory is refused at
+/// once, without blocking and without reading it.
+pub(crate) fn read_regular(path: &Path, max: usize, what: &str) -> io::Result<Vec<u8>> {
     // A plain open() of a FIFO blocks until a writer comes; non-blocking it returns
     // at once, and the type check below refuses it.
     let file = OpenOptions::new()
@@ -32,22 +39,21 @@ pub fn read_module(path: &Path) -> io::Result<Vec<u8>> {
             format!("it is {}, not a regular file", file_kind(&meta.file_type())),
         ));
     }
-    if meta.len() > MAX_MODULE_BYTES as u64 {
+    let too_large = || {
+        io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!("it is over the {max} byte limit for {what}"),
+        )
+    };
+    if meta.len() > max as u64 {
         return Err(too_large());
     }
     let mut bytes = Vec::new();
-    file.take(MAX_MODULE_BYTES as u64 + 1).read_to_end(&mut bytes)?;
-    if bytes.len() > MAX_MODULE_BYTES {
+    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > max {
         return Err(too_large());
     }
     Ok(bytes)
-}
-
-fn too_large() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::FileTooLarge,
-        format!("it is over the {MAX_MODULE_BYTES} byte limit for modules"),
-    )
 }
 
 /// What a file that is not a regular file is, for an error message.

@@ -8,6 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The latest a capture's datagram may be, after its first: later ones are
+/// taken as this late (a century).
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 use arc_swap::ArcSwap;
 
 use super::core::Core;
@@ -119,7 +123,12 @@ impl Offline {
     /// expire by then expire first.
     fn now(&mut self, at: Duration) -> Instant {
         let first = *self.first.get_or_insert(at);
-        let now = self.start + at.saturating_sub(first);
+        // A capture's times are the file's to choose: one far in the future
+        // (or at the end of time) is as late as an Instant can be, never a panic.
+        let now = self
+            .start
+            .checked_add(at.saturating_sub(first))
+            .unwrap_or(self.start + FAR_FUTURE);
         if now >= self.core.poll_timeout() {
             self.core.on_timeout(now);
             let open = |id: &SessionId| self.core.net.as_ref().is_some_and(|n| n.session(*id).is_some());

@@ -95,6 +95,11 @@ impl Pools {
         Self::build(specs, workers, None)
     }
 
+    /// The workers the sessions are shared out between.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
     /// New pools from `specs`, resolved now: an endpoint that the old pools had
     /// keeps its health and counters. Sessions to removed endpoints drain in
     /// the workers until idle.
@@ -106,6 +111,18 @@ impl Pools {
         crate::config::check_pools(specs)?;
         let mut pools = Vec::with_capacity(specs.len());
         for spec in specs {
+            for (key, n) in [
+                ("max_sessions", spec.max_sessions),
+                ("max_sessions_per_prefix", spec.max_sessions_per_prefix),
+            ] {
+                if n < workers {
+                    anyhow::bail!(
+                        "upstreams.{}: {key} ({n}) is below the listener's {workers} workers: each worker \
+                         holds its own share of the sessions, so give at least one per worker",
+                        spec.name
+                    );
+                }
+            }
             let addrs = spec.resolve()?;
             let before = old.and_then(|o| o.pools.iter().find(|c| c.spec.name == spec.name));
             let pool = match before {

@@ -148,6 +148,13 @@ struct WorkerPool {
 /// datagrams after it do.
 pub const VALIDATED_AFTER: u32 = 2;
 
+/// Worker `w`'s share of `total` among `workers`: the shares add up to
+/// `total` exactly (rounding up for every worker would let `workers - 1` more
+/// sessions open than the pool allows).
+fn share(total: usize, workers: usize, w: usize) -> usize {
+    total / workers + usize::from(w < total % workers)
+}
+
 /// What one client with sessions has earned and spent: the upstream answers it
 /// may be sent, and the `forward`/`send` calls `on_reply` may still make for
 /// it. Kept while the client has a session.
@@ -298,8 +305,8 @@ impl Upstreams {
                 eject_after: c.spec.eject_after,
                 unanswered_timeout: c.spec.unanswered_timeout,
                 drain_timeout: c.spec.drain_timeout,
-                max: c.spec.max_sessions.div_ceil(workers),
-                max_per_prefix: c.spec.max_sessions_per_prefix.div_ceil(workers),
+                max: share(c.spec.max_sessions, workers, w),
+                max_per_prefix: share(c.spec.max_sessions_per_prefix, workers, w),
                 open: 0,
                 retired: false,
             };
@@ -1100,6 +1107,30 @@ mod tests {
         }
         assert_eq!(h.endpoint(A).evicted, 0);
         assert_eq!(h.endpoint(A).active, 3);
+    }
+
+    #[test]
+    fn the_workers_shares_add_up_to_max_sessions_exactly() {
+        for (total, workers) in [(1, 1), (4, 4), (6, 4), (7, 3), (1000, 7), (10_000, 64)] {
+            let shares: Vec<_> = (0..workers).map(|w| share(total, workers, w)).collect();
+            assert_eq!(
+                shares.iter().sum::<usize>(),
+                total,
+                "{total} among {workers}: {shares:?}"
+            );
+            assert!(shares.iter().all(|&s| s >= 1));
+        }
+        let spec = PoolSpec {
+            max_sessions: 1,
+            ..pool(&[A])
+        };
+        let err = Pools::new(&[spec], 4)
+            .err()
+            .expect("one session cannot be shared by four workers");
+        assert!(
+            format!("{err:#}").contains("max_sessions (1) is below the listener's 4 workers"),
+            "{err:#}"
+        );
     }
 
     #[test]
