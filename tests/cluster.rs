@@ -1,7 +1,8 @@
 //! The cluster scope of the shared state: gateway processes (the built binary)
 //! sharing `limit` buckets, counters and penalties through a real
 //! `redis-server` on loopback, and what happens when Redis stops and comes back. `.ci/run` installs Debian's
-//! redis-server; without it these tests say SKIPPED and check nothing.
+//! redis-server; without it these tests say SKIPPED and check nothing (in CI,
+//! where `CI` is set, they fail instead).
 
 mod common;
 
@@ -89,7 +90,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn();
         let Ok(child) = child else {
-            eprintln!("SKIPPED: redis-server is not installed (Debian: apt install redis-server)");
+            common::skip("redis-server is not installed (Debian: apt install redis-server)");
             return None;
         };
         let redis = Self { child, port };
@@ -296,6 +297,51 @@ fn redis_stopped_and_restarted_mid_traffic_fails_open_or_closed_as_configured() 
             .unwrap_or(None);
         spent.is_some_and(|n| n >= 22)
     });
+}
+
+/// Takes a token from the bucket named by the whole datagram (rate 0, burst
+/// 1,000), and replies 1 or 0.
+const PER_KEY: &str = r#"(module
+  (import "wasmgate" "limit" (func $limit (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) i32.const 0)
+  (func (export "handle") (param $p i32) (param $len i32) (result i64)
+    (i32.store8 (i32.const 2000) (call $limit (local.get $p) (local.get $len) (i32.const 0) (i32.const 1000)))
+    (i64.const 0x000007D000000001)))"#;
+
+#[test]
+fn a_silent_redis_with_many_keys_to_flush_is_noticed_within_a_round_trip() {
+    // Before: each reply had its own 500 ms read timeout and the pipeline read
+    // on after a failure, so with 100 keys a blackholed Redis took 105 s to be
+    // noticed. A "Redis" that accepts connections and never answers:
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}", silent.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = std::sync::Arc::clone(&held);
+    std::thread::spawn(move || {
+        for conn in silent.incoming().flatten() {
+            keep.lock().unwrap().push(conn);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let module = write_file(dir.path(), "per-key.wat", PER_KEY.as_bytes());
+    // Failing open, so that each bucket is kept here and waits to be flushed.
+    let gw = gateway(&module, &url, &[]);
+    let c = client();
+    assert!(gw.line_with(&["Redis is unreachable"]).is_some());
+    // 100 buckets to flush on every try from now on.
+    for i in 0..100 {
+        ask(&c, gw.addr, format!("client-{i}").as_bytes());
+    }
+    let errors = metric(&gw, "wasmgate_state_redis_errors_total");
+    // A try a second (the retry), each ended by one 500 ms deadline.
+    std::thread::sleep(Duration::from_secs(5));
+    let more = metric(&gw, "wasmgate_state_redis_errors_total") - errors;
+    assert!(more >= 2.0, "only {more} failed tries in 5 s: each try waits too long");
+    assert_eq!(metric(&gw, "wasmgate_state_redis_up"), 0.0);
+    // Fail open: each gateway limits alone meanwhile.
+    assert_eq!(ask(&c, gw.addr, b"client-new"), [1]);
+    drop(held);
 }
 
 #[test]

@@ -122,7 +122,7 @@ fn installed(tool: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        eprintln!("SKIPPED: {tool} is not installed here (.ci/run installs it)");
+        common::skip(&format!("{tool} is not installed here"));
     }
     found
 }
@@ -339,7 +339,7 @@ fn a_capture_tcpdump_wrote_on_loopback_replays() {
     if !line.contains("listening on") {
         let _ = tcpdump.kill();
         let _ = tcpdump.wait();
-        eprintln!("SKIPPED: tcpdump cannot capture on lo here (not root?): {line}");
+        common::skip(&format!("tcpdump cannot capture on lo here (not root?): {line}"));
         return;
     }
     // It says so a moment before its socket sees packets.

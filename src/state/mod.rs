@@ -278,7 +278,7 @@ impl State {
             }
         };
         if newly_dirty {
-            shard.dirty.push((Space::Value, hash, key.into()));
+            shard.mark_dirty(Space::Value, hash, key);
         }
         Ok(sum)
     }
@@ -381,7 +381,7 @@ impl State {
             }
         };
         if newly_dirty {
-            shard.dirty.push((Space::Bucket, hash, key.into()));
+            shard.mark_dirty(Space::Bucket, hash, key);
         }
         if allowed {
             shard.allowed += 1;
@@ -531,6 +531,19 @@ impl Inner {
                 None
             }
             Err(_) => None,
+        }
+    }
+
+    /// Notes an entry to flush to the cluster. While Redis is down nothing
+    /// takes the list, and entries evicted meanwhile leave their note behind:
+    /// so when the list outgrows the table, the notes of entries gone are
+    /// dropped, and it stays within the state's bounds.
+    fn mark_dirty(&mut self, space: Space, hash: u64, key: &[u8]) {
+        self.dirty.push((space, hash, key.into()));
+        if self.dirty.len() > 2 * self.table.len() + 64 {
+            let table = &self.table;
+            self.dirty
+                .retain(|(space, hash, key)| table.find(*hash, |e| e.is(*hash, *space, key)).is_some_and(|e| e.dirty));
         }
     }
 
