@@ -75,6 +75,16 @@ impl Redis {
     }
 
     fn on(port: u16) -> Option<Self> {
+        Self::with_args(port, &[])
+    }
+
+    /// One that asks clients for `password` (AUTH).
+    fn with_password(password: &str) -> Option<Self> {
+        let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        Self::with_args(port, &["--requirepass", password])
+    }
+
+    fn with_args(port: u16, extra: &[&str]) -> Option<Self> {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -86,6 +96,7 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -342,6 +353,37 @@ fn a_silent_redis_with_many_keys_to_flush_is_noticed_within_a_round_trip() {
     // Fail open: each gateway limits alone meanwhile.
     assert_eq!(ask(&c, gw.addr, b"client-new"), [1]);
     drop(held);
+}
+
+#[test]
+fn a_password_reaches_redis_as_auth_and_never_the_log() {
+    let Some(redis) = Redis::with_password("s3cret-pass") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let module = write_file(dir.path(), "limit.wat", limiter(0, 100_000).as_bytes());
+    // A wrong password: Redis refuses, the gateway says so without the password.
+    let wrong = format!("redis://:not-it-either@127.0.0.1:{}", redis.port);
+    let refused = gateway(&module, &wrong, &[]);
+    let early = refused
+        .preamble
+        .iter()
+        .find(|l| l.contains("Redis is unreachable"))
+        .cloned();
+    let line = early
+        .or_else(|| refused.line_with(&["Redis is unreachable"]))
+        .expect("a failure line");
+    assert!(!line.contains("not-it-either") && line.contains(":***@"), "{line}");
+    // The right one: AUTH, and the limit is shared.
+    let right = format!("redis://:s3cret-pass@127.0.0.1:{}", redis.port);
+    let gw = gateway(&module, &right, &[]);
+    wait_until("a flush", || metric(&gw, "wasmgate_state_redis_up") == 1.0);
+    assert!(allowed(&client(), gw.addr));
+    assert!(
+        gw.preamble.iter().all(|l| !l.contains("s3cret-pass")),
+        "{:?}",
+        gw.preamble
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
 mod proving;
-mod state;
+pub mod state;
 
 pub use proving::{CandidateSpec, DEFAULT_RECORD_MAX_BYTES, RecordSpec, check_percent, check_sample};
 use state::StateSection;

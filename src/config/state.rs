@@ -23,10 +23,29 @@ pub(super) struct StateSection {
 /// How often gateways tell each other what their limits spent, unless told.
 pub const DEFAULT_REDIS_FLUSH: Duration = Duration::from_millis(5);
 
+/// `url` as it may be shown (logs, errors): a password in it becomes `***`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    let query_password = path.contains("password=");
+    let path = if query_password { "?***" } else { path };
+    format!("{scheme}://{user}:***@{host}{path}")
+}
+
 /// Checks a `[state]` Redis URL and its options into a [`ClusterSpec`].
 pub fn cluster_spec(url: &str, failure: Option<&str>, flush: Duration) -> anyhow::Result<ClusterSpec> {
     if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
-        bail!("`{}` is not a Redis URL: write redis://HOST:PORT", quote(url));
+        bail!(
+            "`{}` is not a Redis URL: write redis://HOST:PORT",
+            quote(&redacted(url))
+        );
     }
     if flush.is_zero() || flush > Duration::from_secs(1) {
         bail!("the flush interval must be from 1ms to 1s");
@@ -61,5 +80,19 @@ impl StateSection {
         Ok(Some(
             cluster_spec(url, self.redis_failure.as_deref(), flush).context("state.redis")?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn a_password_in_a_redis_url_is_never_shown() {
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redacted("redis://:s3cret@host:6379/0"), "redis://:***@host:6379/0");
+        assert_eq!(redacted("redis://app:s3cret@host"), "redis://app:***@host");
+        assert_eq!(redacted("redis://app:p@ss@host/2"), "redis://app:***@host/2");
+        assert!(!redacted("http://u:s3cret@host").contains("s3cret"));
     }
 }

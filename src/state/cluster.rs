@@ -31,7 +31,7 @@ use redis::Value;
 use super::{Bucket, COUNTER_MIN, NEVER, NS_PER_MS, Space, State, UNSEEN, interval, lock};
 
 /// Where and how a listener shares its limits, counters and penalties.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClusterSpec {
     /// `redis://HOST:PORT[/DB]` (also `redis://:PASSWORD@…`, `rediss://` is not built in).
     pub url: String,
@@ -39,6 +39,17 @@ pub struct ClusterSpec {
     pub fail_closed: bool,
     /// How often each gateway flushes what it spent and learns what the others did.
     pub flush: Duration,
+}
+
+/// Shown with the URL's password redacted.
+impl std::fmt::Debug for ClusterSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSpec")
+            .field("url", &crate::config::state::redacted(&self.url))
+            .field("fail_closed", &self.fail_closed)
+            .field("flush", &self.flush)
+            .finish()
+    }
 }
 
 /// The longest a Redis call may take before the connection is dropped.
@@ -177,7 +188,8 @@ impl State {
     /// with the store. Fails only on a URL that cannot be Redis; an
     /// unreachable server is logged and retried.
     pub fn join_cluster(self: &Arc<Self>, listener: &str, spec: &ClusterSpec) -> anyhow::Result<()> {
-        let client = redis::Client::open(spec.url.as_str()).with_context(|| format!("state redis {:?}", spec.url))?;
+        let shown = crate::config::state::redacted(&spec.url);
+        let client = redis::Client::open(spec.url.as_str()).with_context(|| format!("state redis {shown:?}"))?;
         let cluster = Arc::new(Cluster::new(spec.fail_closed, 1));
         if self.cluster.set(Arc::clone(&cluster)).is_err() {
             anyhow::bail!("the listener `{listener}` already shares its state");
@@ -186,7 +198,8 @@ impl State {
             state: Arc::downgrade(self),
             cluster,
             client,
-            url: spec.url.clone(),
+            // Only ever shown: the password stays in `client`.
+            url: shown,
             prefix: format!("wasmgate:{listener}:"),
             id: format!("{}-{}", std::process::id(), self.seed),
             flush: spec.flush,
