@@ -61,3 +61,82 @@ fn every_handler_in_the_readme_table_exists_with_its_module() {
     }
     assert!(modules >= 6, "the table names every built module: {modules}");
 }
+
+/// Where a test named `module::…::name` in the docs may live:
+/// `tests/module.rs`, and every `src/…/module.rs` or `module/mod.rs` (names
+/// such as `sessions` or `state` are taken by more than one).
+fn test_files(root: &std::path::Path, module: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let in_tests = root.join("tests").join(format!("{module}.rs"));
+    if in_tests.exists() {
+        found.push(in_tests);
+    }
+    let mut dirs = vec![root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n == module) && path.join("mod.rs").exists() {
+                    found.push(path.join("mod.rs"));
+                }
+                dirs.push(path);
+            } else if path.file_stem().is_some_and(|n| n == module) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_test_the_reliability_page_names_exists() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let page = std::fs::read_to_string(root.join("docs/RELIABILITY.md")).unwrap();
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for span in page.split('`').skip(1).step_by(2) {
+        let parts: Vec<&str> = span.split("::").collect();
+        let (Some(module), Some(name)) = (parts.first(), parts.last()) else {
+            continue;
+        };
+        let looks_like_a_test = parts.len() >= 2
+            && !module.is_empty()
+            && module.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '*');
+        if !looks_like_a_test {
+            continue;
+        }
+        let files = test_files(root, module);
+        if files.is_empty() {
+            missing.push(format!("{span}: no tests/{module}.rs nor src/…/{module}.rs"));
+            continue;
+        }
+        // `name_*` and `name…` name a family of tests by their start.
+        let prefix = name.trim_end_matches(['*', '…']);
+        if prefix.is_empty() {
+            continue;
+        }
+        let wanted = if prefix.len() < name.len() {
+            format!("fn {prefix}")
+        } else {
+            format!("fn {prefix}(")
+        };
+        let found = files
+            .iter()
+            .any(|f| std::fs::read_to_string(f).is_ok_and(|text| text.contains(&wanted)));
+        if found {
+            checked += 1;
+        } else {
+            missing.push(format!("{span}: no {wanted} in {files:?}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/RELIABILITY.md names tests that do not exist:\n{}",
+        missing.join("\n")
+    );
+    assert!(
+        checked >= 40,
+        "only {checked} tests named: has the page's form changed?"
+    );
+}

@@ -126,7 +126,7 @@ mod tests {
         std::fs::write(&victim, b"precious").unwrap();
         let target = dir.path().join("record.pcapng");
         std::os::unix::fs::symlink(&victim, &target).unwrap();
-        let err = create(&target).err().expect("refused");
+        let err = create(&target).expect_err("refused");
         assert!(format!("{err:#}").contains("not a regular file"), "{err:#}");
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
@@ -154,7 +154,7 @@ mod tests {
         let open = dir.path().join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let err = create(&open.join("f")).err().expect("refused");
+        let err = create(&open.join("f")).expect_err("refused");
         assert!(format!("{err:#}").contains("no sticky bit"), "{err:#}");
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
         create(&open.join("f")).unwrap();
