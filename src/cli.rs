@@ -218,6 +218,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", requires = "candidate")]
     pub promote_after: Option<u64>,
 
+    /// Promote only once the clean datagrams came from at least N client
+    /// networks (IPv4 /24, IPv6 /48): one client cannot force a promotion.
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_PROMOTE_MIN_CLIENTS, requires = "promote_after")]
+    pub promote_min_clients: usize,
+
+    /// Promote no sooner than this many seconds after the candidate was loaded.
+    #[arg(long, value_name = "SECONDS", default_value_t = config::DEFAULT_PROMOTE_MIN_TIME.as_secs(), requires = "promote_after")]
+    pub promote_min_time: u64,
+
     /// Share the handlers' `limit` buckets, `state_incr` counters and penalties
     /// with every gateway using this Redis (`redis://HOST:PORT`): each flushes
     /// what it spent, added and penalized every few milliseconds, never on the
@@ -571,6 +580,8 @@ fn listener_from_flags(args: &ServeArgs) -> anyhow::Result<ListenerSpec> {
             shadow_sample: args.shadow_sample,
             canary_percent: args.canary_percent,
             promote_after: args.promote_after,
+            promote_min_clients: args.promote_min_clients,
+            promote_min_time: Duration::from_secs(args.promote_min_time),
             mismatches: args.shadow_mismatches.clone(),
             rollback: !args.no_rollback,
         }),

@@ -390,8 +390,10 @@ fn under_a_low_open_file_limit_max_sessions_is_scaled_down_with_a_warning_and_en
         warning.contains("open_files=600") && warning.contains("max_sessions=10000"),
         "{warning}"
     );
-    // 344 sessions at most (two workers, 172 each): some of 400 new clients are
-    // refused, none beyond the budget is opened, and the gateway serves on.
+    // 344 sessions at most (two workers, 172 each): none beyond the budget is
+    // opened, and the gateway serves on. (None of these clients talks on after
+    // its answer, so a new one may take an earlier one's session: most are
+    // answered, some are refused or lose their session before the answer.)
     let before = open_fds(served.child.id());
     let clients: Vec<UdpSocket> = (0..400).map(|_| client()).collect();
     for c in &clients {
@@ -407,8 +409,8 @@ fn under_a_low_open_file_limit_max_sessions_is_scaled_down_with_a_warning_and_en
         }
     }
     assert!(
-        (300..=344).contains(&answered),
-        "{answered} of 400 clients got a session"
+        (300..=400).contains(&answered),
+        "{answered} of 400 clients were answered"
     );
     // The sessions' sockets, and no more: the hard limit itself is no evidence,
     // since the process cannot pass it anyway.

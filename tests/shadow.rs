@@ -141,6 +141,34 @@ fn a_looping_candidate_times_out_in_the_shadow_and_is_rolled_back() {
     assert!(gateway.stats().shadow[TIMEOUT] >= 1, "{:?}", gateway.stats().shadow);
 }
 
+/// The niceness of this process's thread named `name`, from /proc.
+fn nice_of_thread(name: &str) -> Option<i64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // After the command in parentheses: state is field 3, nice field 19.
+            let rest = stat.rsplit_once(')')?.1;
+            return rest.split_whitespace().nth(16)?.parse().ok();
+        }
+    }
+    None
+}
+
+#[test]
+fn the_shadow_thread_runs_below_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start(
+        wasmgate::DEFAULT_GUEST_WASM,
+        with_candidate(dir.path(), ECHO, |c| c.shadow_sample = 1.0),
+    );
+    assert_eq!(ask(&client(), gateway.local_addr(), b"x"), b"X");
+    let worker = nice_of_thread("wasmgate-worker").expect("a worker thread");
+    wait_until("the shadow thread to lower itself", || {
+        nice_of_thread("wasmgate-shadow") == Some(worker + i64::from(wasmgate::gateway::SHADOW_NICE))
+    });
+}
+
 #[test]
 fn a_candidate_that_agrees_is_promoted_after_n_datagrams() {
     let dir = tempfile::tempdir().unwrap();
@@ -148,7 +176,12 @@ fn a_candidate_that_agrees_is_promoted_after_n_datagrams() {
     let v2 = format!("{ECHO}\n;; v2\n");
     let gateway = start(
         ECHO.as_bytes(),
-        with_candidate(dir.path(), &v2, |c| c.promote_after = Some(25)),
+        with_candidate(dir.path(), &v2, |c| {
+            c.promote_after = Some(25);
+            // One client here; the many-networks rule has tests of its own.
+            c.promote_min_clients = 1;
+            c.promote_min_time = std::time::Duration::ZERO;
+        }),
     );
     let candidate = gateway.publisher().candidate().unwrap();
     assert_ne!(candidate.sha256(), gateway.program().sha256());
@@ -171,7 +204,11 @@ fn a_candidate_that_mismatched_is_never_promoted_automatically() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = start(
         wasmgate::DEFAULT_GUEST_WASM,
-        with_candidate(dir.path(), ECHO, |c| c.promote_after = Some(5)),
+        with_candidate(dir.path(), ECHO, |c| {
+            c.promote_after = Some(5);
+            c.promote_min_clients = 1;
+            c.promote_min_time = std::time::Duration::ZERO;
+        }),
     );
     let socket = client();
     ask(&socket, gateway.local_addr(), b"lower");

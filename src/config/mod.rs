@@ -15,7 +15,10 @@ use serde::Deserialize;
 mod proving;
 pub mod state;
 
-pub use proving::{CandidateSpec, DEFAULT_RECORD_MAX_BYTES, RecordSpec, check_percent, check_sample};
+pub use proving::{
+    CandidateSpec, DEFAULT_PROMOTE_MIN_CLIENTS, DEFAULT_PROMOTE_MIN_TIME, DEFAULT_RECORD_MAX_BYTES, RecordSpec,
+    check_percent, check_sample,
+};
 use state::StateSection;
 pub use state::{DEFAULT_REDIS_FLUSH, cluster_spec};
 
@@ -392,6 +395,8 @@ struct ListenerSection {
     shadow_sample: Option<f64>,
     canary_percent: Option<f64>,
     promote_after: Option<u64>,
+    promote_min_clients: Option<usize>,
+    promote_min_time: Option<String>,
     shadow_mismatches: Option<PathBuf>,
     rollback: Option<bool>,
 }
@@ -588,6 +593,8 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                     if l.shadow_sample.is_some()
                         || l.canary_percent.is_some()
                         || l.promote_after.is_some()
+                        || l.promote_min_clients.is_some()
+                        || l.promote_min_time.is_some()
                         || l.shadow_mismatches.is_some()
                         || l.rollback.is_some()
                     {
@@ -614,6 +621,13 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                         None => 0.0,
                     },
                     promote_after: l.promote_after,
+                    promote_min_clients: l.promote_min_clients.unwrap_or(DEFAULT_PROMOTE_MIN_CLIENTS),
+                    promote_min_time: match &l.promote_min_time {
+                        Some(t) => parse_duration(t)
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| at("promote_min_time"))?,
+                        None => DEFAULT_PROMOTE_MIN_TIME,
+                    },
                     mismatches: l.shadow_mismatches.as_ref().map(|m| base.join(m)),
                     rollback: l.rollback.unwrap_or(true),
                 }),

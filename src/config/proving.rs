@@ -2,6 +2,14 @@
 //! `--candidate` (shadow, canary, promotion), as plain data.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// The default of `--promote-min-clients`: one client, or a handful, cannot
+/// speak for everyone.
+pub const DEFAULT_PROMOTE_MIN_CLIENTS: usize = 10;
+
+/// The default of `--promote-min-time`.
+pub const DEFAULT_PROMOTE_MIN_TIME: Duration = Duration::from_secs(60);
 
 /// The default of `--record-max-bytes`.
 pub const DEFAULT_RECORD_MAX_BYTES: u64 = 100 << 20;
@@ -37,6 +45,10 @@ pub struct CandidateSpec {
     pub canary_percent: f64,
     /// Promote after this many candidate datagrams with no mismatch, trap or timeout.
     pub promote_after: Option<u64>,
+    /// … from at least this many client networks (/24 or /48) …
+    pub promote_min_clients: usize,
+    /// … and no sooner than this after it was loaded.
+    pub promote_min_time: Duration,
     /// Where the last mismatches are written, in the `--record` format.
     pub mismatches: Option<PathBuf>,
     /// Unload a candidate that traps or times out more often than the active.
@@ -50,6 +62,8 @@ impl CandidateSpec {
             shadow_sample: 1.0,
             canary_percent: 0.0,
             promote_after: None,
+            promote_min_clients: DEFAULT_PROMOTE_MIN_CLIENTS,
+            promote_min_time: DEFAULT_PROMOTE_MIN_TIME,
             mismatches: None,
             rollback: true,
         }

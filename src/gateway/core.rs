@@ -144,7 +144,7 @@ impl Core {
     }
 
     /// Tells the candidate's judge how a datagram went, and acts on its ruling.
-    fn judged(&self, trial: &Trial, verdict: &str) {
+    fn judged(&self, trial: &Trial, verdict: &str, client: SocketAddr) {
         let failed = shadow::failed(verdict);
         match trial {
             Trial::None => {}
@@ -156,7 +156,7 @@ impl Core {
             Trial::Canary(candidate) => {
                 let rules = shadow::Rules::of(&self.shared.spec);
                 if let Some(candidate) = candidate.as_ref()
-                    && let Some(action) = candidate.candidate_ran(failed, !failed, &rules)
+                    && let Some(action) = candidate.candidate_ran(failed, !failed, client.ip(), &rules)
                 {
                     self.shared.settle(candidate, action);
                 }
@@ -387,7 +387,7 @@ impl Core {
         if let Some(hash) = last_sent {
             self.loops.sent_hash(shown, hash);
         }
-        self.judged(&trial, verdict);
+        self.judged(&trial, verdict, shown);
         if shadowed {
             let forwards = self
                 .net

@@ -457,7 +457,7 @@ mod shadow;
 mod worker;
 
 pub use offline::{Offline, Outcome};
-pub use shadow::ShadowResult;
+pub use shadow::{SHADOW_NICE, ShadowResult};
 
 use self::shadow::{Action, Candidate, ShadowCounters};
 

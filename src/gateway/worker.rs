@@ -151,10 +151,17 @@ impl Worker {
                         continue;
                     }
                     Ok(count) => count,
-                    Err(_) => {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                         // ICMP port unreachable: counted against the endpoint, session closed.
                         self.core.on_refused(now, id);
                         self.core.poll_commands(|c| self.sockets.apply(c));
+                        ready.drained(token);
+                        continue;
+                    }
+                    Err(e) => {
+                        // An error that persists: counted and said (rate-limited);
+                        // the session is looked at again when it next has data.
+                        self.core.recv_failed(e);
                         ready.drained(token);
                         continue;
                     }

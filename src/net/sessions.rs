@@ -102,17 +102,25 @@ impl SessionSockets {
         let Some(s) = self.sockets.get(&id) else {
             return Ok(0);
         };
-        loop {
+        let mut last = None;
+        // A queued error (host unreachable, …) is given once and the next read
+        // goes on; one that persists (no memory, a broken socket) is handed up
+        // after a few tries rather than tried for ever.
+        for _ in 0..RECV_TRIES {
             match rx.recv(&s.socket) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(e),
-                // Interrupted, or another queued error (host unreachable, …).
-                Err(_) => {}
+                Err(e) => last = Some(e),
             }
         }
+        Err(last.unwrap_or_else(|| io::Error::other("no receive tried")))
     }
 }
+
+/// Reads of one session socket in a row that may fail with an error other
+/// than "refused" before the error is handed up.
+const RECV_TRIES: usize = 4;
 
 /// A non-blocking UDP socket connected to `addr`, so that it receives only what
 /// `addr` sends and the kernel reports ICMP errors from it.

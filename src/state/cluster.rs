@@ -52,6 +52,10 @@ impl std::fmt::Debug for ClusterSpec {
     }
 }
 
+/// How long the penalty stream lives after its last entry, and so the longest
+/// a penalty learned from Redis lasts here.
+const PENALTY_STREAM_TTL_MS: u64 = 86_400_000;
+
 /// The longest a Redis call may take before the connection is dropped.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often a lost connection is tried again.
@@ -347,7 +351,9 @@ impl State {
         let ttl_ms = match until_unix_ms {
             0 => 0,
             until => match until.checked_sub(unix_ms()) {
-                Some(left) if left > 0 => i64::try_from(left).unwrap_or(i64::MAX),
+                // What Redis says is not trusted past the stream's own life: a
+                // penalty "until the year 5138" is one of a day.
+                Some(left) if left > 0 => i64::try_from(left.min(PENALTY_STREAM_TTL_MS)).unwrap_or(i64::MAX),
                 _ => return, // over already
             },
         };
@@ -536,7 +542,7 @@ impl Flusher {
             ignored.push(pipe.len() - 1);
         }
         if !penalties.is_empty() {
-            pipe.cmd("PEXPIRE").arg(&stream).arg(86_400_000);
+            pipe.cmd("PEXPIRE").arg(&stream).arg(PENALTY_STREAM_TTL_MS);
             ignored.push(pipe.len() - 1);
         }
         pipe.cmd("XREAD")
@@ -723,6 +729,17 @@ mod tests {
             "{} flushes for {entries} entries",
             flushes.len()
         );
+    }
+
+    #[test]
+    fn a_penalty_from_redis_lasts_at_most_the_streams_day() {
+        let state = member(2);
+        let millennia = unix_ms() + 3_000 * 365 * 86_400_000;
+        state.learn_penalty(b"bad", millennia, 0);
+        assert_eq!(state.penalized(b"bad", 0), Ok(true));
+        let day = 86_400 * 1_000 * MS;
+        assert_eq!(state.penalized(b"bad", day - MS), Ok(true));
+        assert_eq!(state.penalized(b"bad", day + 1_000 * MS), Ok(false));
     }
 
     /// One flush of every store, in turn, through a map standing for Redis.

@@ -485,7 +485,7 @@ impl State {
             let protect = replaced.map(|_| (space, key));
             let room_entries = self.shard_entries.saturating_sub(usize::from(replaced.is_none()));
             let room_bytes = self.shard_bytes - size + replaced.unwrap_or(0).min(size);
-            if !shard.make_room(room_entries, room_bytes, now, protect) {
+            if !shard.make_room(room_entries, room_bytes, now, protect, space) {
                 return Err(StateError::Full);
             }
         }
@@ -559,7 +559,14 @@ impl Inner {
     /// TTL, and `protect`, are never evicted. When it must evict live entries
     /// it goes an eighth below the bounds, so that a full store does not scan
     /// on every insert. False when there is still no room.
-    fn make_room(&mut self, entries: usize, bytes: usize, now: u64, protect: Option<(Space, &[u8])>) -> bool {
+    fn make_room(
+        &mut self,
+        entries: usize,
+        bytes: usize,
+        now: u64,
+        protect: Option<(Space, &[u8])>,
+        writing: Space,
+    ) -> bool {
         let fits = |s: &Self| s.table.len() <= entries && s.bytes <= bytes;
         let mut freed = 0;
         self.table.retain(|e| {
@@ -575,29 +582,40 @@ impl Inner {
         }
         let (entries, bytes) = (entries - entries / 8, bytes - bytes / 8);
         let is_protected = |e: &Entry| protect.is_some_and(|(space, key)| e.space == space && e.key.is(key));
-        let mut by_expiry: Vec<(u64, usize)> = self
+        // Values go first, then buckets (a bucket evicted gives its client a
+        // whole burst again), each by expiry; a live penalty goes only to make
+        // room for another penalty, never for others' values or buckets.
+        let rank = |e: &Entry| -> Option<(u8, u64)> {
+            let tier = match e.space {
+                Space::Value => 0,
+                Space::Bucket => 1,
+                Space::Penalty if writing == Space::Penalty => 2,
+                Space::Penalty => return None,
+            };
+            let expires = e.expires();
+            (expires != NEVER && !is_protected(e)).then_some((tier, expires))
+        };
+        let mut ranked: Vec<((u8, u64), usize)> = self
             .table
             .iter()
-            .map(|e| (e.expires(), e))
-            .filter(|&(expires, e)| expires != NEVER && !is_protected(e))
-            .map(|(expires, e)| (expires, e.size()))
+            .filter_map(|e| rank(e).map(|r| (r, e.size())))
             .collect();
-        by_expiry.sort_unstable_by_key(|&(expires, _)| expires);
-        // The latest expiry that must go for the rest to fit (ties go together).
+        ranked.sort_unstable_by_key(|&(r, _)| r);
+        // The last rank that must go for the rest to fit (ties go together).
         let (mut left_entries, mut left_bytes) = (self.table.len(), self.bytes);
         let mut cut = None;
-        for (expires, size) in by_expiry {
+        for (r, size) in ranked {
             if left_entries <= entries && left_bytes <= bytes {
                 break;
             }
             left_entries -= 1;
             left_bytes -= size;
-            cut = Some(expires);
+            cut = Some(r);
         }
         if let Some(cut) = cut {
             let (mut evicted, mut freed) = (0, 0);
             self.table.retain(|e| {
-                let evict = e.expires() <= cut && !is_protected(e);
+                let evict = rank(e).is_some_and(|r| r <= cut);
                 if evict {
                     evicted += 1;
                     freed += e.size();
@@ -788,6 +806,39 @@ mod tests {
         s.set(b"ip", b"a value", 0, 0).unwrap();
         assert_eq!(s.limit(b"ip", 1, 1, 0), Ok(true), "spaces do not clash");
         assert_eq!(value(&s, b"ip", 0).as_deref(), Some(&b"a value"[..]));
+    }
+
+    #[test]
+    fn others_writes_never_lift_a_penalty_and_values_go_before_buckets() {
+        // Before: a 64 KiB store filled by 600 clients' buckets and penalties
+        // evicted by shortest TTL, and a client penalized for 10 s was let
+        // back in 0.3 s later.
+        let s = small(8, 1 << 20);
+        for i in 0..4u8 {
+            s.penalize(&[b'p', i], 10_000, 0).unwrap();
+        }
+        for i in 0..2u8 {
+            assert_eq!(s.limit(&[b'b', i], 1, 10, 0), Ok(true));
+        }
+        for i in 0..2u8 {
+            s.set(&[b'v', i], b"x", 60_000 + i64::from(i), 0).unwrap();
+        }
+        // Full: a new bucket takes a value's room, though the value would
+        // outlive every bucket.
+        assert_eq!(s.limit(b"new", 1, 10, MS), Ok(true));
+        let values = (0..2u8).filter(|&i| value(&s, &[b'v', i], MS).is_some()).count();
+        assert_eq!(values, 1, "a value went first");
+        // A flood of other clients' buckets and values: every penalty holds.
+        for i in 0..1_000u32 {
+            let _ = s.limit(&i.to_le_bytes(), 1, 10, 2 * MS);
+            let _ = s.set(&i.to_be_bytes(), b"x", 60_000, 2 * MS);
+        }
+        for i in 0..4u8 {
+            assert_eq!(s.penalized(&[b'p', i], 9 * S), Ok(true), "penalty {i} was lifted");
+        }
+        // Only a penalty makes room among penalties.
+        s.penalize(b"p new", 10_000, 3 * MS).unwrap();
+        assert!(s.penalized(b"p new", 4 * MS).unwrap());
     }
 
     #[test]
