@@ -48,6 +48,14 @@ struct Args {
     /// Datagrams the flooding upstream sends for each one it gets (once a second).
     #[arg(long, default_value_t = 20_000)]
     burst: usize,
+    /// Busy loops beside the gateway, as on a loaded host (each a thread that
+    /// only spins), so that workers are preempted mid-call.
+    #[arg(long, default_value_t = 0)]
+    busy: usize,
+    /// Run a candidate beside the active module (a tenth of the datagrams
+    /// shadowed) and record a hundredth of the traffic.
+    #[arg(long)]
+    proving: bool,
 }
 
 /// Uppercases, and misbehaves on datagrams starting with `!`: `!L` loops, `!T`
@@ -206,16 +214,19 @@ fn hostile_client(addr: SocketAddr, stop: &AtomicBool, tally: &Tally) {
 }
 
 /// Spoofed sources, as far as a process without raw sockets can make them: a new
-/// source port for every datagram, sent to the silent pool (a session nobody
-/// answers) and never read; and a socket on the gateway's own port (127.0.0.2),
-/// as a datagram spoofed from the gateway itself would arrive. `rate` a second.
+/// source port for every datagram, sent in turn to the silent pool (a session
+/// nobody answers) and to the echo (a session the upstream answers, as a
+/// resolver would, though the source never reads it), never read and never
+/// sent again; and a socket on the gateway's own port (127.0.0.2), as a
+/// datagram spoofed from the gateway itself would arrive. `rate` a second.
 fn spoofer(addr: SocketAddr, rate: u64, stop: &AtomicBool, tally: &Tally) {
     let own = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 2], addr.port()))).ok();
     let gap = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         if let Ok(socket) = UdpSocket::bind("127.0.0.1:0") {
-            let _ = socket.send_to(format!("S spoofed {i}").as_bytes(), addr);
+            let pool = if i.is_multiple_of(2) { 'S' } else { 'F' };
+            let _ = socket.send_to(format!("{pool} spoofed {i}").as_bytes(), addr);
             tally.spoofed.fetch_add(1, Ordering::Relaxed);
         }
         if i.is_multiple_of(100)
@@ -297,7 +308,36 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let [echo, silent, flood] = upstreams(&stop, args.burst, &mut threads);
+    for _ in 0..args.busy {
+        let stop = Arc::clone(&stop);
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        }));
+    }
+    let mut proving = Vec::new();
+    if args.proving {
+        let candidate = dir.path().join("candidate.wat");
+        std::fs::write(&candidate, good_module(7))?;
+        proving.push("--candidate".into());
+        proving.push(candidate.display().to_string());
+        proving.extend(
+            [
+                "--shadow-sample",
+                "0.1",
+                "--record-sample",
+                "0.01",
+                "--record-max-bytes",
+                "50MiB",
+            ]
+            .map(String::from),
+        );
+        proving.push("--record".into());
+        proving.push(dir.path().join("record.pcapng").display().to_string());
+    }
     let mut child = Command::new(&args.wasmgate)
+        .args(&proving)
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -361,8 +401,16 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         anyhow::bail!("wasmgate did not say where it serves");
     };
     println!(
-        "soak: wasmgate pid {pid} on {udp}, metrics {metrics}, {} min, {} clients × {}/s",
-        args.minutes, args.clients, args.rate
+        "soak: wasmgate pid {pid} on {udp}, metrics {metrics}, {} min, {} clients × {}/s, {} busy loops{}",
+        args.minutes,
+        args.clients,
+        args.rate,
+        args.busy,
+        if args.proving {
+            ", candidate and recording on"
+        } else {
+            ""
+        }
     );
 
     let tally = Arc::new(Tally::default());

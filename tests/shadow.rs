@@ -200,6 +200,56 @@ fn a_candidate_that_agrees_is_promoted_after_n_datagrams() {
 }
 
 #[test]
+fn canaried_datagrams_are_compared_with_the_active_and_a_different_candidate_is_never_promoted() {
+    // Before: a canaried datagram was judged clean if the candidate did not
+    // fail, however it answered, and a candidate answering every one
+    // differently was promoted.
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start(
+        wasmgate::DEFAULT_GUEST_WASM,
+        with_candidate(dir.path(), ECHO, |c| {
+            c.canary_percent = 100.0;
+            c.shadow_sample = 0.0;
+            c.promote_after = Some(5);
+            c.promote_min_clients = 1;
+            c.promote_min_time = std::time::Duration::ZERO;
+        }),
+    );
+    let socket = client();
+    for i in 0..20 {
+        let m = format!("lower {i}");
+        // Served by the candidate (the echo), for real.
+        assert_eq!(ask(&socket, gateway.local_addr(), m.as_bytes()), m.as_bytes());
+    }
+    wait_until("20 compared", || shadowed(&gateway) == 20);
+    assert_eq!(gateway.stats().shadow[MISMATCH], 20, "{:?}", gateway.stats().shadow);
+    assert!(gateway.publisher().candidate().is_some(), "never promoted");
+}
+
+#[test]
+fn a_canary_candidate_that_agrees_is_promoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = format!("{ECHO}\n;; v2\n");
+    let gateway = start(
+        ECHO.as_bytes(),
+        with_candidate(dir.path(), &v2, |c| {
+            c.canary_percent = 100.0;
+            c.shadow_sample = 0.0;
+            c.promote_after = Some(5);
+            c.promote_min_clients = 1;
+            c.promote_min_time = std::time::Duration::ZERO;
+        }),
+    );
+    let candidate = gateway.publisher().candidate().unwrap();
+    let socket = client();
+    for i in 0..5 {
+        ask(&socket, gateway.local_addr(), format!("m{i}").as_bytes());
+    }
+    wait_until("the promotion", || gateway.program().sha256() == candidate.sha256());
+    assert_eq!(gateway.stats().shadow[MATCH], 5);
+}
+
+#[test]
 fn a_candidate_that_mismatched_is_never_promoted_automatically() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = start(
@@ -304,7 +354,13 @@ fn canary_clients_are_chosen_by_address_stably_and_near_the_percentage() {
         }
     }
     assert!((250..=350).contains(&canaries), "{canaries} of 1,000 at 30%");
-    assert_eq!(shadowed(&gateway), 0);
+    // Nothing else is shadowed; every canaried datagram is compared with the
+    // active (or skipped when the shadow is behind), and each differed.
+    wait_until("every canaried datagram compared", || {
+        let s = gateway.stats();
+        shadowed(&gateway) + s.shadow_skipped == 2 * canaries
+    });
+    assert_eq!(gateway.stats().shadow[MATCH], 0);
 }
 
 #[test]

@@ -155,9 +155,12 @@ impl Core {
             }
             Trial::Canary(candidate) => {
                 let rules = shadow::Rules::of(&self.shared.spec);
-                if let Some(candidate) = candidate.as_ref()
-                    && let Some(action) = candidate.candidate_ran(failed, !failed, client.ip(), &rules)
-                {
+                let Some(candidate) = candidate.as_ref() else { return };
+                if !failed && self.shadow.is_some() {
+                    // Judged once the active module ran it too, in the shadow
+                    // thread: served is not the same as right.
+                    candidate.counted(false);
+                } else if let Some(action) = candidate.candidate_ran(failed, false, client.ip(), &rules) {
                     self.shared.settle(candidate, action);
                 }
             }
@@ -365,12 +368,15 @@ impl Core {
         let recording = self.recording();
         let trial = self.trial(shown);
         let shadowed = trial.shadowed();
+        // A canaried datagram goes to the shadow thread with what the
+        // candidate did, for the active module to run and compare.
+        let canaried = trial.canary() && self.shadow.is_some();
         let mark = self.net.as_ref().map_or(0, |n| n.queued());
         let mut replies = Vec::new();
         let mut last_sent = None;
         let hash = self.loops.hasher();
         let mut emit = |d: &[u8], to: SocketAddr| {
-            if recording || shadowed {
+            if recording || shadowed || canaried {
                 replies.push(d.to_vec());
             }
             last_sent = Some(hash(d));
@@ -388,6 +394,25 @@ impl Core {
             self.loops.sent_hash(shown, hash);
         }
         self.judged(&trial, verdict, shown);
+        if canaried && !shadow::failed(verdict) {
+            let forwards = self
+                .net
+                .as_ref()
+                .map(|n| n.sends_since(mark).map(<[u8]>::to_vec).collect())
+                .unwrap_or_default();
+            self.shadow(Job::Canary {
+                at: now,
+                client: shown,
+                datagram: datagram.to_vec(),
+                verdict,
+                replies: if recording {
+                    replies.clone()
+                } else {
+                    std::mem::take(&mut replies)
+                },
+                forwards,
+            });
+        }
         if shadowed {
             let forwards = self
                 .net

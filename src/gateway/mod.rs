@@ -201,7 +201,8 @@ impl Gateway {
             if let Some(path) = &c.mismatches {
                 shared.mismatches = Some(MismatchLog::start(path)?);
             }
-            if c.shadow_sample > 0.0 {
+            // Canaried datagrams are compared there too (the active runs them).
+            if c.shadow_sample > 0.0 || c.canary_percent > 0.0 {
                 shadow = Some(std::sync::mpsc::sync_channel(shadow::QUEUE));
             }
         }

@@ -37,6 +37,20 @@ pub struct Outcome {
     pub guest_time: Duration,
 }
 
+impl Outcome {
+    /// What became of the datagram, as a recording names it: `reply`,
+    /// `forward`, or the drop reason.
+    pub fn verdict(&self) -> &'static str {
+        if !self.replies.is_empty() {
+            "reply"
+        } else if !self.forwards.is_empty() {
+            "forward"
+        } else {
+            self.dropped.map_or(DropReason::NoReply.as_str(), DropReason::as_str)
+        }
+    }
+}
+
 /// A listener's core driven by hand with a virtual clock.
 pub struct Offline {
     core: Core,
@@ -73,6 +87,19 @@ impl Offline {
             shared.local,
             candidate.pools.clone(),
         ))
+    }
+
+    /// A core running the active `program` beside the listener `shared`
+    /// serves, stubbed as the candidate is (its pools' copy, a state of its
+    /// own): what the active would have done for a canaried datagram.
+    pub(super) fn active_beside(shared: &Shared, candidate: &Candidate, program: Arc<Program>) -> Self {
+        Self::with(
+            &shared.sandbox.with_own_state(),
+            program,
+            &shared.spec,
+            shared.local,
+            candidate.pools.clone(),
+        )
     }
 
     fn with(

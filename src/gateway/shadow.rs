@@ -144,6 +144,18 @@ impl Candidate {
     /// Says what to do, once.
     pub(super) fn candidate_ran(&self, failed: bool, clean: bool, client: IpAddr, rules: &Rules) -> Option<Action> {
         self.candidate.push(failed);
+        self.judge(failed, clean, client, rules)
+    }
+
+    /// Counts a candidate datagram in its failure window only, to be judged
+    /// later ([`Candidate::judge`]).
+    pub(super) fn counted(&self, failed: bool) {
+        self.candidate.push(failed);
+    }
+
+    /// Judges a candidate datagram already counted in its failure window (a
+    /// canaried one, once the active module ran it too).
+    pub(super) fn judge(&self, failed: bool, clean: bool, client: IpAddr, rules: &Rules) -> Option<Action> {
         let mut judge = self.judge.lock().unwrap_or_else(PoisonError::into_inner);
         if judge.decided {
             return None;
@@ -319,6 +331,12 @@ impl Job {
                 replies,
                 forwards,
                 ..
+            }
+            | Self::Canary {
+                datagram,
+                replies,
+                forwards,
+                ..
             } => datagram.len() + total(replies) + total(forwards),
             Self::Upstream { datagram, replies, .. } => datagram.len() + total(replies),
         }
@@ -336,6 +354,16 @@ pub(super) enum Job {
         replies: Vec<Vec<u8>>,
         forwards: Vec<Vec<u8>>,
     },
+    /// A client datagram the candidate served for real (a canary client), and
+    /// what it did about it: the active module runs it, stubbed, to compare.
+    Canary {
+        at: Instant,
+        client: SocketAddr,
+        datagram: Vec<u8>,
+        verdict: &'static str,
+        replies: Vec<Vec<u8>>,
+        forwards: Vec<Vec<u8>>,
+    },
     /// An upstream datagram for `client` and what the active's `on_reply` sent on.
     Upstream {
         at: Instant,
@@ -345,13 +373,14 @@ pub(super) enum Job {
     },
 }
 
-/// The shadow thread: runs every sample through the candidate loaded now and
-/// counts what it shows, until the workers are gone.
 /// How far below the workers the shadow thread runs: the candidate's work is
 /// a proof, never worth a client's datagram (with the time budget in CPU time,
 /// a starved shadow does not time its candidate out for it).
 pub const SHADOW_NICE: i32 = 5;
 
+/// The shadow thread: runs every sample through the candidate loaded now (and
+/// every canaried datagram through the active module) and counts what it
+/// shows, until the workers are gone.
 pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
     // SAFETY: a plain system call; on Linux it changes this thread only.
     if unsafe { libc::nice(SHADOW_NICE) } == -1 {
@@ -362,6 +391,9 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
     }
     let epoch = Instant::now();
     let mut current: Option<(Arc<Candidate>, Offline)> = None;
+    // The active module, stubbed, for canaried datagrams: made on the first,
+    // and again when a reload or promotion changed the active.
+    let mut active: Option<(Arc<Program>, Offline)> = None;
     loop {
         let job = match rx.recv_timeout(POLL_INTERVAL) {
             Ok(job) => {
@@ -392,8 +424,49 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
             continue;
         };
         let client_ip = match &job {
-            Job::Client { client, .. } | Job::Upstream { client, .. } => client.ip(),
+            Job::Client { client, .. } | Job::Canary { client, .. } | Job::Upstream { client, .. } => client.ip(),
         };
+        if let Job::Canary {
+            at,
+            client,
+            datagram,
+            verdict,
+            replies,
+            forwards,
+        } = job
+        {
+            let program = shared.program.load_full();
+            if !active.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, &program)) {
+                active = Some((Arc::clone(&program), Offline::active_beside(shared, candidate, program)));
+            }
+            let Some((_, offline)) = active.as_mut() else { continue };
+            let outcome = offline.client(since(epoch, at), &datagram, client);
+            // Roles swapped: the replies given are the candidate's, the outcome
+            // the active's. Any difference is a mismatch, whichever side failed.
+            let result = match compare(verdict, &replies, &forwards, &outcome) {
+                ShadowResult::Match => ShadowResult::Match,
+                _ => ShadowResult::Mismatch,
+            };
+            if result == ShadowResult::Mismatch
+                && let Some(log) = &shared.mismatches
+            {
+                let module = shared.program.load().sha256();
+                log.add(
+                    client,
+                    shared.local,
+                    &datagram,
+                    outcome.verdict(),
+                    &outcome.replies,
+                    module,
+                );
+            }
+            shared.shadow.count(result);
+            let rules = Rules::of(&shared.spec);
+            if let Some(action) = candidate.judge(false, result == ShadowResult::Match, client_ip, &rules) {
+                shared.settle(candidate, action);
+            }
+            continue;
+        }
         let result = match job {
             Job::Client {
                 at,
@@ -413,6 +486,7 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
                 }
                 result
             }
+            Job::Canary { .. } => continue,
             Job::Upstream {
                 at,
                 client,
@@ -444,13 +518,7 @@ fn compare(verdict: &str, replies: &[Vec<u8>], forwards: &[Vec<u8>], outcome: &O
     if let Some(result) = candidate_failed(verdict, outcome) {
         return result;
     }
-    let theirs = if !outcome.replies.is_empty() {
-        "reply"
-    } else if !outcome.forwards.is_empty() {
-        "forward"
-    } else {
-        outcome.dropped.map_or(DropReason::NoReply.as_str(), DropReason::as_str)
-    };
+    let theirs = outcome.verdict();
     // Forwards are compared by content: which endpoint of a pool takes them
     // is the balancer's choice, not the module's.
     let same_forwards =
