@@ -244,6 +244,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS", default_value_t = 5, requires = "state_redis")]
     pub state_redis_flush_ms: u64,
 
+    /// The name this service's keys are kept under in Redis (default: the
+    /// listener's name, `default` from flags, which every flag-started gateway
+    /// shares): gateways that share limits must give the same one.
+    #[arg(long, value_name = "NAME", requires = "state_redis", value_parser = |s: &str| config::state::check_namespace(s))]
+    pub state_redis_namespace: Option<String>,
+
     /// Keep a candidate loaded however often it traps or times out (to study
     /// it, or to measure what it costs); it is still never promoted automatically.
     #[arg(long, requires = "candidate")]
@@ -554,6 +560,7 @@ fn listener_from_flags(args: &ServeArgs) -> anyhow::Result<ListenerSpec> {
                 url,
                 Some(&args.state_redis_failure),
                 Duration::from_millis(args.state_redis_flush_ms),
+                args.state_redis_namespace.as_deref(),
             )
             .context("--state-redis")?,
         ),

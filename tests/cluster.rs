@@ -387,6 +387,50 @@ fn a_password_reaches_redis_as_auth_and_never_the_log() {
 }
 
 #[test]
+fn services_on_one_redis_share_only_within_their_namespace() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // A quota of 5, never refilled.
+    let module = write_file(dir.path(), "quota.wat", limiter(0, 5).as_bytes());
+    let a = gateway(&module, &redis.url(), &["--state-redis-namespace", "svc-a"]);
+    let b = gateway(&module, &redis.url(), &["--state-redis-namespace", "svc-b"]);
+    let c = client();
+    for _ in 0..5 {
+        assert!(allowed(&c, a.addr));
+    }
+    assert!(!allowed(&c, a.addr), "A's quota is spent");
+    let mut conn = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("redis-server answers");
+    let spent = |conn: &mut redis::Connection, key: &str| -> Option<i64> {
+        redis::cmd("GET").arg(key).query(conn).unwrap_or(None)
+    };
+    wait_until("A's spending to reach Redis", || {
+        spent(&mut conn, "wasmgate:svc-a:limit:shared") == Some(5)
+    });
+    // B's bucket of the same name is its own, flush after flush.
+    for _ in 0..5 {
+        assert!(allowed(&c, b.addr), "B shares A's bucket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(spent(&mut conn, "wasmgate:default:limit:shared"), None);
+    // Only a flag-started gateway left on the shared default name is warned.
+    assert!(!a.preamble.iter().any(|l| l.contains("give --state-redis-namespace")));
+    let plain = gateway(&module, &redis.url(), &[]);
+    assert!(
+        plain
+            .preamble
+            .iter()
+            .any(|l| l.contains("give --state-redis-namespace")),
+        "{:?}",
+        plain.preamble
+    );
+    let (code, _, err) = common::run_to_end(&["--state-redis", &redis.url(), "--state-redis-namespace", "a:b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a namespace"), "{err}");
+}
+
+#[test]
 fn a_bad_redis_url_is_refused_with_the_reason() {
     let (code, _, err) = common::run_to_end(&["--state-redis", "http://127.0.0.1:6379"]);
     assert_eq!(code, Some(1), "{err}");

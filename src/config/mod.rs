@@ -123,12 +123,15 @@ pub struct ListenerSpec {
 /// Where a listener listens unless told.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8008));
 
+/// The name of the listener the flags describe.
+pub const DEFAULT_LISTENER_NAME: &str = "default";
+
 /// Every listener default, written once: the flags and the TOML file start
 /// from these.
 impl Default for ListenerSpec {
     fn default() -> Self {
         Self {
-            name: "default".to_string(),
+            name: DEFAULT_LISTENER_NAME.to_string(),
             listen: DEFAULT_LISTEN,
             module: None,
             workers: default_workers(),
@@ -856,7 +859,8 @@ mod tests {
             Some(ClusterSpec {
                 url: "redis://127.0.0.1:6379".into(),
                 fail_closed: true,
-                flush: Duration::from_millis(10)
+                flush: Duration::from_millis(10),
+                namespace: None,
             })
         );
         assert_eq!(parse(LISTENER, Path::new("."), 2).unwrap().listeners[0].cluster, None);

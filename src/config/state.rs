@@ -18,6 +18,7 @@ pub(super) struct StateSection {
     redis: Option<String>,
     redis_failure: Option<String>,
     redis_flush: Option<String>,
+    namespace: Option<String>,
 }
 
 /// How often gateways tell each other what their limits spent, unless told.
@@ -39,8 +40,27 @@ pub fn redacted(url: &str) -> String {
     format!("{scheme}://{user}:***@{host}{path}")
 }
 
+/// Checks a Redis namespace: 1 to 64 letters, digits, `.`, `_` or `-` (no
+/// `:`, which would reach into another namespace's keys).
+pub fn check_namespace(name: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "`{}` is not a namespace: give 1 to 64 letters, digits, `.`, `_` or `-`",
+            quote(name)
+        ))
+    }
+}
+
 /// Checks a `[state]` Redis URL and its options into a [`ClusterSpec`].
-pub fn cluster_spec(url: &str, failure: Option<&str>, flush: Duration) -> anyhow::Result<ClusterSpec> {
+pub fn cluster_spec(
+    url: &str,
+    failure: Option<&str>,
+    flush: Duration,
+    namespace: Option<&str>,
+) -> anyhow::Result<ClusterSpec> {
     if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
         bail!(
             "`{}` is not a Redis URL: write redis://HOST:PORT",
@@ -55,10 +75,12 @@ pub fn cluster_spec(url: &str, failure: Option<&str>, flush: Duration) -> anyhow
         Some("closed") => true,
         Some(other) => bail!("`{}` is not `open` or `closed`", quote(other)),
     };
+    let namespace = namespace.map(check_namespace).transpose().map_err(anyhow::Error::msg)?;
     Ok(ClusterSpec {
         url: url.to_string(),
         fail_closed,
         flush,
+        namespace,
     })
 }
 
@@ -66,8 +88,8 @@ impl StateSection {
     /// The cluster scope the table asks for, if any.
     pub(super) fn cluster(&self) -> anyhow::Result<Option<ClusterSpec>> {
         let Some(url) = &self.redis else {
-            if self.redis_failure.is_some() || self.redis_flush.is_some() {
-                bail!("state: redis_failure and redis_flush need redis = \"redis://HOST:PORT\"");
+            if self.redis_failure.is_some() || self.redis_flush.is_some() || self.namespace.is_some() {
+                bail!("state: redis_failure, redis_flush and namespace need redis = \"redis://HOST:PORT\"");
             }
             return Ok(None);
         };
@@ -78,7 +100,8 @@ impl StateSection {
             None => DEFAULT_REDIS_FLUSH,
         };
         Ok(Some(
-            cluster_spec(url, self.redis_failure.as_deref(), flush).context("state.redis")?,
+            cluster_spec(url, self.redis_failure.as_deref(), flush, self.namespace.as_deref())
+                .context("state.redis")?,
         ))
     }
 }

@@ -39,6 +39,9 @@ pub struct ClusterSpec {
     pub fail_closed: bool,
     /// How often each gateway flushes what it spent and learns what the others did.
     pub flush: Duration,
+    /// The name its keys are kept under in Redis (`wasmgate:NAMESPACE:…`);
+    /// `None`: the listener's name.
+    pub namespace: Option<String>,
 }
 
 /// Shown with the URL's password redacted.
@@ -48,6 +51,7 @@ impl std::fmt::Debug for ClusterSpec {
             .field("url", &crate::config::state::redacted(&self.url))
             .field("fail_closed", &self.fail_closed)
             .field("flush", &self.flush)
+            .field("namespace", &self.namespace)
             .finish()
     }
 }
@@ -195,6 +199,15 @@ impl State {
         let shown = crate::config::state::redacted(&spec.url);
         let client = redis::Client::open(spec.url.as_str()).with_context(|| format!("state redis {shown:?}"))?;
         let cluster = Arc::new(Cluster::new(spec.fail_closed, 1));
+        let namespace = spec.namespace.as_deref().unwrap_or(listener);
+        if spec.namespace.is_none() && listener == crate::config::DEFAULT_LISTENER_NAME {
+            tracing::warn!(
+                redis = shown,
+                "state: shared through Redis under the name `{listener}`, as every gateway started \
+                 from flags is: unrelated services on this Redis share their buckets, counters and \
+                 penalties; give --state-redis-namespace to keep them apart"
+            );
+        }
         if self.cluster.set(Arc::clone(&cluster)).is_err() {
             anyhow::bail!("the listener `{listener}` already shares its state");
         }
@@ -204,7 +217,7 @@ impl State {
             client,
             // Only ever shown: the password stays in `client`.
             url: shown,
-            prefix: format!("wasmgate:{listener}:"),
+            prefix: format!("wasmgate:{namespace}:"),
             id: format!("{}-{}", std::process::id(), self.seed),
             flush: spec.flush,
             listener: listener.to_string(),

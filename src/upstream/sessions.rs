@@ -312,7 +312,13 @@ impl Upstreams {
             };
             match self.pools.iter_mut().find(|wp| wp.name == c.spec.name) {
                 Some(wp) => *wp = WorkerPool { open: wp.open, ..fresh },
-                None => self.pools.push(fresh),
+                // A retired pool whose sessions have all ended gives its place
+                // to a new one, so that reloads of changing pool names do not
+                // grow the list without end (sessions name pools by place).
+                None => match self.pools.iter_mut().find(|wp| wp.retired && wp.open == 0) {
+                    Some(wp) => *wp = fresh,
+                    None => self.pools.push(fresh),
+                },
             }
         }
         // Sessions find their endpoint in the new lists (and count for least-sessions).
@@ -1107,6 +1113,24 @@ mod tests {
         }
         assert_eq!(h.endpoint(A).evicted, 0);
         assert_eq!(h.endpoint(A).active, 3);
+    }
+
+    #[test]
+    fn reloads_of_ever_new_pool_names_reuse_the_places_of_retired_pools() {
+        let mut h = harness(pool(&[A]));
+        h.forward(client(1), b"x").unwrap();
+        h.commands();
+        // The pool of client 1's session is renamed away, then a hundred more
+        // names come and go: the drained places are taken again.
+        for i in 0..100 {
+            let spec = PoolSpec::new(format!("p{i}"), vec![B.to_string()]);
+            let next = Arc::new(h.pools.rebuilt(&[spec]).unwrap());
+            h.table.adopt(Arc::clone(&next));
+            h.pools = next;
+        }
+        assert_eq!(h.table.pools.len(), 2, "the draining pool and the one in use");
+        // The draining session still finds its pool.
+        assert_eq!(h.table.session(SessionId(0)).map(|(c, _)| c), Some(client(1)));
     }
 
     #[test]
