@@ -175,6 +175,41 @@ fn against_another_module_counts_new_traps_and_compares_guest_time() {
     let (code, out, err) = run_to_end(&["replay", &capture, "--module", &echo, "--against", &echo]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("same: 3  different: 0"), "{out}");
+
+    // The guest time compared is measured: an echo that first spins thirty
+    // million turns takes many times the plain echo's time, either way round.
+    let slow = ECHO.replace(
+        r#"(func (export "handle") (param $ptr i32) (param $len i32) (result i64)"#,
+        r#"(func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+            (local $spin i32)
+            (local.set $spin (i32.const 30000000))
+            (block $done (loop $again
+                (br_if $done (i32.eqz (local.get $spin)))
+                (local.set $spin (i32.sub (local.get $spin) (i32.const 1)))
+                (br $again)))"#,
+    );
+    assert!(slow.contains("$spin"), "the echo was not edited");
+    let slow = write_file(dir.path(), "slow.wat", slow.as_bytes());
+    let ratio = |new: &str, old: &str| -> f64 {
+        let args = [
+            "replay",
+            &capture,
+            "--module",
+            new,
+            "--against",
+            old,
+            "--json",
+            "--timeout-ms",
+            "2000",
+        ];
+        let (_, out, err) = run_to_end(&args);
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        report["guest_time_ratio"].as_f64().expect("a ratio")
+    };
+    let slower = ratio(&slow, &echo);
+    let faster = ratio(&echo, &slow);
+    assert!(slower > 5.0, "the spinning echo against the echo: {slower}");
+    assert!(faster < 0.2, "the echo against the spinning echo: {faster}");
 }
 
 #[test]
@@ -212,6 +247,32 @@ fn a_forwarding_recording_feeds_its_upstream_answers_to_the_replayed_module() {
         "{out}"
     );
     assert!(out.contains(r#"new: reply "ONE""#), "{out}");
+
+    // A module with `on_reply` gets the recorded answers: it forwards the
+    // same, and passes each answer on uppercased, which only the recorded
+    // "up:one" fed to it can give.
+    let shouting = FORWARD.replace(
+        "\n  (func (export \"handle\")",
+        r#"
+  (func (export "on_reply") (param $ptr i32) (param $len i32) (result i64)
+    (local $i i32)
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $i) (local.get $len)))
+      (if (i32.and (i32.ge_u (i32.load8_u (i32.add (local.get $ptr) (local.get $i))) (i32.const 97))
+                   (i32.le_u (i32.load8_u (i32.add (local.get $ptr) (local.get $i))) (i32.const 122)))
+        (then (i32.store8 (i32.add (local.get $ptr) (local.get $i))
+                (i32.sub (i32.load8_u (i32.add (local.get $ptr) (local.get $i))) (i32.const 32)))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $next)))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32)) (i64.extend_i32_u (local.get $len))))
+  (func (export "handle")"#,
+    );
+    assert!(shouting.contains("on_reply"), "the guest was not edited");
+    let shouting = write_file(dir.path(), "shouting.wat", shouting.as_bytes());
+    let (code, out, _) = run_to_end(&["replay", &capture, "--module", &shouting, "--upstream", &pool]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(r#"new: reply "UP:ONE""#), "{out}");
+    assert_eq!(upstream.count(), 2, "nothing was sent for real");
 }
 
 #[test]

@@ -131,12 +131,33 @@ fn a_trapping_candidate_costs_clients_nothing_and_is_rolled_back() {
 
 #[test]
 fn a_looping_candidate_times_out_in_the_shadow_and_is_rolled_back() {
+    // A candidate that spends its whole 2 s budget on every datagram: were the
+    // shadow run on the worker, each answer would wait for it.
     let dir = tempfile::tempdir().unwrap();
-    let gateway = start(wasmgate::DEFAULT_GUEST_WASM, with_candidate(dir.path(), LOOPS, |_| {}));
+    let limits = wasmgate::sandbox::Limits {
+        timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let gateway = common::start_with(
+        wasmgate::DEFAULT_GUEST_WASM,
+        limits,
+        with_candidate(dir.path(), LOOPS, |_| {}),
+    );
     let socket = client();
-    for _ in 0..5 {
+    let started = std::time::Instant::now();
+    // More than the shadow queue holds while the candidate is on its first.
+    for _ in 0..1_100 {
         assert_eq!(ask(&socket, gateway.local_addr(), b"still here"), b"STILL HERE");
     }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "answers waited for the candidate: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        gateway.stats().shadow_skipped > 0,
+        "the shadow fell behind and skipped samples"
+    );
     wait_until("the rollback", || gateway.publisher().candidate().is_none());
     assert!(gateway.stats().shadow[TIMEOUT] >= 1, "{:?}", gateway.stats().shadow);
 }

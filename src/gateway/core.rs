@@ -882,15 +882,25 @@ mod tests {
         );
         let t0 = Instant::now();
         client_says_at(&mut core, t0, addr(CLIENT), b"q");
-        let mut closed = Vec::new();
-        core.on_timeout(t0 + Duration::from_secs(5));
-        core.poll_commands(|c| {
-            if let Command::Close { id } = c {
-                closed.push(id);
-            }
-            Applied::Done
-        });
-        assert_eq!(closed, [SessionId::from_raw(0)]);
+        let closes_at = |core: &mut Core, at: Duration| {
+            let mut closed = Vec::new();
+            core.on_timeout(t0 + at);
+            core.poll_commands(|c| {
+                if let Command::Close { id } = c {
+                    closed.push(id);
+                }
+                Applied::Done
+            });
+            closed
+        };
+        // Not a moment before its timeout…
+        assert_eq!(
+            closes_at(&mut core, Duration::from_millis(4_999)),
+            [],
+            "closed before its timeout"
+        );
+        // …and at it.
+        assert_eq!(closes_at(&mut core, Duration::from_secs(5)), [SessionId::from_raw(0)]);
         let (out, _) = upstream_says(&mut core, SessionId::from_raw(0), &[b"late"]);
         assert!(out.is_empty());
         assert!(!core.awaiting());

@@ -781,15 +781,20 @@ mod tests {
 
     #[test]
     fn a_full_bucket_leaves_no_entry_behind() {
-        let s = State::new(StateLimits::default());
+        // A store of one entry: whether a write must evict the bucket tells
+        // whether the bucket's entry was still live.
+        let s = small(1, 1 << 20);
         assert_eq!(s.limit(b"ip", 1000, 10, 0), Ok(true));
         assert_eq!(s.stats().entries, 1);
-        // One token back after 1 ms: the bucket is full and its entry expired.
+        // One token back after 1 ms: the bucket is full and its entry expired,
+        // so the write takes its room without evicting anything live.
         s.set(b"other", b"", 0, S).unwrap();
-        assert_eq!(s.penalized(b"x", S), Ok(false));
-        s.limit(b"ip", 1000, 10, S).unwrap();
-        s.limit(b"ip", 1000, 10, S + 5 * S).unwrap();
-        assert_eq!(s.stats().entries, 2);
+        assert_eq!((s.stats().entries, s.stats().evictions), (1, 0));
+        // Not yet full again (a token a second): live, and evicted for the write.
+        let s = small(1, 1 << 20);
+        assert_eq!(s.limit(b"ip", 1, 10, 0), Ok(true));
+        s.set(b"other", b"", 0, 500 * MS).unwrap();
+        assert_eq!((s.stats().entries, s.stats().evictions), (1, 1));
     }
 
     #[test]
