@@ -69,6 +69,39 @@ fn pcapng_at(resolution: u8, stamps: &[u64]) -> Vec<u8> {
 }
 
 #[test]
+fn the_handlers_state_runs_on_the_captures_clock() {
+    // Before: replay's state ran on the wall clock, so a rate limit that let
+    // through datagrams two seconds apart when they were captured refused
+    // them when replayed in a millisecond (20 false differences of 30).
+    let dir = tempfile::tempdir().unwrap();
+    // One token a second, one at most: `limit("shared", 1, 1)`, replies "y" or "n".
+    let limiter = write_file(
+        dir.path(),
+        "limiter.wat",
+        br#"(module
+  (import "wasmgate" "limit" (func $limit (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 1000) "shared")
+  (func (export "alloc") (param i32) (result i32) i32.const 0)
+  (func (export "handle") (param $p i32) (param $len i32) (result i64)
+    (i32.store8 (i32.const 2000)
+      (select (i32.const 121) (i32.const 110)
+        (call $limit (i32.const 1000) (i32.const 6) (i32.const 1) (i32.const 1))))
+    (i64.const 0x000007D000000001)))"#,
+    );
+    let seconds: Vec<u64> = (0..5).map(|i| 2_000_000_000 * i).collect();
+    let capture = write_file(dir.path(), "spaced.pcapng", &pcapng_at(9, &seconds));
+    let (_, out, err) = run_to_end(&["replay", &capture, "--module", &limiter]);
+    assert_eq!(out.matches(r#"new: reply "y""#).count(), 5, "{out}{err}");
+    // The same five within a second: one token, then refusals.
+    let close: Vec<u64> = (0..5).map(|i| 100_000_000 * i).collect();
+    let capture = write_file(dir.path(), "close.pcapng", &pcapng_at(9, &close));
+    let (_, out, err) = run_to_end(&["replay", &capture, "--module", &limiter]);
+    assert_eq!(out.matches(r#"new: reply "y""#).count(), 1, "{out}{err}");
+    assert_eq!(out.matches(r#"new: reply "n""#).count(), 4, "{out}{err}");
+}
+
+#[test]
 fn hostile_captures_get_an_answer_never_a_panic_a_hang_or_all_memory() {
     // Before: two timestamp forms panicked (exit 101), /dev/zero was read until
     // memory ran out, and a FIFO blocked for ever.

@@ -556,7 +556,14 @@ mod tests {
         for i in 0..1_000u32 {
             let mut datagram = i.to_be_bytes().to_vec();
             datagram.extend_from_slice(&payload);
-            log.add(client, local, &datagram, "reply", std::slice::from_ref(&datagram), [0; 32]);
+            log.add(
+                client,
+                local,
+                &datagram,
+                "reply",
+                std::slice::from_ref(&datagram),
+                [0; 32],
+            );
             if i % 50 == 0 {
                 // Let the writer run between bursts, as traffic would.
                 std::thread::sleep(std::time::Duration::from_millis(2));
@@ -588,7 +595,14 @@ mod tests {
         let (client, local) = ("192.0.2.7:4000".parse().unwrap(), "127.0.0.1:8008".parse().unwrap());
         let datagram = vec![b'y'; 1000];
         for _ in 0..2_000 {
-            log.add(client, local, &datagram, "reply", std::slice::from_ref(&datagram), [0; 32]);
+            log.add(
+                client,
+                local,
+                &datagram,
+                "reply",
+                std::slice::from_ref(&datagram),
+                [0; 32],
+            );
             std::thread::yield_now();
         }
         let given = 2_000 * 2 * 1000;

@@ -152,10 +152,10 @@ impl Offline {
         let first = *self.first.get_or_insert(at);
         // A capture's times are the file's to choose: one far in the future
         // (or at the end of time) is as late as an Instant can be, never a panic.
-        let now = self
-            .start
-            .checked_add(at.saturating_sub(first))
-            .unwrap_or(self.start + FAR_FUTURE);
+        let since = at.saturating_sub(first).min(FAR_FUTURE);
+        let now = self.start.checked_add(since).unwrap_or(self.start + FAR_FUTURE);
+        // The handlers' state runs on the capture's clock too.
+        self.core.shared.sandbox.state().set_clock(since);
         if now >= self.core.poll_timeout() {
             self.core.on_timeout(now);
             let open = |id: &SessionId| self.core.net.as_ref().is_some_and(|n| n.session(*id).is_some());

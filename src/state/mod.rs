@@ -161,6 +161,9 @@ pub struct State {
     seed: u64,
     /// [`coarse_now`] when the store was made.
     origin: u64,
+    /// A time set by hand ([`State::set_clock`]), for `replay` and the shadow,
+    /// which run on a capture's clock; [`NO_CLOCK`] while the real one serves.
+    clock: std::sync::atomic::AtomicU64,
     /// Set when the listener shares its limits, counters and penalties through Redis.
     cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
 }
@@ -199,6 +202,7 @@ impl State {
             limits,
             seed: std::hash::RandomState::new().hash_one(0x5741_534d_4741_5445_u64),
             origin: coarse_now(),
+            clock: std::sync::atomic::AtomicU64::new(NO_CLOCK),
             cluster: std::sync::OnceLock::new(),
         }
     }
@@ -213,7 +217,10 @@ impl State {
     /// costs a few nanoseconds where the precise one costs tens, once per call:
     /// TTLs in milliseconds and refills of a few tokens at a time need no more.
     pub fn now(&self) -> u64 {
-        coarse_now().saturating_sub(self.origin)
+        match self.clock.load(std::sync::atomic::Ordering::Relaxed) {
+            NO_CLOCK => coarse_now().saturating_sub(self.origin),
+            set => set,
+        }
     }
 
     /// Calls `f` with the value of `key` (a counter is its 8 bytes, little-endian).
@@ -636,6 +643,22 @@ fn lock(shard: &Shard) -> MutexGuard<'_, Inner> {
 }
 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds.
+/// [`State::clock`] when no time was set by hand.
+const NO_CLOCK: u64 = u64::MAX;
+
+impl State {
+    /// From now on, the store's time is `since_start` after its start, as set
+    /// here, not the real clock's: `replay` and the shadow run a capture (or
+    /// the workers' samples) on its own clock, so that limits refill and TTLs
+    /// run out as they did when it was captured.
+    pub fn set_clock(&self, since_start: std::time::Duration) {
+        let ns = u64::try_from(since_start.as_nanos())
+            .unwrap_or(NO_CLOCK - 1)
+            .min(NO_CLOCK - 1);
+        self.clock.store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn coarse_now() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec for the call to write; the clock id is
