@@ -371,7 +371,11 @@ fn a_silent_redis_with_many_keys_to_flush_is_noticed_within_a_round_trip() {
     // Failing open, so that each bucket is kept here and waits to be flushed.
     let gw = gateway(&module, &url, &[]);
     let c = client();
-    assert!(gw.line_with(&["Redis is unreachable"]).is_some());
+    // Said at the first contact, before serving, or just after.
+    assert!(
+        gw.preamble.iter().any(|l| l.contains("Redis is unreachable"))
+            || gw.line_with(&["Redis is unreachable"]).is_some()
+    );
     // 100 buckets to flush on every try from now on.
     for i in 0..100 {
         ask(&c, gw.addr, format!("client-{i}").as_bytes());
@@ -460,6 +464,31 @@ fn services_on_one_redis_share_only_within_their_namespace() {
     let (code, _, err) = common::run_to_end(&["--state-redis", &redis.url(), "--state-redis-namespace", "a:b"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("not a namespace"), "{err}");
+}
+
+#[test]
+fn a_gateway_joining_late_takes_only_its_share_of_a_quota_the_first_spent() {
+    // Before: a gateway knew of the others only after its first flush, so one
+    // that started after the first had spent a quota of 40 took itself for
+    // alone and gave the whole burst again (totals of 63 to 79, over the
+    // documented bound of 60).
+    let Some(redis) = Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let module = write_file(dir.path(), "quota.wat", limiter(0, 40).as_bytes());
+    let a = gateway(&module, &redis.url(), &[]);
+    let c = client();
+    let first: usize = (0..50).filter(|_| allowed(&c, a.addr)).count();
+    assert_eq!(first, 40, "alone, the first gateway has the whole quota");
+    let b = gateway(&module, &redis.url(), &[]);
+    let mut late = 0;
+    for _ in 0..50 {
+        late += usize::from(allowed(&c, b.addr));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Its share (40 / 2) at most before its first flush, then the quota is
+    // known spent: the documented bound, burst × (1 + (N − 1)/N) = 60.
+    assert!(late <= 20, "the late gateway allowed {late}");
+    assert!(first + late <= 60);
 }
 
 #[test]

@@ -211,7 +211,7 @@ impl State {
         if self.cluster.set(Arc::clone(&cluster)).is_err() {
             anyhow::bail!("the listener `{listener}` already shares its state");
         }
-        let flusher = Flusher {
+        let mut flusher = Flusher {
             state: Arc::downgrade(self),
             cluster,
             client,
@@ -224,9 +224,11 @@ impl State {
             // From the stream's start: a gateway joining learns the penalties running.
             penalty_cursor: "0-0".to_string(),
         };
+        // Before the listener serves: the gateway count decides a new bucket's share.
+        let connection = flusher.first_contact();
         std::thread::Builder::new()
             .name(format!("redis-{listener}"))
-            .spawn(move || flusher.run())
+            .spawn(move || flusher.run(connection))
             .context("cannot start the state flusher thread")?;
         Ok(())
     }
@@ -336,23 +338,35 @@ impl State {
             // tokens it counted as refilled), by one burst at most: tokens
             // spent long ago (say, while Redis was down) have come back since.
             let mut most = empty.saturating_add(tolerance);
-            let foreign = if b.seen == UNSEEN {
+            let first = b.seen == UNSEEN;
+            let mut foreign = if first {
                 // Before the first flush, spending is history: empty at most.
                 most = empty;
-                // The share held back for the others is given back, and
-                // everything they spent before this first flush taken.
-                b.tat = b
-                    .tat
-                    .saturating_sub(u128::from(b.held).saturating_mul(step))
-                    .max(now128.min(b.tat));
-                b.held = 0;
+                // Everything the others spent before this first flush.
                 total.saturating_sub(sent)
             } else {
                 // A total below what was seen: the Redis key expired or was reset.
                 total.saturating_sub(b.seen.saturating_add(sent))
             };
+            // The share this gateway held back for the others (its bucket
+            // started that much emptier) pays for their spending first.
+            let covered = foreign.min(u64::from(b.held));
+            foreign -= covered;
+            b.held -= u32::try_from(covered).unwrap_or(b.held);
             if b.tat < most {
                 b.tat = b.tat.saturating_add(u128::from(foreign).saturating_mul(step)).min(most);
+            }
+            // What of it they did not spend is given back a flush after the
+            // first, not at it: what they spent just before this gateway's
+            // first flush may reach Redis only with their next one (given back
+            // at the first, a share was spent twice: a quota of 40 on two
+            // gateways allowed up to 80).
+            if !first && b.held > 0 {
+                b.tat = b
+                    .tat
+                    .saturating_sub(u128::from(b.held).saturating_mul(step))
+                    .max(now128.min(b.tat));
+                b.held = 0;
             }
             b.seen = total;
             entry.value.copy_from_slice(&b.bytes());
@@ -404,8 +418,38 @@ struct Exchanged {
 }
 
 impl Flusher {
-    fn run(mut self) {
-        let mut connection: Option<redis::Connection> = None;
+    /// One exchange with nothing to flush, to count the gateways (and learn
+    /// the penalties running) before this one takes its first share of a
+    /// bucket. The listener waits for it ([`State::join_cluster`]): a gateway
+    /// that took itself for alone gave a new bucket's whole burst where its
+    /// share was due (a quota of 40 on two gateways allowed up to 79).
+    fn first_contact(&mut self) -> Option<redis::Connection> {
+        let state = self.state.upgrade()?;
+        let mut c = match self.connect() {
+            Ok(c) => c,
+            Err(e) => {
+                self.down(&e);
+                return None;
+            }
+        };
+        match self.exchange(&mut c, &[], &VecDeque::new()) {
+            Ok(back) => {
+                let now = state.now();
+                for (key, until) in &back.penalties {
+                    state.learn_penalty(key, *until, now);
+                }
+                self.cluster.gateways.store(back.gateways, Relaxed);
+                Some(c)
+            }
+            Err(e) => {
+                self.down(&e);
+                None
+            }
+        }
+    }
+
+    fn run(mut self, connection: Option<redis::Connection>) {
+        let mut connection = connection;
         let mut next_try = Instant::now();
         loop {
             std::thread::sleep(self.flush);
@@ -937,6 +981,27 @@ mod tests {
     }
 
     #[test]
+    fn a_share_is_given_back_only_once_the_others_spending_has_had_a_flush_to_arrive() {
+        // A took itself for alone and spent a quota of 40 at once; B, knowing
+        // of two, took its share (20) and flushed before A's spending reached
+        // Redis.
+        let (a, b) = (member(1), member(2));
+        let spend =
+            |s: &State, at: u64| -> u64 { (0..50).map(|_| u64::from(s.limit(b"k", 0, 40, at) == Ok(true))).sum() };
+        assert_eq!(spend(&a, 0), 40);
+        let mut redis = HashMap::new();
+        let mut b_allowed = spend(&b, 0);
+        assert_eq!(b_allowed, 20, "its share");
+        flush_all(std::slice::from_ref(&b), &mut redis, MS);
+        b_allowed += spend(&b, 2 * MS);
+        flush_all(std::slice::from_ref(&a), &mut redis, 5 * MS);
+        flush_all(std::slice::from_ref(&b), &mut redis, 6 * MS);
+        b_allowed += spend(&b, 7 * MS);
+        // The quota is spent: B had its share, no more (before: 40).
+        assert_eq!(b_allowed, 20);
+    }
+
+    #[test]
     fn a_gateway_alone_in_the_cluster_gets_the_whole_burst_after_its_first_flush() {
         let stores = [member(2)];
         // Asked 30 times at once: its share (5 of 10) now, the rest after a flush.
@@ -944,7 +1009,12 @@ mod tests {
             .map(|_| u64::from(stores[0].limit(b"k", 0, 10, 0) == Ok(true)))
             .sum();
         assert_eq!(first, 5);
-        flush_all(&stores, &mut HashMap::new(), MS);
+        // Given back one flush after the first, once the others' spending
+        // before it has had a flush to arrive.
+        let mut redis = HashMap::new();
+        flush_all(&stores, &mut redis, MS);
+        assert_eq!(stores[0].limit(b"k", 0, 10, MS), Ok(false), "not at the first flush");
+        flush_all(&stores, &mut redis, 2 * MS);
         let then: u64 = (0..30)
             .map(|_| u64::from(stores[0].limit(b"k", 0, 10, 2 * MS) == Ok(true)))
             .sum();
