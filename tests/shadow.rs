@@ -162,6 +162,32 @@ fn a_looping_candidate_times_out_in_the_shadow_and_is_rolled_back() {
     assert!(gateway.stats().shadow[TIMEOUT] >= 1, "{:?}", gateway.stats().shadow);
 }
 
+#[test]
+fn a_candidate_is_held_to_the_listeners_memory_cap() {
+    // The candidate grows its memory to 6.4 MiB on every datagram; the
+    // listener allows 1 MiB. It traps in the shadow (the active answers) and,
+    // trapping more often than the active, is rolled back.
+    let grows = r#"(module
+        (memory (export "memory") 1)
+        (func (export "alloc") (param i32) (result i32) i32.const 0)
+        (func (export "handle") (param i32 i32) (result i64)
+            (drop (memory.grow (i32.const 100)))
+            (i64.const 1)))"#;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = wasmgate::sandbox::Limits {
+        max_memory: 1 << 20,
+        ..Default::default()
+    };
+    let gateway = common::start_with(
+        wasmgate::DEFAULT_GUEST_WASM,
+        limits,
+        with_candidate(dir.path(), grows, |_| {}),
+    );
+    assert_eq!(ask(&client(), gateway.local_addr(), b"cap"), b"CAP");
+    wait_until("the rollback", || gateway.publisher().candidate().is_none());
+    assert_eq!(gateway.stats().shadow[TRAP], 1, "{:?}", gateway.stats().shadow);
+}
+
 /// The niceness of this process's thread named `name`, from /proc.
 fn nice_of_thread(name: &str) -> Option<i64> {
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {

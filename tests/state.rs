@@ -408,3 +408,24 @@ fn codes_of(module: &str) -> Vec<i32> {
         .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
         .collect()
 }
+
+#[test]
+fn now_ms_runs_on_the_states_clock_between_datagrams() {
+    let module = br#"(module
+  (import "wasmgate" "now_ms" (func $now (result i64)))
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) i32.const 0)
+  (func (export "handle") (param i32 i32) (result i64)
+    (i64.store (i32.const 2000) (call $now))
+    (i64.const 0x000007D000000008)))"#;
+    let gateway = start_with(module, Limits::default(), config());
+    let c = client();
+    let at = |reply: Vec<u8>| i64::from_le_bytes(reply.try_into().expect("8 bytes"));
+    // Eight bytes asked, eight answered: within the reply ratio.
+    let first = at(ask(&c, gateway.local_addr(), b"now, ms?"));
+    std::thread::sleep(Duration::from_millis(200));
+    let second = at(ask(&c, gateway.local_addr(), b"now, ms?"));
+    // Coarse (a tick of 1 to 4 ms) and monotonic: at least the sleep, less a tick.
+    assert!((195..10_000).contains(&(second - first)), "{first} then {second}");
+    assert!(first >= 0);
+}
