@@ -116,6 +116,15 @@ pub fn run_until<S: Future<Output = ()>>(
         }
         let sandbox = Sandbox::on(Arc::clone(&runtime), spec.limits).with_compiler(compiler.clone());
         if let Some(cluster) = &spec.cluster {
+            if cluster.namespace.is_none() && spec.name == crate::config::DEFAULT_LISTENER_NAME {
+                tracing::warn!(
+                    redis = crate::text::redacted(&cluster.url),
+                    "state: shared through Redis under the name `{}`, as every gateway started \
+                     from flags is: unrelated services on this Redis share their buckets, counters and \
+                     penalties; give --state-redis-namespace to keep them apart",
+                    spec.name
+                );
+            }
             sandbox
                 .state()
                 .join_cluster(&spec.name, cluster)

@@ -83,6 +83,22 @@ pub fn cut(text: &str, max: usize) -> String {
     }
 }
 
+/// `url` as it may be shown (logs, errors): a password in it becomes `***`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    let query_password = path.contains("password=");
+    let path = if query_password { "?***" } else { path };
+    format!("{scheme}://{user}:***@{host}{path}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +137,14 @@ mod tests {
             "{c}"
         );
         assert!(c.len() < 340);
+    }
+
+    #[test]
+    fn a_password_in_a_redis_url_is_never_shown() {
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redacted("redis://:s3cret@host:6379/0"), "redis://:***@host:6379/0");
+        assert_eq!(redacted("redis://app:s3cret@host"), "redis://app:***@host");
+        assert_eq!(redacted("redis://app:p@ss@host/2"), "redis://app:***@host/2");
+        assert!(!redacted("http://u:s3cret@host").contains("s3cret"));
     }
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::parse_duration;
 use crate::state::ClusterSpec;
-use crate::text::quote;
+use crate::text::{quote, redacted};
 
 /// `[state]`: what every listener's shared state does beyond the process.
 #[derive(Debug, Deserialize)]
@@ -23,22 +23,6 @@ pub(super) struct StateSection {
 
 /// How often gateways tell each other what their limits spent, unless told.
 pub const DEFAULT_REDIS_FLUSH: Duration = Duration::from_millis(5);
-
-/// `url` as it may be shown (logs, errors): a password in it becomes `***`.
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_string();
-    };
-    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-    let query_password = path.contains("password=");
-    let path = if query_password { "?***" } else { path };
-    format!("{scheme}://{user}:***@{host}{path}")
-}
 
 /// Checks a Redis namespace: 1 to 64 letters, digits, `.`, `_` or `-` (no
 /// `:`, which would reach into another namespace's keys).
@@ -103,19 +87,5 @@ impl StateSection {
             cluster_spec(url, self.redis_failure.as_deref(), flush, self.namespace.as_deref())
                 .context("state.redis")?,
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redacted;
-
-    #[test]
-    fn a_password_in_a_redis_url_is_never_shown() {
-        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-        assert_eq!(redacted("redis://:s3cret@host:6379/0"), "redis://:***@host:6379/0");
-        assert_eq!(redacted("redis://app:s3cret@host"), "redis://app:***@host");
-        assert_eq!(redacted("redis://app:p@ss@host/2"), "redis://app:***@host/2");
-        assert!(!redacted("http://u:s3cret@host").contains("s3cret"));
     }
 }

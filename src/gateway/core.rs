@@ -394,42 +394,40 @@ impl Core {
             self.loops.sent_hash(shown, hash);
         }
         self.judged(&trial, verdict, shown);
-        if canaried && !shadow::failed(verdict) {
+        // What the handler did goes to the shadow thread: for the candidate to
+        // run too (shadowed), or for the active to (canaried, unless the
+        // candidate failed, which is judged already).
+        let canary_sample = canaried && !shadow::failed(verdict);
+        if shadowed || canary_sample {
             let forwards = self
                 .net
                 .as_ref()
                 .map(|n| n.sends_since(mark).map(<[u8]>::to_vec).collect())
                 .unwrap_or_default();
-            self.shadow(Job::Canary {
-                at: now,
-                client: shown,
-                datagram: datagram.to_vec(),
-                verdict,
-                replies: if recording {
-                    replies.clone()
-                } else {
-                    std::mem::take(&mut replies)
-                },
-                forwards,
-            });
-        }
-        if shadowed {
-            let forwards = self
-                .net
-                .as_ref()
-                .map(|n| n.sends_since(mark).map(<[u8]>::to_vec).collect())
-                .unwrap_or_default();
-            self.shadow(Job::Client {
-                at: now,
-                client: shown,
-                datagram: datagram.to_vec(),
-                verdict,
-                replies: if recording {
-                    replies.clone()
-                } else {
-                    std::mem::take(&mut replies)
-                },
-                forwards,
+            let replies = if recording {
+                replies.clone()
+            } else {
+                std::mem::take(&mut replies)
+            };
+            let (at, client, datagram) = (now, shown, datagram.to_vec());
+            self.shadow(if shadowed {
+                Job::Client {
+                    at,
+                    client,
+                    datagram,
+                    verdict,
+                    replies,
+                    forwards,
+                }
+            } else {
+                Job::Canary {
+                    at,
+                    client,
+                    datagram,
+                    verdict,
+                    replies,
+                    forwards,
+                }
             });
         }
         if recording {

@@ -426,47 +426,9 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
         let client_ip = match &job {
             Job::Client { client, .. } | Job::Canary { client, .. } | Job::Upstream { client, .. } => client.ip(),
         };
-        if let Job::Canary {
-            at,
-            client,
-            datagram,
-            verdict,
-            replies,
-            forwards,
-        } = job
-        {
-            let program = shared.program.load_full();
-            if !active.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, &program)) {
-                active = Some((Arc::clone(&program), Offline::active_beside(shared, candidate, program)));
-            }
-            let Some((_, offline)) = active.as_mut() else { continue };
-            let outcome = offline.client(since(epoch, at), &datagram, client);
-            // Roles swapped: the replies given are the candidate's, the outcome
-            // the active's. Any difference is a mismatch, whichever side failed.
-            let result = match compare(verdict, &replies, &forwards, &outcome) {
-                ShadowResult::Match => ShadowResult::Match,
-                _ => ShadowResult::Mismatch,
-            };
-            if result == ShadowResult::Mismatch
-                && let Some(log) = &shared.mismatches
-            {
-                let module = shared.program.load().sha256();
-                log.add(
-                    client,
-                    shared.local,
-                    &datagram,
-                    outcome.verdict(),
-                    &outcome.replies,
-                    module,
-                );
-            }
-            shared.shadow.count(result);
-            let rules = Rules::of(&shared.spec);
-            if let Some(action) = candidate.judge(false, result == ShadowResult::Match, client_ip, &rules) {
-                shared.settle(candidate, action);
-            }
-            continue;
-        }
+        // Whether the candidate's datagram was counted in its failure window
+        // already (a canaried one, counted by the worker that served it).
+        let mut counted = false;
         let result = match job {
             Job::Client {
                 at,
@@ -478,15 +440,37 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
             } => {
                 let outcome = offline.client(since(epoch, at), &datagram, client);
                 let result = compare(verdict, &replies, &forwards, &outcome);
-                if result == ShadowResult::Mismatch
-                    && let Some(log) = &shared.mismatches
-                {
-                    let module = shared.program.load().sha256();
-                    log.add(client, shared.local, &datagram, verdict, &replies, module);
+                if result == ShadowResult::Mismatch {
+                    keep_mismatch(shared, client, &datagram, verdict, &replies);
                 }
                 result
             }
-            Job::Canary { .. } => continue,
+            Job::Canary {
+                at,
+                client,
+                datagram,
+                verdict,
+                replies,
+                forwards,
+            } => {
+                counted = true;
+                let program = shared.program.load_full();
+                if !active.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, &program)) {
+                    active = Some((Arc::clone(&program), Offline::active_beside(shared, candidate, program)));
+                }
+                let Some((_, active)) = active.as_mut() else { continue };
+                let outcome = active.client(since(epoch, at), &datagram, client);
+                // Roles swapped: the replies given are the candidate's, the
+                // outcome the active's. Any difference is a mismatch, whichever
+                // side failed.
+                match compare(verdict, &replies, &forwards, &outcome) {
+                    ShadowResult::Match => ShadowResult::Match,
+                    _ => {
+                        keep_mismatch(shared, client, &datagram, outcome.verdict(), &outcome.replies);
+                        ShadowResult::Mismatch
+                    }
+                }
+            }
             Job::Upstream {
                 at,
                 client,
@@ -502,10 +486,24 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
         };
         shared.shadow.count(result);
         let failed = matches!(result, ShadowResult::CandidateTrap | ShadowResult::CandidateTimeout);
-        let rules = Rules::of(&shared.spec);
-        if let Some(action) = candidate.candidate_ran(failed, result == ShadowResult::Match, client_ip, &rules) {
+        let (clean, rules) = (result == ShadowResult::Match, Rules::of(&shared.spec));
+        let action = if counted {
+            candidate.judge(failed, clean, client_ip, &rules)
+        } else {
+            candidate.candidate_ran(failed, clean, client_ip, &rules)
+        };
+        if let Some(action) = action {
             shared.settle(candidate, action);
         }
+    }
+}
+
+/// Keeps a client datagram the two modules answered differently, with the
+/// active module's verdict and replies (`--shadow-mismatches`).
+fn keep_mismatch(shared: &Shared, client: SocketAddr, datagram: &[u8], verdict: &'static str, replies: &[Vec<u8>]) {
+    if let Some(log) = &shared.mismatches {
+        let module = shared.program.load().sha256();
+        log.add(client, shared.local, datagram, verdict, replies, module);
     }
 }
 

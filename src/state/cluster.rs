@@ -48,7 +48,7 @@ pub struct ClusterSpec {
 impl std::fmt::Debug for ClusterSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterSpec")
-            .field("url", &crate::config::state::redacted(&self.url))
+            .field("url", &crate::text::redacted(&self.url))
             .field("fail_closed", &self.fail_closed)
             .field("flush", &self.flush)
             .field("namespace", &self.namespace)
@@ -196,18 +196,10 @@ impl State {
     /// with the store. Fails only on a URL that cannot be Redis; an
     /// unreachable server is logged and retried.
     pub fn join_cluster(self: &Arc<Self>, listener: &str, spec: &ClusterSpec) -> anyhow::Result<()> {
-        let shown = crate::config::state::redacted(&spec.url);
+        let shown = crate::text::redacted(&spec.url);
         let client = redis::Client::open(spec.url.as_str()).with_context(|| format!("state redis {shown:?}"))?;
         let cluster = Arc::new(Cluster::new(spec.fail_closed, 1));
         let namespace = spec.namespace.as_deref().unwrap_or(listener);
-        if spec.namespace.is_none() && listener == crate::config::DEFAULT_LISTENER_NAME {
-            tracing::warn!(
-                redis = shown,
-                "state: shared through Redis under the name `{listener}`, as every gateway started \
-                 from flags is: unrelated services on this Redis share their buckets, counters and \
-                 penalties; give --state-redis-namespace to keep them apart"
-            );
-        }
         if self.cluster.set(Arc::clone(&cluster)).is_err() {
             anyhow::bail!("the listener `{listener}` already shares its state");
         }
