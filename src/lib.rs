@@ -13,9 +13,11 @@
 //!   thread's I/O around them (`worker.rs`).
 //!   `offline.rs` is that core with no socket at all, for `replay` and the
 //!   shadow; `shadow.rs` runs a `--candidate` beside the active module
-//!   (shadow, canary, promotion and rollback).
+//!   (shadow, canary, promotion and rollback); `loop_guard.rs` ends loops with
+//!   other gateways that no local check can see.
 //! - [`capture`]: reading pcap and pcapng captures into UDP datagrams, and
-//!   `--record` (a listener's datagrams to pcapng through a bounded queue).
+//!   `--record` (a listener's datagrams to pcapng through a bounded queue);
+//!   `output.rs` makes those files so that no planted link can redirect them.
 //! - [`replay`]: `wasmgate replay`: a capture's client datagrams through a module, compared.
 //! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
 //! - [`reload`]: watching the module file and publishing new versions safely.
@@ -27,7 +29,8 @@
 //!   handlers share (sharded, bounded, clock-free), behind the `state_*` host
 //!   calls; `cluster.rs` shares the limits between gateways through Redis.
 //! - [`engine`]: the wasmtime engine's settings, reading and compiling module bytes,
-//!   and ([`engine::child`]) compiling in a child process under time and memory bounds.
+//!   ([`engine::child`]) compiling in a child process under CPU-time and memory
+//!   bounds, and ([`engine::budget`]) a guest call's CPU-time budget.
 //! - [`cache`]: compiled modules kept on disk, trusted only when their HMAC checks out.
 //! - [`metrics`]: per-worker counters, drop reasons, rate-limited warnings.
 //! - [`pool`]: upstream pools (I/O-free): endpoint choice by policy, rendezvous
