@@ -227,7 +227,8 @@ fn the_time_budget_is_cpu_time_so_a_preempted_guest_is_not_timed_out() {
     );
     // An endless loop is still cut off, and the next datagram answered.
     assert_eq!(spin(&c, served.addr, u32::MAX, Duration::from_millis(1500)), None);
-    assert!(spin(&c, served.addr, 1, Duration::from_secs(5)).is_some());
+    // Its 20 ms of CPU time may take seconds at niceness 19 beside other tests.
+    assert!(spin(&c, served.addr, 1, Duration::from_secs(30)).is_some());
     drop(served);
     wall_ceiling(cpu, &path);
 }
@@ -257,5 +258,5 @@ fn wall_ceiling(cpu: usize, path: &str) {
     let line = served.line_with(&["dropped a datagram"]).expect("a drop line");
     assert!(line.contains("reason=timeout"), "{line}");
     drop(busy);
-    assert!(spin(&c, served.addr, 1, Duration::from_secs(10)).is_some());
+    assert!(spin(&c, served.addr, 1, Duration::from_secs(30)).is_some());
 }
