@@ -304,6 +304,36 @@ fn a_canary_candidate_that_agrees_is_promoted() {
 }
 
 #[test]
+fn a_forwarding_canary_serves_through_the_upstream_and_is_compared_by_its_forwards() {
+    let up = Upstream::echo("up:");
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = format!("{FORWARD}\n;; v2\n");
+    let mut spec = with_candidate(dir.path(), &v2, |c| {
+        c.canary_percent = 100.0;
+        c.shadow_sample = 0.0;
+        c.promote_after = Some(3);
+        c.promote_min_clients = 1;
+        c.promote_min_time = Duration::ZERO;
+    });
+    spec.pools = vec![PoolSpec::new("backend", vec![up.addr.to_string()])];
+    let gateway = start(FORWARD.as_bytes(), spec);
+    let candidate = gateway.publisher().candidate().unwrap();
+    let socket = client();
+    for i in 0..3 {
+        let m = format!("c{i}");
+        // Served by the candidate, through the upstream, for real.
+        assert_eq!(
+            ask(&socket, gateway.local_addr(), m.as_bytes()),
+            format!("up:{m}").as_bytes()
+        );
+    }
+    // The active's forwards (stubbed) are the same bytes: clean, and promoted.
+    wait_until("the promotion", || gateway.program().sha256() == candidate.sha256());
+    assert_eq!(gateway.stats().shadow[MATCH], 3);
+    assert_eq!(up.count(), 3, "the active's forwards were never sent");
+}
+
+#[test]
 fn a_candidate_that_mismatched_is_never_promoted_automatically() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = start(
