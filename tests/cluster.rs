@@ -492,6 +492,48 @@ fn a_gateway_joining_late_takes_only_its_share_of_a_quota_the_first_spent() {
 }
 
 #[test]
+fn a_gateway_that_stops_no_longer_counts_once_its_heartbeat_expires() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let module = write_file(dir.path(), "limit.wat", limiter(20, 10).as_bytes());
+    let a = gateway(&module, &redis.url(), &[]);
+    let b = gateway(&module, &redis.url(), &[]);
+    wait_until("both to count each other", || {
+        metric(&a, "wasmgate_state_cluster_gateways") == 2.0
+    });
+    drop(b);
+    // Silent for the 3 s heartbeat: not counted (and a new bucket's share is
+    // the whole burst again).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(&a, "wasmgate_state_cluster_gateways") != 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still counted 10 s after it stopped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_stopped_redis_is_noticed_like_a_silent_one_and_resumes_when_continued() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let module = write_file(dir.path(), "limit.wat", limiter(0, 100_000).as_bytes());
+    let gw = gateway(&module, &redis.url(), &["--state-redis-failure", "closed"]);
+    let c = client();
+    wait_until("a flush", || metric(&gw, "wasmgate_state_redis_up") == 1.0);
+    assert!(allowed(&c, gw.addr));
+    // SIGSTOP: the connection stays open and nothing answers.
+    // SAFETY: plain system calls on the child's pid.
+    unsafe { libc::kill(redis.child.id() as i32, libc::SIGSTOP) };
+    let down = gw.line_with(&["Redis is unreachable", "failing closed"]);
+    unsafe { libc::kill(redis.child.id() as i32, libc::SIGCONT) };
+    assert!(down.is_some(), "a stopped Redis was not noticed");
+    assert!(gw.line_with(&["Redis is back"]).is_some());
+    wait_until("limits to be allowed again", || allowed(&c, gw.addr));
+}
+
+#[test]
 fn a_bad_redis_url_is_refused_with_the_reason() {
     let (code, _, err) = common::run_to_end(&["--state-redis", "http://127.0.0.1:6379"]);
     assert_eq!(code, Some(1), "{err}");

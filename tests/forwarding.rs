@@ -568,6 +568,56 @@ fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for
 }
 
 #[test]
+fn an_endpoint_ejected_by_one_worker_is_ejected_for_every_worker() {
+    let live = Upstream::echo("live:");
+    let down = closed_port();
+    let spec = PoolSpec {
+        eject_for: Duration::from_secs(30),
+        ..pool_of("backend", &[live.addr, down])
+    };
+    let gateway = forwarding_with(
+        FORWARD,
+        vec![spec],
+        ListenerSpec {
+            workers: 2,
+            ..ListenerSpec::default()
+        },
+    );
+    let pools = gateway.publisher();
+    let healthy = || {
+        pools
+            .pools()
+            .unwrap()
+            .endpoints(std::time::Instant::now())
+            .iter()
+            .find(|e| e.addr == down)
+            .unwrap()
+            .healthy
+    };
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        if !healthy() {
+            break;
+        }
+        let c = client();
+        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        c.send_to(b"111", gateway.local_addr()).unwrap();
+        let mut buf = [0u8; 64];
+        let _ = c.recv_from(&mut buf);
+        clients.push(c);
+    }
+    wait_until("the closed port to be ejected", || !healthy());
+    // New clients land on both workers (by their ports' hash): whichever
+    // worker saw the refusals, none of them is sent to the ejected endpoint.
+    for _ in 0..40 {
+        let c = client();
+        assert_eq!(ask(&c, gateway.local_addr(), b"222"), b"live:222");
+    }
+    let stats = gateway.stats();
+    assert_eq!(stats.dropped(DropReason::UpstreamError), 0, "{stats}");
+}
+
+#[test]
 fn with_every_endpoint_down_the_last_is_kept_and_forward_says_no_healthy_endpoint_only_when_all_are_ejected() {
     // Refusals from a pool's only endpoint never eject it (a panic threshold):
     // forged ICMP messages cannot empty a pool. Its refusals are counted.
