@@ -99,7 +99,11 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         .find(|d| d.dst.port() == port)
         .map_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port), |d| d.dst);
     let sandbox = Sandbox::new(options.limits)?;
+    // Each module gets a fresh state of its own: with one between them, the
+    // second to run a datagram saw the first's writes (every `--against`
+    // count differed by one).
     let load = |path: &PathBuf| -> anyhow::Result<Offline> {
+        let sandbox = sandbox.with_own_state();
         let program = sandbox.load_file(Some(path))?;
         Offline::new(&sandbox, program, &options.listener, local)
     };

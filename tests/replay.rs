@@ -102,6 +102,37 @@ fn the_handlers_state_runs_on_the_captures_clock() {
 }
 
 #[test]
+fn each_replayed_module_starts_from_a_fresh_state_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = record_uppercase(dir.path(), &[b"a", b"b", b"c"]);
+    // Replies its count of datagrams so far, as one digit, from the state.
+    let counter = write_file(
+        dir.path(),
+        "counter.wat",
+        br#"(module
+  (import "wasmgate" "state_incr" (func $incr (param i32 i32 i64 i64) (result i64)))
+  (memory (export "memory") 1)
+  (data (i32.const 1000) "n")
+  (func (export "alloc") (param i32) (result i32) i32.const 0)
+  (func (export "handle") (param i32 i32) (result i64)
+    (i32.store8 (i32.const 2000)
+      (i32.add (i32.const 48) (i32.wrap_i64 (call $incr (i32.const 1000) (i32.const 1) (i64.const 1) (i64.const 0)))))
+    (i64.const 0x000007D000000001)))"#,
+    );
+    for _ in 0..2 {
+        // Shared between the two modules, or kept from the run before, the
+        // counts would differ.
+        let (code, out, err) = run_to_end(&["replay", &capture, "--module", &counter, "--against", &counter]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert!(out.contains("same: 3  different: 0"), "{out}");
+    }
+    let (_, out, _) = run_to_end(&["replay", &capture, "--module", &counter]);
+    for n in ["1", "2", "3"] {
+        assert!(out.contains(&format!(r#"new: reply "{n}""#)), "{out}");
+    }
+}
+
+#[test]
 fn hostile_captures_get_an_answer_never_a_panic_a_hang_or_all_memory() {
     // Before: two timestamp forms panicked (exit 101), /dev/zero was read until
     // memory ran out, and a FIFO blocked for ever.

@@ -195,6 +195,32 @@ fn a_candidate_is_held_to_the_listeners_memory_cap() {
     assert_eq!(gateway.stats().shadow[TRAP], 1, "{:?}", gateway.stats().shadow);
 }
 
+#[test]
+fn a_shadowed_candidate_has_a_state_of_its_own() {
+    // Both count datagrams in the state (`state_incr("hits")`) and reply the
+    // count. Were the state shared, the active's count would move twice a
+    // datagram and the two would differ.
+    let counter = r#"(module
+        (import "wasmgate" "state_incr" (func $incr (param i32 i32 i64 i64) (result i64)))
+        (memory (export "memory") 1)
+        (data (i32.const 1000) "hits")
+        (func (export "alloc") (param i32) (result i32) i32.const 0)
+        (func (export "handle") (param i32 i32) (result i64)
+            (i64.store (i32.const 2000) (call $incr (i32.const 1000) (i32.const 4) (i64.const 1) (i64.const 0)))
+            (i64.const 0x000007D000000008)))"#;
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = format!("{counter}\n;; v2\n");
+    let gateway = start(counter.as_bytes(), with_candidate(dir.path(), &v2, |_| {}));
+    let socket = client();
+    for n in 1..=5u64 {
+        // Eight bytes asked, eight answered: within the reply ratio.
+        let reply = ask(&socket, gateway.local_addr(), b"count me");
+        assert_eq!(reply, n.to_le_bytes(), "the active's own count");
+        wait_until("the shadow to run it", || shadowed(&gateway) == n);
+    }
+    assert_eq!(gateway.stats().shadow, [5, 0, 0, 0], "the candidate counted 1 to 5 too");
+}
+
 /// The niceness of this process's thread named `name`, from /proc.
 fn nice_of_thread(name: &str) -> Option<i64> {
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {

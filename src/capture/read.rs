@@ -229,6 +229,49 @@ mod tests {
         writer.into_writer()
     }
 
+    /// A pcap of one UDP datagram over the link type `link`, its IP packet
+    /// behind `header`.
+    fn pcap_over(link: DataLink, header: &[u8]) -> Vec<u8> {
+        let mut packet = header.to_vec();
+        etherparse::PacketBuilder::ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64)
+            .udp(4000, 8008)
+            .write(&mut packet, b"over the link")
+            .unwrap();
+        let header = pcap_file::pcap::PcapHeader {
+            datalink: link,
+            ..Default::default()
+        };
+        let mut writer = pcap_file::pcap::PcapWriter::with_header(Vec::new(), header).unwrap();
+        let p = pcap_file::pcap::PcapPacket::new(Duration::from_secs(1), packet.len() as u32, &packet);
+        writer.write_packet(&p).unwrap();
+        writer.into_writer()
+    }
+
+    #[test]
+    fn loopback_and_linux_cooked_captures_give_their_datagrams() {
+        // tcpdump -i lo (DLT_NULL: the address family, host order), OpenBSD's
+        // loop (DLT_LOOP: network order), and -i any (Linux cooked v1 and v2).
+        let mut sll = vec![0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0];
+        sll.extend_from_slice(&0x0800u16.to_be_bytes());
+        let mut sll2 = 0x0800u16.to_be_bytes().to_vec();
+        sll2.extend_from_slice(&[0; 18]);
+        for (link, header) in [
+            (DataLink::NULL, 2u32.to_ne_bytes().to_vec()),
+            (DataLink::LOOP, 2u32.to_be_bytes().to_vec()),
+            (DataLink::LINUX_SLL, sll),
+            (DataLink::LINUX_SLL2, sll2),
+        ] {
+            let capture = parse(&pcap_over(link, &header)).unwrap();
+            assert_eq!(capture.datagrams.len(), 1, "{link:?}");
+            let d = &capture.datagrams[0];
+            assert_eq!(
+                (d.src.port(), d.dst.port(), &d.payload[..]),
+                (4000, 8008, &b"over the link"[..]),
+                "{link:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_pcap_gives_its_udp_datagram() {
         let capture = parse(&one_datagram_pcap()).unwrap();
