@@ -33,8 +33,6 @@ fn recording(dir: &Path, name: &str) -> ListenerSpec {
     }
 }
 
-/// Serves the default guest with `--record`, asks `messages`, and stops the
-/// gateway (which writes the file out); returns its path.
 /// A pcapng file of raw-IP UDP datagrams to 127.0.0.1:8008, its interface
 /// with timestamp resolution `resolution`, each packet at its raw timestamp.
 fn pcapng_at(resolution: u8, stamps: &[u64]) -> Vec<u8> {
@@ -165,6 +163,8 @@ fn hostile_captures_get_an_answer_never_a_panic_a_hang_or_all_memory() {
     }
 }
 
+/// Serves the default guest with `--record`, asks `messages`, and stops the
+/// gateway (which writes the file out); returns its path.
 fn record_uppercase(dir: &Path, messages: &[&[u8]]) -> String {
     let gateway = common::start_with(
         wasmgate::DEFAULT_GUEST_WASM,
@@ -367,6 +367,36 @@ fn replay_says_what_is_wrong_with_bad_input_and_exits_2() {
     let (code, _, err) = run_to_end(&["replay", &capture, "--module", "no/such.wasm"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("no/such.wasm"), "{err}");
+}
+
+#[test]
+fn a_sampled_recording_of_forwards_keeps_about_its_share_of_each_hop() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::echo("up:");
+    let mut spec = recording(dir.path(), "half.pcapng");
+    spec.pools = vec![PoolSpec::new("backend", vec![upstream.addr.to_string()])];
+    if let Some(r) = spec.record.as_mut() {
+        r.sample = 0.5;
+    }
+    let gateway = common::start_with(FORWARD.as_bytes(), Default::default(), spec);
+    let socket = client();
+    for i in 0..400 {
+        let m = format!("m{i}");
+        assert_eq!(
+            ask(&socket, gateway.local_addr(), m.as_bytes()),
+            format!("up:{m}").as_bytes()
+        );
+    }
+    gateway.shutdown();
+    let capture = wasmgate::capture::read(&dir.path().join("half.pcapng")).unwrap();
+    let count = |hop| capture.datagrams.iter().filter(|d| d.hop == Some(hop)).count();
+    // Each hop is sampled on its own: about half of 400 of each, far from
+    // none and from all (binomial: 200 ± 10 is one standard deviation).
+    use wasmgate::capture::Hop;
+    for hop in [Hop::Client, Hop::Forward, Hop::Upstream] {
+        let n = count(hop);
+        assert!((140..=260).contains(&n), "{hop:?}: {n} of 400 recorded");
+    }
 }
 
 #[test]

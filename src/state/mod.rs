@@ -642,7 +642,6 @@ fn lock(shard: &Shard) -> MutexGuard<'_, Inner> {
     shard.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// CLOCK_MONOTONIC_COARSE in nanoseconds.
 /// [`State::clock`] when no time was set by hand.
 const NO_CLOCK: u64 = u64::MAX;
 
@@ -659,6 +658,7 @@ impl State {
     }
 }
 
+/// CLOCK_MONOTONIC_COARSE in nanoseconds.
 fn coarse_now() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec for the call to write; the clock id is
