@@ -491,6 +491,57 @@ fn a_canary_that_traps_is_rolled_back_and_its_clients_return_to_the_active() {
 }
 
 #[test]
+fn sighup_reloads_the_active_and_the_candidate_from_their_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let active = write_file(dir.path(), "active.wat", ECHO.as_bytes());
+    let candidate = write_file(dir.path(), "candidate.wat", ECHO.as_bytes());
+    let served = Served::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--module",
+        &active,
+        "--candidate",
+        &candidate,
+        "--no-watch",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let metrics = served.metrics_addr();
+    let sha = |role: &str| -> String {
+        let body = scrape(metrics);
+        let line = body
+            .lines()
+            .find(|l| l.starts_with("wasmgate_module_info") && l.contains(&format!(r#"role="{role}""#)))
+            .unwrap_or_else(|| panic!("no {role} in {body}"))
+            .to_string();
+        line.split("sha256=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let (active_before, candidate_before) = (sha("active"), sha("candidate"));
+    let socket = client();
+    assert_eq!(ask(&socket, served.addr, b"abc"), b"abc");
+    // Both files change; with --no-watch only SIGHUP takes them.
+    std::fs::copy("guest/uppercase.wasm", &active).unwrap();
+    std::fs::write(&candidate, format!("{ECHO}\n;; v2\n")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ask(&socket, served.addr, b"abc"),
+        b"abc",
+        "nothing reloaded before SIGHUP"
+    );
+    signal(served.child.id(), "HUP");
+    wait_until("both roles reloaded", || {
+        sha("active") != active_before && sha("candidate") != candidate_before
+    });
+    assert_eq!(ask(&socket, served.addr, b"abc"), b"ABC");
+}
+
+#[test]
 fn sigusr1_promotes_and_metrics_show_both_roles() {
     let dir = tempfile::tempdir().unwrap();
     let echo = write_file(dir.path(), "echo.wat", ECHO.as_bytes());
