@@ -502,6 +502,39 @@ fn a_datagram_whose_forwards_all_fail_is_dropped_under_their_reason() {
     assert_eq!(s.refused(CallError::UnknownPool), 1);
 }
 
+/// Whether `addr` is a healthy endpoint of `gateway`'s pools now.
+fn healthy(gateway: &Gateway, addr: SocketAddr) -> bool {
+    gateway
+        .publisher()
+        .pools()
+        .unwrap()
+        .endpoints(std::time::Instant::now())
+        .iter()
+        .find(|e| e.addr == addr)
+        .unwrap()
+        .healthy
+}
+
+/// New clients, one datagram each, until the closed port `down` is ejected:
+/// those that hash to it lose their datagram (the ICMP error comes after it),
+/// and how many it takes depends on where their ports hash. The clients.
+fn eject(gateway: &Gateway, down: SocketAddr) -> Vec<UdpSocket> {
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        if !healthy(gateway, down) {
+            break;
+        }
+        let c = client();
+        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        c.send_to(b"111", gateway.local_addr()).unwrap();
+        let mut buf = [0u8; 64];
+        let _ = c.recv_from(&mut buf);
+        clients.push(c);
+    }
+    wait_until("the closed port to be ejected", || !healthy(gateway, down));
+    clients
+}
+
 #[test]
 fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for() {
     let live = Upstream::echo("live:");
@@ -513,33 +546,8 @@ fn a_down_endpoint_is_ejected_the_others_serve_and_it_comes_back_after_eject_for
         ..pool_of("backend", &[live.addr, down])
     };
     let gateway = one_worker(FORWARD, spec);
-    let gateway_pools = gateway.publisher();
-    let healthy = |addr: SocketAddr| {
-        gateway_pools
-            .pools()
-            .unwrap()
-            .endpoints(std::time::Instant::now())
-            .iter()
-            .find(|e| e.addr == addr)
-            .unwrap()
-            .healthy
-    };
-    // Clients that hash to the down endpoint lose their first datagram (the ICMP
-    // error comes after it). New clients arrive until eject_after of them have
-    // been refused: how many that takes depends on where their ports hash.
-    let mut clients: Vec<UdpSocket> = Vec::new();
-    for _ in 0..200 {
-        if !healthy(down) {
-            break;
-        }
-        let c = client();
-        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        c.send_to(b"111", gateway.local_addr()).unwrap();
-        let mut buf = [0u8; 64];
-        let _ = c.recv_from(&mut buf);
-        clients.push(c);
-    }
-    wait_until("the closed port to be ejected", || !healthy(down));
+    let healthy = |addr: SocketAddr| healthy(&gateway, addr);
+    let mut clients = eject(&gateway, down);
     // Then every datagram, of old clients and new, reaches the live one.
     clients.extend((0..12).map(|_| client()));
     for c in &clients {
@@ -583,30 +591,7 @@ fn an_endpoint_ejected_by_one_worker_is_ejected_for_every_worker() {
             ..ListenerSpec::default()
         },
     );
-    let pools = gateway.publisher();
-    let healthy = || {
-        pools
-            .pools()
-            .unwrap()
-            .endpoints(std::time::Instant::now())
-            .iter()
-            .find(|e| e.addr == down)
-            .unwrap()
-            .healthy
-    };
-    let mut clients = Vec::new();
-    for _ in 0..200 {
-        if !healthy() {
-            break;
-        }
-        let c = client();
-        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        c.send_to(b"111", gateway.local_addr()).unwrap();
-        let mut buf = [0u8; 64];
-        let _ = c.recv_from(&mut buf);
-        clients.push(c);
-    }
-    wait_until("the closed port to be ejected", || !healthy());
+    let _clients = eject(&gateway, down);
     // New clients land on both workers (by their ports' hash): whichever
     // worker saw the refusals, none of them is sent to the ejected endpoint.
     for _ in 0..40 {
