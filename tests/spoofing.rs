@@ -24,6 +24,18 @@ fn one_worker(deny: PortSet) -> ListenerSpec {
     }
 }
 
+/// `examples/forward.wat` on one worker, forwarding to `pool`.
+fn forwarding(pool: PoolSpec) -> wasmgate::gateway::Gateway {
+    common::start_with(
+        FORWARD.as_bytes(),
+        Default::default(),
+        ListenerSpec {
+            pools: vec![pool],
+            ..one_worker(PortSet::default())
+        },
+    )
+}
+
 #[test]
 fn a_datagram_from_the_gateways_own_port_is_not_answered_and_is_counted() {
     // What a datagram spoofed from the gateway's own address looks like to it:
@@ -90,14 +102,7 @@ fn an_upstream_endpoint_writing_to_the_listener_is_not_forwarded_back_to_itself(
     let endpoint = UdpSocket::bind("127.0.0.1:0").unwrap();
     endpoint.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let pool = PoolSpec::new("backend", vec![endpoint.local_addr().unwrap().to_string()]);
-    let gateway = common::start_with(
-        FORWARD.as_bytes(),
-        Default::default(),
-        ListenerSpec {
-            pools: vec![pool],
-            ..one_worker(PortSet::default())
-        },
-    );
+    let gateway = forwarding(pool);
     endpoint
         .send_to(b"an answer, to the listener", gateway.local_addr())
         .unwrap();
@@ -178,14 +183,7 @@ fn a_datagram_spoofed_from_the_gateway_to_its_upstream_does_not_loop() {
     // Before: upstream → listener → forwarded to the upstream → … ~30,000/s.
     let up = Upstream::echo("");
     let pool = PoolSpec::new("backend", vec![up.addr.to_string()]);
-    let gateway = common::start_with(
-        FORWARD.as_bytes(),
-        Default::default(),
-        ListenerSpec {
-            pools: vec![pool],
-            ..one_worker(PortSet::default())
-        },
-    );
+    let gateway = forwarding(pool);
     send_spoofed(gateway.local_addr(), up.addr, b"loop");
     std::thread::sleep(Duration::from_millis(300));
     // The upstream saw the spoofed datagram only.
@@ -274,14 +272,7 @@ fn a_full_session_table_evicts_unanswered_sessions_so_new_clients_are_served() {
         unanswered_timeout: Duration::from_secs(60),
         ..PoolSpec::new("backend", vec![upstream.to_string()])
     };
-    let gateway = common::start_with(
-        FORWARD.as_bytes(),
-        Default::default(),
-        ListenerSpec {
-            pools: vec![pool],
-            ..one_worker(PortSet::default())
-        },
-    );
+    let gateway = forwarding(pool);
     // 200 "spoofed" sources, one datagram each, none answered (the upstream answers
     // only "legit"). The sockets stay open so that no two share a port.
     let spoofed: Vec<_> = (0..200).map(|_| client()).collect();
@@ -339,14 +330,7 @@ fn spoofed_sessions_the_upstream_answers_are_evicted_so_new_clients_are_served()
         unanswered_timeout: Duration::from_secs(60),
         ..PoolSpec::new("backend", vec![up.addr.to_string()])
     };
-    let gateway = common::start_with(
-        FORWARD.as_bytes(),
-        Default::default(),
-        ListenerSpec {
-            pools: vec![pool],
-            ..one_worker(PortSet::default())
-        },
-    );
+    let gateway = forwarding(pool);
     // 100 "spoofed" sources, one datagram each, fill the table: the upstream
     // echoes every one, and the answers reach sockets that never read them
     // nor talk again.
@@ -395,14 +379,7 @@ fn unvalidated_sessions_end_after_unanswered_timeout_and_validated_ones_stay() {
         unanswered_timeout: Duration::from_millis(300),
         ..PoolSpec::new("backend", vec![upstream.to_string()])
     };
-    let gateway = common::start_with(
-        FORWARD.as_bytes(),
-        Default::default(),
-        ListenerSpec {
-            pools: vec![pool],
-            ..one_worker(PortSet::default())
-        },
-    );
+    let gateway = forwarding(pool);
     let legit = client();
     ask_validated(&legit, gateway.local_addr(), b"legit");
     // Open sockets, so that no two sources share a port.
@@ -425,14 +402,7 @@ fn one_source_network_gets_at_most_max_sessions_per_prefix() {
         max_sessions_per_prefix: 10,
         ..PoolSpec::new("backend", vec![up.addr.to_string()])
     };
-    let gateway = common::start_with(
-        FORWARD.as_bytes(),
-        Default::default(),
-        ListenerSpec {
-            pools: vec![pool],
-            ..one_worker(PortSet::default())
-        },
-    );
+    let gateway = forwarding(pool);
     // Ten validated clients fill 127.0.0.0/24's share; with none of them
     // unvalidated there is nothing to evict, so two more are refused.
     let clients: Vec<UdpSocket> = (0..12).map(|_| client()).collect();
@@ -461,14 +431,7 @@ fn a_network_at_its_share_evicts_its_own_unanswered_sessions_so_its_real_clients
         unanswered_timeout: Duration::from_secs(60),
         ..PoolSpec::new("backend", vec![upstream.to_string()])
     };
-    let gateway = common::start_with(
-        FORWARD.as_bytes(),
-        Default::default(),
-        ListenerSpec {
-            pools: vec![pool],
-            ..one_worker(PortSet::default())
-        },
-    );
+    let gateway = forwarding(pool);
     let spoofed: Vec<_> = (0..30).map(|_| client()).collect();
     for c in &spoofed {
         c.send_to(b"spoofed", gateway.local_addr()).unwrap();
@@ -507,14 +470,7 @@ fn one_refusal_does_not_eject_an_endpoint_three_in_a_row_do() {
         eject_for: Duration::from_secs(30),
         ..PoolSpec::new("backend", vec![live.addr.to_string(), down.to_string()])
     };
-    let gateway = common::start_with(
-        FORWARD.as_bytes(),
-        Default::default(),
-        ListenerSpec {
-            pools: vec![pool],
-            ..one_worker(PortSet::default())
-        },
-    );
+    let gateway = forwarding(pool);
     let pools = gateway.publisher();
     let view = || {
         let p = pools.pools().unwrap();
@@ -592,14 +548,7 @@ fn forged_icmp_port_unreachable_never_empties_a_pool_and_every_client_is_served_
         eject_for: Duration::from_secs(30),
         ..PoolSpec::new("backend", vec![a.addr.to_string(), b.addr.to_string()])
     };
-    let gateway = common::start_with(
-        FORWARD.as_bytes(),
-        Default::default(),
-        ListenerSpec {
-            pools: vec![pool],
-            ..one_worker(PortSet::default())
-        },
-    );
+    let gateway = forwarding(pool);
     let clients: Vec<UdpSocket> = (0..8).map(|_| client()).collect();
     for c in &clients {
         let _ = ask(c, gateway.local_addr(), b"hello");
