@@ -409,25 +409,14 @@ impl Core {
             } else {
                 std::mem::take(&mut replies)
             };
-            let (at, client, datagram) = (now, shown, datagram.to_vec());
-            self.shadow(if shadowed {
-                Job::Client {
-                    at,
-                    client,
-                    datagram,
-                    verdict,
-                    replies,
-                    forwards,
-                }
-            } else {
-                Job::Canary {
-                    at,
-                    client,
-                    datagram,
-                    verdict,
-                    replies,
-                    forwards,
-                }
+            self.shadow(Job::Client {
+                at: now,
+                client: shown,
+                datagram: datagram.to_vec(),
+                verdict,
+                replies,
+                forwards,
+                canaried: !shadowed,
             });
         }
         if recording {

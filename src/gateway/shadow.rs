@@ -331,12 +331,6 @@ impl Job {
                 replies,
                 forwards,
                 ..
-            }
-            | Self::Canary {
-                datagram,
-                replies,
-                forwards,
-                ..
             } => datagram.len() + total(replies) + total(forwards),
             Self::Upstream { datagram, replies, .. } => datagram.len() + total(replies),
         }
@@ -345,7 +339,9 @@ impl Job {
 
 /// A shadow sample, from a worker to the shadow thread.
 pub(super) enum Job {
-    /// A client datagram and what the active module did about it.
+    /// A client datagram and what the module that served it did about it:
+    /// the active module (the candidate runs it, stubbed, to compare), or the
+    /// candidate for a canary client (then the active runs it).
     Client {
         at: Instant,
         client: SocketAddr,
@@ -353,16 +349,8 @@ pub(super) enum Job {
         verdict: &'static str,
         replies: Vec<Vec<u8>>,
         forwards: Vec<Vec<u8>>,
-    },
-    /// A client datagram the candidate served for real (a canary client), and
-    /// what it did about it: the active module runs it, stubbed, to compare.
-    Canary {
-        at: Instant,
-        client: SocketAddr,
-        datagram: Vec<u8>,
-        verdict: &'static str,
-        replies: Vec<Vec<u8>>,
-        forwards: Vec<Vec<u8>>,
+        /// Served by the candidate (a canary client).
+        canaried: bool,
     },
     /// An upstream datagram for `client` and what the active's `on_reply` sent on.
     Upstream {
@@ -424,7 +412,7 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
             continue;
         };
         let client_ip = match &job {
-            Job::Client { client, .. } | Job::Canary { client, .. } | Job::Upstream { client, .. } => client.ip(),
+            Job::Client { client, .. } | Job::Upstream { client, .. } => client.ip(),
         };
         // Whether the candidate's datagram was counted in its failure window
         // already (a canaried one, counted by the worker that served it).
@@ -437,6 +425,7 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
                 verdict,
                 replies,
                 forwards,
+                canaried: false,
             } => {
                 let outcome = offline.client(since(epoch, at), &datagram, client);
                 let result = compare(verdict, &replies, &forwards, &outcome);
@@ -445,13 +434,14 @@ pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
                 }
                 result
             }
-            Job::Canary {
+            Job::Client {
                 at,
                 client,
                 datagram,
                 verdict,
                 replies,
                 forwards,
+                canaried: true,
             } => {
                 counted = true;
                 let program = shared.program.load_full();
