@@ -131,7 +131,7 @@ pub enum Command {
 pub struct ServeArgs {
     /// Serve every listener described in this TOML file (see examples/wasmgate.toml)
     /// instead of the one described by the flags below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "wall_timeout_ms", "max_memory", "state_max_bytes", "state_max_entries", "state_redis", "upstream", "deny_source_ports", "record", "candidate"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "wall_timeout_ms", "max_memory", "state_max_bytes", "state_max_entries", "state_redis", "state_redis_ca", "upstream", "deny_source_ports", "record", "candidate"])]
     pub config: Option<PathBuf>,
 
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
@@ -249,6 +249,11 @@ pub struct ServeArgs {
     /// shares): gateways that share limits must give the same one.
     #[arg(long, value_name = "NAME", requires = "state_redis", value_parser = |s: &str| config::state::check_namespace(s))]
     pub state_redis_namespace: Option<String>,
+
+    /// For a `rediss://` (TLS) URL: the CA certificates (PEM) to trust for
+    /// Redis's certificate, instead of the system's roots.
+    #[arg(long, value_name = "FILE", requires = "state_redis")]
+    pub state_redis_ca: Option<std::path::PathBuf>,
 
     /// Keep a candidate loaded however often it traps or times out (to study
     /// it, or to measure what it costs); it is still never promoted automatically.
@@ -561,6 +566,7 @@ fn listener_from_flags(args: &ServeArgs) -> anyhow::Result<ListenerSpec> {
                 Some(&args.state_redis_failure),
                 Duration::from_millis(args.state_redis_flush_ms),
                 args.state_redis_namespace.as_deref(),
+                args.state_redis_ca.as_deref(),
             )
             .context("--state-redis")?,
         ),

@@ -545,3 +545,258 @@ fn a_bad_redis_url_is_refused_with_the_reason() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--state-redis"), "{err}");
 }
+
+/// A "Redis" that answers every connection with what no flush asks for, in
+/// turn: a 600 MB bulk string (sent in full while the peer reads), an array
+/// claiming two billion elements, and a reply trickled a byte every 50 ms.
+fn hostile_redis() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read as _, Write as _};
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let turn = count.fetch_add(1, Relaxed);
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut request = [0u8; 4096];
+                if conn.read(&mut request).unwrap_or(0) == 0 {
+                    return;
+                }
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+                let started = Instant::now();
+                match turn % 3 {
+                    0 => {
+                        let _ = conn.write_all(b"$600000000\r\n");
+                        let zeros = vec![0u8; 1 << 16];
+                        // Bounded: 600 MB or 20 s, whichever comes first.
+                        for _ in 0..(600_000_000 / zeros.len()) {
+                            if started.elapsed() > Duration::from_secs(20) || conn.write_all(&zeros).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    1 => {
+                        let _ = conn.write_all(b"*2000000000\r\n");
+                        for _ in 0..100_000 {
+                            if started.elapsed() > Duration::from_secs(20) || conn.write_all(b":1\r\n").is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    _ => {
+                        let _ = conn.write_all(b"$100000\r\n");
+                        for _ in 0..400 {
+                            std::thread::sleep(Duration::from_millis(50));
+                            if conn.write_all(b"x").is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn a_hostile_redis_cannot_grow_memory_or_hold_the_link_up() {
+    // Before: the crate's connection read what a reply claimed (a 600 MB bulk
+    // string took RSS to 1.1 GiB) and a trickled reply kept `redis_up` at 1.
+    let (addr, accepted) = hostile_redis();
+    let dir = tempfile::tempdir().unwrap();
+    let module = write_file(dir.path(), "limit.wat", limiter(0, 100_000).as_bytes());
+    let mut gw = gateway(&module, &format!("redis://{addr}"), &[]);
+    let c = client();
+    let before = common::rss_kib(gw.child.id());
+    let mut peak = before;
+    // Each of the three replies, twice (a try a second).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted.load(std::sync::atomic::Ordering::Relaxed) < 7 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(common::rss_kib(gw.child.id()));
+        assert_eq!(
+            metric(&gw, "wasmgate_state_redis_up"),
+            0.0,
+            "a hostile reply counted as Redis up"
+        );
+    }
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::Relaxed) >= 7,
+        "the gateway stopped trying"
+    );
+    assert!(metric(&gw, "wasmgate_state_redis_errors_total") >= 6.0);
+    // The cap is 8 MiB a round trip; the parser's buffer may double it.
+    eprintln!("RSS {before} KiB at start, {peak} KiB at most under hostile replies");
+    assert!(
+        peak < before + 40 * 1024,
+        "RSS grew from {before} KiB to {peak} KiB on hostile replies"
+    );
+    // Failing open, and serving all along.
+    assert!(allowed(&c, gw.addr));
+    assert!(gw.child.try_wait().unwrap().is_none(), "the gateway died");
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, made with `openssl` in
+/// `dir`: (ca.pem, server.pem, server.key). `None` without openssl.
+fn certificates(dir: &std::path::Path) -> Option<[String; 3]> {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let [ca_key, ca, key, csr, cert, ext] =
+        ["ca.key", "ca.pem", "server.key", "server.csr", "server.pem", "ext.cnf"].map(path);
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=wasmgate test CA",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ],
+    ];
+    for step in steps {
+        let Ok(out) = Command::new("openssl").args(step).output() else {
+            common::skip("openssl is not installed (Debian: apt install openssl)");
+            return None;
+        };
+        assert!(
+            out.status.success(),
+            "openssl {step:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Some([ca, cert, key])
+}
+
+#[test]
+fn rediss_shares_limits_over_tls_and_refuses_a_server_it_cannot_trust() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some([ca, cert, key]) = certificates(dir.path()) else {
+        return;
+    };
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port_text = port.to_string();
+    let tls = [
+        "--port",
+        "0",
+        "--tls-port",
+        &port_text,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        "tls-pass",
+    ];
+    // `with_args` gives a plain port first; the later `--port 0` turns it off.
+    let Some(_redis) = Redis::with_args(port, &tls) else {
+        return;
+    };
+    let module = write_file(dir.path(), "limit.wat", limiter(0, 100_000).as_bytes());
+    let url = format!("rediss://:tls-pass@127.0.0.1:{port}");
+
+    // Trusting the CA that signed it: shared, through TLS and AUTH.
+    let gw = gateway(&module, &url, &["--state-redis-ca", &ca]);
+    wait_until("a flush over TLS", || metric(&gw, "wasmgate_state_redis_up") == 1.0);
+    assert!(allowed(&client(), gw.addr));
+    let mut redis_cli = Command::new("redis-cli");
+    redis_cli.args([
+        "--tls",
+        "--cacert",
+        &ca,
+        "-p",
+        &port_text,
+        "-a",
+        "tls-pass",
+        "--no-auth-warning",
+        "KEYS",
+        "wasmgate:*",
+    ]);
+    if let Ok(out) = redis_cli.output() {
+        let keys = String::from_utf8_lossy(&out.stdout);
+        assert!(keys.contains("wasmgate:default:limit:shared"), "{keys}");
+    }
+
+    // Trusting another CA (the system's roots, which never signed it): refused, said why.
+    let untrusted = gateway(&module, &url, &[]);
+    let line = untrusted
+        .preamble
+        .iter()
+        .find(|l| l.contains("Redis is unreachable"))
+        .cloned()
+        .or_else(|| untrusted.line_with(&["Redis is unreachable"]))
+        .expect("a failure line");
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    assert_eq!(metric(&untrusted, "wasmgate_state_redis_up"), 0.0);
+
+    // A plain client on the TLS port gets nothing it can take for Redis.
+    let plain = gateway(&module, &format!("redis://:tls-pass@127.0.0.1:{port}"), &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(metric(&plain, "wasmgate_state_redis_up"), 0.0);
+}
+
+#[test]
+fn a_ca_file_needs_a_tls_url_and_must_hold_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = write_file(dir.path(), "empty.pem", b"");
+    let (code, _, err) = common::run_to_end(&["--state-redis", "redis://127.0.0.1:6379", "--state-redis-ca", &empty]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("rediss://"), "{err}");
+    let module = write_file(dir.path(), "limit.wat", limiter(0, 1).as_bytes());
+    let (code, _, err) = common::run_to_end(&[
+        "--module",
+        &module,
+        "--listen",
+        "127.0.0.1:0",
+        "--state-redis",
+        "rediss://127.0.0.1:6379",
+        "--state-redis-ca",
+        &empty,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("empty.pem") && err.contains("no certificate"), "{err}");
+}

@@ -759,16 +759,6 @@ const PROBE_OR_FORWARD: &str = r#"(module
     (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
             (i64.extend_i32_u (local.get $len)))))"#;
 
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn a_flooding_upstream_keeps_memory_flat_and_the_listener_answered() {
     // Before: a worker drained a flooded session socket until it was empty and
@@ -792,7 +782,7 @@ fn a_flooding_upstream_keeps_memory_flat_and_the_listener_answered() {
         "--max-reply-ratio",
         "0",
     ]);
-    let before = rss_kib(served.child.id());
+    let before = common::rss_kib(served.child.id());
     // The victim's one datagram opens the session the flood comes back on.
     let victim = client();
     victim.send_to(b"start", served.addr).unwrap();
@@ -829,12 +819,12 @@ fn a_flooding_upstream_keeps_memory_flat_and_the_listener_answered() {
         let msg = format!("probe {i}");
         assert_eq!(ask(&prober, served.addr, msg.as_bytes()), msg.as_bytes());
         slowest = slowest.max(asked.elapsed());
-        peak = peak.max(rss_kib(served.child.id()));
+        peak = peak.max(common::rss_kib(served.child.id()));
         std::thread::sleep(Duration::from_millis(50));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent: u64 = floods.into_iter().map(|t| t.join().unwrap()).sum();
-    peak = peak.max(rss_kib(served.child.id()));
+    peak = peak.max(common::rss_kib(served.child.id()));
     println!(
         "flood: {sent} datagrams of 1,200 bytes; gateway RSS {before} KiB before, {peak} KiB at most; slowest probe {slowest:?}"
     );

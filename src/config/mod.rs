@@ -433,7 +433,7 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
         ),
         None => None,
     };
-    let cluster = file.state.as_ref().map(StateSection::cluster).transpose()?.flatten();
+    let cluster = file.state.as_ref().map(|s| s.cluster(base)).transpose()?.flatten();
     let mut pools = Vec::new();
     for (name, u) in &file.upstreams {
         let at = |key: &str| format!("upstreams.{name}: {key}");
@@ -861,9 +861,15 @@ mod tests {
                 fail_closed: true,
                 flush: Duration::from_millis(10),
                 namespace: None,
+                ca: None,
             })
         );
         assert_eq!(parse(LISTENER, Path::new("."), 2).unwrap().listeners[0].cluster, None);
+        // A CA file is read from beside the config file.
+        let tls = format!("[state]\nredis = \"rediss://x:1\"\nredis_ca = \"ca.pem\"\n{LISTENER}");
+        let file = parse(&tls, Path::new("etc/wasmgate"), 2).unwrap();
+        let cluster = file.listeners[0].cluster.as_ref().unwrap();
+        assert_eq!(cluster.ca.as_deref(), Some(Path::new("etc/wasmgate/ca.pem")));
         for (state, words) in [
             ("redis = \"http://x:1\"", ["state.redis", "not a Redis URL"]),
             (
@@ -875,6 +881,11 @@ mod tests {
                 ["state.redis", "1ms to 1s"],
             ),
             ("redis_failure = \"open\"", ["state:", "need redis"]),
+            ("redis_ca = \"ca.pem\"", ["state:", "need redis"]),
+            (
+                "redis = \"redis://x:1\"\nredis_ca = \"ca.pem\"",
+                ["state.redis", "rediss://"],
+            ),
         ] {
             let e = parse_err(&format!("[state]\n{state}\n{LISTENER}"));
             assert!(words.iter().all(|w| e.contains(w)), "{state}: {e}");

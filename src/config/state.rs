@@ -2,6 +2,7 @@
 //! process (its `limit` buckets shared through Redis), and the same checks for
 //! the `--state-redis` flags.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -19,6 +20,7 @@ pub(super) struct StateSection {
     redis_failure: Option<String>,
     redis_flush: Option<String>,
     namespace: Option<String>,
+    redis_ca: Option<PathBuf>,
 }
 
 /// How often gateways tell each other what their limits spent, unless told.
@@ -44,12 +46,19 @@ pub fn cluster_spec(
     failure: Option<&str>,
     flush: Duration,
     namespace: Option<&str>,
+    ca: Option<&Path>,
 ) -> anyhow::Result<ClusterSpec> {
-    if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+    if !["redis://", "rediss://", "redis+unix://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
+    {
         bail!(
-            "`{}` is not a Redis URL: write redis://HOST:PORT",
+            "`{}` is not a Redis URL: write redis://HOST:PORT (rediss:// for TLS)",
             quote(&redacted(url))
         );
+    }
+    if ca.is_some() && !url.starts_with("rediss://") {
+        bail!("a Redis CA file is for TLS: write rediss://HOST:PORT");
     }
     if flush.is_zero() || flush > Duration::from_secs(1) {
         bail!("the flush interval must be from 1ms to 1s");
@@ -65,15 +74,21 @@ pub fn cluster_spec(
         fail_closed,
         flush,
         namespace,
+        ca: ca.map(Path::to_path_buf),
     })
 }
 
 impl StateSection {
     /// The cluster scope the table asks for, if any.
-    pub(super) fn cluster(&self) -> anyhow::Result<Option<ClusterSpec>> {
+    /// `base`: the directory a relative CA path is read from.
+    pub(super) fn cluster(&self, base: &Path) -> anyhow::Result<Option<ClusterSpec>> {
         let Some(url) = &self.redis else {
-            if self.redis_failure.is_some() || self.redis_flush.is_some() || self.namespace.is_some() {
-                bail!("state: redis_failure, redis_flush and namespace need redis = \"redis://HOST:PORT\"");
+            if self.redis_failure.is_some()
+                || self.redis_flush.is_some()
+                || self.namespace.is_some()
+                || self.redis_ca.is_some()
+            {
+                bail!("state: redis_failure, redis_flush, redis_ca and namespace need redis = \"redis://HOST:PORT\"");
             }
             return Ok(None);
         };
@@ -84,8 +99,14 @@ impl StateSection {
             None => DEFAULT_REDIS_FLUSH,
         };
         Ok(Some(
-            cluster_spec(url, self.redis_failure.as_deref(), flush, self.namespace.as_deref())
-                .context("state.redis")?,
+            cluster_spec(
+                url,
+                self.redis_failure.as_deref(),
+                flush,
+                self.namespace.as_deref(),
+                self.redis_ca.as_ref().map(|ca| base.join(ca)).as_deref(),
+            )
+            .context("state.redis")?,
         ))
     }
 }

@@ -28,13 +28,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use redis::Value;
 
+use super::link::{Link, Target};
 use super::{Bucket, COUNTER_MIN, NEVER, NS_PER_MS, Space, State, UNSEEN, interval, lock};
 
 /// Where and how a listener shares its limits, counters and penalties.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClusterSpec {
-    /// `redis://HOST:PORT[/DB]` (also `redis://:PASSWORD@…`, `rediss://` is not built in).
+    /// `redis://HOST:PORT[/DB]`, `redis://USER:PASSWORD@…`, `rediss://…` (TLS)
+    /// or `redis+unix:///PATH`.
     pub url: String,
+    /// For `rediss://`: the CA certificates (PEM) to trust instead of the system's.
+    pub ca: Option<std::path::PathBuf>,
     /// With Redis unreachable, deny every `limit` call instead of limiting alone.
     pub fail_closed: bool,
     /// How often each gateway flushes what it spent and learns what the others did.
@@ -52,6 +56,7 @@ impl std::fmt::Debug for ClusterSpec {
             .field("fail_closed", &self.fail_closed)
             .field("flush", &self.flush)
             .field("namespace", &self.namespace)
+            .field("ca", &self.ca)
             .finish()
     }
 }
@@ -69,7 +74,7 @@ const HEARTBEAT: Duration = Duration::from_secs(3);
 /// Penalties kept on the stream (roughly: Redis trims it lazily), and the
 /// most a gateway reads in one flush.
 const PENALTY_LOG: usize = 10_000;
-const PENALTY_READ: usize = 1_000;
+pub(super) const PENALTY_READ: usize = 1_000;
 /// Penalties waiting for Redis; past this, the oldest are dropped (said once).
 const PENALTY_BACKLOG: usize = 100_000;
 
@@ -197,7 +202,7 @@ impl State {
     /// unreachable server is logged and retried.
     pub fn join_cluster(self: &Arc<Self>, listener: &str, spec: &ClusterSpec) -> anyhow::Result<()> {
         let shown = crate::text::redacted(&spec.url);
-        let client = redis::Client::open(spec.url.as_str()).with_context(|| format!("state redis {shown:?}"))?;
+        let target = Target::parse(&spec.url, spec.ca.as_deref()).with_context(|| format!("state redis {shown:?}"))?;
         let cluster = Arc::new(Cluster::new(spec.fail_closed, 1));
         let namespace = spec.namespace.as_deref().unwrap_or(listener);
         if self.cluster.set(Arc::clone(&cluster)).is_err() {
@@ -206,8 +211,8 @@ impl State {
         let mut flusher = Flusher {
             state: Arc::downgrade(self),
             cluster,
-            client,
-            // Only ever shown: the password stays in `client`.
+            target,
+            // Only ever shown: the password stays in `target`.
             url: shown,
             prefix: format!("wasmgate:{namespace}:"),
             id: format!("{}-{}", std::process::id(), self.seed),
@@ -392,7 +397,7 @@ fn unix_ms() -> u64 {
 struct Flusher {
     state: Weak<State>,
     cluster: Arc<Cluster>,
-    client: redis::Client,
+    target: Target,
     url: String,
     prefix: String,
     id: String,
@@ -415,7 +420,7 @@ impl Flusher {
     /// bucket. The listener waits for it ([`State::join_cluster`]): a gateway
     /// that took itself for alone gave a new bucket's whole burst where its
     /// share was due (a quota of 40 on two gateways allowed up to 79).
-    fn first_contact(&mut self) -> Option<redis::Connection> {
+    fn first_contact(&mut self) -> Option<Link> {
         let state = self.state.upgrade()?;
         let mut c = match self.connect() {
             Ok(c) => c,
@@ -440,7 +445,7 @@ impl Flusher {
         }
     }
 
-    fn run(mut self, connection: Option<redis::Connection>) {
+    fn run(mut self, connection: Option<Link>) {
         let mut connection = connection;
         let mut next_try = Instant::now();
         loop {
@@ -492,11 +497,8 @@ impl Flusher {
         }
     }
 
-    fn connect(&self) -> redis::RedisResult<redis::Connection> {
-        let c = self.client.get_connection_with_timeout(REDIS_TIMEOUT)?;
-        c.set_read_timeout(Some(REDIS_TIMEOUT))?;
-        c.set_write_timeout(Some(REDIS_TIMEOUT))?;
-        Ok(c)
+    fn connect(&self) -> redis::RedisResult<Link> {
+        self.target.connect(REDIS_TIMEOUT)
     }
 
     /// Counts a failure, and logs it when Redis was up until now.
@@ -545,7 +547,7 @@ impl Flusher {
     /// gives the gateway count.
     fn exchange(
         &mut self,
-        c: &mut redis::Connection,
+        c: &mut Link,
         flushes: &[Flush],
         penalties: &VecDeque<(Box<[u8]>, u64)>,
     ) -> redis::RedisResult<Exchanged> {
@@ -615,7 +617,7 @@ impl Flusher {
 
         // A key's error reply (a counter past the 64-bit range, a key of the
         // wrong type) must not fail the others' flush: it comes back in its place.
-        let replies = round_trip(c, &pipe, &ignored, REDIS_TIMEOUT)?;
+        let replies = c.round_trip(&pipe, &ignored, REDIS_TIMEOUT)?;
         let mut replies = replies.into_iter();
         let mut totals = Vec::with_capacity(flushes.len());
         for f in flushes {
@@ -641,37 +643,6 @@ impl Flusher {
             gateways: u32::try_from(gateways.max(1)).unwrap_or(u32::MAX),
         })
     }
-}
-
-/// Sends `pipe` and reads its replies (less those of the `ignored` commands)
-/// under one deadline for the whole round trip, stopping at the first read
-/// that fails. (`query` gives each reply its own read timeout and reads on
-/// after a failure, so that a silent Redis took a timeout per command to be
-/// noticed: minutes with many keys.) A per-key error reply comes back in its
-/// place, so that one refused key does not fail the others' flush.
-fn round_trip(
-    c: &mut redis::Connection,
-    pipe: &redis::Pipeline,
-    ignored: &[usize],
-    timeout: Duration,
-) -> redis::RedisResult<Vec<Value>> {
-    let deadline = Instant::now() + timeout;
-    let timed_out = || redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply in time"));
-    c.set_write_timeout(Some(timeout))?;
-    c.send_packed_command(&pipe.get_packed_pipeline())?;
-    let mut replies = Vec::with_capacity(pipe.len());
-    for i in 0..pipe.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timed_out());
-        }
-        c.set_read_timeout(Some(left))?;
-        let value = c.recv_response()?;
-        if !ignored.contains(&i) {
-            replies.push(value);
-        }
-    }
-    Ok(replies)
 }
 
 /// An integer reply; `None` for an error or anything else.

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 mod cluster;
 mod entry;
+mod link;
 
 pub use cluster::{ClusterSpec, ClusterStats};
 use entry::{Bucket, Entry, Key, Space, UNSEEN, interval};

@@ -15,6 +15,16 @@ use wasmgate::config::ListenerSpec;
 use wasmgate::gateway::Gateway;
 use wasmgate::sandbox::{Isolation, Limits, Sandbox};
 
+/// Resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
 /// Says that a test could not run for want of `what`, and returns: in CI
 /// (`CI` set, as `.ci/run` runs) a missing tool is a failure, not a pass.
 pub fn skip(what: &str) {
