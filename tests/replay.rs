@@ -163,6 +163,67 @@ fn hostile_captures_get_an_answer_never_a_panic_a_hang_or_all_memory() {
     }
 }
 
+/// Runs the binary with `args` to its end; its exit code, its standard
+/// output, and its peak resident memory in KiB (from `wait4`, this child's alone).
+#[allow(clippy::zombie_processes)] // reaped by `wait4`, which also gives its rusage
+fn run_measured(args: &[&str]) -> (Option<i32>, String, u64) {
+    use std::io::Read as _;
+    let mut child = common::wasmgate(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let mut status = 0;
+    // SAFETY: plain system call; `usage` is written by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (code, out, usage.ru_maxrss as u64)
+}
+
+#[test]
+fn a_capture_larger_than_memory_allows_replays_in_bounded_memory() {
+    // Before: replay read the whole file and then held every datagram (memory
+    // 12 times a capture of small datagrams); a capture over 256 MiB was refused.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("large.pcap");
+    let header = pcap_file::pcap::PcapHeader {
+        datalink: pcap_file::DataLink::RAW,
+        ..Default::default()
+    };
+    let file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let mut writer = pcap_file::pcap::PcapWriter::with_header(file, header).unwrap();
+    let n = 50_000u32;
+    let payload = [b'a'; 1400];
+    for i in 0..n {
+        let mut packet = Vec::with_capacity(1500);
+        let client = [10, 0, (i >> 8) as u8, i as u8];
+        etherparse::PacketBuilder::ipv4(client, [127, 0, 0, 1], 64)
+            .udp(4000, 8008)
+            .write(&mut packet, &payload)
+            .unwrap();
+        // A second apart: each is compared once its reply window has passed.
+        let at = Duration::from_secs(1_000_000 + u64::from(i));
+        let p = pcap_file::pcap::PcapPacket::new(at, packet.len() as u32, &packet);
+        writer.write_packet(&p).unwrap();
+    }
+    drop(writer);
+    let size_kib = std::fs::metadata(&path).unwrap().len() / 1024;
+    let (code, out, peak_kib) = run_measured(&["replay", path.to_str().unwrap(), "--module", "guest/uppercase.wasm"]);
+    eprintln!("a {size_kib} KiB capture replayed in at most {peak_kib} KiB");
+    // 1: there are no recorded replies to compare with, so all differ.
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("replayed {n} client datagrams")), "{out}");
+    assert!(out.contains(&format!("different: {n}")), "{out}");
+    assert!(
+        peak_kib < size_kib,
+        "replaying a {size_kib} KiB capture took {peak_kib} KiB: it is not streamed"
+    );
+}
+
 /// Serves the default guest with `--record`, asks `messages`, and stops the
 /// gateway (which writes the file out); returns its path.
 fn record_uppercase(dir: &Path, messages: &[&[u8]]) -> String {

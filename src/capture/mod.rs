@@ -9,7 +9,7 @@ mod record;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use read::{Capture, MAX_CAPTURE_BYTES, read};
+pub use read::{Capture, MAX_CAPTURE_BYTES, Reader, Skipped, read};
 pub use record::{Hop, MISMATCHES, MismatchLog, Recorder};
 pub(crate) use record::{chance, threshold};
 

@@ -1,5 +1,6 @@
 //! Reading a capture file into its UDP datagrams, in capture order.
 
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -14,111 +15,193 @@ use pcap_file::pcapng::{Block, PcapNgReader};
 
 use super::{Datagram, Hop};
 
-/// The largest capture `replay` reads: it holds the capture's datagrams in
-/// memory (several times the file's size for small datagrams).
+/// The largest capture [`read`] takes whole into memory; [`Reader`] streams
+/// a capture of any size.
 pub const MAX_CAPTURE_BYTES: usize = 256 << 20;
 
 /// The UDP datagrams of a capture file, and what was passed over.
 #[derive(Debug, Default)]
 pub struct Capture {
     pub datagrams: Vec<Datagram>,
+    pub skipped: Skipped,
+}
+
+/// The packets of a capture that held no datagram to replay.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Skipped {
     /// Packets that are not UDP over IP (ARP, TCP, ICMP, …).
     pub not_udp: u64,
     /// Packets cut short by the capture's snap length, and IP fragments (not reassembled).
     pub incomplete: u64,
 }
 
-/// Reads `path`: pcap (microsecond or nanosecond) or pcapng, over Ethernet, raw
-/// IP, loopback (`DLT_NULL`/`LOOP`) or Linux cooked (`any`) links. The error
-/// names the file and what is wrong with it.
+/// Reads all of `path` (at most [`MAX_CAPTURE_BYTES`]) into memory.
 pub fn read(path: &Path) -> anyhow::Result<Capture> {
-    let bytes = crate::engine::compile::read_regular(path, MAX_CAPTURE_BYTES, "captures")
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let capture = parse(&bytes).with_context(|| format!("{}", path.display()))?;
-    if capture.datagrams.is_empty() {
+    let file =
+        crate::engine::compile::open_regular(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let size = file.metadata().map_or(0, |m| m.len());
+    if size > MAX_CAPTURE_BYTES as u64 {
         bail!(
-            "{}: no UDP datagrams in it ({} other packets, {} incomplete)",
-            path.display(),
-            capture.not_udp,
-            capture.incomplete
+            "{}: it is over the {MAX_CAPTURE_BYTES} byte limit for captures read whole",
+            path.display()
         );
     }
-    Ok(capture)
+    let mut reader = Reader::new(file).with_context(|| format!("{}", path.display()))?;
+    let mut datagrams = Vec::new();
+    while let Some(d) = reader.next() {
+        datagrams.push(d.with_context(|| format!("{}", path.display()))?);
+    }
+    if datagrams.is_empty() {
+        bail!("{}: {}", path.display(), reader.nothing_in_it());
+    }
+    Ok(Capture {
+        datagrams,
+        skipped: reader.skipped,
+    })
 }
 
+#[cfg(test)]
 /// Parses capture bytes (the file name is the caller's to add).
 pub(crate) fn parse(bytes: &[u8]) -> anyhow::Result<Capture> {
-    let Some(magic) = bytes.get(..4) else {
-        bail!("not a capture: {} bytes, shorter than any capture header", bytes.len());
-    };
-    let mut capture = Capture::default();
-    match magic {
-        [0x0a, 0x0d, 0x0d, 0x0a] => read_pcapng(bytes, &mut capture)?,
-        [0xa1, 0xb2, 0xc3, 0xd4] | [0xd4, 0xc3, 0xb2, 0xa1] | [0xa1, 0xb2, 0x3c, 0x4d] | [0x4d, 0x3c, 0xb2, 0xa1] => {
-            read_pcap(bytes, &mut capture)?
+    let mut reader = Reader::new(bytes)?;
+    let mut datagrams = Vec::new();
+    while let Some(d) = reader.next() {
+        datagrams.push(d?);
+    }
+    Ok(Capture {
+        datagrams,
+        skipped: reader.skipped,
+    })
+}
+
+/// A capture's UDP datagrams, one at a time: pcap (microsecond or nanosecond)
+/// or pcapng, over Ethernet, raw IP, loopback (`DLT_NULL`/`LOOP`) or Linux
+/// cooked (`any`) links. It holds one packet at a time (pcap-file reads
+/// through a fixed 8 MB buffer, so a packet claiming more is an error, not an
+/// allocation).
+pub struct Reader<R: Read> {
+    source: Source<Input<R>>,
+    /// Blocks or packets read so far, to say where a capture is damaged.
+    n: u64,
+    pub skipped: Skipped,
+}
+
+/// The input with its magic number, read to tell the format, put back in front.
+type Input<R> = std::io::Chain<std::io::Cursor<[u8; 4]>, R>;
+
+enum Source<R: Read> {
+    Pcap(PcapReader<R>),
+    /// Each interface's link type and timestamp units, as its block said.
+    PcapNg(PcapNgReader<R>, Vec<(DataLink, u8)>),
+}
+
+impl<R: Read> Reader<R> {
+    /// Reads the capture's header; the error says what it is if not a capture.
+    pub fn new(mut input: R) -> anyhow::Result<Self> {
+        let mut magic = [0u8; 4];
+        let mut got = 0;
+        while got < magic.len() {
+            match input.read(&mut magic[got..]) {
+                Ok(0) => bail!("not a capture: {got} bytes, shorter than any capture header"),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("cannot read"),
+            }
         }
-        _ => bail!(
-            "not a capture: it starts with {} where pcap or pcapng has its magic number",
-            crate::text::escape_control(&String::from_utf8_lossy(magic))
-        ),
-    }
-    Ok(capture)
-}
-
-fn read_pcap(bytes: &[u8], capture: &mut Capture) -> anyhow::Result<()> {
-    let mut reader = PcapReader::new(bytes).map_err(|e| anyhow::anyhow!("not a pcap file: {e}"))?;
-    let link = reader.header().datalink;
-    let mut n = 0u64;
-    while let Some(packet) = reader.next_packet() {
-        n += 1;
-        let packet = packet.map_err(|e| anyhow::anyhow!("truncated or corrupt at packet {n}: {e}"))?;
-        let whole = packet.orig_len as usize == packet.data.len();
-        add(capture, link, packet.timestamp, &packet.data, whole, None)?;
-    }
-    Ok(())
-}
-
-fn read_pcapng(bytes: &[u8], capture: &mut Capture) -> anyhow::Result<()> {
-    let mut reader = PcapNgReader::new(bytes).map_err(|e| anyhow::anyhow!("not a pcapng file: {e}"))?;
-    // Each interface's link type and timestamp units, as its block said.
-    let mut interfaces: Vec<(DataLink, u8)> = Vec::new();
-    let mut n = 0u64;
-    while let Some(block) = reader.next_block() {
-        n += 1;
-        let block = block.map_err(|e| anyhow::anyhow!("truncated or corrupt at block {n}: {e}"))?;
-        let packet = match block {
-            Block::SectionHeader(_) => {
-                interfaces.clear();
-                continue;
+        let input = std::io::Cursor::new(magic).chain(input);
+        let source = match magic {
+            [0x0a, 0x0d, 0x0d, 0x0a] => Source::PcapNg(
+                PcapNgReader::new(input).map_err(|e| anyhow::anyhow!("not a pcapng file: {e}"))?,
+                Vec::new(),
+            ),
+            [0xa1, 0xb2, 0xc3, 0xd4]
+            | [0xd4, 0xc3, 0xb2, 0xa1]
+            | [0xa1, 0xb2, 0x3c, 0x4d]
+            | [0x4d, 0x3c, 0xb2, 0xa1] => {
+                Source::Pcap(PcapReader::new(input).map_err(|e| anyhow::anyhow!("not a pcap file: {e}"))?)
             }
-            Block::InterfaceDescription(interface) => {
-                // pcap-file reads the raw timestamp as nanoseconds; it is in the
-                // interface's units (microseconds unless it says otherwise).
-                let resolution = interface.options.iter().find_map(|o| match o {
-                    InterfaceDescriptionOption::IfTsResol(r) => Some(*r),
-                    _ => None,
-                });
-                interfaces.push((interface.linktype, resolution.unwrap_or(6)));
-                continue;
-            }
-            Block::EnhancedPacket(packet) => packet,
-            _ => continue,
+            _ => bail!(
+                "not a capture: it starts with {} where pcap or pcapng has its magic number",
+                crate::text::escape_control(&String::from_utf8_lossy(&magic))
+            ),
         };
-        let Some(&(link, resolution)) = interfaces.get(packet.interface_id as usize) else {
-            bail!(
-                "block {n}: a packet of interface {} that was never described",
-                packet.interface_id
-            );
-        };
-        let at = scaled(packet.timestamp.as_nanos(), resolution);
-        let comment = packet.options.iter().find_map(|o| match o {
-            EnhancedPacketOption::Comment(c) => Some(c.as_ref()),
-            _ => None,
-        });
-        let whole = packet.original_len as usize == packet.data.len();
-        add(capture, link, at, &packet.data, whole, comment)?;
+        Ok(Self {
+            source,
+            n: 0,
+            skipped: Skipped::default(),
+        })
     }
-    Ok(())
+
+    /// The next UDP datagram; `None` at the end of the capture. After an
+    /// error (a damaged capture) there is nothing more to read.
+    #[allow(clippy::should_implement_trait)] // it lends from its buffer
+    pub fn next(&mut self) -> Option<anyhow::Result<Datagram>> {
+        loop {
+            self.n += 1;
+            let n = self.n;
+            let found = match &mut self.source {
+                Source::Pcap(reader) => {
+                    let link = reader.header().datalink;
+                    let packet = match reader.next_packet()? {
+                        Ok(p) => p,
+                        Err(e) => return Some(Err(anyhow::anyhow!("truncated or corrupt at packet {n}: {e}"))),
+                    };
+                    let whole = packet.orig_len as usize == packet.data.len();
+                    datagram(&mut self.skipped, link, packet.timestamp, &packet.data, whole, None)
+                }
+                Source::PcapNg(reader, interfaces) => {
+                    let block = match reader.next_block()? {
+                        Ok(b) => b,
+                        Err(e) => return Some(Err(anyhow::anyhow!("truncated or corrupt at block {n}: {e}"))),
+                    };
+                    let packet = match block {
+                        Block::SectionHeader(_) => {
+                            interfaces.clear();
+                            continue;
+                        }
+                        Block::InterfaceDescription(interface) => {
+                            // pcap-file reads the raw timestamp as nanoseconds; it is in the
+                            // interface's units (microseconds unless it says otherwise).
+                            let resolution = interface.options.iter().find_map(|o| match o {
+                                InterfaceDescriptionOption::IfTsResol(r) => Some(*r),
+                                _ => None,
+                            });
+                            interfaces.push((interface.linktype, resolution.unwrap_or(6)));
+                            continue;
+                        }
+                        Block::EnhancedPacket(packet) => packet,
+                        _ => continue,
+                    };
+                    let Some(&(link, resolution)) = interfaces.get(packet.interface_id as usize) else {
+                        return Some(Err(anyhow::anyhow!(
+                            "block {n}: a packet of interface {} that was never described",
+                            packet.interface_id
+                        )));
+                    };
+                    let at = scaled(packet.timestamp.as_nanos(), resolution);
+                    let comment = packet.options.iter().find_map(|o| match o {
+                        EnhancedPacketOption::Comment(c) => Some(c.as_ref()),
+                        _ => None,
+                    });
+                    let whole = packet.original_len as usize == packet.data.len();
+                    datagram(&mut self.skipped, link, at, &packet.data, whole, comment)
+                }
+            };
+            match found {
+                Ok(Some(d)) => return Some(Ok(d)),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// Why a capture gave no datagram, for an error.
+    pub fn nothing_in_it(&self) -> String {
+        format!(
+            "no UDP datagrams in it ({} other packets, {} incomplete)",
+            self.skipped.not_udp, self.skipped.incomplete
+        )
+    }
 }
 
 /// A timestamp of `raw` units of the pcapng `if_tsresol` `resolution`.
@@ -136,18 +219,18 @@ fn scaled(raw: u128, resolution: u8) -> Duration {
     }
 }
 
-/// Adds one packet's UDP datagram, if it holds one.
-fn add(
-    capture: &mut Capture,
+/// One packet's UDP datagram, if it holds one (else it is counted as skipped).
+fn datagram(
+    skipped: &mut Skipped,
     link: DataLink,
     at: Duration,
     data: &[u8],
     whole: bool,
     comment: Option<&str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Datagram>> {
     if !whole {
-        capture.incomplete += 1;
-        return Ok(());
+        skipped.incomplete += 1;
+        return Ok(None);
     }
     let sliced = match link {
         DataLink::ETHERNET => SlicedPacket::from_ethernet(data),
@@ -160,8 +243,8 @@ fn add(
         other => bail!("link type {other:?} is not supported (Ethernet, raw IP, loopback and Linux cooked are)"),
     };
     let Ok(packet) = sliced else {
-        capture.not_udp += 1;
-        return Ok(());
+        skipped.not_udp += 1;
+        return Ok(None);
     };
     let (src, dst, fragmented) = match &packet.net {
         Some(NetSlice::Ipv4(ip)) => (
@@ -175,20 +258,20 @@ fn add(
             ip.is_payload_fragmented(),
         ),
         _ => {
-            capture.not_udp += 1;
-            return Ok(());
+            skipped.not_udp += 1;
+            return Ok(None);
         }
     };
     if fragmented {
-        capture.incomplete += 1;
-        return Ok(());
+        skipped.incomplete += 1;
+        return Ok(None);
     }
     let Some(TransportSlice::Udp(udp)) = &packet.transport else {
-        capture.not_udp += 1;
-        return Ok(());
+        skipped.not_udp += 1;
+        return Ok(None);
     };
     let (hop, client, verdict) = comment.map(Hop::parse_comment).unwrap_or_default();
-    capture.datagrams.push(Datagram {
+    Ok(Some(Datagram {
         at,
         src: SocketAddr::new(src, udp.source_port()),
         dst: SocketAddr::new(dst, udp.destination_port()),
@@ -196,8 +279,7 @@ fn add(
         hop,
         client,
         verdict,
-    });
-    Ok(())
+    }))
 }
 
 #[cfg(test)]

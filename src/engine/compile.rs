@@ -22,10 +22,9 @@ pub fn read_module(path: &Path) -> io::Result<Vec<u8>> {
     read_regular(path, MAX_MODULE_BYTES, "modules")
 }
 
-/// Reads a regular file of at most `max` bytes (`what` names such files in
-/// the error): a FIFO, a device (`/dev/zero`) or a directory is refused at
-/// once, without blocking and without reading it.
-pub(crate) fn read_regular(path: &Path, max: usize, what: &str) -> io::Result<Vec<u8>> {
+/// Opens `path` for reading if it is a regular file: never a FIFO, a device
+/// or a directory (the error says which it is).
+pub(crate) fn open_regular(path: &Path) -> io::Result<std::fs::File> {
     // A plain open() of a FIFO blocks until a writer comes; non-blocking it returns
     // at once, and the type check below refuses it.
     let file = OpenOptions::new()
@@ -39,6 +38,15 @@ pub(crate) fn read_regular(path: &Path, max: usize, what: &str) -> io::Result<Ve
             format!("it is {}, not a regular file", file_kind(&meta.file_type())),
         ));
     }
+    Ok(file)
+}
+
+/// Reads a regular file of at most `max` bytes (`what` names such files in
+/// the error): a FIFO, a device (`/dev/zero`) or a directory is refused at
+/// once, without blocking and without reading it.
+pub(crate) fn read_regular(path: &Path, max: usize, what: &str) -> io::Result<Vec<u8>> {
+    let file = open_regular(path)?;
+    let meta = file.metadata()?;
     let too_large = || {
         io::Error::new(
             io::ErrorKind::FileTooLarge,
