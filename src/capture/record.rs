@@ -113,6 +113,12 @@ pub struct Recorder {
 impl Recorder {
     /// Creates the file (an error names it) and starts the writer thread.
     pub fn start(spec: &RecordSpec) -> anyhow::Result<Self> {
+        Self::start_held(spec, None)
+    }
+
+    /// As [`Recorder::start`]; the writer waits for `hold` to be released
+    /// (sent to or dropped) before it writes anything, as a stalled disk would.
+    fn start_held(spec: &RecordSpec, hold: Option<Receiver<()>>) -> anyhow::Result<Self> {
         let writer = create(&spec.path).with_context(|| format!("--record {}", spec.path.display()))?;
         let (tx, rx) = sync_channel(QUEUE);
         let stopped = Arc::new(AtomicBool::new(false));
@@ -122,7 +128,12 @@ impl Recorder {
         let taken = Arc::clone(&queued);
         let writer = std::thread::Builder::new()
             .name("wasmgate-record".into())
-            .spawn(move || write_all(&rx, writer, &path, max_bytes, &flag, &taken))
+            .spawn(move || {
+                if let Some(hold) = hold {
+                    let _ = hold.recv();
+                }
+                write_all(&rx, writer, &path, max_bytes, &flag, &taken);
+            })
             .context("cannot start the recording thread")?;
         let threshold = threshold(spec.sample);
         Ok(Self {
@@ -543,6 +554,46 @@ fn v6(ip: IpAddr) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stalled_writer_fills_the_queue_to_its_count_or_byte_bound_and_the_rest_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stalled.pcapng");
+        let (release, hold) = sync_channel(0);
+        let recorder = Recorder::start_held(&RecordSpec::new(path.clone()), Some(hold)).unwrap();
+        let (client, local) = ("192.0.2.7:4000".parse().unwrap(), "127.0.0.1:8008".parse().unwrap());
+        // Small datagrams: the count bound.
+        for i in 0..QUEUE as u32 + 1_000 {
+            recorder.record(
+                Hop::Client,
+                client,
+                local,
+                &i.to_be_bytes(),
+                [0; 32],
+                Some("reply"),
+                None,
+            );
+        }
+        assert_eq!(recorder.dropped(), 1_000);
+        drop(release);
+        drop(recorder);
+        let small = crate::capture::read(&path).unwrap().datagrams;
+        assert_eq!(small.len(), QUEUE);
+        assert_eq!(small.last().unwrap().payload, (QUEUE as u32 - 1).to_be_bytes());
+
+        // 60 KB datagrams: the byte bound, long before the count.
+        let (release, hold) = sync_channel(0);
+        let recorder = Recorder::start_held(&RecordSpec::new(path.clone()), Some(hold)).unwrap();
+        let large = vec![b'L'; 60_000];
+        for _ in 0..1_000 {
+            recorder.record(Hop::Client, client, local, &large, [0; 32], Some("reply"), None);
+        }
+        let fit = QUEUE_BYTES / (large.len() + ENTRY_OVERHEAD);
+        assert_eq!(recorder.dropped(), 1_000 - fit as u64);
+        drop(release);
+        drop(recorder);
+        assert_eq!(crate::capture::read(&path).unwrap().datagrams.len(), fit);
+    }
 
     #[test]
     fn the_mismatch_file_keeps_the_last_hundred_and_writes_each_mismatch_at_most_twice() {
