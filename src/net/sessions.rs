@@ -135,3 +135,42 @@ fn connect(addr: SocketAddr) -> io::Result<UdpSocket> {
     socket.set_nonblocking(true)?;
     Ok(socket)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn an_error_that_persists_is_handed_up_after_a_few_tries_not_retried_for_ever() {
+        // Before: any error but "refused" was read past, for ever. No UDP
+        // socket can be made to fail every receive on demand, so the session's
+        // socket here is the read end of a pipe: every recvmmsg fails (ENOTSOCK).
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let poll = mio::Poll::new().unwrap();
+            let mut sockets = SessionSockets::new(poll.registry().try_clone().unwrap(), Arc::default());
+            let (read, write) = std::io::pipe().unwrap();
+            // SAFETY: the descriptor is open and owned from here on (closed on drop).
+            let socket = unsafe { UdpSocket::from_raw_fd(read.into_raw_fd()) };
+            let id = SessionId::from_raw(7);
+            sockets.sockets.insert(
+                id,
+                Socket {
+                    socket: mio::net::UdpSocket::from_std(socket),
+                    port: 0,
+                },
+            );
+            let mut rx = RecvBatch::new(4, 2048);
+            let result = sockets.recv(id, &mut rx);
+            drop(write);
+            let _ = done.send(result.map_err(|e| e.raw_os_error()));
+        });
+        let result = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the receive loop never ended");
+        assert_eq!(result, Err(Some(libc::ENOTSOCK)));
+    }
+}
