@@ -56,9 +56,65 @@ struct Args {
     /// shadowed) and record a hundredth of the traffic.
     #[arg(long)]
     proving: bool,
+    /// Share the state through a redis-server (Debian's, started here on a
+    /// loopback port) that, every minute, is blackholed (SIGSTOP) for 10 s and
+    /// later killed and restarted.
+    #[arg(long)]
+    redis: bool,
 }
 
-/// Uppercases, and misbehaves on datagrams starting with `!`: `!L` loops, `!T`
+/// A redis-server on a loopback port, killed when dropped.
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start(port: u16) -> anyhow::Result<Self> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("--redis needs redis-server (Debian: apt install redis-server): {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "redis-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { child, port })
+    }
+
+    fn signal(&self, name: &str) {
+        let _ = Command::new("kill").args([name, &self.child.id().to_string()]).status();
+    }
+
+    fn restart(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Self::start(self.port)?;
+        Ok(())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Uppercases (counting each datagram's first three bytes in the state), and misbehaves on datagrams starting with `!`: `!L` loops, `!T`
 /// traps, `!M` grows memory without end, `!A` replies 4× too much. Forwards
 /// datagrams starting with `F` to the pool `backend` (an echo), `S` to `silent`
 /// (never answers) and `X` to `flood` (answers each with a burst). `{variant}`
@@ -67,6 +123,7 @@ fn good_module(variant: u32) -> String {
     format!(
         r#"(module
         (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+        (import "wasmgate" "state_incr" (func $incr (param i32 i32 i64 i64) (result i64)))
         (memory (export "memory") 1)
         (data (i32.const 0) "backend")
         (data (i32.const 16) "silent")
@@ -98,6 +155,10 @@ fn good_module(variant: u32) -> String {
                     (if (i32.eq (local.get $c) (i32.const 65))
                         (then (return (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32))
                                               (i64.extend_i32_u (i32.mul (local.get $len) (i32.const 4)))))))))
+            ;; A counter per first three bytes (shared through Redis with --redis).
+            (drop (call $incr (local.get $p)
+                (select (local.get $len) (i32.const 3) (i32.lt_u (local.get $len) (i32.const 3)))
+                (i64.const 1) (i64.const 60000)))
             (block $done (loop $next
                 (br_if $done (i32.ge_u (local.get $i) (local.get $len)))
                 (local.set $c (i32.load8_u (i32.add (local.get $p) (local.get $i))))
@@ -138,6 +199,7 @@ struct Tally {
     wrong: AtomicU64,
     hostile: AtomicU64,
     spoofed: AtomicU64,
+    redis_restarts: AtomicU64,
     floods: AtomicU64,
     scrapes: AtomicU64,
     scrape_failures: AtomicU64,
@@ -336,6 +398,16 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         proving.push("--record".into());
         proving.push(dir.path().join("record.pcapng").display().to_string());
     }
+    let mut redis = None;
+    if args.redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let server = RedisServer::start(port)?;
+        proving.push("--state-redis".into());
+        proving.push(format!("redis://127.0.0.1:{port}"));
+        proving.push("--state-redis-namespace".into());
+        proving.push(format!("soak-{}", std::process::id()));
+        redis = Some(server);
+    }
     let mut child = Command::new(&args.wasmgate)
         .args(&proving)
         .args([
@@ -401,13 +473,18 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         anyhow::bail!("wasmgate did not say where it serves");
     };
     println!(
-        "soak: wasmgate pid {pid} on {udp}, metrics {metrics}, {} min, {} clients × {}/s, {} busy loops{}",
+        "soak: wasmgate pid {pid} on {udp}, metrics {metrics}, {} min, {} clients × {}/s, {} busy loops{}{}",
         args.minutes,
         args.clients,
         args.rate,
         args.busy,
         if args.proving {
             ", candidate and recording on"
+        } else {
+            ""
+        },
+        if args.redis {
+            ", Redis blackholed and restarted every minute"
         } else {
             ""
         }
@@ -471,6 +548,18 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         if second % 5 == 4 {
             let _ = Command::new("kill").args(["-HUP", &pid.to_string()]).status();
         }
+        // Each minute: up for 40 s, silent for 10 s, back, and restarted at 55 s.
+        if let Some(redis) = &mut redis {
+            match second % 60 {
+                40 => redis.signal("-STOP"),
+                50 => redis.signal("-CONT"),
+                55 => {
+                    redis.restart()?;
+                    tally.redis_restarts.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
         let mut drain = [0u8; 2048];
         while flooded.recv_from(&mut drain).is_ok() {}
         if flooded.send_to(b"X flood me", udp).is_ok() {
@@ -501,6 +590,13 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     println!("{}", metric("wasmgate_upstream_datagrams"));
     println!("{}", metric("wasmgate_endpoint_sessions_evicted_total"));
     println!("{}", metric("wasmgate_endpoint_session_idle_timeouts_total"));
+    if redis.is_some() {
+        println!("{}", metric("wasmgate_state_redis"));
+        println!(
+            "soak: redis restarted {} times",
+            tally.redis_restarts.load(Ordering::Relaxed)
+        );
+    }
 
     let (sent, answered, lost, wrong) = (
         tally.sent.load(Ordering::Relaxed),
