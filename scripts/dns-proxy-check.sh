@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's DNS-proxy walk-through, run with real tools on loopback: two
+# docs/GUIDE.md's DNS-proxy walk-through, run with real tools on loopback: two
 # dnsmasq resolvers (with a local record, so no network is needed), wasmgate
 # serving examples/dns-proxy in front of them, and dig as the client. Checks an
 # answer through a resolver, NXDOMAIN for blocked names from the guest, the

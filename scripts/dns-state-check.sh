@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's shared-state walk-through, run with real tools on loopback:
+# docs/GUIDE.md's shared-state walk-through, run with real tools on loopback:
 # dnsmasq as the resolver, wasmgate serving examples/dns-limit and
 # examples/dns-cache in front of it (each from its example config), and dig as
 # the client. Checks that a client past its bucket is REFUSED and stays so

@@ -757,7 +757,7 @@ mod tests {
     fn defaults_match_the_documentation() {
         let cli = Cli::try_parse_from(["wasmgate"]).unwrap();
         assert!(cli.command.is_none());
-        // The literals are the README's, so that a changed default fails here.
+        // The literals are docs/GUIDE.md's, so that a changed default fails here.
         assert_eq!(cli.serve.listen, "127.0.0.1:8008".parse().unwrap());
         assert_eq!(cli.serve.limits.timeout_ms, 10);
         assert_eq!(cli.serve.limits.max_memory, 64 * 1024 * 1024);

@@ -1,4 +1,5 @@
-//! The guests shown in the README, docs/ABI.md and examples/ work as documented.
+//! The guests shown in docs/HANDLERS.md, docs/ABI.md and examples/ work as
+//! documented, and every link in the README and docs/ leads somewhere.
 
 mod common;
 
@@ -20,8 +21,8 @@ fn assert_echoes(module: &[u8]) {
 }
 
 #[test]
-fn readme_guest_echoes() {
-    assert_echoes(wat_block(include_str!("../README.md")).as_bytes());
+fn handlers_guide_guest_echoes() {
+    assert_echoes(wat_block(include_str!("../docs/HANDLERS.md")).as_bytes());
 }
 
 #[test]
@@ -35,8 +36,8 @@ fn examples_echo_wat_echoes() {
 }
 
 #[test]
-fn every_handler_in_the_readme_table_exists_with_its_module() {
-    let readme = include_str!("../README.md");
+fn every_handler_in_the_handlers_table_exists_with_its_module() {
+    let readme = include_str!("../docs/HANDLERS.md");
     let start = readme.find("| language | ABI |").expect("the handler table");
     let table: Vec<&str> = readme[start..].lines().take_while(|l| l.starts_with('|')).collect();
     assert!(table.len() >= 9, "a header, a rule and seven handlers: {table:#?}");
@@ -51,7 +52,7 @@ fn every_handler_in_the_readme_table_exists_with_its_module() {
             if !(path.starts_with("examples/") || path.starts_with("guest/")) {
                 continue;
             }
-            assert!(root.join(path).exists(), "{path} in the README table does not exist");
+            assert!(root.join(path).exists(), "{path} in the docs/HANDLERS.md table does not exist");
             if path.ends_with(".wasm") {
                 modules += 1;
                 let bytes = std::fs::read(root.join(path)).unwrap();
@@ -139,4 +140,96 @@ fn every_test_the_reliability_page_names_exists() {
         checked >= 40,
         "only {checked} tests named: has the page's form changed?"
     );
+}
+
+/// The anchors GitHub makes of a Markdown file's headings: lower case, only
+/// letters, digits, `-`, `_` and spaces kept, spaces as `-`.
+fn anchors(markdown: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut found = Vec::new();
+    for line in markdown.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        }
+        let Some(heading) = line.strip_prefix('#').filter(|_| !fenced) else {
+            continue;
+        };
+        let text = heading.trim_start_matches('#').trim().to_lowercase();
+        let slug: String = text
+            .chars()
+            .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+            .map(|c| if c == ' ' { '-' } else { c })
+            .collect();
+        found.push(slug);
+    }
+    found
+}
+
+/// The targets of `[text](target)` links outside code blocks.
+fn links(markdown: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut found = Vec::new();
+    for line in markdown.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        for (i, _) in line.match_indices("](") {
+            let rest = &line[i + 2..];
+            if let Some(end) = rest.find(')') {
+                found.push(rest[..end].to_string());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_link_in_the_readme_and_docs_resolves() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            pages.push(path);
+        }
+    }
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        for link in links(&text) {
+            if link.starts_with("http://") || link.starts_with("https://") || link.starts_with("mailto:") {
+                continue;
+            }
+            checked += 1;
+            let (path, anchor) = link.split_once('#').unwrap_or((&link, ""));
+            let target = if path.is_empty() {
+                page.clone()
+            } else {
+                page.parent().unwrap().join(path)
+            };
+            let shown = page.strip_prefix(root).unwrap().display();
+            if !target.exists() {
+                broken.push(format!("{shown}: {link} (no such file)"));
+            } else if !anchor.is_empty()
+                && target.extension().is_some_and(|e| e == "md")
+                && !anchors(&std::fs::read_to_string(&target).unwrap()).iter().any(|a| a == anchor)
+            {
+                broken.push(format!("{shown}: {link} (no such heading)"));
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} links found: the parser lost them");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn the_readme_is_a_front_door() {
+    let readme = include_str!("../README.md");
+    let lines = readme.lines().count();
+    assert!(lines <= 150, "the README has {lines} lines: the rest belongs in docs/");
 }
