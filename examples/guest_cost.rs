@@ -18,8 +18,10 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use wasmgate::config::{Isolation, Limits};
+use wasmgate::engine::read_module;
 use wasmgate::sandbox::abi::GuestKind;
-use wasmgate::sandbox::{Guest, Isolation, Limits, Sandbox, read_module};
+use wasmgate::sandbox::{Guest, Sandbox};
 
 #[derive(Debug, Parser)]
 struct Args {

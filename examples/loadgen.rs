@@ -18,7 +18,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use wasmgate::udp::{RecvBatch, SendBatch};
+use wasmgate::net::batch::{RecvBatch, SendBatch};
 
 #[path = "support/procfs.rs"]
 mod procfs;
@@ -169,7 +169,7 @@ impl Client {
         }
         let mut result = Ok(());
         self.tx.flush(&self.socket, |sent| {
-            if let wasmgate::udp::Sent::Failed { error, .. } = sent
+            if let wasmgate::net::batch::Sent::Failed { error, .. } = sent
                 && error.kind() != std::io::ErrorKind::ConnectionRefused
             {
                 result = Err(error);

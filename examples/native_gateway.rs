@@ -13,10 +13,11 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+use wasmgate::config::Limits;
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::{PoolSpec, parse_upstream_flag};
 use wasmgate::gateway::{Gateway, Native, NativeAnswer};
-use wasmgate::sandbox::{Limits, Sandbox};
+use wasmgate::sandbox::Sandbox;
 use wasmgate::upstream::Upstreams;
 
 #[derive(Debug, Parser)]

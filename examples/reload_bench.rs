@@ -19,10 +19,11 @@ use clap::Parser;
 #[path = "support/procfs.rs"]
 mod procfs;
 use procfs::rss_kib;
+use wasmgate::config::Limits;
 use wasmgate::config::ListenerSpec;
 use wasmgate::gateway::Gateway;
-use wasmgate::reload::Reloader;
-use wasmgate::sandbox::{Limits, Sandbox};
+use wasmgate::sandbox::Sandbox;
+use wasmgate::service::reload::Reloader;
 
 #[derive(Debug, Parser)]
 struct Args {

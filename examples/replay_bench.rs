@@ -18,9 +18,9 @@ use clap::Parser;
 use etherparse::PacketBuilder;
 use pcap_file::DataLink;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+use wasmgate::config::Limits;
 use wasmgate::config::ListenerSpec;
-use wasmgate::replay::{Options, run};
-use wasmgate::sandbox::Limits;
+use wasmgate::prove::replay::{Options, run};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
         replay_total.push(args.datagrams as f64 / total.as_secs_f64());
 
         let started = Instant::now();
-        let read = wasmgate::capture::read(&capture)?;
+        let read = wasmgate::prove::capture::read(&capture)?;
         let read_done = started.elapsed();
         let (same, elapsed) = native(&read.datagrams);
         anyhow::ensure!(same == args.datagrams, "native found differences");
@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The floor: every request uppercased and compared with the reply that follows it.
-fn native(datagrams: &[wasmgate::capture::Datagram]) -> (usize, Duration) {
+fn native(datagrams: &[wasmgate::prove::capture::Datagram]) -> (usize, Duration) {
     let started = Instant::now();
     let mut same = 0;
     let mut pending: std::collections::HashMap<SocketAddr, Vec<u8>> = std::collections::HashMap::new();

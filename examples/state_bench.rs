@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use wasmgate::sandbox::{Guest, Isolation, Limits, Sandbox};
+use wasmgate::config::{Isolation, Limits};
+use wasmgate::sandbox::{Guest, Sandbox};
 use wasmgate::state::{State, StateLimits};
 
 #[derive(Debug, Parser)]

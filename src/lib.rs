@@ -3,10 +3,14 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line, and the `serve`, `check`, `send`, `new` and `replay` commands.
+//! - [`cli`]: the command line, and the `serve`, `check`, `send`, `new` and
+//!   `replay` commands; [`cli::new`] makes a handler project from `templates/`.
 //! - [`config`]: listeners from flags or a TOML file, checked before anything binds;
 //!   every listener setting and its default as plain data (no engine, no socket).
-//! - [`service`]: running every listener, the metrics endpoint, and the signals.
+//! - [`service`]: running every listener, the signals, and under it
+//!   [`service::reload`] (watching module files, publishing new versions safely)
+//!   and [`service::exposition`] (Prometheus metrics over HTTP, read from the
+//!   counters at scrape time).
 //! - [`gateway`]: the datagram path: a listener's socket group and its handle
 //!   (`mod.rs`), each worker's socket-free decisions (`core.rs`: client and
 //!   upstream datagrams in, replies and session commands out), and the worker
@@ -15,33 +19,35 @@
 //!   shadow; `shadow.rs` runs a `--candidate` beside the active module
 //!   (shadow, canary, promotion and rollback); `loop_guard.rs` ends loops with
 //!   other gateways that no local check can see.
-//! - [`capture`]: reading pcap and pcapng captures into UDP datagrams, and
-//!   `--record` (a listener's datagrams to pcapng through a bounded queue);
-//!   `output.rs` makes those files so that no planted link can redirect them.
-//! - [`replay`]: `wasmgate replay`: a capture's client datagrams through a module, compared.
-//! - [`udp`]: batched receive and send (`recvmmsg`/`sendmmsg`) with buffers allocated once.
-//! - [`reload`]: watching the module file and publishing new versions safely.
+//! - [`prove`]: proving a module before it serves: [`prove::capture`] reads
+//!   pcap and pcapng captures and records a listener's datagrams (`--record`)
+//!   to files no planted link can redirect; [`prove::replay`] runs a capture
+//!   through a module, streamed, and compares.
 //! - [`sandbox`]: loading modules (one loader for serving, reloads and `check`),
 //!   running a guest under limits; under it the guest kinds (ABI v1, WASI
 //!   command, component), their host calls and checks, and one cap on
 //!   everything a guest instance holds.
 //! - [`state`]: the key-value store, limits and penalties a listener's
 //!   handlers share (sharded, bounded, clock-free), behind the `state_*` host
-//!   calls; `cluster.rs` shares the limits between gateways through Redis.
+//!   calls; `cluster.rs` shares the limits between gateways through Redis,
+//!   over the link in `link.rs`.
 //! - [`engine`]: the wasmtime engine's settings, reading and compiling module bytes,
 //!   ([`engine::child`]) compiling in a child process under CPU-time and memory
-//!   bounds, and ([`engine::budget`]) a guest call's CPU-time budget.
-//! - [`cache`]: compiled modules kept on disk, trusted only when their HMAC checks out.
+//!   bounds, ([`engine::budget`]) a guest call's CPU-time budget, and
+//!   ([`engine::cache`]) compiled modules kept on disk, trusted only when their
+//!   HMAC checks out.
 //! - [`metrics`]: per-worker counters, drop reasons, rate-limited warnings.
-//! - [`pool`]: upstream pools (I/O-free): endpoint choice by policy, rendezvous
-//!   hashing, ejection shared by every worker.
-//! - [`upstream`]: a listener's pools, and one worker's session table with no
-//!   socket and no clock of its own (affinity, caps, idle expiry, drain, passive
-//!   health, allowances): it emits open/send/close commands.
-//! - [`net`]: the sockets that apply those commands (one connected socket per session).
-//! - [`exposition`]: Prometheus metrics over HTTP, read from the counters at scrape time.
-//! - [`source_filter`]: the client sources never answered (denied ports, our own
-//!   sockets, upstream endpoints), so that a spoofed datagram cannot start a loop.
+//! - [`upstream`]: a listener's pools ([`upstream::pool`]: endpoint choice by
+//!   policy, rendezvous hashing, ejection shared by every worker; I/O-free), and
+//!   one worker's session table with no socket and no clock of its own
+//!   (affinity, caps, idle expiry, drain, passive health, allowances): it emits
+//!   open/send/close commands.
+//! - [`net`]: sockets and addresses: batched receive and send
+//!   ([`net::batch`], `recvmmsg`/`sendmmsg` with buffers allocated once), the
+//!   session sockets that apply the session table's commands, and
+//!   ([`net::source_filter`]) the client sources never answered (denied ports,
+//!   our own sockets, upstream endpoints), so that a spoofed datagram cannot
+//!   start a loop.
 //! - [`verdict`]: what can happen to a datagram or a guest's call (drop reasons,
 //!   call errors, their codes and labels); pure, imported by every layer.
 //! - [`text`]: outside text (guest logs, file contents, replies) escaped and cut for printing.
@@ -50,7 +56,8 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use wasmgate::sandbox::{Guest, Isolation, Limits, Sandbox};
+//! use wasmgate::config::{Isolation, Limits};
+//! use wasmgate::sandbox::{Guest, Sandbox};
 //!
 //! let sandbox = Sandbox::new(Limits::default())?;
 //! let program = Arc::new(sandbox.load("uppercase", wasmgate::DEFAULT_GUEST_WASM)?);
@@ -59,25 +66,17 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
-pub mod cache;
-pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod engine;
-pub mod exposition;
 pub mod gateway;
 pub mod metrics;
 pub mod net;
-pub mod new;
-pub mod pool;
-pub mod reload;
-pub mod replay;
+pub mod prove;
 pub mod sandbox;
 pub mod service;
-pub mod source_filter;
 pub mod state;
 pub mod text;
-pub mod udp;
 pub mod upstream;
 pub mod verdict;
 

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{REPLY_TIMEOUT, Served, Upstream, ask, assert_silent, client, run_to_end, sample, scrape, wasmgate};
-use wasmgate::sandbox::{Guest, Isolation, Limits, Sandbox};
+use wasmgate::config::{Isolation, Limits};
+use wasmgate::sandbox::{Guest, Sandbox};
 
 fn repo(path: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string()
@@ -377,8 +378,8 @@ fn a_wat_component_is_served_reused_or_fresh_and_a_trap_or_timeout_costs_one_dat
         };
         assert_eq!(counts, expected, "{isolation}");
         let stats = gw.stats();
-        assert_eq!(stats.dropped(wasmgate::metrics::DropReason::Timeout), 1, "{isolation}");
-        assert_eq!(stats.dropped(wasmgate::metrics::DropReason::Trap), 1, "{isolation}");
+        assert_eq!(stats.dropped(wasmgate::verdict::DropReason::Timeout), 1, "{isolation}");
+        assert_eq!(stats.dropped(wasmgate::verdict::DropReason::Trap), 1, "{isolation}");
     }
 }
 
@@ -601,7 +602,7 @@ fn a_components_memories_count_together_against_max_memory() {
         assert_eq!(guest.handle(b"g", peer).unwrap(), b"g");
     }
     let rejection = guest.handle(b"g", peer).unwrap_err();
-    assert_eq!(rejection.reason, wasmgate::metrics::DropReason::Trap, "{rejection}");
+    assert_eq!(rejection.reason, wasmgate::verdict::DropReason::Trap, "{rejection}");
     // A fresh instance serves the next datagram.
     assert_eq!(guest.handle(b"ok", peer).unwrap(), b"ok");
 }

@@ -11,11 +11,11 @@ use common::dns::{addresses, dns_ask, query};
 use common::{Upstream, assert_silent, client, closed_port};
 use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
+use wasmgate::config::Limits;
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::PoolSpec;
 use wasmgate::gateway::Gateway;
-use wasmgate::metrics::DropReason;
-use wasmgate::sandbox::Limits;
+use wasmgate::verdict::DropReason;
 
 const DNS_PROXY: &[u8] = include_bytes!("../examples/dns-proxy/dns_proxy.wasm");
 

@@ -11,9 +11,9 @@ use std::time::Duration;
 use common::dns::{addresses, dns_ask, dns_server, query};
 use common::{client, client_on};
 use hickory_proto::op::ResponseCode;
+use wasmgate::config::Limits;
 use wasmgate::config::{ListenerSpec, PoolSpec};
 use wasmgate::gateway::Gateway;
-use wasmgate::sandbox::Limits;
 
 const DNS_LIMIT: &[u8] = include_bytes!("../examples/dns-limit/dns_limit.wasm");
 const DNS_CACHE: &[u8] = include_bytes!("../examples/dns-cache/dns_cache.wasm");

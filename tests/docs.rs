@@ -52,7 +52,10 @@ fn every_handler_in_the_handlers_table_exists_with_its_module() {
             if !(path.starts_with("examples/") || path.starts_with("guest/")) {
                 continue;
             }
-            assert!(root.join(path).exists(), "{path} in the docs/HANDLERS.md table does not exist");
+            assert!(
+                root.join(path).exists(),
+                "{path} in the docs/HANDLERS.md table does not exist"
+            );
             if path.ends_with(".wasm") {
                 modules += 1;
                 let bytes = std::fs::read(root.join(path)).unwrap();
@@ -217,7 +220,9 @@ fn every_link_in_the_readme_and_docs_resolves() {
                 broken.push(format!("{shown}: {link} (no such file)"));
             } else if !anchor.is_empty()
                 && target.extension().is_some_and(|e| e == "md")
-                && !anchors(&std::fs::read_to_string(&target).unwrap()).iter().any(|a| a == anchor)
+                && !anchors(&std::fs::read_to_string(&target).unwrap())
+                    .iter()
+                    .any(|a| a == anchor)
             {
                 broken.push(format!("{shown}: {link} (no such heading)"));
             }

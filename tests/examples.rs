@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::{Served, ask, assert_silent, client, config, start, start_with};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
-use wasmgate::metrics::DropReason;
-use wasmgate::sandbox::Limits;
+use wasmgate::config::Limits;
+use wasmgate::verdict::DropReason;
 
 fn example(path: &str) -> Vec<u8> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
@@ -284,7 +284,7 @@ fn the_same_example_serves_with_isolation_fresh_and_small_limits() {
         ..Limits::default()
     };
     let mut cfg = config();
-    cfg.isolation = wasmgate::sandbox::Isolation::Fresh;
+    cfg.isolation = wasmgate::config::Isolation::Fresh;
     for (path, request, reply) in [
         ("examples/wasi-c/sort.wasm", &b"b\na"[..], &b"a\nb"[..]),
         ("examples/c/checksum.wasm", b"123456789", b"cbf43926"),

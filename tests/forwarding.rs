@@ -8,13 +8,13 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::{REPLY_TIMEOUT, Upstream, ask, assert_silent, client, closed_port, recv, wait_until};
+use wasmgate::config::Limits;
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::PoolSpec;
 use wasmgate::gateway::Gateway;
-use wasmgate::metrics::DropReason;
-use wasmgate::pool::Policy;
-use wasmgate::sandbox::Limits;
-use wasmgate::sandbox::abi::CallError;
+use wasmgate::upstream::pool::Policy;
+use wasmgate::verdict::CallError;
+use wasmgate::verdict::DropReason;
 
 const FORWARD: &str = include_str!("../examples/forward.wat");
 const TOKEN_ROUTER: &str = include_str!("../examples/token-router.wat");
@@ -172,7 +172,7 @@ fn assert_least_sessions_fills_the_emptiest(ups: &[Upstream]) {
         ..pool_of("backend", &addrs)
     };
     let gateway = one_worker(KEYED_OR_PLAIN, spec);
-    let reference = wasmgate::pool::Pool::new("backend", Policy::Hash, &addrs);
+    let reference = wasmgate::upstream::pool::Pool::new("backend", Policy::Hash, &addrs);
     let now = std::time::Instant::now();
     let key = (0u32..)
         .map(|i| format!("{i:08}"))
@@ -198,7 +198,7 @@ fn hash_policy_owners_are_those_of_the_pool_for_the_client_address() {
     let refs: Vec<&Upstream> = ups.iter().collect();
     let gateway = forwarding(FORWARD, vec![pool("backend", &refs)]);
     let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
-    let reference = wasmgate::pool::Pool::new("backend", Policy::Hash, &addrs);
+    let reference = wasmgate::upstream::pool::Pool::new("backend", Policy::Hash, &addrs);
     let now = std::time::Instant::now();
     for _ in 0..20 {
         let c = client();
@@ -240,7 +240,7 @@ fn forward_key_sends_every_datagram_with_a_token_to_one_endpoint_whatever_the_cl
     let refs: Vec<&Upstream> = ups.iter().collect();
     let gateway = forwarding(TOKEN_ROUTER, vec![pool("backend", &refs)]);
     let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
-    let reference = wasmgate::pool::Pool::new("backend", Policy::Hash, &addrs);
+    let reference = wasmgate::upstream::pool::Pool::new("backend", Policy::Hash, &addrs);
     let now = std::time::Instant::now();
     let mut owners = HashMap::new();
     for token in ["tok-0001", "tok-0002", "tok-0003", "tok-0004", "tok-0005", "tok-0006"] {
@@ -702,7 +702,7 @@ fn a_guest_forwarding_in_a_loop_is_cut_off_by_the_call_limit_and_the_time_budget
     wait_until("three timeouts", || gateway.stats().dropped(DropReason::Timeout) == 3);
     std::thread::sleep(Duration::from_millis(100));
     // At most 64 forwards per datagram reached the upstream; the rest were refused.
-    assert_eq!(up.count(), 3 * wasmgate::sandbox::abi::MAX_CALLS_PER_DATAGRAM as usize);
+    assert_eq!(up.count(), 3 * wasmgate::verdict::MAX_CALLS_PER_DATAGRAM as usize);
     assert!(gateway.stats().refused(CallError::TooMany) > 1000);
     // The same gateway, and the same client, are served on.
     assert_eq!(ask(&c, gateway.local_addr(), b"ok"), b"ok");

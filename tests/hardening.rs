@@ -329,7 +329,7 @@ const PEER: &[u8] = br#"(module
 fn an_ipv4_client_of_a_dual_stack_listener_is_shown_its_ipv4_address() {
     let gateway = common::start_with(
         PEER,
-        wasmgate::sandbox::Limits::default(),
+        wasmgate::config::Limits::default(),
         wasmgate::config::ListenerSpec {
             listen: "[::]:0".parse().unwrap(),
             max_reply_ratio: 0.0,
@@ -684,11 +684,11 @@ fn a_reply_that_cannot_be_sent_is_counted_and_serving_goes_on() {
     for batch in [32, 1] {
         let gateway = common::start_with(
             wasmgate::DEFAULT_GUEST_WASM,
-            wasmgate::sandbox::Limits::default(),
+            wasmgate::config::Limits::default(),
             wasmgate::config::ListenerSpec {
                 workers: 1,
                 batch,
-                deny_source_ports: wasmgate::source_filter::PortSet::none(),
+                deny_source_ports: wasmgate::net::source_filter::PortSet::none(),
                 ..common::config()
             },
         );
@@ -704,7 +704,7 @@ fn a_reply_that_cannot_be_sent_is_counted_and_serving_goes_on() {
         std::thread::sleep(Duration::from_millis(100));
         let stats = gateway.shutdown();
         assert_eq!(
-            stats.dropped(wasmgate::metrics::DropReason::SendError),
+            stats.dropped(wasmgate::verdict::DropReason::SendError),
             3,
             "batch {batch}: {stats}"
         );

@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{ABORT_IMPORT, ask, assert_silent, client, start, start_with};
-use wasmgate::metrics::DropReason;
-use wasmgate::sandbox::Limits;
+use wasmgate::config::Limits;
+use wasmgate::verdict::DropReason;
 
 /// A guest that echoes the datagram, and runs `misbehaviour` instead of replying
 /// when the datagram's first byte is `!`. It counts its calls in a global, and a
@@ -283,7 +283,7 @@ fn fresh_isolation_keeps_no_state_between_datagrams() {
     assert_eq!(got, b"123");
 
     let mut config = common::config();
-    config.isolation = wasmgate::sandbox::Isolation::Fresh;
+    config.isolation = wasmgate::config::Isolation::Fresh;
     let fresh = start_with(module.as_bytes(), Limits::default(), config);
     let got: Vec<u8> = (0..3).flat_map(|_| ask(&c, fresh.local_addr(), b"x")).collect();
     assert_eq!(got, b"111");
@@ -340,8 +340,9 @@ fn every_drop_reason_moves_its_own_counter() {
 
 #[test]
 fn fresh_instances_from_the_pool_survive_traps_and_slots_are_reused() {
+    use wasmgate::config::Isolation;
     use wasmgate::gateway::Gateway;
-    use wasmgate::sandbox::{Isolation, Sandbox};
+    use wasmgate::sandbox::Sandbox;
     // Two workers and three slots, as `--isolation fresh --workers 2` sets it up:
     // hundreds of datagrams, a third of them trapping, must never run out of slots.
     let sandbox = Sandbox::with_instance_pool(Limits::default(), 3).unwrap();

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{ask, client, start_with};
-use wasmgate::sandbox::Limits;
+use wasmgate::config::Limits;
 
 #[test]
 fn a_flood_past_the_socket_queue_is_shed_and_every_datagram_accounted_for() {

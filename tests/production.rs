@@ -420,9 +420,9 @@ fn send_without_messages_reads_lines_until_eof() {
 #[test]
 fn the_whole_service_runs_in_process_serves_every_listener_and_stops_when_told() {
     use wasmgate::config::{DEFAULT_BATCH, DEFAULT_REPLY_RATIO, ListenerSpec};
+    use wasmgate::config::{Isolation, Limits};
     use wasmgate::engine::child::Compiler;
-    use wasmgate::sandbox::{Isolation, Limits};
-    use wasmgate::source_filter::PortSet;
+    use wasmgate::net::source_filter::PortSet;
 
     let spec = |name: &str| ListenerSpec {
         name: name.to_string(),

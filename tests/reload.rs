@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use common::{Served, ask, client, write_file};
 use sha2::Digest as _;
+use wasmgate::config::Limits;
 use wasmgate::gateway::Gateway;
-use wasmgate::reload::Reloader;
-use wasmgate::sandbox::{Limits, Sandbox};
+use wasmgate::sandbox::Sandbox;
+use wasmgate::service::reload::Reloader;
 
 /// A module that replies with `tag` followed by the datagram.
 fn tagged(tag: u8) -> Vec<u8> {
@@ -317,7 +318,7 @@ fn failed_reloads_leave_the_last_good_module_serving() {
     }
     // An over-size file is refused before it is read whole.
     let huge = std::fs::File::create(&path).unwrap();
-    huge.set_len(wasmgate::sandbox::MAX_MODULE_BYTES as u64 + 1).unwrap();
+    huge.set_len(wasmgate::engine::MAX_MODULE_BYTES as u64 + 1).unwrap();
     drop(huge);
     let deadline = Instant::now() + SWAP_LIMIT;
     while live.gateway.stats().reload_failures < bad.len() as u64 + 1 {

@@ -449,11 +449,11 @@ fn a_sampled_recording_of_forwards_keeps_about_its_share_of_each_hop() {
         );
     }
     gateway.shutdown();
-    let capture = wasmgate::capture::read(&dir.path().join("half.pcapng")).unwrap();
+    let capture = wasmgate::prove::capture::read(&dir.path().join("half.pcapng")).unwrap();
     let count = |hop| capture.datagrams.iter().filter(|d| d.hop == Some(hop)).count();
     // Each hop is sampled on its own: about half of 400 of each, far from
     // none and from all (binomial: 200 ± 10 is one standard deviation).
-    use wasmgate::capture::Hop;
+    use wasmgate::prove::capture::Hop;
     for hop in [Hop::Client, Hop::Forward, Hop::Upstream] {
         let n = count(hop);
         assert!((140..=260).contains(&n), "{hop:?}: {n} of 400 recorded");
@@ -473,7 +473,7 @@ fn a_sample_of_zero_records_nothing_and_the_size_cap_stops_recording() {
         ask(&socket, gateway.local_addr(), b"x");
     }
     gateway.shutdown();
-    let capture = wasmgate::capture::read(&dir.path().join("none.pcapng"));
+    let capture = wasmgate::prove::capture::read(&dir.path().join("none.pcapng"));
     assert!(format!("{:#}", capture.unwrap_err()).contains("no UDP datagrams"));
 
     let mut spec = recording(dir.path(), "capped.pcapng");
@@ -488,7 +488,7 @@ fn a_sample_of_zero_records_nothing_and_the_size_cap_stops_recording() {
     let size = std::fs::metadata(dir.path().join("capped.pcapng")).unwrap().len();
     // It stops at the first packet past the cap.
     assert!((4096..4096 + 400).contains(&size), "{size} bytes");
-    let capture = wasmgate::capture::read(&dir.path().join("capped.pcapng")).unwrap();
+    let capture = wasmgate::prove::capture::read(&dir.path().join("capped.pcapng")).unwrap();
     assert!(capture.datagrams.len() < 40, "{}", capture.datagrams.len());
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{ask, client, recv, start, upper};
 use wasmgate::DEFAULT_GUEST_WASM;
-use wasmgate::metrics::DropReason;
+use wasmgate::verdict::DropReason;
 
 #[test]
 fn chen_comes_back_as_chen_uppercased() {

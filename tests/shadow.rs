@@ -134,7 +134,7 @@ fn a_looping_candidate_times_out_in_the_shadow_and_is_rolled_back() {
     // A candidate that spends its whole 500 ms budget on every datagram: were
     // the shadow run on the worker, each answer would wait for it.
     let dir = tempfile::tempdir().unwrap();
-    let limits = wasmgate::sandbox::Limits {
+    let limits = wasmgate::config::Limits {
         timeout: Duration::from_millis(500),
         ..Default::default()
     };
@@ -181,7 +181,7 @@ fn a_candidate_is_held_to_the_listeners_memory_cap() {
             (drop (memory.grow (i32.const 100)))
             (i64.const 1)))"#;
     let dir = tempfile::tempdir().unwrap();
-    let limits = wasmgate::sandbox::Limits {
+    let limits = wasmgate::config::Limits {
         max_memory: 1 << 20,
         ..Default::default()
     };

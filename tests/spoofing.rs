@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::{Upstream, ask, assert_silent, client, client_on};
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::PoolSpec;
-use wasmgate::metrics::DropReason;
-use wasmgate::source_filter::PortSet;
+use wasmgate::net::source_filter::PortSet;
+use wasmgate::verdict::DropReason;
 
 const FORWARD: &str = include_str!("../examples/forward.wat");
 

@@ -8,8 +8,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::{Served, ask, assert_silent, client, config, sample, scrape, start_with, write_file};
+use wasmgate::config::Limits;
 use wasmgate::gateway::Gateway;
-use wasmgate::sandbox::{Limits, Sandbox};
+use wasmgate::sandbox::Sandbox;
 use wasmgate::state::StateLimits;
 
 /// Replies with two bytes: the instance's number (from a shared counter, taken
@@ -233,7 +234,7 @@ fn state_survives_a_module_reload_and_a_trap() {
         .send_to(&command(b't', 0, b"trapped", b"yes"), talk.to)
         .unwrap();
     assert_silent(&talk.socket, Duration::from_millis(300));
-    assert_eq!(gateway.stats().dropped(wasmgate::metrics::DropReason::Trap), 1);
+    assert_eq!(gateway.stats().dropped(wasmgate::verdict::DropReason::Trap), 1);
     assert_eq!(talk.get(b"trapped").as_deref(), Ok(&b"yes"[..]));
     let new = sandbox.load("commands v2", commands("v2").as_bytes()).unwrap();
     let sha = new.sha256_hex();
@@ -341,7 +342,7 @@ fn a_region_outside_memory_traps_and_the_next_datagram_is_served() {
     let talk = Talk::new(&gateway);
     talk.socket.send_to(&command(b'o', 0, b"", b""), talk.to).unwrap();
     assert_silent(&talk.socket, Duration::from_millis(300));
-    assert_eq!(gateway.stats().dropped(wasmgate::metrics::DropReason::Trap), 1);
+    assert_eq!(gateway.stats().dropped(wasmgate::verdict::DropReason::Trap), 1);
     assert_eq!(talk.code(b'l', 0, b"after", b""), 1);
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{ask, assert_silent, client, start};
-use wasmgate::metrics::DropReason;
+use wasmgate::verdict::DropReason;
 
 /// A WASI command that copies stdin to stdout, and runs `misbehaviour` first when
 /// the datagram starts with `!`. Memory: iovec at 0, counts at 8 and 12, data at 1024.

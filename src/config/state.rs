@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
-use super::parse_duration;
+use super::bounds::parse_duration;
 use crate::state::ClusterSpec;
 use crate::text::{quote, redacted};
 

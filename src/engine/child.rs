@@ -6,7 +6,7 @@
 //! by a busy host is not refused for time it did not get), with a wall-time
 //! ceiling: past any of them it is killed and the module refused, saying which
 //! bound it hit. The child hands back wasmtime's serialized module,
-//! which the parent keeps in the authenticated [`crate::cache`] and looks for
+//! which the parent keeps in the authenticated [`crate::engine::cache`] and looks for
 //! there before starting a child.
 //!
 //! Library users and tests that trust their modules can compile in-process
@@ -21,7 +21,7 @@ use anyhow::{Context as _, bail};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Module, Precompiled};
 
-use crate::cache::{Cache, Lookup};
+use crate::engine::cache::{Cache, Lookup};
 use crate::engine::{Compiled, MAX_MODULE_BYTES, compile, engine_config};
 
 /// The hidden subcommand the child runs.

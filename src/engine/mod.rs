@@ -5,6 +5,7 @@
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub mod budget;
+pub mod cache;
 pub mod child;
 pub mod compile;
 pub mod ticker;

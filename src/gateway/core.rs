@@ -16,10 +16,10 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use super::loop_guard::{LOOP_AFTER, LoopGuard};
 use super::shadow::{self, Candidate, Job};
 use super::{Handler, NativeAnswer, Shared};
-use crate::capture::Hop;
 use crate::metrics::Counters;
+use crate::net::source_filter::SourceFilter;
+use crate::prove::capture::Hop;
 use crate::sandbox::Guest;
-use crate::source_filter::SourceFilter;
 use crate::upstream::{Applied, Command, SessionId, Upstreams};
 use crate::verdict::{DropReason, MAX_DATAGRAM};
 
@@ -94,7 +94,7 @@ impl Core {
             next_timeout: Instant::now(),
             sample_state: 0x9e37_79b9_7f4a_7c15 ^ worker as u64,
             shadow,
-            shadow_threshold: crate::capture::threshold(share),
+            shadow_threshold: crate::prove::capture::threshold(share),
             shadow_state: 0x2545_f491_4f6c_dd1d ^ worker as u64,
             canary: None,
             // A seed no client can know, so that no choice of sources can
@@ -129,7 +129,8 @@ impl Core {
             }
             return Trial::Canary(loaded);
         }
-        let shadowed = self.shadow.is_some() && crate::capture::chance(&mut self.shadow_state, self.shadow_threshold);
+        let shadowed =
+            self.shadow.is_some() && crate::prove::capture::chance(&mut self.shadow_state, self.shadow_threshold);
         Trial::Active {
             shadowed,
             candidate: loaded,
@@ -661,8 +662,9 @@ mod tests {
     use arc_swap::ArcSwap;
 
     use crate::config::PoolSpec;
-    use crate::sandbox::{Isolation, Limits, Sandbox};
-    use crate::source_filter::PortSet;
+    use crate::config::{Isolation, Limits};
+    use crate::net::source_filter::PortSet;
+    use crate::sandbox::Sandbox;
     use crate::upstream::Pools;
     use crate::verdict::CallError;
 

@@ -21,12 +21,12 @@ use anyhow::Context as _;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::capture::{MismatchLog, Recorder};
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::metrics::{RateLimit, Snapshot, Stats};
 use crate::net::sessions::SessionSockets;
+use crate::net::source_filter::{PortCounts, SourceFilter, listening_ports};
+use crate::prove::capture::{MismatchLog, Recorder};
 use crate::sandbox::{Guest, Program, Sandbox, WORKER_STACK_BYTES};
-use crate::source_filter::{PortCounts, SourceFilter, listening_ports};
 use crate::upstream::{Pools, Upstreams};
 use crate::verdict::{CallError, DropReason, MAX_DATAGRAM};
 

@@ -19,8 +19,8 @@ use super::shadow::Candidate;
 use super::{Handler, Shared};
 use crate::config::ListenerSpec;
 use crate::metrics::Snapshot;
+use crate::net::source_filter::SourceFilter;
 use crate::sandbox::{Guest, Program, Sandbox};
-use crate::source_filter::SourceFilter;
 use crate::upstream::{Applied, Command, Pools, SessionId, Upstreams};
 use crate::verdict::DropReason;
 

@@ -16,8 +16,8 @@ use mio::{Events, Interest, Poll, Token};
 use super::core::{Core, sent};
 use super::{POLL_INTERVAL, RECV_BUFFER, Shared};
 use crate::metrics::Counters;
+use crate::net::batch::{RecvBatch, SendBatch, Sent, report_queue_overflows};
 use crate::net::sessions::{LISTENER, SessionSockets, session_of};
-use crate::udp::{RecvBatch, SendBatch, Sent, report_queue_overflows};
 use crate::verdict::MAX_DATAGRAM;
 
 /// One worker: its sockets and everything else it owns.

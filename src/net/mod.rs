@@ -1,4 +1,7 @@
-//! Sockets: the sessions' connected UDP sockets, applying the session table's
-//! commands and reading what upstreams send back.
+//! Sockets and addresses: batched receive and send, the sessions' connected
+//! UDP sockets (applying the session table's commands, reading what upstreams
+//! send back), and the client sources a listener never answers.
 
+pub mod batch;
 pub mod sessions;
+pub mod source_filter;

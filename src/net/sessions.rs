@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use mio::{Interest, Registry, Token};
 
-use crate::source_filter::PortCounts;
-use crate::udp::RecvBatch;
+use crate::net::batch::RecvBatch;
+use crate::net::source_filter::PortCounts;
 use crate::upstream::{Applied, Command, SessionId};
 
 /// The token of the listener socket; session `id` has token `id + 1`.

@@ -10,7 +10,7 @@ use std::ops::Range;
 use wasmtime::{ExternType, FuncType, Module};
 
 use crate::verdict::DropReason;
-pub use crate::verdict::{Allowance, CallError, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
+use crate::verdict::MAX_DATAGRAM;
 
 /// What `handle` returns for "send nothing back".
 pub const NO_REPLY: i64 = -1;

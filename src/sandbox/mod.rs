@@ -19,11 +19,11 @@ use self::abi::GuestKind;
 use self::component::{self as wit, ComponentPre};
 use self::hostcalls::{HostState, Outbox};
 use self::instance_limits::InstanceLimits;
-pub use crate::config::{Isolation, Limits};
+use crate::config::{Isolation, Limits};
 use crate::engine::budget::{self, Budget, Meter};
 use crate::engine::child::Compiler;
-use crate::engine::{Compiled, MAX_TABLE_ELEMENTS, MAX_TABLES};
-pub use crate::engine::{MAX_MODULE_BYTES, read_module};
+use crate::engine::{Compiled, MAX_TABLE_ELEMENTS, MAX_TABLES, read_module};
+
 use crate::state::State;
 use crate::verdict::DropReason;
 

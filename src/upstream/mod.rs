@@ -18,8 +18,9 @@ use anyhow::Context as _;
 
 use crate::config::PoolSpec;
 use crate::metrics::RateLimit;
-use crate::pool::Pool;
+use crate::upstream::pool::Pool;
 
+pub mod pool;
 mod sessions;
 
 pub use sessions::{Applied, Command, SessionId, Upstreams, VALIDATED_AFTER};
@@ -249,5 +250,5 @@ impl Pools {
 /// Raises the soft limit on open files to the hard limit, for sessions' sockets,
 /// and returns it.
 pub fn raise_fd_limit() -> anyhow::Result<u64> {
-    crate::udp::raise_nofile_limit().context("cannot raise the open-file limit")
+    crate::net::batch::raise_nofile_limit().context("cannot raise the open-file limit")
 }

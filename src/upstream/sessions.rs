@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::{EndpointCounters, Pools};
 use crate::metrics::Counters;
-use crate::pool::{Pool, Refusal};
+use crate::upstream::pool::{Pool, Refusal};
 use crate::verdict::{Allowance, CallError, MAX_CALLS_PER_DATAGRAM};
 
 /// A session, named for as long as the table lives: ids are never reused.
@@ -824,7 +824,7 @@ mod tests {
 
     use crate::config::PoolSpec;
     use crate::metrics::Stats;
-    use crate::pool::Policy;
+    use crate::upstream::pool::Policy;
 
     const A: &str = "192.0.2.10:53";
     const B: &str = "192.0.2.11:53";

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 pub mod dns;
 
 use wasmgate::config::ListenerSpec;
+use wasmgate::config::{Isolation, Limits};
 use wasmgate::gateway::Gateway;
-use wasmgate::sandbox::{Isolation, Limits, Sandbox};
+use wasmgate::sandbox::Sandbox;
 
 /// Resident memory of process `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {

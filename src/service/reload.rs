@@ -26,9 +26,10 @@ use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use sha2::{Digest, Sha256};
 
+use crate::engine::read_module;
 use crate::gateway::Publisher;
 use crate::sandbox::abi::GuestKind;
-use crate::sandbox::{Sandbox, read_module, short_hex};
+use crate::sandbox::{Sandbox, short_hex};
 
 /// How long the file must be left alone before it is read: long enough for a
 /// `cp` to finish, short enough that a new module serves well within 250 ms.

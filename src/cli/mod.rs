@@ -1,6 +1,8 @@
 //! The command line: its options, and the `serve` (default), `check` and `send`
 //! commands.
 
+pub mod new;
+
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::net::{SocketAddr, ToSocketAddrs as _, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -10,17 +12,16 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::cache::Cache;
 use crate::config::{
     self, DEFAULT_BATCH, DEFAULT_REPLY_RATIO, ListenerSpec, PoolSpec, check_batch, check_ratio, check_timeout_ms,
     check_wall_timeout_ms, check_workers, parse_addr, parse_size, parse_upstream_flag, parse_with,
 };
+use crate::config::{Isolation, Limits};
+use crate::engine::cache::Cache;
 use crate::engine::child::{CompileBounds, Compiler};
-use crate::sandbox::{Isolation, Limits, Sandbox};
+use crate::sandbox::Sandbox;
 use crate::state::StateLimits;
 use crate::text::escape_control;
-
-pub use crate::sandbox::EMBEDDED_ORIGIN;
 
 /// A UDP gateway whose behaviour is a sandboxed WebAssembly module.
 ///
@@ -57,7 +58,7 @@ pub enum Command {
     New {
         /// The language.
         #[arg(long, value_enum)]
-        lang: crate::new::Lang,
+        lang: crate::cli::new::Lang,
         /// The project's name, which is also its directory.
         name: String,
         /// Where to create the project directory.
@@ -172,8 +173,8 @@ pub struct ServeArgs {
     /// services on well-known ports answer anything, so answering them can start
     /// a loop from one spoofed datagram. The gateway's own sockets and its pools'
     /// endpoints are never answered whatever this says.
-    #[arg(long, value_name = "PORTS", default_value = crate::source_filter::DEFAULT_DENIED_PORTS)]
-    pub deny_source_ports: crate::source_filter::PortSet,
+    #[arg(long, value_name = "PORTS", default_value = crate::net::source_filter::DEFAULT_DENIED_PORTS)]
+    pub deny_source_ports: crate::net::source_filter::PortSet,
 
     /// Do not watch the module file for changes (SIGHUP still reloads it).
     #[arg(long)]
@@ -450,7 +451,7 @@ impl Cli {
                 compile,
             }) => check(&module, &limits, compile.compiler()?),
             Some(Command::New { lang, name, dir }) => {
-                let steps = crate::new::create(lang, &name, &dir)?;
+                let steps = crate::cli::new::create(lang, &name, &dir)?;
                 println!("created {}", dir.join(&name).display());
                 println!("next:");
                 for step in steps {
@@ -479,7 +480,7 @@ impl Cli {
                 json,
                 limits,
             }) => {
-                let options = crate::replay::Options {
+                let options = crate::prove::replay::Options {
                     capture,
                     module,
                     against,
@@ -501,8 +502,8 @@ impl Cli {
 }
 
 /// Runs a replay: exit 0 when nothing differs, 1 when something does, 2 on bad input.
-fn replay(options: &crate::replay::Options, json: bool) -> ExitCode {
-    match crate::replay::run(options) {
+fn replay(options: &crate::prove::replay::Options, json: bool) -> ExitCode {
+    match crate::prove::replay::run(options) {
         Ok(report) => {
             if json {
                 match serde_json::to_string_pretty(&report) {

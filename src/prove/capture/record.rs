@@ -577,7 +577,7 @@ mod tests {
         assert_eq!(recorder.dropped(), 1_000);
         drop(release);
         drop(recorder);
-        let small = crate::capture::read(&path).unwrap().datagrams;
+        let small = crate::prove::capture::read(&path).unwrap().datagrams;
         assert_eq!(small.len(), QUEUE);
         assert_eq!(small.last().unwrap().payload, (QUEUE as u32 - 1).to_be_bytes());
 
@@ -592,7 +592,7 @@ mod tests {
         assert_eq!(recorder.dropped(), 1_000 - fit as u64);
         drop(release);
         drop(recorder);
-        assert_eq!(crate::capture::read(&path).unwrap().datagrams.len(), fit);
+        assert_eq!(crate::prove::capture::read(&path).unwrap().datagrams.len(), fit);
     }
 
     #[test]
@@ -621,7 +621,7 @@ mod tests {
             }
         }
         drop(log);
-        let capture = crate::capture::read(&path).unwrap();
+        let capture = crate::prove::capture::read(&path).unwrap();
         let clients: Vec<u32> = capture
             .datagrams
             .iter()

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::capture::{self, Hop};
+use crate::config::Limits;
 use crate::config::ListenerSpec;
 use crate::gateway::{Offline, Outcome};
-use crate::sandbox::{Limits, Sandbox};
+use crate::prove::capture::{self, Hop};
+use crate::sandbox::Sandbox;
 use crate::verdict::DropReason;
 
 /// How many differences are shown in full.

@@ -28,19 +28,22 @@ pub enum Lang {
 type File = (&'static str, &'static str);
 
 const PYTHON: &[File] = &[
-    ("app.py", include_str!("../templates/python/app.py")),
-    ("requirements.txt", include_str!("../templates/python/requirements.txt")),
+    ("app.py", include_str!("../../templates/python/app.py")),
+    (
+        "requirements.txt",
+        include_str!("../../templates/python/requirements.txt"),
+    ),
 ];
 const JS: &[File] = &[
-    ("handler.js", include_str!("../templates/js/handler.js")),
-    ("package.json", include_str!("../templates/js/package.json")),
+    ("handler.js", include_str!("../../templates/js/handler.js")),
+    ("package.json", include_str!("../../templates/js/package.json")),
 ];
 const RUST: &[File] = &[
-    ("Cargo.toml", include_str!("../templates/rust/Cargo.toml")),
-    ("src/lib.rs", include_str!("../templates/rust/src/lib.rs")),
+    ("Cargo.toml", include_str!("../../templates/rust/Cargo.toml")),
+    ("src/lib.rs", include_str!("../../templates/rust/src/lib.rs")),
 ];
-const C: &[File] = &[("handler.c", include_str!("../templates/c/handler.c"))];
-const WAT: &[File] = &[("handler.wat", include_str!("../templates/wat/handler.wat"))];
+const C: &[File] = &[("handler.c", include_str!("../../templates/c/handler.c"))];
+const WAT: &[File] = &[("handler.wat", include_str!("../../templates/wat/handler.wat"))];
 
 /// Checks a project name: it names a directory, a Python module's output, an
 /// npm package and a crate, so lowercase ASCII letters, digits, `-` and `_`,

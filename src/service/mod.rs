@@ -4,6 +4,9 @@
 //! reloads every module; SIGINT and SIGTERM stop reading, answer what is in
 //! flight, and exit).
 
+pub mod exposition;
+pub mod reload;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -13,12 +16,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use crate::config::Isolation;
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::engine::child::Compiler;
 use crate::gateway::{Gateway, Publisher};
-use crate::reload::{Reloader, Role};
 use crate::sandbox::abi::GuestKind;
-use crate::sandbox::{Isolation, Runtime, Sandbox};
+use crate::sandbox::{Runtime, Sandbox};
+use crate::service::reload::{Reloader, Role};
 
 /// File descriptors kept for everything but sessions: listener sockets, module
 /// files, the watcher, the metrics endpoint.
@@ -215,14 +219,14 @@ fn serve_until_stopped<S: Future<Output = ()>>(
                 listener.set_nonblocking(true)?;
                 let local = listener.local_addr()?;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
-                let registry = crate::exposition::registry(
+                let registry = crate::service::exposition::registry(
                     running
                         .iter()
                         .map(|r| (r.spec.name.clone(), r.gateway.publisher()))
                         .collect(),
                 );
                 tracing::info!(metrics = %format_args!("http://{local}/metrics"), "serving metrics");
-                Some(runtime.spawn(crate::exposition::serve(listener, Arc::new(registry))))
+                Some(runtime.spawn(crate::service::exposition::serve(listener, Arc::new(registry))))
             }
             None => None,
         };
@@ -580,7 +584,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wasmgate.toml");
         config_with_endpoint(&path, "127.0.0.1:1001");
-        let sandbox = Sandbox::new(crate::sandbox::Limits::default()).unwrap();
+        let sandbox = Sandbox::new(crate::config::Limits::default()).unwrap();
         let program = sandbox.load("<embedded>", crate::DEFAULT_GUEST_WASM).unwrap();
         let config = ListenerSpec {
             listen: "127.0.0.1:0".parse().unwrap(),

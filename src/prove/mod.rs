@@ -1,0 +1,6 @@
+//! Proving a module before it serves: captures of real traffic (read, and
+//! recorded by a listener) and `wasmgate replay`, which runs a capture through
+//! a module and compares.
+
+pub mod capture;
+pub mod replay;
