@@ -21,8 +21,9 @@ use anyhow::{Context as _, bail};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Module, Precompiled};
 
+use super::compile::{Compiled, MAX_MODULE_BYTES, compile};
+use super::settings::engine_config;
 use crate::engine::cache::{Cache, Lookup};
-use crate::engine::{Compiled, MAX_MODULE_BYTES, compile, engine_config};
 
 /// The hidden subcommand the child runs.
 pub const CHILD_COMMAND: &str = "__compile";

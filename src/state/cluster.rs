@@ -29,7 +29,8 @@ use anyhow::Context as _;
 use redis::Value;
 
 use super::link::{Link, Target};
-use super::{Bucket, COUNTER_MIN, NEVER, NS_PER_MS, Space, State, UNSEEN, interval, lock};
+use super::entry::{Bucket, NEVER, NS_PER_MS, Space, UNSEEN, interval};
+use super::{COUNTER_MIN, State, lock};
 
 /// Where and how a listener shares its limits, counters and penalties.
 #[derive(Clone, PartialEq, Eq)]

@@ -2,7 +2,16 @@
 //! value, when it expires, and what the cluster scope tracks; and a token
 //! bucket's GCRA state, kept as a value's bytes.
 
-use super::{ENTRY_OVERHEAD, NEVER, NS_PER_S};
+/// What an entry costs besides its key and value, counted against
+/// `state_max_bytes` so that small entries are not free: its table slot (72
+/// bytes, in a table at most 7/8 full, and a control byte) and its value's
+/// allocation (a header and rounding). A unit test holds it to the slot's size.
+pub const ENTRY_OVERHEAD: usize = 128;
+
+/// Never expires.
+pub(super) const NEVER: u64 = u64::MAX;
+pub(super) const NS_PER_MS: u64 = 1_000_000;
+const NS_PER_S: u128 = 1_000_000_000;
 
 /// The three kinds of entry live side by side under one key space each: a
 /// limit and a penalty on the client's address never clash with a value.

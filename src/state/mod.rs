@@ -17,7 +17,8 @@ mod entry;
 mod link;
 
 pub use cluster::{ClusterSpec, ClusterStats};
-use entry::{Bucket, Entry, Key, Space, UNSEEN, interval};
+pub use entry::ENTRY_OVERHEAD;
+use entry::{Bucket, Entry, Key, NEVER, NS_PER_MS, Space, UNSEEN, interval};
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as Slot;
@@ -27,18 +28,9 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 pub const MAX_KEY: usize = 512;
 /// The longest value, in bytes: one datagram.
 pub const MAX_VALUE: usize = crate::verdict::MAX_DATAGRAM;
-/// What an entry costs besides its key and value, counted against
-/// `state_max_bytes` so that small entries are not free: its table slot (72
-/// bytes, in a table at most 7/8 full, and a control byte) and its value's
-/// allocation (a header and rounding). A unit test holds it to the slot's size.
-pub const ENTRY_OVERHEAD: usize = 128;
 /// The smallest count `incr` gives: the 64 numbers below it are the ABI's
 /// error codes (`i64::MIN - code`).
 pub const COUNTER_MIN: i64 = i64::MIN + 64;
-/// Never expires.
-const NEVER: u64 = u64::MAX;
-const NS_PER_MS: u64 = 1_000_000;
-const NS_PER_S: u128 = 1_000_000_000;
 
 /// How big a listener's state may grow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

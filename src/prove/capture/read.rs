@@ -13,7 +13,23 @@ use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
 use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
 use pcap_file::pcapng::{Block, PcapNgReader};
 
-use super::{Datagram, Hop};
+use super::record::Hop;
+
+/// One UDP datagram of a capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datagram {
+    /// When it was captured, since the Unix epoch.
+    pub at: Duration,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+    /// What the recorder said of it (pcapng packet comment), when it came from `--record`.
+    pub hop: Option<Hop>,
+    /// The client a recorded forward or upstream hop belongs to.
+    pub client: Option<SocketAddr>,
+    /// What became of a recorded client datagram (`reply`, `forward`, a drop reason).
+    pub verdict: Option<String>,
+}
 
 /// The largest capture [`read`] takes whole into memory; [`Reader`] streams
 /// a capture of any size.

@@ -7,7 +7,7 @@
 //! wasm32-wasip2 target, clang with lld); they are `#[ignore]`d here and run by
 //! `.ci/run` after scripts/build-guests.sh has installed those toolchains.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! compared and counted), canaried for a stable share of clients, promoted
 //! after N clean datagrams or by SIGUSR1, rolled back when it traps or loops.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,11 +12,11 @@ use common::{Served, Upstream, ask, client, client_on, run_to_end, sample, scrap
 use wasmgate::config::{CandidateSpec, ListenerSpec, PoolSpec};
 use wasmgate::gateway::Gateway;
 
-const ECHO: &str = include_str!("../examples/echo.wat");
-const FORWARD: &str = include_str!("../examples/forward.wat");
+const ECHO: &str = include_str!("../../examples/echo.wat");
+const FORWARD: &str = include_str!("../../examples/forward.wat");
 
-const TRAPS: &str = include_str!("guests/traps.wat");
-const LOOPS: &str = include_str!("guests/loops.wat");
+const TRAPS: &str = include_str!("../guests/traps.wat");
+const LOOPS: &str = include_str!("../guests/loops.wat");
 
 /// Shadow counts in the order of `ShadowResult::ALL`.
 const MATCH: usize = 0;

@@ -3,7 +3,7 @@
 //! sources a gateway never answers, and what a spoofed source costs.
 //! Each test here failed on the code before its fix.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
@@ -14,7 +14,7 @@ use wasmgate::config::PoolSpec;
 use wasmgate::net::source_filter::PortSet;
 use wasmgate::verdict::DropReason;
 
-const FORWARD: &str = include_str!("../examples/forward.wat");
+const FORWARD: &str = include_str!("../../examples/forward.wat");
 
 fn one_worker(deny: PortSet) -> ListenerSpec {
     ListenerSpec {

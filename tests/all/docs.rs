@@ -1,7 +1,7 @@
 //! The guests shown in docs/HANDLERS.md, docs/ABI.md and examples/ work as
 //! documented, and every link in the README and docs/ leads somewhere.
 
-mod common;
+use crate::common;
 
 use common::{ask, client, start};
 
@@ -22,22 +22,22 @@ fn assert_echoes(module: &[u8]) {
 
 #[test]
 fn handlers_guide_guest_echoes() {
-    assert_echoes(wat_block(include_str!("../docs/HANDLERS.md")).as_bytes());
+    assert_echoes(wat_block(include_str!("../../docs/HANDLERS.md")).as_bytes());
 }
 
 #[test]
 fn abi_document_guest_echoes() {
-    assert_echoes(wat_block(include_str!("../docs/ABI.md")).as_bytes());
+    assert_echoes(wat_block(include_str!("../../docs/ABI.md")).as_bytes());
 }
 
 #[test]
 fn examples_echo_wat_echoes() {
-    assert_echoes(include_bytes!("../examples/echo.wat"));
+    assert_echoes(include_bytes!("../../examples/echo.wat"));
 }
 
 #[test]
 fn every_handler_in_the_handlers_table_exists_with_its_module() {
-    let readme = include_str!("../docs/HANDLERS.md");
+    let readme = include_str!("../../docs/HANDLERS.md");
     let start = readme.find("| language | ABI |").expect("the handler table");
     let table: Vec<&str> = readme[start..].lines().take_while(|l| l.starts_with('|')).collect();
     assert!(table.len() >= 9, "a header, a rule and seven handlers: {table:#?}");
@@ -67,11 +67,11 @@ fn every_handler_in_the_handlers_table_exists_with_its_module() {
 }
 
 /// Where a test named `module::…::name` in the docs may live:
-/// `tests/module.rs`, and every `src/…/module.rs` or `module/mod.rs` (names
+/// `tests/all/module.rs`, and every `src/…/module.rs` or `module/mod.rs` (names
 /// such as `sessions` or `state` are taken by more than one).
 fn test_files(root: &std::path::Path, module: &str) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
-    let in_tests = root.join("tests").join(format!("{module}.rs"));
+    let in_tests = root.join("tests/all").join(format!("{module}.rs"));
     if in_tests.exists() {
         found.push(in_tests);
     }
@@ -234,7 +234,7 @@ fn every_link_in_the_readme_and_docs_resolves() {
 
 #[test]
 fn the_readme_is_a_front_door() {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let lines = readme.lines().count();
     assert!(lines <= 150, "the README has {lines} lines: the rest belongs in docs/");
 }

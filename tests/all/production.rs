@@ -1,7 +1,7 @@
 //! Running it in production, with the built binary: listeners from a config file,
 //! Prometheus metrics, JSON logs, graceful shutdown, and the `send` client.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -95,7 +95,7 @@ impl Service {
     }
 }
 
-const ECHO: &[u8] = include_bytes!("../examples/echo.wat");
+const ECHO: &[u8] = include_bytes!("../../examples/echo.wat");
 
 fn two_listener_config(dir: &std::path::Path) -> String {
     write_file(dir, "echo.wat", ECHO);

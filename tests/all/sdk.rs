@@ -2,7 +2,7 @@
 //! run by the built binary: the handler macro, replies built in place or in the
 //! reply buffer, no reply, the peer, logging, and panics.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

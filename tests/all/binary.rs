@@ -1,6 +1,6 @@
 //! The built `wasmgate` binary, run as a user would: serve, answer, log, stop.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! The seed tutorial's behaviours, with the embedded uppercase guest, over real UDP.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
@@ -118,7 +118,7 @@ fn a_client_that_vanished_before_its_reply_does_not_stop_the_gateway() {
     // Replies to a closed port leave the unconnected socket without error, and the
     // ICMP "port unreachable" that comes back is not reported to an unconnected
     // socket: nothing is a receive or send error here. (A send that does fail is
-    // counted: tests/hardening.rs, a_reply_that_cannot_be_sent_is_counted….)
+    // counted: tests/all/hardening.rs, a_reply_that_cannot_be_sent_is_counted….)
     std::thread::sleep(Duration::from_millis(50));
     let stats = gateway.shutdown();
     assert_eq!((stats.received, stats.replied), (21, 21), "{stats}");

@@ -2,7 +2,7 @@
 //! `wasmgate check`, with a message that names the file and the problem. Runs the
 //! built binary.
 
-mod common;
+use crate::common;
 
 use common::{run_to_end, write_file};
 

@@ -3,7 +3,7 @@
 //! examples/dns-limit (a per-client rate limit with penalties) and
 //! examples/dns-cache (answers cached for their TTL).
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
@@ -15,8 +15,8 @@ use wasmgate::config::Limits;
 use wasmgate::config::{ListenerSpec, PoolSpec};
 use wasmgate::gateway::Gateway;
 
-const DNS_LIMIT: &[u8] = include_bytes!("../examples/dns-limit/dns_limit.wasm");
-const DNS_CACHE: &[u8] = include_bytes!("../examples/dns-cache/dns_cache.wasm");
+const DNS_LIMIT: &[u8] = include_bytes!("../../examples/dns-limit/dns_limit.wasm");
+const DNS_CACHE: &[u8] = include_bytes!("../../examples/dns-cache/dns_cache.wasm");
 /// examples/dns-limit's bucket: 10 queries at once, 5 a second after that.
 const BURST: usize = 10;
 

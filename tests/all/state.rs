@@ -2,7 +2,7 @@
 //! loopback: shared by a listener's workers, kept across reloads and traps,
 //! bounded, and refusing what is too big with its code.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;

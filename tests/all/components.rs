@@ -3,7 +3,7 @@
 //! Python, WASI 0.2 as deny-all, `wasmgate check` on components that do not fit,
 //! and the compilation cache.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

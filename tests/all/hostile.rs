@@ -2,7 +2,7 @@
 //! with `!` and echoes otherwise. After every misbehaviour a probe datagram must
 //! still be answered, and the drop must be counted under the right reason.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

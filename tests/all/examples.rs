@@ -2,7 +2,7 @@
 //! gateway over UDP: C (freestanding), AssemblyScript, the Rust SDK's DNS
 //! responder, and WASI commands in C and Rust. No wasm toolchain is needed.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::str::FromStr as _;

@@ -4,7 +4,7 @@
 //! exactly the old or the new module's reply, and once a client has seen the new
 //! module it must never see the old one again.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Under overload the gateway sheds by count: what the kernel cannot queue is
 //! dropped there and counted, and nothing piles up inside the gateway.
 
-mod common;
+use crate::common;
 
 use common::{ask, client, start_with};
 use wasmgate::config::Limits;

@@ -1,7 +1,7 @@
 //! Forwarding through real gateways to real upstream servers on loopback:
 //! policies, sessions, `forward_key`, `on_reply`, `send`, health, limits.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -16,8 +16,8 @@ use wasmgate::upstream::pool::Policy;
 use wasmgate::verdict::CallError;
 use wasmgate::verdict::DropReason;
 
-const FORWARD: &str = include_str!("../examples/forward.wat");
-const TOKEN_ROUTER: &str = include_str!("../examples/token-router.wat");
+const FORWARD: &str = include_str!("../../examples/forward.wat");
+const TOKEN_ROUTER: &str = include_str!("../../examples/token-router.wat");
 
 fn pool(name: &str, upstreams: &[&Upstream]) -> PoolSpec {
     pool_of(name, &upstreams.iter().map(|u| u.addr).collect::<Vec<_>>())
@@ -398,7 +398,7 @@ fn upstream_answers_to_an_unproven_client_are_held_to_the_reply_ratio_of_what_it
     assert_eq!(gateway.stats().upstream_dropped(DropReason::Amplification), 10);
 }
 
-const SENDER: &str = include_str!("guests/sender.wat");
+const SENDER: &str = include_str!("../guests/sender.wat");
 
 #[test]
 fn send_shares_the_amplification_budget_and_what_fits_still_goes_out() {

@@ -2,7 +2,7 @@
 //! misbehaves (or probes the sandbox) when the datagram starts with `!`. After each
 //! one a probe must still be answered, and a drop must be counted under the right reason.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

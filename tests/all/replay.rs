@@ -2,7 +2,7 @@
 //! loopback, tcpdump and tshark read the file, and the built binary replays it
 //! (and a capture tcpdump itself wrote) through modules, with its exit codes.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
@@ -13,8 +13,8 @@ use std::time::Duration;
 use common::{Upstream, ask, client, run_to_end, signal, write_file};
 use wasmgate::config::{ListenerSpec, PoolSpec, RecordSpec};
 
-const FORWARD: &str = include_str!("../examples/forward.wat");
-const ECHO: &str = include_str!("../examples/echo.wat");
+const FORWARD: &str = include_str!("../../examples/forward.wat");
+const ECHO: &str = include_str!("../../examples/echo.wat");
 
 /// Traps on a datagram that starts with `!`, else echoes.
 const TRAPS_ON_BANG: &str = r#"(module
@@ -164,24 +164,35 @@ fn hostile_captures_get_an_answer_never_a_panic_a_hang_or_all_memory() {
 }
 
 /// Runs the binary with `args` to its end; its exit code, its standard
-/// output, and its peak resident memory in KiB (from `wait4`, this child's alone).
-#[allow(clippy::zombie_processes)] // reaped by `wait4`, which also gives its rusage
+/// output, and its peak resident memory in KiB (`VmHWM`, read every few
+/// milliseconds while it runs: the `wait4` figure would also count the test
+/// process, whose memory the child shares until it execs).
 fn run_measured(args: &[&str]) -> (Option<i32>, String, u64) {
     use std::io::Read as _;
-    let mut child = common::wasmgate(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    let mut status = 0;
-    // SAFETY: plain system call; `usage` is written by the kernel.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32);
-    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
-    (code, out, usage.ru_maxrss as u64)
+    let mut child = common::wasmgate(args).stderr(Stdio::null()).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    let status_file = format!("/proc/{}/status", child.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut peak = 0;
+    let status = loop {
+        let hwm = std::fs::read_to_string(&status_file).ok().and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        });
+        peak = peak.max(hwm.unwrap_or(0));
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "wasmgate {args:?} ran past 120 s");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    (status.code(), reader.join().unwrap(), peak)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! unbounded configuration, a metrics endpoint that holds connections, and more.
 //! Each test here failed on the code before its fix.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

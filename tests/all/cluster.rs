@@ -4,7 +4,7 @@
 //! redis-server; without it these tests say SKIPPED and check nothing (in CI,
 //! where `CI` is set, they fail instead).
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};

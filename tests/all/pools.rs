@@ -2,7 +2,7 @@
 //! file and by SIGHUP while traffic flows, two processes agreeing on endpoints,
 //! sockets freed by idle expiry, replies drained at shutdown, `wasmgate send`.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, UdpSocket};

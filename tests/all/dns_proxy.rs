@@ -1,7 +1,7 @@
 //! The DNS filtering proxy (examples/dns-proxy) through a real gateway, in front
 //! of a real DNS server (hickory-server, serving a small zone on loopback).
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::str::FromStr as _;
@@ -17,7 +17,7 @@ use wasmgate::config::PoolSpec;
 use wasmgate::gateway::Gateway;
 use wasmgate::verdict::DropReason;
 
-const DNS_PROXY: &[u8] = include_bytes!("../examples/dns-proxy/dns_proxy.wasm");
+const DNS_PROXY: &[u8] = include_bytes!("../../examples/dns-proxy/dns_proxy.wasm");
 
 /// `example.org` (192.0.2.10) and `blocked.test` (192.0.2.66, so that an answer
 /// for it shows the query got past the guest).
