@@ -18,6 +18,20 @@ assert svc["protocol"] == "UDP", svc
 config = docs[0]["data"]["wasmgate.toml"]
 open("target/kubernetes-wasmgate.toml", "w").write(config)
 print("check-deploy: manifest parses:", ", ".join(kinds))
+# ConfigMap edits must reach the pod (a subPath mount is never updated), and a
+# read-only root needs writable volumes for the compile cache and its key.
+container = docs[1]["spec"]["template"]["spec"]["containers"][0]
+mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+assert not any("subPath" in m for m in mounts.values()), "a subPath mount is never updated"
+args = container["args"]
+def arg(flag):
+    return args[args.index(flag) + 1]
+def mounted(path, writable):
+    return any(path.startswith(p + "/") and (not writable or not m.get("readOnly")) for p, m in mounts.items())
+assert mounted(arg("--config"), False), "the config file is not under a mounted directory"
+assert mounted(arg("--cache-dir") + "/x", True) and mounted(arg("--cache-key"), True), "the cache is not writable"
+assert not mounted(arg("--cache-key"), True) or not arg("--cache-key").startswith(arg("--cache-dir") + "/"), "the key is inside the cache"
+print("check-deploy: no subPath; config, modules, cache and key on directory mounts")
 PY
   # The ConfigMap's wasmgate.toml must be a config wasmgate accepts (its module
   # path only exists in the pod, so a stand-in module is put at a local path).

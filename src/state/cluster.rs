@@ -28,8 +28,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use redis::Value;
 
-use super::link::{Link, Target};
 use super::entry::{Bucket, NEVER, NS_PER_MS, Space, UNSEEN, interval};
+use super::link::{Link, Target};
 use super::{COUNTER_MIN, State, lock};
 
 /// Where and how a listener shares its limits, counters and penalties.
