@@ -21,16 +21,17 @@
 //! and penalized meanwhile is kept and sent when it is back.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use redis::Value;
 
 use super::entry::{Bucket, NEVER, NS_PER_MS, Space, UNSEEN, interval};
 use super::link::{Link, Target};
-use super::{COUNTER_MIN, State, lock};
+use super::scope::{Cluster, ClusterStats, unix_ms};
+use super::store::{COUNTER_MIN, State, check_key, lock};
 
 /// Where and how a listener shares its limits, counters and penalties.
 #[derive(Clone, PartialEq, Eq)]
@@ -76,107 +77,6 @@ const HEARTBEAT: Duration = Duration::from_secs(3);
 /// most a gateway reads in one flush.
 const PENALTY_LOG: usize = 10_000;
 pub(super) const PENALTY_READ: usize = 1_000;
-/// Penalties waiting for Redis; past this, the oldest are dropped (said once).
-const PENALTY_BACKLOG: usize = 100_000;
-
-/// What the flusher shares with the datagram path.
-#[derive(Debug)]
-pub(crate) struct Cluster {
-    gateways: AtomicU32,
-    up: AtomicBool,
-    fail_closed: bool,
-    errors: AtomicU64,
-    flushes: AtomicU64,
-    /// Penalties set here, to publish: the key and when it ends (Unix
-    /// milliseconds; 0 lifts it).
-    penalties: Mutex<VecDeque<(Box<[u8]>, u64)>>,
-    /// Penalties were dropped from a full backlog: said once.
-    dropped_once: AtomicBool,
-    /// A key's flush was refused: said once.
-    refused_once: AtomicBool,
-}
-
-/// The cluster scope's figures, for metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ClusterStats {
-    /// Redis answered the last flush.
-    pub up: bool,
-    /// Gateways that flushed in the last 3 s, this one included.
-    pub gateways: u32,
-    /// Flushes that failed (connection refused, timeout), and keys whose flush Redis refused.
-    pub errors: u64,
-    pub flushes: u64,
-}
-
-impl Cluster {
-    fn new(fail_closed: bool, gateways: u32) -> Self {
-        Self {
-            gateways: AtomicU32::new(gateways),
-            // Until the first flush says otherwise, as if Redis were there:
-            // a gateway starting with Redis down fails closed only once it knows.
-            up: AtomicBool::new(true),
-            fail_closed,
-            errors: AtomicU64::new(0),
-            flushes: AtomicU64::new(0),
-            penalties: Mutex::new(VecDeque::new()),
-            dropped_once: AtomicBool::new(false),
-            refused_once: AtomicBool::new(false),
-        }
-    }
-
-    /// Gateways sharing the limits (at least this one).
-    pub(super) fn gateways(&self) -> u32 {
-        self.gateways.load(Relaxed).max(1)
-    }
-
-    /// Gateways a new bucket's burst is split between: 1 while Redis is
-    /// down, when each gateway limits alone.
-    pub(super) fn sharing(&self) -> u32 {
-        if self.up.load(Relaxed) { self.gateways() } else { 1 }
-    }
-
-    /// Whether `limit` denies everything now (Redis down and fail-closed).
-    pub(super) fn refuses(&self) -> bool {
-        self.fail_closed && !self.up.load(Relaxed)
-    }
-
-    /// Queues a penalty (or its lifting, `ttl_ms` ≤ 0) for the other gateways.
-    pub(super) fn publish_penalty(&self, key: &[u8], ttl_ms: i64) {
-        let until = if ttl_ms <= 0 {
-            0
-        } else {
-            unix_ms().saturating_add(ttl_ms as u64)
-        };
-        let mut queue = self.penalties.lock().unwrap_or_else(|p| p.into_inner());
-        queue.push_back((key.into(), until));
-        self.bound(&mut queue);
-    }
-
-    fn take_penalties(&self) -> VecDeque<(Box<[u8]>, u64)> {
-        std::mem::take(&mut *self.penalties.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Puts back penalties a failed flush did not publish, before newer ones.
-    fn give_back_penalties(&self, mut sent: VecDeque<(Box<[u8]>, u64)>) {
-        let mut queue = self.penalties.lock().unwrap_or_else(|p| p.into_inner());
-        sent.append(&mut queue);
-        *queue = sent;
-        self.bound(&mut queue);
-    }
-
-    /// Drops the oldest penalties past the backlog's bound, and says so once.
-    fn bound(&self, queue: &mut VecDeque<(Box<[u8]>, u64)>) {
-        let excess = queue.len().saturating_sub(PENALTY_BACKLOG);
-        if excess > 0 {
-            queue.drain(..excess);
-            if !self.dropped_once.swap(true, Relaxed) {
-                tracing::warn!(
-                    "state: over {PENALTY_BACKLOG} penalties wait for Redis; the oldest are dropped unpublished (said once)"
-                );
-            }
-        }
-    }
-}
 
 /// One bucket's or counter's news for one flush.
 struct Flush {
@@ -382,17 +282,11 @@ impl State {
                 _ => return, // over already
             },
         };
-        if super::check_key(key).is_ok() {
+        if check_key(key).is_ok() {
             // Full: the penalty is not kept here, as a local one would not be.
             let _ = self.penalize_here(key, ttl_ms, now);
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 struct Flusher {
@@ -711,6 +605,7 @@ mod tests {
 
     use super::*;
     use crate::state::StateLimits;
+    use crate::state::scope::PENALTY_BACKLOG;
 
     const MS: u64 = 1_000_000;
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use super::{EndpointCounters, Pools};
+use super::pools::{EndpointCounters, Pools};
 use crate::metrics::Counters;
 use crate::upstream::pool::{Pool, Refusal};
 use crate::verdict::{Allowance, CallError, MAX_CALLS_PER_DATAGRAM};
