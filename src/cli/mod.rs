@@ -229,7 +229,8 @@ pub struct ServeArgs {
     pub promote_min_time: u64,
 
     /// Share the handlers' `limit` buckets, `state_incr` counters and penalties
-    /// with every gateway using this Redis (`redis://HOST:PORT`): each flushes
+    /// with every gateway using this Redis (`redis://HOST:PORT`, `rediss://` for
+    /// TLS): each flushes
     /// what it spent, added and penalized every few milliseconds, never on the
     /// datagram path (see docs/ABI.md for the error this allows).
     #[arg(long, value_name = "URL")]
@@ -720,6 +721,44 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// The long flags of `command` (not `--help` or `--version`).
+    fn flags(command: &clap::Command) -> Vec<String> {
+        command
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| !matches!(*l, "help" | "version"))
+            .map(|l| format!("--{l}"))
+            .collect()
+    }
+
+    #[test]
+    fn every_flag_is_in_the_reference() {
+        let guide = include_str!("../../docs/GUIDE.md");
+        let handlers = include_str!("../../docs/HANDLERS.md");
+        let cli = Cli::command();
+        // Serving: one row each in the guide's table of options.
+        let rows: Vec<&str> = guide.lines().filter(|l| l.starts_with("| `--")).collect();
+        let missing: Vec<String> = flags(&cli)
+            .into_iter()
+            .filter(|f| !rows.iter().any(|r| r.starts_with(&format!("| `{f}"))))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in docs/GUIDE.md's table of options: {missing:?}"
+        );
+        // The other commands: said somewhere in the guide or the handler reference.
+        for sub in cli.get_subcommands() {
+            for flag in flags(sub) {
+                let said = format!("{flag} ");
+                assert!(
+                    guide.contains(&said) || handlers.contains(&said) || guide.contains(&format!("{flag}`")),
+                    "`wasmgate {} {flag}` is not in docs/GUIDE.md or docs/HANDLERS.md",
+                    sub.get_name()
+                );
+            }
+        }
     }
 
     #[test]
