@@ -230,9 +230,9 @@ pub struct ServeArgs {
 
     /// Share the handlers' `limit` buckets, `state_incr` counters and penalties
     /// with every gateway using this Redis (`redis://HOST:PORT`, `rediss://` for
-    /// TLS): each flushes
-    /// what it spent, added and penalized every few milliseconds, never on the
-    /// datagram path (see docs/ABI.md for the error this allows).
+    /// TLS): each flushes what it spent, added and penalized every few
+    /// milliseconds, never on the datagram path (see docs/ABI.md for the error
+    /// this allows).
     #[arg(long, value_name = "URL")]
     pub state_redis: Option<String>,
 
