@@ -6,8 +6,9 @@ use std::ops::Range;
 
 use wasmtime::{InstancePre, Memory, Store, TypedFunc};
 
+use super::env::Sandbox;
 use super::kind::{Call, Entry, Instance, Kind};
-use super::{Rejection, Sandbox};
+use super::outcome::Rejection;
 use crate::sandbox::abi::{self, GuestKind, NO_REPLY};
 use crate::sandbox::hostcalls::{HostState, Outbox};
 use crate::upstream::Upstreams;

@@ -58,7 +58,7 @@ mod handler_bindings {
     wasmtime::component::bindgen!({
         path: "wit",
         world: "handler",
-        with: { "wasmgate:handler/types": super::bindings::wasmgate::handler::types },
+        with: { "wasmgate:handler/types": crate::sandbox::component::bindings::wasmgate::handler::types },
     });
 }
 

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 
 use wasmtime::{Store, StoreLimitsBuilder};
 
+use super::env::Sandbox;
 use super::kind::{Call, Entry, Instance, Kind};
-use super::{Rejection, Sandbox};
+use super::outcome::Rejection;
 use crate::engine::{COMPONENT_MAX_INSTANCES, COMPONENT_MAX_MEMORIES, COMPONENT_MAX_TABLES, COMPONENT_TABLE_ELEMENTS};
 use crate::sandbox::abi::GuestKind;
 use crate::sandbox::component::{ComponentHost, ComponentPre, Exports};

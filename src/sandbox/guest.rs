@@ -5,8 +5,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::env::Sandbox;
 use super::kind::{Call, Entry, Instance};
-use super::{Answer, Isolation, Program, Rejection, Sandbox};
+use super::outcome::{Answer, Rejection};
+use super::program::Program;
+use crate::config::Isolation;
 use crate::upstream::Upstreams;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
 

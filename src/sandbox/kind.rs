@@ -5,7 +5,8 @@
 
 use std::net::SocketAddr;
 
-use super::{Rejection, Sandbox};
+use super::env::Sandbox;
+use super::outcome::Rejection;
 use crate::sandbox::abi::GuestKind;
 use crate::sandbox::hostcalls::Outbox;
 use crate::upstream::Upstreams;

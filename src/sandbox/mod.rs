@@ -5,32 +5,29 @@
 //!
 //! A [`Guest`] is I/O-free: it takes a datagram and the client's address and says
 //! what to send back, so it is tested without a network.
+//!
+//! This file is the loader, the one place that tells a module's kind; what
+//! every store needs, whatever its kind, is [`Sandbox`] (`env.rs`), which the
+//! kinds (`abi_v1.rs`, `wasi_command.rs`, `component_guest.rs`) use and never
+//! the other way round.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use sha2::{Digest, Sha256};
+use wasmtime::Trap;
 use wasmtime::component::Component;
-use wasmtime::{ExternType, Module, Store, StoreLimitsBuilder, Trap};
 
 use self::abi::GuestKind;
 use self::component::{self as wit, ComponentPre};
-use self::hostcalls::{HostState, Outbox};
-use self::instance_limits::InstanceLimits;
-use crate::config::{Isolation, Limits};
-use crate::engine::budget::{self, Budget, Meter};
-use crate::engine::child::Compiler;
-use crate::engine::{Compiled, MAX_TABLE_ELEMENTS, MAX_TABLES, read_module};
-
-use crate::state::State;
-use crate::verdict::DropReason;
+use crate::engine::{Compiled, read_module};
 
 pub mod abi;
 mod abi_v1;
 pub mod component;
 mod component_guest;
+mod env;
 mod guest;
 mod hostcalls;
 pub mod instance_limits;
@@ -44,6 +41,7 @@ mod wasi_command;
 
 use abi_v1::AbiV1;
 use component_guest::ComponentGuest;
+pub use env::Sandbox;
 pub use guest::Guest;
 use kind::Kind;
 use wasi_command::WasiCommand;
@@ -56,74 +54,9 @@ pub use runtime::Runtime;
 /// `max_wasm_stack` default, and the host needs room on top of that.
 pub const WORKER_STACK_BYTES: usize = 4 << 20;
 
-/// A listener's guests: the process's [`Runtime`] with this listener's limits.
-/// Cheap to clone.
-#[derive(Clone)]
-pub struct Sandbox {
-    runtime: Arc<Runtime>,
-    limits: Limits,
-    /// What a call may spend: CPU time, with a wall-time ceiling.
-    budget: Budget,
-    compiler: Arc<Compiler>,
-    /// The state its guests share; clones share it, so it outlives reloads.
-    state: Arc<State>,
-}
-
+/// The loader: the one place that tells a module's kind and makes it a
+/// [`Program`] of that kind.
 impl Sandbox {
-    /// A sandbox on an engine of its own that maps memory for each instance as
-    /// it is made (see [`Runtime::new`]). A process with several listeners
-    /// shares one runtime among them instead ([`Sandbox::on`]).
-    pub fn new(limits: Limits) -> anyhow::Result<Self> {
-        Ok(Self::on(Runtime::new()?, limits))
-    }
-
-    /// A sandbox on an engine of its own with a pool of `slots` instance slots
-    /// (see [`Runtime::with_instance_pool`]).
-    pub fn with_instance_pool(limits: Limits, slots: u32) -> anyhow::Result<Self> {
-        Ok(Self::on(Runtime::with_instance_pool(slots)?, limits))
-    }
-
-    /// A sandbox with `limits` on `runtime`, which other sandboxes may share.
-    pub fn on(runtime: Arc<Runtime>, limits: Limits) -> Self {
-        Self {
-            runtime,
-            budget: Budget {
-                cpu: limits.timeout,
-                wall: limits.wall_timeout(),
-            },
-            limits,
-            compiler: Arc::new(Compiler::InProcess),
-            state: Arc::new(State::new(limits.state)),
-        }
-    }
-
-    /// The same sandbox with a state of its own, empty, with the same bounds:
-    /// for a module that must not touch what the serving one shares (the shadow).
-    pub fn with_own_state(&self) -> Self {
-        Self {
-            state: Arc::new(State::new(self.limits.state)),
-            ..self.clone()
-        }
-    }
-
-    /// The state its guests share.
-    pub fn state(&self) -> &Arc<State> {
-        &self.state
-    }
-
-    /// Compiles modules with `compiler` from now on (in-process by default).
-    pub fn with_compiler(mut self, compiler: Compiler) -> Self {
-        self.compiler = Arc::new(compiler);
-        self
-    }
-}
-
-impl Sandbox {
-    /// Whether instances come from a pool ([`Sandbox::with_instance_pool`]).
-    pub fn has_instance_pool(&self) -> bool {
-        self.runtime.has_instance_pool()
-    }
-
     /// Reads, checks and compiles the module at `path`, or the embedded default guest
     /// if `None`: the one loader that serving, `wasmgate check` and tests share.
     /// Errors name the file and the reason.
@@ -239,78 +172,6 @@ impl Sandbox {
         program.compile_time = started.elapsed();
         Ok(program)
     }
-
-    fn check_memory(&self, module: &Module) -> anyhow::Result<()> {
-        if let Some(ExternType::Memory(m)) = module.get_export("memory") {
-            let need = m.minimum().saturating_mul(m.page_size());
-            let cap = self.limits.max_memory as u64;
-            if need > cap {
-                bail!(
-                    "its memory starts at {} bytes ({} pages), over the memory limit of {cap} bytes (--max-memory)",
-                    need,
-                    m.minimum()
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// What an ABI v1 or WASI instance may hold: one memory, a few tables, and
-    /// `--max-memory` for all of them together.
-    fn instance_limits(&self) -> InstanceLimits {
-        let counts = StoreLimitsBuilder::new()
-            .memory_size(self.limits.max_memory)
-            .table_elements(MAX_TABLE_ELEMENTS)
-            .tables(MAX_TABLES)
-            .memories(1)
-            .instances(1)
-            // A guest that outgrows its cap is stopped and replaced, not left to
-            // carry on with a failed `memory.grow`.
-            .trap_on_grow_failure(true)
-            .build();
-        InstanceLimits::new(counts, self.limits.max_memory)
-    }
-
-    /// The host state of a new store, held to `limits`. There is no client while
-    /// the start function runs, whichever datagram the instance is made for:
-    /// `peer` says 0.
-    fn host_state(&self, limits: InstanceLimits) -> HostState {
-        HostState {
-            limits,
-            peer: None,
-            log_limit: Arc::clone(&self.runtime.log_limit),
-            net: None,
-            out: Outbox::default(),
-            upstream: String::new(),
-            state: Arc::clone(&self.state),
-            memory: None,
-            now: None,
-        }
-    }
-
-    /// Starts metering a call (and the start function of an instance made for
-    /// it) on this thread.
-    fn start_meter(&self) -> Meter {
-        self.budget.start(self.runtime.ticks())
-    }
-
-    /// Gives a new store the call's epoch deadline and the callback that judges
-    /// the budget when it passes ([`budget::on_deadline`]).
-    fn arm<T: 'static>(&self, store: &mut Store<T>) {
-        store.set_epoch_deadline(self.budget.deadline_ticks());
-        store.epoch_deadline_callback(|_| budget::on_deadline());
-    }
-
-    /// The epoch deadline interrupts only wasm code; time spent inside a host call
-    /// (WASI above all) is judged here, after the fact, by the same rule, so
-    /// that a datagram whose handling ran past the budget is dropped as a
-    /// timeout all the same, and one the deadline would have let through is not.
-    fn check_budget(&self, meter: &Meter) -> Result<(), Rejection> {
-        if meter.overran(self.runtime.ticks()) {
-            return Err(DropReason::Timeout.into());
-        }
-        Ok(())
-    }
 }
 
 /// How the embedded default guest is named in logs.
@@ -319,9 +180,12 @@ pub const EMBEDDED_ORIGIN: &str = "<embedded uppercase guest>";
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
+    use std::sync::Arc;
 
     use super::*;
-    use crate::verdict::{CallError, MAX_DATAGRAM};
+    use crate::config::{Isolation, Limits};
+    use crate::engine::MAX_TABLE_ELEMENTS;
+    use crate::verdict::{CallError, DropReason, MAX_DATAGRAM};
 
     fn peer() -> SocketAddr {
         "127.0.0.1:4242".parse().unwrap()

@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use wasmtime::{InstancePre, Store, TypedFunc};
 
+use super::env::Sandbox;
 use super::kind::{Call, Instance, Kind};
-use super::{Rejection, Sandbox};
+use super::outcome::Rejection;
 use crate::sandbox::abi::{self, GuestKind};
 use crate::sandbox::hostcalls::Outbox;
 use crate::sandbox::wasi::{self, WasiHost};
