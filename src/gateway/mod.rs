@@ -24,7 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::metrics::{RateLimit, Snapshot, Stats};
 use crate::net::sessions::SessionSockets;
-use crate::net::source_filter::{PortCounts, SourceFilter, listening_ports};
+use crate::net::source_filter::{HostPorts, PortCounts, SourceFilter, listening_ports};
 use crate::prove::capture::{MismatchLog, Recorder};
 use crate::sandbox::{Guest, Program, Sandbox, WORKER_STACK_BYTES};
 use crate::upstream::{Pools, Upstreams};
@@ -245,7 +245,7 @@ impl Gateway {
                     handler,
                     Arc::clone(&gateway.shared),
                     counters,
-                    SourceFilter::new(config.deny_source_ports.clone(), local_addr),
+                    SourceFilter::new(config.deny_source_ports.clone(), local_addr).watching(HostPorts::watched()),
                     net,
                     i,
                     shadow.as_ref().map(|(tx, _)| tx.clone()),

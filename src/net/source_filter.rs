@@ -5,13 +5,15 @@
 //!
 //! The check runs before the guest, costs a bit test and a hash lookup, and
 //! touches the system only for a source on one of our own ports (to learn whether
-//! its address is one of this host's).
+//! its address is one of this host's). Other processes' servers on this host
+//! (another gateway above all) are learnt from `/proc/net/udp` and `udp6`,
+//! read once a second by a thread of their own.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
 
 /// Source ports refused by default: the well-known ports, where the services
 /// that answer anything live (echo, chargen, daytime, DNS, NTP, TFTP, …), and
@@ -158,6 +160,91 @@ pub fn listening_ports() -> &'static PortCounts {
     &PORTS
 }
 
+/// The UDP ports a server socket of this host is bound to, whatever process
+/// holds it: unconnected sockets outside the ephemeral port range (clients
+/// send from ephemeral ports; servers, another gateway's listener above all,
+/// are bound to a port of their choosing). Read from `/proc/net/udp` and
+/// `udp6` when first needed and then once a second.
+pub struct HostPorts {
+    bits: [AtomicU64; 1024],
+    /// `net.ipv4.ip_local_port_range`, which IPv6 uses too.
+    ephemeral: std::ops::RangeInclusive<u16>,
+}
+
+/// How often the host's server ports are read again.
+const HOST_PORTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl HostPorts {
+    /// The process's one view, read now and kept current by a thread.
+    pub fn watched() -> &'static Self {
+        static HOST: std::sync::LazyLock<HostPorts> = std::sync::LazyLock::new(|| {
+            let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .ok()
+                .and_then(|t| {
+                    let mut n = t.split_whitespace().map(|w| w.parse::<u16>().ok());
+                    Some(n.next()??..=n.next()??)
+                })
+                .unwrap_or(32768..=60999);
+            let host = HostPorts {
+                bits: std::array::from_fn(|_| AtomicU64::new(0)),
+                ephemeral,
+            };
+            host.refresh();
+            let spawned = std::thread::Builder::new()
+                .name("wasmgate-host-ports".into())
+                .spawn(|| {
+                    loop {
+                        std::thread::sleep(HOST_PORTS_EVERY);
+                        HOST.refresh();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(
+                    "cannot start the thread that learns this host's UDP servers ({e}): \
+                     those started later are not known"
+                );
+            }
+            host
+        });
+        &HOST
+    }
+
+    /// Whether `port` is a server port of this host (never an ephemeral one).
+    pub fn contains(&self, port: u16) -> bool {
+        !self.ephemeral.contains(&port) && self.bits[usize::from(port / 64)].load(Relaxed) & (1 << (port % 64)) != 0
+    }
+
+    fn refresh(&self) {
+        let mut bits = [0u64; 1024];
+        for table in ["/proc/net/udp", "/proc/net/udp6"] {
+            if let Ok(text) = std::fs::read_to_string(table) {
+                server_ports(&text, &self.ephemeral, &mut bits);
+            }
+        }
+        for (word, new) in self.bits.iter().zip(bits) {
+            word.store(new, Relaxed);
+        }
+    }
+}
+
+/// Sets in `bits` the local port of every unconnected socket of a
+/// `/proc/net/udp` (or `udp6`) table whose port is outside `ephemeral`.
+fn server_ports(table: &str, ephemeral: &std::ops::RangeInclusive<u16>, bits: &mut [u64; 1024]) {
+    let port = |address: &str| u16::from_str_radix(address.rsplit(':').next()?, 16).ok();
+    for line in table.lines().skip(1) {
+        let mut fields = line.split_whitespace().skip(1);
+        let (Some(local), Some(remote)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let (Some(local), Some(remote)) = (port(local), port(remote)) else {
+            continue;
+        };
+        if remote == 0 && local != 0 && !ephemeral.contains(&local) {
+            bits[usize::from(local / 64)] |= 1 << (local % 64);
+        }
+    }
+}
+
 /// One worker's view: the configured denied ports and a memo of which source
 /// addresses are this host's own.
 pub struct SourceFilter {
@@ -166,6 +253,9 @@ pub struct SourceFilter {
     listen: SocketAddr,
     /// Whether an IP is one of this host's, as learnt by trying to bind it.
     local: HashMap<IpAddr, bool>,
+    /// This host's servers, for a listener (not for replay, whose sources
+    /// are a capture's).
+    host: Option<&'static HostPorts>,
 }
 
 /// Entries the memo of local addresses may hold before it starts afresh.
@@ -180,6 +270,8 @@ pub enum Denied {
     Own,
     /// It is an endpoint of one of the listener's pools, which answer on sessions only.
     Endpoint,
+    /// It is a server socket of another process on this host.
+    Host,
 }
 
 impl fmt::Display for Denied {
@@ -188,6 +280,7 @@ impl fmt::Display for Denied {
             Self::Port => "its source port is denied (deny_source_ports)",
             Self::Own => "it comes from one of the gateway's own sockets (a loop)",
             Self::Endpoint => "it comes from an upstream endpoint, which may only answer on its session (a loop)",
+            Self::Host => "it comes from a server socket of another process on this host (a loop between gateways)",
         })
     }
 }
@@ -198,7 +291,14 @@ impl SourceFilter {
             denied,
             listen,
             local: HashMap::new(),
+            host: None,
         }
+    }
+
+    /// Also refuses the server sockets of every process on this host.
+    pub fn watching(mut self, host: &'static HostPorts) -> Self {
+        self.host = Some(host);
+        self
     }
 
     /// Whether a datagram from `from` (IPv4-mapped addresses already unmapped) must
@@ -220,6 +320,9 @@ impl SourceFilter {
         }
         if endpoint(from) {
             return Err(Denied::Endpoint);
+        }
+        if self.host.is_some_and(|h| h.contains(port)) && self.is_local(from.ip()) {
+            return Err(Denied::Host);
         }
         Ok(())
     }
@@ -256,6 +359,37 @@ mod tests {
         assert!("70000".parse::<PortSet>().unwrap_err().contains("not a port"));
         assert!("9-3".parse::<PortSet>().unwrap_err().contains("empty range"));
         assert!("53,x".parse::<PortSet>().unwrap_err().contains("`x`"));
+    }
+
+    #[test]
+    fn the_host_servers_are_the_unconnected_sockets_outside_the_ephemeral_range() {
+        // /proc/net/udp: a server on 127.0.0.1:8009, a client on an ephemeral
+        // port, a connected socket on a low port (a session), and one on
+        // 0.0.0.0:5300; then udp6's [::]:7000.
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  1: 0100007F:1F49 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 1 2 0000000000000000 0
+  2: 0100007F:9C40 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 1 2 0000000000000000 0
+  3: 0100007F:2710 0100007F:1F49 01 00000000:00000000 00:00000000 00000000  1000        0 1 2 0000000000000000 0
+  4: 00000000:14B4 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 1 2 0000000000000000 0
+garbage";
+        let udp6 = "  sl  local_address                         remote_address                        st
+  0: 00000000000000000000000000000000:1B58 00000000000000000000000000000000:0000 07";
+        let mut bits = [0u64; 1024];
+        server_ports(udp, &(32768..=60999), &mut bits);
+        server_ports(udp6, &(32768..=60999), &mut bits);
+        let host = HostPorts {
+            bits: bits.map(AtomicU64::new),
+            ephemeral: 32768..=60999,
+        };
+        let found: Vec<u16> = (0..=u16::MAX).filter(|&p| host.contains(p)).collect();
+        assert_eq!(found, [5300, 7000, 8009]);
+        // A local source on one is refused; a remote one on the same port is not.
+        let host: &'static HostPorts = Box::leak(Box::new(host));
+        let mut filter = SourceFilter::new(PortSet::none(), "127.0.0.1:40000".parse().unwrap()).watching(host);
+        let p = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(filter.check(p("127.0.0.1:8009"), None, |_| false), Err(Denied::Host));
+        assert_eq!(filter.check(p("192.0.2.7:8009"), None, |_| false), Ok(()));
+        assert_eq!(filter.check(p("127.0.0.1:40000"), None, |_| false), Ok(()));
     }
 
     #[test]

@@ -580,3 +580,68 @@ fn forged_icmp_port_unreachable_never_empties_a_pool_and_every_client_is_served_
         assert!(reply.ends_with(b"again"), "{reply:?}");
     }
 }
+
+/// A UDP socket on 127.0.0.1 bound to a free port outside the ephemeral range
+/// (where servers, and gateways, listen): tried from a port that depends on
+/// this process, never a fixed one.
+fn server_port_socket() -> UdpSocket {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(32768);
+    let span = low.saturating_sub(10_000).max(1);
+    let start = 10_000 + (std::process::id() as u16 % span);
+    (0..span)
+        .map(|i| 10_000 + (start - 10_000 + i) % span)
+        .find_map(|port| UdpSocket::bind(("127.0.0.1", port)).ok())
+        .expect("a free port below the ephemeral range")
+}
+
+#[test]
+fn a_server_socket_of_another_process_on_this_host_is_never_answered() {
+    // Before: only this process's own sockets were refused, so gateways in two
+    // processes answered each other (63,989 datagrams in 3 s). Here the test
+    // process holds the other "server": an unconnected socket on a server port.
+    let server = server_port_socket();
+    let gw = common::Served::start(&["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]);
+    server.send_to(b"loop?", gw.addr).unwrap();
+    assert_silent(&server, Duration::from_millis(300));
+    let metrics = common::scrape(gw.metrics_addr());
+    let denied = common::sample(
+        &metrics,
+        "wasmgate_datagrams_dropped_total{listener=\"default\",reason=\"denied_source\"}",
+    );
+    assert_eq!(denied, 1.0, "{metrics}");
+    // A client sending from an ephemeral port is answered as ever.
+    assert_eq!(ask(&client(), gw.addr, b"hi"), b"HI");
+}
+
+#[test]
+#[ignore = "needs CAP_NET_RAW for a raw socket; .ci/run runs it as root with --ignored"]
+fn gateways_in_two_processes_on_server_ports_never_answer_each_other() {
+    // Two gateway processes listening where servers do: one datagram spoofed
+    // from A to B is refused by B at once (A's listener is a server socket of
+    // this host), not after the loop guard's 16 passes.
+    let ports: Vec<u16> = (0..2)
+        .map(|_| server_port_socket())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect();
+    let listen = |port: u16| format!("127.0.0.1:{port}");
+    let (la, lb) = (listen(ports[0]), listen(ports[1]));
+    let a = common::Served::start(&["--listen", &la, "--workers", "1"]);
+    let b = common::Served::start(&["--listen", &lb, "--workers", "1"]);
+    // B learns A's listener within a second of A binding it.
+    std::thread::sleep(Duration::from_millis(1_500));
+    send_spoofed(a.addr, b.addr, b"LOOP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ask(&client(), a.addr, b"a"), b"A");
+    assert_eq!(ask(&client(), b.addr, b"b"), b"B");
+    let (at_a, at_b) = (received_at_exit(a), received_at_exit(b));
+    // Each its own client's datagram; B the spoofed one too, which it refused.
+    assert_eq!(at_a, 1, "A received {at_a}");
+    assert_eq!(at_b, 2, "B received {at_b}");
+}
