@@ -14,11 +14,12 @@
 //! - [`gateway`]: the datagram path: a listener's socket group and its handle
 //!   (`mod.rs`), each worker's socket-free decisions (`core.rs`: client and
 //!   upstream datagrams in, replies and session commands out), and the worker
-//!   thread's I/O around them (`worker.rs`).
-//!   `offline.rs` is that core with no socket at all, for `replay` and the
-//!   shadow; `shadow.rs` runs a `--candidate` beside the active module
-//!   (shadow, canary, promotion and rollback); `loop_guard.rs` ends loops with
-//!   other gateways that no local check can see.
+//!   thread's I/O around them (`worker.rs`); what the workers share
+//!   (`shared.rs`). `offline.rs` is that core with no socket at all, for
+//!   `replay` and the shadow; `candidate.rs` holds a `--candidate`'s record
+//!   and the rules that promote it or roll it back, and `shadow.rs` the
+//!   thread that runs it beside the active module; `loop_guard.rs` ends loops
+//!   with other gateways that no local check can see.
 //! - [`prove`]: proving a module before it serves: [`prove::capture`] reads
 //!   pcap and pcapng captures and records a listener's datagrams (`--record`)
 //!   to files no planted link can redirect; [`prove::replay`] runs a capture

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use std::sync::mpsc::{SyncSender, TrySendError};
 
+use super::candidate::{self, Candidate, Job};
 use super::loop_guard::{LOOP_AFTER, LoopGuard};
-use super::shadow::{self, Candidate, Job};
-use super::{Handler, NativeAnswer, Shared};
+use super::shared::{Handler, NativeAnswer, Shared};
 use crate::metrics::Counters;
 use crate::net::source_filter::SourceFilter;
 use crate::prove::capture::Hop;
@@ -117,7 +117,7 @@ impl Core {
             self.canary = None;
             return Trial::None;
         };
-        if spec.canary_percent > 0.0 && shadow::canary(client.ip(), spec.canary_percent) {
+        if spec.canary_percent > 0.0 && candidate::canary(client.ip(), spec.canary_percent) {
             if !self.canary.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, candidate)) {
                 let guest = Guest::new(
                     self.shared.sandbox.clone(),
@@ -146,7 +146,7 @@ impl Core {
 
     /// Tells the candidate's judge how a datagram went, and acts on its ruling.
     fn judged(&self, trial: &Trial, verdict: &str, client: SocketAddr) {
-        let failed = shadow::failed(verdict);
+        let failed = candidate::failed(verdict);
         match trial {
             Trial::None => {}
             Trial::Active { candidate, .. } => {
@@ -155,7 +155,7 @@ impl Core {
                 }
             }
             Trial::Canary(candidate) => {
-                let rules = shadow::Rules::of(&self.shared.spec);
+                let rules = candidate::Rules::of(&self.shared.spec);
                 let Some(candidate) = candidate.as_ref() else { return };
                 if !failed && self.shadow.is_some() {
                     // Judged once the active module ran it too, in the shadow
@@ -398,7 +398,7 @@ impl Core {
         // What the handler did goes to the shadow thread: for the candidate to
         // run too (shadowed), or for the active to (canaried, unless the
         // candidate failed, which is judged already).
-        let canary_sample = canaried && !shadow::failed(verdict);
+        let canary_sample = canaried && !candidate::failed(verdict);
         if shadowed || canary_sample {
             let forwards = self
                 .net

@@ -13,36 +13,26 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{ListenerSpec, PoolSpec};
-use crate::metrics::{RateLimit, Snapshot, Stats};
+use crate::metrics::Snapshot;
 use crate::net::sessions::SessionSockets;
-use crate::net::source_filter::{HostPorts, PortCounts, SourceFilter, listening_ports};
+use crate::net::source_filter::{HostPorts, SourceFilter, listening_ports};
 use crate::prove::capture::{MismatchLog, Recorder};
 use crate::sandbox::{Guest, Program, Sandbox, WORKER_STACK_BYTES};
 use crate::upstream::{Pools, Upstreams};
-use crate::verdict::{CallError, DropReason, MAX_DATAGRAM};
-
-/// How long a worker waits for a datagram before it looks for shutdown or a new program.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Larger than any UDP payload (65,527 bytes over IPv6), so nothing is truncated:
-/// oversize datagrams are seen whole and dropped by count.
-const RECV_BUFFER: usize = 65_536;
+use crate::verdict::MAX_DATAGRAM;
 
 /// Requested kernel socket buffers; they absorb bursts. Linux may cap them at
 /// `net.core.rmem_max` / `wmem_max`.
 const SOCKET_BUFFER: usize = 4 << 20;
-
-/// Log lines per second for each kind of problem; the rest are only counted.
-const WARNINGS_PER_SECOND: u64 = 5;
 
 /// A running gateway. Dropping it stops the workers after the datagram each is
 /// handling and waits for them.
@@ -50,104 +40,6 @@ pub struct Gateway {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-}
-
-/// What the workers share.
-struct Shared {
-    program: ArcSwap<Program>,
-    stats: Stats,
-    stop: AtomicBool,
-    /// One limit per drop reason, plus one for receive errors.
-    warnings: [RateLimit; DropReason::ALL.len() + 1],
-    /// The upstream pools, when the guest may forward; replaced by a reload.
-    pools: Option<ArcSwap<Pools>>,
-    /// The local ports of this gateway's session sockets, which it never answers.
-    session_ports: Arc<PortCounts>,
-    /// `--record`: where sampled datagrams go.
-    recorder: Option<Recorder>,
-    /// The listener's address, as recordings show it.
-    local: SocketAddr,
-    /// What the listener was started with, for the candidate's instances.
-    sandbox: Sandbox,
-    spec: ListenerSpec,
-    /// `--candidate`, while one is loaded.
-    candidate: ArcSwapOption<Candidate>,
-    shadow: ShadowCounters,
-    /// `--shadow-mismatches`.
-    mismatches: Option<MismatchLog>,
-}
-
-impl Shared {
-    fn new(
-        sandbox: Sandbox,
-        spec: ListenerSpec,
-        program: Arc<Program>,
-        workers: usize,
-        pools: Option<ArcSwap<Pools>>,
-        recorder: Option<Recorder>,
-        local: SocketAddr,
-    ) -> Self {
-        Self {
-            program: ArcSwap::new(program),
-            stats: Stats::with_workers(workers),
-            stop: AtomicBool::new(false),
-            warnings: std::array::from_fn(|_| RateLimit::new(WARNINGS_PER_SECOND)),
-            pools,
-            session_ports: Arc::new(PortCounts::default()),
-            recorder,
-            local,
-            sandbox,
-            spec,
-            candidate: ArcSwapOption::empty(),
-            shadow: ShadowCounters::default(),
-            mismatches: None,
-        }
-    }
-
-    /// The workers' counters, the recorder's and the shadow's.
-    fn snapshot(&self) -> Snapshot {
-        let mut s = self.stats.snapshot();
-        s.record_dropped = self.recorder.as_ref().map_or(0, Recorder::dropped);
-        (s.shadow, s.shadow_skipped) = self.shadow.read();
-        s.state = self.sandbox.state().stats();
-        s.cluster = self.sandbox.state().cluster_stats();
-        s
-    }
-
-    /// Promotes or unloads `candidate`, unless it is no longer the one loaded
-    /// (another worker, the shadow thread or an edit got there first).
-    fn settle(&self, candidate: &Arc<Candidate>, action: Action) {
-        let expected = Some(Arc::clone(candidate));
-        let previous = self.candidate.compare_and_swap(&expected, None);
-        if !previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, candidate)) {
-            return;
-        }
-        let active = self.program.load().short_sha256();
-        let sha256 = candidate.program.short_sha256();
-        match action {
-            Action::Promote => {
-                self.stats.reloaded();
-                self.program.store(Arc::clone(&candidate.program));
-                tracing::info!(
-                    listener = self.spec.name,
-                    candidate = candidate.program.origin(),
-                    sha256,
-                    previous = active,
-                    "candidate promoted: it is the active module now (the module file is unchanged; \
-                     copy the candidate over it to keep it across restarts)"
-                );
-            }
-            Action::Rollback(why) => {
-                tracing::warn!(
-                    listener = self.spec.name,
-                    candidate = candidate.program.origin(),
-                    sha256,
-                    active,
-                    "candidate rolled back (unloaded): {why}; an edit of its file or SIGHUP loads it again"
-                );
-            }
-        }
-    }
 }
 
 impl Gateway {
@@ -203,7 +95,7 @@ impl Gateway {
             }
             // Canaried datagrams are compared there too (the active runs them).
             if c.shadow_sample > 0.0 || c.canary_percent > 0.0 {
-                shadow = Some(std::sync::mpsc::sync_channel(shadow::QUEUE));
+                shadow = Some(std::sync::mpsc::sync_channel(candidate::QUEUE));
             }
         }
         // Unregistered when the gateway is dropped.
@@ -450,54 +342,21 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+mod candidate;
 mod core;
 mod loop_guard;
-pub use loop_guard::LOOP_AFTER;
 mod offline;
 mod shadow;
+mod shared;
 mod worker;
 
+pub use candidate::ShadowResult;
+pub use loop_guard::LOOP_AFTER;
 pub use offline::{Offline, Outcome};
-pub use shadow::{SHADOW_NICE, ShadowResult};
+pub use shadow::SHADOW_NICE;
+pub use shared::{Native, NativeAnswer};
 
-use self::shadow::{Action, Candidate, ShadowCounters};
-
+use self::candidate::{Action, Candidate};
 use self::core::Core;
+use self::shared::{Handler, POLL_INTERVAL, Shared};
 use self::worker::Worker;
-
-/// What turns a datagram into a reply.
-enum Handler {
-    Guest(Box<Guest>),
-    /// A Rust handler instead of the guest, and its reply buffer.
-    Native(Box<dyn Native>, Vec<u8>),
-}
-
-impl Handler {
-    fn refresh(&mut self, program: &Arc<Program>) {
-        if let Self::Guest(guest) = self {
-            guest.set_program(program);
-        }
-    }
-}
-
-/// A handler written in Rust, run on the datagram path in place of a guest
-/// ([`Gateway::start_native`]). Upstream datagrams go to the client unchanged.
-pub trait Native: Send {
-    /// Handles one datagram: writes a reply into `reply` (which starts empty),
-    /// or forwards through `net` (present when the listener has pools; the
-    /// current client is already set).
-    fn handle(&mut self, datagram: &[u8], net: Option<&mut Upstreams>, reply: &mut Vec<u8>) -> NativeAnswer;
-}
-
-/// What a [`Native`] handler did with a datagram.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NativeAnswer {
-    /// Send `reply` to the client.
-    Reply,
-    /// Forwarded upstream.
-    Forwarded,
-    /// Nothing: counted as `no_reply`.
-    Nothing,
-    /// A forward was refused.
-    Refused(CallError),
-}

@@ -14,9 +14,9 @@ const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 use arc_swap::ArcSwap;
 
+use super::candidate::Candidate;
 use super::core::Core;
-use super::shadow::Candidate;
-use super::{Handler, Shared};
+use super::shared::{Handler, Shared};
 use crate::config::ListenerSpec;
 use crate::metrics::Snapshot;
 use crate::net::source_filter::SourceFilter;

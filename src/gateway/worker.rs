@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token};
 
 use super::core::{Core, sent};
-use super::{POLL_INTERVAL, RECV_BUFFER, Shared};
+use super::shared::{POLL_INTERVAL, RECV_BUFFER, Shared};
 use crate::metrics::Counters;
 use crate::net::batch::{RecvBatch, SendBatch, Sent, report_queue_overflows};
 use crate::net::sessions::{LISTENER, SessionSockets, session_of};
