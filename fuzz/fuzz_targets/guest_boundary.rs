@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use wasmgate::verdict::Allowance;
-use wasmgate::sandbox::{Guest, Sandbox};
 use wasmgate::config::{Isolation, Limits};
+use wasmgate::sandbox::{Guest, Sandbox};
+use wasmgate::verdict::Allowance;
 
 /// The exports a generated module must have, with their types.
 const EXPORTS: &str = r#"(module
