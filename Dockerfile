@@ -7,6 +7,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY guest/uppercase.wasm ./guest/uppercase.wasm
+# Built into the binary: the WIT worlds (bindgen!) and `wasmgate new`'s templates.
+COPY wit ./wit
+COPY templates ./templates
 COPY examples ./examples
 COPY tests ./tests
 COPY README.md ./
