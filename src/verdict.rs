@@ -210,6 +210,65 @@ impl fmt::Display for CallError {
     }
 }
 
+/// Why a state call did nothing. Each has a negative code in the guest ABI
+/// (docs/ABI.md), after the forwarding codes; -8 (`too_many_calls`) is shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateError {
+    /// More state, forwarding and send calls for one datagram than allowed.
+    TooManyCalls,
+    /// No such key, or it expired.
+    NotFound,
+    /// No room: the store is at its bounds and nothing with a TTL is left to evict.
+    Full,
+    /// The key is longer than [`crate::state::MAX_KEY`].
+    KeyTooLong,
+    /// The value is longer than [`crate::state::MAX_VALUE`].
+    ValueTooLong,
+    /// `cas`: the value was not the one expected.
+    Mismatch,
+    /// `incr`: the value is not an 8-byte counter.
+    NotACounter,
+}
+
+impl StateError {
+    pub const ALL: [Self; 7] = [
+        Self::TooManyCalls,
+        Self::NotFound,
+        Self::Full,
+        Self::KeyTooLong,
+        Self::ValueTooLong,
+        Self::Mismatch,
+        Self::NotACounter,
+    ];
+
+    /// The ABI v1 return code.
+    pub const fn code(self) -> i32 {
+        match self {
+            // The forwarding calls' own: one allowance counts them all.
+            Self::TooManyCalls => CallError::TooMany.code(),
+            Self::NotFound => -9,
+            Self::Full => -10,
+            Self::KeyTooLong => -11,
+            Self::ValueTooLong => -12,
+            Self::Mismatch => -13,
+            Self::NotACounter => -14,
+        }
+    }
+
+    /// The label used in logs, and the WIT enum's case.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::TooManyCalls => "too_many_calls",
+            Self::NotFound => "not_found",
+            Self::Full => "full",
+            Self::KeyTooLong => "key_too_long",
+            Self::ValueTooLong => "value_too_long",
+            Self::Mismatch => "mismatch",
+            Self::NotACounter => "not_a_counter",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +297,34 @@ mod tests {
         }
         let codes: Vec<i32> = CallError::ALL.iter().map(|e| e.code()).collect();
         assert_eq!(codes, [-1, -2, -3, -4, -5, -6, -7, -8]);
+    }
+
+    /// The same for the state calls' errors: the WIT `state-error` enum in
+    /// order, the SDK's codes, and -8 shared with the forwarding calls.
+    #[test]
+    fn state_errors_are_in_the_order_of_the_wit_enum_and_the_sdk_codes() {
+        let wit = include_str!("../wit/handler.wit");
+        let start = wit.find("enum state-error {").expect("the WIT has state-error");
+        let body = &wit[start..start + wit[start..].find('}').expect("the enum ends")];
+        let cases: Vec<String> = body
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("//"))
+            .map(|l| l.trim_end_matches(',').replace('-', "_"))
+            .collect();
+        let ours: Vec<&str> = StateError::ALL.iter().map(|e| e.as_str()).collect();
+        assert_eq!(cases, ours);
+        let codes: Vec<i32> = StateError::ALL.iter().map(|e| e.code()).collect();
+        assert_eq!(codes, [-8, -9, -10, -11, -12, -13, -14]);
+        assert_eq!(StateError::TooManyCalls.code(), CallError::TooMany.code());
+        let sdk = include_str!("../guest/sdk/src/lib.rs");
+        for code in [-8, -10, -11, -12, -14] {
+            assert!(
+                sdk.contains(&format!("{code} => Self::")),
+                "the SDK does not map {code}"
+            );
+        }
     }
 
     #[test]

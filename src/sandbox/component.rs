@@ -25,8 +25,8 @@ use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::sandbox::hostcalls::{self, HostState};
-use crate::state::StateError;
 use crate::verdict::CallError;
+use crate::verdict::StateError;
 
 /// The world files, compiled in so that `wasmgate new` can write them out.
 pub const HANDLER_WIT: &str = include_str!("../../wit/handler.wit");

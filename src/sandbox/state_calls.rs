@@ -8,9 +8,7 @@ use wasmtime::{Caller, Linker};
 
 use crate::sandbox::abi::HOST_MODULE;
 use crate::sandbox::hostcalls::{HostState, memory, region};
-use crate::state::StateError;
-#[cfg(test)]
-use crate::verdict::CallError;
+use crate::verdict::StateError;
 
 impl HostState {
     /// Counts one state call against the datagram's allowance (shared with
@@ -246,20 +244,4 @@ fn penalized(mut caller: Caller<'_, HostState>, key_ptr: i32, key_len: i32) -> w
 /// counted against the allowance.
 fn now_ms(mut caller: Caller<'_, HostState>) -> i64 {
     (caller.data_mut().clock() / 1_000_000) as i64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn too_many_calls_has_the_forwarding_code() {
-        assert_eq!(StateError::TooManyCalls.code(), CallError::TooMany.code());
-        let codes: Vec<i32> = StateError::ALL.iter().map(|e| e.code()).collect();
-        assert!(codes.iter().all(|&c| c < 0), "{codes:?}");
-        assert!(
-            codes[1..].iter().all(|&c| c < -8),
-            "after the forwarding codes: {codes:?}"
-        );
-    }
 }

@@ -18,4 +18,4 @@ mod store;
 pub use cluster::ClusterSpec;
 pub use entry::ENTRY_OVERHEAD;
 pub use scope::ClusterStats;
-pub use store::{COUNTER_MIN, MAX_KEY, MAX_VALUE, State, StateError, StateLimits, StateStats};
+pub use store::{COUNTER_MIN, MAX_KEY, MAX_VALUE, State, StateLimits, StateStats};

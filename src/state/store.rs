@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::entry::{Bucket, ENTRY_OVERHEAD, Entry, Key, NEVER, NS_PER_MS, Space, UNSEEN, interval};
 use super::scope::Cluster;
+use crate::verdict::StateError;
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as Slot;
@@ -32,63 +33,6 @@ impl Default for StateLimits {
         Self {
             max_bytes: 64 << 20,
             max_entries: 1_000_000,
-        }
-    }
-}
-
-/// Why a state call did nothing. Each has a negative code in the guest ABI
-/// (docs/ABI.md), after the forwarding codes; -8 (`too_many_calls`) is shared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StateError {
-    /// More state, forwarding and send calls for one datagram than allowed.
-    TooManyCalls,
-    /// No such key, or it expired.
-    NotFound,
-    /// No room: the store is at its bounds and nothing with a TTL is left to evict.
-    Full,
-    /// The key is longer than [`MAX_KEY`].
-    KeyTooLong,
-    /// The value is longer than [`MAX_VALUE`].
-    ValueTooLong,
-    /// `cas`: the value was not the one expected.
-    Mismatch,
-    /// `incr`: the value is not an 8-byte counter.
-    NotACounter,
-}
-
-impl StateError {
-    pub const ALL: [Self; 7] = [
-        Self::TooManyCalls,
-        Self::NotFound,
-        Self::Full,
-        Self::KeyTooLong,
-        Self::ValueTooLong,
-        Self::Mismatch,
-        Self::NotACounter,
-    ];
-
-    /// The ABI v1 return code.
-    pub fn code(self) -> i32 {
-        match self {
-            Self::TooManyCalls => -8,
-            Self::NotFound => -9,
-            Self::Full => -10,
-            Self::KeyTooLong => -11,
-            Self::ValueTooLong => -12,
-            Self::Mismatch => -13,
-            Self::NotACounter => -14,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::TooManyCalls => "too_many_calls",
-            Self::NotFound => "not_found",
-            Self::Full => "full",
-            Self::KeyTooLong => "key_too_long",
-            Self::ValueTooLong => "value_too_long",
-            Self::Mismatch => "mismatch",
-            Self::NotACounter => "not_a_counter",
         }
     }
 }
