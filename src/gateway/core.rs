@@ -530,7 +530,7 @@ impl Core {
                     n.charge(client, datagram.len(), 0);
                     emit(datagram, client);
                 } else {
-                    let why = "the answer is larger than --max-reply-ratio times what the client sent";
+                    let why = "the answer is larger than the reply ratio allows for what the client sent";
                     self.upstream_dropped(DropReason::Amplification, shown, upstream, &why);
                 }
                 return;

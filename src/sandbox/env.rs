@@ -93,7 +93,7 @@ impl Sandbox {
             let cap = self.limits.max_memory as u64;
             if need > cap {
                 bail!(
-                    "its memory starts at {} bytes ({} pages), over the memory limit of {cap} bytes (--max-memory)",
+                    "its memory starts at {} bytes ({} pages), over the listener's memory limit of {cap} bytes (--max-memory, or max_memory in a config file)",
                     need,
                     m.minimum()
                 );

@@ -39,7 +39,7 @@ impl InstanceLimits {
             Some(total) if total <= self.max_bytes => Ok(()),
             _ => wasmtime::bail!(
                 "growing a {what} by {more} bytes would take the instance past its {} byte memory cap \
-                 (memories and tables together; --max-memory)",
+                 (memories and tables together; max_memory)",
                 self.max_bytes
             ),
         }

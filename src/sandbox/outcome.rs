@@ -80,14 +80,14 @@ impl From<wasmtime::Error> for Rejection {
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.reason {
-            DropReason::Timeout => f.write_str("the guest ran past its time budget (--timeout-ms)"),
+            DropReason::Timeout => f.write_str("the guest ran past its time budget"),
             DropReason::Trap => match &self.error {
                 Some(e) => write!(f, "the guest trapped: {e:#}"),
                 None => f.write_str("the guest trapped"),
             },
             DropReason::BadAlloc => f.write_str("`alloc` returned a region outside the guest's memory"),
             DropReason::BadReply => f.write_str("`handle` returned a reply region outside the guest's memory"),
-            DropReason::Amplification => f.write_str("the reply is larger than --max-reply-ratio times the request"),
+            DropReason::Amplification => f.write_str("the reply is larger than the reply ratio allows for the request"),
             DropReason::Oversize => f.write_str("the request or reply is larger than 65,507 bytes"),
             DropReason::SendError => f.write_str("the reply could not be sent"),
             DropReason::NoReply => f.write_str("the guest sent no reply"),
