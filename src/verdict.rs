@@ -103,6 +103,11 @@ impl fmt::Display for DropReason {
     }
 }
 
+/// The most a guest's text (a `log` call, a WASI command's stderr, a
+/// component's stdout and stderr) gives the log per datagram, in bytes; the
+/// rest is cut off, never a reason to fail the handler.
+pub const OUTPUT_CAP: usize = 1024;
+
 /// How many `forward`, `forward_key` and `send` calls one datagram (or one
 /// upstream reply) may make; later calls are refused with [`CallError::TooMany`].
 pub const MAX_CALLS_PER_DATAGRAM: u32 = 64;

@@ -25,8 +25,7 @@ use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::sandbox::hostcalls::{self, HostState};
-use crate::verdict::CallError;
-use crate::verdict::StateError;
+use crate::verdict::{CallError, OUTPUT_CAP, StateError};
 
 /// The world files, compiled in so that `wasmgate new` can write them out.
 pub const HANDLER_WIT: &str = include_str!("../../wit/handler.wit");
@@ -42,10 +41,6 @@ const PACKAGE: &str = "wasmgate:handler/";
 
 /// The functions the gateway provides at the top level of the world.
 const WORLD_FUNCTIONS: [&str; 4] = ["log", "forward", "forward-key", "send"];
-
-/// How much of a component's stdout or stderr is kept per datagram for the log;
-/// the rest is dropped (not refused: a chatty `print` must not fail a handler).
-pub const MAX_OUTPUT_BYTES: usize = 1024;
 
 /// The host side of the worlds, generated from `wit/handler.wit`: the world
 /// with every import and both exports.
@@ -458,7 +453,7 @@ fn wit_type(ty: &Type) -> String {
 }
 
 /// A component's stdout or stderr: kept in memory, at most
-/// [`MAX_OUTPUT_BYTES`] per datagram, taken by the host after each call.
+/// [`OUTPUT_CAP`] per datagram (the rest dropped, not refused: a chatty `print` must not fail a handler), taken by the host after each call.
 #[derive(Clone, Default)]
 struct LogPipe(Arc<Pipe>);
 
@@ -483,7 +478,7 @@ impl LogPipe {
 
     fn push(&self, bytes: &[u8]) {
         if let Ok(mut buf) = self.0.buffer.lock() {
-            let room = MAX_OUTPUT_BYTES.saturating_sub(buf.len());
+            let room = OUTPUT_CAP.saturating_sub(buf.len());
             buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
             self.0.written.store(true, Ordering::Release);
         }
@@ -614,7 +609,7 @@ mod tests {
         pipe.push(&[b'a'; 1000]);
         pipe.push(&[b'b'; 100]);
         let taken = pipe.take();
-        assert_eq!(taken.len(), MAX_OUTPUT_BYTES);
+        assert_eq!(taken.len(), OUTPUT_CAP);
         assert_eq!(&taken[995..1005], b"aaaaabbbbb");
         assert!(pipe.take().is_empty(), "taken once");
         pipe.push(b"next");

@@ -18,10 +18,7 @@ use crate::metrics::RateLimit;
 use crate::sandbox::abi::HOST_MODULE;
 use crate::state::State;
 use crate::upstream::Upstreams;
-use crate::verdict::{Allowance, CallError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM};
-
-/// The longest guest log message passed on; the rest is cut off.
-const MAX_LOG_BYTES: usize = 1024;
+use crate::verdict::{Allowance, CallError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM, OUTPUT_CAP};
 
 /// Per-store host state: what the host functions need to answer a guest.
 pub(crate) struct HostState {
@@ -283,7 +280,7 @@ pub(crate) fn log_text(state: &HostState, level: i32, bytes: &[u8]) {
         return;
     };
     // Control characters are escaped by the log formatter (text) or by JSON.
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_LOG_BYTES)]);
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(OUTPUT_CAP)]);
     let peer = state.peer.map(|p| p.to_string()).unwrap_or_default();
     macro_rules! emit {
         ($lvl:expr) => {

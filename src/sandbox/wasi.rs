@@ -20,13 +20,10 @@ use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
 use crate::sandbox::abi::WASI_MODULE;
-use crate::verdict::MAX_DATAGRAM;
+use crate::verdict::{MAX_DATAGRAM, OUTPUT_CAP};
 
 /// The environment variable that holds the client's address, as `ip:port`.
 pub const PEER_VARIABLE: &str = "WASMGATE_PEER";
-
-/// How much of a handler's stderr is kept for the log per datagram; writes past it fail.
-pub const MAX_STDERR_BYTES: usize = 1024;
 
 /// The program name a handler sees as `argv[0]`.
 const PROGRAM_NAME: &str = "wasmgate-handler";
@@ -89,7 +86,7 @@ impl WasiHost {
     pub(crate) fn new(limits: InstanceLimits, datagram: &[u8], peer: Option<SocketAddr>) -> Self {
         // One byte over the largest datagram, so that an oversize reply shows.
         let stdout = MemoryOutputPipe::new(MAX_DATAGRAM + 1);
-        let stderr = MemoryOutputPipe::new(MAX_STDERR_BYTES);
+        let stderr = MemoryOutputPipe::new(OUTPUT_CAP);
         let mut builder = WasiCtxBuilder::new();
         builder
             .stdin(MemoryInputPipe::new(Bytes::copy_from_slice(datagram)))
@@ -113,7 +110,7 @@ impl WasiHost {
         self.stdout.contents()
     }
 
-    /// What the program wrote to stderr, at most [`MAX_STDERR_BYTES`].
+    /// What the program wrote to stderr, at most [`OUTPUT_CAP`] (writes past it fail).
     pub(crate) fn stderr(&self) -> Bytes {
         self.stderr.contents()
     }
