@@ -30,9 +30,9 @@
 //!   everything a guest instance holds.
 //! - [`state`]: the key-value store, limits and penalties a listener's
 //!   handlers share (`store.rs`: sharded, bounded, clock-free), behind the
-//!   `state_*` host calls; `cluster.rs` shares the limits between gateways
-//!   through Redis (the merge, and the flusher thread), over the link in
-//!   `link.rs`, with what the flusher and the datagram path share in `scope.rs`.
+//!   `state_*` host calls; `cluster.rs` merges what gateways share through
+//!   Redis, `redis.rs` is the flusher thread that talks to it over the link in
+//!   `link.rs`, and `scope.rs` what the flusher and the datagram path share.
 //! - [`engine`]: the wasmtime engine's settings, reading and compiling module bytes,
 //!   ([`engine::child`]) compiling in a child process under CPU-time and memory
 //!   bounds, ([`engine::budget`]) a guest call's CPU-time budget, and

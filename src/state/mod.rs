@@ -12,6 +12,7 @@
 mod cluster;
 mod entry;
 mod link;
+mod redis;
 mod scope;
 mod store;
 
