@@ -7,13 +7,14 @@
 //! touches the system only for a source on one of our own ports (to learn whether
 //! its address is one of this host's). Other processes' servers on this host
 //! (another gateway above all) are learnt from `/proc/net/udp` and `udp6`,
-//! read once a second by a thread of their own.
+//! read at start and again, by a thread of their own and at most once a
+//! second, when a local source on a server port not known yet asks for it.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering::Relaxed};
 
 /// Source ports refused by default: the well-known ports, where the services
 /// that answer anything live (echo, chargen, daytime, DNS, NTP, TFTP, …), and
@@ -164,18 +165,25 @@ pub fn listening_ports() -> &'static PortCounts {
 /// holds it: unconnected sockets outside the ephemeral port range (clients
 /// send from ephemeral ports; servers, another gateway's listener above all,
 /// are bound to a port of their choosing). Read from `/proc/net/udp` and
-/// `udp6` when first needed and then once a second.
+/// `udp6` when first needed, and again only when asked ([`HostPorts::ask`]),
+/// at most once a second: reading them is slow with many sockets open (69 ms
+/// with 10,000 measured here), so a gateway whose clients all send from
+/// ephemeral ports or other hosts never reads them again.
 pub struct HostPorts {
     bits: [AtomicU64; 1024],
     /// `net.ipv4.ip_local_port_range`, which IPv6 uses too.
     ephemeral: std::ops::RangeInclusive<u16>,
+    /// A worker saw a local source on a server port not known yet.
+    asked: AtomicBool,
+    /// The thread that reads the tables again, woken by [`HostPorts::ask`].
+    reader: std::sync::OnceLock<std::thread::Thread>,
 }
 
-/// How often the host's server ports are read again.
+/// The shortest time between two readings of the host's server ports.
 const HOST_PORTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl HostPorts {
-    /// The process's one view, read now and kept current by a thread.
+    /// The process's one view, read now and again when asked.
     pub fn watched() -> &'static Self {
         static HOST: std::sync::LazyLock<HostPorts> = std::sync::LazyLock::new(|| {
             let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -188,21 +196,29 @@ impl HostPorts {
             let host = HostPorts {
                 bits: std::array::from_fn(|_| AtomicU64::new(0)),
                 ephemeral,
+                asked: AtomicBool::new(false),
+                reader: std::sync::OnceLock::new(),
             };
             host.refresh();
             let spawned = std::thread::Builder::new()
                 .name("wasmgate-host-ports".into())
                 .spawn(|| {
                     loop {
-                        std::thread::sleep(HOST_PORTS_EVERY);
-                        HOST.refresh();
+                        std::thread::park();
+                        if HOST.asked.swap(false, Relaxed) {
+                            HOST.refresh();
+                            std::thread::sleep(HOST_PORTS_EVERY);
+                        }
                     }
                 });
-            if let Err(e) = spawned {
-                tracing::warn!(
+            match spawned {
+                Ok(thread) => {
+                    let _ = host.reader.set(thread.thread().clone());
+                }
+                Err(e) => tracing::warn!(
                     "cannot start the thread that learns this host's UDP servers ({e}): \
                      those started later are not known"
-                );
+                ),
             }
             host
         });
@@ -212,6 +228,22 @@ impl HostPorts {
     /// Whether `port` is a server port of this host (never an ephemeral one).
     pub fn contains(&self, port: u16) -> bool {
         !self.ephemeral.contains(&port) && self.bits[usize::from(port / 64)].load(Relaxed) & (1 << (port % 64)) != 0
+    }
+
+    /// Whether `port` may be a server's: outside the ephemeral range.
+    fn may_serve(&self, port: u16) -> bool {
+        !self.ephemeral.contains(&port)
+    }
+
+    /// Asks for the tables to be read again (at most once a second), for a
+    /// local source on a server port that is not known yet: a server started
+    /// since, or a client bound to a port of its choosing.
+    pub fn ask(&self) {
+        if !self.asked.swap(true, Relaxed)
+            && let Some(reader) = self.reader.get()
+        {
+            reader.unpark();
+        }
     }
 
     fn refresh(&self) {
@@ -321,8 +353,18 @@ impl SourceFilter {
         if endpoint(from) {
             return Err(Denied::Endpoint);
         }
-        if self.host.is_some_and(|h| h.contains(port)) && self.is_local(from.ip()) {
-            return Err(Denied::Host);
+        if let Some(host) = self.host
+            && host.may_serve(port)
+        {
+            if host.contains(port) {
+                if self.is_local(from.ip()) {
+                    return Err(Denied::Host);
+                }
+            } else if from.ip().is_loopback() || from.ip() == self.listen.ip() {
+                // Perhaps a server started since the tables were read: this
+                // datagram is served, and the next ones are judged afresh.
+                host.ask();
+            }
         }
         Ok(())
     }
@@ -380,6 +422,8 @@ garbage";
         let host = HostPorts {
             bits: bits.map(AtomicU64::new),
             ephemeral: 32768..=60999,
+            asked: AtomicBool::new(false),
+            reader: std::sync::OnceLock::new(),
         };
         let found: Vec<u16> = (0..=u16::MAX).filter(|&p| host.contains(p)).collect();
         assert_eq!(found, [5300, 7000, 8009]);

@@ -616,6 +616,16 @@ fn a_server_socket_of_another_process_on_this_host_is_never_answered() {
     assert_eq!(denied, 1.0, "{metrics}");
     // A client sending from an ephemeral port is answered as ever.
     assert_eq!(ask(&client(), gw.addr, b"hi"), b"HI");
+    // A server started after the gateway: its first datagrams may be answered
+    // (the gateway reads the host's tables again when one asks, at most once
+    // a second), then it is refused.
+    let later = server_port_socket();
+    later.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    common::wait_until("a server started later to be refused", || {
+        later.send_to(b"loop?", gw.addr).unwrap();
+        let mut buf = [0u8; 64];
+        later.recv_from(&mut buf).is_err()
+    });
 }
 
 #[test]
