@@ -42,8 +42,9 @@
 //! - [`upstream`]: a listener's pools ([`upstream::pool`]: endpoint choice by
 //!   policy, rendezvous hashing, ejection shared by every worker; I/O-free), and
 //!   one worker's session table with no socket and no clock of its own
-//!   (affinity, caps, idle expiry, drain, passive health, allowances): it emits
-//!   open/send/close commands.
+//!   (affinity, caps, idle expiry, drain, passive health), with each client's
+//!   ledger (`ledger.rs`: what it may be sent, when it proved its address): it
+//!   emits open/send/close commands.
 //! - [`net`]: sockets and addresses: batched receive and send
 //!   ([`net::batch`], `recvmmsg`/`sendmmsg` with buffers allocated once), the
 //!   session sockets that apply the session table's commands, and

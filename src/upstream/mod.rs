@@ -11,12 +11,14 @@
 
 use anyhow::Context as _;
 
+mod ledger;
 pub mod pool;
 mod pools;
 mod sessions;
 
+pub use ledger::VALIDATED_AFTER;
 pub use pools::{EndpointCounters, EndpointView, Pools};
-pub use sessions::{Applied, Command, SessionId, Upstreams, VALIDATED_AFTER};
+pub use sessions::{Applied, Command, SessionId, Upstreams};
 
 /// Raises the soft limit on open files to the hard limit, for sessions' sockets,
 /// and returns it.

@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use super::ledger::Ledger;
 use super::pools::{EndpointCounters, Pools};
 use crate::metrics::Counters;
 use crate::upstream::pool::{Pool, Refusal};
-use crate::verdict::{Allowance, CallError, MAX_CALLS_PER_DATAGRAM};
+use crate::verdict::{Allowance, CallError};
 
 /// A session, named for as long as the table lives: ids are never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -139,82 +140,11 @@ struct WorkerPool {
     retired: bool,
 }
 
-/// Client datagrams sent after the first answer that make a client count as
-/// having proven its address: a spoofer does not see the answers it causes, a
-/// real client goes on talking. Until then its answers are held to the reply
-/// ratio, and its sessions are cheap: they end after `unanswered_timeout` and
-/// are the first closed to make room. An upstream's answer proves nothing about
-/// the client (a resolver answers spoofed queries too); only the client's own
-/// datagrams after it do.
-pub const VALIDATED_AFTER: u32 = 2;
-
 /// Worker `w`'s share of `total` among `workers`: the shares add up to
 /// `total` exactly (rounding up for every worker would let `workers - 1` more
 /// sessions open than the pool allows).
 fn share(total: usize, workers: usize, w: usize) -> usize {
     total / workers + usize::from(w < total % workers)
-}
-
-/// What one client with sessions has earned and spent: the upstream answers it
-/// may be sent, and the `forward`/`send` calls `on_reply` may still make for
-/// it. Kept while the client has a session.
-#[derive(Debug)]
-struct Ledger {
-    /// Bytes the client sent (its datagrams that reached the guest).
-    received: u64,
-    /// Bytes of upstream answers (through `on_reply` or straight) sent to it.
-    sent: u64,
-    /// Whether any answer was sent to it.
-    answered: bool,
-    /// Its datagrams after the first answer.
-    after_answer: u32,
-    /// Calls `on_reply` may still make until the client's next datagram.
-    calls_left: u32,
-    sessions: u32,
-}
-
-impl Ledger {
-    fn new(received: usize) -> Self {
-        Self {
-            received: received as u64,
-            sent: 0,
-            answered: false,
-            after_answer: 0,
-            calls_left: MAX_CALLS_PER_DATAGRAM,
-            sessions: 0,
-        }
-    }
-
-    /// Whether the client proved its address ([`VALIDATED_AFTER`]).
-    fn validated(&self) -> bool {
-        self.after_answer >= VALIDATED_AFTER
-    }
-
-    fn on_datagram(&mut self, len: usize) {
-        self.received = self.received.saturating_add(len as u64);
-        if self.answered {
-            self.after_answer = self.after_answer.saturating_add(1);
-        }
-        self.calls_left = MAX_CALLS_PER_DATAGRAM;
-    }
-
-    /// Bytes the client may still be sent: `ratio` × what it sent, less what it
-    /// was sent; no cap once it is validated or with a ratio of 0.
-    fn bytes_left(&self, ratio: f64) -> usize {
-        if ratio <= 0.0 || self.validated() {
-            return usize::MAX;
-        }
-        let earned = (ratio * self.received as f64).floor() as u64;
-        usize::try_from(earned.saturating_sub(self.sent)).unwrap_or(usize::MAX)
-    }
-
-    fn charge(&mut self, bytes: usize, calls: u32) {
-        if bytes > 0 {
-            self.sent = self.sent.saturating_add(bytes as u64);
-            self.answered = true;
-        }
-        self.calls_left = self.calls_left.saturating_sub(calls);
-    }
 }
 
 /// A worker's forwarding state.
@@ -818,6 +748,8 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::VALIDATED_AFTER;
+    use crate::verdict::MAX_CALLS_PER_DATAGRAM;
 
     // The session table driven by hand: a made-up clock, commands read back as
     // values, socket outcomes chosen by the test. No socket, no sleep.
@@ -1339,38 +1271,6 @@ mod tests {
         assert_eq!(h.table.allowance(client(1)).calls, 0, "the chain stops here");
         h.forward(client(1), b"q2").unwrap();
         assert_eq!(h.table.allowance(client(1)).calls, MAX_CALLS_PER_DATAGRAM);
-    }
-
-    #[test]
-    fn a_client_is_held_to_the_ratio_until_it_talks_on_after_an_answer() {
-        let mut l = Ledger::new(20);
-        assert_eq!(l.bytes_left(3.0), 60);
-        l.charge(50, 0);
-        assert_eq!(l.bytes_left(3.0), 10);
-        // Its own datagrams earn more, and count toward proving its address.
-        l.on_datagram(10);
-        assert_eq!(l.bytes_left(3.0), 40);
-        l.on_datagram(10);
-        assert_eq!(l.after_answer, VALIDATED_AFTER);
-        assert_eq!(l.bytes_left(3.0), usize::MAX);
-        // No ratio: no cap from the start.
-        assert_eq!(Ledger::new(1).bytes_left(0.0), usize::MAX);
-        // Datagrams before any answer prove nothing.
-        let mut spoofed = Ledger::new(10);
-        for _ in 0..10 {
-            spoofed.on_datagram(10);
-        }
-        assert_eq!(spoofed.bytes_left(3.0), 330);
-    }
-
-    #[test]
-    fn on_reply_calls_come_from_one_allowance_that_the_clients_datagram_renews() {
-        let mut l = Ledger::new(5);
-        l.charge(0, 40);
-        l.charge(0, 40);
-        assert_eq!(l.calls_left, 0);
-        l.on_datagram(5);
-        assert_eq!(l.calls_left, MAX_CALLS_PER_DATAGRAM);
     }
 
     #[test]
