@@ -141,7 +141,7 @@ impl Handler {
 }
 
 /// A handler written in Rust, run on the datagram path in place of a guest
-/// ([`Gateway::start_native`]). Upstream datagrams go to the client unchanged.
+/// ([`crate::gateway::Gateway::start_native`]). Upstream datagrams go to the client unchanged.
 pub trait Native: Send {
     /// Handles one datagram: writes a reply into `reply` (which starts empty),
     /// or forwards through `net` (present when the listener has pools; the
