@@ -278,22 +278,25 @@ impl StateError {
 mod tests {
     use super::*;
 
-    /// The guest sees a call error as a code (ABI v1, the Rust SDK) or as a case
-    /// of the WIT enum (components): all three must list them in one order.
-    #[test]
-    fn call_errors_are_in_the_order_of_the_wit_enum_and_the_sdk_codes() {
+    /// The cases of the WIT enum `name`, in order, as our labels spell them.
+    fn wit_enum(name: &str) -> Vec<String> {
         let wit = include_str!("../wit/handler.wit");
-        let start = wit.find("enum call-error {").expect("the WIT has call-error");
+        let start = wit.find(&format!("enum {name} {{")).expect("the WIT has the enum");
         let body = &wit[start..start + wit[start..].find('}').expect("the enum ends")];
-        let cases: Vec<String> = body
-            .lines()
+        body.lines()
             .skip(1)
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with("//"))
             .map(|l| l.trim_end_matches(',').replace('-', "_"))
-            .collect();
+            .collect()
+    }
+
+    /// The guest sees a call error as a code (ABI v1, the Rust SDK) or as a case
+    /// of the WIT enum (components): all three must list them in one order.
+    #[test]
+    fn call_errors_are_in_the_order_of_the_wit_enum_and_the_sdk_codes() {
         let ours: Vec<&str> = CallError::ALL.iter().map(|e| e.as_str()).collect();
-        assert_eq!(cases, ours);
+        assert_eq!(wit_enum("call-error"), ours);
 
         let sdk = include_str!("../guest/sdk/src/lib.rs");
         for e in CallError::ALL {
@@ -308,18 +311,8 @@ mod tests {
     /// order, the SDK's codes, and -8 shared with the forwarding calls.
     #[test]
     fn state_errors_are_in_the_order_of_the_wit_enum_and_the_sdk_codes() {
-        let wit = include_str!("../wit/handler.wit");
-        let start = wit.find("enum state-error {").expect("the WIT has state-error");
-        let body = &wit[start..start + wit[start..].find('}').expect("the enum ends")];
-        let cases: Vec<String> = body
-            .lines()
-            .skip(1)
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("//"))
-            .map(|l| l.trim_end_matches(',').replace('-', "_"))
-            .collect();
         let ours: Vec<&str> = StateError::ALL.iter().map(|e| e.as_str()).collect();
-        assert_eq!(cases, ours);
+        assert_eq!(wit_enum("state-error"), ours);
         let codes: Vec<i32> = StateError::ALL.iter().map(|e| e.code()).collect();
         assert_eq!(codes, [-8, -9, -10, -11, -12, -13, -14]);
         assert_eq!(StateError::TooManyCalls.code(), CallError::TooMany.code());
