@@ -95,7 +95,11 @@ impl RedisServer {
     }
 
     fn signal(&self, name: &str) {
-        let _ = Command::new("kill").args([name, &self.child.id().to_string()]).status();
+        // Quiet: the drop of a restarted server's old handle signals a process already gone.
+        let _ = Command::new("kill")
+            .args([name, &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
     }
 
     fn restart(&mut self) -> anyhow::Result<()> {
