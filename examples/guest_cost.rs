@@ -20,8 +20,8 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use wasmgate::config::{Isolation, Limits};
 use wasmgate::engine::read_module;
-use wasmgate::sandbox::abi::GuestKind;
-use wasmgate::sandbox::{Guest, Sandbox};
+use wasmgate::guest::abi::GuestKind;
+use wasmgate::guest::{Env, Guest};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -180,10 +180,10 @@ fn main() -> anyhow::Result<()> {
             limits.max_memory = 256 << 20;
             limits.timeout = std::time::Duration::from_millis(1000);
         }
-        let sandbox = Sandbox::with_instance_pool(limits, 2)?;
-        let program = Arc::new(sandbox.load(case.name.clone(), &case.bytes)?);
+        let env = Env::with_instance_pool(limits, 2)?;
+        let program = Arc::new(env.load(case.name.clone(), &case.bytes)?);
         let kind = program.kind();
-        let mut guest = Guest::new(sandbox, program, case.isolation, 0.0);
+        let mut guest = Guest::new(env, program, case.isolation, 0.0);
         let reply = guest
             .handle(&case.payload, peer)
             .map_err(|r| anyhow::anyhow!("{}: {r}", case.name))?

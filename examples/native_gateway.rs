@@ -17,8 +17,8 @@ use wasmgate::config::Limits;
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::{PoolSpec, parse_upstream_flag};
 use wasmgate::gateway::{Gateway, Native, NativeAnswer};
-use wasmgate::sandbox::Sandbox;
-use wasmgate::upstream::Upstreams;
+use wasmgate::guest::Env;
+use wasmgate::upstream::Sessions;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -36,7 +36,7 @@ struct Args {
 struct Uppercase;
 
 impl Native for Uppercase {
-    fn handle(&mut self, datagram: &[u8], _net: Option<&mut Upstreams>, reply: &mut Vec<u8>) -> NativeAnswer {
+    fn handle(&mut self, datagram: &[u8], _net: Option<&mut Sessions>, reply: &mut Vec<u8>) -> NativeAnswer {
         reply.extend_from_slice(datagram);
         reply.make_ascii_uppercase();
         NativeAnswer::Reply
@@ -46,7 +46,7 @@ impl Native for Uppercase {
 struct Forward;
 
 impl Native for Forward {
-    fn handle(&mut self, datagram: &[u8], net: Option<&mut Upstreams>, _reply: &mut Vec<u8>) -> NativeAnswer {
+    fn handle(&mut self, datagram: &[u8], net: Option<&mut Sessions>, _reply: &mut Vec<u8>) -> NativeAnswer {
         let Some(net) = net else {
             return NativeAnswer::Nothing;
         };
@@ -59,8 +59,8 @@ impl Native for Forward {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let sandbox = Sandbox::new(Limits::default())?;
-    let program = sandbox.load("<native>", wasmgate::DEFAULT_GUEST_WASM)?;
+    let env = Env::new(Limits::default())?;
+    let program = env.load("<native>", wasmgate::DEFAULT_GUEST_WASM)?;
     let forwarding = args.upstream.is_some();
     let config = ListenerSpec {
         listen: args.listen,
@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         || Box::new(Uppercase)
     };
-    let gateway = Gateway::start_native(&sandbox, program, &config, native)?;
+    let gateway = Gateway::start_native(&env, program, &config, native)?;
     eprintln!(
         "native gateway on {} ({})",
         gateway.local_addr(),

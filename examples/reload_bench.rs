@@ -22,7 +22,7 @@ use procfs::rss_kib;
 use wasmgate::config::Limits;
 use wasmgate::config::ListenerSpec;
 use wasmgate::gateway::Gateway;
-use wasmgate::sandbox::Sandbox;
+use wasmgate::guest::Env;
 use wasmgate::service::reload::Reloader;
 
 #[derive(Debug, Parser)]
@@ -46,15 +46,15 @@ fn main() -> anyhow::Result<()> {
     let path = dir.path().join("guest.wasm");
     std::fs::write(&path, wasmgate::DEFAULT_GUEST_WASM)?;
 
-    let sandbox = Sandbox::new(Limits::default())?;
-    let program = sandbox.load(path.display().to_string(), wasmgate::DEFAULT_GUEST_WASM)?;
+    let env = Env::new(Limits::default())?;
+    let program = env.load(path.display().to_string(), wasmgate::DEFAULT_GUEST_WASM)?;
     let config = ListenerSpec {
         listen: "127.0.0.1:0".parse()?,
         workers: 2,
         ..ListenerSpec::default()
     };
-    let gateway = Gateway::start(&sandbox, program, &config)?;
-    let _reloader = Reloader::start(sandbox, path.clone(), gateway.publisher(), true)?;
+    let gateway = Gateway::start(&env, program, &config)?;
+    let _reloader = Reloader::start(env, path.clone(), gateway.publisher(), true)?;
     let addr = gateway.local_addr();
 
     // Probe load: each reply must be the uppercase or the unchanged datagram.

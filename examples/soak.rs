@@ -306,7 +306,7 @@ fn spoofer(addr: SocketAddr, rate: u64, stop: &AtomicBool, tally: &Tally) {
     }
 }
 
-/// Upstreams on loopback: an echo, a silent one, and one that answers every
+/// Sessions on loopback: an echo, a silent one, and one that answers every
 /// datagram with `burst` datagrams of 1,200 bytes. Their addresses.
 fn upstreams(stop: &Arc<AtomicBool>, burst: usize, threads: &mut Vec<std::thread::JoinHandle<()>>) -> [SocketAddr; 3] {
     let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); 3];

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use wasmgate::config::{Isolation, Limits};
-use wasmgate::sandbox::{Guest, Sandbox};
+use wasmgate::guest::{Env, Guest};
 use wasmgate::state::{State, StateLimits};
 
 #[derive(Debug, Parser)]
@@ -172,14 +172,14 @@ fn limiter(n: usize) -> String {
 
 /// Nanoseconds a `limit` host call adds, with two threads each running a guest.
 fn guest(calls: usize) -> anyhow::Result<f64> {
-    let sandbox = Sandbox::new(Limits::default())?;
-    let with = Arc::new(sandbox.load("60 limits", limiter(CALLS_PER_DATAGRAM).as_bytes())?);
-    let without = Arc::new(sandbox.load("no limit", limiter(0).as_bytes())?);
+    let env = Env::new(Limits::default())?;
+    let with = Arc::new(env.load("60 limits", limiter(CALLS_PER_DATAGRAM).as_bytes())?);
+    let without = Arc::new(env.load("no limit", limiter(0).as_bytes())?);
     let datagrams = calls / CALLS_PER_DATAGRAM;
-    let time = |program: &Arc<wasmgate::sandbox::Program>| -> anyhow::Result<Duration> {
+    let time = |program: &Arc<wasmgate::guest::Program>| -> anyhow::Result<Duration> {
         let handles: Vec<_> = (0..2u8)
             .map(|t| {
-                let mut guest = Guest::new(sandbox.clone(), Arc::clone(program), Isolation::Reuse, 0.0);
+                let mut guest = Guest::new(env.clone(), Arc::clone(program), Isolation::Reuse, 0.0);
                 std::thread::spawn(move || -> anyhow::Result<Duration> {
                     let peer = format!("127.0.0.{}:4000", t + 1).parse()?;
                     let started = Instant::now();

@@ -24,7 +24,7 @@
 //!   pcap and pcapng captures and records a listener's datagrams (`--record`)
 //!   to files no planted link can redirect; [`prove::replay`] runs a capture
 //!   through a module, streamed, and compares.
-//! - [`sandbox`]: loading modules (one loader for serving, reloads and `check`),
+//! - [`guest`]: loading modules (one loader for serving, reloads and `check`),
 //!   running a guest under limits; under it the guest kinds (ABI v1, WASI
 //!   command, component), their host calls and checks, and one cap on
 //!   everything a guest instance holds.
@@ -60,11 +60,11 @@
 //! ```
 //! use std::sync::Arc;
 //! use wasmgate::config::{Isolation, Limits};
-//! use wasmgate::sandbox::{Guest, Sandbox};
+//! use wasmgate::guest::{Guest, Env};
 //!
-//! let sandbox = Sandbox::new(Limits::default())?;
-//! let program = Arc::new(sandbox.load("uppercase", wasmgate::DEFAULT_GUEST_WASM)?);
-//! let mut guest = Guest::new(sandbox, program, Isolation::Reuse, 3.0);
+//! let env = Env::new(Limits::default())?;
+//! let program = Arc::new(env.load("uppercase", wasmgate::DEFAULT_GUEST_WASM)?);
+//! let mut guest = Guest::new(env, program, Isolation::Reuse, 3.0);
 //! assert_eq!(guest.handle(b"chen", "127.0.0.1:9".parse()?)?, b"CHEN");
 //! # Ok::<(), anyhow::Error>(())
 //! ```
@@ -73,10 +73,10 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod gateway;
+pub mod guest;
 pub mod metrics;
 pub mod net;
 pub mod prove;
-pub mod sandbox;
 pub mod service;
 pub mod state;
 pub mod text;

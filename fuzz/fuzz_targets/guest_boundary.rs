@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use wasmgate::config::{Isolation, Limits};
-use wasmgate::sandbox::{Guest, Sandbox};
+use wasmgate::guest::{Guest, Env};
 use wasmgate::verdict::Allowance;
 
 /// The exports a generated module must have, with their types.
@@ -42,7 +42,7 @@ const TIMEOUT: Duration = Duration::from_millis(10);
 const RATIO: f64 = 3.0;
 
 struct Fixture {
-    sandbox: Sandbox,
+    env: Env,
     exports: Vec<u8>,
     imports: Vec<u8>,
 }
@@ -50,12 +50,12 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| Fixture {
-        sandbox: Sandbox::new(Limits {
+        env: Env::new(Limits {
             timeout: TIMEOUT,
             max_memory: 1 << 20,
             ..Limits::default()
         })
-        .expect("a sandbox"),
+        .expect("a env"),
         exports: wat::parse_str(EXPORTS).expect("exports module"),
         imports: wat::parse_str(IMPORTS).expect("imports module"),
     })
@@ -95,11 +95,11 @@ fuzz_target!(|data: &[u8]| {
     // Loading may refuse the module (bad start function, unlinkable); that is an
     // answer too, and it too must come in bounded time.
     let started = Instant::now();
-    let loaded = f.sandbox.load("fuzz", &bytes);
+    let loaded = f.env.load("fuzz", &bytes);
     assert!(started.elapsed() < Duration::from_secs(10), "loading took {:?}", started.elapsed());
     let Ok(program) = loaded else { return };
     let isolation = if fresh { Isolation::Fresh } else { Isolation::Reuse };
-    let mut guest = Guest::new(f.sandbox.clone(), Arc::new(program), isolation, RATIO);
+    let mut guest = Guest::new(f.env.clone(), Arc::new(program), isolation, RATIO);
     let peer: SocketAddr = "192.0.2.7:4242".parse().unwrap();
     for datagram in datagrams.iter().chain([Vec::new(), vec![0x21; 70_000]].iter()) {
         // Each datagram through `handle`, then, as if an upstream had sent it,

@@ -11,23 +11,23 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use wasmgate::config::Limits;
-use wasmgate::sandbox::Sandbox;
+use wasmgate::guest::Env;
 
-fn sandbox() -> &'static Sandbox {
-    static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
+fn env() -> &'static Env {
+    static SANDBOX: OnceLock<Env> = OnceLock::new();
     SANDBOX.get_or_init(|| {
-        Sandbox::new(Limits {
+        Env::new(Limits {
             timeout: Duration::from_millis(10),
             max_memory: 1 << 20,
             ..Limits::default()
         })
-        .expect("a sandbox")
+        .expect("a env")
     })
 }
 
 fuzz_target!(|data: &[u8]| {
     let started = Instant::now();
-    let loaded = sandbox().load("fuzz", data);
+    let loaded = env().load("fuzz", data);
     assert!(started.elapsed() < Duration::from_secs(10), "loading took {:?}", started.elapsed());
     match loaded {
         Ok(program) => assert_eq!(program.sha256().len(), 32),

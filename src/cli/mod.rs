@@ -19,7 +19,7 @@ use crate::config::{
 use crate::config::{Isolation, Limits};
 use crate::engine::cache::Cache;
 use crate::engine::child::{CompileBounds, Compiler};
-use crate::sandbox::Sandbox;
+use crate::guest::Env;
 use crate::state::StateLimits;
 
 /// A UDP gateway whose behaviour is a sandboxed WebAssembly module.
@@ -530,8 +530,8 @@ fn replay(options: &crate::prove::replay::Options, json: bool) -> ExitCode {
 }
 
 fn check(path: &Path, limits: &LimitArgs, compiler: Compiler) -> anyhow::Result<ExitCode> {
-    let sandbox = Sandbox::new(limits.limits())?.with_compiler(compiler);
-    match sandbox.load_file(Some(path)) {
+    let env = Env::new(limits.limits())?.with_compiler(compiler);
+    match env.load_file(Some(path)) {
         Ok(program) => {
             let imports = match (program.world(), program.imports()) {
                 (Some(_), list) => format!("{} imports, listed below", list.len()),

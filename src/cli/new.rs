@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 
-use crate::sandbox::component::HANDLER_WIT;
+use crate::guest::component::HANDLER_WIT;
 
 /// The languages a project can be started in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

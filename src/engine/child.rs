@@ -10,7 +10,7 @@
 //! there before starting a child.
 //!
 //! Library users and tests that trust their modules can compile in-process
-//! ([`Compiler::InProcess`], the default of a `Sandbox`).
+//! ([`Compiler::InProcess`], the default of a `Env`).
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};

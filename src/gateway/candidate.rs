@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::sandbox::Program;
+use crate::guest::Program;
 use crate::upstream::Pools;
 use crate::verdict::DropReason;
 
@@ -373,8 +373,8 @@ mod tests {
 
     /// The embedded guest as a candidate, with a fresh record.
     fn candidate() -> Candidate {
-        let sandbox = crate::sandbox::Sandbox::new(Default::default()).unwrap();
-        Candidate::new(Arc::new(sandbox.load_file(None).unwrap()), None)
+        let env = crate::guest::Env::new(Default::default()).unwrap();
+        Candidate::new(Arc::new(env.load_file(None).unwrap()), None)
     }
 
     #[test]

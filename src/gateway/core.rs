@@ -16,11 +16,11 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use super::candidate::{self, Candidate, Job};
 use super::loop_guard::{LOOP_AFTER, LoopGuard};
 use super::shared::{Handler, NativeAnswer, Shared};
+use crate::guest::Guest;
 use crate::metrics::Counters;
 use crate::net::source_filter::SourceFilter;
 use crate::prove::capture::Hop;
-use crate::sandbox::Guest;
-use crate::upstream::{Applied, Command, SessionId, Upstreams};
+use crate::upstream::{Applied, Command, Lent, SessionId};
 use crate::verdict::{DropReason, MAX_DATAGRAM};
 
 /// Without pools, how often an idle worker lets go of a replaced program.
@@ -34,7 +34,7 @@ pub(super) struct Core {
     /// The sources this worker never answers.
     pub(super) filter: SourceFilter,
     /// With pools: this worker's session table (lent to the guest during a call).
-    pub(super) net: Option<Box<Upstreams>>,
+    pub(super) sessions: Lent,
     /// The `POOL/ip:port` of the session being read (kept to reuse its allocation).
     pub(super) label: String,
     /// When [`Core::on_timeout`] is due.
@@ -79,7 +79,7 @@ impl Core {
         shared: Arc<Shared>,
         counters: Arc<Counters>,
         filter: SourceFilter,
-        net: Option<Box<Upstreams>>,
+        sessions: Lent,
         worker: usize,
         shadow: Option<SyncSender<Job>>,
     ) -> Self {
@@ -89,7 +89,7 @@ impl Core {
             shared,
             counters,
             filter,
-            net,
+            sessions,
             label: String::new(),
             next_timeout: Instant::now(),
             sample_state: 0x9e37_79b9_7f4a_7c15 ^ worker as u64,
@@ -120,7 +120,7 @@ impl Core {
         if spec.canary_percent > 0.0 && candidate::canary(client.ip(), spec.canary_percent) {
             if !self.canary.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, candidate)) {
                 let guest = Guest::new(
-                    self.shared.sandbox.clone(),
+                    self.shared.env.clone(),
                     Arc::clone(&candidate.program),
                     self.shared.spec.isolation,
                     self.shared.spec.max_reply_ratio,
@@ -206,7 +206,7 @@ impl Core {
     }
     /// Sets the time for what follows, and takes a reload's pools.
     fn set_now(&mut self, now: Instant) {
-        if let Some(n) = self.net.as_mut() {
+        if let Some(n) = self.sessions.as_mut() {
             n.set_now(now);
             if let Some(pools) = &self.shared.pools {
                 let current = pools.load();
@@ -228,7 +228,7 @@ impl Core {
     ) {
         self.set_now(now);
         let recording = self.recording();
-        let Some(n) = self.net.as_mut() else { return };
+        let Some(n) = self.sessions.as_mut() else { return };
         let endpoint = if recording {
             n.session(id).map(|(_, endpoint)| endpoint)
         } else {
@@ -286,7 +286,7 @@ impl Core {
     /// Session `id`'s socket reported ICMP port unreachable.
     pub(super) fn on_refused(&mut self, now: Instant, id: SessionId) {
         self.set_now(now);
-        if let Some(n) = self.net.as_mut() {
+        if let Some(n) = self.sessions.as_mut() {
             n.refused(id);
         }
     }
@@ -294,11 +294,11 @@ impl Core {
     /// Idle sessions end, ejections end, and a replaced program is let go.
     pub(super) fn on_timeout(&mut self, now: Instant) {
         self.set_now(now);
-        if let Some(n) = self.net.as_mut() {
+        if let Some(n) = self.sessions.as_mut() {
             n.expire(now);
         }
         self.handler.refresh(&self.shared.program.load());
-        let every = self.net.as_ref().map_or(IDLE_REFRESH, |n| n.sweep_every());
+        let every = self.sessions.as_ref().map_or(IDLE_REFRESH, |n| n.sweep_every());
         self.next_timeout = now + every;
     }
 
@@ -309,7 +309,7 @@ impl Core {
 
     /// The session opens, sends and closes queued since the last poll, in order.
     pub(super) fn poll_commands(&mut self, mut apply: impl FnMut(Command<'_>) -> Applied) {
-        let Some(n) = self.net.as_mut() else { return };
+        let Some(n) = self.sessions.as_mut() else { return };
         if self.shared.recorder.is_none() {
             n.poll_commands(apply);
             return;
@@ -326,7 +326,7 @@ impl Core {
         });
         let local = self.shared.local;
         for (id, datagram) in sent {
-            let session = self.net.as_ref().and_then(|n| n.session(id));
+            let session = self.sessions.as_ref().and_then(|n| n.session(id));
             if let Some((client, endpoint)) = session
                 && self.recording()
             {
@@ -337,7 +337,7 @@ impl Core {
 
     /// Whether a forwarded datagram still waits for its answer (the shutdown drain).
     pub(super) fn awaiting(&self) -> bool {
-        self.net.as_ref().is_some_and(|n| n.awaiting())
+        self.sessions.as_ref().is_some_and(|n| n.awaiting())
     }
 
     /// A client datagram (already counted as received): the handler runs on it,
@@ -352,8 +352,8 @@ impl Core {
     ) {
         self.set_now(now);
         let shown = unmapped(peer);
-        let net = &self.net;
-        let endpoint = |addr| net.as_ref().is_some_and(|n| n.is_endpoint(addr));
+        let sessions = &self.sessions;
+        let endpoint = |addr| sessions.as_ref().is_some_and(|n| n.is_endpoint(addr));
         if let Err(why) = self.filter.check(shown, Some(&self.shared.session_ports), endpoint) {
             drop_datagram(&self.shared, &self.counters, DropReason::DeniedSource, shown, &why);
             return;
@@ -372,7 +372,7 @@ impl Core {
         // A canaried datagram goes to the shadow thread with what the
         // candidate did, for the active module to run and compare.
         let canaried = trial.canary() && self.shadow.is_some();
-        let mark = self.net.as_ref().map_or(0, |n| n.queued());
+        let mark = self.sessions.as_ref().map_or(0, |n| n.queued());
         let mut replies = Vec::new();
         let mut last_sent = None;
         let hash = self.loops.hasher();
@@ -401,7 +401,7 @@ impl Core {
         let canary_sample = canaried && !candidate::failed(verdict);
         if shadowed || canary_sample {
             let forwards = self
-                .net
+                .sessions
                 .as_ref()
                 .map(|n| n.sends_since(mark).map(<[u8]>::to_vec).collect())
                 .unwrap_or_default();
@@ -439,14 +439,14 @@ impl Core {
         emit: &mut dyn FnMut(&[u8], SocketAddr),
     ) -> &'static str {
         let started = Instant::now();
-        if let Some(n) = self.net.as_mut() {
+        if let Some(n) = self.sessions.as_mut() {
             n.client_datagram(peer, datagram.len());
         }
         let Self {
             handler,
             shared,
             counters,
-            net,
+            sessions,
             ..
         } = self;
         match handler {
@@ -456,7 +456,7 @@ impl Core {
                     return DropReason::Oversize.as_str();
                 }
                 out.clear();
-                let answer = native.handle(datagram, net.as_deref_mut(), out);
+                let answer = native.handle(datagram, sessions.as_deref_mut(), out);
                 counters.guest_time(started.elapsed());
                 match answer {
                     NativeAnswer::Reply => {
@@ -479,7 +479,7 @@ impl Core {
                 }
             }
             Handler::Guest(guest) => {
-                let result = guest.handle_with(datagram, shown, net);
+                let result = guest.handle_with(datagram, shown, sessions);
                 counters.guest_time(started.elapsed());
                 let verdict = match result {
                     Ok(answer) => {
@@ -520,7 +520,7 @@ impl Core {
         upstream: &str,
         emit: &mut dyn FnMut(&[u8], SocketAddr),
     ) {
-        let Some(n) = self.net.as_mut() else { return };
+        let Some(n) = self.sessions.as_mut() else { return };
         let allowance = n.allowance(client);
         let shown = unmapped(client);
         let guest = match &mut self.handler {
@@ -538,7 +538,7 @@ impl Core {
         };
         n.begin(client);
         let started = Instant::now();
-        let result = guest.on_reply(datagram, shown, upstream, &mut self.net, allowance);
+        let result = guest.on_reply(datagram, shown, upstream, &mut self.sessions, allowance);
         self.counters.guest_time(started.elapsed());
         let mut bytes = 0;
         match result {
@@ -559,7 +559,7 @@ impl Core {
         if let Handler::Guest(guest) = &mut self.handler {
             // Counted whatever the outcome: a call that trapped after forwarding
             // has still spent them.
-            if let Some(n) = self.net.as_mut() {
+            if let Some(n) = self.sessions.as_mut() {
                 n.charge(client, bytes, guest.last_calls());
             }
             count_refused(&self.counters, guest);
@@ -663,9 +663,9 @@ mod tests {
 
     use crate::config::PoolSpec;
     use crate::config::{Isolation, Limits};
+    use crate::guest::Env;
     use crate::net::source_filter::PortSet;
-    use crate::sandbox::Sandbox;
-    use crate::upstream::Pools;
+    use crate::upstream::{Pools, Sessions};
     use crate::verdict::CallError;
 
     /// An endpoint on an unprivileged port, so that only being an endpoint denies it.
@@ -700,11 +700,11 @@ mod tests {
     }
 
     fn core_of(wat: &str, pool: Option<PoolSpec>) -> Core {
-        let sandbox = Sandbox::new(Limits::default()).unwrap();
-        let program = sandbox.load("test.wat", wat.as_bytes()).unwrap();
+        let env = Env::new(Limits::default()).unwrap();
+        let program = env.load("test.wat", wat.as_bytes()).unwrap();
         let pools = pool.map(|pool| ArcSwap::from_pointee(Pools::new(&[pool], 1).unwrap()));
         let shared = Arc::new(Shared::new(
-            sandbox.clone(),
+            env.clone(),
             crate::config::ListenerSpec::default(),
             Arc::new(program),
             1,
@@ -713,9 +713,9 @@ mod tests {
             addr("127.0.0.1:5353"),
         ));
         let counters = shared.stats.worker(0);
-        let guest = Guest::new(sandbox, shared.program.load_full(), Isolation::Reuse, 3.0);
-        let net = shared.pools.as_ref().map(|p| {
-            Box::new(Upstreams::new(
+        let guest = Guest::new(env, shared.program.load_full(), Isolation::Reuse, 3.0);
+        let sessions = shared.pools.as_ref().map(|p| {
+            Box::new(Sessions::new(
                 p.load_full(),
                 0,
                 Arc::clone(&counters),
@@ -728,7 +728,7 @@ mod tests {
             shared,
             counters,
             SourceFilter::new(PortSet::default(), addr("127.0.0.1:5353")),
-            net,
+            sessions,
             0,
             None,
         )

@@ -22,12 +22,12 @@ use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{ListenerSpec, PoolSpec};
+use crate::guest::{Env, Guest, Program, WORKER_STACK_BYTES};
 use crate::metrics::Snapshot;
 use crate::net::sessions::SessionSockets;
 use crate::net::source_filter::{HostPorts, SourceFilter, listening_ports};
 use crate::prove::capture::{MismatchLog, Recorder};
-use crate::sandbox::{Guest, Program, Sandbox, WORKER_STACK_BYTES};
-use crate::upstream::{Pools, Upstreams};
+use crate::upstream::{Pools, Sessions};
 use crate::verdict::MAX_DATAGRAM;
 
 /// Requested kernel socket buffers; they absorb bursts. Linux may cap them at
@@ -45,9 +45,9 @@ pub struct Gateway {
 impl Gateway {
     /// Binds `spec.listen` and starts `spec.workers` workers serving `program`.
     /// (The listener's module, watch and limits are the caller's: `program`
-    /// was loaded by `sandbox` already.)
-    pub fn start(sandbox: &Sandbox, program: Program, spec: &ListenerSpec) -> anyhow::Result<Self> {
-        Self::start_with(sandbox, program, spec, None)
+    /// was loaded by `env` already.)
+    pub fn start(env: &Env, program: Program, spec: &ListenerSpec) -> anyhow::Result<Self> {
+        Self::start_with(env, program, spec, None)
     }
 
     /// Like [`Gateway::start`], with a handler written in Rust run instead of
@@ -55,16 +55,16 @@ impl Gateway {
     /// `native`: for benchmarks, whose native baseline is the same data path
     /// without the WebAssembly hop, and for embedders.
     pub fn start_native(
-        sandbox: &Sandbox,
+        env: &Env,
         program: Program,
         spec: &ListenerSpec,
         native: fn() -> Box<dyn Native>,
     ) -> anyhow::Result<Self> {
-        Self::start_with(sandbox, program, spec, Some(native))
+        Self::start_with(env, program, spec, Some(native))
     }
 
     fn start_with(
-        sandbox: &Sandbox,
+        env: &Env,
         program: Program,
         config: &ListenerSpec,
         native: Option<fn() -> Box<dyn Native>>,
@@ -80,7 +80,7 @@ impl Gateway {
         let local_addr = sockets[0].local_addr()?;
         let recorder = config.record.as_ref().map(Recorder::start).transpose()?;
         let mut shared = Shared::new(
-            sandbox.clone(),
+            env.clone(),
             config.clone(),
             Arc::new(program),
             sockets.len(),
@@ -110,7 +110,7 @@ impl Gateway {
                 Handler::Native(make(), Vec::with_capacity(MAX_DATAGRAM))
             } else {
                 Handler::Guest(Box::new(Guest::new(
-                    sandbox.clone(),
+                    env.clone(),
                     gateway.shared.program.load_full(),
                     config.isolation,
                     config.max_reply_ratio,
@@ -119,8 +119,8 @@ impl Gateway {
             let counters = gateway.shared.stats.worker(i);
             let poll = mio::Poll::new().context("cannot create a poller")?;
             let registry = poll.registry().try_clone().context("cannot create a poller")?;
-            let net = gateway.shared.pools.as_ref().map(|pools| {
-                Box::new(Upstreams::new(
+            let sessions = gateway.shared.pools.as_ref().map(|pools| {
+                Box::new(Sessions::new(
                     pools.load_full(),
                     i,
                     Arc::clone(&counters),
@@ -138,7 +138,7 @@ impl Gateway {
                     Arc::clone(&gateway.shared),
                     counters,
                     SourceFilter::new(config.deny_source_ports.clone(), local_addr).watching(HostPorts::watched()),
-                    net,
+                    sessions,
                     i,
                     shadow.as_ref().map(|(tx, _)| tx.clone()),
                 ),
@@ -151,7 +151,7 @@ impl Gateway {
             gateway.workers.push(thread);
         }
         if let Some(c) = &config.candidate {
-            let program = sandbox.load_file(Some(&c.path)).context("--candidate")?;
+            let program = env.load_file(Some(&c.path)).context("--candidate")?;
             gateway.publisher().publish_candidate(program)?;
         }
         if let Some((_, rx)) = shadow {

@@ -18,10 +18,10 @@ use super::candidate::Candidate;
 use super::core::Core;
 use super::shared::{Handler, Shared};
 use crate::config::ListenerSpec;
+use crate::guest::{Env, Guest, Program};
 use crate::metrics::Snapshot;
 use crate::net::source_filter::SourceFilter;
-use crate::sandbox::{Guest, Program, Sandbox};
-use crate::upstream::{Applied, Command, Pools, SessionId, Upstreams};
+use crate::upstream::{Applied, Command, Pools, SessionId, Sessions};
 use crate::verdict::DropReason;
 
 /// What the gateway did with one datagram.
@@ -66,13 +66,13 @@ pub struct Offline {
 impl Offline {
     /// A core running `program` as `spec`'s listener at `local` would (its
     /// pools, isolation, reply ratio and denied ports).
-    pub fn new(sandbox: &Sandbox, program: Program, spec: &ListenerSpec, local: SocketAddr) -> anyhow::Result<Self> {
+    pub fn new(env: &Env, program: Program, spec: &ListenerSpec, local: SocketAddr) -> anyhow::Result<Self> {
         let pools = if spec.pools.is_empty() {
             None
         } else {
             Some(Arc::new(Pools::new(&spec.pools, 1)?))
         };
-        Ok(Self::with(sandbox, Arc::new(program), spec, local, pools))
+        Ok(Self::with(env, Arc::new(program), spec, local, pools))
     }
 
     /// A core running `candidate` beside the listener `shared` serves, with
@@ -81,7 +81,7 @@ impl Offline {
         // Its own state: a shadowed module must not spend the listener's
         // limits or fill its cache.
         Ok(Self::with(
-            &shared.sandbox.with_own_state(),
+            &shared.env.with_own_state(),
             Arc::clone(&candidate.program),
             &shared.spec,
             shared.local,
@@ -94,7 +94,7 @@ impl Offline {
     /// own): what the active would have done for a canaried datagram.
     pub(super) fn active_beside(shared: &Shared, candidate: &Candidate, program: Arc<Program>) -> Self {
         Self::with(
-            &shared.sandbox.with_own_state(),
+            &shared.env.with_own_state(),
             program,
             &shared.spec,
             shared.local,
@@ -103,7 +103,7 @@ impl Offline {
     }
 
     fn with(
-        sandbox: &Sandbox,
+        env: &Env,
         program: Arc<Program>,
         spec: &ListenerSpec,
         local: SocketAddr,
@@ -111,7 +111,7 @@ impl Offline {
     ) -> Self {
         let start = Instant::now();
         let shared = Arc::new(Shared::new(
-            sandbox.clone(),
+            env.clone(),
             spec.clone(),
             program,
             1,
@@ -121,13 +121,13 @@ impl Offline {
         ));
         let counters = shared.stats.worker(0);
         let guest = Guest::new(
-            sandbox.clone(),
+            env.clone(),
             shared.program.load_full(),
             spec.isolation,
             spec.max_reply_ratio,
         );
-        let net = shared.pools.as_ref().map(|p| {
-            Box::new(Upstreams::new(
+        let sessions = shared.pools.as_ref().map(|p| {
+            Box::new(Sessions::new(
                 p.load_full(),
                 0,
                 Arc::clone(&counters),
@@ -136,7 +136,15 @@ impl Offline {
             ))
         });
         let filter = SourceFilter::new(spec.deny_source_ports.clone(), local);
-        let core = Core::new(Handler::Guest(Box::new(guest)), shared, counters, filter, net, 0, None);
+        let core = Core::new(
+            Handler::Guest(Box::new(guest)),
+            shared,
+            counters,
+            filter,
+            sessions,
+            0,
+            None,
+        );
         Self {
             core,
             start,
@@ -155,10 +163,10 @@ impl Offline {
         let since = at.saturating_sub(first).min(FAR_FUTURE);
         let now = self.start.checked_add(since).unwrap_or(self.start + FAR_FUTURE);
         // The handlers' state runs on the capture's clock too.
-        self.core.shared.sandbox.state().set_clock(since);
+        self.core.shared.env.state().set_clock(since);
         if now >= self.core.poll_timeout() {
             self.core.on_timeout(now);
-            let open = |id: &SessionId| self.core.net.as_ref().is_some_and(|n| n.session(*id).is_some());
+            let open = |id: &SessionId| self.core.sessions.as_ref().is_some_and(|n| n.session(*id).is_some());
             self.sessions.retain(|_, id| open(id));
             self.by_client.retain(|_, id| open(id));
         }
@@ -224,16 +232,18 @@ impl Offline {
             }
             Applied::Done
         });
-        let Some(net) = self.core.net.as_ref() else { return };
+        let Some(sessions) = self.core.sessions.as_ref() else {
+            return;
+        };
         for (id, to) in opened {
-            if let Some((client, _)) = net.session(id) {
+            if let Some((client, _)) = sessions.session(id) {
                 let client = super::core::unmapped(client);
                 self.sessions.insert((client, to), id);
                 self.by_client.insert(client, id);
             }
         }
         for (id, datagram) in sent {
-            if let Some((_, endpoint)) = net.session(id) {
+            if let Some((_, endpoint)) = sessions.session(id) {
                 outcome.forwards.push((endpoint, datagram));
             }
         }

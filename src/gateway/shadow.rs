@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::candidate::{Candidate, Job, Rules, ShadowResult};
 use super::offline::{Offline, Outcome};
 use super::shared::{POLL_INTERVAL, Shared};
-use crate::sandbox::Program;
+use crate::guest::Program;
 use crate::verdict::DropReason;
 
 /// How far below the workers the shadow thread runs: the candidate's work is

@@ -10,11 +10,11 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 use super::candidate::{Action, Candidate, ShadowCounters};
 use crate::config::ListenerSpec;
+use crate::guest::{Env, Guest, Program};
 use crate::metrics::{RateLimit, Snapshot, Stats};
 use crate::net::source_filter::PortCounts;
 use crate::prove::capture::{MismatchLog, Recorder};
-use crate::sandbox::{Guest, Program, Sandbox};
-use crate::upstream::{Pools, Upstreams};
+use crate::upstream::{Pools, Sessions};
 use crate::verdict::{CallError, DropReason};
 
 /// How long a worker waits for a datagram before it looks for shutdown or a new program.
@@ -43,7 +43,7 @@ pub(super) struct Shared {
     /// The listener's address, as recordings show it.
     pub(super) local: SocketAddr,
     /// What the listener was started with, for the candidate's instances.
-    pub(super) sandbox: Sandbox,
+    pub(super) env: Env,
     pub(super) spec: ListenerSpec,
     /// `--candidate`, while one is loaded.
     pub(super) candidate: ArcSwapOption<Candidate>,
@@ -54,7 +54,7 @@ pub(super) struct Shared {
 
 impl Shared {
     pub(super) fn new(
-        sandbox: Sandbox,
+        env: Env,
         spec: ListenerSpec,
         program: Arc<Program>,
         workers: usize,
@@ -71,7 +71,7 @@ impl Shared {
             session_ports: Arc::new(PortCounts::default()),
             recorder,
             local,
-            sandbox,
+            env,
             spec,
             candidate: ArcSwapOption::empty(),
             shadow: ShadowCounters::default(),
@@ -84,8 +84,8 @@ impl Shared {
         let mut s = self.stats.snapshot();
         s.record_dropped = self.recorder.as_ref().map_or(0, Recorder::dropped);
         (s.shadow, s.shadow_skipped) = self.shadow.read();
-        s.state = self.sandbox.state().stats();
-        s.cluster = self.sandbox.state().cluster_stats();
+        s.state = self.env.state().stats();
+        s.cluster = self.env.state().cluster_stats();
         s
     }
 
@@ -146,7 +146,7 @@ pub trait Native: Send {
     /// Handles one datagram: writes a reply into `reply` (which starts empty),
     /// or forwards through `net` (present when the listener has pools; the
     /// current client is already set).
-    fn handle(&mut self, datagram: &[u8], net: Option<&mut Upstreams>, reply: &mut Vec<u8>) -> NativeAnswer;
+    fn handle(&mut self, datagram: &[u8], sessions: Option<&mut Sessions>, reply: &mut Vec<u8>) -> NativeAnswer;
 }
 /// What a [`Native`] handler did with a datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! A worker's session sockets: one connected UDP socket per session, registered
 //! with the worker's poller under a token derived from the session id. It does
-//! what the session table ([`crate::upstream::Upstreams`]) asks and says how it
+//! what the session table ([`crate::upstream::Sessions`]) asks and says how it
 //! went; it decides nothing.
 
 use std::collections::HashMap;

@@ -15,8 +15,8 @@ use serde::Serialize;
 use crate::config::Limits;
 use crate::config::ListenerSpec;
 use crate::gateway::{Offline, Outcome};
+use crate::guest::Env;
 use crate::prove::capture::{self, Hop};
-use crate::sandbox::Sandbox;
 use crate::verdict::DropReason;
 
 /// How many differences are shown in full.
@@ -284,14 +284,14 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
         |&(_, _, dst)| dst,
     );
-    let sandbox = Sandbox::new(options.limits)?;
+    let env = Env::new(options.limits)?;
     // Each module gets a fresh state of its own: with one between them, the
     // second to run a datagram saw the first's writes (every `--against`
     // count differed by one).
     let load = |path: &PathBuf| -> anyhow::Result<Offline> {
-        let sandbox = sandbox.with_own_state();
-        let program = sandbox.load_file(Some(path))?;
-        Offline::new(&sandbox, program, &options.listener, local)
+        let env = env.with_own_state();
+        let program = env.load_file(Some(path))?;
+        Offline::new(&env, program, &options.listener, local)
     };
     let mut new = load(&options.module)?;
     let mut old = options.against.as_ref().map(load).transpose()?;

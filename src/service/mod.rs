@@ -20,8 +20,8 @@ use crate::config::Isolation;
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::engine::child::Compiler;
 use crate::gateway::{Gateway, Publisher};
-use crate::sandbox::abi::GuestKind;
-use crate::sandbox::{Runtime, Sandbox};
+use crate::guest::abi::GuestKind;
+use crate::guest::{Env, Runtime};
 use crate::service::reload::{Reloader, Role};
 
 /// File descriptors kept for everything but sessions: listener sockets, module
@@ -118,7 +118,7 @@ pub fn run_until<S: Future<Output = ()>>(
         for pool in &spec.pools {
             pool.resolve().with_context(|| format!("listener `{}`", spec.name))?;
         }
-        let sandbox = Sandbox::on(Arc::clone(&runtime), spec.limits).with_compiler(compiler.clone());
+        let env = Env::on(Arc::clone(&runtime), spec.limits).with_compiler(compiler.clone());
         if let Some(cluster) = &spec.cluster {
             if cluster.namespace.is_none() && spec.name == crate::config::DEFAULT_LISTENER_NAME {
                 tracing::warn!(
@@ -129,15 +129,14 @@ pub fn run_until<S: Future<Output = ()>>(
                     spec.name
                 );
             }
-            sandbox
-                .state()
+            env.state()
                 .join_cluster(&spec.name, cluster)
                 .with_context(|| format!("listener `{}`", spec.name))?;
         }
-        let program = sandbox
+        let program = env
             .load_file(spec.module.as_deref())
             .with_context(|| format!("listener `{}`", spec.name))?;
-        loaded.push((spec, sandbox, program));
+        loaded.push((spec, env, program));
     }
 
     let mut fd_budget = None;
@@ -164,15 +163,15 @@ pub fn run_until<S: Future<Output = ()>>(
     }
 
     let mut running = Vec::new();
-    for (spec, sandbox, program) in loaded {
-        let gateway = Gateway::start(&sandbox, program, &spec).with_context(|| format!("listener `{}`", spec.name))?;
+    for (spec, env, program) in loaded {
+        let gateway = Gateway::start(&env, program, &spec).with_context(|| format!("listener `{}`", spec.name))?;
         // Watch before saying "serving": a change made after that line must be seen.
         let candidate = match &spec.candidate {
             Some(c) => {
                 let publisher = gateway.publisher();
                 Some(Reloader::start_as(
                     Role::Candidate,
-                    sandbox.clone(),
+                    env.clone(),
                     c.path.clone(),
                     publisher,
                     spec.watch,
@@ -181,7 +180,7 @@ pub fn run_until<S: Future<Output = ()>>(
             None => None,
         };
         let reloader = match &spec.module {
-            Some(path) => Some(Reloader::start(sandbox, path.clone(), gateway.publisher(), spec.watch)?),
+            Some(path) => Some(Reloader::start(env, path.clone(), gateway.publisher(), spec.watch)?),
             None => None,
         };
         running.push(Running {
@@ -584,15 +583,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wasmgate.toml");
         config_with_endpoint(&path, "127.0.0.1:1001");
-        let sandbox = Sandbox::new(crate::config::Limits::default()).unwrap();
-        let program = sandbox.load("<embedded>", crate::DEFAULT_GUEST_WASM).unwrap();
+        let env = Env::new(crate::config::Limits::default()).unwrap();
+        let program = env.load("<embedded>", crate::DEFAULT_GUEST_WASM).unwrap();
         let config = ListenerSpec {
             listen: "127.0.0.1:0".parse().unwrap(),
             workers: 1,
             pools: vec![PoolSpec::new("backend", vec!["127.0.0.1:1001".into()])],
             ..ListenerSpec::default()
         };
-        let gateway = Gateway::start(&sandbox, program, &config).unwrap();
+        let gateway = Gateway::start(&env, program, &config).unwrap();
         let publisher = gateway.publisher();
         let endpoints = || {
             let pools = publisher.pools().unwrap();

@@ -28,8 +28,8 @@ use sha2::{Digest, Sha256};
 
 use crate::engine::read_module;
 use crate::gateway::Publisher;
-use crate::sandbox::abi::GuestKind;
-use crate::sandbox::{Sandbox, short_hex};
+use crate::guest::abi::GuestKind;
+use crate::guest::{Env, short_hex};
 
 /// How long the file must be left alone before it is read: long enough for a
 /// `cp` to finish, short enough that a new module serves well within 250 ms.
@@ -59,18 +59,12 @@ pub struct Reloader {
 impl Reloader {
     /// Starts reloading `path` into `publisher`: on every change of the file if
     /// `watch`, and on [`Reloader::force`] either way.
-    pub fn start(sandbox: Sandbox, path: PathBuf, publisher: Publisher, watch: bool) -> anyhow::Result<Self> {
-        Self::start_as(Role::Active, sandbox, path, publisher, watch)
+    pub fn start(env: Env, path: PathBuf, publisher: Publisher, watch: bool) -> anyhow::Result<Self> {
+        Self::start_as(Role::Active, env, path, publisher, watch)
     }
 
     /// Like [`Reloader::start`], for the module of `role`.
-    pub fn start_as(
-        role: Role,
-        sandbox: Sandbox,
-        path: PathBuf,
-        publisher: Publisher,
-        watch: bool,
-    ) -> anyhow::Result<Self> {
+    pub fn start_as(role: Role, env: Env, path: PathBuf, publisher: Publisher, watch: bool) -> anyhow::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let watcher = if watch {
             let events = tx.clone();
@@ -88,7 +82,7 @@ impl Reloader {
         };
         let stopped = Arc::new(AtomicBool::new(false));
         let mut state = State {
-            sandbox,
+            env,
             path,
             publisher,
             role,
@@ -147,7 +141,7 @@ fn is_change(kind: &EventKind) -> bool {
 }
 
 struct State {
-    sandbox: Sandbox,
+    env: Env,
     path: PathBuf,
     publisher: Publisher,
     role: Role,
@@ -318,7 +312,7 @@ impl State {
             self.last_problem = None;
             return;
         }
-        match self.sandbox.load(name.clone(), &bytes) {
+        match self.env.load(name.clone(), &bytes) {
             Ok(program) if self.stopped.load(Ordering::Relaxed) => {
                 tracing::debug!(module = %name, sha256 = program.short_sha256(), "loaded after shutdown began; not published");
             }
@@ -327,7 +321,7 @@ impl State {
                 let replaced = Some(program.sha256()) != current;
                 let compile_ms = program.compile_time().as_secs_f64() * 1e3;
                 let abi = program.kind().name();
-                let unpooled_wasi = program.kind() == GuestKind::WasiCommand && !self.sandbox.has_instance_pool();
+                let unpooled_wasi = program.kind() == GuestKind::WasiCommand && !self.env.has_instance_pool();
                 let previous = match self.role {
                     Role::Active => self.publisher.publish(program).short_sha256(),
                     Role::Candidate => match self.publisher.publish_candidate(program) {
@@ -394,7 +388,7 @@ impl Role {
 
 impl State {
     /// The module of this role serving now (a candidate may be unloaded).
-    fn serving(&self) -> Option<Arc<crate::sandbox::Program>> {
+    fn serving(&self) -> Option<Arc<crate::guest::Program>> {
         match self.role {
             Role::Active => Some(self.publisher.current()),
             Role::Candidate => self.publisher.candidate(),

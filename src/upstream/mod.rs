@@ -1,5 +1,5 @@
 //! Forwarding: a listener's pools, resolved, with what every worker shares
-//! (endpoint health, per-worker counters), and ([`Upstreams`]) one worker's
+//! (endpoint health, per-worker counters), and ([`Sessions`]) one worker's
 //! session table: a session per client, pool and endpoint, its idle expiry, and
 //! passive health (an endpoint whose session reports ICMP port unreachable is
 //! ejected for a while, in every worker). Nothing here touches a socket: the
@@ -18,7 +18,7 @@ mod sessions;
 
 pub use ledger::VALIDATED_AFTER;
 pub use pools::{EndpointCounters, EndpointView, Pools};
-pub use sessions::{Applied, Command, SessionId, Upstreams};
+pub use sessions::{Applied, Command, Lent, SessionId, Sessions};
 
 /// Raises the soft limit on open files to the hard limit, for sessions' sockets,
 /// and returns it.

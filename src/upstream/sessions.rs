@@ -147,8 +147,12 @@ fn share(total: usize, workers: usize, w: usize) -> usize {
     total / workers + usize::from(w < total % workers)
 }
 
+/// A worker's sessions as the worker holds them: `None` without pools, and
+/// taken out while a guest call borrows them (see `guest::host`).
+pub type Lent = Option<Box<Sessions>>;
+
 /// A worker's forwarding state.
-pub struct Upstreams {
+pub struct Sessions {
     shared: Arc<Pools>,
     worker: usize,
     pools: Vec<WorkerPool>,
@@ -164,7 +168,7 @@ pub struct Upstreams {
     /// never reach a newer one.
     next_id: u64,
     /// Opens, sends and closes for the worker to apply, in order
-    /// ([`Upstreams::poll_commands`]); datagram and key bytes in `arena`.
+    /// ([`Sessions::poll_commands`]); datagram and key bytes in `arena`.
     queue: Vec<Queued>,
     arena: Vec<u8>,
     /// (pool, client network) → sessions open.
@@ -184,7 +188,7 @@ pub struct Upstreams {
     max_ratio: f64,
 }
 
-impl Upstreams {
+impl Sessions {
     /// Worker `worker`'s share of `shared`, as of `now`.
     pub fn new(shared: Arc<Pools>, worker: usize, counters: Arc<Counters>, max_ratio: f64, now: Instant) -> Self {
         let mut this = Self {
@@ -633,12 +637,12 @@ impl Upstreams {
         }
     }
 
-    /// How many commands are queued: a mark for [`Upstreams::sends_since`].
+    /// How many commands are queued: a mark for [`Sessions::sends_since`].
     pub fn queued(&self) -> usize {
         self.queue.len()
     }
 
-    /// The datagrams of the sends queued after `mark` (from [`Upstreams::queued`]
+    /// The datagrams of the sends queued after `mark` (from [`Sessions::queued`]
     /// before the guest ran), in order: what one client datagram forwarded.
     pub fn sends_since(&self, mark: usize) -> impl Iterator<Item = &[u8]> {
         self.queue
@@ -728,7 +732,7 @@ impl Upstreams {
         }
     }
 
-    /// How often [`Upstreams::expire`] should run: a quarter of the shortest idle
+    /// How often [`Sessions::expire`] should run: a quarter of the shortest idle
     /// timeout, between 10 ms and 1 s.
     pub fn sweep_every(&self) -> Duration {
         self.pools
@@ -783,7 +787,7 @@ mod tests {
     }
 
     struct Harness {
-        table: Upstreams,
+        table: Sessions,
         pools: Arc<Pools>,
         stats: Stats,
         t0: Instant,
@@ -798,7 +802,7 @@ mod tests {
         let pools = Arc::new(Pools::new(&[spec], workers).unwrap());
         let stats = Stats::with_workers(1);
         let t0 = Instant::now();
-        let table = Upstreams::new(Arc::clone(&pools), worker, stats.worker(0), 3.0, t0);
+        let table = Sessions::new(Arc::clone(&pools), worker, stats.worker(0), 3.0, t0);
         Harness {
             table,
             pools,

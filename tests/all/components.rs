@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{REPLY_TIMEOUT, Served, Upstream, ask, assert_silent, client, run_to_end, sample, scrape, wasmgate};
 use wasmgate::config::{Isolation, Limits};
-use wasmgate::sandbox::{Guest, Sandbox};
+use wasmgate::guest::{Env, Guest};
 
 fn repo(path: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string()
@@ -281,10 +281,10 @@ fn rust_probe() -> Guest {
         timeout: Duration::from_millis(1000),
         ..Limits::default()
     };
-    let sandbox = Sandbox::new(limits).unwrap();
+    let env = Env::new(limits).unwrap();
     let bytes = std::fs::read(repo("tests/guests/rust-probe/probe.wasm")).unwrap();
-    let program = Arc::new(sandbox.load("rust-probe", &bytes).unwrap());
-    Guest::new(sandbox, program, Isolation::Reuse, 0.0)
+    let program = Arc::new(env.load("rust-probe", &bytes).unwrap());
+    Guest::new(env, program, Isolation::Reuse, 0.0)
 }
 
 #[test]
@@ -353,16 +353,16 @@ const ECHO_COMPONENT: &str = r#"(component
 fn a_wat_component_is_served_reused_or_fresh_and_a_trap_or_timeout_costs_one_datagram() {
     for isolation in [Isolation::Reuse, Isolation::Fresh] {
         let limits = Limits::default();
-        let sandbox = match isolation {
-            Isolation::Reuse => Sandbox::new(limits).unwrap(),
-            Isolation::Fresh => Sandbox::with_instance_pool(limits, 3).unwrap(),
+        let env = match isolation {
+            Isolation::Reuse => Env::new(limits).unwrap(),
+            Isolation::Fresh => Env::with_instance_pool(limits, 3).unwrap(),
         };
-        let program = sandbox.load("echo component", ECHO_COMPONENT.as_bytes()).unwrap();
+        let program = env.load("echo component", ECHO_COMPONENT.as_bytes()).unwrap();
         let config = wasmgate::config::ListenerSpec {
             isolation,
             ..common::config()
         };
-        let gw = wasmgate::gateway::Gateway::start(&sandbox, program, &config).unwrap();
+        let gw = wasmgate::gateway::Gateway::start(&env, program, &config).unwrap();
         let addr = gw.local_addr();
         let c = client();
         assert_eq!(ask(&c, addr, b"hello"), b"hello");
@@ -588,15 +588,12 @@ fn a_components_memories_count_together_against_max_memory() {
         ..Limits::default()
     };
     // 5 MiB in all does not fit 4 MiB, though each memory alone would.
-    let err = Sandbox::new(limits(4))
-        .unwrap()
-        .load("hog", hog.as_bytes())
-        .unwrap_err();
+    let err = Env::new(limits(4)).unwrap().load("hog", hog.as_bytes()).unwrap_err();
     assert!(format!("{err:#}").contains("memory cap"), "{err:#}");
     // At 8 MiB it loads, and grows three times (to 8 MiB in all), not five.
-    let sandbox = Sandbox::new(limits(8)).unwrap();
-    let program = Arc::new(sandbox.load("hog", hog.as_bytes()).unwrap());
-    let mut guest = Guest::new(sandbox, program, Isolation::Reuse, 0.0);
+    let env = Env::new(limits(8)).unwrap();
+    let program = Arc::new(env.load("hog", hog.as_bytes()).unwrap());
+    let mut guest = Guest::new(env, program, Isolation::Reuse, 0.0);
     let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
     for _ in 0..3 {
         assert_eq!(guest.handle(b"g", peer).unwrap(), b"g");
@@ -624,14 +621,14 @@ fn a_component_shares_the_listeners_state_with_the_module_it_replaced() {
         timeout: Duration::from_millis(1000),
         ..Limits::default()
     };
-    let sandbox = Sandbox::new(limits).unwrap();
-    let program = sandbox.load("abi v1", SETS_A_VALUE.as_bytes()).unwrap();
-    let gateway = wasmgate::gateway::Gateway::start(&sandbox, program, &common::config()).unwrap();
+    let env = Env::new(limits).unwrap();
+    let program = env.load("abi v1", SETS_A_VALUE.as_bytes()).unwrap();
+    let gateway = wasmgate::gateway::Gateway::start(&env, program, &common::config()).unwrap();
     let to = gateway.local_addr();
     let c = client();
     assert_eq!(text(&ask(&c, to, b"set it")), "set");
     let component = std::fs::read(repo("tests/guests/rust-state/state.wasm")).unwrap();
-    let program = sandbox.load("tests/guests/rust-state/state.wasm", &component).unwrap();
+    let program = env.load("tests/guests/rust-state/state.wasm", &component).unwrap();
     assert!(
         program
             .imports()

@@ -342,15 +342,15 @@ fn every_drop_reason_moves_its_own_counter() {
 fn fresh_instances_from_the_pool_survive_traps_and_slots_are_reused() {
     use wasmgate::config::Isolation;
     use wasmgate::gateway::Gateway;
-    use wasmgate::sandbox::Sandbox;
+    use wasmgate::guest::Env;
     // Two workers and three slots, as `--isolation fresh --workers 2` sets it up:
     // hundreds of datagrams, a third of them trapping, must never run out of slots.
-    let sandbox = Sandbox::with_instance_pool(Limits::default(), 3).unwrap();
+    let env = Env::with_instance_pool(Limits::default(), 3).unwrap();
     let module = guest("unreachable", "");
-    let program = sandbox.load("pooled", &module).unwrap();
+    let program = env.load("pooled", &module).unwrap();
     let mut config = common::config();
     config.isolation = Isolation::Fresh;
-    let gateway = Gateway::start(&sandbox, program, &config).unwrap();
+    let gateway = Gateway::start(&env, program, &config).unwrap();
     let addr = gateway.local_addr();
     let c = client();
     for i in 0..300 {
@@ -362,9 +362,7 @@ fn fresh_instances_from_the_pool_survive_traps_and_slots_are_reused() {
         }
     }
     // A reload's trial instance needs a slot too, while the workers hold theirs.
-    let reloaded = sandbox
-        .load("pooled again", &guest("(return (i64.const -1))", ""))
-        .unwrap();
+    let reloaded = env.load("pooled again", &guest("(return (i64.const -1))", "")).unwrap();
     gateway.publisher().publish(reloaded);
     c.send_to(b"!quiet", addr).unwrap();
     assert_eq!(ask(&c, addr, b"after reload"), b"after reload");

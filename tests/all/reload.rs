@@ -17,7 +17,7 @@ use common::{Served, ask, client, write_file};
 use sha2::Digest as _;
 use wasmgate::config::Limits;
 use wasmgate::gateway::Gateway;
-use wasmgate::sandbox::Sandbox;
+use wasmgate::guest::Env;
 use wasmgate::service::reload::Reloader;
 
 /// A module that replies with `tag` followed by the datagram.
@@ -43,11 +43,11 @@ struct Live {
 }
 
 fn serve(path: &Path) -> Live {
-    let sandbox = Sandbox::new(Limits::default()).unwrap();
+    let env = Env::new(Limits::default()).unwrap();
     let bytes = std::fs::read(path).unwrap();
-    let program = sandbox.load(path.display().to_string(), &bytes).unwrap();
-    let gateway = Gateway::start(&sandbox, program, &common::config()).unwrap();
-    let reloader = Reloader::start(sandbox, path.to_path_buf(), gateway.publisher(), true).unwrap();
+    let program = env.load(path.display().to_string(), &bytes).unwrap();
+    let gateway = Gateway::start(&env, program, &common::config()).unwrap();
+    let reloader = Reloader::start(env, path.to_path_buf(), gateway.publisher(), true).unwrap();
     Live {
         gateway,
         _reloader: reloader,

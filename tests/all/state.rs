@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{Served, ask, assert_silent, client, config, sample, scrape, start_with, write_file};
 use wasmgate::config::Limits;
 use wasmgate::gateway::Gateway;
-use wasmgate::sandbox::Sandbox;
+use wasmgate::guest::Env;
 use wasmgate::state::StateLimits;
 
 /// Replies with two bytes: the instance's number (from a shared counter, taken
@@ -121,17 +121,17 @@ fn command(op: u8, arg: i32, key: &[u8], value: &[u8]) -> Vec<u8> {
 }
 
 /// A gateway serving [`commands`], with no reply-size ratio (replies carry values).
-fn serve(state: StateLimits) -> (Gateway, Sandbox) {
+fn serve(state: StateLimits) -> (Gateway, Env) {
     let limits = Limits {
         state,
         ..Limits::default()
     };
-    let sandbox = Sandbox::new(limits).unwrap();
-    let program = sandbox.load("commands", commands("v1").as_bytes()).unwrap();
+    let env = Env::new(limits).unwrap();
+    let program = env.load("commands", commands("v1").as_bytes()).unwrap();
     let mut spec = config();
     spec.max_reply_ratio = 0.0;
-    let gateway = Gateway::start(&sandbox, program, &spec).unwrap();
-    (gateway, sandbox)
+    let gateway = Gateway::start(&env, program, &spec).unwrap();
+    (gateway, env)
 }
 
 struct Talk {
@@ -225,7 +225,7 @@ fn values_counters_and_cas_over_udp() {
 
 #[test]
 fn state_survives_a_module_reload_and_a_trap() {
-    let (gateway, sandbox) = serve(StateLimits::default());
+    let (gateway, env) = serve(StateLimits::default());
     let talk = Talk::new(&gateway);
     assert_eq!(talk.code(b's', 0, b"before", b"reload"), 0);
     assert_eq!(talk.incr(b"count", 0), 1);
@@ -236,7 +236,7 @@ fn state_survives_a_module_reload_and_a_trap() {
     assert_silent(&talk.socket, Duration::from_millis(300));
     assert_eq!(gateway.stats().dropped(wasmgate::verdict::DropReason::Trap), 1);
     assert_eq!(talk.get(b"trapped").as_deref(), Ok(&b"yes"[..]));
-    let new = sandbox.load("commands v2", commands("v2").as_bytes()).unwrap();
+    let new = env.load("commands v2", commands("v2").as_bytes()).unwrap();
     let sha = new.sha256_hex();
     gateway.publisher().publish(new);
     assert_eq!(gateway.program().sha256_hex(), sha);

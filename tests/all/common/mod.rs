@@ -14,7 +14,7 @@ pub mod dns;
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::{Isolation, Limits};
 use wasmgate::gateway::Gateway;
-use wasmgate::sandbox::Sandbox;
+use wasmgate::guest::Env;
 
 /// Resident memory of process `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
@@ -54,9 +54,9 @@ pub fn start(module: &[u8]) -> Gateway {
 }
 
 pub fn start_with(module: &[u8], limits: Limits, config: ListenerSpec) -> Gateway {
-    let sandbox = Sandbox::new(limits).unwrap();
-    let program = sandbox.load("test module", module).unwrap();
-    Gateway::start(&sandbox, program, &config).unwrap()
+    let env = Env::new(limits).unwrap();
+    let program = env.load("test module", module).unwrap();
+    Gateway::start(&env, program, &config).unwrap()
 }
 
 /// A client socket on loopback that gives up waiting after [`REPLY_TIMEOUT`].

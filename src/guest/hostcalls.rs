@@ -12,12 +12,12 @@ use std::sync::Arc;
 
 use wasmtime::{Caller, Engine, Extern, Linker, Memory};
 
-use crate::sandbox::instance_limits::InstanceLimits;
+use crate::guest::instance_limits::InstanceLimits;
 
+use crate::guest::abi::HOST_MODULE;
 use crate::metrics::RateLimit;
-use crate::sandbox::abi::HOST_MODULE;
 use crate::state::State;
-use crate::upstream::Upstreams;
+use crate::upstream::Lent;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM, OUTPUT_CAP};
 
 /// Per-store host state: what the host functions need to answer a guest.
@@ -28,7 +28,7 @@ pub(crate) struct HostState {
     /// Shared by every instance, so a chatty guest cannot flood the log.
     pub(crate) log_limit: Arc<RateLimit>,
     /// The worker's sessions, lent to the store for the length of one call.
-    pub(crate) net: Option<Box<Upstreams>>,
+    pub(crate) sessions: Lent,
     /// What the guest asked for during the call in progress.
     pub(crate) out: Outbox,
     /// Inside `on_reply`: the endpoint that sent the datagram, as `POOL/ip:port`.
@@ -48,23 +48,17 @@ impl HostState {
     /// Readies the state for one call about `peer`'s datagram: lends it the
     /// worker's sessions, empties the outbox with `budget` bytes for the client,
     /// and (inside `on_reply`) names the endpoint. [`HostState::take_back`] ends it.
-    pub(crate) fn lend(
-        &mut self,
-        peer: SocketAddr,
-        net: &mut Option<Box<Upstreams>>,
-        allowance: Allowance,
-        upstream: &str,
-    ) {
+    pub(crate) fn lend(&mut self, peer: SocketAddr, sessions: &mut Lent, allowance: Allowance, upstream: &str) {
         self.peer = Some(peer);
-        self.net = net.take();
+        self.sessions = sessions.take();
         self.out.reset(allowance);
         self.now = None;
         self.upstream.push_str(upstream);
     }
 
     /// Gives the sessions back after a call, whatever its outcome.
-    pub(crate) fn take_back(&mut self, net: &mut Option<Box<Upstreams>>) {
-        *net = self.net.take();
+    pub(crate) fn take_back(&mut self, sessions: &mut Lent) {
+        *sessions = self.sessions.take();
         self.upstream.clear();
     }
 
@@ -79,8 +73,8 @@ impl HostState {
             if data.len() > MAX_DATAGRAM {
                 return Err(CallError::Oversize);
             }
-            match self.net.as_mut() {
-                Some(net) => net.forward(pool, key, data),
+            match self.sessions.as_mut() {
+                Some(sessions) => sessions.forward(pool, key, data),
                 None => Err(CallError::UnknownPool),
             }
         });

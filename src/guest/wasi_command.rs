@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use wasmtime::{InstancePre, Store, TypedFunc};
 
-use super::env::Sandbox;
+use super::env::Env;
 use super::kind::{Call, Instance, Kind};
 use super::outcome::Rejection;
-use crate::sandbox::abi::{self, GuestKind};
-use crate::sandbox::hostcalls::Outbox;
-use crate::sandbox::wasi::{self, WasiHost};
-use crate::upstream::Upstreams;
+use crate::guest::abi::{self, GuestKind};
+use crate::guest::hostcalls::Outbox;
+use crate::guest::wasi::{self, WasiHost};
+use crate::upstream::Lent;
 use crate::verdict::{DropReason, MAX_DATAGRAM};
 
 /// A WASI command linked with wasmtime-wasi's preview 1.
@@ -25,7 +25,7 @@ impl Kind for WasiCommand {
     }
 
     /// Not an instance yet: each call makes its own.
-    fn instantiate(&self, _: &Sandbox) -> wasmtime::Result<Box<dyn Instance>> {
+    fn instantiate(&self, _: &Env) -> wasmtime::Result<Box<dyn Instance>> {
         Ok(Box::new(Runs {
             pre: self.0.clone(),
             reply: Bytes::new(),
@@ -33,9 +33,9 @@ impl Kind for WasiCommand {
         }))
     }
 
-    fn try_out(&self, sandbox: &Sandbox) -> wasmtime::Result<()> {
+    fn try_out(&self, env: &Env) -> wasmtime::Result<()> {
         wasi::warm_up();
-        instantiate(&self.0, sandbox, &[], None).map(drop)
+        instantiate(&self.0, env, &[], None).map(drop)
     }
 }
 
@@ -51,19 +51,13 @@ struct Runs {
 impl Instance for Runs {
     /// Exit status 0 sends what the program wrote to stdout, any other status
     /// sends nothing.
-    fn call(
-        &mut self,
-        call: &Call<'_>,
-        _: &mut Option<Box<Upstreams>>,
-        sandbox: &Sandbox,
-        max_ratio: f64,
-    ) -> Result<bool, Rejection> {
+    fn call(&mut self, call: &Call<'_>, _: &mut Lent, env: &Env, max_ratio: f64) -> Result<bool, Rejection> {
         self.reply = Bytes::new();
-        let (mut store, start) = instantiate(&self.pre, sandbox, call.datagram, Some(call.peer))?;
+        let (mut store, start) = instantiate(&self.pre, env, call.datagram, Some(call.peer))?;
         let status = wasi::exit_status(start.call(&mut store, ()));
         let (stdout, stderr) = (store.data().stdout(), store.data().stderr());
         if !stderr.is_empty() {
-            log_stderr(sandbox, &stderr, call.peer, status.as_ref().ok().copied());
+            log_stderr(env, &stderr, call.peer, status.as_ref().ok().copied());
         }
         match status {
             Ok(0) => {
@@ -94,26 +88,26 @@ impl Instance for Runs {
 
 fn instantiate(
     pre: &InstancePre<WasiHost>,
-    sandbox: &Sandbox,
+    env: &Env,
     datagram: &[u8],
     peer: Option<SocketAddr>,
 ) -> wasmtime::Result<(Store<WasiHost>, TypedFunc<(), ()>)> {
     let mut store = Store::new(
-        &sandbox.runtime.engine,
-        WasiHost::new(sandbox.instance_limits(), datagram, peer),
+        &env.runtime.engine,
+        WasiHost::new(env.instance_limits(), datagram, peer),
     );
     store.limiter(|h| &mut h.limits);
-    sandbox.arm(&mut store);
+    env.arm(&mut store);
     let instance = pre.instantiate(&mut store)?;
     let start = instance.get_typed_func(&mut store, "_start")?;
     Ok((store, start))
 }
 
-fn log_stderr(sandbox: &Sandbox, stderr: &[u8], peer: SocketAddr, status: Option<i32>) {
+fn log_stderr(env: &Env, stderr: &[u8], peer: SocketAddr, status: Option<i32>) {
     if !tracing::enabled!(target: "wasmgate::guest", tracing::Level::INFO) {
         return;
     }
-    let Some(suppressed) = sandbox.runtime.log_limit.allow() else {
+    let Some(suppressed) = env.runtime.log_limit.allow() else {
         return;
     };
     let text = String::from_utf8_lossy(stderr);

@@ -1,6 +1,6 @@
 //! The process's one wasmtime engine: its instance allocator, the linkers of
 //! every guest kind, and the epoch ticker that interrupts guests. Every
-//! listener's [`super::Sandbox`] runs on it with its own limits.
+//! listener's [`super::Env`] runs on it with its own limits.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,11 +9,11 @@ use wasmtime::{Engine, Linker};
 
 use crate::engine::engine_config;
 use crate::engine::ticker::EpochTicker;
+use crate::guest::component::{self as wit, ComponentHost};
+use crate::guest::hostcalls::{self, HostState};
+use crate::guest::state_calls;
+use crate::guest::wasi::{self, WasiHost};
 use crate::metrics::RateLimit;
-use crate::sandbox::component::{self as wit, ComponentHost};
-use crate::sandbox::hostcalls::{self, HostState};
-use crate::sandbox::state_calls;
-use crate::sandbox::wasi::{self, WasiHost};
 
 /// Guest log lines let through per second, across all instances.
 const GUEST_LOG_LINES_PER_SECOND: u64 = 20;

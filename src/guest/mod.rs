@@ -7,7 +7,7 @@
 //! what to send back, so it is tested without a network.
 //!
 //! This file is the loader, the one place that tells a module's kind; what
-//! every store needs, whatever its kind, is [`Sandbox`] (`env.rs`), which the
+//! every store needs, whatever its kind, is [`Env`] (`env.rs`), which the
 //! kinds (`abi_v1.rs`, `wasi_command.rs`, `component_guest.rs`) use and never
 //! the other way round.
 
@@ -28,12 +28,12 @@ mod abi_v1;
 pub mod component;
 mod component_guest;
 mod env;
-mod guest;
 mod hostcalls;
 pub mod instance_limits;
 mod kind;
 mod outcome;
 mod program;
+mod runner;
 mod runtime;
 mod state_calls;
 pub mod wasi;
@@ -41,9 +41,9 @@ mod wasi_command;
 
 use abi_v1::AbiV1;
 use component_guest::ComponentGuest;
-pub use env::Sandbox;
-pub use guest::Guest;
+pub use env::Env;
 use kind::Kind;
+pub use runner::Guest;
 use wasi_command::WasiCommand;
 
 pub use outcome::{Answer, Rejection};
@@ -56,7 +56,7 @@ pub const WORKER_STACK_BYTES: usize = 4 << 20;
 
 /// The loader: the one place that tells a module's kind and makes it a
 /// [`Program`] of that kind.
-impl Sandbox {
+impl Env {
     /// Reads, checks and compiles the module at `path`, or the embedded default guest
     /// if `None`: the one loader that serving, `wasmgate check` and tests share.
     /// Errors name the file and the reason.
@@ -191,14 +191,14 @@ mod tests {
         "127.0.0.1:4242".parse().unwrap()
     }
 
-    fn sandbox() -> Sandbox {
-        Sandbox::new(Limits::default()).unwrap()
+    fn env() -> Env {
+        Env::new(Limits::default()).unwrap()
     }
 
     fn guest(wat: &str) -> Guest {
-        let sandbox = sandbox();
-        let program = Arc::new(sandbox.load("test.wat", wat.as_bytes()).unwrap());
-        Guest::new(sandbox, program, Isolation::Reuse, 3.0)
+        let env = env();
+        let program = Arc::new(env.load("test.wat", wat.as_bytes()).unwrap());
+        Guest::new(env, program, Isolation::Reuse, 3.0)
     }
 
     /// Echoes the datagram, with a counter in global 0 that survives between datagrams
@@ -215,9 +215,9 @@ mod tests {
 
     #[test]
     fn embedded_guest_uppercases_like_python() {
-        let sandbox = sandbox();
-        let program = Arc::new(sandbox.load("<embedded>", crate::DEFAULT_GUEST_WASM).unwrap());
-        let mut g = Guest::new(sandbox, program, Isolation::Reuse, 3.0);
+        let env = env();
+        let program = Arc::new(env.load("<embedded>", crate::DEFAULT_GUEST_WASM).unwrap());
+        let mut g = Guest::new(env, program, Isolation::Reuse, 3.0);
         assert_eq!(g.handle(b"chen", peer()).unwrap(), b"CHEN");
         assert_eq!(g.handle(b"", peer()).unwrap(), b"");
         let all: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
@@ -409,14 +409,14 @@ mod tests {
     #[test]
     fn tables_are_capped_and_growing_past_the_cap_traps() {
         // A table declared over the cap cannot be instantiated at all.
-        let sandbox = sandbox();
+        let env = env();
         let too_big = format!(
             r#"(module (memory (export "memory") 1) (table {} funcref)
             (func (export "alloc") (param i32) (result i32) i32.const 0)
             (func (export "handle") (param i32 i32) (result i64) i64.const -1))"#,
             MAX_TABLE_ELEMENTS + 1
         );
-        let e = format!("{:#}", sandbox.load("big-table.wat", too_big.as_bytes()).unwrap_err());
+        let e = format!("{:#}", env.load("big-table.wat", too_big.as_bytes()).unwrap_err());
         assert!(e.contains("table"), "{e}");
         // Growing one past the cap at run time traps, and the next datagram is served.
         let mut g = guest(

@@ -24,7 +24,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::sandbox::hostcalls::{self, HostState};
+use crate::guest::hostcalls::{self, HostState};
 use crate::verdict::{CallError, OUTPUT_CAP, StateError};
 
 /// The world files, compiled in so that `wasmgate new` can write them out.
@@ -53,7 +53,7 @@ mod handler_bindings {
     wasmtime::component::bindgen!({
         path: "wit",
         world: "handler",
-        with: { "wasmgate:handler/types": crate::sandbox::component::bindings::wasmgate::handler::types },
+        with: { "wasmgate:handler/types": crate::guest::component::bindings::wasmgate::handler::types },
     });
 }
 
@@ -76,7 +76,7 @@ impl ComponentHost {
         let wasi = WasiCtxBuilder::new()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
-            .max_random_size(crate::sandbox::wasi::MAX_RANDOM_BYTES)
+            .max_random_size(crate::guest::wasi::MAX_RANDOM_BYTES)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)

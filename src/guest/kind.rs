@@ -5,11 +5,11 @@
 
 use std::net::SocketAddr;
 
-use super::env::Sandbox;
+use super::env::Env;
 use super::outcome::Rejection;
-use crate::sandbox::abi::GuestKind;
-use crate::sandbox::hostcalls::Outbox;
-use crate::upstream::Upstreams;
+use crate::guest::abi::GuestKind;
+use crate::guest::hostcalls::Outbox;
+use crate::upstream::Lent;
 use crate::verdict::Allowance;
 
 /// A program linked for its kind, ready to make instances. Shared by every
@@ -18,12 +18,12 @@ pub(super) trait Kind: Send + Sync {
     fn kind(&self) -> GuestKind;
 
     /// A new instance with its start function run.
-    fn instantiate(&self, sandbox: &Sandbox) -> wasmtime::Result<Box<dyn Instance>>;
+    fn instantiate(&self, env: &Env) -> wasmtime::Result<Box<dyn Instance>>;
 
     /// Instantiates once at load, so that a module that cannot serve is
     /// refused then, not on the datagram path.
-    fn try_out(&self, sandbox: &Sandbox) -> wasmtime::Result<()> {
-        self.instantiate(sandbox).map(drop)
+    fn try_out(&self, env: &Env) -> wasmtime::Result<()> {
+        self.instantiate(env).map(drop)
     }
 }
 
@@ -31,13 +31,7 @@ pub(super) trait Kind: Send + Sync {
 pub(super) trait Instance: Send {
     /// Runs `call`, lending the worker's sessions `net` to the host calls for
     /// its length; whether it left a reply ([`Instance::reply`]).
-    fn call(
-        &mut self,
-        call: &Call<'_>,
-        net: &mut Option<Box<Upstreams>>,
-        sandbox: &Sandbox,
-        max_ratio: f64,
-    ) -> Result<bool, Rejection>;
+    fn call(&mut self, call: &Call<'_>, sessions: &mut Lent, env: &Env, max_ratio: f64) -> Result<bool, Rejection>;
 
     /// The last call's reply (empty when it left none).
     fn reply(&self) -> &[u8];

@@ -14,12 +14,12 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use wasmtime::{Engine, Linker};
 
-use crate::sandbox::instance_limits::InstanceLimits;
+use crate::guest::instance_limits::InstanceLimits;
 use wasmtime_wasi::p1::{self, WasiP1Ctx};
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
-use crate::sandbox::abi::WASI_MODULE;
+use crate::guest::abi::WASI_MODULE;
 use crate::verdict::{MAX_DATAGRAM, OUTPUT_CAP};
 
 /// The environment variable that holds the client's address, as `ip:port`.

@@ -5,17 +5,17 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::env::Sandbox;
+use super::env::Env;
 use super::kind::{Call, Entry, Instance};
 use super::outcome::{Answer, Rejection};
 use super::program::Program;
 use crate::config::Isolation;
-use crate::upstream::Upstreams;
+use crate::upstream::Lent;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
 
 /// Runs one [`Program`] for one worker, datagram after datagram.
 pub struct Guest {
-    sandbox: Sandbox,
+    env: Env,
     pub(super) program: Arc<Program>,
     live: Option<Box<dyn Instance>>,
     /// The live instance misbehaved and must not see another datagram.
@@ -26,9 +26,9 @@ pub struct Guest {
 
 impl Guest {
     /// `max_ratio` caps reply size at that multiple of the request (0: no cap).
-    pub fn new(sandbox: Sandbox, program: Arc<Program>, isolation: Isolation, max_ratio: f64) -> Self {
+    pub fn new(env: Env, program: Arc<Program>, isolation: Isolation, max_ratio: f64) -> Self {
         Self {
-            sandbox,
+            env,
             program,
             live: None,
             poisoned: false,
@@ -64,7 +64,7 @@ impl Guest {
         &mut self,
         datagram: &[u8],
         peer: SocketAddr,
-        net: &mut Option<Box<Upstreams>>,
+        sessions: &mut Lent,
     ) -> Result<Answer<'_>, Rejection> {
         let call = Call {
             entry: Entry::Handle,
@@ -73,7 +73,7 @@ impl Guest {
             upstream: "",
             allowance: None,
         };
-        self.run(&call, net)
+        self.run(&call, sessions)
     }
 
     /// The `forward`/`send` calls refused since this was last asked, as
@@ -108,7 +108,7 @@ impl Guest {
         datagram: &[u8],
         peer: SocketAddr,
         upstream: &str,
-        net: &mut Option<Box<Upstreams>>,
+        sessions: &mut Lent,
         allowance: Allowance,
     ) -> Result<Answer<'_>, Rejection> {
         let call = Call {
@@ -118,14 +118,14 @@ impl Guest {
             upstream,
             allowance: Some(allowance),
         };
-        self.run(&call, net)
+        self.run(&call, sessions)
     }
 
-    fn run(&mut self, call: &Call<'_>, net: &mut Option<Box<Upstreams>>) -> Result<Answer<'_>, Rejection> {
+    fn run(&mut self, call: &Call<'_>, sessions: &mut Lent) -> Result<Answer<'_>, Rejection> {
         if call.datagram.len() > MAX_DATAGRAM {
             return Err(DropReason::Oversize.into());
         }
-        let meter = self.sandbox.start_meter();
+        let meter = self.env.start_meter();
         // A poisoned instance is replaced here, at the start of the next datagram,
         // so that the reply to this one can still borrow from its memory.
         if self.isolation == Isolation::Fresh || self.poisoned {
@@ -134,12 +134,12 @@ impl Guest {
         }
         let live = match self.live.take() {
             Some(live) => live,
-            None => self.program.pre.instantiate(&self.sandbox)?,
+            None => self.program.pre.instantiate(&self.env)?,
         };
         let live = self.live.insert(live);
         let result = live
-            .call(call, net, &self.sandbox, self.max_ratio)
-            .and_then(|has_reply| self.sandbox.check_budget(&meter).map(|()| has_reply));
+            .call(call, sessions, &self.env, self.max_ratio)
+            .and_then(|has_reply| self.env.check_budget(&meter).map(|()| has_reply));
         match result {
             Ok(has_reply) => Ok(Answer {
                 reply: has_reply.then(|| live.reply()),

@@ -6,12 +6,12 @@ use std::ops::Range;
 
 use wasmtime::{InstancePre, Memory, Store, TypedFunc};
 
-use super::env::Sandbox;
+use super::env::Env;
 use super::kind::{Call, Entry, Instance, Kind};
 use super::outcome::Rejection;
-use crate::sandbox::abi::{self, GuestKind, NO_REPLY};
-use crate::sandbox::hostcalls::{HostState, Outbox};
-use crate::upstream::Upstreams;
+use crate::guest::abi::{self, GuestKind, NO_REPLY};
+use crate::guest::hostcalls::{HostState, Outbox};
+use crate::upstream::Lent;
 use crate::verdict::DropReason;
 
 /// An ABI v1 module linked with the host calls.
@@ -22,10 +22,10 @@ impl Kind for AbiV1 {
         GuestKind::AbiV1
     }
 
-    fn instantiate(&self, sandbox: &Sandbox) -> wasmtime::Result<Box<dyn Instance>> {
-        let mut store = Store::new(&sandbox.runtime.engine, sandbox.host_state(sandbox.instance_limits()));
+    fn instantiate(&self, env: &Env) -> wasmtime::Result<Box<dyn Instance>> {
+        let mut store = Store::new(&env.runtime.engine, env.host_state(env.instance_limits()));
         store.limiter(|h| &mut h.limits);
-        sandbox.arm(&mut store);
+        env.arm(&mut store);
         let instance = self.0.instantiate(&mut store)?;
         // The ABI check guarantees these exports and their types.
         let memory = instance
@@ -61,19 +61,15 @@ struct Live {
 }
 
 impl Instance for Live {
-    fn call(
-        &mut self,
-        call: &Call<'_>,
-        net: &mut Option<Box<Upstreams>>,
-        sandbox: &Sandbox,
-        max_ratio: f64,
-    ) -> Result<bool, Rejection> {
-        self.store.set_epoch_deadline(sandbox.budget.deadline_ticks());
+    fn call(&mut self, call: &Call<'_>, sessions: &mut Lent, env: &Env, max_ratio: f64) -> Result<bool, Rejection> {
+        self.store.set_epoch_deadline(env.budget.deadline_ticks());
         let allowance = call.allowance(max_ratio);
-        self.store.data_mut().lend(call.peer, net, allowance, call.upstream);
+        self.store
+            .data_mut()
+            .lend(call.peer, sessions, allowance, call.upstream);
         self.reply = None;
         let result = self.run(call);
-        self.store.data_mut().take_back(net);
+        self.store.data_mut().take_back(sessions);
         self.reply = result?;
         Ok(self.reply.is_some())
     }

@@ -6,15 +6,15 @@ use std::net::SocketAddr;
 
 use wasmtime::{Store, StoreLimitsBuilder};
 
-use super::env::Sandbox;
+use super::env::Env;
 use super::kind::{Call, Entry, Instance, Kind};
 use super::outcome::Rejection;
 use crate::engine::{COMPONENT_MAX_INSTANCES, COMPONENT_MAX_MEMORIES, COMPONENT_MAX_TABLES, COMPONENT_TABLE_ELEMENTS};
-use crate::sandbox::abi::GuestKind;
-use crate::sandbox::component::{ComponentHost, ComponentPre, Exports};
-use crate::sandbox::hostcalls::Outbox;
-use crate::sandbox::instance_limits::InstanceLimits;
-use crate::upstream::Upstreams;
+use crate::guest::abi::GuestKind;
+use crate::guest::component::{ComponentHost, ComponentPre, Exports};
+use crate::guest::hostcalls::Outbox;
+use crate::guest::instance_limits::InstanceLimits;
+use crate::upstream::Lent;
 use crate::verdict::{DropReason, MAX_DATAGRAM};
 
 /// A component linked with the handler world.
@@ -28,19 +28,19 @@ impl Kind for ComponentGuest {
     /// A component is made of several core instances, memories and tables (a
     /// Python one of a handful of each); the caps bound how many, and
     /// `--max-memory` what they hold together.
-    fn instantiate(&self, sandbox: &Sandbox) -> wasmtime::Result<Box<dyn Instance>> {
+    fn instantiate(&self, env: &Env) -> wasmtime::Result<Box<dyn Instance>> {
         let counts = StoreLimitsBuilder::new()
-            .memory_size(sandbox.limits.max_memory)
+            .memory_size(env.limits.max_memory)
             .table_elements(COMPONENT_TABLE_ELEMENTS)
             .tables(COMPONENT_MAX_TABLES)
             .memories(COMPONENT_MAX_MEMORIES)
             .instances(COMPONENT_MAX_INSTANCES)
             .trap_on_grow_failure(true)
             .build();
-        let limits = InstanceLimits::new(counts, sandbox.limits.max_memory);
-        let mut store = Store::new(&sandbox.runtime.engine, ComponentHost::new(sandbox.host_state(limits)));
+        let limits = InstanceLimits::new(counts, env.limits.max_memory);
+        let mut store = Store::new(&env.runtime.engine, ComponentHost::new(env.host_state(limits)));
         store.limiter(|h| &mut h.calls.limits);
-        sandbox.arm(&mut store);
+        env.arm(&mut store);
         let exports = self.0.instantiate(&mut store)?;
         Ok(Box::new(LiveComponent {
             store,
@@ -63,20 +63,14 @@ struct LiveComponent {
 impl Instance for LiveComponent {
     /// Lends the sessions, runs the export, takes them back, and passes on
     /// what the component printed.
-    fn call(
-        &mut self,
-        call: &Call<'_>,
-        net: &mut Option<Box<Upstreams>>,
-        sandbox: &Sandbox,
-        max_ratio: f64,
-    ) -> Result<bool, Rejection> {
-        self.store.set_epoch_deadline(sandbox.budget.deadline_ticks());
+    fn call(&mut self, call: &Call<'_>, sessions: &mut Lent, env: &Env, max_ratio: f64) -> Result<bool, Rejection> {
+        self.store.set_epoch_deadline(env.budget.deadline_ticks());
         self.reply.clear();
         let allowance = call.allowance(max_ratio);
         self.store
             .data_mut()
             .calls
-            .lend(call.peer, net, allowance, call.upstream);
+            .lend(call.peer, sessions, allowance, call.upstream);
         // A client sends many datagrams: its address is written out once.
         if self.peer.as_ref().is_none_or(|(addr, _)| *addr != call.peer) {
             self.peer = Some((call.peer, call.peer.to_string()));
@@ -89,11 +83,11 @@ impl Instance for LiveComponent {
                 .on_reply(&mut self.store, call.datagram, peer, call.upstream),
         };
         let host = self.store.data_mut();
-        host.calls.take_back(net);
+        host.calls.take_back(sessions);
         let (stdout, stderr) = host.take_output();
         for (stream, text) in [("stdout", stdout), ("stderr", stderr)] {
             if !text.is_empty() {
-                log_output(sandbox, stream, &text, call.peer);
+                log_output(env, stream, &text, call.peer);
             }
         }
         let Some(reply) = result? else {
@@ -122,11 +116,11 @@ impl Instance for LiveComponent {
 
 /// Passes what a component printed to the log, rate-limited with the guest's
 /// log lines.
-fn log_output(sandbox: &Sandbox, stream: &str, text: &[u8], peer: SocketAddr) {
+fn log_output(env: &Env, stream: &str, text: &[u8], peer: SocketAddr) {
     if !tracing::enabled!(target: "wasmgate::guest", tracing::Level::INFO) {
         return;
     }
-    let Some(suppressed) = sandbox.runtime.log_limit.allow() else {
+    let Some(suppressed) = env.runtime.log_limit.allow() else {
         return;
     };
     let text = String::from_utf8_lossy(text);

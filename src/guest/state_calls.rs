@@ -6,8 +6,8 @@
 
 use wasmtime::{Caller, Linker};
 
-use crate::sandbox::abi::HOST_MODULE;
-use crate::sandbox::hostcalls::{HostState, memory, region};
+use crate::guest::abi::HOST_MODULE;
+use crate::guest::hostcalls::{HostState, memory, region};
 use crate::verdict::StateError;
 
 impl HostState {

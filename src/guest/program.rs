@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::kind::Kind;
-use crate::sandbox::abi::GuestKind;
+use crate::guest::abi::GuestKind;
 
 /// A module that passed every check, compiled and ready to instantiate. This is
 /// what a reload publishes; instances made from it are cheap.

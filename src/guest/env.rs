@@ -22,7 +22,7 @@ use crate::verdict::DropReason;
 /// A listener's guests: the process's [`Runtime`] with this listener's limits.
 /// Cheap to clone.
 #[derive(Clone)]
-pub struct Sandbox {
+pub struct Env {
     pub(super) runtime: Arc<Runtime>,
     pub(super) limits: Limits,
     /// What a call may spend: CPU time, with a wall-time ceiling.
@@ -32,10 +32,10 @@ pub struct Sandbox {
     pub(super) state: Arc<State>,
 }
 
-impl Sandbox {
+impl Env {
     /// A sandbox on an engine of its own that maps memory for each instance as
     /// it is made (see [`Runtime::new`]). A process with several listeners
-    /// shares one runtime among them instead ([`Sandbox::on`]).
+    /// shares one runtime among them instead ([`Env::on`]).
     pub fn new(limits: Limits) -> anyhow::Result<Self> {
         Ok(Self::on(Runtime::new()?, limits))
     }
@@ -81,8 +81,8 @@ impl Sandbox {
     }
 }
 
-impl Sandbox {
-    /// Whether instances come from a pool ([`Sandbox::with_instance_pool`]).
+impl Env {
+    /// Whether instances come from a pool ([`Env::with_instance_pool`]).
     pub fn has_instance_pool(&self) -> bool {
         self.runtime.has_instance_pool()
     }
@@ -126,7 +126,7 @@ impl Sandbox {
             limits,
             peer: None,
             log_limit: Arc::clone(&self.runtime.log_limit),
-            net: None,
+            sessions: None,
             out: Outbox::default(),
             upstream: String::new(),
             state: Arc::clone(&self.state),
