@@ -24,10 +24,11 @@
 //!   pcap and pcapng captures and records a listener's datagrams (`--record`)
 //!   to files no planted link can redirect; [`prove::replay`] runs a capture
 //!   through a module, streamed, and compares.
-//! - [`guest`]: loading modules (one loader for serving, reloads and `check`),
-//!   running a guest under limits; under it the guest kinds (ABI v1, WASI
-//!   command, component), their host calls and checks, and one cap on
-//!   everything a guest instance holds.
+//! - [`guest`]: loading modules (`loader.rs`, the one place that tells a
+//!   module's kind, for serving, reloads and `check`), running a guest under
+//!   limits (`runner.rs`, which lends a call the worker's sessions); the host
+//!   calls written once (`host/`), and a folder per kind (`abi_v1/`,
+//!   `wasi_command/`, `component/`) that adapts its imports to them.
 //! - [`state`]: the key-value store, limits and penalties a listener's
 //!   handlers share (`store.rs`: sharded, bounded, clock-free), behind the
 //!   `state_*` host calls; `cluster.rs` merges what gateways share through

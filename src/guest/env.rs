@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::bail;
 use wasmtime::{ExternType, Module, Store, StoreLimitsBuilder};
 
-use super::hostcalls::{HostState, Outbox};
+use super::host::{Calls, Outbox};
 use super::instance_limits::InstanceLimits;
 use super::outcome::Rejection;
 use super::runtime::Runtime;
@@ -121,8 +121,8 @@ impl Env {
     /// The host state of a new store, held to `limits`. There is no client while
     /// the start function runs, whichever datagram the instance is made for:
     /// `peer` says 0.
-    pub(super) fn host_state(&self, limits: InstanceLimits) -> HostState {
-        HostState {
+    pub(super) fn host_state(&self, limits: InstanceLimits) -> Calls {
+        Calls {
             limits,
             peer: None,
             log_limit: Arc::clone(&self.runtime.log_limit),

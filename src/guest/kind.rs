@@ -1,21 +1,26 @@
 //! What every guest kind provides, so that loading decides the kind once and
 //! the datagram path never asks: a linked program makes instances ([`Kind`]),
-//! an instance runs calls ([`Instance`]). The kinds are `abi_v1.rs`,
-//! `wasi_command.rs` and `component_guest.rs`.
+//! an instance runs calls ([`Instance`]). The kinds are `abi_v1/`,
+//! `wasi_command/` and `component/`.
 
 use std::net::SocketAddr;
 
 use super::env::Env;
 use super::outcome::Rejection;
 use crate::guest::abi::GuestKind;
-use crate::guest::hostcalls::Outbox;
-use crate::upstream::Lent;
+use crate::guest::host::Calls;
 use crate::verdict::Allowance;
 
 /// A program linked for its kind, ready to make instances. Shared by every
 /// worker.
 pub(super) trait Kind: Send + Sync {
     fn kind(&self) -> GuestKind;
+
+    /// Whether every call makes an instance of its own, whatever the
+    /// listener's isolation.
+    fn instance_per_call(&self) -> bool {
+        false
+    }
 
     /// A new instance with its start function run.
     fn instantiate(&self, env: &Env) -> wasmtime::Result<Box<dyn Instance>>;
@@ -29,17 +34,19 @@ pub(super) trait Kind: Send + Sync {
 
 /// A live instance of some kind, run call after call by one worker.
 pub(super) trait Instance: Send {
-    /// Runs `call`, lending the worker's sessions `net` to the host calls for
-    /// its length; whether it left a reply ([`Instance::reply`]).
-    fn call(&mut self, call: &Call<'_>, sessions: &mut Lent, env: &Env, max_ratio: f64) -> Result<bool, Rejection>;
+    /// Runs `call` (its sessions already lent to [`Instance::calls_mut`]);
+    /// whether it left a reply ([`Instance::reply`]).
+    fn call(&mut self, call: &Call<'_>, env: &Env) -> Result<bool, Rejection>;
 
     /// The last call's reply (empty when it left none).
     fn reply(&self) -> &[u8];
 
     /// What the host calls of the last call did.
-    fn outbox(&self) -> &Outbox;
+    /// The store's host calls (`None` for a kind that has none), which the
+    /// runner lends the sessions to around a call, and reads afterwards.
+    fn calls(&self) -> Option<&Calls>;
 
-    fn outbox_mut(&mut self) -> &mut Outbox;
+    fn calls_mut(&mut self) -> Option<&mut Calls>;
 }
 
 /// Which export a call enters.
@@ -58,13 +65,15 @@ pub(super) struct Call<'a> {
     pub(super) upstream: &'a str,
     /// What the call may do; `None`: what a request of this size earns.
     pub(super) allowance: Option<Allowance>,
+    /// The reply ratio (0: no cap).
+    pub(super) max_ratio: f64,
 }
 
 impl Call<'_> {
     /// What the call may do: its own allowance, else what its datagram earns
-    /// at `max_ratio`.
-    pub(super) fn allowance(&self, max_ratio: f64) -> Allowance {
+    /// at the reply ratio.
+    pub(super) fn allowance(&self) -> Allowance {
         self.allowance
-            .unwrap_or_else(|| Allowance::for_request(self.datagram.len(), max_ratio))
+            .unwrap_or_else(|| Allowance::for_request(self.datagram.len(), self.max_ratio))
     }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 
 use wasmtime::Trap;
 
-use crate::guest::hostcalls::Outbox;
+use crate::guest::host::Outbox;
 use crate::verdict::{CallError, DropReason};
 
 /// What a guest made of one datagram: the reply it returned, and what it did

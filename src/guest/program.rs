@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::kind::Kind;
+use crate::config::Isolation;
 use crate::guest::abi::GuestKind;
 
 /// A module that passed every check, compiled and ready to instantiate. This is
@@ -50,6 +51,21 @@ impl Program {
     /// Which ABI the module follows, and so how it is run.
     pub fn kind(&self) -> GuestKind {
         self.pre.kind()
+    }
+
+    /// The isolation it runs with when the listener asks for `wanted`: a
+    /// kind that makes an instance per call (a WASI command) runs fresh.
+    pub fn isolation(&self, wanted: Isolation) -> Isolation {
+        if self.pre.instance_per_call() {
+            Isolation::Fresh
+        } else {
+            wanted
+        }
+    }
+
+    /// Whether every call makes an instance of its own (a WASI command).
+    pub fn instance_per_call(&self) -> bool {
+        self.pre.instance_per_call()
     }
 
     /// What the module imports from the host, as `module.name`.

@@ -6,12 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::env::Env;
+use super::host::Outbox;
 use super::kind::{Call, Entry, Instance};
 use super::outcome::{Answer, Rejection};
 use super::program::Program;
 use crate::config::Isolation;
 use crate::upstream::Lent;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
+
+/// What a kind without host calls shows it did.
+static NO_CALLS: Outbox = Outbox::EMPTY;
 
 /// Runs one [`Program`] for one worker, datagram after datagram.
 pub struct Guest {
@@ -72,6 +76,7 @@ impl Guest {
             peer,
             upstream: "",
             allowance: None,
+            max_ratio: self.max_ratio,
         };
         self.run(&call, sessions)
     }
@@ -82,7 +87,8 @@ impl Guest {
     pub fn take_refused(&mut self) -> impl Iterator<Item = (CallError, u32)> + use<> {
         self.live
             .as_mut()
-            .map(|live| live.outbox_mut().take_refused())
+            .and_then(|live| live.calls_mut())
+            .map(|calls| calls.out.take_refused())
             .into_iter()
             .flatten()
     }
@@ -90,7 +96,10 @@ impl Guest {
     /// The `forward`/`send` calls the last call made, refused ones included,
     /// whatever its outcome.
     pub fn last_calls(&mut self) -> u32 {
-        self.live.as_ref().map_or(0, |live| live.outbox().calls())
+        self.live
+            .as_ref()
+            .and_then(|live| live.calls())
+            .map_or(0, |calls| calls.out.calls())
     }
 
     /// Whether the program exports `on_reply`; without it, upstream datagrams go
@@ -117,6 +126,7 @@ impl Guest {
             peer,
             upstream,
             allowance: Some(allowance),
+            max_ratio: self.max_ratio,
         };
         self.run(&call, sessions)
     }
@@ -137,13 +147,20 @@ impl Guest {
             None => self.program.pre.instantiate(&self.env)?,
         };
         let live = self.live.insert(live);
-        let result = live
-            .call(call, sessions, &self.env, self.max_ratio)
-            .and_then(|has_reply| self.env.check_budget(&meter).map(|()| has_reply));
+        // The one place the sessions are lent to a store and taken back,
+        // whatever the call's outcome.
+        if let Some(calls) = live.calls_mut() {
+            calls.lend(call.peer, sessions, call.allowance(), call.upstream);
+        }
+        let result = live.call(call, &self.env);
+        if let Some(calls) = live.calls_mut() {
+            calls.take_back(sessions);
+        }
+        let result = result.and_then(|has_reply| self.env.check_budget(&meter).map(|()| has_reply));
         match result {
             Ok(has_reply) => Ok(Answer {
                 reply: has_reply.then(|| live.reply()),
-                out: live.outbox(),
+                out: live.calls().map_or(&NO_CALLS, |calls| &calls.out),
             }),
             Err(rejection) => {
                 self.poisoned = rejection.reason.poisons_instance();

@@ -9,10 +9,10 @@ use wasmtime::{Engine, Linker};
 
 use crate::engine::engine_config;
 use crate::engine::ticker::EpochTicker;
-use crate::guest::component::{self as wit, ComponentHost};
-use crate::guest::hostcalls::{self, HostState};
-use crate::guest::state_calls;
-use crate::guest::wasi::{self, WasiHost};
+use crate::guest::abi_v1::imports;
+use crate::guest::component::host::{self as wit, ComponentHost};
+use crate::guest::host::Calls;
+use crate::guest::wasi_command::host::{self as wasi, WasiHost};
 use crate::metrics::RateLimit;
 
 /// Guest log lines let through per second, across all instances.
@@ -22,7 +22,7 @@ const GUEST_LOG_LINES_PER_SECOND: u64 = 20;
 /// when the last holder lets go.
 pub struct Runtime {
     pub(super) engine: Engine,
-    pub(super) linker: Linker<HostState>,
+    pub(super) linker: Linker<Calls>,
     pub(super) wasi_linker: Linker<WasiHost>,
     pub(super) component_linker: wasmtime::component::Linker<ComponentHost>,
     pub(super) log_limit: Arc<RateLimit>,
@@ -51,8 +51,8 @@ impl Runtime {
     fn build(pool: Option<u32>) -> anyhow::Result<Arc<Self>> {
         let engine = Engine::new(&engine_config(pool))?;
         let ticks = Arc::new(AtomicU64::new(0));
-        let mut linker = hostcalls::linker(&engine)?;
-        state_calls::define(&mut linker)?;
+        let mut linker = imports::linker(&engine)?;
+        imports::define(&mut linker)?;
         Ok(Arc::new(Self {
             linker,
             wasi_linker: wasi::linker(&engine)?,

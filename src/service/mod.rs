@@ -16,11 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::config::Isolation;
 use crate::config::{ListenerSpec, PoolSpec};
 use crate::engine::child::Compiler;
 use crate::gateway::{Gateway, Publisher};
-use crate::guest::abi::GuestKind;
 use crate::guest::{Env, Runtime};
 use crate::service::reload::{Reloader, Role};
 
@@ -243,10 +241,7 @@ fn serve_until_stopped<S: Future<Output = ()>>(
             load_ms = program.compile_time().as_millis() as u64,
             workers = r.spec.workers,
             // A WASI command gets a fresh instance per datagram, whatever was asked.
-            isolation = %match program.kind() {
-                GuestKind::WasiCommand => Isolation::Fresh,
-                GuestKind::AbiV1 | GuestKind::Component => r.spec.isolation,
-            },
+            isolation = %program.isolation(r.spec.isolation),
             timeout_ms = r.spec.limits.timeout.as_millis() as u64,
             max_memory = r.spec.limits.max_memory,
             max_reply_ratio = r.spec.max_reply_ratio,

@@ -28,7 +28,6 @@ use sha2::{Digest, Sha256};
 
 use crate::engine::read_module;
 use crate::gateway::Publisher;
-use crate::guest::abi::GuestKind;
 use crate::guest::{Env, short_hex};
 
 /// How long the file must be left alone before it is read: long enough for a
@@ -321,7 +320,7 @@ impl State {
                 let replaced = Some(program.sha256()) != current;
                 let compile_ms = program.compile_time().as_secs_f64() * 1e3;
                 let abi = program.kind().name();
-                let unpooled_wasi = program.kind() == GuestKind::WasiCommand && !self.env.has_instance_pool();
+                let unpooled_wasi = program.instance_per_call() && !self.env.has_instance_pool();
                 let previous = match self.role {
                     Role::Active => self.publisher.publish(program).short_sha256(),
                     Role::Candidate => match self.publisher.publish_candidate(program) {

@@ -82,6 +82,10 @@ fn test_files(root: &std::path::Path, module: &str) -> Vec<std::path::PathBuf> {
             if path.is_dir() {
                 if path.file_name().is_some_and(|n| n == module) && path.join("mod.rs").exists() {
                     found.push(path.join("mod.rs"));
+                    // A folder's own tests may sit beside its mod.rs.
+                    if path.join("tests.rs").exists() {
+                        found.push(path.join("tests.rs"));
+                    }
                 }
                 dirs.push(path);
             } else if path.file_stem().is_some_and(|n| n == module) {

@@ -6,16 +6,17 @@ use std::ops::Range;
 
 use wasmtime::{InstancePre, Memory, Store, TypedFunc};
 
-use super::env::Env;
-use super::kind::{Call, Entry, Instance, Kind};
-use super::outcome::Rejection;
+pub(crate) mod imports;
+
 use crate::guest::abi::{self, GuestKind, NO_REPLY};
-use crate::guest::hostcalls::{HostState, Outbox};
-use crate::upstream::Lent;
+use crate::guest::env::Env;
+use crate::guest::host::{Calls, CallsView};
+use crate::guest::kind::{Call, Entry, Instance, Kind};
+use crate::guest::outcome::Rejection;
 use crate::verdict::DropReason;
 
 /// An ABI v1 module linked with the host calls.
-pub(super) struct AbiV1(pub(super) InstancePre<HostState>);
+pub(super) struct AbiV1(pub(super) InstancePre<Calls>);
 
 impl Kind for AbiV1 {
     fn kind(&self) -> GuestKind {
@@ -51,7 +52,7 @@ impl Kind for AbiV1 {
 
 /// A live instance: its store and the exports the host calls.
 struct Live {
-    store: Store<HostState>,
+    store: Store<Calls>,
     memory: Memory,
     alloc: TypedFunc<i32, i32>,
     handle: TypedFunc<(i32, i32), i64>,
@@ -61,16 +62,10 @@ struct Live {
 }
 
 impl Instance for Live {
-    fn call(&mut self, call: &Call<'_>, sessions: &mut Lent, env: &Env, max_ratio: f64) -> Result<bool, Rejection> {
+    fn call(&mut self, call: &Call<'_>, env: &Env) -> Result<bool, Rejection> {
         self.store.set_epoch_deadline(env.budget.deadline_ticks());
-        let allowance = call.allowance(max_ratio);
-        self.store
-            .data_mut()
-            .lend(call.peer, sessions, allowance, call.upstream);
         self.reply = None;
-        let result = self.run(call);
-        self.store.data_mut().take_back(sessions);
-        self.reply = result?;
+        self.reply = self.run(call)?;
         Ok(self.reply.is_some())
     }
 
@@ -81,12 +76,12 @@ impl Instance for Live {
         }
     }
 
-    fn outbox(&self) -> &Outbox {
-        &self.store.data().out
+    fn calls(&self) -> Option<&Calls> {
+        Some(self.store.data().calls())
     }
 
-    fn outbox_mut(&mut self) -> &mut Outbox {
-        &mut self.store.data_mut().out
+    fn calls_mut(&mut self) -> Option<&mut Calls> {
+        Some(self.store.data_mut().calls_mut())
     }
 }
 

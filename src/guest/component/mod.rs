@@ -1,20 +1,34 @@
-//! Component guests: a WebAssembly component of the `wasmgate:handler` world
-//! (`wit/handler.wit`), run through its typed exports with a WASI 0.2 context
-//! that grants nothing; its host calls are ABI v1's.
+//! WebAssembly components as handlers: the `wasmgate:handler` worlds of
+//! `wit/handler.wit`, for languages that compile only to components (Python with
+//! componentize-py, JavaScript with componentize-js) and for anyone who wants
+//! typed bindings.
+//!
+//! A component is held to what an ABI v1 module is: one instance per worker,
+//! reused and replaced after a trap, the epoch deadline, the store's limits, and
+//! the reply checks. WASI 0.2 imports (0.2.0 to 0.2.12) are answered by a
+//! deny-all context: no directories, no network, no environment, stdin empty,
+//! stdout and stderr to the log, and no call that could block the worker outside
+//! wasm, where the time budget cannot interrupt it (waiting on a pollable traps).
 
 use std::net::SocketAddr;
 
 use wasmtime::{Store, StoreLimitsBuilder};
 
-use super::env::Env;
-use super::kind::{Call, Entry, Instance, Kind};
-use super::outcome::Rejection;
+pub(crate) mod host;
+mod log_pipe;
+mod world;
+
+pub(crate) use host::{ComponentHost, ComponentPre, Exports};
+pub use host::{HANDLE, HANDLER_WIT, ON_REPLY};
+pub(crate) use world::{check, describe};
+
 use crate::engine::{COMPONENT_MAX_INSTANCES, COMPONENT_MAX_MEMORIES, COMPONENT_MAX_TABLES, COMPONENT_TABLE_ELEMENTS};
 use crate::guest::abi::GuestKind;
-use crate::guest::component::{ComponentHost, ComponentPre, Exports};
-use crate::guest::hostcalls::Outbox;
+use crate::guest::env::Env;
+use crate::guest::host::{Calls, CallsView};
 use crate::guest::instance_limits::InstanceLimits;
-use crate::upstream::Lent;
+use crate::guest::kind::{Call, Entry, Instance, Kind};
+use crate::guest::outcome::Rejection;
 use crate::verdict::{DropReason, MAX_DATAGRAM};
 
 /// A component linked with the handler world.
@@ -61,16 +75,10 @@ struct LiveComponent {
 }
 
 impl Instance for LiveComponent {
-    /// Lends the sessions, runs the export, takes them back, and passes on
-    /// what the component printed.
-    fn call(&mut self, call: &Call<'_>, sessions: &mut Lent, env: &Env, max_ratio: f64) -> Result<bool, Rejection> {
+    /// Runs the export and passes on what the component printed.
+    fn call(&mut self, call: &Call<'_>, env: &Env) -> Result<bool, Rejection> {
         self.store.set_epoch_deadline(env.budget.deadline_ticks());
         self.reply.clear();
-        let allowance = call.allowance(max_ratio);
-        self.store
-            .data_mut()
-            .calls
-            .lend(call.peer, sessions, allowance, call.upstream);
         // A client sends many datagrams: its address is written out once.
         if self.peer.as_ref().is_none_or(|(addr, _)| *addr != call.peer) {
             self.peer = Some((call.peer, call.peer.to_string()));
@@ -83,7 +91,6 @@ impl Instance for LiveComponent {
                 .on_reply(&mut self.store, call.datagram, peer, call.upstream),
         };
         let host = self.store.data_mut();
-        host.calls.take_back(sessions);
         let (stdout, stderr) = host.take_output();
         for (stream, text) in [("stdout", stdout), ("stderr", stderr)] {
             if !text.is_empty() {
@@ -105,12 +112,12 @@ impl Instance for LiveComponent {
         &self.reply
     }
 
-    fn outbox(&self) -> &Outbox {
-        &self.store.data().calls.out
+    fn calls(&self) -> Option<&Calls> {
+        Some(self.store.data().calls())
     }
 
-    fn outbox_mut(&mut self) -> &mut Outbox {
-        &mut self.store.data_mut().calls.out
+    fn calls_mut(&mut self) -> Option<&mut Calls> {
+        Some(self.store.data_mut().calls_mut())
     }
 }
 

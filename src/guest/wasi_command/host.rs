@@ -23,7 +23,7 @@ use crate::guest::abi::WASI_MODULE;
 use crate::verdict::{MAX_DATAGRAM, OUTPUT_CAP};
 
 /// The environment variable that holds the client's address, as `ip:port`.
-pub const PEER_VARIABLE: &str = "WASMGATE_PEER";
+pub(crate) const PEER_VARIABLE: &str = "WASMGATE_PEER";
 
 /// The program name a handler sees as `argv[0]`.
 const PROGRAM_NAME: &str = "wasmgate-handler";
@@ -37,7 +37,7 @@ const ERRNO_NOTSOCK: i32 = 57;
 /// The most one `random_get` may ask for; more traps. wasi-libc's `getentropy`
 /// asks for 256 bytes at most; without a cap one call from a small guest makes
 /// the host allocate and fill 64 MiB, outside the time budget.
-pub const MAX_RANDOM_BYTES: u64 = 64 << 10;
+pub(crate) const MAX_RANDOM_BYTES: u64 = 64 << 10;
 
 /// Per-store state of a WASI command instance.
 pub(crate) struct WasiHost {

@@ -7,13 +7,14 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use wasmtime::{InstancePre, Store, TypedFunc};
 
-use super::env::Env;
-use super::kind::{Call, Instance, Kind};
-use super::outcome::Rejection;
+pub(crate) mod host;
+
+use self::host::WasiHost;
 use crate::guest::abi::{self, GuestKind};
-use crate::guest::hostcalls::Outbox;
-use crate::guest::wasi::{self, WasiHost};
-use crate::upstream::Lent;
+use crate::guest::env::Env;
+use crate::guest::host::Calls;
+use crate::guest::kind::{Call, Instance, Kind};
+use crate::guest::outcome::Rejection;
 use crate::verdict::{DropReason, MAX_DATAGRAM};
 
 /// A WASI command linked with wasmtime-wasi's preview 1.
@@ -24,17 +25,20 @@ impl Kind for WasiCommand {
         GuestKind::WasiCommand
     }
 
+    fn instance_per_call(&self) -> bool {
+        true
+    }
+
     /// Not an instance yet: each call makes its own.
     fn instantiate(&self, _: &Env) -> wasmtime::Result<Box<dyn Instance>> {
         Ok(Box::new(Runs {
             pre: self.0.clone(),
             reply: Bytes::new(),
-            no_calls: Outbox::default(),
         }))
     }
 
     fn try_out(&self, env: &Env) -> wasmtime::Result<()> {
-        wasi::warm_up();
+        host::warm_up();
         instantiate(&self.0, env, &[], None).map(drop)
     }
 }
@@ -44,24 +48,22 @@ struct Runs {
     pre: InstancePre<WasiHost>,
     /// The last reply, which outlives its instance.
     reply: Bytes,
-    /// Always empty: a command has no host calls.
-    no_calls: Outbox,
 }
 
 impl Instance for Runs {
     /// Exit status 0 sends what the program wrote to stdout, any other status
     /// sends nothing.
-    fn call(&mut self, call: &Call<'_>, _: &mut Lent, env: &Env, max_ratio: f64) -> Result<bool, Rejection> {
+    fn call(&mut self, call: &Call<'_>, env: &Env) -> Result<bool, Rejection> {
         self.reply = Bytes::new();
         let (mut store, start) = instantiate(&self.pre, env, call.datagram, Some(call.peer))?;
-        let status = wasi::exit_status(start.call(&mut store, ()));
+        let status = host::exit_status(start.call(&mut store, ()));
         let (stdout, stderr) = (store.data().stdout(), store.data().stderr());
         if !stderr.is_empty() {
             log_stderr(env, &stderr, call.peer, status.as_ref().ok().copied());
         }
         match status {
             Ok(0) => {
-                abi::check_reply_len(stdout.len(), call.datagram.len(), max_ratio)?;
+                abi::check_reply_len(stdout.len(), call.datagram.len(), call.max_ratio)?;
                 self.reply = stdout;
                 Ok(true)
             }
@@ -77,12 +79,12 @@ impl Instance for Runs {
         &self.reply
     }
 
-    fn outbox(&self) -> &Outbox {
-        &self.no_calls
+    fn calls(&self) -> Option<&Calls> {
+        None
     }
 
-    fn outbox_mut(&mut self) -> &mut Outbox {
-        &mut self.no_calls
+    fn calls_mut(&mut self) -> Option<&mut Calls> {
+        None
     }
 }
 
