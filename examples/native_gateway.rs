@@ -1,6 +1,6 @@
 //! The benchmarks' native baseline: wasmgate's own data path (its sockets,
 //! workers, batching and sessions) with a Rust handler in place of the guest,
-//! through the library's [`Native`] handlers. Runs until killed.
+//! through the handlers of `support/native.rs`. Runs until killed.
 //!
 //!     cargo run --release --example native_gateway -- --listen 127.0.0.1:18008 [--batch 1]
 //!     cargo run --release --example native_gateway -- --listen 127.0.0.1:18008 \
@@ -16,9 +16,11 @@ use clap::Parser;
 use wasmgate::config::Limits;
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::{PoolSpec, parse_upstream_flag};
-use wasmgate::gateway::{Gateway, Native, NativeAnswer};
+use wasmgate::gateway::Gateway;
 use wasmgate::guest::Env;
-use wasmgate::upstream::Sessions;
+
+#[path = "support/native.rs"]
+mod native;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -31,30 +33,6 @@ struct Args {
     /// Forward to this pool (NAME=ENDPOINTS) instead of uppercasing.
     #[arg(long, value_parser = parse_upstream_flag)]
     upstream: Option<PoolSpec>,
-}
-
-struct Uppercase;
-
-impl Native for Uppercase {
-    fn handle(&mut self, datagram: &[u8], _net: Option<&mut Sessions>, reply: &mut Vec<u8>) -> NativeAnswer {
-        reply.extend_from_slice(datagram);
-        reply.make_ascii_uppercase();
-        NativeAnswer::Reply
-    }
-}
-
-struct Forward;
-
-impl Native for Forward {
-    fn handle(&mut self, datagram: &[u8], net: Option<&mut Sessions>, _reply: &mut Vec<u8>) -> NativeAnswer {
-        let Some(net) = net else {
-            return NativeAnswer::Nothing;
-        };
-        match net.forward(b"backend", None, datagram) {
-            Ok(()) => NativeAnswer::Forwarded,
-            Err(e) => NativeAnswer::Refused(e),
-        }
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,12 +55,11 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_default(),
         ..ListenerSpec::default()
     };
-    let native: fn() -> Box<dyn Native> = if forwarding {
-        || Box::new(Forward)
+    let gateway = if forwarding {
+        Gateway::start_with_handler(&env, program, &config, native::Forward::default)?
     } else {
-        || Box::new(Uppercase)
+        Gateway::start_with_handler(&env, program, &config, native::Uppercase::default)?
     };
-    let gateway = Gateway::start_native(&env, program, &config, native)?;
     eprintln!(
         "native gateway on {} ({})",
         gateway.local_addr(),

@@ -14,7 +14,7 @@ use crate::upstream::Pools;
 use crate::verdict::DropReason;
 
 /// Shadow samples waiting for the candidate; past this they are skipped.
-pub(super) const QUEUE: usize = 1024;
+pub(crate) const QUEUE: usize = 1024;
 
 /// Bytes of shadow samples waiting (datagrams, replies, forwards); past this
 /// they are skipped too, so a flood of large datagrams cannot make the queue
@@ -52,7 +52,7 @@ impl ShadowResult {
 /// The shadow counters of a listener: a count per [`ShadowResult`], and the
 /// samples skipped because the candidate was behind.
 #[derive(Default)]
-pub(super) struct ShadowCounters {
+pub(crate) struct ShadowCounters {
     results: [AtomicU64; ShadowResult::ALL.len()],
     skipped: AtomicU64,
     /// Bytes of the samples queued now.
@@ -60,12 +60,12 @@ pub(super) struct ShadowCounters {
 }
 
 impl ShadowCounters {
-    pub(super) fn count(&self, result: ShadowResult) {
+    pub(crate) fn count(&self, result: ShadowResult) {
         self.results[result as usize].fetch_add(1, Relaxed);
     }
 
     /// Reserves room for a sample of `bytes`; false (counted as skipped) when the queue is full.
-    pub(super) fn reserve(&self, bytes: usize) -> bool {
+    pub(crate) fn reserve(&self, bytes: usize) -> bool {
         if self.queued.fetch_add(bytes, Relaxed) + bytes > QUEUE_BYTES {
             self.release(bytes);
             self.skipped();
@@ -75,15 +75,15 @@ impl ShadowCounters {
     }
 
     /// Gives back a sample's room.
-    pub(super) fn release(&self, bytes: usize) {
+    pub(crate) fn release(&self, bytes: usize) {
         self.queued.fetch_sub(bytes, Relaxed);
     }
 
-    pub(super) fn skipped(&self) {
+    pub(crate) fn skipped(&self) {
         self.skipped.fetch_add(1, Relaxed);
     }
 
-    pub(super) fn read(&self) -> ([u64; ShadowResult::ALL.len()], u64) {
+    pub(crate) fn read(&self) -> ([u64; ShadowResult::ALL.len()], u64) {
         (
             self.results.each_ref().map(|c| c.load(Relaxed)),
             self.skipped.load(Relaxed),
@@ -92,11 +92,11 @@ impl ShadowCounters {
 }
 
 /// A loaded candidate and its record since it was loaded.
-pub(super) struct Candidate {
-    pub(super) program: Arc<Program>,
+pub(crate) struct Candidate {
+    pub(crate) program: Arc<Program>,
     /// Its own pools (same settings as the active's): its stubbed sessions
     /// never touch the active's endpoint counters.
-    pub(super) pools: Option<Arc<Pools>>,
+    pub(crate) pools: Option<Arc<Pools>>,
     /// Traps and timeouts of the active module while this candidate is loaded,
     /// and of the candidate, over their last [`WINDOW`] datagrams each.
     active: Window,
@@ -108,14 +108,14 @@ pub(super) struct Candidate {
 
 /// What a candidate's record says to do.
 #[derive(Debug, PartialEq)]
-pub(super) enum Action {
+pub(crate) enum Action {
     Promote,
     /// Unload it, for this reason.
     Rollback(String),
 }
 
 impl Candidate {
-    pub(super) fn new(program: Arc<Program>, pools: Option<Arc<Pools>>) -> Self {
+    pub(crate) fn new(program: Arc<Program>, pools: Option<Arc<Pools>>) -> Self {
         Self {
             program,
             pools,
@@ -129,27 +129,27 @@ impl Candidate {
     /// The active module served a datagram (and trapped or timed out, or not).
     /// On every active datagram while a candidate is loaded: a success costs
     /// one atomic add, no lock.
-    pub(super) fn active_ran(&self, failed: bool) {
+    pub(crate) fn active_ran(&self, failed: bool) {
         self.active.push(failed);
     }
 
     /// The candidate ran a datagram, shadowed or for real: whether it failed
     /// (trap or timeout) and whether it was clean (no failure, no mismatch).
     /// Says what to do, once.
-    pub(super) fn candidate_ran(&self, failed: bool, clean: bool, client: IpAddr, rules: &Rules) -> Option<Action> {
+    pub(crate) fn candidate_ran(&self, failed: bool, clean: bool, client: IpAddr, rules: &Rules) -> Option<Action> {
         self.candidate.push(failed);
         self.judge(failed, clean, client, rules)
     }
 
     /// Counts a candidate datagram in its failure window only, to be judged
     /// later ([`Candidate::judge`]).
-    pub(super) fn counted(&self, failed: bool) {
+    pub(crate) fn counted(&self, failed: bool) {
         self.candidate.push(failed);
     }
 
     /// Judges a candidate datagram already counted in its failure window (a
     /// canaried one, once the active module ran it too).
-    pub(super) fn judge(&self, failed: bool, clean: bool, client: IpAddr, rules: &Rules) -> Option<Action> {
+    pub(crate) fn judge(&self, failed: bool, clean: bool, client: IpAddr, rules: &Rules) -> Option<Action> {
         let mut judge = self.judge.lock().unwrap_or_else(PoisonError::into_inner);
         if judge.decided {
             return None;
@@ -201,17 +201,17 @@ impl Candidate {
 
 /// What decides a candidate's fate (from `--promote-after` and `--no-rollback`).
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Rules {
-    pub(super) promote_after: Option<u64>,
+pub(crate) struct Rules {
+    pub(crate) promote_after: Option<u64>,
     /// Client networks the clean datagrams must come from (`--promote-min-clients`).
-    pub(super) min_clients: usize,
+    pub(crate) min_clients: usize,
     /// The least time between loading and promotion (`--promote-min-time`).
-    pub(super) min_time: Duration,
-    pub(super) rollback: bool,
+    pub(crate) min_time: Duration,
+    pub(crate) rollback: bool,
 }
 
 impl Rules {
-    pub(super) fn of(spec: &crate::config::ListenerSpec) -> Self {
+    pub(crate) fn of(spec: &crate::config::ListenerSpec) -> Self {
         let c = spec.candidate.as_ref();
         Self {
             promote_after: c.and_then(|c| c.promote_after),
@@ -294,7 +294,7 @@ fn forget(failures: &mut VecDeque<u64>, seen: u64) {
 /// The hash is keyed by a secret of this process (the same across its
 /// reloads, so a client keeps its side): no one can pick addresses that fall
 /// in the canary.
-pub(super) fn canary(client: IpAddr, percent: f64) -> bool {
+pub(crate) fn canary(client: IpAddr, percent: f64) -> bool {
     static SECRET: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
         std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), "canary")
     });
@@ -311,13 +311,13 @@ fn canary_with(secret: u64, client: IpAddr, percent: f64) -> bool {
 }
 
 /// Whether a datagram's verdict is a trap or a timeout.
-pub(super) fn failed(verdict: &str) -> bool {
+pub(crate) fn failed(verdict: &str) -> bool {
     verdict == DropReason::Trap.as_str() || verdict == DropReason::Timeout.as_str()
 }
 
 impl Job {
     /// The bytes it holds, for the queue's byte budget.
-    pub(super) fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         let total = |v: &[Vec<u8>]| v.iter().map(Vec::len).sum::<usize>();
         match self {
             Self::Client {
@@ -332,7 +332,7 @@ impl Job {
 }
 
 /// A shadow sample, from a worker to the shadow thread.
-pub(super) enum Job {
+pub(crate) enum Job {
     /// A client datagram and what the module that served it did about it:
     /// the active module (the candidate runs it, stubbed, to compare), or the
     /// candidate for a canary client (then the active runs it).

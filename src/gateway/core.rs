@@ -1,102 +1,74 @@
 //! One worker's decisions, with no socket and no clock of its own, in the
-//! manner of quinn-proto's endpoint: a client datagram in ([`Core::on_client`])
-//! gives replies out (through `emit`) and session commands queued
-//! ([`Core::poll_commands`]); an upstream datagram in ([`Core::on_upstream`])
-//! goes through `on_reply` or straight on; time in ([`Core::on_timeout`], due
-//! at [`Core::poll_timeout`]) ends idle sessions. `now` is always passed in.
-//! Every drop is counted here. The worker owns the sockets.
+//! manner of quinn-proto's endpoint. Its methods come in three kinds, called
+//! in this order:
+//!
+//! - events in: a client datagram ([`Core::on_client`]) runs the handler and
+//!   passes what goes back to the client to `emit`; upstream datagrams
+//!   ([`Core::on_upstream`]) go through `on_reply` or straight on; an ICMP
+//!   refusal ([`Core::on_refused`]); time ([`Core::on_timeout`]);
+//! - then what the events left to do: the session opens, sends and closes
+//!   ([`Core::poll_commands`]), applied by the worker in order;
+//! - then when to wake next ([`Core::poll_timeout`]).
+//!
+//! `now` is always passed in. Every drop is counted here. What answers is a
+//! [`Handler`] (the guest, or one that routes some clients elsewhere); what
+//! watches is a [`Tap`], asked before each exchange whether it wants it. The
+//! worker owns the sockets.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::sync::mpsc::{SyncSender, TrySendError};
-
-use super::candidate::{self, Candidate, Job};
+use super::handler::Handler;
 use super::loop_guard::{LOOP_AFTER, LoopGuard};
-use super::shared::{Handler, NativeAnswer, Shared};
-use crate::guest::Guest;
+use super::shared::Shared;
+use super::tap::{ClientExchange, Tap, UpstreamExchange};
 use crate::metrics::Counters;
 use crate::net::source_filter::SourceFilter;
-use crate::prove::capture::Hop;
 use crate::upstream::{Applied, Command, Lent, SessionId};
-use crate::verdict::{DropReason, MAX_DATAGRAM};
+use crate::verdict::DropReason;
 
 /// Without pools, how often an idle worker lets go of a replaced program.
 const IDLE_REFRESH: Duration = Duration::from_secs(1);
 
 /// The per-datagram work of a worker, apart from the sockets.
-pub(super) struct Core {
-    pub(super) handler: Handler,
+pub(crate) struct Core<H, T> {
+    pub(super) handler: H,
+    pub(super) tap: T,
     pub(super) shared: Arc<Shared>,
     pub(super) counters: Arc<Counters>,
     /// The sources this worker never answers.
     pub(super) filter: SourceFilter,
-    /// With pools: this worker's session table (lent to the guest during a call).
-    pub(super) sessions: Lent,
+    /// With pools: this worker's session table (lent to the handler during a call).
+    pub(crate) sessions: Lent,
     /// The `POOL/ip:port` of the session being read (kept to reuse its allocation).
     pub(super) label: String,
     /// When [`Core::on_timeout`] is due.
     pub(super) next_timeout: Instant,
-    /// The recorder's sampling state (`--record-sample`).
-    sample_state: u64,
-    /// Where shadow samples go (`--candidate` with `--shadow-sample` above 0).
-    shadow: Option<SyncSender<Job>>,
-    shadow_threshold: u64,
-    shadow_state: u64,
-    /// The candidate this worker serves canary clients with, and its handler.
-    canary: Option<(Arc<Candidate>, Handler)>,
     /// What this worker last sent each source, to end loops between gateways.
     loops: LoopGuard,
 }
 
-/// The candidate as loaded for one datagram (always `Some` inside a [`Trial`]):
-/// an `arc_swap` guard, so reading it costs no reference count.
-type Loaded = arc_swap::Guard<Option<Arc<Candidate>>>;
-
-/// Whether the datagram in hand goes to the candidate for real, or to the
-/// active and from there to the shadow, or neither.
-enum Trial {
-    None,
-    Canary(Loaded),
-    Active { shadowed: bool, candidate: Loaded },
-}
-
-impl Trial {
-    fn canary(&self) -> bool {
-        matches!(self, Self::Canary(_))
-    }
-
-    fn shadowed(&self) -> bool {
-        matches!(self, Self::Active { shadowed: true, .. })
-    }
-}
-
-impl Core {
-    pub(super) fn new(
-        handler: Handler,
+impl<H: Handler, T: Tap> Core<H, T> {
+    pub(crate) fn new(
+        handler: H,
+        tap: T,
         shared: Arc<Shared>,
         counters: Arc<Counters>,
         filter: SourceFilter,
         sessions: Lent,
         worker: usize,
-        shadow: Option<SyncSender<Job>>,
     ) -> Self {
-        let share = shared.spec.candidate.as_ref().map_or(0.0, |c| c.shadow_sample);
         Self {
             handler,
+            tap,
             shared,
             counters,
             filter,
             sessions,
             label: String::new(),
             next_timeout: Instant::now(),
-            sample_state: 0x9e37_79b9_7f4a_7c15 ^ worker as u64,
-            shadow,
-            shadow_threshold: crate::prove::capture::threshold(share),
-            shadow_state: 0x2545_f491_4f6c_dd1d ^ worker as u64,
-            canary: None,
             // A seed no client can know, so that no choice of sources can
             // push a loop's slots out of the table.
             loops: LoopGuard::new(std::hash::BuildHasher::hash_one(
@@ -106,104 +78,6 @@ impl Core {
         }
     }
 
-    /// What the candidate (if one is loaded) has to do with `client`'s
-    /// datagram; a new candidate gets its canary handler here.
-    fn trial(&mut self, client: SocketAddr) -> Trial {
-        let Some(spec) = &self.shared.spec.candidate else {
-            return Trial::None;
-        };
-        let loaded = self.shared.candidate.load();
-        let Some(candidate) = loaded.as_ref() else {
-            self.canary = None;
-            return Trial::None;
-        };
-        if spec.canary_percent > 0.0 && candidate::canary(client.ip(), spec.canary_percent) {
-            if !self.canary.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, candidate)) {
-                let guest = Guest::new(
-                    self.shared.env.clone(),
-                    Arc::clone(&candidate.program),
-                    self.shared.spec.isolation,
-                    self.shared.spec.max_reply_ratio,
-                );
-                self.canary = Some((Arc::clone(candidate), Handler::Guest(Box::new(guest))));
-            }
-            return Trial::Canary(loaded);
-        }
-        let shadowed =
-            self.shadow.is_some() && crate::prove::capture::chance(&mut self.shadow_state, self.shadow_threshold);
-        Trial::Active {
-            shadowed,
-            candidate: loaded,
-        }
-    }
-
-    /// Puts the canary handler in the active's place, or back.
-    fn swap_canary(&mut self) {
-        if let Some((_, handler)) = self.canary.as_mut() {
-            std::mem::swap(&mut self.handler, handler);
-        }
-    }
-
-    /// Tells the candidate's judge how a datagram went, and acts on its ruling.
-    fn judged(&self, trial: &Trial, verdict: &str, client: SocketAddr) {
-        let failed = candidate::failed(verdict);
-        match trial {
-            Trial::None => {}
-            Trial::Active { candidate, .. } => {
-                if let Some(candidate) = candidate.as_ref() {
-                    candidate.active_ran(failed);
-                }
-            }
-            Trial::Canary(candidate) => {
-                let rules = candidate::Rules::of(&self.shared.spec);
-                let Some(candidate) = candidate.as_ref() else { return };
-                if !failed && self.shadow.is_some() {
-                    // Judged once the active module ran it too, in the shadow
-                    // thread: served is not the same as right.
-                    candidate.counted(false);
-                } else if let Some(action) = candidate.candidate_ran(failed, false, client.ip(), &rules) {
-                    self.shared.settle(candidate, action);
-                }
-            }
-        }
-    }
-
-    /// Hands a shadow sample to the shadow thread; a full queue skips it.
-    fn shadow(&self, job: Job) {
-        let Some(tx) = &self.shadow else { return };
-        let bytes = job.bytes();
-        if !self.shared.shadow.reserve(bytes) {
-            return;
-        }
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(job) {
-            self.shared.shadow.release(bytes);
-            self.shared.shadow.skipped();
-        }
-    }
-
-    /// Whether this exchange is recorded (`--record`, sampled).
-    fn recording(&mut self) -> bool {
-        match &self.shared.recorder {
-            Some(r) => r.sampled(&mut self.sample_state),
-            None => false,
-        }
-    }
-
-    /// Records one datagram of the exchange being handled.
-    fn record(
-        &self,
-        hop: Hop,
-        src: SocketAddr,
-        dst: SocketAddr,
-        datagram: &[u8],
-        verdict: Option<&'static str>,
-        client: Option<SocketAddr>,
-    ) {
-        if let Some(r) = &self.shared.recorder {
-            let module = self.shared.program.load().sha256();
-            r.record(hop, src, dst, datagram, module, verdict, client);
-        }
-    }
     /// Sets the time for what follows, and takes a reload's pools.
     fn set_now(&mut self, now: Instant) {
         if let Some(n) = self.sessions.as_mut() {
@@ -219,7 +93,7 @@ impl Core {
 
     /// Datagrams that came back on session `id`, each through `on_reply` (or
     /// straight on) to its client via `emit`.
-    pub(super) fn on_upstream<'a>(
+    pub(crate) fn on_upstream<'a>(
         &mut self,
         now: Instant,
         id: SessionId,
@@ -227,9 +101,10 @@ impl Core {
         emit: &mut dyn FnMut(&[u8], SocketAddr),
     ) {
         self.set_now(now);
-        let recording = self.recording();
+        let tapped = self.tap.active();
         let Some(n) = self.sessions.as_mut() else { return };
-        let endpoint = if recording {
+        // Looked up first: the answer may end the session.
+        let endpoint = if tapped {
             n.session(id).map(|(_, endpoint)| endpoint)
         } else {
             None
@@ -241,50 +116,32 @@ impl Core {
         label.clear();
         label.push_str(upstream);
         let shown = unmapped(client);
-        let trial = self.trial(shown);
-        // A canary client's answers go through the candidate's `on_reply`.
-        if trial.canary() {
-            self.swap_canary();
-        }
-        let shadowed = trial.shadowed();
-        if !recording && !shadowed {
+        let route = self.handler.route(shown, &self.shared.program.load());
+        if !(tapped && self.tap.watch_upstream(shown, route)) {
             for datagram in datagrams {
                 self.upstream_datagram(datagram, client, &label, emit);
             }
         } else {
-            let local = self.shared.local;
             for datagram in datagrams {
-                if recording && let Some(endpoint) = endpoint {
-                    self.record(Hop::Upstream, endpoint, local, datagram, None, Some(shown));
-                }
                 let mut replies = Vec::new();
                 self.upstream_datagram(datagram, client, &label, &mut |d, to| {
                     replies.push(d.to_vec());
                     emit(d, to);
                 });
-                if recording {
-                    for reply in &replies {
-                        self.record(Hop::Reply, local, shown, reply, None, None);
-                    }
-                }
-                if shadowed {
-                    self.shadow(Job::Upstream {
-                        at: now,
-                        client: shown,
-                        datagram: datagram.to_vec(),
-                        replies,
-                    });
-                }
+                self.tap.upstream(UpstreamExchange {
+                    now,
+                    client: shown,
+                    endpoint,
+                    datagram,
+                    replies,
+                });
             }
-        }
-        if trial.canary() {
-            self.swap_canary();
         }
         self.label = label;
     }
 
     /// Session `id`'s socket reported ICMP port unreachable.
-    pub(super) fn on_refused(&mut self, now: Instant, id: SessionId) {
+    pub(crate) fn on_refused(&mut self, now: Instant, id: SessionId) {
         self.set_now(now);
         if let Some(n) = self.sessions.as_mut() {
             n.refused(id);
@@ -292,7 +149,7 @@ impl Core {
     }
 
     /// Idle sessions end, ejections end, and a replaced program is let go.
-    pub(super) fn on_timeout(&mut self, now: Instant) {
+    pub(crate) fn on_timeout(&mut self, now: Instant) {
         self.set_now(now);
         if let Some(n) = self.sessions.as_mut() {
             n.expire(now);
@@ -303,18 +160,18 @@ impl Core {
     }
 
     /// When [`Core::on_timeout`] is due next.
-    pub(super) fn poll_timeout(&self) -> Instant {
+    pub(crate) fn poll_timeout(&self) -> Instant {
         self.next_timeout
     }
 
     /// The session opens, sends and closes queued since the last poll, in order.
-    pub(super) fn poll_commands(&mut self, mut apply: impl FnMut(Command<'_>) -> Applied) {
+    pub(crate) fn poll_commands(&mut self, mut apply: impl FnMut(Command<'_>) -> Applied) {
         let Some(n) = self.sessions.as_mut() else { return };
-        if self.shared.recorder.is_none() {
+        if !self.tap.watches_forwards() {
             n.poll_commands(apply);
             return;
         }
-        // Forwards are sampled on their own: by the time they are sent, the
+        // Forwards are watched on their own: by the time they are sent, the
         // client datagram that asked for them may be a batch behind.
         let mut sent = Vec::new();
         n.poll_commands(|command| {
@@ -324,26 +181,22 @@ impl Core {
             }
             applied
         });
-        let local = self.shared.local;
         for (id, datagram) in sent {
-            let session = self.sessions.as_ref().and_then(|n| n.session(id));
-            if let Some((client, endpoint)) = session
-                && self.recording()
-            {
-                self.record(Hop::Forward, local, endpoint, &datagram, None, Some(unmapped(client)));
+            if let Some((client, endpoint)) = self.sessions.as_ref().and_then(|n| n.session(id)) {
+                self.tap.forwarded(unmapped(client), endpoint, &datagram);
             }
         }
     }
 
     /// Whether a forwarded datagram still waits for its answer (the shutdown drain).
-    pub(super) fn awaiting(&self) -> bool {
+    pub(crate) fn awaiting(&self) -> bool {
         self.sessions.as_ref().is_some_and(|n| n.awaiting())
     }
 
     /// A client datagram (already counted as received): the handler runs on it,
     /// what goes back to `peer` is passed to `emit` (`send`s first), forwards are
     /// queued as session commands. Drops are counted here.
-    pub(super) fn on_client(
+    pub(crate) fn on_client(
         &mut self,
         now: Instant,
         datagram: &[u8],
@@ -365,67 +218,39 @@ impl Core {
             drop_datagram(&self.shared, &self.counters, DropReason::Loop, shown, &why);
             return;
         }
-        self.handler.refresh(&self.shared.program.load());
-        let recording = self.recording();
-        let trial = self.trial(shown);
-        let shadowed = trial.shadowed();
-        // A canaried datagram goes to the shadow thread with what the
-        // candidate did, for the active module to run and compare.
-        let canaried = trial.canary() && self.shadow.is_some();
+        let route = self.handler.route(shown, &self.shared.program.load());
+        let watched = self.tap.active() && self.tap.watch_client(shown, route);
         let mark = self.sessions.as_ref().map_or(0, |n| n.queued());
         let mut replies = Vec::new();
         let mut last_sent = None;
         let hash = self.loops.hasher();
         let mut emit = |d: &[u8], to: SocketAddr| {
-            if recording || shadowed || canaried {
+            if watched {
                 replies.push(d.to_vec());
             }
             last_sent = Some(hash(d));
             emit(d, to);
         };
-        let verdict = if trial.canary() {
-            self.swap_canary();
-            let verdict = self.handle_client(datagram, peer, shown, &mut emit);
-            self.swap_canary();
-            verdict
-        } else {
-            self.handle_client(datagram, peer, shown, &mut emit)
-        };
+        let verdict = self.handle_client(datagram, peer, shown, &mut emit);
         if let Some(hash) = last_sent {
             self.loops.sent_hash(shown, hash);
         }
-        self.judged(&trial, verdict, shown);
-        // What the handler did goes to the shadow thread: for the candidate to
-        // run too (shadowed), or for the active to (canaried, unless the
-        // candidate failed, which is judged already).
-        let canary_sample = canaried && !candidate::failed(verdict);
-        if shadowed || canary_sample {
+        self.handler.judged(shown, verdict);
+        if watched {
             let forwards = self
                 .sessions
                 .as_ref()
                 .map(|n| n.sends_since(mark).map(<[u8]>::to_vec).collect())
                 .unwrap_or_default();
-            let replies = if recording {
-                replies.clone()
-            } else {
-                std::mem::take(&mut replies)
-            };
-            self.shadow(Job::Client {
-                at: now,
+            self.tap.client(ClientExchange {
+                now,
                 client: shown,
-                datagram: datagram.to_vec(),
+                datagram,
                 verdict,
+                route,
                 replies,
                 forwards,
-                canaried: !shadowed,
             });
-        }
-        if recording {
-            let local = self.shared.local;
-            self.record(Hop::Client, shown, local, datagram, Some(verdict), None);
-            for reply in &replies {
-                self.record(Hop::Reply, local, shown, reply, None, None);
-            }
         }
     }
 
@@ -449,67 +274,35 @@ impl Core {
             sessions,
             ..
         } = self;
-        match handler {
-            Handler::Native(native, out) => {
-                if datagram.len() > MAX_DATAGRAM {
-                    drop_datagram(shared, counters, DropReason::Oversize, shown, &"oversize");
-                    return DropReason::Oversize.as_str();
-                }
-                out.clear();
-                let answer = native.handle(datagram, sessions.as_deref_mut(), out);
-                counters.guest_time(started.elapsed());
-                match answer {
-                    NativeAnswer::Reply => {
-                        emit(out, peer);
-                        "reply"
-                    }
-                    NativeAnswer::Forwarded => {
-                        counters.forwarded();
-                        "forward"
-                    }
-                    NativeAnswer::Nothing => {
-                        counters.dropped(DropReason::NoReply);
-                        DropReason::NoReply.as_str()
-                    }
-                    NativeAnswer::Refused(error) => {
-                        counters.refused(error, 1);
-                        drop_datagram(shared, counters, error.drop_reason(), shown, &error);
-                        error.drop_reason().as_str()
-                    }
+        let result = handler.handle(datagram, shown, sessions);
+        counters.guest_time(started.elapsed());
+        let verdict = match result {
+            Ok(answer) => {
+                if answer.each_datagram(|d| emit(d, peer)) {
+                    "reply"
+                } else if answer.forwarded() > 0 {
+                    counters.forwarded();
+                    "forward"
+                } else if let Some(error) = answer.first_refusal() {
+                    let why = format_args!("every forward was refused: {error}");
+                    drop_datagram(shared, counters, error.drop_reason(), shown, &why);
+                    error.drop_reason().as_str()
+                } else {
+                    counters.dropped(DropReason::NoReply);
+                    DropReason::NoReply.as_str()
                 }
             }
-            Handler::Guest(guest) => {
-                let result = guest.handle_with(datagram, shown, sessions);
-                counters.guest_time(started.elapsed());
-                let verdict = match result {
-                    Ok(answer) => {
-                        if answer.each_datagram(|d| emit(d, peer)) {
-                            "reply"
-                        } else if answer.forwarded() > 0 {
-                            counters.forwarded();
-                            "forward"
-                        } else if let Some(error) = answer.first_refusal() {
-                            let why = format_args!("every forward was refused: {error}");
-                            drop_datagram(shared, counters, error.drop_reason(), shown, &why);
-                            error.drop_reason().as_str()
-                        } else {
-                            counters.dropped(DropReason::NoReply);
-                            DropReason::NoReply.as_str()
-                        }
-                    }
-                    Err(rejection) => {
-                        drop_datagram(shared, counters, rejection.reason, shown, &rejection);
-                        rejection.reason.as_str()
-                    }
-                };
-                count_refused(counters, guest);
-                verdict
+            Err(rejection) => {
+                drop_datagram(shared, counters, rejection.reason, shown, &rejection);
+                rejection.reason.as_str()
             }
-        }
+        };
+        handler.take_refused(&mut |error, n| counters.refused(error, u64::from(n)));
+        verdict
     }
 
     /// A datagram an upstream sent back for `client` (as received): through
-    /// `on_reply` when the guest has it, else straight to the client. Either
+    /// `on_reply` when the handler has it, else straight to the client. Either
     /// way what reaches a client that has not proven its address is held to
     /// the reply ratio of what it sent, and the calls `on_reply` makes count
     /// against the chain its last datagram started.
@@ -523,22 +316,21 @@ impl Core {
         let Some(n) = self.sessions.as_mut() else { return };
         let allowance = n.allowance(client);
         let shown = unmapped(client);
-        let guest = match &mut self.handler {
-            Handler::Guest(guest) if guest.has_on_reply() => guest,
-            _ => {
-                if datagram.len() <= allowance.bytes {
-                    n.charge(client, datagram.len(), 0);
-                    emit(datagram, client);
-                } else {
-                    let why = "the answer is larger than the reply ratio allows for what the client sent";
-                    self.upstream_dropped(DropReason::Amplification, shown, upstream, &why);
-                }
-                return;
+        if !self.handler.has_on_reply() {
+            if datagram.len() <= allowance.bytes {
+                n.charge(client, datagram.len(), 0);
+                emit(datagram, client);
+            } else {
+                let why = "the answer is larger than the reply ratio allows for what the client sent";
+                self.upstream_dropped(DropReason::Amplification, shown, upstream, &why);
             }
-        };
+            return;
+        }
         n.begin(client);
         let started = Instant::now();
-        let result = guest.on_reply(datagram, shown, upstream, &mut self.sessions, allowance);
+        let result = self
+            .handler
+            .on_reply(datagram, shown, upstream, &mut self.sessions, allowance);
         self.counters.guest_time(started.elapsed());
         let mut bytes = 0;
         match result {
@@ -556,14 +348,15 @@ impl Core {
                 self.upstream_dropped(reason, shown, upstream, &rejection);
             }
         }
-        if let Handler::Guest(guest) = &mut self.handler {
-            // Counted whatever the outcome: a call that trapped after forwarding
-            // has still spent them.
-            if let Some(n) = self.sessions.as_mut() {
-                n.charge(client, bytes, guest.last_calls());
-            }
-            count_refused(&self.counters, guest);
+        // Counted whatever the outcome: a call that trapped after forwarding
+        // has still spent them.
+        let calls = self.handler.last_calls();
+        if let Some(n) = self.sessions.as_mut() {
+            n.charge(client, bytes, calls);
         }
+        let counters = &self.counters;
+        self.handler
+            .take_refused(&mut |error, n| counters.refused(error, u64::from(n)));
     }
 
     /// Counts an upstream datagram dropped, and says why unless said too often lately.
@@ -582,7 +375,7 @@ impl Core {
         }
     }
 
-    pub(super) fn recv_failed(&mut self, e: io::Error) {
+    pub(crate) fn recv_failed(&mut self, e: io::Error) {
         match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                 // Idle: let go of a replaced program now rather than at the next datagram.
@@ -610,13 +403,6 @@ pub(super) fn unmapped(peer: SocketAddr) -> SocketAddr {
             None => peer,
         },
         SocketAddr::V4(_) => peer,
-    }
-}
-
-/// Counts the guest's refused `forward`/`send` calls of the call just made.
-fn count_refused(counters: &Counters, guest: &mut Guest) {
-    for (error, n) in guest.take_refused() {
-        counters.refused(error, u64::from(n));
     }
 }
 
@@ -661,6 +447,9 @@ mod tests {
 
     use arc_swap::ArcSwap;
 
+    use crate::gateway::tap::NoTap;
+    use crate::guest::Guest;
+
     use crate::config::PoolSpec;
     use crate::config::{Isolation, Limits};
     use crate::guest::Env;
@@ -695,11 +484,11 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn core_with(wat: &str, pool: PoolSpec) -> Core {
+    fn core_with(wat: &str, pool: PoolSpec) -> Core<Guest, NoTap> {
         core_of(wat, Some(pool))
     }
 
-    fn core_of(wat: &str, pool: Option<PoolSpec>) -> Core {
+    fn core_of(wat: &str, pool: Option<PoolSpec>) -> Core<Guest, NoTap> {
         let env = Env::new(Limits::default()).unwrap();
         let program = env.load("test.wat", wat.as_bytes()).unwrap();
         let pools = pool.map(|pool| ArcSwap::from_pointee(Pools::new(&[pool], 1).unwrap()));
@@ -724,13 +513,13 @@ mod tests {
             ))
         });
         Core::new(
-            Handler::Guest(Box::new(guest)),
+            guest,
+            NoTap,
             shared,
             counters,
             SourceFilter::new(PortSet::default(), addr("127.0.0.1:5353")),
             sessions,
             0,
-            None,
         )
     }
 
@@ -742,11 +531,11 @@ mod tests {
     type Outcome = (Vec<Vec<u8>>, Vec<(SessionId, Vec<u8>)>);
 
     /// A client datagram in: what was emitted, and the datagrams sent upstream.
-    fn client_says(core: &mut Core, from: SocketAddr, datagram: &[u8]) -> Outcome {
+    fn client_says(core: &mut Core<Guest, NoTap>, from: SocketAddr, datagram: &[u8]) -> Outcome {
         client_says_at(core, Instant::now(), from, datagram)
     }
 
-    fn client_says_at(core: &mut Core, now: Instant, from: SocketAddr, datagram: &[u8]) -> Outcome {
+    fn client_says_at(core: &mut Core<Guest, NoTap>, now: Instant, from: SocketAddr, datagram: &[u8]) -> Outcome {
         let mut out = Vec::new();
         core.on_client(now, datagram, from, &mut |d, to| {
             assert_eq!(to, from);
@@ -756,7 +545,7 @@ mod tests {
     }
 
     /// Applies the queued commands (every one succeeds) and returns the sends.
-    fn sends(core: &mut Core) -> Vec<(SessionId, Vec<u8>)> {
+    fn sends(core: &mut Core<Guest, NoTap>) -> Vec<(SessionId, Vec<u8>)> {
         let mut sent = Vec::new();
         core.poll_commands(|c| {
             if let Command::Send { id, datagram } = c {
@@ -768,7 +557,7 @@ mod tests {
     }
 
     /// Upstream answers on `id`: what reached the client, and what was forwarded again.
-    fn upstream_says(core: &mut Core, id: SessionId, answers: &[&[u8]]) -> Outcome {
+    fn upstream_says(core: &mut Core<Guest, NoTap>, id: SessionId, answers: &[&[u8]]) -> Outcome {
         let mut out = Vec::new();
         core.on_upstream(Instant::now(), id, answers.iter().copied(), &mut |d, to| {
             assert_eq!(to, addr(CLIENT));
@@ -812,7 +601,7 @@ mod tests {
         // Before the chain had one allowance, the call limit started afresh in
         // every on_reply, and one datagram led to 520,000 upstream datagrams in 5 s.
         let mut core = core_with(REFORWARD, backend());
-        let chain = |core: &mut Core, first: &[u8]| {
+        let chain = |core: &mut Core<Guest, NoTap>, first: &[u8]| {
             let (_, mut pending) = client_says(core, addr(CLIENT), first);
             let mut upstream = pending.len();
             // Every datagram sent upstream is answered; each answer forwards twice.
@@ -871,7 +660,7 @@ mod tests {
         );
         let t0 = Instant::now();
         client_says_at(&mut core, t0, addr(CLIENT), b"q");
-        let closes_at = |core: &mut Core, at: Duration| {
+        let closes_at = |core: &mut Core<Guest, NoTap>, at: Duration| {
             let mut closed = Vec::new();
             core.on_timeout(t0 + at);
             core.poll_commands(|c| {

@@ -26,9 +26,10 @@ use crate::guest::{Env, Guest, Program, WORKER_STACK_BYTES};
 use crate::metrics::Snapshot;
 use crate::net::sessions::SessionSockets;
 use crate::net::source_filter::{HostPorts, SourceFilter, listening_ports};
+use crate::prove::canary::Canary;
 use crate::prove::capture::{MismatchLog, Recorder};
+use crate::prove::tap::Proving;
 use crate::upstream::{Pools, Sessions};
-use crate::verdict::MAX_DATAGRAM;
 
 /// Requested kernel socket buffers; they absorb bursts. Linux may cap them at
 /// `net.core.rmem_max` / `wmem_max`.
@@ -47,27 +48,28 @@ impl Gateway {
     /// (The listener's module, watch and limits are the caller's: `program`
     /// was loaded by `env` already.)
     pub fn start(env: &Env, program: Program, spec: &ListenerSpec) -> anyhow::Result<Self> {
-        Self::start_with(env, program, spec, None)
+        Self::start_with(env, program, spec, None::<fn() -> Guest>)
     }
 
-    /// Like [`Gateway::start`], with a handler written in Rust run instead of
-    /// the guest (`program` is then only reported), one per worker, made by
-    /// `native`: for benchmarks, whose native baseline is the same data path
-    /// without the WebAssembly hop, and for embedders.
-    pub fn start_native(
+    /// Like [`Gateway::start`], with a [`Handler`] of the caller's run instead
+    /// of the guest (`program` is then only reported), one per worker, made by
+    /// `make`: for benchmarks, whose native baseline is the same data path
+    /// without the WebAssembly hop, and for embedders. Nothing is recorded or
+    /// shadowed.
+    pub fn start_with_handler<H: Handler + 'static>(
         env: &Env,
         program: Program,
         spec: &ListenerSpec,
-        native: fn() -> Box<dyn Native>,
+        make: fn() -> H,
     ) -> anyhow::Result<Self> {
-        Self::start_with(env, program, spec, Some(native))
+        Self::start_with(env, program, spec, Some(make))
     }
 
-    fn start_with(
+    fn start_with<H: Handler + 'static>(
         env: &Env,
         program: Program,
         config: &ListenerSpec,
-        native: Option<fn() -> Box<dyn Native>>,
+        native: Option<fn() -> H>,
     ) -> anyhow::Result<Self> {
         let workers = config.workers.max(1);
         let pools = if config.pools.is_empty() {
@@ -106,16 +108,6 @@ impl Gateway {
             workers: Vec::new(),
         };
         for (i, socket) in sockets.into_iter().enumerate() {
-            let handler = if let Some(make) = native {
-                Handler::Native(make(), Vec::with_capacity(MAX_DATAGRAM))
-            } else {
-                Handler::Guest(Box::new(Guest::new(
-                    env.clone(),
-                    gateway.shared.program.load_full(),
-                    config.isolation,
-                    config.max_reply_ratio,
-                )))
-            };
             let counters = gateway.shared.stats.worker(i);
             let poll = mio::Poll::new().context("cannot create a poller")?;
             let registry = poll.registry().try_clone().context("cannot create a poller")?;
@@ -128,26 +120,26 @@ impl Gateway {
                     Instant::now(),
                 ))
             });
-            let worker = Worker {
-                socket,
-                batch: config.batch.max(1),
-                poll,
-                sockets: SessionSockets::new(registry, Arc::clone(&gateway.shared.session_ports)),
-                core: Core::new(
-                    handler,
-                    Arc::clone(&gateway.shared),
-                    counters,
-                    SourceFilter::new(config.deny_source_ports.clone(), local_addr).watching(HostPorts::watched()),
-                    sessions,
-                    i,
-                    shadow.as_ref().map(|(tx, _)| tx.clone()),
-                ),
+            let shared = Arc::clone(&gateway.shared);
+            let filter = SourceFilter::new(config.deny_source_ports.clone(), local_addr).watching(HostPorts::watched());
+            let sockets = SessionSockets::new(registry, Arc::clone(&gateway.shared.session_ports));
+            let batch = config.batch.max(1);
+            let spawned = if let Some(make) = native {
+                let core = Core::new(make(), NoTap, shared, counters, filter, sessions, i);
+                spawn_worker(i, Worker::new(socket, batch, poll, sockets, core))
+            } else {
+                let guest = Guest::new(
+                    env.clone(),
+                    gateway.shared.program.load_full(),
+                    config.isolation,
+                    config.max_reply_ratio,
+                );
+                let canary = Canary::new(guest, Arc::clone(&shared), shadow.is_some());
+                let tap = Proving::new(Arc::clone(&shared), shadow.as_ref().map(|(tx, _)| tx.clone()), i);
+                let core = Core::new(canary, tap, shared, counters, filter, sessions, i);
+                spawn_worker(i, Worker::new(socket, batch, poll, sockets, core))
             };
-            let thread = std::thread::Builder::new()
-                .name(format!("wasmgate-worker-{i}"))
-                .stack_size(WORKER_STACK_BYTES)
-                .spawn(move || worker.run())
-                .context("cannot start a worker thread")?;
+            let thread = spawned?;
             gateway.workers.push(thread);
         }
         if let Some(c) = &config.candidate {
@@ -342,21 +334,36 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
-mod candidate;
+/// Starts worker `i`'s thread.
+fn spawn_worker<H: Handler + 'static, T: Tap + 'static>(
+    i: usize,
+    worker: Worker<H, T>,
+) -> anyhow::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("wasmgate-worker-{i}"))
+        .stack_size(WORKER_STACK_BYTES)
+        .spawn(move || worker.run())
+        .context("cannot start a worker thread")
+}
+
+pub(crate) mod candidate;
 mod core;
+pub(crate) mod handler;
 mod loop_guard;
 mod offline;
 mod shadow;
-mod shared;
+pub(crate) mod shared;
+pub(crate) mod tap;
 mod worker;
 
 pub use candidate::ShadowResult;
+pub use handler::{Handler, Route};
 pub use loop_guard::LOOP_AFTER;
 pub use offline::{Offline, Outcome};
 pub use shadow::SHADOW_NICE;
-pub use shared::{Native, NativeAnswer};
+pub use tap::{NoTap, Tap};
 
 use self::candidate::{Action, Candidate};
 use self::core::Core;
-use self::shared::{Handler, POLL_INTERVAL, Shared};
+use self::shared::{POLL_INTERVAL, Shared};
 use self::worker::Worker;

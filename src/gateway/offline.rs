@@ -16,7 +16,8 @@ use arc_swap::ArcSwap;
 
 use super::candidate::Candidate;
 use super::core::Core;
-use super::shared::{Handler, Shared};
+use super::shared::Shared;
+use super::tap::NoTap;
 use crate::config::ListenerSpec;
 use crate::guest::{Env, Guest, Program};
 use crate::metrics::Snapshot;
@@ -53,7 +54,7 @@ impl Outcome {
 
 /// A listener's core driven by hand with a virtual clock.
 pub struct Offline {
-    core: Core,
+    core: Core<Guest, NoTap>,
     /// The virtual clock: the first datagram's time is `start`.
     start: Instant,
     first: Option<Duration>,
@@ -136,15 +137,7 @@ impl Offline {
             ))
         });
         let filter = SourceFilter::new(spec.deny_source_ports.clone(), local);
-        let core = Core::new(
-            Handler::Guest(Box::new(guest)),
-            shared,
-            counters,
-            filter,
-            sessions,
-            0,
-            None,
-        );
+        let core = Core::new(guest, NoTap, shared, counters, filter, sessions, 0);
         Self {
             core,
             start,

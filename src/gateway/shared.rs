@@ -1,5 +1,4 @@
-//! What a listener's workers share, and what turns a datagram into a reply
-//! (the guest, or a [`Native`] handler in the benchmarks).
+//! What a listener's workers share.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,50 +9,50 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 use super::candidate::{Action, Candidate, ShadowCounters};
 use crate::config::ListenerSpec;
-use crate::guest::{Env, Guest, Program};
+use crate::guest::{Env, Program};
 use crate::metrics::{RateLimit, Snapshot, Stats};
 use crate::net::source_filter::PortCounts;
 use crate::prove::capture::{MismatchLog, Recorder};
-use crate::upstream::{Pools, Sessions};
-use crate::verdict::{CallError, DropReason};
+use crate::upstream::Pools;
+use crate::verdict::DropReason;
 
 /// How long a worker waits for a datagram before it looks for shutdown or a new program.
-pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(100);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Larger than any UDP payload (65,527 bytes over IPv6), so nothing is truncated:
 /// oversize datagrams are seen whole and dropped by count.
-pub(super) const RECV_BUFFER: usize = 65_536;
+pub(crate) const RECV_BUFFER: usize = 65_536;
 
 /// Log lines per second for each kind of problem; the rest are only counted.
 const WARNINGS_PER_SECOND: u64 = 5;
 
 /// What the workers share.
-pub(super) struct Shared {
-    pub(super) program: ArcSwap<Program>,
-    pub(super) stats: Stats,
-    pub(super) stop: AtomicBool,
+pub(crate) struct Shared {
+    pub(crate) program: ArcSwap<Program>,
+    pub(crate) stats: Stats,
+    pub(crate) stop: AtomicBool,
     /// One limit per drop reason, plus one for receive errors.
-    pub(super) warnings: [RateLimit; DropReason::ALL.len() + 1],
+    pub(crate) warnings: [RateLimit; DropReason::ALL.len() + 1],
     /// The upstream pools, when the guest may forward; replaced by a reload.
-    pub(super) pools: Option<ArcSwap<Pools>>,
+    pub(crate) pools: Option<ArcSwap<Pools>>,
     /// The local ports of this gateway's session sockets, which it never answers.
-    pub(super) session_ports: Arc<PortCounts>,
+    pub(crate) session_ports: Arc<PortCounts>,
     /// `--record`: where sampled datagrams go.
-    pub(super) recorder: Option<Recorder>,
+    pub(crate) recorder: Option<Recorder>,
     /// The listener's address, as recordings show it.
-    pub(super) local: SocketAddr,
+    pub(crate) local: SocketAddr,
     /// What the listener was started with, for the candidate's instances.
-    pub(super) env: Env,
-    pub(super) spec: ListenerSpec,
+    pub(crate) env: Env,
+    pub(crate) spec: ListenerSpec,
     /// `--candidate`, while one is loaded.
-    pub(super) candidate: ArcSwapOption<Candidate>,
-    pub(super) shadow: ShadowCounters,
+    pub(crate) candidate: ArcSwapOption<Candidate>,
+    pub(crate) shadow: ShadowCounters,
     /// `--shadow-mismatches`.
-    pub(super) mismatches: Option<MismatchLog>,
+    pub(crate) mismatches: Option<MismatchLog>,
 }
 
 impl Shared {
-    pub(super) fn new(
+    pub(crate) fn new(
         env: Env,
         spec: ListenerSpec,
         program: Arc<Program>,
@@ -80,7 +79,7 @@ impl Shared {
     }
 
     /// The workers' counters, the recorder's and the shadow's.
-    pub(super) fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let mut s = self.stats.snapshot();
         s.record_dropped = self.recorder.as_ref().map_or(0, Recorder::dropped);
         (s.shadow, s.shadow_skipped) = self.shadow.read();
@@ -91,7 +90,7 @@ impl Shared {
 
     /// Promotes or unloads `candidate`, unless it is no longer the one loaded
     /// (another worker, the shadow thread or an edit got there first).
-    pub(super) fn settle(&self, candidate: &Arc<Candidate>, action: Action) {
+    pub(crate) fn settle(&self, candidate: &Arc<Candidate>, action: Action) {
         let expected = Some(Arc::clone(candidate));
         let previous = self.candidate.compare_and_swap(&expected, None);
         if !previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, candidate)) {
@@ -123,40 +122,4 @@ impl Shared {
             }
         }
     }
-}
-
-/// What turns a datagram into a reply.
-pub(super) enum Handler {
-    Guest(Box<Guest>),
-    /// A Rust handler instead of the guest, and its reply buffer.
-    Native(Box<dyn Native>, Vec<u8>),
-}
-
-impl Handler {
-    pub(super) fn refresh(&mut self, program: &Arc<Program>) {
-        if let Self::Guest(guest) = self {
-            guest.set_program(program);
-        }
-    }
-}
-
-/// A handler written in Rust, run on the datagram path in place of a guest
-/// ([`crate::gateway::Gateway::start_native`]). Upstream datagrams go to the client unchanged.
-pub trait Native: Send {
-    /// Handles one datagram: writes a reply into `reply` (which starts empty),
-    /// or forwards through `net` (present when the listener has pools; the
-    /// current client is already set).
-    fn handle(&mut self, datagram: &[u8], sessions: Option<&mut Sessions>, reply: &mut Vec<u8>) -> NativeAnswer;
-}
-/// What a [`Native`] handler did with a datagram.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NativeAnswer {
-    /// Send `reply` to the client.
-    Reply,
-    /// Forwarded upstream.
-    Forwarded,
-    /// Nothing: counted as `no_reply`.
-    Nothing,
-    /// A forward was refused.
-    Refused(CallError),
 }

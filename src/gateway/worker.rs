@@ -14,14 +14,16 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token};
 
 use super::core::{Core, sent};
+use super::handler::Handler;
 use super::shared::{POLL_INTERVAL, RECV_BUFFER, Shared};
+use super::tap::Tap;
 use crate::metrics::Counters;
 use crate::net::batch::{RecvBatch, SendBatch, Sent, report_queue_overflows};
 use crate::net::sessions::{LISTENER, SessionSockets, session_of};
 use crate::verdict::MAX_DATAGRAM;
 
 /// One worker: its sockets and everything else it owns.
-pub(super) struct Worker {
+pub(super) struct Worker<H, T> {
     pub(super) socket: UdpSocket,
     /// Datagrams per receive and send system call.
     pub(super) batch: usize,
@@ -29,7 +31,7 @@ pub(super) struct Worker {
     pub(super) poll: Poll,
     /// The session sockets (the table is in the core); none without pools.
     pub(super) sockets: SessionSockets,
-    pub(super) core: Core,
+    pub(super) core: Core<H, T>,
 }
 
 /// How long the shutdown drain waits for upstream replies still on their way.
@@ -70,7 +72,17 @@ impl Ready {
     }
 }
 
-impl Worker {
+impl<H: Handler, T: Tap> Worker<H, T> {
+    pub(super) fn new(socket: UdpSocket, batch: usize, poll: Poll, sockets: SessionSockets, core: Core<H, T>) -> Self {
+        Self {
+            socket,
+            batch,
+            poll,
+            sockets,
+            core,
+        }
+    }
+
     pub(super) fn run(mut self) {
         if let Err(e) = self.prepare() {
             tracing::error!(error = %e, "cannot wait on the listener socket; this worker stops");
@@ -227,8 +239,8 @@ impl Worker {
 }
 
 /// Hands the `n` datagrams of a receive batch to the core, queueing answers in `tx`.
-fn take_batch(
-    core: &mut Core,
+fn take_batch<H: Handler, T: Tap>(
+    core: &mut Core<H, T>,
     now: Instant,
     rx: &RecvBatch,
     n: usize,

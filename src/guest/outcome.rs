@@ -13,8 +13,37 @@ use crate::verdict::{CallError, DropReason};
 pub struct Answer<'a> {
     /// What `handle` (or `on_reply`) returned; `None` for -1.
     pub reply: Option<&'a [u8]>,
-    pub(super) out: &'a Outbox,
+    out: &'a Outbox,
+    /// Forwards made by native code, which has no outbox.
+    forwarded: u32,
+    refused: Option<CallError>,
 }
+
+impl<'a> Answer<'a> {
+    pub(super) fn new(reply: Option<&'a [u8]>, out: &'a Outbox) -> Self {
+        Self {
+            reply,
+            out,
+            forwarded: 0,
+            refused: None,
+        }
+    }
+
+    /// What native code in a guest's place (the benchmarks' baseline) made of
+    /// a datagram: `reply`, after `forwarded` forwards, or the refusal of the
+    /// forward it tried.
+    pub fn native(reply: Option<&'a [u8]>, forwarded: u32, refused: Option<CallError>) -> Self {
+        Self {
+            reply,
+            out: &NO_CALLS,
+            forwarded,
+            refused,
+        }
+    }
+}
+
+/// What a handler that made no host call shows it did.
+pub(super) static NO_CALLS: Outbox = Outbox::EMPTY;
 
 impl Answer<'_> {
     /// The datagrams `send` queued, in order; they go out before the reply.
@@ -40,12 +69,12 @@ impl Answer<'_> {
 
     /// How many `forward`/`forward_key` calls handed the datagram to an upstream.
     pub fn forwarded(&self) -> u32 {
-        self.out.forwarded
+        self.out.forwarded + self.forwarded
     }
 
     /// The first refused call: why a datagram that went nowhere was dropped.
     pub fn first_refusal(&self) -> Option<CallError> {
-        self.out.first_refusal
+        self.out.first_refusal.or(self.refused)
     }
 }
 

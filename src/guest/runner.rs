@@ -6,16 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::env::Env;
-use super::host::Outbox;
 use super::kind::{Call, Entry, Instance};
-use super::outcome::{Answer, Rejection};
+use super::outcome::{Answer, NO_CALLS, Rejection};
 use super::program::Program;
 use crate::config::Isolation;
 use crate::upstream::Lent;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
-
-/// What a kind without host calls shows it did.
-static NO_CALLS: Outbox = Outbox::EMPTY;
 
 /// Runs one [`Program`] for one worker, datagram after datagram.
 pub struct Guest {
@@ -158,10 +154,10 @@ impl Guest {
         }
         let result = result.and_then(|has_reply| self.env.check_budget(&meter).map(|()| has_reply));
         match result {
-            Ok(has_reply) => Ok(Answer {
-                reply: has_reply.then(|| live.reply()),
-                out: live.calls().map_or(&NO_CALLS, |calls| &calls.out),
-            }),
+            Ok(has_reply) => Ok(Answer::new(
+                has_reply.then(|| live.reply()),
+                live.calls().map_or(&NO_CALLS, |calls| &calls.out),
+            )),
             Err(rejection) => {
                 self.poisoned = rejection.reason.poisons_instance();
                 Err(rejection)

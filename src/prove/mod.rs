@@ -2,5 +2,7 @@
 //! recorded by a listener) and `wasmgate replay`, which runs a capture through
 //! a module and compares.
 
+pub(crate) mod canary;
 pub mod capture;
 pub mod replay;
+pub(crate) mod tap;
