@@ -12,18 +12,20 @@
 //!   and [`service::exposition`] (Prometheus metrics over HTTP, read from the
 //!   counters at scrape time).
 //! - [`gateway`]: the datagram path: a listener's socket group and its handle
-//!   (`mod.rs`), each worker's socket-free decisions (`core.rs`: client and
-//!   upstream datagrams in, replies and session commands out), and the worker
-//!   thread's I/O around them (`worker.rs`); what the workers share
-//!   (`shared.rs`). `offline.rs` is that core with no socket at all, for
-//!   `replay` and the shadow; `candidate.rs` holds a `--candidate`'s record
-//!   and the rules that promote it or roll it back, and `shadow.rs` the
-//!   thread that runs it beside the active module; `loop_guard.rs` ends loops
-//!   with other gateways that no local check can see.
+//!   (`mod.rs`), each worker's socket-free decisions (`core.rs`:
+//!   `Core<H: Handler, T: Tap>`, client and upstream datagrams in, replies and
+//!   session commands out), what answers (`handler.rs`) and what watches
+//!   (`tap.rs`), the worker thread's I/O around them (`worker.rs`), what the
+//!   workers share (`shared.rs`); `loop_guard.rs` ends loops with other
+//!   gateways that no local check can see.
 //! - [`prove`]: proving a module before it serves: [`prove::capture`] reads
 //!   pcap and pcapng captures and records a listener's datagrams (`--record`)
 //!   to files no planted link can redirect; [`prove::replay`] runs a capture
-//!   through a module, streamed, and compares.
+//!   through a module, streamed, on the core with no socket (`offline.rs`);
+//!   `--candidate` is judged in `candidate.rs`, served to canary clients by
+//!   `canary.rs` (a handler wrapping two guests), sampled with the recorder by
+//!   `tap.rs` (a tap), and run beside the active module by the thread of
+//!   `shadow.rs`.
 //! - [`guest`]: loading modules (`loader.rs`, the one place that tells a
 //!   module's kind, for serving, reloads and `check`), running a guest under
 //!   limits (`runner.rs`, which lends a call the worker's sessions); the host

@@ -36,7 +36,7 @@ const IDLE_REFRESH: Duration = Duration::from_secs(1);
 pub(crate) struct Core<H, T> {
     pub(super) handler: H,
     pub(super) tap: T,
-    pub(super) shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     pub(super) counters: Arc<Counters>,
     /// The sources this worker never answers.
     pub(super) filter: SourceFilter,
@@ -396,7 +396,7 @@ impl<H: Handler, T: Tap> Core<H, T> {
 /// An IPv4 client of a dual-stack `[::]` socket arrives as `[::ffff:a.b.c.d]:port`;
 /// guests and logs see it as the IPv4 address it is. (Replies still go to the
 /// address as received, which is what the IPv6 socket can send to.)
-pub(super) fn unmapped(peer: SocketAddr) -> SocketAddr {
+pub(crate) fn unmapped(peer: SocketAddr) -> SocketAddr {
     match peer {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(v4.into(), v6.port()),

@@ -3,8 +3,8 @@
 //!
 //! The kernel spreads clients over the sockets by their address, so each client's
 //! datagrams are always handled by the same worker, in order. Each worker is a
-//! socket-free [`core`] (the handler, the session table, every decision and
-//! counter, time passed in) inside an I/O shell ([`worker`]): one `mio` loop
+//! socket-free core (`core.rs`: a [`Handler`] and a [`Tap`], the handler, the session table, every decision and
+//! counter, time passed in) inside an I/O shell (`worker.rs`): one `mio` loop
 //! over its listener socket and its session sockets ([`crate::net::sessions`]),
 //! a batch of datagrams per `recvmmsg`, replies and forwards out through one
 //! `sendmmsg`. Workers share nothing on the hot path but the published program
@@ -346,24 +346,19 @@ fn spawn_worker<H: Handler + 'static, T: Tap + 'static>(
         .context("cannot start a worker thread")
 }
 
-pub(crate) mod candidate;
-mod core;
+pub(crate) mod core;
 pub(crate) mod handler;
 mod loop_guard;
-mod offline;
-mod shadow;
 pub(crate) mod shared;
 pub(crate) mod tap;
 mod worker;
 
-pub use candidate::ShadowResult;
 pub use handler::{Handler, Route};
 pub use loop_guard::LOOP_AFTER;
-pub use offline::{Offline, Outcome};
-pub use shadow::SHADOW_NICE;
 pub use tap::{NoTap, Tap};
 
-use self::candidate::{Action, Candidate};
 use self::core::Core;
 use self::shared::{POLL_INTERVAL, Shared};
 use self::worker::Worker;
+use crate::prove::candidate::{self, Action, Candidate};
+use crate::prove::shadow;

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use super::candidate::{Action, Candidate, ShadowCounters};
 use crate::config::ListenerSpec;
 use crate::guest::{Env, Program};
 use crate::metrics::{RateLimit, Snapshot, Stats};
 use crate::net::source_filter::PortCounts;
+use crate::prove::candidate::{Action, Candidate, ShadowCounters};
 use crate::prove::capture::{MismatchLog, Recorder};
 use crate::upstream::Pools;
 use crate::verdict::DropReason;

@@ -6,10 +6,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::gateway::candidate::{self, Candidate};
 use crate::gateway::handler::{Handler, Route};
 use crate::gateway::shared::Shared;
 use crate::guest::{Answer, Guest, Program, Rejection};
+use crate::prove::candidate::{self, Candidate};
 use crate::upstream::Lent;
 use crate::verdict::{Allowance, CallError};
 

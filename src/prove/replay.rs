@@ -14,9 +14,9 @@ use serde::Serialize;
 
 use crate::config::Limits;
 use crate::config::ListenerSpec;
-use crate::gateway::{Offline, Outcome};
 use crate::guest::Env;
 use crate::prove::capture::{self, Hop};
+use crate::prove::offline::{Offline, Outcome};
 use crate::verdict::DropReason;
 
 /// How many differences are shown in full.

@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError};
 
-use crate::gateway::candidate::{self, Job};
 use crate::gateway::handler::Route;
 use crate::gateway::shared::Shared;
 use crate::gateway::tap::{ClientExchange, Tap, UpstreamExchange};
+use crate::prove::candidate::{self, Job};
 use crate::prove::capture::{self, Hop};
 
 /// One worker's recording and shadow sampling.

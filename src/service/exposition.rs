@@ -23,8 +23,9 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::gateway::{Publisher, ShadowResult};
+use crate::gateway::Publisher;
 use crate::metrics::{GUEST_TIME_BUCKETS_NS, Snapshot};
+use crate::prove::ShadowResult;
 use crate::upstream::{EndpointView, Pools};
 use crate::verdict::{CallError, DropReason};
 

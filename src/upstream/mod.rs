@@ -11,14 +11,17 @@
 
 use anyhow::Context as _;
 
+mod commands;
 mod ledger;
 pub mod pool;
 mod pools;
+mod session;
 mod sessions;
 
+pub use commands::{Applied, Command, SessionId};
 pub use ledger::VALIDATED_AFTER;
 pub use pools::{EndpointCounters, EndpointView, Pools};
-pub use sessions::{Applied, Command, Lent, SessionId, Sessions};
+pub use sessions::{Lent, Sessions};
 
 /// Raises the soft limit on open files to the hard limit, for sessions' sockets,
 /// and returns it.

@@ -16,136 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use super::commands::{Applied, Command, Queue, Queued, Retry, SessionId};
 use super::ledger::Ledger;
-use super::pools::{EndpointCounters, Pools};
+use super::pools::Pools;
+use super::session::{Prefix, Session, WorkerPool, share};
 use crate::metrics::Counters;
-use crate::upstream::pool::{Pool, Refusal};
+use crate::upstream::pool::Refusal;
 use crate::verdict::{Allowance, CallError};
-
-/// A session, named for as long as the table lives: ids are never reused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(u64);
-
-impl SessionId {
-    /// The id as a number (the worker's poller token is derived from it).
-    pub const fn raw(self) -> u64 {
-        self.0
-    }
-
-    pub const fn from_raw(raw: u64) -> Self {
-        Self(raw)
-    }
-}
-
-/// Socket work for the worker, in the order it must be done.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Command<'a> {
-    /// Open a socket connected to `to` for session `id`.
-    Open { id: SessionId, to: SocketAddr },
-    /// Send `datagram` on session `id`'s socket.
-    Send { id: SessionId, datagram: &'a [u8] },
-    /// Close session `id`'s socket (if it has one).
-    Close { id: SessionId },
-}
-
-/// What applying a [`Command`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Applied {
-    Done,
-    /// ICMP port unreachable: nothing listens at the endpoint.
-    Refused,
-    /// Any other failure (no socket, no descriptor, no buffer).
-    Failed,
-}
-
-/// A command as queued; datagram and key bytes live in the table's arena.
-enum Queued {
-    Open {
-        id: SessionId,
-        to: SocketAddr,
-    },
-    Send {
-        id: SessionId,
-        bytes: Range<usize>,
-        /// The endpoint's counters, for a session closed before its send is applied.
-        counters: Arc<EndpointCounters>,
-        /// How the guest asked for it, to forward it once more if it is refused.
-        retry: Option<Retry>,
-    },
-    Close {
-        id: SessionId,
-    },
-}
-
-struct Retry {
-    client: SocketAddr,
-    pool: usize,
-    key: Option<Range<usize>>,
-}
-
-/// One client's conversation with one endpoint.
-struct Session {
-    /// The client as the listener socket received it (where replies go).
-    client: SocketAddr,
-    pool: usize,
-    endpoint: SocketAddr,
-    /// The endpoint's place in its pool; `None` once a reload removed it (the
-    /// session then drains: it carries on until idle).
-    index: Option<usize>,
-    counters: Arc<EndpointCounters>,
-    last_active: Instant,
-    /// `POOL/ip:port`, as `upstream` tells the guest.
-    label: String,
-    /// Datagrams forwarded and not yet answered (an estimate for the shutdown drain).
-    awaiting: u32,
-    /// When a reload removed its endpoint; it ends `drain_timeout` later.
-    draining_since: Option<Instant>,
-    /// The client's network, for `max_sessions_per_prefix`.
-    prefix: Prefix,
-}
-
-/// A client's network: the first 24 bits of an IPv4 address, or 48 of an IPv6 one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Prefix([u8; 6]);
-
-impl Prefix {
-    fn of(client: SocketAddr) -> Self {
-        let mut bytes = [0; 6];
-        match client.ip().to_canonical() {
-            std::net::IpAddr::V4(v4) => bytes[..3].copy_from_slice(&v4.octets()[..3]),
-            std::net::IpAddr::V6(v6) => bytes.copy_from_slice(&v6.octets()[..6]),
-        }
-        Self(bytes)
-    }
-}
-
-/// One pool, as one worker uses it. Its place in the worker's list never
-/// changes, so sessions can name it by index across reloads.
-struct WorkerPool {
-    name: String,
-    pool: Pool,
-    /// This worker's counters of each endpoint of `pool`.
-    counters: Vec<Arc<EndpointCounters>>,
-    idle_timeout: Duration,
-    eject_for: Duration,
-    eject_after: u32,
-    unanswered_timeout: Duration,
-    drain_timeout: Duration,
-    /// This worker's share of the pool's `max_sessions`.
-    max: usize,
-    /// This worker's share of the pool's `max_sessions_per_prefix`.
-    max_per_prefix: usize,
-    open: usize,
-    /// A reload removed the pool: no new sessions; the open ones drain.
-    retired: bool,
-}
-
-/// Worker `w`'s share of `total` among `workers`: the shares add up to
-/// `total` exactly (rounding up for every worker would let `workers - 1` more
-/// sessions open than the pool allows).
-fn share(total: usize, workers: usize, w: usize) -> usize {
-    total / workers + usize::from(w < total % workers)
-}
 
 /// A worker's sessions as the worker holds them: `None` without pools, and
 /// taken out while a guest call borrows them (see `guest::host`).
@@ -168,9 +45,8 @@ pub struct Sessions {
     /// never reach a newer one.
     next_id: u64,
     /// Opens, sends and closes for the worker to apply, in order
-    /// ([`Sessions::poll_commands`]); datagram and key bytes in `arena`.
-    queue: Vec<Queued>,
-    arena: Vec<u8>,
+    /// ([`Sessions::poll_commands`]).
+    queue: Queue,
     /// (pool, client network) → sessions open.
     prefixes: HashMap<(usize, Prefix), usize>,
     counters: Arc<Counters>,
@@ -200,8 +76,7 @@ impl Sessions {
             affinity: HashMap::new(),
             unvalidated: VecDeque::new(),
             next_id: 0,
-            queue: Vec::new(),
-            arena: Vec::new(),
+            queue: Queue::default(),
             prefixes: HashMap::new(),
             counters,
             now,
@@ -352,9 +227,7 @@ impl Sessions {
     }
 
     fn stash(&mut self, bytes: &[u8]) -> Range<usize> {
-        let start = self.arena.len();
-        self.arena.extend_from_slice(bytes);
-        start..self.arena.len()
+        self.queue.stash(bytes)
     }
 
     fn queue_send(&mut self, id: SessionId, bytes: Range<usize>, retry: Option<Retry>) {
@@ -414,7 +287,7 @@ impl Sessions {
         }
         let wp = &mut self.pools[p];
         let addr = wp.pool.endpoints()[endpoint].addr;
-        let id = SessionId(self.next_id);
+        let id = SessionId::from_raw(self.next_id);
         self.next_id += 1;
         self.sessions.insert(
             id,
@@ -568,8 +441,7 @@ impl Sessions {
     /// counted as a refused call (`upstream_error`).
     pub fn poll_commands(&mut self, mut apply: impl FnMut(Command<'_>) -> Applied) {
         while !self.queue.is_empty() {
-            let mut queue = std::mem::take(&mut self.queue);
-            let mut arena = std::mem::take(&mut self.arena);
+            let (mut queue, arena) = self.queue.take();
             for queued in queue.drain(..) {
                 match queued {
                     Queued::Open { id, to } => {
@@ -613,14 +485,7 @@ impl Sessions {
                     }
                 }
             }
-            // Keep the larger allocations for the next round.
-            if self.queue.is_empty() {
-                self.queue = queue;
-            }
-            if self.arena.is_empty() {
-                arena.clear();
-                self.arena = arena;
-            }
+            self.queue.recycle(queue, arena);
         }
     }
 
@@ -645,14 +510,7 @@ impl Sessions {
     /// The datagrams of the sends queued after `mark` (from [`Sessions::queued`]
     /// before the guest ran), in order: what one client datagram forwarded.
     pub fn sends_since(&self, mark: usize) -> impl Iterator<Item = &[u8]> {
-        self.queue
-            .get(mark..)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|q| match q {
-                Queued::Send { bytes, .. } => self.arena.get(bytes.clone()),
-                _ => None,
-            })
+        self.queue.sends_since(mark)
     }
 
     /// Session `id`'s client (as received) and endpoint, while it is open.
@@ -960,8 +818,8 @@ mod tests {
         h.commands();
         // Client 1 proves its address; client 2's session is answered by the
         // upstream, which proves nothing about client 2.
-        h.validate(client(1), SessionId(0));
-        h.answer(client(2), SessionId(1));
+        h.validate(client(1), SessionId::from_raw(0));
+        h.answer(client(2), SessionId::from_raw(1));
         let now = h.at(Duration::from_millis(4_999));
         h.table.expire(now);
         assert_eq!(h.commands(), []);
@@ -999,8 +857,8 @@ mod tests {
             [Cmd::Close(0), Cmd::Open(2, addr(A)), Cmd::Send(2, b"3".to_vec())],
             "client 1's session, the oldest unvalidated, makes room"
         );
-        h.validate(client(2), SessionId(1));
-        h.validate(client(3), SessionId(2));
+        h.validate(client(2), SessionId::from_raw(1));
+        h.validate(client(3), SessionId::from_raw(2));
         h.commands();
         assert_eq!(h.forward(client(4), b"4"), Err(CallError::SessionOverflow));
         assert_eq!(h.commands(), []);
@@ -1020,7 +878,7 @@ mod tests {
             let spoofed = SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 4000));
             h.forward(spoofed, b"x").unwrap();
             h.commands();
-            h.answer(spoofed, SessionId(u64::from(i)));
+            h.answer(spoofed, SessionId::from_raw(u64::from(i)));
         }
         let mut served = 0;
         for c in 1..=5 {
@@ -1041,7 +899,7 @@ mod tests {
         for c in 1..=3 {
             h.forward(client(c), b"q").unwrap();
             h.commands();
-            h.validate(client(c), SessionId(u64::from(c) - 1));
+            h.validate(client(c), SessionId::from_raw(u64::from(c) - 1));
         }
         h.commands();
         for spoofed in 10..20 {
@@ -1066,7 +924,7 @@ mod tests {
         }
         assert_eq!(h.table.pools.len(), 2, "the draining pool and the one in use");
         // The draining session still finds its pool.
-        assert_eq!(h.table.session(SessionId(0)).map(|(c, _)| c), Some(client(1)));
+        assert_eq!(h.table.session(SessionId::from_raw(0)).map(|(c, _)| c), Some(client(1)));
     }
 
     #[test]
@@ -1107,7 +965,7 @@ mod tests {
                 if h.forward(who, b"x").is_ok() {
                     served[i] += 1;
                     h.commands();
-                    h.validate(who, SessionId(u64::from(c)));
+                    h.validate(who, SessionId::from_raw(u64::from(c)));
                 }
             }
         }
@@ -1218,7 +1076,7 @@ mod tests {
         h.forward(client(1), b"1").unwrap();
         assert_eq!(h.commands()[0], Cmd::Open(0, addr(A)));
         // A real client: its session would otherwise end after unanswered_timeout.
-        h.validate(client(1), SessionId(0));
+        h.validate(client(1), SessionId::from_raw(0));
         // A reload removes A.
         let now = h.at(Duration::from_secs(1));
         let with_a = Arc::clone(&h.pools);
@@ -1231,7 +1089,7 @@ mod tests {
             [Cmd::Send(0, b"2".to_vec())],
             "the session drains: still used"
         );
-        h.table.received(SessionId(0), [1]);
+        h.table.received(SessionId::from_raw(0), [1]);
         let now2 = h.at(Duration::from_secs(30) + (now - h.t0) - Duration::from_millis(1));
         h.table.expire(now2);
         assert_eq!(

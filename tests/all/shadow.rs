@@ -245,7 +245,7 @@ fn the_shadow_thread_runs_below_the_workers() {
     assert_eq!(ask(&client(), gateway.local_addr(), b"x"), b"X");
     let worker = nice_of_thread("wasmgate-worker").expect("a worker thread");
     wait_until("the shadow thread to lower itself", || {
-        nice_of_thread("wasmgate-shadow") == Some(worker + i64::from(wasmgate::gateway::SHADOW_NICE))
+        nice_of_thread("wasmgate-shadow") == Some(worker + i64::from(wasmgate::prove::SHADOW_NICE))
     });
 }
 

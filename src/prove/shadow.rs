@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::candidate::{Candidate, Job, Rules, ShadowResult};
 use super::offline::{Offline, Outcome};
-use super::shared::{POLL_INTERVAL, Shared};
+use crate::gateway::shared::{POLL_INTERVAL, Shared};
 use crate::guest::Program;
 use crate::verdict::DropReason;
 
@@ -26,7 +26,7 @@ pub const SHADOW_NICE: i32 = 5;
 /// The shadow thread: runs every sample through the candidate loaded now (and
 /// every canaried datagram through the active module) and counts what it
 /// shows, until the workers are gone.
-pub(super) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
+pub(crate) fn run(shared: &Arc<Shared>, rx: &Receiver<Job>) {
     // SAFETY: a plain system call; on Linux it changes this thread only.
     if unsafe { libc::nice(SHADOW_NICE) } == -1 {
         tracing::debug!(

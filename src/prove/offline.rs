@@ -15,10 +15,10 @@ const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 use arc_swap::ArcSwap;
 
 use super::candidate::Candidate;
-use super::core::Core;
-use super::shared::Shared;
-use super::tap::NoTap;
 use crate::config::ListenerSpec;
+use crate::gateway::core::Core;
+use crate::gateway::shared::Shared;
+use crate::gateway::tap::NoTap;
 use crate::guest::{Env, Guest, Program};
 use crate::metrics::Snapshot;
 use crate::net::source_filter::SourceFilter;
@@ -230,7 +230,7 @@ impl Offline {
         };
         for (id, to) in opened {
             if let Some((client, _)) = sessions.session(id) {
-                let client = super::core::unmapped(client);
+                let client = crate::gateway::core::unmapped(client);
                 self.sessions.insert((client, to), id);
                 self.by_client.insert(client, id);
             }

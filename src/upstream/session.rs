@@ -1,0 +1,74 @@
+//! What the session table holds: one client's session with one endpoint,
+//! the client's network (for the per-network cap), and each pool as one
+//! worker uses it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::pools::EndpointCounters;
+use crate::upstream::pool::Pool;
+
+/// One client's conversation with one endpoint.
+pub(super) struct Session {
+    /// The client as the listener socket received it (where replies go).
+    pub(super) client: SocketAddr,
+    pub(super) pool: usize,
+    pub(super) endpoint: SocketAddr,
+    /// The endpoint's place in its pool; `None` once a reload removed it (the
+    /// session then drains: it carries on until idle).
+    pub(super) index: Option<usize>,
+    pub(super) counters: Arc<EndpointCounters>,
+    pub(super) last_active: Instant,
+    /// `POOL/ip:port`, as `upstream` tells the guest.
+    pub(super) label: String,
+    /// Datagrams forwarded and not yet answered (an estimate for the shutdown drain).
+    pub(super) awaiting: u32,
+    /// When a reload removed its endpoint; it ends `drain_timeout` later.
+    pub(super) draining_since: Option<Instant>,
+    /// The client's network, for `max_sessions_per_prefix`.
+    pub(super) prefix: Prefix,
+}
+
+/// A client's network: the first 24 bits of an IPv4 address, or 48 of an IPv6 one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Prefix([u8; 6]);
+
+impl Prefix {
+    pub(super) fn of(client: SocketAddr) -> Self {
+        let mut bytes = [0; 6];
+        match client.ip().to_canonical() {
+            std::net::IpAddr::V4(v4) => bytes[..3].copy_from_slice(&v4.octets()[..3]),
+            std::net::IpAddr::V6(v6) => bytes.copy_from_slice(&v6.octets()[..6]),
+        }
+        Self(bytes)
+    }
+}
+
+/// One pool, as one worker uses it. Its place in the worker's list never
+/// changes, so sessions can name it by index across reloads.
+pub(super) struct WorkerPool {
+    pub(super) name: String,
+    pub(super) pool: Pool,
+    /// This worker's counters of each endpoint of `pool`.
+    pub(super) counters: Vec<Arc<EndpointCounters>>,
+    pub(super) idle_timeout: Duration,
+    pub(super) eject_for: Duration,
+    pub(super) eject_after: u32,
+    pub(super) unanswered_timeout: Duration,
+    pub(super) drain_timeout: Duration,
+    /// This worker's share of the pool's `max_sessions`.
+    pub(super) max: usize,
+    /// This worker's share of the pool's `max_sessions_per_prefix`.
+    pub(super) max_per_prefix: usize,
+    pub(super) open: usize,
+    /// A reload removed the pool: no new sessions; the open ones drain.
+    pub(super) retired: bool,
+}
+
+/// Worker `w`'s share of `total` among `workers`: the shares add up to
+/// `total` exactly (rounding up for every worker would let `workers - 1` more
+/// sessions open than the pool allows).
+pub(super) fn share(total: usize, workers: usize, w: usize) -> usize {
+    total / workers + usize::from(w < total % workers)
+}
