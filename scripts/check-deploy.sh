@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks what can be checked of the packaging without a container engine or a
-# cluster: the Kubernetes manifest parses into the expected objects, the systemd
-# unit passes `systemd-analyze verify`, and the Dockerfile's stages are in order.
+# cluster: the Kubernetes manifest parses into the expected objects and
+# validates against the API schema, the systemd unit passes
+# `systemd-analyze verify`, and the Dockerfile's stages are in order.
 # Needs target/debug/wasmgate (built by `cargo test`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +49,15 @@ PY
   echo "check-deploy: the ConfigMap's wasmgate.toml serves and stops cleanly"
 else
   echo "check-deploy: WARNING: PyYAML is unavailable; the Kubernetes manifest was NOT checked"
+fi
+
+# Every object against the Kubernetes API schema, strictly (an unknown or
+# misspelt field fails): what kubeconform does, from PyPI.
+if command -v kubernetes-validate >/dev/null 2>&1 || python3 -m pip install --quiet kubernetes-validate >/dev/null 2>&1; then
+  python3 -m kubernetes_validate --strict --quiet deploy/kubernetes.yaml
+  echo "check-deploy: every object of the manifest validates against the Kubernetes API schema (strict)"
+else
+  echo "check-deploy: WARNING: kubernetes-validate could not be installed; the manifest was NOT checked against the Kubernetes schema"
 fi
 
 echo "check-deploy: deploy/wasmgate.service"

@@ -121,6 +121,42 @@ fn reached_by_new_clients(gateway: SocketAddr, n: usize) -> HashSet<String> {
     (0..n).map(|_| tag(&ask(&client(), gateway, b"new"))).collect()
 }
 
+/// A Kubernetes ConfigMap mounted as a directory: `wasmgate.toml` is a link
+/// through `..data` to a timestamped directory, and an edit of the ConfigMap
+/// writes a new directory and renames a new `..data` link over the old one.
+/// The file the gateway was started with never changes; what it names does.
+#[test]
+fn a_config_edit_through_a_configmap_directory_mount_is_seen() {
+    use std::os::unix::fs::symlink;
+    let (a, b) = (Upstream::echo("a:"), Upstream::echo("b:"));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let version = |name: &str, endpoint: SocketAddr| {
+        std::fs::create_dir(d.join(name)).unwrap();
+        std::fs::write(d.join(name).join("wasmgate.toml"), config(&[endpoint], "")).unwrap();
+    };
+    version("..2026_12_07_09_00_00.1", a.addr);
+    symlink("..2026_12_07_09_00_00.1", d.join("..data")).unwrap();
+    symlink("..data/wasmgate.toml", d.join("wasmgate.toml")).unwrap();
+    let path = d.join("wasmgate.toml");
+    let served = Served::start(&["--config", path.to_str().unwrap()]);
+    assert_eq!(reached_by_new_clients(served.addr, 5), HashSet::from(["a".into()]));
+
+    // The kubelet's update: a new directory, a new link renamed over `..data`,
+    // then the old directory removed.
+    version("..2026_12_07_09_01_00.2", b.addr);
+    symlink("..2026_12_07_09_01_00.2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    std::fs::remove_dir_all(d.join("..2026_12_07_09_00_00.1")).unwrap();
+    let line = served
+        .line_with(&["the config file changed", "pools reloaded"])
+        .expect("the edit is seen through the directory mount");
+    assert!(line.contains(&b.addr.to_string()), "{line}");
+    wait_until("new clients to reach the endpoint of the edited ConfigMap", || {
+        reached_by_new_clients(served.addr, 5) == HashSet::from(["b".into()])
+    });
+}
+
 #[test]
 fn pools_change_by_editing_the_config_file_and_by_sighup_while_probes_lose_nothing() {
     let (a, b, c) = (Upstream::echo("a:"), Upstream::echo("b:"), Upstream::echo("c:"));
