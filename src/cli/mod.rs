@@ -3,6 +3,7 @@
 
 mod args;
 pub mod new;
+pub mod reference;
 mod send;
 mod serve;
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::bounds::{
@@ -29,7 +30,7 @@ use crate::text::{cut, quote};
 use crate::upstream::pool::Policy;
 
 /// The whole file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
@@ -42,55 +43,111 @@ struct File {
     upstreams: BTreeMap<String, UpstreamSection>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[upstreams.NAME]`: a pool of endpoints a guest forwards to by `NAME`.
+/// Durations are written `500ms`, `60s`, `5m` or `1h`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct UpstreamSection {
+    /// The endpoints, each `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` (a name
+    /// is looked up at start and every `resolve_every`).
     endpoints: Vec<String>,
+    /// How `forward` picks an endpoint: `hash` (of the client, the default),
+    /// `round-robin`, `random` or `least-sessions`; `forward_key` always hashes its key.
     policy: Option<String>,
+    /// A session without traffic for this long ends (default `60s`).
     idle_timeout: Option<String>,
+    /// Sessions open at once in this pool, across workers (default 10000).
     max_sessions: Option<usize>,
+    /// How long an endpoint that failed `eject_after` times in a row is left
+    /// out (default `10s`).
     eject_for: Option<String>,
+    /// Failures in a row (ICMP refusals or unanswered datagrams) that eject an
+    /// endpoint (default 3).
     eject_after: Option<u32>,
+    /// A forwarded datagram with no answer after this long counts as a
+    /// failure of its endpoint (default `5s`).
     unanswered_timeout: Option<String>,
+    /// Sessions to an endpoint a reload removed end this long after the
+    /// reload (default `30s`).
     drain_timeout: Option<String>,
+    /// Sessions from one client network (IPv4 /24, IPv6 /48) open at once
+    /// (default 1000).
     max_sessions_per_prefix: Option<usize>,
+    /// How often host names among the endpoints are looked up again (default `30s`).
     resolve_every: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[metrics]`: the Prometheus endpoint, for every listener.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct MetricsSection {
+    /// `IP:PORT` to serve `/metrics` on.
     listen: String,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[[listener]]`: one address and the module that serves it. A key left
+/// out takes its flag's default.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ListenerSection {
+    /// The listener's name, in logs, metrics and state keys; unique.
     name: String,
+    /// `IP:PORT` to receive datagrams on.
     listen: String,
+    /// The module file (the embedded uppercase guest if left out).
     module: Option<PathBuf>,
+    /// Worker threads, each with its own socket.
     workers: Option<usize>,
+    /// `reuse` (one instance per worker) or `fresh` (one per datagram).
     isolation: Option<String>,
+    /// CPU milliseconds a guest may spend on one datagram.
     timeout_ms: Option<u64>,
+    /// Wall-clock milliseconds a guest call may take.
     wall_timeout_ms: Option<u64>,
+    /// What one guest instance may hold, e.g. `64MiB`.
     max_memory: Option<String>,
+    /// Bytes the listener's shared state may hold, e.g. `64MiB`.
     state_max_bytes: Option<String>,
+    /// Keys the listener's shared state may hold.
     state_max_entries: Option<usize>,
+    /// What a client may be sent for each byte it sent, until it proves its address.
     max_reply_ratio: Option<f64>,
+    /// Datagrams per receive and send system call.
     batch: Option<usize>,
+    /// Whether an edit of the module file is loaded while serving (default true).
     watch: Option<bool>,
+    /// Client source ports never answered, as ranges (`"0-1023,5353"`) or `"none"`.
     deny_source_ports: Option<String>,
+    /// Records the listener's datagrams to this pcapng file.
     record: Option<PathBuf>,
+    /// The share of datagrams recorded, 0 to 1.
     record_sample: Option<f64>,
+    /// Where the recording stops growing, e.g. `100MiB`.
     record_max_bytes: Option<String>,
+    /// A module loaded beside the active one, to prove it (shadow and canary).
     candidate: Option<PathBuf>,
+    /// The share of datagrams the candidate shadows, 0 to 1.
     shadow_sample: Option<f64>,
+    /// The percentage of clients (by a hash of their address) the candidate serves for real.
     canary_percent: Option<f64>,
+    /// Promotes the candidate after this many of its datagrams with no
+    /// mismatch, trap or timeout.
     promote_after: Option<u64>,
+    /// Client networks (IPv4 /24, IPv6 /48) the clean datagrams must come from.
     promote_min_clients: Option<usize>,
+    /// How long after loading the candidate a promotion may come, e.g. `60s`.
     promote_min_time: Option<String>,
+    /// Keeps the last shadow mismatches in this file, in the `record` format.
     shadow_mismatches: Option<PathBuf>,
+    /// Whether a candidate that traps or times out more often than the
+    /// active is unloaded (default true).
     rollback: Option<bool>,
+}
+
+/// The file's schema as JSON Schema, with each key's doc comment as its
+/// description: what `wasmgate`'s reference of TOML keys is generated from.
+pub fn schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(File)).unwrap_or_default()
 }
 
 /// A parsed and checked config file.

@@ -9,7 +9,7 @@ mod pool;
 mod proving;
 pub mod state;
 
-pub use file::{FileConfig, check_clashes, load};
+pub use file::{FileConfig, check_clashes, load, schema};
 pub use listener::*;
 pub use pool::*;
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::bounds::parse_duration;
@@ -13,13 +14,23 @@ use crate::state::ClusterSpec;
 use crate::text::{quote, redacted};
 
 /// `[state]`: what every listener's shared state does beyond the process.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct StateSection {
+    /// Shares the handlers' `limit` buckets, `state_incr` counters and
+    /// penalties with every gateway using this Redis: `redis://HOST:PORT`,
+    /// `rediss://` for TLS, or `redis+unix://PATH`.
     redis: Option<String>,
+    /// While Redis cannot be reached: `open` (each gateway limits on its own,
+    /// the default) or `closed` (limited calls are refused).
     redis_failure: Option<String>,
+    /// How often what the limits spent is sent to Redis, e.g. `5ms` (the default).
     redis_flush: Option<String>,
+    /// The name this service's keys are kept under in Redis (default: the
+    /// listener's name); gateways that share limits must give the same one.
     namespace: Option<String>,
+    /// The CA certificates (PEM) a `rediss://` server is checked against,
+    /// instead of the system's.
     redis_ca: Option<PathBuf>,
 }
 

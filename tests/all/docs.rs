@@ -242,3 +242,38 @@ fn the_readme_is_a_front_door() {
     let lines = readme.lines().count();
     assert!(lines <= 150, "the README has {lines} lines: the rest belongs in docs/");
 }
+
+/// docs/REFERENCE.md is what the code generates from clap and the config
+/// schema, so no flag or key is missing or stale.
+#[test]
+fn the_reference_is_what_the_code_generates() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("docs/REFERENCE.md");
+    let generated = wasmgate::cli::reference::markdown();
+    if std::env::var_os("WASMGATE_BLESS").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "docs/REFERENCE.md is out of date: regenerate it with \
+         `WASMGATE_BLESS=1 cargo test --test all docs::the_reference` and commit it"
+    );
+    // Every serving flag and every key is in it.
+    for flag in [
+        "--state-redis-ca",
+        "--shadow-mismatches",
+        "--record-sample",
+        "--cache-key",
+    ] {
+        assert!(generated.contains(&format!("`{flag}")), "{flag}");
+    }
+    for key in [
+        "`resolve_every`",
+        "`redis_ca`",
+        "`max_sessions_per_prefix`",
+        "`promote_min_time`",
+    ] {
+        assert!(generated.contains(key), "{key}");
+    }
+}
