@@ -32,7 +32,8 @@
 //!   calls written once (`host/`), and a folder per kind (`abi_v1/`,
 //!   `wasi_command/`, `component/`) that adapts its imports to them.
 //! - [`state`]: the key-value store, limits and penalties a listener's
-//!   handlers share (`store.rs`: sharded, bounded, clock-free), behind the
+//!   handlers share (`store.rs`: sharded, bounded, clock-free; `shard.rs`: one
+//!   shard under its lock), behind the
 //!   `state_*` host calls; `cluster.rs` merges what gateways share through
 //!   Redis, `redis.rs` is the flusher thread that talks to it over the link in
 //!   `link.rs`, and `scope.rs` what the flusher and the datagram path share.

@@ -3,7 +3,7 @@
 
 mod args;
 pub mod new;
-pub mod reference;
+mod reference;
 mod send;
 mod serve;
 
@@ -126,6 +126,11 @@ pub enum Command {
 }
 
 impl Cli {
+    /// The reference of every flag and config key (`docs/REFERENCE.md`).
+    pub fn reference() -> String {
+        reference::markdown(<Self as clap::CommandFactory>::command())
+    }
+
     /// Runs the chosen command. An `Err` is a failure to start; its message names
     /// what failed and why.
     pub fn run(self) -> anyhow::Result<ExitCode> {

@@ -5,20 +5,16 @@
 
 use std::fmt::Write as _;
 
-use clap::CommandFactory as _;
 use serde_json::Value;
 
-use super::Cli;
-
-/// The whole reference, as Markdown.
-pub fn markdown() -> String {
+/// The whole reference of `cli` (the `wasmgate` command), as Markdown.
+pub(super) fn markdown(mut cli: clap::Command) -> String {
     let mut out = String::from(
         "# Reference: every flag and every config key\n\n\
          Generated from the code (`src/cli/reference.rs`); a test fails when it differs.\n\
          Regenerate with `WASMGATE_BLESS=1 cargo test --test all docs::the_reference`.\n\
          The [guide](GUIDE.md) explains them in context.\n",
     );
-    let mut cli = Cli::command();
     // Settles every argument's arity and value names, as parsing would.
     cli.build();
     out.push_str("\n## `wasmgate` (serving)\n\n");

@@ -29,7 +29,8 @@ use std::time::Duration;
 
 use super::entry::{Bucket, NEVER, NS_PER_MS, Space, UNSEEN, interval};
 use super::scope::{ClusterStats, unix_ms};
-use super::store::{COUNTER_MIN, State, check_key, lock};
+use super::shard::lock;
+use super::store::{COUNTER_MIN, State, check_key};
 
 /// Where and how a listener shares its limits, counters and penalties.
 #[derive(Clone, PartialEq, Eq)]

@@ -14,6 +14,7 @@ mod entry;
 mod link;
 mod redis;
 mod scope;
+mod shard;
 mod store;
 
 pub use cluster::ClusterSpec;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::pools::EndpointCounters;
+use super::pools::{Configured, EndpointCounters};
 use crate::upstream::pool::Pool;
 
 /// One client's conversation with one endpoint.
@@ -64,6 +64,26 @@ pub(super) struct WorkerPool {
     pub(super) open: usize,
     /// A reload removed the pool: no new sessions; the open ones drain.
     pub(super) retired: bool,
+}
+
+impl WorkerPool {
+    /// Worker `w`'s view of pool `c`, with its share of the pool's caps.
+    pub(super) fn of(c: &Configured, w: usize, workers: usize) -> Self {
+        Self {
+            name: c.spec.name.clone(),
+            pool: c.pool.clone(),
+            counters: c.counters.iter().map(|per| Arc::clone(&per[w])).collect(),
+            idle_timeout: c.spec.idle_timeout,
+            eject_for: c.spec.eject_for,
+            eject_after: c.spec.eject_after,
+            unanswered_timeout: c.spec.unanswered_timeout,
+            drain_timeout: c.spec.drain_timeout,
+            max: share(c.spec.max_sessions, workers, w),
+            max_per_prefix: share(c.spec.max_sessions_per_prefix, workers, w),
+            open: 0,
+            retired: false,
+        }
+    }
 }
 
 /// Worker `w`'s share of `total` among `workers`: the shares add up to

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::commands::{Applied, Command, Queue, Queued, Retry, SessionId};
 use super::ledger::Ledger;
 use super::pools::Pools;
-use super::session::{Prefix, Session, WorkerPool, share};
+use super::session::{Prefix, Session, WorkerPool};
 use crate::metrics::Counters;
 use crate::upstream::pool::Refusal;
 use crate::verdict::{Allowance, CallError};
@@ -105,20 +105,7 @@ impl Sessions {
             wp.retired = true;
         }
         for c in &shared.pools {
-            let fresh = WorkerPool {
-                name: c.spec.name.clone(),
-                pool: c.pool.clone(),
-                counters: c.counters.iter().map(|per| Arc::clone(&per[w])).collect(),
-                idle_timeout: c.spec.idle_timeout,
-                eject_for: c.spec.eject_for,
-                eject_after: c.spec.eject_after,
-                unanswered_timeout: c.spec.unanswered_timeout,
-                drain_timeout: c.spec.drain_timeout,
-                max: share(c.spec.max_sessions, workers, w),
-                max_per_prefix: share(c.spec.max_sessions_per_prefix, workers, w),
-                open: 0,
-                retired: false,
-            };
+            let fresh = WorkerPool::of(c, w, workers);
             match self.pools.iter_mut().find(|wp| wp.name == c.spec.name) {
                 Some(wp) => *wp = WorkerPool { open: wp.open, ..fresh },
                 // A retired pool whose sessions have all ended gives its place
@@ -611,6 +598,7 @@ impl Sessions {
 mod tests {
     use super::*;
     use crate::upstream::VALIDATED_AFTER;
+    use crate::upstream::session::share;
     use crate::verdict::MAX_CALLS_PER_DATAGRAM;
 
     // The session table driven by hand: a made-up clock, commands read back as

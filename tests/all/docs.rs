@@ -249,7 +249,7 @@ fn the_readme_is_a_front_door() {
 fn the_reference_is_what_the_code_generates() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("docs/REFERENCE.md");
-    let generated = wasmgate::cli::reference::markdown();
+    let generated = wasmgate::cli::Cli::reference();
     if std::env::var_os("WASMGATE_BLESS").is_some() {
         std::fs::write(&path, &generated).unwrap();
     }
