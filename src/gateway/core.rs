@@ -58,7 +58,7 @@ impl<H: Handler, T: Tap> Core<H, T> {
         counters: Arc<Counters>,
         filter: SourceFilter,
         sessions: Lent,
-        worker: usize,
+        now: Instant,
     ) -> Self {
         Self {
             handler,
@@ -68,12 +68,12 @@ impl<H: Handler, T: Tap> Core<H, T> {
             filter,
             sessions,
             label: String::new(),
-            next_timeout: Instant::now(),
-            // A seed no client can know, so that no choice of sources can
-            // push a loop's slots out of the table.
+            next_timeout: now,
+            // A seed no client can know (random keys, new for every table),
+            // so that no choice of sources can push a loop's slots out of it.
             loops: LoopGuard::new(std::hash::BuildHasher::hash_one(
                 &std::collections::hash_map::RandomState::new(),
-                worker,
+                0u8,
             )),
         }
     }
@@ -263,7 +263,6 @@ impl<H: Handler, T: Tap> Core<H, T> {
         shown: SocketAddr,
         emit: &mut dyn FnMut(&[u8], SocketAddr),
     ) -> &'static str {
-        let started = Instant::now();
         if let Some(n) = self.sessions.as_mut() {
             n.client_datagram(peer, datagram.len());
         }
@@ -275,7 +274,6 @@ impl<H: Handler, T: Tap> Core<H, T> {
             ..
         } = self;
         let result = handler.handle(datagram, shown, sessions);
-        counters.guest_time(started.elapsed());
         let verdict = match result {
             Ok(answer) => {
                 if answer.each_datagram(|d| emit(d, peer)) {
@@ -297,6 +295,7 @@ impl<H: Handler, T: Tap> Core<H, T> {
                 rejection.reason.as_str()
             }
         };
+        counters.guest_time(handler.last_time());
         handler.take_refused(&mut |error, n| counters.refused(error, u64::from(n)));
         verdict
     }
@@ -327,11 +326,9 @@ impl<H: Handler, T: Tap> Core<H, T> {
             return;
         }
         n.begin(client);
-        let started = Instant::now();
         let result = self
             .handler
             .on_reply(datagram, shown, upstream, &mut self.sessions, allowance);
-        self.counters.guest_time(started.elapsed());
         let mut bytes = 0;
         match result {
             Ok(answer) => {
@@ -348,6 +345,7 @@ impl<H: Handler, T: Tap> Core<H, T> {
                 self.upstream_dropped(reason, shown, upstream, &rejection);
             }
         }
+        self.counters.guest_time(self.handler.last_time());
         // Counted whatever the outcome: a call that trapped after forwarding
         // has still spent them.
         let calls = self.handler.last_calls();
@@ -519,7 +517,7 @@ mod tests {
             counters,
             SourceFilter::new(PortSet::default(), addr("127.0.0.1:5353")),
             sessions,
-            0,
+            Instant::now(),
         )
     }
 

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::guest::{Answer, Guest, Program, Rejection};
 use crate::upstream::Lent;
@@ -56,6 +57,12 @@ pub trait Handler: Send {
     /// The host calls the last call made, refused ones included.
     fn last_calls(&mut self) -> u32;
 
+    /// How long the last call took: the handler measures it, so that the
+    /// core reads no clock.
+    fn last_time(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// What became of the client datagram just handled (`reply`, `forward`
     /// or a drop reason).
     fn judged(&mut self, client: SocketAddr, verdict: &'static str) {
@@ -95,5 +102,9 @@ impl Handler for Guest {
 
     fn last_calls(&mut self) -> u32 {
         Self::last_calls(self)
+    }
+
+    fn last_time(&self) -> Duration {
+        Self::last_time(self)
     }
 }

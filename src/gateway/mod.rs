@@ -125,7 +125,7 @@ impl Gateway {
             let sockets = SessionSockets::new(registry, Arc::clone(&gateway.shared.session_ports));
             let batch = config.batch.max(1);
             let spawned = if let Some(make) = native {
-                let core = Core::new(make(), NoTap, shared, counters, filter, sessions, i);
+                let core = Core::new(make(), NoTap, shared, counters, filter, sessions, Instant::now());
                 spawn_worker(i, Worker::new(socket, batch, poll, sockets, core))
             } else {
                 let guest = Guest::new(
@@ -136,7 +136,7 @@ impl Gateway {
                 );
                 let canary = Canary::new(guest, Arc::clone(&shared), shadow.is_some());
                 let tap = Proving::new(Arc::clone(&shared), shadow.as_ref().map(|(tx, _)| tx.clone()), i);
-                let core = Core::new(canary, tap, shared, counters, filter, sessions, i);
+                let core = Core::new(canary, tap, shared, counters, filter, sessions, Instant::now());
                 spawn_worker(i, Worker::new(socket, batch, poll, sockets, core))
             };
             let thread = spawned?;

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::env::Env;
 use super::kind::{Call, Entry, Instance};
@@ -22,6 +23,8 @@ pub struct Guest {
     poisoned: bool,
     pub(super) isolation: Isolation,
     pub(super) max_ratio: f64,
+    /// How long the last call took, start function included (wall time).
+    last_time: Duration,
 }
 
 impl Guest {
@@ -34,7 +37,14 @@ impl Guest {
             poisoned: false,
             isolation,
             max_ratio,
+            last_time: Duration::ZERO,
         }
+    }
+
+    /// How long the last call took (instantiating included), as the
+    /// `wasmgate_guest_duration_seconds` histogram counts it.
+    pub fn last_time(&self) -> Duration {
+        self.last_time
     }
 
     /// Switches to `program` if it is not the one running; the next datagram then
@@ -128,9 +138,11 @@ impl Guest {
     }
 
     fn run(&mut self, call: &Call<'_>, sessions: &mut Lent) -> Result<Answer<'_>, Rejection> {
+        self.last_time = Duration::ZERO;
         if call.datagram.len() > MAX_DATAGRAM {
             return Err(DropReason::Oversize.into());
         }
+        let started = Instant::now();
         let meter = self.env.start_meter();
         // A poisoned instance is replaced here, at the start of the next datagram,
         // so that the reply to this one can still borrow from its memory.
@@ -153,6 +165,7 @@ impl Guest {
             calls.take_back(sessions);
         }
         let result = result.and_then(|has_reply| self.env.check_budget(&meter).map(|()| has_reply));
+        self.last_time = started.elapsed();
         match result {
             Ok(has_reply) => Ok(Answer::new(
                 has_reply.then(|| live.reply()),

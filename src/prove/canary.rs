@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::gateway::handler::{Handler, Route};
 use crate::gateway::shared::Shared;
@@ -118,6 +119,10 @@ impl Handler for Canary {
 
     fn last_calls(&mut self) -> u32 {
         self.guest().last_calls()
+    }
+
+    fn last_time(&self) -> Duration {
+        self.guest_ref().last_time()
     }
 
     /// Tells the candidate's judge how a datagram went, and acts on its ruling.

@@ -137,7 +137,7 @@ impl Offline {
             ))
         });
         let filter = SourceFilter::new(spec.deny_source_ports.clone(), local);
-        let core = Core::new(guest, NoTap, shared, counters, filter, sessions, 0);
+        let core = Core::new(guest, NoTap, shared, counters, filter, sessions, start);
         Self {
             core,
             start,

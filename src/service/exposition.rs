@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use crate::gateway::Publisher;
 use crate::metrics::{GUEST_TIME_BUCKETS_NS, Snapshot};
 use crate::prove::ShadowResult;
-use crate::upstream::{EndpointView, Pools};
+use crate::upstream::{EndpointTotals, EndpointView, Pools};
 use crate::verdict::{CallError, DropReason};
 
 /// The listeners whose counters a scrape reports, by name.
@@ -111,78 +111,6 @@ const COUNTERS: [CounterFamily; 15] = [
     ),
 ];
 
-/// An endpoint family: name, help, and its value.
-type EndpointFamily = (&'static str, &'static str, fn(&EndpointView<'_>) -> u64);
-
-const ENDPOINT_COUNTERS: [EndpointFamily; 10] = [
-    (
-        "wasmgate_endpoint_datagrams_sent",
-        "Datagrams forwarded to the endpoint.",
-        |e| e.to,
-    ),
-    (
-        "wasmgate_endpoint_bytes_sent",
-        "Payload bytes forwarded to the endpoint.",
-        |e| e.to_bytes,
-    ),
-    (
-        "wasmgate_endpoint_datagrams_received",
-        "Datagrams the endpoint sent back.",
-        |e| e.from,
-    ),
-    (
-        "wasmgate_endpoint_bytes_received",
-        "Payload bytes the endpoint sent back.",
-        |e| e.from_bytes,
-    ),
-    (
-        "wasmgate_endpoint_sessions_created",
-        "Sessions opened to the endpoint.",
-        |e| e.sessions_created,
-    ),
-    (
-        "wasmgate_endpoint_session_idle_timeouts",
-        "Sessions to the endpoint closed after idle_timeout (or unanswered_timeout).",
-        |e| e.sessions_expired,
-    ),
-    (
-        "wasmgate_endpoint_refusals",
-        "ICMP port unreachable seen on sessions to the endpoint.",
-        |e| e.refusals,
-    ),
-    (
-        "wasmgate_endpoint_ejections",
-        "Times the endpoint was ejected (eject_after refusals in a row).",
-        |e| e.ejections,
-    ),
-    (
-        "wasmgate_endpoint_sessions_evicted",
-        "Sessions to the endpoint that never had an answer, closed to make room for a new client.",
-        |e| e.sessions_evicted,
-    ),
-    (
-        "wasmgate_endpoint_sessions_drained",
-        "Sessions closed drain_timeout after a reload removed the endpoint.",
-        |e| e.sessions_drained,
-    ),
-];
-
-/// A gauge family per endpoint: name, help, and its value in a view.
-type EndpointGauge = (&'static str, &'static str, fn(&EndpointView<'_>) -> i64);
-
-const ENDPOINT_GAUGES: [EndpointGauge; 2] = [
-    (
-        "wasmgate_endpoint_sessions_active",
-        "Sessions open to the endpoint now.",
-        |e| i64::try_from(e.sessions_active).unwrap_or(i64::MAX),
-    ),
-    (
-        "wasmgate_endpoint_healthy",
-        "1 when the endpoint takes new sessions, 0 while it is ejected.",
-        |e| i64::from(e.healthy),
-    ),
-];
-
 impl GatewayCollector {
     /// Per endpoint of every pool: traffic both ways and health.
     fn encode_endpoints(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
@@ -193,26 +121,45 @@ impl GatewayCollector {
             .filter_map(|(n, p)| Some((n.as_str(), p.pools()?)))
             .collect();
         let views: Vec<(&str, Vec<EndpointView<'_>>)> = pools.iter().map(|(n, p)| (*n, p.endpoints(now))).collect();
-        for (name, help, value) in ENDPOINT_COUNTERS {
+        for (name, help, value) in EndpointTotals::COUNTERS {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (listener, endpoints) in &views {
                 for e in endpoints {
                     let addr = e.addr.to_string();
                     family
                         .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
-                        .encode_counter::<NoLabelSet, _, u64>(&value(e), None)?;
+                        .encode_counter::<NoLabelSet, _, u64>(&value(&e.totals), None)?;
                 }
             }
         }
-        for (name, help, value) in ENDPOINT_GAUGES {
+        let healthy: (&str, &str, fn(&EndpointView<'_>) -> i64) = (
+            "wasmgate_endpoint_healthy",
+            "1 when the endpoint takes new sessions, 0 while it is ejected.",
+            |e| i64::from(e.healthy),
+        );
+        let gauges = EndpointTotals::GAUGES
+            .iter()
+            .map(|&(name, help, value)| (name, help, value));
+        for (name, help, value) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for (listener, endpoints) in &views {
                 for e in endpoints {
                     let addr = e.addr.to_string();
+                    let v = i64::try_from(value(&e.totals)).unwrap_or(i64::MAX);
                     family
                         .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
-                        .encode_gauge(&value(e))?;
+                        .encode_gauge(&v)?;
                 }
+            }
+        }
+        let (name, help, value) = healthy;
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (listener, endpoints) in &views {
+            for e in endpoints {
+                let addr = e.addr.to_string();
+                family
+                    .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
+                    .encode_gauge(&value(e))?;
             }
         }
         Ok(())

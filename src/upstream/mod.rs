@@ -20,7 +20,7 @@ mod sessions;
 
 pub use commands::{Applied, Command, SessionId};
 pub use ledger::VALIDATED_AFTER;
-pub use pools::{EndpointCounters, EndpointView, Pools};
+pub use pools::{EndpointCounters, EndpointTotals, EndpointView, Pools};
 pub use sessions::{Lent, Sessions};
 
 /// Raises the soft limit on open files to the hard limit, for sessions' sockets,

@@ -13,26 +13,72 @@ use crate::upstream::pool::Pool;
 /// Ejections and returns logged per second, per listener.
 const HEALTH_LINES_PER_SECOND: u64 = 5;
 
-/// One endpoint's traffic, as one worker counts it.
-#[derive(Debug, Default)]
-#[repr(align(64))]
-pub struct EndpointCounters {
-    pub to: AtomicU64,
-    pub to_bytes: AtomicU64,
-    pub from: AtomicU64,
-    pub from_bytes: AtomicU64,
-    pub sessions_created: AtomicU64,
-    pub sessions_expired: AtomicU64,
-    /// Open now (written by the one worker these counters belong to).
-    pub sessions_active: AtomicU64,
-    /// Refusals (ICMP port unreachable) seen on its sessions.
-    pub refusals: AtomicU64,
-    /// Times it was ejected.
-    pub ejections: AtomicU64,
-    /// Sessions that never had an answer, closed to make room for a new client.
-    pub sessions_evicted: AtomicU64,
-    /// Sessions closed `drain_timeout` after a reload removed the endpoint.
-    pub sessions_drained: AtomicU64,
+/// Declares every per-endpoint counter once: the per-worker atomics
+/// ([`EndpointCounters`]), their sum over workers ([`EndpointTotals`]), and
+/// each one's metric family and help ([`EndpointTotals::COUNTERS`] and
+/// [`EndpointTotals::GAUGES`]), which the exposition walks.
+macro_rules! endpoint_counters {
+    (
+        counters { $( $(#[$cdoc:meta])* $counter:ident => $cname:literal, $chelp:literal; )* }
+        gauges { $( $(#[$gdoc:meta])* $gauge:ident => $gname:literal, $ghelp:literal; )* }
+    ) => {
+        /// One endpoint's traffic, as one worker counts it.
+        #[derive(Debug, Default)]
+        #[repr(align(64))]
+        pub struct EndpointCounters {
+            $( $(#[$cdoc])* pub $counter: AtomicU64, )*
+            $( $(#[$gdoc])* pub $gauge: AtomicU64, )*
+        }
+
+        /// One endpoint's counters summed over every worker, for metrics.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct EndpointTotals {
+            $( pub $counter: u64, )*
+            $( pub $gauge: u64, )*
+        }
+
+        impl EndpointTotals {
+            /// Adds one worker's counters.
+            fn add(&mut self, worker: &EndpointCounters) {
+                $( self.$counter += worker.$counter.load(Relaxed); )*
+                $( self.$gauge += worker.$gauge.load(Relaxed); )*
+            }
+
+            /// The counter families: name, help, and the value.
+            pub const COUNTERS: &[(&'static str, &'static str, fn(&Self) -> u64)] =
+                &[ $( ($cname, $chelp, |t| t.$counter), )* ];
+
+            /// The gauge families: name, help, and the value.
+            pub const GAUGES: &[(&'static str, &'static str, fn(&Self) -> u64)] =
+                &[ $( ($gname, $ghelp, |t| t.$gauge), )* ];
+        }
+    };
+}
+
+endpoint_counters! {
+    counters {
+        to => "wasmgate_endpoint_datagrams_sent", "Datagrams forwarded to the endpoint.";
+        to_bytes => "wasmgate_endpoint_bytes_sent", "Payload bytes forwarded to the endpoint.";
+        from => "wasmgate_endpoint_datagrams_received", "Datagrams the endpoint sent back.";
+        from_bytes => "wasmgate_endpoint_bytes_received", "Payload bytes the endpoint sent back.";
+        sessions_created => "wasmgate_endpoint_sessions_created", "Sessions opened to the endpoint.";
+        sessions_expired => "wasmgate_endpoint_session_idle_timeouts",
+            "Sessions to the endpoint closed after idle_timeout (or unanswered_timeout).";
+        /// Refusals (ICMP port unreachable) seen on its sessions.
+        refusals => "wasmgate_endpoint_refusals", "ICMP port unreachable seen on sessions to the endpoint.";
+        /// Times it was ejected.
+        ejections => "wasmgate_endpoint_ejections", "Times the endpoint was ejected (eject_after refusals in a row).";
+        /// Sessions that never had an answer, closed to make room for a new client.
+        sessions_evicted => "wasmgate_endpoint_sessions_evicted",
+            "Sessions to the endpoint that never had an answer, closed to make room for a new client.";
+        /// Sessions closed `drain_timeout` after a reload removed the endpoint.
+        sessions_drained => "wasmgate_endpoint_sessions_drained",
+            "Sessions closed drain_timeout after a reload removed the endpoint.";
+    }
+    gauges {
+        /// Open now (written by the one worker these counters belong to).
+        sessions_active => "wasmgate_endpoint_sessions_active", "Sessions open to the endpoint now.";
+    }
 }
 
 /// The pools of one listener, resolved, with what every worker shares: endpoint
@@ -61,17 +107,7 @@ pub struct EndpointView<'a> {
     pub pool: &'a str,
     pub addr: SocketAddr,
     pub healthy: bool,
-    pub to: u64,
-    pub to_bytes: u64,
-    pub from: u64,
-    pub from_bytes: u64,
-    pub sessions_created: u64,
-    pub sessions_expired: u64,
-    pub sessions_active: u64,
-    pub refusals: u64,
-    pub ejections: u64,
-    pub sessions_evicted: u64,
-    pub sessions_drained: u64,
+    pub totals: EndpointTotals,
 }
 
 impl Pools {
@@ -208,23 +244,15 @@ impl Pools {
         let mut out = Vec::new();
         for c in &self.pools {
             for (i, e) in c.pool.endpoints().iter().enumerate() {
-                let sum =
-                    |f: fn(&EndpointCounters) -> &AtomicU64| c.counters[i].iter().map(|w| f(w).load(Relaxed)).sum();
+                let mut totals = EndpointTotals::default();
+                for worker in &c.counters[i] {
+                    totals.add(worker);
+                }
                 out.push(EndpointView {
                     pool: &c.spec.name,
                     addr: e.addr,
                     healthy: c.pool.is_healthy(i, now),
-                    to: sum(|e| &e.to),
-                    to_bytes: sum(|e| &e.to_bytes),
-                    from: sum(|e| &e.from),
-                    from_bytes: sum(|e| &e.from_bytes),
-                    sessions_created: sum(|e| &e.sessions_created),
-                    sessions_expired: sum(|e| &e.sessions_expired),
-                    sessions_active: sum(|e| &e.sessions_active),
-                    refusals: sum(|e| &e.refusals),
-                    ejections: sum(|e| &e.ejections),
-                    sessions_evicted: sum(|e| &e.sessions_evicted),
-                    sessions_drained: sum(|e| &e.sessions_drained),
+                    totals,
                 });
             }
         }

@@ -712,11 +712,11 @@ mod tests {
                 .unwrap();
             EndpointView_ {
                 healthy: e.healthy,
-                active: e.sessions_active,
-                expired: e.sessions_expired,
-                evicted: e.sessions_evicted,
-                ejections: e.ejections,
-                to: e.to,
+                active: e.totals.sessions_active,
+                expired: e.totals.sessions_expired,
+                evicted: e.totals.sessions_evicted,
+                ejections: e.totals.ejections,
+                to: e.totals.to,
             }
         }
     }
@@ -1089,7 +1089,7 @@ mod tests {
         h.table.expire(end);
         assert_eq!(h.commands(), [Cmd::Close(0)]);
         let a = with_a.endpoints(end).into_iter().find(|e| e.addr == addr(A)).unwrap();
-        assert_eq!((a.sessions_drained, a.sessions_active), (1, 0));
+        assert_eq!((a.totals.sessions_drained, a.totals.sessions_active), (1, 0));
         h.forward(client(1), b"3").unwrap();
         assert_eq!(h.commands()[0], Cmd::Open(1, addr(B)), "then the client moves");
     }

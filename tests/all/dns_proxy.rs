@@ -152,7 +152,7 @@ fn the_only_resolver_down_is_never_ejected_and_its_refusals_are_counted() {
     let endpoint = || {
         let pools = pools.pools().unwrap();
         let e = &pools.endpoints(std::time::Instant::now())[0];
-        (e.healthy, e.refusals, e.ejections)
+        (e.healthy, e.totals.refusals, e.totals.ejections)
     };
     // Each query from its own client: a session each, every one refused.
     for id in 1..=6 {

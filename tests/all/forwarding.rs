@@ -617,10 +617,10 @@ fn with_every_endpoint_down_the_last_is_kept_and_forward_says_no_healthy_endpoin
     }
     let pools = gateway.publisher().pools().unwrap();
     wait_until("six refusals", || {
-        pools.endpoints(std::time::Instant::now())[0].refusals >= 6
+        pools.endpoints(std::time::Instant::now())[0].totals.refusals >= 6
     });
     let e = &pools.endpoints(std::time::Instant::now())[0];
-    assert!(e.healthy && e.ejections == 0);
+    assert!(e.healthy && e.totals.ejections == 0);
     assert_eq!(gateway.stats().refused(CallError::NoHealthyEndpoint), 0);
 }
 

@@ -258,7 +258,7 @@ fn sessions_active(gateway: &wasmgate::gateway::Gateway) -> u64 {
     pools
         .endpoints(std::time::Instant::now())
         .iter()
-        .map(|e| e.sessions_active)
+        .map(|e| e.totals.sessions_active)
         .sum()
 }
 
@@ -289,7 +289,7 @@ fn a_full_session_table_evicts_unanswered_sessions_so_new_clients_are_served() {
     let evicted: u64 = pools
         .endpoints(std::time::Instant::now())
         .iter()
-        .map(|e| e.sessions_evicted)
+        .map(|e| e.totals.sessions_evicted)
         .sum();
     // Counted from the sessions made: once in a CI run one of the 200 sources
     // made none (154 evictions), which is not what this test is about.
@@ -448,7 +448,7 @@ fn a_network_at_its_share_evicts_its_own_unanswered_sessions_so_its_real_clients
         .unwrap()
         .endpoints(std::time::Instant::now())
         .iter()
-        .map(|e| e.sessions_evicted)
+        .map(|e| e.totals.sessions_evicted)
         .sum();
     assert_eq!(
         evicted,
@@ -479,7 +479,7 @@ fn one_refusal_does_not_eject_an_endpoint_three_in_a_row_do() {
             .into_iter()
             .find(|e| e.addr == down)
             .unwrap();
-        (e.healthy, e.refusals, e.ejections)
+        (e.healthy, e.totals.refusals, e.totals.ejections)
     };
     // Clients whose address hashes to the down endpoint, one at a time.
     let mut refused = 0;
@@ -570,7 +570,7 @@ fn forged_icmp_port_unreachable_never_empties_a_pool_and_every_client_is_served_
     std::thread::sleep(Duration::from_millis(200));
     let pools = gateway.publisher().pools().unwrap();
     let views = pools.endpoints(std::time::Instant::now());
-    let refusals: u64 = views.iter().map(|e| e.refusals).sum();
+    let refusals: u64 = views.iter().map(|e| e.totals.refusals).sum();
     assert!(refusals > 0, "the forged messages reached no session");
     // At most one endpoint ejected (never the last), and every client served:
     // its next datagram opens a session again.
