@@ -13,7 +13,7 @@ export RUSTC_BOOTSTRAP=1
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --version 0.13.2
 fi
-targets=(guest_boundary load_module)
+targets=(guest_boundary load_module proxy_header)
 run() { # target seconds corpus-dir
   cargo fuzz run "$1" "$3" fuzz/seeds/"$1" -- -max_total_time="$2" -timeout=20 -rss_limit_mb=4096 -print_final_stats=1
 }

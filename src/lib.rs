@@ -54,7 +54,8 @@
 //!   session sockets that apply the session table's commands, and
 //!   ([`net::source_filter`]) the client sources never answered (denied ports,
 //!   our own sockets, upstream endpoints), so that a spoofed datagram cannot
-//!   start a loop.
+//!   start a loop; [`net::proxy_v2`] reads and writes the PROXY protocol v2
+//!   header of a datagram.
 //! - [`verdict`]: what can happen to a datagram or a guest's call (drop reasons,
 //!   call errors, their codes and labels); pure, imported by every layer.
 //! - [`text`]: outside text (guest logs, file contents, replies) escaped and cut for printing.

@@ -3,5 +3,6 @@
 //! send back), and the client sources a listener never answers.
 
 pub mod batch;
+pub mod proxy_v2;
 pub mod sessions;
 pub mod source_filter;

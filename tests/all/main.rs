@@ -20,6 +20,7 @@ mod new;
 mod overload;
 mod pools;
 mod production;
+mod proxy_v2;
 mod reload;
 mod replay;
 mod sdk;
