@@ -29,7 +29,6 @@ whose tools are missing is reported as NOT RUN and the script exits 3.
 
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -113,14 +112,7 @@ def commands(lines):
 
 
 def split_comment(command):
-    """(code, comment): a `#` outside quotes starts the comment."""
-    try:
-        lexer = shlex.shlex(command, posix=True, punctuation_chars=False)
-        lexer.whitespace_split = True
-        lexer.commenters = ""
-        list(lexer)
-    except ValueError:
-        return command, ""
+    """(code, comment): a `#` outside quotes, after a blank, starts the comment."""
     quote, i = None, 0
     while i < len(command):
         c = command[i]
@@ -138,8 +130,8 @@ def split_comment(command):
 
 
 def pattern(expected):
-    parts = re.split(r"(…|\.\.\.)", expected.strip())
-    return re.compile(".*".join(re.escape(p) for p in parts if p not in ("…", "...")) if len(parts) > 1 else re.escape(expected.strip()))
+    """`expected` as a regex in which `…` (or `...`) stands for anything."""
+    return re.compile(".*".join(re.escape(p) for p in re.split(r"…|\.\.\.", expected.strip())))
 
 
 PRELUDE = r"""
@@ -187,8 +179,8 @@ def run(name, group, binary):
     cmds = []
     for _, _, lines in group["blocks"]:
         cmds += commands(lines)
-    needs = {"dnsmasq": "dnsmasq", "dig": "dig", "curl": "curl", "tcpdump": "tcpdump"}
-    missing = sorted({tool for c, _ in cmds for word, tool in needs.items() if re.search(rf"\b{word}\b", c) and not shutil.which(tool)})
+    tools = ("dnsmasq", "dig", "curl", "tcpdump")
+    missing = sorted({t for c, _ in cmds for t in tools if re.search(rf"\b{t}\b", c) and not shutil.which(t)})
     if missing:
         return None, f"needs {', '.join(missing)}"
     work = tempfile.mkdtemp(prefix=f"docs-check-{name}-")

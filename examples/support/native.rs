@@ -1,14 +1,14 @@
 //! The benchmarks' native handlers: Rust in the guest's place on wasmgate's
 //! own data path, so that a benchmark measures the WebAssembly hop and
-//! nothing else. Each is a [`Handler`], as the guest is.
+//! nothing else. Each is a [`Handler`], as the guest is; what they leave out
+//! (`on_reply`, the host-call bookkeeping) takes the trait's defaults.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use wasmgate::gateway::Handler;
-use wasmgate::guest::{Answer, Program, Rejection};
+use wasmgate::guest::{Answer, Rejection};
 use wasmgate::upstream::Lent;
-use wasmgate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
+use wasmgate::verdict::{CallError, DropReason, MAX_DATAGRAM};
 
 /// Uppercases each datagram, as the default guest does.
 #[derive(Default)]
@@ -24,8 +24,6 @@ pub(crate) struct Forward {
 }
 
 impl Handler for Uppercase {
-    fn refresh(&mut self, _: &Arc<Program>) {}
-
     fn handle(&mut self, datagram: &[u8], _: SocketAddr, _: &mut Lent) -> Result<Answer<'_>, Rejection> {
         if datagram.len() > MAX_DATAGRAM {
             return Err(DropReason::Oversize.into());
@@ -35,32 +33,9 @@ impl Handler for Uppercase {
         self.reply.make_ascii_uppercase();
         Ok(Answer::native(Some(&self.reply), 0, None))
     }
-
-    fn has_on_reply(&self) -> bool {
-        false
-    }
-
-    fn on_reply(
-        &mut self,
-        _: &[u8],
-        _: SocketAddr,
-        _: &str,
-        _: &mut Lent,
-        _: Allowance,
-    ) -> Result<Answer<'_>, Rejection> {
-        Err(DropReason::NoReply.into())
-    }
-
-    fn take_refused(&mut self, _: &mut dyn FnMut(CallError, u32)) {}
-
-    fn last_calls(&mut self) -> u32 {
-        0
-    }
 }
 
 impl Handler for Forward {
-    fn refresh(&mut self, _: &Arc<Program>) {}
-
     fn handle(&mut self, datagram: &[u8], _: SocketAddr, sessions: &mut Lent) -> Result<Answer<'_>, Rejection> {
         if datagram.len() > MAX_DATAGRAM {
             return Err(DropReason::Oversize.into());
@@ -75,21 +50,6 @@ impl Handler for Forward {
                 Ok(Answer::native(None, 0, Some(error)))
             }
         }
-    }
-
-    fn has_on_reply(&self) -> bool {
-        false
-    }
-
-    fn on_reply(
-        &mut self,
-        _: &[u8],
-        _: SocketAddr,
-        _: &str,
-        _: &mut Lent,
-        _: Allowance,
-    ) -> Result<Answer<'_>, Rejection> {
-        Err(DropReason::NoReply.into())
     }
 
     fn take_refused(&mut self, each: &mut dyn FnMut(CallError, u32)) {

@@ -247,7 +247,6 @@ impl<H: Handler, T: Tap> Core<H, T> {
                 client: shown,
                 datagram,
                 verdict,
-                route,
                 replies,
                 forwards,
             });

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::guest::{Answer, Guest, Program, Rejection};
 use crate::upstream::Lent;
-use crate::verdict::{Allowance, CallError};
+use crate::verdict::{Allowance, CallError, DropReason};
 
 /// Which module a handler routed a datagram to: the active one, or the
 /// candidate (a canary client's).
@@ -18,7 +18,8 @@ pub enum Route {
     Candidate,
 }
 
-/// Runs on datagrams for one worker. The core calls [`Handler::route`] first
+/// Runs on datagrams for one worker; what it need not do (`on_reply`, host
+/// calls) has defaults that do nothing. The core calls [`Handler::route`] first
 /// for each client or upstream datagram, then the calls it needs, then
 /// [`Handler::judged`] with what became of a client datagram.
 pub trait Handler: Send {
@@ -31,14 +32,18 @@ pub trait Handler: Send {
     }
 
     /// Adopts `program` as the active module (freeing a replaced one now).
-    fn refresh(&mut self, program: &Arc<Program>);
+    fn refresh(&mut self, program: &Arc<Program>) {
+        let _ = program;
+    }
 
     /// Runs on `client`'s datagram, with the worker's sessions to forward on.
     fn handle(&mut self, datagram: &[u8], client: SocketAddr, sessions: &mut Lent) -> Result<Answer<'_>, Rejection>;
 
     /// Whether upstream datagrams go through [`Handler::on_reply`]; without
     /// it they go to the client unchanged.
-    fn has_on_reply(&self) -> bool;
+    fn has_on_reply(&self) -> bool {
+        false
+    }
 
     /// Runs on a datagram `upstream` (`POOL/ip:port`) sent back for `client`,
     /// within `allowance`.
@@ -49,13 +54,21 @@ pub trait Handler: Send {
         upstream: &str,
         sessions: &mut Lent,
         allowance: Allowance,
-    ) -> Result<Answer<'_>, Rejection>;
+    ) -> Result<Answer<'_>, Rejection> {
+        // Only called when `has_on_reply` says so.
+        let _ = (datagram, client, upstream, sessions, allowance);
+        Err(DropReason::NoReply.into())
+    }
 
     /// Passes on the host calls refused since this was last asked, by reason.
-    fn take_refused(&mut self, each: &mut dyn FnMut(CallError, u32));
+    fn take_refused(&mut self, each: &mut dyn FnMut(CallError, u32)) {
+        let _ = each;
+    }
 
     /// The host calls the last call made, refused ones included.
-    fn last_calls(&mut self) -> u32;
+    fn last_calls(&mut self) -> u32 {
+        0
+    }
 
     /// How long the last call took: the handler measures it, so that the
     /// core reads no clock.

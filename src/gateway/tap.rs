@@ -18,7 +18,6 @@ pub struct ClientExchange<'a> {
     pub datagram: &'a [u8],
     /// `reply`, `forward`, or the drop reason.
     pub verdict: &'static str,
-    pub route: Route,
     /// What went back to the client, in order.
     pub replies: Vec<Vec<u8>>,
     /// What it forwarded upstream, in order.

@@ -110,7 +110,6 @@ impl Tap for Proving {
             client,
             datagram,
             verdict,
-            route: _,
             mut replies,
             forwards,
         } = exchange;

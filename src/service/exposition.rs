@@ -132,38 +132,36 @@ impl GatewayCollector {
                 }
             }
         }
-        let healthy: (&str, &str, fn(&EndpointView<'_>) -> i64) = (
+        for &(name, help, value) in EndpointTotals::GAUGES {
+            let value = |e: &EndpointView<'_>| i64::try_from(value(&e.totals)).unwrap_or(i64::MAX);
+            encode_endpoint_gauge(encoder, &views, (name, help), value)?;
+        }
+        let healthy = (
             "wasmgate_endpoint_healthy",
             "1 when the endpoint takes new sessions, 0 while it is ejected.",
-            |e| i64::from(e.healthy),
         );
-        let gauges = EndpointTotals::GAUGES
-            .iter()
-            .map(|&(name, help, value)| (name, help, value));
-        for (name, help, value) in gauges {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for (listener, endpoints) in &views {
-                for e in endpoints {
-                    let addr = e.addr.to_string();
-                    let v = i64::try_from(value(&e.totals)).unwrap_or(i64::MAX);
-                    family
-                        .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
-                        .encode_gauge(&v)?;
-                }
-            }
-        }
-        let (name, help, value) = healthy;
-        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for (listener, endpoints) in &views {
-            for e in endpoints {
-                let addr = e.addr.to_string();
-                family
-                    .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
-                    .encode_gauge(&value(e))?;
-            }
-        }
+        encode_endpoint_gauge(encoder, &views, healthy, |e| i64::from(e.healthy))?;
         Ok(())
     }
+}
+
+/// A gauge family (name, help) with a sample per endpoint of every listener.
+fn encode_endpoint_gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    views: &[(&str, Vec<EndpointView<'_>>)],
+    (name, help): (&str, &str),
+    value: impl Fn(&EndpointView<'_>) -> i64,
+) -> Result<(), fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (listener, endpoints) in views {
+        for e in endpoints {
+            let addr = e.addr.to_string();
+            family
+                .encode_family(&[("listener", *listener), ("pool", e.pool), ("endpoint", addr.as_str())])?
+                .encode_gauge(&value(e))?;
+        }
+    }
+    Ok(())
 }
 
 /// A counter family (name, help) with a sample per listener and `reason`, the

@@ -659,21 +659,6 @@ fn a_module_over_64_mib_is_refused_by_check_and_at_start_up() {
     }
 }
 
-/// Sends `payload` to `to` as a UDP datagram from 127.0.0.1 port 0, which no
-/// ordinary socket can send from; needs a raw socket (CAP_NET_RAW).
-fn send_from_port_zero(to: std::net::SocketAddr, payload: &[u8]) {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
-        .expect("a raw socket needs CAP_NET_RAW: run this test as root (.ci/run does)");
-    let mut datagram = Vec::with_capacity(8 + payload.len());
-    datagram.extend_from_slice(&0u16.to_be_bytes()); // source port 0
-    datagram.extend_from_slice(&to.port().to_be_bytes());
-    datagram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    datagram.extend_from_slice(&0u16.to_be_bytes()); // no checksum (IPv4 allows it)
-    datagram.extend_from_slice(payload);
-    raw.send_to(&datagram, &to.into()).unwrap();
-}
-
 #[test]
 #[ignore = "needs CAP_NET_RAW for a raw socket; .ci/run runs it as root with --ignored"]
 fn a_reply_that_cannot_be_sent_is_counted_and_serving_goes_on() {
@@ -695,7 +680,8 @@ fn a_reply_that_cannot_be_sent_is_counted_and_serving_goes_on() {
         let addr = gateway.local_addr();
         let c = client();
         for _ in 0..3 {
-            send_from_port_zero(addr, b"nowhere");
+            // Port 0: no ordinary socket can send from it.
+            common::send_spoofed(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), addr, b"nowhere");
             c.send_to(b"chen", addr).unwrap();
         }
         for _ in 0..3 {

@@ -8,7 +8,7 @@ use crate::common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{Upstream, ask, assert_silent, client, client_on};
+use common::{Upstream, ask, assert_silent, client, client_on, send_spoofed};
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::PoolSpec;
 use wasmgate::net::source_filter::PortSet;
@@ -140,23 +140,6 @@ fn the_flag_and_the_config_file_set_denied_ports_and_refuse_nonsense() {
     c.send_to(b"x", served.addr).unwrap();
     assert_silent(&c, Duration::from_millis(300));
     assert_eq!(ask(&client(), served.addr, b"y"), b"Y");
-}
-
-/// Sends `payload` to `to` as a UDP datagram from `from`, which no ordinary
-/// socket may claim; needs a raw socket (CAP_NET_RAW).
-fn send_spoofed(from: SocketAddr, to: SocketAddr, payload: &[u8]) {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
-        .expect("a raw socket needs CAP_NET_RAW: run this test as root (.ci/run does)");
-    // IP_HDRINCL is off: the kernel writes the IP header, with our source only
-    // if it is local; 127.0.0.1 is.
-    let mut datagram = Vec::with_capacity(8 + payload.len());
-    datagram.extend_from_slice(&from.port().to_be_bytes());
-    datagram.extend_from_slice(&to.port().to_be_bytes());
-    datagram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    datagram.extend_from_slice(&0u16.to_be_bytes()); // no checksum (IPv4 allows it)
-    datagram.extend_from_slice(payload);
-    raw.send_to(&datagram, &to.into()).unwrap();
 }
 
 #[test]

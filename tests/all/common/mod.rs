@@ -458,3 +458,20 @@ pub fn sample(body: &str, name_and_labels: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// Sends `payload` to `to` as a UDP datagram from `from`, which no ordinary
+/// socket may claim; needs a raw socket (CAP_NET_RAW).
+pub fn send_spoofed(from: SocketAddr, to: SocketAddr, payload: &[u8]) {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
+        .expect("a raw socket needs CAP_NET_RAW: run this test as root (.ci/run does)");
+    // IP_HDRINCL is off: the kernel writes the IP header, with our source only
+    // if it is local; 127.0.0.1 is.
+    let mut datagram = Vec::with_capacity(8 + payload.len());
+    datagram.extend_from_slice(&from.port().to_be_bytes());
+    datagram.extend_from_slice(&to.port().to_be_bytes());
+    datagram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    datagram.extend_from_slice(&0u16.to_be_bytes()); // no checksum (IPv4 allows it)
+    datagram.extend_from_slice(payload);
+    raw.send_to(&datagram, &to.into()).unwrap();
+}
