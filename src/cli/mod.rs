@@ -8,7 +8,7 @@ mod send;
 mod serve;
 
 pub use args::{CompileArgs, LimitArgs, LogFormat};
-pub use serve::ServeArgs;
+pub use serve::{Plan, ServeArgs};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -13,6 +13,7 @@ use crate::config::{
     self, DEFAULT_BATCH, DEFAULT_REPLY_RATIO, Isolation, ListenerSpec, PoolSpec, check_batch, check_ratio,
     check_workers, parse_addr, parse_size, parse_upstream_flag, parse_with,
 };
+use crate::engine::child::Compiler;
 
 /// Options for serving (the default command).
 #[derive(Debug, Args)]
@@ -217,23 +218,61 @@ pub(super) fn listener_from_flags(args: &ServeArgs) -> anyhow::Result<ListenerSp
     })
 }
 
+/// What `serve` was asked to run, checked: the listeners (from the flags or the
+/// file), the file they came from, the metrics address and the compiler.
+#[derive(Debug)]
+pub struct Plan {
+    pub listeners: Vec<ListenerSpec>,
+    pub config: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
+    pub compiler: Compiler,
+}
+
+impl ServeArgs {
+    /// Reads the flags (and the config file they name) into a [`Plan`]; an `Err`
+    /// names the flag or the file and what is wrong with it.
+    pub fn plan(&self) -> anyhow::Result<Plan> {
+        let (listeners, file_metrics) = match &self.config {
+            Some(path) => {
+                let file = config::load(path, config::default_workers())?;
+                (file.listeners, file.metrics)
+            }
+            None => {
+                let spec = listener_from_flags(self)?;
+                config::check_pools(&spec.pools)?;
+                (vec![spec], None)
+            }
+        };
+        Ok(Plan {
+            listeners,
+            config: self.config.clone(),
+            // --metrics on the command line wins over the file's [metrics].
+            metrics: self.metrics.or(file_metrics),
+            compiler: self.compile.compiler()?,
+        })
+    }
+}
+
+impl Plan {
+    /// Serves until the future `shutdown()` makes completes; see
+    /// [`crate::service::run_until`].
+    pub fn run_until<S: Future<Output = ()>>(
+        self,
+        shutdown: impl FnOnce() -> anyhow::Result<S>,
+        ready: impl FnOnce(&crate::service::Bound),
+    ) -> anyhow::Result<()> {
+        crate::service::run_until(
+            self.listeners,
+            self.config.as_deref(),
+            self.metrics,
+            &self.compiler,
+            shutdown,
+            ready,
+        )
+    }
+}
+
 pub(super) fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (listeners, file_metrics) = match &args.config {
-        Some(path) => {
-            let file = config::load(path, config::default_workers())?;
-            (file.listeners, file.metrics)
-        }
-        None => {
-            let spec = listener_from_flags(&args)?;
-            config::check_pools(&spec.pools)?;
-            (vec![spec], None)
-        }
-    };
-    // --metrics on the command line wins over the file's [metrics].
-    crate::service::run(
-        listeners,
-        args.config.as_deref(),
-        args.metrics.or(file_metrics),
-        &args.compile.compiler()?,
-    )
+    let plan = args.plan()?;
+    crate::service::run(plan.listeners, plan.config.as_deref(), plan.metrics, &plan.compiler)
 }

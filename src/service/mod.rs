@@ -80,18 +80,26 @@ fn terminated() -> anyhow::Result<impl Future<Output = ()>> {
     })
 }
 
+/// What a started service is bound to: each listener's name and address, and
+/// the metrics endpoint's (the real ports where 0 was asked for).
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub metrics: Option<SocketAddr>,
+}
+
 /// As [`run`], but serving until the future `shutdown()` makes completes (it is
-/// called inside the service's runtime), and telling `ready` each listener's
-/// name and bound address once every listener serves: tests and embedders run
-/// the whole service in-process on port 0 this way (mini-redis's
-/// `server::run(listener, shutdown)`).
+/// called inside the service's runtime), and telling `ready` what every
+/// listener (and the metrics endpoint) is bound to once all of them serve:
+/// tests and embedders run the whole service in-process on port 0 this way
+/// (mini-redis's `server::run(listener, shutdown)`).
 pub fn run_until<S: Future<Output = ()>>(
     listeners: Vec<ListenerSpec>,
     config: Option<&Path>,
     metrics: Option<SocketAddr>,
     compiler: &Compiler,
     shutdown: impl FnOnce() -> anyhow::Result<S>,
-    ready: impl FnOnce(&[(String, SocketAddr)]),
+    ready: impl FnOnce(&Bound),
 ) -> anyhow::Result<()> {
     // One engine for the process, with an instance slot per worker of every
     // listener plus one each for checking a reloaded module. Pooled, so that
@@ -197,7 +205,7 @@ fn serve_until_stopped<S: Future<Output = ()>>(
     metrics: Option<SocketAddr>,
     fd_budget: Option<u64>,
     shutdown: impl FnOnce() -> anyhow::Result<S>,
-    ready: impl FnOnce(&[(String, SocketAddr)]),
+    ready: impl FnOnce(&Bound),
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -205,7 +213,7 @@ fn serve_until_stopped<S: Future<Output = ()>>(
         .context("cannot start the async runtime")?;
     // Registered before "serving" is logged: a signal sent after that line must be
     // handled, not fatal.
-    let (signals, shutdown, metrics_server) = {
+    let (signals, shutdown, metrics_server, metrics_bound) = {
         let _runtime = runtime.enter();
         let signals = Signals::new()?;
         let shutdown = shutdown()?;
@@ -223,11 +231,15 @@ fn serve_until_stopped<S: Future<Output = ()>>(
                         .collect(),
                 );
                 tracing::info!(metrics = %format_args!("http://{local}/metrics"), "serving metrics");
-                Some(runtime.spawn(crate::service::exposition::serve(listener, Arc::new(registry))))
+                Some((
+                    runtime.spawn(crate::service::exposition::serve(listener, Arc::new(registry))),
+                    local,
+                ))
             }
             None => None,
         };
-        (signals, shutdown, metrics_server)
+        let metrics_bound = metrics_server.as_ref().map(|(_, local)| *local);
+        (signals, shutdown, metrics_server.map(|(task, _)| task), metrics_bound)
     };
     for r in &running {
         let program = r.gateway.program();
@@ -286,11 +298,13 @@ fn serve_until_stopped<S: Future<Output = ()>>(
         .map(|r| (r.spec.name.clone(), r.gateway.publisher()))
         .collect();
     let pools = PoolKeeper::new(config, &running, fd_budget);
-    let bound: Vec<(String, SocketAddr)> = running
-        .iter()
-        .map(|r| (r.spec.name.clone(), r.gateway.local_addr()))
-        .collect();
-    ready(&bound);
+    ready(&Bound {
+        listeners: running
+            .iter()
+            .map(|r| (r.spec.name.clone(), r.gateway.local_addr()))
+            .collect(),
+        metrics: metrics_bound,
+    });
     runtime.block_on(signals.wait(&reloaders, &publishers, pools, shutdown));
     // Every listener stops reading and every reloader stops publishing at once,
     // before saying so; then each worker answers the batch it holds.

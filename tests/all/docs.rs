@@ -67,13 +67,16 @@ fn every_handler_in_the_handlers_table_exists_with_its_module() {
 }
 
 /// Where a test named `module::…::name` in the docs may live:
-/// `tests/all/module.rs`, and every `src/…/module.rs` or `module/mod.rs` (names
-/// such as `sessions` or `state` are taken by more than one).
+/// `tests/all/module.rs` and `tests/cli/module.rs`, and every `src/…/module.rs`
+/// or `module/mod.rs` (names such as `sessions` or `state` are taken by more
+/// than one).
 fn test_files(root: &std::path::Path, module: &str) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
-    let in_tests = root.join("tests/all").join(format!("{module}.rs"));
-    if in_tests.exists() {
-        found.push(in_tests);
+    for suite in ["tests/all", "tests/cli"] {
+        let in_tests = root.join(suite).join(format!("{module}.rs"));
+        if in_tests.exists() {
+            found.push(in_tests);
+        }
     }
     let mut dirs = vec![root.join("src")];
     while let Some(dir) = dirs.pop() {

@@ -1,12 +1,13 @@
-//! Every integration test, in one binary (as wasmtime's own `tests/all/`):
-//! each links wasmtime, and 24 binaries took 24 links and gigabytes of
-//! `target/`. Each module is the suite of one concern; `common` holds the
-//! helpers they share. Run one suite with `cargo test --test all SUITE::`.
+//! Every integration test that runs the gateway in this process, in one binary
+//! (as wasmtime's own `tests/all/`): each test binary links wasmtime, and 24 of
+//! them took 24 links and gigabytes of `target/`. Each module is the suite of
+//! one concern; the tests that need the built binary as a process (its log
+//! lines, signals, exit codes, a second process) are in `tests/cli/`. Run one
+//! suite with `cargo test --test all SUITE::`.
 
+#[path = "../common/mod.rs"]
 mod common;
 
-mod binary;
-mod cluster;
 mod components;
 mod dns_proxy;
 mod dns_state;
@@ -15,8 +16,6 @@ mod examples;
 mod forwarding;
 mod hardening;
 mod hostile;
-mod invalid;
-mod new;
 mod overload;
 mod pools;
 mod production;

@@ -6,24 +6,17 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{Served, ask, assert_silent, client, client_on};
+use common::{Service, ask, assert_silent, client, client_on};
 
-fn probe() -> Served {
+fn probe() -> Service {
     probe_with(&[])
 }
 
-fn probe_with(extra: &[&str]) -> Served {
+fn probe_with(extra: &[&str]) -> Service {
     let module = format!("{}/guest/sdk-probe.wasm", env!("CARGO_MANIFEST_DIR"));
     let mut args = vec!["--listen", "127.0.0.1:0", "--workers", "1", "--module", &module];
     args.extend_from_slice(extra);
-    Served::start(&args)
-}
-
-/// Waits for a log line containing every one of `words`.
-fn log_line(served: &Served, words: &[&str]) -> String {
-    served
-        .line_with(words)
-        .unwrap_or_else(|| panic!("no log line with {words:?}"))
+    Service::start(&args)
 }
 
 #[test]
@@ -51,27 +44,11 @@ fn sdk_context_knows_the_peer_over_ipv4_and_ipv6() {
     assert_eq!(ask(&c, served.addr, b"peer-text please"), me.as_bytes());
 
     let module = format!("{}/guest/sdk-probe.wasm", env!("CARGO_MANIFEST_DIR"));
-    let v6 = Served::start(&["--listen", "[::1]:0", "--workers", "1", "--module", &module]);
+    let v6 = Service::start(&["--listen", "[::1]:0", "--workers", "1", "--module", &module]);
     let c6 = client_on("[::1]:0");
     let me6 = c6.local_addr().unwrap().to_string();
     assert!(me6.starts_with("[::1]:"), "{me6}");
     assert_eq!(ask(&c6, v6.addr, b"peer please"), me6.as_bytes());
-}
-
-#[test]
-fn sdk_log_and_panic_reach_the_gateway_log() {
-    let served = probe();
-    let c = client();
-    assert_eq!(ask(&c, served.addr, b"log a line from the guest"), b"logged");
-    log_line(&served, &["INFO", "a line from the guest"]);
-    log_line(&served, &["WARN", "formatted: 21 bytes"]);
-
-    c.send_to(b"panic", served.addr).unwrap();
-    assert_silent(&c, Duration::from_millis(200));
-    let line = log_line(&served, &["handler panicked at"]);
-    assert!(line.contains("sdk-probe/src/lib.rs:"), "the panic's place: {line}");
-    log_line(&served, &["reason=trap"]);
-    assert_eq!(ask(&c, served.addr, b"still here"), b"still here");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use crate::common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{Served, ask, assert_silent, client, config, sample, scrape, start_with, write_file};
+use common::{ask, assert_silent, client, config, start_with};
 use wasmgate::config::Limits;
 use wasmgate::gateway::Gateway;
 use wasmgate::guest::Env;
@@ -344,57 +344,6 @@ fn a_region_outside_memory_traps_and_the_next_datagram_is_served() {
     assert_silent(&talk.socket, Duration::from_millis(300));
     assert_eq!(gateway.stats().dropped(wasmgate::verdict::DropReason::Trap), 1);
     assert_eq!(talk.code(b'l', 0, b"after", b""), 1);
-}
-
-#[test]
-fn the_binary_takes_state_bounds_and_reports_state_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let module = write_file(dir.path(), "commands.wat", commands("bin").as_bytes());
-    let served = Served::start(&[
-        "--module",
-        &module,
-        "--max-reply-ratio",
-        "0",
-        "--state-max-entries",
-        "4",
-        "--state-max-bytes",
-        "1MiB",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
-    let socket = client();
-    let code = |op, arg, key: &[u8]| {
-        let reply = ask(&socket, served.addr, &command(op, arg, key, b""));
-        i32::from_le_bytes(reply[..4].try_into().unwrap())
-    };
-    for (i, key) in [b"a", b"b", b"c", b"d", b"e"].iter().enumerate() {
-        assert_eq!(code(b's', 60_000 + i as i32, &key[..]), 0);
-    }
-    // Rate 1/s, burst 3: three allowed, then denied.
-    let results: Vec<i32> = (0..5).map(|_| code(b'l', 1, b"client")).collect();
-    assert_eq!(results, [1, 1, 1, 0, 0]);
-    let body = scrape(served.metrics_addr());
-    assert!(
-        sample(&body, r#"wasmgate_state_entries{listener="default"}"#) <= 4.0,
-        "{body}"
-    );
-    assert!(sample(&body, r#"wasmgate_state_bytes{listener="default"}"#) > 0.0);
-    assert!(sample(&body, r#"wasmgate_state_evictions_total{listener="default"}"#) >= 1.0);
-    assert_eq!(
-        sample(&body, r#"wasmgate_limit_total{listener="default",result="allowed"}"#),
-        3.0
-    );
-    assert_eq!(
-        sample(&body, r#"wasmgate_limit_total{listener="default",result="denied"}"#),
-        2.0
-    );
-}
-
-#[test]
-fn a_bad_state_flag_is_refused_with_the_reason() {
-    let (code, _, err) = common::run_to_end(&["--state-max-bytes", "lots"]);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("--state-max-bytes") && err.contains("lots"), "{err}");
 }
 
 /// Serves `module` (which replies with the i32 codes its calls returned,

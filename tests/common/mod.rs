@@ -250,6 +250,72 @@ impl Served {
     }
 }
 
+/// The whole service, as `wasmgate ARGS` runs it, in this process: for tests
+/// that need its addresses but not its process (log lines, signals, exit code).
+/// Modules are compiled in-process. Stopped, and checked to stop cleanly, when
+/// dropped.
+pub struct Service {
+    pub addr: SocketAddr,
+    pub bound: wasmgate::service::Bound,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Service {
+    /// Starts the service the flags `args` describe (as the binary would read
+    /// them) and waits until every listener serves.
+    pub fn start(args: &[&str]) -> Self {
+        use clap::Parser as _;
+        let cli = wasmgate::cli::Cli::try_parse_from(std::iter::once("wasmgate").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("wasmgate {args:?}: {e}"));
+        let mut plan = cli.serve.plan().unwrap_or_else(|e| panic!("wasmgate {args:?}: {e:#}"));
+        plan.compiler = wasmgate::engine::child::Compiler::InProcess;
+        let (ready, bound) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            plan.run_until(
+                move || {
+                    Ok(async move {
+                        let _ = stopped.await;
+                    })
+                },
+                move |bound| {
+                    let _ = ready.send(bound.clone());
+                },
+            )
+        });
+        let Ok(bound) = bound.recv_timeout(Duration::from_secs(60)) else {
+            let result = thread.join();
+            panic!("wasmgate {args:?} did not serve: {result:?}");
+        };
+        Self {
+            addr: bound.listeners[0].1,
+            bound,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// The metrics endpoint's bound address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.bound.metrics.expect("started with --metrics")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let result = thread.join();
+            if !std::thread::panicking() {
+                result.expect("the service panicked").expect("the service failed");
+            }
+        }
+    }
+}
+
 /// AssemblyScript's `abort` import, with "boom!" at 100 and "a.ts" at 200 laid out
 /// as AssemblyScript lays out strings: UTF-16, byte length in the 4 bytes before.
 pub const ABORT_IMPORT: &str = r#"(import "env" "abort" (func $abort (param i32 i32 i32 i32)))
