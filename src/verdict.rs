@@ -44,11 +44,16 @@ pub enum DropReason {
     /// row: a loop with another gateway (another process or host). The guest
     /// never saw it.
     Loop,
+    /// From a trusted proxy (`proxy_protocol_from`) without a valid PROXY v2
+    /// header, or naming a client past the proxied clients a worker keeps; from
+    /// a pool that speaks the PROXY protocol, an answer with a malformed header.
+    /// The guest never saw it.
+    ProxyHeader,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::Timeout,
         Self::Trap,
         Self::BadAlloc,
@@ -63,6 +68,7 @@ impl DropReason {
         Self::UpstreamError,
         Self::DeniedSource,
         Self::Loop,
+        Self::ProxyHeader,
     ];
 
     /// A stable position in [`DropReason::ALL`], used to index counter arrays.
@@ -87,6 +93,7 @@ impl DropReason {
             Self::UpstreamError => "upstream_error",
             Self::DeniedSource => "denied_source",
             Self::Loop => "loop",
+            Self::ProxyHeader => "proxy_header",
         }
     }
 

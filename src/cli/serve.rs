@@ -20,7 +20,7 @@ use crate::engine::child::Compiler;
 pub struct ServeArgs {
     /// Serve every listener described in this TOML file (see examples/wasmgate.toml)
     /// instead of the one described by the flags below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "wall_timeout_ms", "max_memory", "state_max_bytes", "state_max_entries", "state_redis", "state_redis_ca", "upstream", "deny_source_ports", "record", "candidate"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "module", "workers", "isolation", "max_reply_ratio", "batch", "no_watch", "timeout_ms", "wall_timeout_ms", "max_memory", "state_max_bytes", "state_max_entries", "state_redis", "state_redis_ca", "upstream", "deny_source_ports", "proxy_protocol_from", "record", "candidate"])]
     pub config: Option<PathBuf>,
 
     /// Address to listen on: IPv4 (`0.0.0.0:9000`) or IPv6 (`[::]:9000`).
@@ -63,6 +63,14 @@ pub struct ServeArgs {
     /// endpoints are never answered whatever this says.
     #[arg(long, value_name = "PORTS", default_value = crate::net::source_filter::DEFAULT_DENIED_PORTS)]
     pub deny_source_ports: crate::net::source_filter::PortSet,
+
+    /// Sources, as CIDR blocks (`10.0.0.0/8,2001:db8::/32`), whose every
+    /// datagram must start with a PROXY protocol v2 header naming the real
+    /// client: that client is the client everywhere, and answers go back
+    /// through the proxy with a header. A datagram from such a source without
+    /// a valid header is dropped; from any other source a header is payload.
+    #[arg(long, value_name = "CIDRS")]
+    pub proxy_protocol_from: Option<crate::net::proxied::TrustedProxies>,
 
     /// Do not watch the module file for changes (SIGHUP still reloads it).
     #[arg(long)]
@@ -198,6 +206,7 @@ pub(super) fn listener_from_flags(args: &ServeArgs) -> anyhow::Result<ListenerSp
         watch: !args.no_watch,
         pools: args.upstream.clone(),
         deny_source_ports: args.deny_source_ports.clone(),
+        proxy_protocol_from: args.proxy_protocol_from.clone().unwrap_or_default(),
         record: args.record.as_ref().map(|path| config::RecordSpec {
             path: path.clone(),
             sample: args.record_sample,

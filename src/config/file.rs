@@ -25,6 +25,7 @@ use super::proving::{
     check_percent, check_sample,
 };
 use super::state::StateSection;
+use crate::net::proxied::TrustedProxies;
 use crate::state::StateLimits;
 use crate::text::{cut, quote};
 use crate::upstream::pool::Policy;
@@ -75,6 +76,10 @@ struct UpstreamSection {
     max_sessions_per_prefix: Option<usize>,
     /// How often host names among the endpoints are looked up again (default `30s`).
     resolve_every: Option<String>,
+    /// `"v2"`: each forwarded datagram starts with a PROXY protocol v2 header
+    /// naming the client; `"none"` (the default): datagrams go as the guest
+    /// forwards them.
+    proxy_protocol: Option<String>,
 }
 
 /// `[metrics]`: the Prometheus endpoint, for every listener.
@@ -118,6 +123,9 @@ struct ListenerSection {
     watch: Option<bool>,
     /// Client source ports never answered, as ranges (`"0-1023,5353"`) or `"none"`.
     deny_source_ports: Option<String>,
+    /// Sources (CIDR blocks) whose every datagram starts with a PROXY protocol
+    /// v2 header naming the real client; from anyone else a header is payload.
+    proxy_protocol_from: Option<Vec<String>>,
     /// Records the listener's datagrams to this pcapng file.
     record: Option<PathBuf>,
     /// The share of datagrams recorded, 0 to 1.
@@ -231,6 +239,15 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                 None => DEFAULT_MAX_SESSIONS_PER_PREFIX,
             },
             resolve_every: duration(&u.resolve_every, "resolve_every", DEFAULT_RESOLVE_EVERY)?,
+            proxy_protocol: match u.proxy_protocol.as_deref() {
+                None | Some("none") => false,
+                Some("v2") => true,
+                Some(other) => bail!(
+                    "{}: {} is not a PROXY protocol version: give \"v2\" or \"none\"",
+                    at("proxy_protocol"),
+                    quote(other)
+                ),
+            },
         });
     }
     let mut listeners = Vec::new();
@@ -309,6 +326,12 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                     .map_err(anyhow::Error::msg)
                     .with_context(|| at("deny_source_ports"))?,
                 None => defaults.deny_source_ports.clone(),
+            },
+            proxy_protocol_from: match &l.proxy_protocol_from {
+                Some(list) => TrustedProxies::from_list(list)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| at("proxy_protocol_from"))?,
+                None => defaults.proxy_protocol_from.clone(),
             },
             record: match &l.record {
                 None => {
@@ -546,6 +569,19 @@ mod tests {
         let text = "[[listener]]\nname = \"default\"\nlisten = \"127.0.0.1:8008\"\n";
         let file = parse(text, Path::new("."), default_workers()).unwrap();
         assert_eq!(file.listeners, [ListenerSpec::default()]);
+    }
+
+    #[test]
+    fn proxy_protocol_settings_are_read_for_listeners_and_pools() {
+        let text = "[upstreams.backend]\nendpoints = [\"127.0.0.1:9\"]\nproxy_protocol = \"v2\"\n\n\
+                    [[listener]]\nname = \"edge\"\nlisten = \"127.0.0.1:0\"\n\
+                    proxy_protocol_from = [\"10.0.0.0/8\", \"192.0.2.7\"]\n";
+        let file = parse(text, Path::new("."), 1).unwrap();
+        let l = &file.listeners[0];
+        assert_eq!(l.proxy_protocol_from.to_string(), "10.0.0.0/8,192.0.2.7/32");
+        assert!(l.pools[0].proxy_protocol);
+        let plain = parse_ok(LISTENER);
+        assert!(plain.listeners[0].proxy_protocol_from.is_empty(), "none unless listed");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::bounds::{DEFAULT_REPLY_RATIO, MAX_WORKERS};
 use super::pool::PoolSpec;
 use super::proving::{CandidateSpec, RecordSpec};
+use crate::net::proxied::TrustedProxies;
 use crate::net::source_filter::PortSet;
 use crate::state::{ClusterSpec, StateLimits};
 
@@ -97,6 +98,8 @@ pub struct ListenerSpec {
     pub pools: Vec<PoolSpec>,
     /// Client source ports never answered (`0-1023` unless configured).
     pub deny_source_ports: PortSet,
+    /// Sources that relay clients with a PROXY v2 header (none unless configured).
+    pub proxy_protocol_from: TrustedProxies,
     /// `--record`: the listener's datagrams to a pcapng file.
     pub record: Option<RecordSpec>,
     /// `--candidate`: a second module shadowing (or canarying) the active one.
@@ -127,6 +130,7 @@ impl Default for ListenerSpec {
             watch: true,
             pools: Vec::new(),
             deny_source_ports: PortSet::default(),
+            proxy_protocol_from: TrustedProxies::default(),
             record: None,
             candidate: None,
             cluster: None,

@@ -36,6 +36,9 @@ pub struct PoolSpec {
     /// How often host names are looked up again, so that a name with several
     /// addresses (a Kubernetes headless Service) is a pool that grows and shrinks.
     pub resolve_every: Duration,
+    /// `proxy_protocol = "v2"`: each forwarded datagram starts with a PROXY v2
+    /// header naming the client; a header on an answer is checked and taken off.
+    pub proxy_protocol: bool,
 }
 
 /// Defaults of a pool, as Envoy's udp_proxy and Quilkin have them.
@@ -69,6 +72,7 @@ impl PoolSpec {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_sessions_per_prefix: DEFAULT_MAX_SESSIONS_PER_PREFIX,
             resolve_every: DEFAULT_RESOLVE_EVERY,
+            proxy_protocol: false,
         }
     }
 

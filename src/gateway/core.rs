@@ -25,6 +25,7 @@ use super::loop_guard::{LOOP_AFTER, LoopGuard};
 use super::shared::Shared;
 use super::tap::{ClientExchange, Tap, UpstreamExchange};
 use crate::metrics::Counters;
+use crate::net::proxy_v2;
 use crate::net::source_filter::SourceFilter;
 use crate::upstream::{Applied, Command, Lent, SessionId};
 use crate::verdict::DropReason;
@@ -109,7 +110,7 @@ impl<H: Handler, T: Tap> Core<H, T> {
         } else {
             None
         };
-        let Some((client, upstream)) = n.received(id, datagrams.clone().map(<[u8]>::len)) else {
+        let Some((client, upstream, proxy_protocol)) = n.received(id, datagrams.clone().map(<[u8]>::len)) else {
             return;
         };
         let mut label = std::mem::take(&mut self.label);
@@ -119,10 +120,16 @@ impl<H: Handler, T: Tap> Core<H, T> {
         let route = self.handler.route(shown, &self.shared.program.load());
         if !(tapped && self.tap.watch_upstream(shown, route)) {
             for datagram in datagrams {
+                let Some(datagram) = self.answer_payload(proxy_protocol, datagram, shown, &label) else {
+                    continue;
+                };
                 self.upstream_datagram(datagram, client, &label, emit);
             }
         } else {
             for datagram in datagrams {
+                let Some(datagram) = self.answer_payload(proxy_protocol, datagram, shown, &label) else {
+                    continue;
+                };
                 let mut replies = Vec::new();
                 self.upstream_datagram(datagram, client, &label, &mut |d, to| {
                     replies.push(d.to_vec());
@@ -138,6 +145,29 @@ impl<H: Handler, T: Tap> Core<H, T> {
             }
         }
         self.label = label;
+    }
+
+    /// An upstream answer as the client gets it: from a pool that speaks the
+    /// PROXY protocol, a header it starts with is checked and taken off (and
+    /// a malformed one drops the answer, counted); else the answer as sent.
+    fn answer_payload<'d>(
+        &self,
+        proxy_protocol: bool,
+        datagram: &'d [u8],
+        client: SocketAddr,
+        upstream: &str,
+    ) -> Option<&'d [u8]> {
+        if !proxy_protocol || !datagram.starts_with(&proxy_v2::SIGNATURE) {
+            return Some(datagram);
+        }
+        match proxy_v2::parse(datagram) {
+            Ok(proxy_v2::Parsed::Proxied { payload, .. } | proxy_v2::Parsed::Local { payload }) => Some(payload),
+            Err(error) => {
+                self.counters.proxy_header_error(error);
+                self.upstream_dropped(DropReason::ProxyHeader, client, upstream, &error);
+                None
+            }
+        }
     }
 
     /// Session `id`'s socket reported ICMP port unreachable.
@@ -186,6 +216,18 @@ impl<H: Handler, T: Tap> Core<H, T> {
                 self.tap.forwarded(unmapped(client), endpoint, &datagram);
             }
         }
+    }
+
+    /// A datagram from a trusted proxy that could not be taken (no valid
+    /// header, or too many clients): counted and said, rate-limited.
+    pub(crate) fn proxy_header_dropped(&self, proxy: SocketAddr, why: &dyn std::fmt::Display) {
+        drop_datagram(
+            &self.shared,
+            &self.counters,
+            DropReason::ProxyHeader,
+            unmapped(proxy),
+            why,
+        );
     }
 
     /// Whether a forwarded datagram still waits for its answer (the shutdown drain).

@@ -10,6 +10,7 @@
 //! `sendmmsg`. Workers share nothing on the hot path but the published program
 //! and pools, read through a lock-free `ArcSwap`.
 
+use crate::net::proxied::Proxied;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -112,21 +113,25 @@ impl Gateway {
             let poll = mio::Poll::new().context("cannot create a poller")?;
             let registry = poll.registry().try_clone().context("cannot create a poller")?;
             let sessions = gateway.shared.pools.as_ref().map(|pools| {
-                Box::new(Sessions::new(
-                    pools.load_full(),
-                    i,
-                    Arc::clone(&counters),
-                    config.max_reply_ratio,
-                    Instant::now(),
-                ))
+                Box::new(
+                    Sessions::new(
+                        pools.load_full(),
+                        i,
+                        Arc::clone(&counters),
+                        config.max_reply_ratio,
+                        Instant::now(),
+                    )
+                    .serving(local_addr),
+                )
             });
             let shared = Arc::clone(&gateway.shared);
             let filter = SourceFilter::new(config.deny_source_ports.clone(), local_addr).watching(HostPorts::watched());
             let sockets = SessionSockets::new(registry, Arc::clone(&gateway.shared.session_ports));
             let batch = config.batch.max(1);
+            let proxied = proxied_clients(config);
             let spawned = if let Some(make) = native {
                 let core = Core::new(make(), NoTap, shared, counters, filter, sessions, Instant::now());
-                spawn_worker(i, Worker::new(socket, batch, poll, sockets, core))
+                spawn_worker(i, Worker::new(socket, batch, poll, sockets, core, proxied))
             } else {
                 let guest = Guest::new(
                     env.clone(),
@@ -137,7 +142,7 @@ impl Gateway {
                 let canary = Canary::new(guest, Arc::clone(&shared), shadow.is_some());
                 let tap = Proving::new(Arc::clone(&shared), shadow.as_ref().map(|(tx, _)| tx.clone()), i);
                 let core = Core::new(canary, tap, shared, counters, filter, sessions, Instant::now());
-                spawn_worker(i, Worker::new(socket, batch, poll, sockets, core))
+                spawn_worker(i, Worker::new(socket, batch, poll, sockets, core, proxied))
             };
             let thread = spawned?;
             gateway.workers.push(thread);
@@ -335,6 +340,19 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
 }
 
 /// Starts worker `i`'s thread.
+/// A worker's table of the clients behind trusted proxies, if the listener
+/// trusts any. A client is remembered for twice the longest session idle
+/// timeout (at least two minutes) after its last datagram or answer, so that
+/// an answer never outlives the knowledge of the proxy it goes back through.
+fn proxied_clients(config: &ListenerSpec) -> Option<Proxied> {
+    if config.proxy_protocol_from.is_empty() {
+        return None;
+    }
+    let longest = config.pools.iter().map(|p| p.idle_timeout).max().unwrap_or_default();
+    let ttl = (longest * 2).max(std::time::Duration::from_secs(120));
+    Some(Proxied::new(config.proxy_protocol_from.clone(), ttl))
+}
+
 fn spawn_worker<H: Handler + 'static, T: Tap + 'static>(
     i: usize,
     worker: Worker<H, T>,

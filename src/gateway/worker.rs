@@ -5,7 +5,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::io;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,6 +19,8 @@ use super::shared::{POLL_INTERVAL, RECV_BUFFER, Shared};
 use super::tap::Tap;
 use crate::metrics::Counters;
 use crate::net::batch::{RecvBatch, SendBatch, Sent, report_queue_overflows};
+use crate::net::proxied::{Accepted, Proxied};
+use crate::net::proxy_v2;
 use crate::net::sessions::{LISTENER, SessionSockets, session_of};
 use crate::verdict::MAX_DATAGRAM;
 
@@ -32,6 +34,8 @@ pub(super) struct Worker<H, T> {
     /// The session sockets (the table is in the core); none without pools.
     pub(super) sockets: SessionSockets,
     pub(super) core: Core<H, T>,
+    /// With `proxy_protocol_from`: the clients trusted proxies relay.
+    pub(super) proxied: Option<Proxied>,
 }
 
 /// How long the shutdown drain waits for upstream replies still on their way.
@@ -73,13 +77,21 @@ impl Ready {
 }
 
 impl<H: Handler, T: Tap> Worker<H, T> {
-    pub(super) fn new(socket: UdpSocket, batch: usize, poll: Poll, sockets: SessionSockets, core: Core<H, T>) -> Self {
+    pub(super) fn new(
+        socket: UdpSocket,
+        batch: usize,
+        poll: Poll,
+        sockets: SessionSockets,
+        core: Core<H, T>,
+        proxied: Option<Proxied>,
+    ) -> Self {
         Self {
             socket,
             batch,
             poll,
             sockets,
             core,
+            proxied,
         }
     }
 
@@ -119,7 +131,16 @@ impl<H: Handler, T: Tap> Worker<H, T> {
                 match rx.recv(&self.socket) {
                     Ok(n) => {
                         let now = Instant::now();
-                        take_batch(&mut self.core, now, &rx, n, &mut overflows_seen, &mut tx, &self.socket);
+                        take_batch(
+                            &mut self.core,
+                            &mut self.proxied,
+                            now,
+                            &rx,
+                            n,
+                            &mut overflows_seen,
+                            &mut tx,
+                            &self.socket,
+                        );
                         self.core.poll_commands(|c| self.sockets.apply(c));
                         flush(&shared, &counters, &mut tx, &self.socket);
                         ready.listener = n == rx.capacity();
@@ -184,9 +205,9 @@ impl<H: Handler, T: Tap> Worker<H, T> {
                     ready.sessions.push_back(token);
                 }
                 let datagrams = (0..count).filter_map(|i| upstream_rx.get(i)).map(|(d, _)| d);
-                let socket = &self.socket;
+                let (socket, proxied) = (&self.socket, &mut self.proxied);
                 self.core.on_upstream(now, id, datagrams, &mut |d, to| {
-                    tx.push(d, to);
+                    push_answer(&mut tx, proxied, now, d, to);
                     if tx.is_full() {
                         flush(&shared, &counters, &mut tx, socket);
                     }
@@ -198,7 +219,16 @@ impl<H: Handler, T: Tap> Worker<H, T> {
                 for _ in 0..LISTENER_ROUNDS {
                     match rx.try_recv(&self.socket) {
                         Ok(n) => {
-                            take_batch(&mut self.core, now, &rx, n, &mut overflows_seen, &mut tx, &self.socket);
+                            take_batch(
+                                &mut self.core,
+                                &mut self.proxied,
+                                now,
+                                &rx,
+                                n,
+                                &mut overflows_seen,
+                                &mut tx,
+                                &self.socket,
+                            );
                             self.core.poll_commands(|c| self.sockets.apply(c));
                             flush(&shared, &counters, &mut tx, &self.socket);
                             // A short batch emptied the queue: the next datagram
@@ -215,6 +245,9 @@ impl<H: Handler, T: Tap> Worker<H, T> {
             }
             flush(&shared, &counters, &mut tx, &self.socket);
             if now >= self.core.poll_timeout() {
+                if let Some(p) = &mut self.proxied {
+                    p.expire(now);
+                }
                 self.core.on_timeout(now);
                 self.core.poll_commands(|c| self.sockets.apply(c));
             }
@@ -238,9 +271,13 @@ impl<H: Handler, T: Tap> Worker<H, T> {
     }
 }
 
-/// Hands the `n` datagrams of a receive batch to the core, queueing answers in `tx`.
+/// Hands the `n` datagrams of a receive batch to the core, queueing answers in
+/// `tx`. A datagram from a trusted proxy is the client's its header names, and
+/// without a valid header it is dropped here, before the core.
+#[allow(clippy::too_many_arguments)] // the loop's own state, passed apart to borrow apart
 fn take_batch<H: Handler, T: Tap>(
     core: &mut Core<H, T>,
+    proxied: &mut Option<Proxied>,
     now: Instant,
     rx: &RecvBatch,
     n: usize,
@@ -265,12 +302,45 @@ fn take_batch<H: Handler, T: Tap>(
             core.counters.recv_error();
             continue;
         };
+        let (client, payload) = match proxied {
+            None => (peer, datagram),
+            Some(p) => match p.accept(now, peer, datagram) {
+                Accepted::Client { client, payload } => {
+                    if client != peer {
+                        core.counters.proxied();
+                    }
+                    (client, payload)
+                }
+                Accepted::BadHeader(error) => {
+                    core.counters.proxy_header_error(error);
+                    core.proxy_header_dropped(peer, &error);
+                    continue;
+                }
+                Accepted::Full => {
+                    core.counters.proxied_full();
+                    core.proxy_header_dropped(peer, &"the proxy names a new client past the clients a worker keeps");
+                    continue;
+                }
+            },
+        };
         // The batch grows past its size if one datagram brings many (`send`s);
         // it goes out as soon as it is full.
-        core.on_client(now, datagram, peer, &mut |reply, to| tx.push(reply, to));
+        core.on_client(now, payload, client, &mut |reply, to| {
+            push_answer(tx, proxied, now, reply, to)
+        });
         if tx.is_full() {
             flush(&core.shared, &core.counters, tx, socket);
         }
+    }
+}
+
+/// Queues an answer to client `to`: straight to it, or, if a trusted proxy
+/// relayed it, back to the proxy behind a v2 header from the address the
+/// client sent to, to the client.
+fn push_answer(tx: &mut SendBatch, proxied: &mut Option<Proxied>, now: Instant, answer: &[u8], to: SocketAddr) {
+    match proxied.as_mut().and_then(|p| p.route(now, to)) {
+        None => tx.push(answer, to),
+        Some(via) => tx.push_with(answer, via.proxy, |out| proxy_v2::write(via.service, to, out)),
     }
 }
 

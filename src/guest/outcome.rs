@@ -126,6 +126,7 @@ impl fmt::Display for Rejection {
             DropReason::UpstreamError => f.write_str("the datagram could not be sent upstream"),
             DropReason::DeniedSource => f.write_str("the source may not be answered"),
             DropReason::Loop => f.write_str("the source sent back what it was sent: a loop"),
+            DropReason::ProxyHeader => f.write_str("no valid PROXY v2 header where one must be"),
         }
     }
 }

@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::net::proxy_v2::HeaderError;
 use crate::state::{ClusterStats, StateStats};
 use crate::verdict::{CallError, DropReason};
 pub use rate_limit::RateLimit;
@@ -50,6 +51,13 @@ pub struct Counters {
     sessions_expired: AtomicU64,
     /// Sessions open now (a gauge written by this worker only).
     sessions_active: AtomicU64,
+    /// Datagrams a trusted proxy relayed with a valid PROXY v2 header.
+    proxied: AtomicU64,
+    /// Malformed PROXY v2 headers, by [`HeaderError`], from trusted proxies
+    /// and from pools that speak the protocol.
+    proxy_header_errors: [AtomicU64; HeaderError::ALL.len()],
+    /// Datagrams naming a new client past the proxied clients a worker keeps.
+    proxied_full: AtomicU64,
 }
 
 impl Counters {
@@ -112,6 +120,18 @@ impl Counters {
 
     pub(crate) fn queue_overflows(&self, n: u64) {
         self.queue_overflows.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn proxied(&self) {
+        self.proxied.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn proxy_header_error(&self, error: HeaderError) {
+        self.proxy_header_errors[error as usize].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn proxied_full(&self) {
+        self.proxied_full.fetch_add(1, Relaxed);
     }
 }
 
@@ -179,6 +199,11 @@ impl Stats {
             s.sessions_created += w.sessions_created.load(Relaxed);
             s.sessions_expired += w.sessions_expired.load(Relaxed);
             s.sessions_active += w.sessions_active.load(Relaxed);
+            s.proxied += w.proxied.load(Relaxed);
+            for (total, e) in s.proxy_header_errors.iter_mut().zip(&w.proxy_header_errors) {
+                *total += e.load(Relaxed);
+            }
+            s.proxied_full += w.proxied_full.load(Relaxed);
         }
         s
     }
@@ -216,6 +241,12 @@ pub struct Snapshot {
     pub sessions_created: u64,
     pub sessions_expired: u64,
     pub sessions_active: u64,
+    /// Datagrams a trusted proxy relayed with a valid PROXY v2 header.
+    pub proxied: u64,
+    /// Malformed PROXY v2 headers, by [`HeaderError`] (as `HeaderError::ALL`).
+    pub proxy_header_errors: [u64; HeaderError::ALL.len()],
+    /// Datagrams naming a new client past the proxied clients a worker keeps.
+    pub proxied_full: u64,
     /// Datagrams `--record` did not record because its queue was full.
     pub record_dropped: u64,
     /// Shadowed datagrams by result (match, mismatch, candidate trap, candidate

@@ -238,6 +238,14 @@ impl SendBatch {
         self.entries.push((start..self.data.len(), SockAddr::from(peer)));
     }
 
+    /// Queues `reply` to `peer` behind what `prefix` appends (a header).
+    pub fn push_with(&mut self, reply: &[u8], peer: SocketAddr, prefix: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.data.len();
+        prefix(&mut self.data);
+        self.data.extend_from_slice(reply);
+        self.entries.push((start..self.data.len(), SockAddr::from(peer)));
+    }
+
     /// Sends everything queued, in order, and reports each reply's fate to `done`.
     /// A reply the kernel refuses is reported and skipped; the rest still go out.
     pub fn flush(&mut self, socket: &UdpSocket, mut done: impl FnMut(Sent)) {

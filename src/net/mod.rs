@@ -1,8 +1,10 @@
 //! Sockets and addresses: batched receive and send, the sessions' connected
 //! UDP sockets (applying the session table's commands, reading what upstreams
-//! send back), and the client sources a listener never answers.
+//! send back), the client sources a listener never answers, and the clients
+//! behind a trusted proxy (PROXY protocol v2).
 
 pub mod batch;
+pub mod proxied;
 pub mod proxy_v2;
 pub mod sessions;
 pub mod source_filter;

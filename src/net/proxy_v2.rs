@@ -196,9 +196,12 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Appends a `PROXY` header for a datagram from `source` to `destination` to
-/// `out`. Both IPv4 gives an IPv4 header; otherwise both are written as IPv6
-/// (an IPv4 address mapped), since a header has one family.
+/// `out`. Both IPv4 (or IPv4 mapped into IPv6, as a dual-stack socket gives
+/// them) gives an IPv4 header; otherwise both are written as IPv6 (an IPv4
+/// address mapped), since a header has one family.
 pub fn write(source: SocketAddr, destination: SocketAddr, out: &mut Vec<u8>) {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (source, destination) = (canonical(source), canonical(destination));
     out.extend_from_slice(&SIGNATURE);
     out.push(VERSION | PROXY);
     match (source, destination) {
@@ -226,10 +229,16 @@ pub fn write(source: SocketAddr, destination: SocketAddr, out: &mut Vec<u8>) {
     }
 }
 
+/// Appends a `LOCAL` header (the sender speaking for itself, no addresses) to `out`.
+pub fn write_local(out: &mut Vec<u8>) {
+    out.extend_from_slice(&SIGNATURE);
+    out.extend_from_slice(&[VERSION | LOCAL, UNSPEC << 4, 0, 0]);
+}
+
 /// The length of the header [`write`] makes for these addresses.
 pub fn header_len(source: SocketAddr, destination: SocketAddr) -> usize {
-    match (source, destination) {
-        (SocketAddr::V4(_), SocketAddr::V4(_)) => FIXED + INET_LEN,
+    match (source.ip().to_canonical(), destination.ip().to_canonical()) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => FIXED + INET_LEN,
         _ => FIXED + INET6_LEN,
     }
 }

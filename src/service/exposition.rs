@@ -51,7 +51,7 @@ pub fn registry(listeners: Vec<(String, Publisher)>) -> Registry {
 /// A counter family: name (without `_total`), help, and its value in a snapshot.
 type CounterFamily = (&'static str, &'static str, fn(&Snapshot) -> u64);
 
-const COUNTERS: [CounterFamily; 15] = [
+const COUNTERS: [CounterFamily; 17] = [
     ("wasmgate_datagrams_received", "Datagrams received.", |s| s.received),
     ("wasmgate_datagrams_replied", "Datagrams answered with a reply.", |s| {
         s.replied
@@ -98,6 +98,16 @@ const COUNTERS: [CounterFamily; 15] = [
         "wasmgate_session_idle_timeouts",
         "Upstream sessions closed after idle_timeout without traffic.",
         |s| s.sessions_expired,
+    ),
+    (
+        "wasmgate_proxied_datagrams",
+        "Datagrams a trusted proxy relayed with a valid PROXY v2 header naming the client.",
+        |s| s.proxied,
+    ),
+    (
+        "wasmgate_proxied_clients_full",
+        "Datagrams from a trusted proxy naming a new client past the clients a worker keeps (dropped).",
+        |s| s.proxied_full,
     ),
     (
         "wasmgate_record_dropped",
@@ -224,6 +234,16 @@ impl Collector for GatewayCollector {
             &snapshots,
             &drop_reasons,
             |s, i| s.upstream_dropped[i],
+        )?;
+        encode_by_reason(
+            &mut encoder,
+            (
+                "wasmgate_proxy_header_errors",
+                "Malformed PROXY v2 headers from trusted proxies and from pools that speak the protocol, by reason.",
+            ),
+            &snapshots,
+            &crate::net::proxy_v2::HeaderError::ALL.map(crate::net::proxy_v2::HeaderError::as_str),
+            |s, i| s.proxy_header_errors[i],
         )?;
 
         let mut active = encoder.encode_descriptor(

@@ -258,6 +258,7 @@ fn serve_until_stopped<S: Future<Output = ()>>(
             max_memory = r.spec.limits.max_memory,
             max_reply_ratio = r.spec.max_reply_ratio,
             batch = r.spec.batch,
+            proxy_protocol_from = %r.spec.proxy_protocol_from,
             watch = r.reloader.is_some() && r.spec.watch,
             upstreams = r.gateway.publisher().pools().map(|p| p.describe()).unwrap_or_default(),
             "serving"

@@ -87,6 +87,14 @@ impl Queue {
         start..self.arena.len()
     }
 
+    /// As [`Queue::stash`], behind what `prefix` appends (a header).
+    pub(super) fn stash_with(&mut self, bytes: &[u8], prefix: impl FnOnce(&mut Vec<u8>)) -> Range<usize> {
+        let start = self.arena.len();
+        prefix(&mut self.arena);
+        self.arena.extend_from_slice(bytes);
+        start..self.arena.len()
+    }
+
     pub(super) fn push(&mut self, queued: Queued) {
         self.items.push(queued);
     }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::pools::{Configured, EndpointCounters};
+use super::pools::{Configured, EndpointCounters, Pools};
 use crate::upstream::pool::Pool;
 
 /// One client's conversation with one endpoint.
@@ -64,9 +64,34 @@ pub(super) struct WorkerPool {
     pub(super) open: usize,
     /// A reload removed the pool: no new sessions; the open ones drain.
     pub(super) retired: bool,
+    /// Forwards start with a PROXY v2 header naming the client.
+    pub(super) proxy_protocol: bool,
 }
 
 impl WorkerPool {
+    /// Worker `w`'s pools, `pools`, as of `shared`: a pool still there keeps
+    /// its place and its sessions; one no longer there is retired.
+    pub(super) fn adopt(pools: &mut Vec<Self>, shared: &Pools, w: usize) {
+        let workers = shared.workers.max(1);
+        let w = w.min(workers - 1);
+        for wp in pools.iter_mut() {
+            wp.retired = true;
+        }
+        for c in &shared.pools {
+            let fresh = Self::of(c, w, workers);
+            match pools.iter_mut().find(|wp| wp.name == c.spec.name) {
+                Some(wp) => *wp = Self { open: wp.open, ..fresh },
+                // A retired pool whose sessions have all ended gives its place
+                // to a new one, so that reloads of changing pool names do not
+                // grow the list without end (sessions name pools by place).
+                None => match pools.iter_mut().find(|wp| wp.retired && wp.open == 0) {
+                    Some(wp) => *wp = fresh,
+                    None => pools.push(fresh),
+                },
+            }
+        }
+    }
+
     /// Worker `w`'s view of pool `c`, with its share of the pool's caps.
     pub(super) fn of(c: &Configured, w: usize, workers: usize) -> Self {
         Self {
@@ -82,6 +107,7 @@ impl WorkerPool {
             max_per_prefix: share(c.spec.max_sessions_per_prefix, workers, w),
             open: 0,
             retired: false,
+            proxy_protocol: c.spec.proxy_protocol,
         }
     }
 }

@@ -21,6 +21,7 @@ use super::ledger::Ledger;
 use super::pools::Pools;
 use super::session::{Prefix, Session, WorkerPool};
 use crate::metrics::Counters;
+use crate::net::proxy_v2;
 use crate::upstream::pool::Refusal;
 use crate::verdict::{Allowance, CallError};
 
@@ -62,6 +63,8 @@ pub struct Sessions {
     ledgers: HashMap<SocketAddr, Ledger>,
     /// The listener's `max_reply_ratio`, which holds for upstream answers too.
     max_ratio: f64,
+    /// The listener's address: the destination a PROXY v2 header names.
+    listener: SocketAddr,
 }
 
 impl Sessions {
@@ -86,9 +89,16 @@ impl Sessions {
             client_len: 0,
             ledgers: HashMap::new(),
             max_ratio,
+            listener: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         this.adopt(shared);
         this
+    }
+
+    /// The listener these sessions forward for (a PROXY v2 header's destination).
+    pub fn serving(mut self, listener: SocketAddr) -> Self {
+        self.listener = listener;
+        self
     }
 
     /// Whether `pools` is the version this worker uses.
@@ -99,24 +109,7 @@ impl Sessions {
     /// Takes a reloaded version of the pools: new endpoints take new sessions at
     /// once; sessions to removed endpoints (or pools) carry on until idle.
     pub fn adopt(&mut self, shared: Arc<Pools>) {
-        let workers = shared.workers.max(1);
-        let w = self.worker.min(workers - 1);
-        for wp in &mut self.pools {
-            wp.retired = true;
-        }
-        for c in &shared.pools {
-            let fresh = WorkerPool::of(c, w, workers);
-            match self.pools.iter_mut().find(|wp| wp.name == c.spec.name) {
-                Some(wp) => *wp = WorkerPool { open: wp.open, ..fresh },
-                // A retired pool whose sessions have all ended gives its place
-                // to a new one, so that reloads of changing pool names do not
-                // grow the list without end (sessions name pools by place).
-                None => match self.pools.iter_mut().find(|wp| wp.retired && wp.open == 0) {
-                    Some(wp) => *wp = fresh,
-                    None => self.pools.push(fresh),
-                },
-            }
-        }
+        WorkerPool::adopt(&mut self.pools, &shared, self.worker);
         // Sessions find their endpoint in the new lists (and count for least-sessions).
         for s in self.sessions.values_mut() {
             let wp = &mut self.pools[s.pool];
@@ -207,7 +200,13 @@ impl Sessions {
             .ok_or(CallError::UnknownPool)?;
         let id = self.session_for(client, p, key)?;
         let key = key.map(|k| self.stash(k));
-        let bytes = self.stash(data);
+        let bytes = if self.pools[p].proxy_protocol {
+            let listener = self.listener;
+            self.queue
+                .stash_with(data, |arena| proxy_v2::write(client, listener, arena))
+        } else {
+            self.stash(data)
+        };
         let retry = Some(Retry { client, pool: p, key });
         self.queue_send(id, bytes, retry);
         Ok(())
@@ -506,9 +505,14 @@ impl Sessions {
     }
 
     /// `n` datagrams of these sizes came back on session `id`: the client they
-    /// are for and the endpoint's `POOL/ip:port` label, or `None` if the
-    /// session is gone.
-    pub fn received(&mut self, id: SessionId, sizes: impl IntoIterator<Item = usize>) -> Option<(SocketAddr, &str)> {
+    /// are for, the endpoint's `POOL/ip:port` label and whether the pool speaks
+    /// the PROXY protocol (a header on them is to check and take off), or
+    /// `None` if the session is gone.
+    pub fn received(
+        &mut self,
+        id: SessionId,
+        sizes: impl IntoIterator<Item = usize>,
+    ) -> Option<(SocketAddr, &str, bool)> {
         let session = self.sessions.get_mut(&id)?;
         let mut n = 0u32;
         for len in sizes {
@@ -524,7 +528,7 @@ impl Sessions {
                 self.pools[session.pool].pool.answered(i);
             }
         }
-        Some((session.client, &session.label))
+        Some((session.client, &session.label, self.pools[session.pool].proxy_protocol))
     }
 
     /// Closes the sessions idle for longer than their pool's `idle_timeout` (or
@@ -684,7 +688,7 @@ mod tests {
 
         /// The upstream answers on session `id`, and the answer goes to `client`.
         fn answer(&mut self, client: SocketAddr, id: SessionId) {
-            assert_eq!(self.table.received(id, [1]).map(|(c, _)| c), Some(client));
+            assert_eq!(self.table.received(id, [1]).map(|(c, _, _)| c), Some(client));
             self.table.charge(client, 1, 0);
         }
 

@@ -34,6 +34,7 @@ fn the_whole_service_runs_in_process_serves_every_listener_and_stops_when_told()
         watch: false,
         pools: Vec::new(),
         deny_source_ports: PortSet::default(),
+        proxy_protocol_from: Default::default(),
         record: None,
         candidate: None,
         cluster: None,

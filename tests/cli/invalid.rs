@@ -300,3 +300,35 @@ fn an_address_in_use_is_a_clear_error() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
 }
+
+#[test]
+fn a_bad_proxy_protocol_setting_is_refused_naming_the_flag_or_key_and_the_value() {
+    let (code, _, err) = run_to_end(&["--listen", "127.0.0.1:0", "--proxy-protocol-from", "10.0.0.0/33"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--proxy-protocol-from") && err.contains("10.0.0.0/33"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    for (toml, words) in [
+        (
+            "[[listener]]\nname = \"edge\"\nlisten = \"127.0.0.1:0\"\nproxy_protocol_from = [\"10.0.0.0/8\", \"proxy.example\"]\n",
+            ["proxy_protocol_from", "proxy.example"],
+        ),
+        (
+            "[upstreams.backend]\nendpoints = [\"127.0.0.1:9\"]\nproxy_protocol = \"v1\"\n\n[[listener]]\nname = \"edge\"\nlisten = \"127.0.0.1:0\"\n",
+            [
+                "upstreams.backend: proxy_protocol",
+                "v1 is not a PROXY protocol version",
+            ],
+        ),
+    ] {
+        let path = write_file(dir.path(), "bad.toml", toml.as_bytes());
+        let (code, _, err) = run_to_end(&["--config", &path]);
+        assert_eq!(code, Some(1), "{err}");
+        for w in words {
+            assert!(err.contains(w), "{w:?} not in {err}");
+        }
+    }
+}
