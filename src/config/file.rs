@@ -17,8 +17,8 @@ use super::bounds::{
 use super::listener::{Isolation, Limits, ListenerSpec};
 use super::pool::{
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_EJECT_AFTER, DEFAULT_EJECT_FOR, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS,
-    DEFAULT_MAX_SESSIONS_PER_PREFIX, DEFAULT_RESOLVE_EVERY, DEFAULT_UNANSWERED_TIMEOUT, MAX_EJECT_AFTER, MAX_SESSIONS,
-    PoolSpec, check_endpoint, check_pool_name,
+    DEFAULT_MAX_SESSIONS_PER_PREFIX, DEFAULT_RESOLVE_EVERY, DEFAULT_UNANSWERED_TIMEOUT, HealthSpec, MAX_EJECT_AFTER,
+    MAX_HEALTH_STREAK, MAX_SESSIONS, PoolSpec, check_endpoint, check_pool_name,
 };
 use super::proving::{
     CandidateSpec, DEFAULT_PROMOTE_MIN_CLIENTS, DEFAULT_PROMOTE_MIN_TIME, DEFAULT_RECORD_MAX_BYTES, RecordSpec,
@@ -80,6 +80,32 @@ struct UpstreamSection {
     /// naming the client; `"none"` (the default): datagrams go as the guest
     /// forwards them.
     proxy_protocol: Option<String>,
+    /// Active health checks of every endpoint; without this table endpoints
+    /// are ejected by ICMP refusals alone (`eject_after`).
+    health: Option<HealthSection>,
+}
+
+/// `[upstreams.NAME.health]`: a probe to every endpoint on its own schedule.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct HealthSection {
+    /// Time between two probes of an endpoint (default `5s`; a tenth of it
+    /// is added or taken at random, so probes spread out).
+    interval: Option<String>,
+    /// A probe not answered within this is failed (default `1s`).
+    timeout: Option<String>,
+    /// Probes passed in a row that bring an unhealthy endpoint back (default 2).
+    healthy_after: Option<u32>,
+    /// Probes failed in a row that take a healthy endpoint out (default 3).
+    unhealthy_after: Option<u32>,
+    /// The probe datagram, as text (default: empty).
+    send: Option<String>,
+    /// The probe datagram, as hex (`"00 01 ab"`); instead of `send`.
+    send_hex: Option<String>,
+    /// What an answer must start with to pass, as text (default: any answer passes).
+    expect: Option<String>,
+    /// The same as hex; instead of `expect`.
+    expect_hex: Option<String>,
 }
 
 /// `[metrics]`: the Prometheus endpoint, for every listener.
@@ -239,6 +265,10 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                 None => DEFAULT_MAX_SESSIONS_PER_PREFIX,
             },
             resolve_every: duration(&u.resolve_every, "resolve_every", DEFAULT_RESOLVE_EVERY)?,
+            health: match &u.health {
+                Some(h) => Some(health_spec(h, &|key| at(&format!("health.{key}")))?),
+                None => None,
+            },
             proxy_protocol: match u.proxy_protocol.as_deref() {
                 None | Some("none") => false,
                 Some("v2") => true,
@@ -483,6 +513,61 @@ fn covers(wildcard: IpAddr, other: IpAddr) -> bool {
     }
 }
 
+/// A pool's `health` table, checked; `at` names a key in errors.
+fn health_spec(h: &HealthSection, at: &dyn Fn(&str) -> String) -> anyhow::Result<HealthSpec> {
+    let d = HealthSpec::default();
+    let duration = |value: &Option<String>, key: &str, default: Duration| -> anyhow::Result<Duration> {
+        // parse_duration refuses 0 and anything past a day.
+        match value {
+            Some(v) => parse_duration(v).map_err(anyhow::Error::msg).with_context(|| at(key)),
+            None => Ok(default),
+        }
+    };
+    let streak = |value: Option<u32>, key: &str, default: u32| match value {
+        None => Ok(default),
+        Some(n) if (1..=MAX_HEALTH_STREAK).contains(&n) => Ok(n),
+        Some(n) => Err(anyhow::anyhow!(
+            "{}: {n} is out of range: give 1 to {MAX_HEALTH_STREAK}",
+            at(key)
+        )),
+    };
+    let bytes = |text: &Option<String>, hex: &Option<String>, key: &str| -> anyhow::Result<Vec<u8>> {
+        match (text, hex) {
+            (Some(_), Some(_)) => bail!("{}: give {key} or {key}_hex, not both", at(key)),
+            (Some(t), None) => Ok(t.as_bytes().to_vec()),
+            (None, Some(h)) => parse_hex(h).with_context(|| at(&format!("{key}_hex"))),
+            (None, None) => Ok(Vec::new()),
+        }
+    };
+    let spec = HealthSpec {
+        interval: duration(&h.interval, "interval", d.interval)?,
+        timeout: duration(&h.timeout, "timeout", d.timeout)?,
+        healthy_after: streak(h.healthy_after, "healthy_after", d.healthy_after)?,
+        unhealthy_after: streak(h.unhealthy_after, "unhealthy_after", d.unhealthy_after)?,
+        send: bytes(&h.send, &h.send_hex, "send")?,
+        expect: bytes(&h.expect, &h.expect_hex, "expect")?,
+    };
+    if spec.send.len() > crate::verdict::MAX_DATAGRAM {
+        bail!("{}: {} bytes do not fit a datagram", at("send"), spec.send.len());
+    }
+    Ok(spec)
+}
+
+/// Bytes written as hex digits, pairs optionally apart by spaces.
+fn parse_hex(text: &str) -> anyhow::Result<Vec<u8>> {
+    let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if !digits.len().is_multiple_of(2) {
+        bail!("`{}` has an odd number of hex digits", cut(text, 40));
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            let pair = std::str::from_utf8(pair).unwrap_or("?");
+            u8::from_str_radix(pair, 16).map_err(|_| anyhow::anyhow!("`{}` is not hex: `{pair}`", cut(text, 40)))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +667,37 @@ mod tests {
         assert!(l.pools[0].proxy_protocol);
         let plain = parse_ok(LISTENER);
         assert!(plain.listeners[0].proxy_protocol_from.is_empty(), "none unless listed");
+    }
+
+    #[test]
+    fn a_health_table_is_read_with_its_defaults_and_bad_values_are_named() {
+        let pool = |health: &str| {
+            format!("{LISTENER}[upstreams.p]\nendpoints = [\"127.0.0.1:9\"]\n[upstreams.p.health]\n{health}")
+        };
+        let c = parse_ok(&pool("interval = \"2s\"\nsend_hex = \"be ef 01\"\nexpect = \"ok\"\n"));
+        let h = c.listeners[0].pools[0].health.clone().unwrap();
+        assert_eq!(h.interval, Duration::from_secs(2));
+        assert_eq!(
+            (h.timeout, h.healthy_after, h.unhealthy_after),
+            (Duration::from_secs(1), 2, 3)
+        );
+        assert_eq!(
+            (h.send.as_slice(), h.expect.as_slice()),
+            (&[0xbe, 0xef, 0x01][..], &b"ok"[..])
+        );
+        assert!(parse_ok(LISTENER).listeners[0].pools.is_empty());
+        for (body, words) in [
+            ("send = \"a\"\nsend_hex = \"61\"\n", "not both"),
+            ("send_hex = \"abc\"\n", "odd number of hex digits"),
+            ("expect_hex = \"zz\"\n", "not hex"),
+            ("interval = \"0s\"\n", "health.interval: `0s` is out of range"),
+            ("unhealthy_after = 0\n", "health.unhealthy_after: 0 is out of range"),
+            ("healthy_after = 101\n", "1 to 100"),
+            ("probe = \"x\"\n", "unknown field"),
+        ] {
+            let e = parse_err(&pool(body));
+            assert!(e.contains(words), "{body:?}: {e}");
+        }
     }
 
     #[test]

@@ -39,6 +39,45 @@ pub struct PoolSpec {
     /// `proxy_protocol = "v2"`: each forwarded datagram starts with a PROXY v2
     /// header naming the client; a header on an answer is checked and taken off.
     pub proxy_protocol: bool,
+    /// `[upstreams.NAME.health]`: active health checks; without them,
+    /// endpoints are ejected by ICMP refusals alone (`eject_after`).
+    pub health: Option<HealthSpec>,
+}
+
+/// Active health checks of a pool's endpoints: a probe every `interval`, each
+/// answered within `timeout` or failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Probes passed in a row that bring an unhealthy endpoint back.
+    pub healthy_after: u32,
+    /// Probes failed in a row that take a healthy endpoint out.
+    pub unhealthy_after: u32,
+    /// The probe datagram.
+    pub send: Vec<u8>,
+    /// What an answer must start with to pass (empty: any answer passes).
+    pub expect: Vec<u8>,
+}
+
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_HEALTHY_AFTER: u32 = 2;
+pub const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
+/// The most probes in a row `healthy_after` and `unhealthy_after` may ask for.
+pub const MAX_HEALTH_STREAK: u32 = 100;
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        Self {
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            healthy_after: DEFAULT_HEALTHY_AFTER,
+            unhealthy_after: DEFAULT_UNHEALTHY_AFTER,
+            send: Vec::new(),
+            expect: Vec::new(),
+        }
+    }
 }
 
 /// Defaults of a pool, as Envoy's udp_proxy and Quilkin have them.
@@ -73,6 +112,7 @@ impl PoolSpec {
             max_sessions_per_prefix: DEFAULT_MAX_SESSIONS_PER_PREFIX,
             resolve_every: DEFAULT_RESOLVE_EVERY,
             proxy_protocol: false,
+            health: None,
         }
     }
 

@@ -147,6 +147,18 @@ impl Gateway {
             let thread = spawned?;
             gateway.workers.push(thread);
         }
+        if gateway.shared.pools.is_some() {
+            // One prober per listener; idle unless a pool has a `health` table
+            // (a reload may add one).
+            let (pools, stop) = (Arc::clone(&gateway.shared), Arc::clone(&gateway.shared));
+            let thread = crate::net::prober::spawn(
+                move || pools.pools.as_ref().map(ArcSwap::load_full),
+                Arc::clone(&gateway.shared.session_ports),
+                move || stop.stop.load(Ordering::Relaxed),
+            )
+            .context("cannot start the health checker")?;
+            gateway.workers.push(thread);
+        }
         if let Some(c) = &config.candidate {
             let program = env.load_file(Some(&c.path)).context("--candidate")?;
             gateway.publisher().publish_candidate(program)?;
@@ -339,7 +351,6 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
-/// Starts worker `i`'s thread.
 /// A worker's table of the clients behind trusted proxies, if the listener
 /// trusts any. A client is remembered for twice the longest session idle
 /// timeout (at least two minutes) after its last datagram or answer, so that
@@ -353,6 +364,7 @@ fn proxied_clients(config: &ListenerSpec) -> Option<Proxied> {
     Some(Proxied::new(config.proxy_protocol_from.clone(), ttl))
 }
 
+/// Starts worker `i`'s thread.
 fn spawn_worker<H: Handler + 'static, T: Tap + 'static>(
     i: usize,
     worker: Worker<H, T>,

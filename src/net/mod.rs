@@ -1,9 +1,10 @@
 //! Sockets and addresses: batched receive and send, the sessions' connected
 //! UDP sockets (applying the session table's commands, reading what upstreams
-//! send back), the client sources a listener never answers, and the clients
-//! behind a trusted proxy (PROXY protocol v2).
+//! send back), the client sources a listener never answers, the clients
+//! behind a trusted proxy (PROXY protocol v2), and the health checks' probes.
 
 pub mod batch;
+pub mod prober;
 pub mod proxied;
 pub mod proxy_v2;
 pub mod sessions;

@@ -124,7 +124,7 @@ const RECV_TRIES: usize = 4;
 
 /// A non-blocking UDP socket connected to `addr`, so that it receives only what
 /// `addr` sends and the kernel reports ICMP errors from it.
-fn connect(addr: SocketAddr) -> io::Result<UdpSocket> {
+pub(crate) fn connect(addr: SocketAddr) -> io::Result<UdpSocket> {
     let local: SocketAddr = if addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {

@@ -2,7 +2,8 @@
 //! (endpoint health, per-worker counters), and ([`Sessions`]) one worker's
 //! session table: a session per client, pool and endpoint, its idle expiry, and
 //! passive health (an endpoint whose session reports ICMP port unreachable is
-//! ejected for a while, in every worker). Nothing here touches a socket: the
+//! ejected for a while, in every worker), and active health checks ([`health`]:
+//! which probes are due, and what their results do). Nothing here touches a socket: the
 //! worker applies the table's [`Command`]s to its sockets.
 //!
 //! The kernel sends each client to one worker, so a worker owns its clients'
@@ -12,6 +13,7 @@
 use anyhow::Context as _;
 
 mod commands;
+pub mod health;
 mod ledger;
 pub mod pool;
 mod pools;

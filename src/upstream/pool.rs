@@ -89,6 +89,10 @@ struct Health {
     reported: AtomicBool,
     /// Refusals (ICMP port unreachable) since the endpoint last answered.
     refusals: AtomicU32,
+    /// Out after failing its active health checks, until it passes them.
+    probe_down: AtomicBool,
+    /// A passive signal (a refusal) asks for a probe now.
+    probe_now: AtomicBool,
 }
 
 /// What one refusal by an endpoint led to.
@@ -123,6 +127,8 @@ pub struct Pool {
     cursor: usize,
     /// xorshift state for `random`: not for secrets, only for spreading load.
     rng: u64,
+    /// Active health checks decide ejections: a refusal asks for a probe.
+    active_checks: bool,
 }
 
 impl Pool {
@@ -145,14 +151,22 @@ impl Pool {
             endpoints,
             cursor: 0,
             rng: 0x9e37_79b9_7f4a_7c15,
+            active_checks: false,
         }
+    }
+
+    /// The same pool, its ejections decided by active health checks (`on`):
+    /// ICMP refusals, which anyone on the path can forge, only ask for a probe.
+    pub fn with_active_checks(mut self, on: bool) -> Self {
+        self.active_checks = on;
+        self
     }
 
     /// The same pool with a new policy and endpoint list: endpoints it already
     /// had keep their health (an ejected one stays ejected), so a reload changes
     /// nothing for them.
     pub fn rebuilt(&self, policy: Policy, addrs: &[SocketAddr]) -> Self {
-        let mut pool = Self::new(self.name.clone(), policy, addrs);
+        let mut pool = Self::new(self.name.clone(), policy, addrs).with_active_checks(self.active_checks);
         for e in &mut pool.endpoints {
             if let Some(old) = self.endpoints.iter().find(|o| o.addr == e.addr) {
                 e.health = Arc::clone(&old.health);
@@ -182,8 +196,34 @@ impl Pool {
     pub fn is_healthy(&self, i: usize, now: Instant) -> bool {
         self.endpoints.get(i).is_some_and(|e| {
             let until = e.health.until.load(Relaxed);
-            until == 0 || since_epoch(now) >= until
+            (until == 0 || since_epoch(now) >= until) && !e.health.probe_down.load(Relaxed)
         })
+    }
+
+    /// Whether endpoint `i` failed its active health checks.
+    pub fn probe_down(&self, i: usize) -> bool {
+        self.endpoints.get(i).is_some_and(|e| e.health.probe_down.load(Relaxed))
+    }
+
+    /// Takes endpoint `i` out of (or puts it back into) every choice, in every
+    /// clone of this pool, by what its active health checks found.
+    pub fn set_probe_down(&self, i: usize, down: bool) {
+        if let Some(e) = self.endpoints.get(i) {
+            e.health.probe_down.store(down, Relaxed);
+        }
+    }
+
+    /// Whether endpoint `i` is healthy and some other endpoint is too: the
+    /// last healthy endpoint is never taken out.
+    pub fn others_healthy(&self, i: usize, now: Instant) -> bool {
+        self.healthy(now).any(|j| j != i)
+    }
+
+    /// True once after a passive signal asked for a probe of endpoint `i`.
+    pub fn take_probe_request(&self, i: usize) -> bool {
+        self.endpoints
+            .get(i)
+            .is_some_and(|e| e.health.probe_now.swap(false, Relaxed))
     }
 
     /// Takes endpoint `i` out of every choice, in every clone of this pool, until
@@ -206,6 +246,10 @@ impl Pool {
         let Some(e) = self.endpoints.get(i) else {
             return Refusal::Counted;
         };
+        if self.active_checks {
+            e.health.probe_now.store(true, Relaxed);
+            return Refusal::Counted;
+        }
         let streak = e.health.refusals.fetch_add(1, Relaxed).saturating_add(1);
         if streak < eject_after {
             return Refusal::Counted;

@@ -74,6 +74,17 @@ endpoint_counters! {
         /// Sessions closed `drain_timeout` after a reload removed the endpoint.
         sessions_drained => "wasmgate_endpoint_sessions_drained",
             "Sessions closed drain_timeout after a reload removed the endpoint.";
+        /// Active health checks (counted in the first worker's cells by the prober).
+        probes => "wasmgate_endpoint_probes", "Health probes sent to the endpoint.";
+        probes_timeout => "wasmgate_endpoint_probes_timed_out", "Health probes not answered within the timeout.";
+        probes_mismatch => "wasmgate_endpoint_probes_mismatched",
+            "Health probes answered with something other than expected (or judged unhealthy by the guest).";
+        probes_refused => "wasmgate_endpoint_probes_refused",
+            "Health probes refused (ICMP port unreachable) or that could not be sent.";
+        probe_ejections => "wasmgate_endpoint_probe_ejections",
+            "Times the endpoint was taken out after unhealthy_after failed probes in a row.";
+        probe_spared => "wasmgate_endpoint_probe_spared",
+            "Times the endpoint failed its probes but was kept as the pool's last healthy one (panic mode).";
     }
     gauges {
         /// Open now (written by the one worker these counters belong to).
@@ -150,7 +161,8 @@ impl Pools {
             let pool = match before {
                 Some(b) => b.pool.rebuilt(spec.policy, &addrs),
                 None => Pool::new(spec.name.clone(), spec.policy, &addrs),
-            };
+            }
+            .with_active_checks(spec.health.is_some());
             let counters = pool
                 .endpoints()
                 .iter()

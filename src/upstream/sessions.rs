@@ -200,13 +200,10 @@ impl Sessions {
             .ok_or(CallError::UnknownPool)?;
         let id = self.session_for(client, p, key)?;
         let key = key.map(|k| self.stash(k));
-        let bytes = if self.pools[p].proxy_protocol {
-            let listener = self.listener;
-            self.queue
-                .stash_with(data, |arena| proxy_v2::write(client, listener, arena))
-        } else {
-            self.stash(data)
-        };
+        let header = self.pools[p].proxy_protocol.then_some(self.listener);
+        let bytes = self
+            .queue
+            .stash_with(data, |arena| header.map_or((), |l| proxy_v2::write(client, l, arena)));
         let retry = Some(Retry { client, pool: p, key });
         self.queue_send(id, bytes, retry);
         Ok(())

@@ -15,6 +15,7 @@ mod docs;
 mod examples;
 mod forwarding;
 mod hardening;
+mod health;
 mod hostile;
 mod overload;
 mod pools;

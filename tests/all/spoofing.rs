@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::{Upstream, ask, assert_silent, client, client_on, send_spoofed};
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::PoolSpec;
+use wasmgate::gateway::Gateway;
 use wasmgate::net::source_filter::PortSet;
 use wasmgate::verdict::DropReason;
 
@@ -458,6 +459,58 @@ fn forge_port_unreachable(session: SocketAddr, endpoint: SocketAddr) {
     raw.send_to(&icmp, &session.into()).unwrap();
 }
 
+/// Eight clients through `pool` (two echo endpoints, `a` and `b`), then
+/// forged refusals, 20 at each of their sessions; the gateway, the clients,
+/// and each endpoint as the gateway sees it afterwards.
+fn forge_at_every_session(pool: PoolSpec, a: &Upstream, b: &Upstream) -> (Gateway, Vec<UdpSocket>, Vec<EndpointView>) {
+    let gateway = forwarding(pool);
+    let clients: Vec<UdpSocket> = (0..8).map(|_| client()).collect();
+    for c in &clients {
+        let _ = ask(c, gateway.local_addr(), b"hello");
+    }
+    // Each session's address, as the endpoints saw it (not the probes').
+    let sessions: Vec<(SocketAddr, SocketAddr)> = [a, b]
+        .iter()
+        .flat_map(|u| {
+            u.received()
+                .into_iter()
+                .filter(|(d, _)| d.as_slice() == b"hello")
+                .map(move |(_, from)| (from, u.addr))
+        })
+        .collect();
+    assert_eq!(sessions.len(), 8);
+    for _ in 0..20 {
+        for &(session, endpoint) in &sessions {
+            forge_port_unreachable(session, endpoint);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pools = gateway.publisher().pools().unwrap();
+    let views = pools
+        .endpoints(std::time::Instant::now())
+        .into_iter()
+        .map(|e| EndpointView {
+            healthy: e.healthy,
+            totals: e.totals,
+        })
+        .collect();
+    (gateway, clients, views)
+}
+
+/// What [`forge_at_every_session`] looks at of an endpoint.
+struct EndpointView {
+    healthy: bool,
+    totals: wasmgate::upstream::EndpointTotals,
+}
+
+/// Every client's next datagram is answered (it opens a session again if it must).
+fn every_client_served(gateway: &Gateway, clients: &[UdpSocket]) {
+    for c in clients {
+        let reply = ask(c, gateway.local_addr(), b"again");
+        assert!(reply.ends_with(b"again"), "{reply:?}");
+    }
+}
+
 #[test]
 #[ignore = "needs CAP_NET_RAW for a raw socket; .ci/run runs it as root with --ignored"]
 fn forged_icmp_port_unreachable_never_empties_a_pool_and_every_client_is_served_on() {
@@ -468,35 +521,41 @@ fn forged_icmp_port_unreachable_never_empties_a_pool_and_every_client_is_served_
         eject_for: Duration::from_secs(30),
         ..PoolSpec::new("backend", vec![a.addr.to_string(), b.addr.to_string()])
     };
-    let gateway = forwarding(pool);
-    let clients: Vec<UdpSocket> = (0..8).map(|_| client()).collect();
-    for c in &clients {
-        let _ = ask(c, gateway.local_addr(), b"hello");
-    }
-    // Each session's address, as the endpoints saw it.
-    let sessions: Vec<(SocketAddr, SocketAddr)> = a
-        .received()
-        .iter()
-        .map(|(_, from)| (*from, a.addr))
-        .chain(b.received().iter().map(|(_, from)| (*from, b.addr)))
-        .collect();
-    assert_eq!(sessions.len(), 8);
-    // Forged refusals at every session, over and over.
-    for _ in 0..20 {
-        for &(session, endpoint) in &sessions {
-            forge_port_unreachable(session, endpoint);
-        }
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let pools = gateway.publisher().pools().unwrap();
-    let views = pools.endpoints(std::time::Instant::now());
+    let (gateway, clients, views) = forge_at_every_session(pool, &a, &b);
     let refusals: u64 = views.iter().map(|e| e.totals.refusals).sum();
     assert!(refusals > 0, "the forged messages reached no session");
-    // At most one endpoint ejected (never the last), and every client served:
-    // its next datagram opens a session again.
+    // At most one endpoint ejected (never the last).
     assert!(views.iter().any(|e| e.healthy), "every endpoint ejected");
-    for c in &clients {
-        let reply = ask(c, gateway.local_addr(), b"again");
-        assert!(reply.ends_with(b"again"), "{reply:?}");
-    }
+    every_client_served(&gateway, &clients);
+}
+
+#[test]
+#[ignore = "needs CAP_NET_RAW for a raw socket; .ci/run runs it as root with --ignored"]
+fn with_health_checks_forged_icmp_at_every_session_ejects_nothing_while_probes_pass() {
+    // Without health checks, forged refusals still take all but the last
+    // endpoint out (the test above); with them, refusals only bring probes
+    // forward, and the probes pass.
+    let (a, b) = (Upstream::echo("a:"), Upstream::echo("b:"));
+    let pool = PoolSpec {
+        health: Some(wasmgate::config::HealthSpec {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(100),
+            unhealthy_after: 1,
+            ..wasmgate::config::HealthSpec::default()
+        }),
+        ..PoolSpec::new("backend", vec![a.addr.to_string(), b.addr.to_string()])
+    };
+    let (gateway, clients, views) = forge_at_every_session(pool, &a, &b);
+    assert!(
+        views.iter().map(|e| e.totals.refusals).sum::<u64>() > 0,
+        "the forged messages reached no session"
+    );
+    assert!(views.iter().all(|e| e.healthy), "an endpoint was ejected");
+    assert!(
+        views
+            .iter()
+            .all(|e| e.totals.probe_ejections == 0 && e.totals.ejections == 0)
+    );
+    assert!(views.iter().all(|e| e.totals.probes > 0), "the refusals brought probes");
+    every_client_served(&gateway, &clients);
 }
