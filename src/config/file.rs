@@ -106,6 +106,10 @@ struct HealthSection {
     expect: Option<String>,
     /// The same as hex; instead of `expect`.
     expect_hex: Option<String>,
+    /// `"guest"`: the module writes each probe and judges its answer (its
+    /// `probe` and `probe_reply` exports); `send`/`expect` serve while it has
+    /// none. `"send"` (the default): `send` and `expect`.
+    probe: Option<String>,
 }
 
 /// `[metrics]`: the Prometheus endpoint, for every listener.
@@ -546,6 +550,15 @@ fn health_spec(h: &HealthSection, at: &dyn Fn(&str) -> String) -> anyhow::Result
         unhealthy_after: streak(h.unhealthy_after, "unhealthy_after", d.unhealthy_after)?,
         send: bytes(&h.send, &h.send_hex, "send")?,
         expect: bytes(&h.expect, &h.expect_hex, "expect")?,
+        guest: match h.probe.as_deref() {
+            None | Some("send") => false,
+            Some("guest") => true,
+            Some(other) => bail!(
+                "{}: {} is not a probe: give \"guest\" or \"send\"",
+                at("probe"),
+                quote(other)
+            ),
+        },
     };
     if spec.send.len() > crate::verdict::MAX_DATAGRAM {
         bail!("{}: {} bytes do not fit a datagram", at("send"), spec.send.len());
@@ -693,7 +706,8 @@ mod tests {
             ("interval = \"0s\"\n", "health.interval: `0s` is out of range"),
             ("unhealthy_after = 0\n", "health.unhealthy_after: 0 is out of range"),
             ("healthy_after = 101\n", "1 to 100"),
-            ("probe = \"x\"\n", "unknown field"),
+            ("probe = \"x\"\n", "health.probe: x is not a probe"),
+            ("sned = \"x\"\n", "unknown field"),
         ] {
             let e = parse_err(&pool(body));
             assert!(e.contains(words), "{body:?}: {e}");

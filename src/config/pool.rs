@@ -58,6 +58,9 @@ pub struct HealthSpec {
     pub send: Vec<u8>,
     /// What an answer must start with to pass (empty: any answer passes).
     pub expect: Vec<u8>,
+    /// `probe = "guest"`: the module writes the probe and judges the answer
+    /// (its `probe` and `probe_reply` exports), when it has them.
+    pub guest: bool,
 }
 
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -76,6 +79,7 @@ impl Default for HealthSpec {
             unhealthy_after: DEFAULT_UNHEALTHY_AFTER,
             send: Vec::new(),
             expect: Vec::new(),
+            guest: false,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! and pools, read through a lock-free `ArcSwap`.
 
 use crate::net::proxied::Proxied;
+use crate::upstream::health::{NoWriter, ProbeWriter};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -151,10 +152,15 @@ impl Gateway {
             // One prober per listener; idle unless a pool has a `health` table
             // (a reload may add one).
             let (pools, stop) = (Arc::clone(&gateway.shared), Arc::clone(&gateway.shared));
+            let writer: Box<dyn ProbeWriter + Send> = match native {
+                Some(_) => Box::new(NoWriter),
+                None => Box::new(probe::GuestProbes::new(env, Arc::clone(&gateway.shared))),
+            };
             let thread = crate::net::prober::spawn(
                 move || pools.pools.as_ref().map(ArcSwap::load_full),
                 Arc::clone(&gateway.shared.session_ports),
                 move || stop.stop.load(Ordering::Relaxed),
+                writer,
             )
             .context("cannot start the health checker")?;
             gateway.workers.push(thread);
@@ -379,6 +385,7 @@ fn spawn_worker<H: Handler + 'static, T: Tap + 'static>(
 pub(crate) mod core;
 pub(crate) mod handler;
 mod loop_guard;
+mod probe;
 pub(crate) mod shared;
 pub(crate) mod tap;
 mod worker;

@@ -95,6 +95,25 @@ pub const ON_REPLY: (&str, Signature) = (
     },
 );
 
+/// The exports an ABI v1 guest may add to write its pools' health probes
+/// (both or neither): `probe` returns the probe datagram for the endpoint that
+/// `upstream` names, `probe_reply` judges that endpoint's answer (0: healthy,
+/// -1: not). Same type as `handle`.
+pub const PROBE: (&str, Signature) = (
+    "probe",
+    Signature {
+        params: &["i32", "i32"],
+        results: &["i64"],
+    },
+);
+pub const PROBE_REPLY: (&str, Signature) = (
+    "probe_reply",
+    Signature {
+        params: &["i32", "i32"],
+        results: &["i64"],
+    },
+);
+
 /// The functions the host offers an ABI v1 guest, as (module, name, type); a
 /// guest may import any of them. `env.abort` is what AssemblyScript imports by default.
 pub const HOST_FUNCTIONS: [(&str, &str, Signature); 16] = [
@@ -357,6 +376,11 @@ fn check_abi_v1(module: &Module, problems: &mut Vec<String>) {
         check_export(module, name, expected, true, problems);
     }
     check_export(module, ON_REPLY.0, &ON_REPLY.1, false, problems);
+    check_export(module, PROBE.0, &PROBE.1, false, problems);
+    check_export(module, PROBE_REPLY.0, &PROBE_REPLY.1, false, problems);
+    if module.get_export(PROBE.0).is_some() != module.get_export(PROBE_REPLY.0).is_some() {
+        problems.push("exports one of `probe` and `probe_reply`: a guest that writes probes exports both".to_string());
+    }
     if module.get_export("handle").is_none() {
         problems.push("(a WASI command module exports `_start` instead of `alloc` and `handle`)".to_string());
     }

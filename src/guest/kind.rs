@@ -54,6 +54,9 @@ pub(super) trait Instance: Send {
 pub(super) enum Entry {
     Handle,
     OnReply,
+    /// `probe` and `probe_reply` (ABI v1 only: other kinds never get them).
+    Probe,
+    ProbeReply,
 }
 
 /// What one call is about: the datagram, the client, and (for `on_reply`) the

@@ -79,6 +79,7 @@ impl Env {
             pre,
             compile_time: Duration::ZERO,
             on_reply: kind == GuestKind::AbiV1 && module.get_export(abi::ON_REPLY.0).is_some(),
+            probes: kind == GuestKind::AbiV1 && module.get_export(abi::PROBE.0).is_some(),
             world: None,
         };
         self.try_out(program, started)
@@ -110,6 +111,8 @@ impl Env {
             sha256: Sha256::digest(bytes).into(),
             imports: ty.imports(engine).map(|(name, _)| name.to_string()).collect(),
             on_reply: pre.has_on_reply(),
+            // Not in the WIT worlds yet.
+            probes: false,
             pre: Box::new(ComponentGuest(pre)),
             compile_time: Duration::ZERO,
             world: Some(wit::describe(engine, component)),

@@ -18,6 +18,8 @@ pub struct Program {
     pub(super) compile_time: Duration,
     /// Whether the module exports `on_reply`.
     pub(super) on_reply: bool,
+    /// Whether the module writes health probes (`probe` and `probe_reply`).
+    pub(super) probes: bool,
     /// A component's world, described by the component checker.
     pub(super) world: Option<String>,
 }

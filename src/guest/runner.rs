@@ -137,6 +137,40 @@ impl Guest {
         self.run(&call, sessions)
     }
 
+    /// Whether the program writes health probes (`probe` and `probe_reply`).
+    pub fn writes_probes(&self) -> bool {
+        self.program.probes
+    }
+
+    /// The probe datagram for `endpoint` (`POOL/ip:port`), from the guest's
+    /// `probe`: `None` when it returned -1. Under the same limits as any
+    /// call; it may not forward or send. Call only when [`Guest::writes_probes`].
+    pub fn probe(&mut self, endpoint: &str) -> Result<Option<Vec<u8>>, Rejection> {
+        let answer = self.run(&Self::probe_call(Entry::Probe, b"", endpoint), &mut None)?;
+        Ok(answer.reply.map(<[u8]>::to_vec))
+    }
+
+    /// Whether the guest's `probe_reply` judges `answer` from `endpoint` healthy.
+    pub fn probe_reply(&mut self, endpoint: &str, answer: &[u8]) -> Result<bool, Rejection> {
+        let judged = self.run(&Self::probe_call(Entry::ProbeReply, answer, endpoint), &mut None)?;
+        Ok(judged.reply.is_some())
+    }
+
+    fn probe_call<'a>(entry: Entry, datagram: &'a [u8], endpoint: &'a str) -> Call<'a> {
+        Call {
+            entry,
+            datagram,
+            // No client: `peer` gives the unspecified address.
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            upstream: endpoint,
+            allowance: Some(Allowance {
+                bytes: MAX_DATAGRAM,
+                calls: 0,
+            }),
+            max_ratio: 0.0,
+        }
+    }
+
     fn run(&mut self, call: &Call<'_>, sessions: &mut Lent) -> Result<Answer<'_>, Rejection> {
         self.last_time = Duration::ZERO;
         if call.datagram.len() > MAX_DATAGRAM {

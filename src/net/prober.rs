@@ -17,7 +17,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::net::sessions::connect;
 use crate::net::source_filter::PortCounts;
 use crate::upstream::Pools;
-use crate::upstream::health::{Checks, Failure};
+use crate::upstream::health::{Checks, Failure, ProbeWriter};
 
 /// How often the thread looks at the stop flag and at reloaded pools.
 const LOOK_EVERY: Duration = Duration::from_millis(100);
@@ -35,17 +35,23 @@ pub fn spawn(
     pools: impl Fn() -> Option<Arc<Pools>> + Send + 'static,
     ports: Arc<PortCounts>,
     stopped: impl Fn() -> bool + Send + 'static,
+    mut writer: Box<dyn ProbeWriter + Send>,
 ) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("wasmgate-prober".into())
         .spawn(move || {
-            if let Err(e) = run(&pools, &ports, &stopped) {
+            if let Err(e) = run(&pools, &ports, &stopped, &mut *writer) {
                 tracing::error!(error = %e, "the health checker stopped: endpoints are no longer probed");
             }
         })
 }
 
-fn run(pools: &dyn Fn() -> Option<Arc<Pools>>, ports: &PortCounts, stopped: &dyn Fn() -> bool) -> io::Result<()> {
+fn run(
+    pools: &dyn Fn() -> Option<Arc<Pools>>,
+    ports: &PortCounts,
+    stopped: &dyn Fn() -> bool,
+    writer: &mut dyn ProbeWriter,
+) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(64);
     let mut checks = Checks::new();
@@ -65,7 +71,7 @@ fn run(pools: &dyn Fn() -> Option<Arc<Pools>>, ports: &PortCounts, stopped: &dyn
             }
             keep
         });
-        for (id, to, datagram) in checks.due(&current, now) {
+        for (id, to, datagram) in checks.due(&current, now, writer) {
             let sent = match sockets.get(&id) {
                 Some(s) => s.socket.send(&datagram).map(drop),
                 None => open(&poll, id, to, ports).and_then(|s| {
@@ -93,7 +99,7 @@ fn run(pools: &dyn Fn() -> Option<Arc<Pools>>, ports: &PortCounts, stopped: &dyn
             let Some(s) = sockets.get(&id) else { continue };
             loop {
                 match s.socket.recv(&mut buf) {
-                    Ok(n) => checks.answered(&current, id, &buf[..n], now),
+                    Ok(n) => checks.answered(&current, id, &buf[..n], now, writer),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                         checks.failed(&current, id, Failure::Refused, now);

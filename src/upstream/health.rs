@@ -33,6 +33,40 @@ impl Failure {
     }
 }
 
+/// A guest that writes probes (its `probe` and `probe_reply` exports), for
+/// the pools whose `health` table says `probe = "guest"`.
+pub trait ProbeWriter {
+    /// Whether the module serving now writes probes; while it does not,
+    /// `send` and `expect` serve.
+    fn writes_probes(&mut self) -> bool;
+
+    /// The probe datagram for `endpoint` (`POOL/ip:port`); `None` when the
+    /// guest wrote none (it returned -1, trapped or ran out of time): the probe
+    /// fails, never passes.
+    fn probe(&mut self, endpoint: &str) -> Option<Vec<u8>>;
+
+    /// Whether the guest judges `answer` from `endpoint` healthy (a trap or a
+    /// timeout is a no).
+    fn healthy(&mut self, endpoint: &str, answer: &[u8]) -> bool;
+}
+
+/// No guest writes probes: `send` and `expect` always serve.
+pub struct NoWriter;
+
+impl ProbeWriter for NoWriter {
+    fn writes_probes(&mut self) -> bool {
+        false
+    }
+
+    fn probe(&mut self, _: &str) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn healthy(&mut self, _: &str, _: &[u8]) -> bool {
+        false
+    }
+}
+
 /// One endpoint's checks.
 #[derive(Debug)]
 struct Check {
@@ -125,9 +159,16 @@ impl Checks {
 
     /// The probes to send now, each as (check id, endpoint, datagram): those
     /// due, and those a passive signal (a refusal on a session) asked for.
-    /// Each is counted as sent and waited for from now.
-    pub fn due(&mut self, pools: &Pools, now: Instant) -> Vec<(u64, SocketAddr, Vec<u8>)> {
+    /// Each is counted as sent and waited for from now. A probe the guest
+    /// failed to write fails at once.
+    pub fn due(
+        &mut self,
+        pools: &Pools,
+        now: Instant,
+        writer: &mut dyn ProbeWriter,
+    ) -> Vec<(u64, SocketAddr, Vec<u8>)> {
         let mut out = Vec::new();
+        let mut unwritten = Vec::new();
         for check in &mut self.checks {
             if check.waiting.is_some() {
                 continue;
@@ -137,15 +178,27 @@ impl Checks {
                 continue;
             }
             check.waiting = Some(now + check.spec.timeout);
-            if let Some(counters) = counters(pools, &check.pool, check.addr) {
-                counters.probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            let mut datagram = Vec::with_capacity(check.spec.send.len() + 16);
+            let written = if check.spec.guest && writer.writes_probes() {
+                writer.probe(&format!("{}/{}", check.pool, check.addr))
+            } else {
+                Some(check.spec.send.clone())
+            };
+            let Some(probe) = written else {
+                unwritten.push(check.id);
+                continue;
+            };
+            let mut datagram = Vec::with_capacity(probe.len() + 16);
             if check.proxy_protocol {
                 proxy_v2::write_local(&mut datagram);
             }
-            datagram.extend_from_slice(&check.spec.send);
+            datagram.extend_from_slice(&probe);
+            if let Some(counters) = counters(pools, &check.pool, check.addr) {
+                counters.probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             out.push((check.id, check.addr, datagram));
+        }
+        for id in unwritten {
+            self.failed(pools, id, Failure::Mismatch, now);
         }
         out
     }
@@ -153,7 +206,7 @@ impl Checks {
     /// Check `id`'s endpoint answered `answer`: passed when it starts with what
     /// is expected (after a PROXY header, for a pool that speaks it). An answer
     /// when no probe is out is late, and ignored.
-    pub fn answered(&mut self, pools: &Pools, id: u64, answer: &[u8], now: Instant) {
+    pub fn answered(&mut self, pools: &Pools, id: u64, answer: &[u8], now: Instant, writer: &mut dyn ProbeWriter) {
         let Some(check) = self.checks.iter().find(|k| k.id == id && k.waiting.is_some()) else {
             return;
         };
@@ -164,7 +217,12 @@ impl Checks {
                 Err(_) => return self.failed(pools, id, Failure::Mismatch, now),
             };
         }
-        if payload.starts_with(&check.spec.expect) {
+        let healthy = if check.spec.guest && writer.writes_probes() {
+            writer.healthy(&format!("{}/{}", check.pool, check.addr), payload)
+        } else {
+            payload.starts_with(&check.spec.expect)
+        };
+        if healthy {
             self.passed(pools, id, now);
         } else {
             self.failed(pools, id, Failure::Mismatch, now);
@@ -315,6 +373,7 @@ mod tests {
             unhealthy_after: 3,
             send: b"ping".to_vec(),
             expect: b"pong".to_vec(),
+            guest: false,
         }
     }
 
@@ -339,10 +398,10 @@ mod tests {
         let mut now = t0;
         let end = t0 + Duration::from_secs_f64(secs);
         while now < end {
-            for (id, to, datagram) in checks.due(pools, now) {
+            for (id, to, datagram) in checks.due(pools, now, &mut NoWriter) {
                 assert_eq!(datagram, b"ping");
                 if let Some(a) = answer(to, now) {
-                    checks.answered(pools, id, a, now + Duration::from_millis(5));
+                    checks.answered(pools, id, a, now + Duration::from_millis(5), &mut NoWriter);
                 }
             }
             checks.timed_out(pools, now);
@@ -430,10 +489,10 @@ mod tests {
             c.pool.refused(i, 3, t0, t0 + Duration::from_secs(10));
         }
         assert!(c.pool.is_healthy(i, t0), "forged refusals eject nothing");
-        let due = checks.due(&p, t0);
+        let due = checks.due(&p, t0, &mut NoWriter);
         assert_eq!(due.len(), 1, "one probe now, before its schedule");
         assert_eq!(due[0].1, addr("127.0.0.1:7001"));
-        checks.answered(&p, due[0].0, b"pong", t0);
+        checks.answered(&p, due[0].0, b"pong", t0, &mut NoWriter);
         assert!(c.pool.is_healthy(i, t0));
     }
 
@@ -443,10 +502,10 @@ mod tests {
         let p = pools(spec(), &["127.0.0.1:7001", "127.0.0.1:7002"]);
         let mut checks = Checks::new();
         checks.sync(&p, t0);
-        let due = checks.due(&p, t0 + Duration::from_secs(2));
+        let due = checks.due(&p, t0 + Duration::from_secs(2), &mut NoWriter);
         assert_eq!(due.len(), 2);
         checks.timed_out(&p, t0 + Duration::from_secs(3));
-        checks.answered(&p, due[0].0, b"pong", t0 + Duration::from_secs(3));
+        checks.answered(&p, due[0].0, b"pong", t0 + Duration::from_secs(3), &mut NoWriter);
         assert!(checks.checks.iter().all(|k| k.passed == 0 && k.failed == 1));
         // A reload that drops one endpoint keeps the other's check as it was.
         let mut spec1 = PoolSpec::new("p", vec!["127.0.0.1:7001".into()]);

@@ -197,3 +197,62 @@ fn a_query_the_pool_cannot_take_gets_servfail_at_once() {
         (8, ResponseCode::ServFail)
     );
 }
+
+/// A resolver that answers every query with SERVFAIL (a broken upstream of
+/// its own, say): the query, as a response, with RCODE 2.
+fn servfail_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::clone(&stop);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = socket.recv_from(&mut buf)
+                && n >= 12
+            {
+                buf[2] |= 0x80; // QR
+                buf[3] = (buf[3] & 0xf0) | 2; // SERVFAIL
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }
+    });
+    (addr, stop)
+}
+
+#[test]
+fn the_guest_probes_each_resolver_with_a_real_query_and_servfail_is_unhealthy() {
+    let good = dns_server();
+    let (bad, stop) = servfail_server();
+    let mut pool = PoolSpec::new("resolvers", vec![good.to_string(), bad.to_string()]);
+    pool.health = Some(wasmgate::config::HealthSpec {
+        interval: Duration::from_millis(200),
+        timeout: Duration::from_millis(200),
+        unhealthy_after: 2,
+        guest: true,
+        ..wasmgate::config::HealthSpec::default()
+    });
+    let gateway = proxy_with(pool);
+    let health = |addr: SocketAddr| {
+        let pools = gateway.publisher().pools().unwrap();
+        let views = pools.endpoints(std::time::Instant::now());
+        let e = views.iter().find(|e| e.addr == addr).unwrap();
+        (e.healthy, e.totals)
+    };
+    common::wait_until("the SERVFAIL resolver taken out", || !health(bad).0);
+    let (good_up, good_totals) = health(good);
+    assert!(good_up, "NOERROR is healthy");
+    assert!(
+        good_totals.probes >= 1 && good_totals.probes_mismatch == 0,
+        "{good_totals:?}"
+    );
+    assert!(health(bad).1.probes_mismatch >= 2, "judged by its RCODE");
+    // Every client is answered by the healthy resolver.
+    for i in 0..8 {
+        let c = client();
+        let reply = dns_ask(&c, gateway.local_addr(), &query("example.org.", 0x4000 + i));
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}

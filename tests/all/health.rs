@@ -59,6 +59,7 @@ fn health() -> HealthSpec {
         unhealthy_after: 2,
         send: b"ping".to_vec(),
         expect: Vec::new(),
+        guest: false,
     }
 }
 
@@ -159,4 +160,97 @@ fn a_closed_port_and_a_wrong_answer_fail_their_probes_and_the_last_healthy_endpo
     good.answering.store(false, Ordering::Relaxed);
     wait_until("panic mode counted", || totals(&gateway, good.addr).probe_spared == 1);
     assert!(healthy(&gateway, good.addr), "never the last healthy endpoint");
+}
+
+/// Forwards everything to `backend`, and writes its own probes: `probe` sends
+/// `ping ` and the endpoint it probes (from `upstream`); `probe_reply` judges
+/// an answer healthy when it starts with `o`. With `TRAP` in the probe, it traps.
+const PROBING: &str = r#"(module
+  (import "wasmgate" "forward" (func $forward (param i32 i32 i32 i32) (result i32)))
+  (import "wasmgate" "upstream" (func $upstream (param i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "backend")
+  (data (i32.const 16) "ping ")
+  (func (export "alloc") (param i32) (result i32) i32.const 1024)
+  (func (export "handle") (param $p i32) (param $len i32) (result i64)
+    (drop (call $forward (i32.const 0) (i32.const 7) (local.get $p) (local.get $len)))
+    i64.const -1)
+  (func (export "probe") (param $p i32) (param $len i32) (result i64)
+    (local $n i32)
+    ;; TRAP
+    (local.set $n (call $upstream (i32.const 21) (i32.const 200)))
+    (i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.extend_i32_u (i32.add (i32.const 5) (local.get $n)))))
+  (func (export "probe_reply") (param $p i32) (param $len i32) (result i64)
+    (if (result i64)
+      (i32.and (i32.gt_u (local.get $len) (i32.const 0)) (i32.eq (i32.load8_u (local.get $p)) (i32.const 111)))
+      (then (i64.const 0))
+      (else (i64.const -1)))))"#;
+
+fn guest_checked(module: &str, endpoints: &[SocketAddr]) -> Gateway {
+    let mut pool = PoolSpec::new("backend", endpoints.iter().map(SocketAddr::to_string).collect());
+    pool.health = Some(HealthSpec {
+        guest: true,
+        // What would pass were the guest not asked: any answer.
+        ..health()
+    });
+    common::start_with(
+        module.as_bytes(),
+        Limits::default(),
+        ListenerSpec {
+            pools: vec![pool],
+            ..common::config()
+        },
+    )
+}
+
+#[test]
+fn a_guest_writes_the_probe_for_each_endpoint_and_judges_the_answer() {
+    // A plain socket as one endpoint, to read the probe the guest wrote.
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(common::REPLY_TIMEOUT)).unwrap();
+    let seen = socket.local_addr().unwrap();
+    let (ok, no) = (Quiet::start("ok:"), Quiet::start("no:"));
+    let gateway = guest_checked(PROBING, &[seen, ok.addr, no.addr]);
+    let mut buf = [0u8; 256];
+    let (n, from) = socket.recv_from(&mut buf).expect("a probe");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), format!("ping backend/{seen}"));
+    socket.send_to(b"ok", from).unwrap();
+    // Answers starting `no:` are judged unhealthy by the guest, though any
+    // answer would pass `expect`.
+    wait_until("the endpoint the guest judged unhealthy taken out", || {
+        !healthy(&gateway, no.addr)
+    });
+    assert!(healthy(&gateway, ok.addr));
+    assert!(totals(&gateway, no.addr).probes_mismatch >= 2);
+    // Clients are forwarded as before.
+    let c = client();
+    assert!(ask(&c, gateway.local_addr(), b"hi").ends_with(b"hi"));
+}
+
+#[test]
+fn a_guest_probe_that_traps_fails_never_passes() {
+    let trapping = PROBING.replace(";; TRAP", "unreachable");
+    let (a, b) = (Quiet::start("ok:"), Quiet::start("ok:"));
+    let gateway = guest_checked(&trapping, &[a.addr, b.addr]);
+    wait_until("one endpoint out, the other kept in panic mode", || {
+        let (ta, tb) = (totals(&gateway, a.addr), totals(&gateway, b.addr));
+        ta.probe_ejections + tb.probe_ejections == 1 && ta.probe_spared + tb.probe_spared == 1
+    });
+    // Each failed for want of a probe: none reached the endpoints.
+    assert!(totals(&gateway, a.addr).probes_mismatch + totals(&gateway, b.addr).probes_mismatch >= 4);
+    assert_eq!(
+        totals(&gateway, a.addr).probes_timeout + totals(&gateway, b.addr).probes_timeout,
+        0
+    );
+}
+
+#[test]
+fn without_probe_exports_send_and_expect_serve() {
+    let (a, b) = (Quiet::start("ok:"), Quiet::start("no:"));
+    let gateway = guest_checked(FORWARD, &[a.addr, b.addr]);
+    wait_until("probes passed", || totals(&gateway, b.addr).probes >= 3);
+    assert!(
+        healthy(&gateway, a.addr) && healthy(&gateway, b.addr),
+        "any answer passes expect"
+    );
 }

@@ -52,6 +52,11 @@ fn bad_modules() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["wasi_snapshot_preview1.fd_write", "WASI"],
         ),
         (
+            "half_a_probe.wat",
+            valid_with(r#"(func (export "probe") (param i32 i32) (result i64) i64.const -1)"#),
+            vec!["exports one of `probe` and `probe_reply`"],
+        ),
+        (
             "unknown_import.wat",
             valid_with(r#"(import "env" "now" (func (result i64)))"#),
             vec!["env.now", "wasmgate.log", "wasmgate.peer"],

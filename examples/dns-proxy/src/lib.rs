@@ -11,6 +11,11 @@
 //! - When the pool cannot take the query (every resolver ejected, too many
 //!   sessions), the client gets SERVFAIL at once instead of a timeout.
 //! - Datagrams that are not a well-formed one-question query are dropped.
+//! - It writes its pool's health probes (with `probe = "guest"` in the pool's
+//!   `health` table, as examples/dns-health.toml has it): each resolver is asked
+//!   for `example.org` (type A), and is healthy when it answers that query with
+//!   NOERROR or NXDOMAIN; SERVFAIL, REFUSED, a truncated or foreign answer, or
+//!   none at all fail the probe.
 //!
 //! Pending queries live in a fixed table per instance (`dns_wire::Pending`,
 //! shared with examples/dns-limit and examples/dns-cache): 65,536 entries in
@@ -24,7 +29,7 @@
 
 #![no_std]
 
-use dns_wire::{HEADER, MATCH_KEY, NXDOMAIN, Question, SERVFAIL, answer_here, match_key, pending_table};
+use dns_wire::{HEADER, MATCH_KEY, NOERROR, NXDOMAIN, QR, Question, SERVFAIL, answer_here, match_key, pending_table};
 use wasmgate_sdk::{Context, Reply};
 
 /// The pool every allowed query goes to.
@@ -68,7 +73,38 @@ fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     Reply::Send(datagram)
 }
 
-wasmgate_sdk::handler!(query, on_reply = reply);
+/// The name the health probe asks every resolver for, as labels.
+const PROBE_NAME: [&[u8]; 2] = [b"example", b"org"];
+/// The probe's query ID ("pr").
+const PROBE_ID: [u8; 2] = *b"pr";
+
+/// The health probe: a recursive query for [`PROBE_NAME`], type A.
+fn health_probe<'a>(buf: &'a mut [u8], _ctx: &'a mut Context) -> Reply<'a> {
+    let header = [PROBE_ID[0], PROBE_ID[1], 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    buf[..HEADER].copy_from_slice(&header);
+    let mut at = HEADER;
+    for label in PROBE_NAME {
+        buf[at] = label.len() as u8;
+        buf[at + 1..at + 1 + label.len()].copy_from_slice(label);
+        at += 1 + label.len();
+    }
+    // The root label, type A, class IN.
+    buf[at..at + 5].copy_from_slice(&[0, 0, 1, 0, 1]);
+    Reply::Send(&buf[..at + 5])
+}
+
+/// Healthy: the answer to the probe's query, with NOERROR or NXDOMAIN.
+fn healthy(answer: &mut [u8], _ctx: &mut Context) -> bool {
+    let Some(q) = Question::parse(answer) else {
+        return false;
+    };
+    q.response
+        && answer[..2] == PROBE_ID
+        && answer[2] & QR != 0
+        && matches!(answer[3] & 0x0f, NOERROR | NXDOMAIN)
+}
+
+wasmgate_sdk::handler!(query, on_reply = reply, probe = health_probe, probe_reply = healthy);
 
 /// Whether the question's name is `blocked.test` or under it (any case). The
 /// message has been parsed: its one question is well-formed.

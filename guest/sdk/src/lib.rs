@@ -488,8 +488,23 @@ static mut REPLY: [u8; MAX_DATAGRAM] = [0; MAX_DATAGRAM];
 /// `handler!(f, on_reply = g)` also exports `on_reply`: every datagram an
 /// upstream sends back goes through `g` (same signature), whose [`Reply`] goes
 /// to the client. Without it, upstream datagrams reach the client unchanged.
+///
+/// `probe = p, probe_reply = r` after them also export the health probes of
+/// pools whose `health` table says `probe = "guest"`: `p(buf, ctx)` writes the
+/// probe for the endpoint [`Context::upstream`] names into `buf` (the whole
+/// datagram buffer) and returns it (`Reply::Nothing`: no probe, which fails);
+/// `r(answer, ctx)` returns whether that endpoint's answer is healthy. (The
+/// exports are named `probe` and `probe_reply`: name `p` and `r` otherwise.)
 #[macro_export]
 macro_rules! handler {
+    ($f:path, on_reply = $g:path, probe = $p:path, probe_reply = $r:path) => {
+        $crate::handler!($f, on_reply = $g);
+        $crate::__probes!($p, $r);
+    };
+    ($f:path, probe = $p:path, probe_reply = $r:path) => {
+        $crate::handler!($f);
+        $crate::__probes!($p, $r);
+    };
     ($f:path, on_reply = $g:path) => {
         $crate::handler!($f);
 
@@ -515,6 +530,28 @@ macro_rules! handler {
             // bytes to the buffer `alloc` returned; the references end with the call.
             let (datagram, ctx) = unsafe { $crate::__private::enter(ptr, len) };
             $crate::__private::pack($crate::Reply::from($f(datagram, ctx)))
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __probes {
+    ($p:path, $r:path) => {
+        /// ABI v1: the health probe for the endpoint `upstream` names.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn probe(ptr: i32, _len: i32) -> i64 {
+            // SAFETY: as for `handle`; the whole buffer is the probe's to write.
+            let (buf, ctx) = unsafe { $crate::__private::enter(ptr, $crate::MAX_DATAGRAM as i32) };
+            $crate::__private::pack($crate::Reply::from($p(buf, ctx)))
+        }
+
+        /// ABI v1: 0 when the endpoint's answer to the probe is healthy, -1 when not.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn probe_reply(ptr: i32, len: i32) -> i64 {
+            // SAFETY: as for `handle`.
+            let (answer, ctx) = unsafe { $crate::__private::enter(ptr, len) };
+            if $r(answer, ctx) { 0 } else { -1 }
         }
     };
 }

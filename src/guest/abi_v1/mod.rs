@@ -35,16 +35,21 @@ impl Kind for AbiV1 {
         store.data_mut().memory = Some(memory);
         let alloc = instance.get_typed_func(&mut store, "alloc")?;
         let handle = instance.get_typed_func(&mut store, "handle")?;
-        let on_reply = match instance.get_func(&mut store, abi::ON_REPLY.0) {
-            Some(f) => Some(f.typed(&store)?),
-            None => None,
+        let mut optional = |name: &str| match instance.get_func(&mut store, name) {
+            Some(f) => f.typed(&store).map(Some),
+            None => Ok(None),
         };
+        let on_reply = optional(abi::ON_REPLY.0)?;
+        let probe = optional(abi::PROBE.0)?;
+        let probe_reply = optional(abi::PROBE_REPLY.0)?;
         Ok(Box::new(Live {
             store,
             memory,
             alloc,
             handle,
             on_reply,
+            probe,
+            probe_reply,
             reply: None,
         }))
     }
@@ -57,6 +62,8 @@ struct Live {
     alloc: TypedFunc<i32, i32>,
     handle: TypedFunc<(i32, i32), i64>,
     on_reply: Option<TypedFunc<(i32, i32), i64>>,
+    probe: Option<TypedFunc<(i32, i32), i64>>,
+    probe_reply: Option<TypedFunc<(i32, i32), i64>>,
     /// Where the last call's reply is in guest memory.
     reply: Option<Range<usize>>,
 }
@@ -90,8 +97,10 @@ impl Live {
     fn run(&mut self, call: &Call<'_>) -> Result<Option<Range<usize>>, Rejection> {
         let func = match call.entry {
             Entry::Handle => &self.handle,
-            // Only called for programs that export it.
+            // Only called for programs that export them.
             Entry::OnReply => self.on_reply.as_ref().ok_or(DropReason::Trap)?,
+            Entry::Probe => self.probe.as_ref().ok_or(DropReason::Trap)?,
+            Entry::ProbeReply => self.probe_reply.as_ref().ok_or(DropReason::Trap)?,
         };
         let len = call.datagram.len();
         // `len` is at most MAX_DATAGRAM, so it fits an i32.

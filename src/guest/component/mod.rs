@@ -89,6 +89,8 @@ impl Instance for LiveComponent {
             Entry::OnReply => self
                 .exports
                 .on_reply(&mut self.store, call.datagram, peer, call.upstream),
+            // A component's program never says it writes probes.
+            Entry::Probe | Entry::ProbeReply => return Err(DropReason::Trap.into()),
         };
         let host = self.store.data_mut();
         let (stdout, stderr) = host.take_output();
