@@ -83,6 +83,10 @@ struct UpstreamSection {
     /// Active health checks of every endpoint; without this table endpoints
     /// are ejected by ICMP refusals alone (`eject_after`).
     health: Option<HealthSection>,
+    /// Endpoints, as written in `endpoints`, that take no new sessions while
+    /// their sessions finish (until idle, at most `drain_timeout`): taking one
+    /// out of service without cutting its clients off.
+    drain: Option<Vec<String>>,
 }
 
 /// `[upstreams.NAME.health]`: a probe to every endpoint on its own schedule.
@@ -269,6 +273,7 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                 None => DEFAULT_MAX_SESSIONS_PER_PREFIX,
             },
             resolve_every: duration(&u.resolve_every, "resolve_every", DEFAULT_RESOLVE_EVERY)?,
+            drain: u.drain.clone().unwrap_or_default(),
             health: match &u.health {
                 Some(h) => Some(health_spec(h, &|key| at(&format!("health.{key}")))?),
                 None => None,
@@ -284,6 +289,7 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
             },
         });
     }
+    super::pool::check_pools(&pools)?;
     let mut listeners = Vec::new();
     for (i, l) in file.listener.iter().enumerate() {
         let at = |key: &str| format!("listener[{i}] ({}): {key}", l.name);
@@ -712,6 +718,17 @@ mod tests {
             let e = parse_err(&pool(body));
             assert!(e.contains(words), "{body:?}: {e}");
         }
+    }
+
+    #[test]
+    fn drained_endpoints_are_read_and_must_be_endpoints_of_the_pool() {
+        let pool = |drain: &str| {
+            format!("{LISTENER}[upstreams.p]\nendpoints = [\"127.0.0.1:9\", \"127.0.0.1:10\"]\ndrain = [{drain}]\n")
+        };
+        let c = parse_ok(&pool("\"127.0.0.1:10\""));
+        assert_eq!(c.listeners[0].pools[0].drain, ["127.0.0.1:10"]);
+        assert!(parse_err(&pool("\"127.0.0.1:11\"")).contains("not one of the pool's endpoints"));
+        assert!(parse_err(&pool("\"127.0.0.1:9\", \"127.0.0.1:10\"")).contains("drain lists every endpoint"));
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct PoolSpec {
     /// `[upstreams.NAME.health]`: active health checks; without them,
     /// endpoints are ejected by ICMP refusals alone (`eject_after`).
     pub health: Option<HealthSpec>,
+    /// Endpoints (as written in `endpoints`) that take no new sessions while
+    /// their sessions finish, as if removed, yet are still known as endpoints.
+    pub drain: Vec<String>,
 }
 
 /// Active health checks of a pool's endpoints: a probe every `interval`, each
@@ -117,6 +120,7 @@ impl PoolSpec {
             resolve_every: DEFAULT_RESOLVE_EVERY,
             proxy_protocol: false,
             health: None,
+            drain: Vec::new(),
         }
     }
 
@@ -128,8 +132,17 @@ impl PoolSpec {
     /// The endpoints' addresses: host names are looked up (every address of a
     /// name becomes an endpoint). An error names the endpoint that failed.
     pub fn resolve(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        self.resolve_these(&self.endpoints)
+    }
+
+    /// The addresses of the endpoints listed in `drain`.
+    pub fn resolve_drained(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        self.resolve_these(&self.drain)
+    }
+
+    fn resolve_these(&self, endpoints: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
         let mut addrs = Vec::new();
-        for endpoint in &self.endpoints {
+        for endpoint in endpoints {
             let found: Vec<SocketAddr> = endpoint
                 .to_socket_addrs()
                 .with_context(|| format!("pool `{}`: cannot resolve endpoint `{}`", self.name, quote(endpoint)))?
@@ -208,6 +221,19 @@ pub fn check_pools(pools: &[PoolSpec]) -> anyhow::Result<()> {
     for (i, a) in pools.iter().enumerate() {
         if pools[..i].iter().any(|b| b.name == a.name) {
             bail!("two pools are named `{}`", a.name);
+        }
+        if let Some(d) = a.drain.iter().find(|d| !a.endpoints.contains(d)) {
+            bail!(
+                "upstreams.{}: drain: `{}` is not one of the pool's endpoints (write it as in `endpoints`)",
+                a.name,
+                quote(d)
+            );
+        }
+        if !a.endpoints.is_empty() && a.endpoints.iter().all(|e| a.drain.contains(e)) {
+            bail!(
+                "upstreams.{}: drain lists every endpoint: the pool would take no new sessions",
+                a.name
+            );
         }
     }
     Ok(())

@@ -106,8 +106,10 @@ pub struct Pools {
 
 pub(super) struct Configured {
     pub(super) spec: PoolSpec,
-    /// What the endpoints resolved to.
+    /// What the endpoints in service resolved to.
     pub(super) addrs: Vec<SocketAddr>,
+    /// What the drained endpoints resolved to: in no choice, but still endpoints.
+    pub(super) drained: Vec<SocketAddr>,
     pub(super) pool: Pool,
     /// `counters[e][w]`: worker `w`'s counters of endpoint `e`.
     pub(super) counters: Vec<Vec<Arc<EndpointCounters>>>,
@@ -156,7 +158,8 @@ impl Pools {
                     );
                 }
             }
-            let addrs = spec.resolve()?;
+            let drained = spec.resolve_drained()?;
+            let addrs: Vec<SocketAddr> = spec.resolve()?.into_iter().filter(|a| !drained.contains(a)).collect();
             let before = old.and_then(|o| o.pools.iter().find(|c| c.spec.name == spec.name));
             let pool = match before {
                 Some(b) => b.pool.rebuilt(spec.policy, &addrs),
@@ -177,12 +180,16 @@ impl Pools {
             pools.push(Configured {
                 spec: spec.clone(),
                 addrs,
+                drained,
                 pool,
                 counters,
             });
         }
         Ok(Self {
-            endpoints: pools.iter().flat_map(|c| c.addrs.iter().copied()).collect(),
+            endpoints: pools
+                .iter()
+                .flat_map(|c| c.addrs.iter().chain(&c.drained).copied())
+                .collect(),
             pools,
             workers,
             health_lines: old.map_or_else(
@@ -205,6 +212,7 @@ impl Pools {
                 Configured {
                     spec: c.spec.clone(),
                     addrs: c.addrs.clone(),
+                    drained: c.drained.clone(),
                     pool,
                     counters,
                 }
@@ -226,7 +234,7 @@ impl Pools {
                 .pools
                 .iter()
                 .zip(&other.pools)
-                .all(|(a, b)| a.spec == b.spec && a.addrs == b.addrs)
+                .all(|(a, b)| a.spec == b.spec && a.addrs == b.addrs && a.drained == b.drained)
     }
 
     /// Whether `addr` is an endpoint of one of the pools.

@@ -831,3 +831,46 @@ fn two_workers_forward_for_many_clients_and_each_keeps_its_session() {
     assert_eq!(s.forwarded, 80);
     assert_eq!(ups[0].count() + ups[1].count(), 80);
 }
+
+#[test]
+fn a_drained_endpoint_takes_no_new_clients_while_its_clients_finish() {
+    let (a, b) = (Upstream::echo("a:"), Upstream::echo("b:"));
+    let both = pool("backend", &[&a, &b]);
+    let gateway = one_worker(FORWARD, both.clone());
+    let clients: Vec<UdpSocket> = (0..16).map(|_| client()).collect();
+    let before = tags_for(&gateway, &clients, b"one");
+    assert!(
+        before.iter().any(|t| t == "a") && before.iter().any(|t| t == "b"),
+        "{before:?}"
+    );
+    // Drain `a` for a long while: its clients keep it, new clients go to `b`.
+    let drained = PoolSpec {
+        drain: vec![a.addr.to_string()],
+        drain_timeout: Duration::from_secs(60),
+        ..both.clone()
+    };
+    assert!(gateway.publisher().set_pools(&[drained]).unwrap());
+    assert_eq!(
+        tags_for(&gateway, &clients, b"two"),
+        before,
+        "old sessions finish where they are"
+    );
+    let fresh: Vec<UdpSocket> = (0..16).map(|_| client()).collect();
+    assert!(
+        tags_for(&gateway, &fresh, b"new").iter().all(|t| t == "b"),
+        "no new client for `a`"
+    );
+    // Every endpoint drained is refused, naming the pool.
+    let all = PoolSpec {
+        drain: vec![a.addr.to_string(), b.addr.to_string()],
+        ..both.clone()
+    };
+    let e = gateway.publisher().set_pools(&[all]).unwrap_err().to_string();
+    assert!(e.contains("drain lists every endpoint"), "{e}");
+    let stranger = PoolSpec {
+        drain: vec!["127.0.0.1:9".into()],
+        ..both
+    };
+    let e = gateway.publisher().set_pools(&[stranger]).unwrap_err().to_string();
+    assert!(e.contains("not one of the pool's endpoints"), "{e}");
+}
