@@ -497,6 +497,26 @@ mod tests {
     }
 
     #[test]
+    fn a_session_that_went_idle_unanswered_asks_for_a_probe_too() {
+        let t0 = Instant::now();
+        let p = pools(spec(), &["127.0.0.1:7001", "127.0.0.1:7002"]);
+        let mut checks = Checks::new();
+        checks.sync(&p, t0);
+        let mut pool = p.pools[0].pool.clone();
+        let i = pool.position(addr("127.0.0.1:7002")).unwrap();
+        pool.session_opened(i);
+        pool.session_closed(i, false);
+        assert!(
+            checks.due(&p, t0, &mut NoWriter).is_empty(),
+            "an answered session asks nothing"
+        );
+        pool.session_opened(i);
+        pool.session_closed(i, true);
+        let due = checks.due(&p, t0, &mut NoWriter);
+        assert_eq!(due.iter().map(|d| d.1).collect::<Vec<_>>(), [addr("127.0.0.1:7002")]);
+    }
+
+    #[test]
     fn a_late_answer_counts_for_nothing_and_a_reload_keeps_the_streak_of_kept_endpoints() {
         let t0 = Instant::now();
         let p = pools(spec(), &["127.0.0.1:7001", "127.0.0.1:7002"]);

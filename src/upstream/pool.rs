@@ -290,10 +290,15 @@ impl Pool {
         }
     }
 
-    /// Counts a session to endpoint `i` closed.
-    pub fn session_closed(&mut self, i: usize) {
+    /// Counts a session to endpoint `i` closed; `unanswered`: it went idle
+    /// while waiting for an answer, which (with active checks) asks for a
+    /// probe of the endpoint now.
+    pub fn session_closed(&mut self, i: usize, unanswered: bool) {
         if let Some(e) = self.endpoints.get_mut(i) {
             e.sessions = e.sessions.saturating_sub(1);
+            if unanswered && self.active_checks {
+                e.health.probe_now.store(true, Relaxed);
+            }
         }
     }
 
@@ -523,7 +528,7 @@ mod tests {
         }
         assert_eq!(least.pick(b"", now), Some(1));
         (0..4).for_each(|_| least.session_opened(1));
-        least.session_closed(0);
+        least.session_closed(0, false);
         assert_eq!(least.pick(b"", now), Some(0));
     }
 

@@ -411,7 +411,7 @@ impl Sessions {
         let wp = &mut self.pools[session.pool];
         wp.open = wp.open.saturating_sub(1);
         if let Some(i) = session.index {
-            wp.pool.session_closed(i);
+            wp.pool.session_closed(i, expired && session.awaiting > 0);
         }
         self.counters.session_closed(self.sessions.len(), expired);
     }
