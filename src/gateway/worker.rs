@@ -131,16 +131,7 @@ impl<H: Handler, T: Tap> Worker<H, T> {
                 match rx.recv(&self.socket) {
                     Ok(n) => {
                         let now = Instant::now();
-                        take_batch(
-                            &mut self.core,
-                            &mut self.proxied,
-                            now,
-                            &rx,
-                            n,
-                            &mut overflows_seen,
-                            &mut tx,
-                            &self.socket,
-                        );
+                        self.take_batch(now, &rx, n, &mut overflows_seen, &mut tx);
                         self.core.poll_commands(|c| self.sockets.apply(c));
                         flush(&shared, &counters, &mut tx, &self.socket);
                         ready.listener = n == rx.capacity();
@@ -219,16 +210,7 @@ impl<H: Handler, T: Tap> Worker<H, T> {
                 for _ in 0..LISTENER_ROUNDS {
                     match rx.try_recv(&self.socket) {
                         Ok(n) => {
-                            take_batch(
-                                &mut self.core,
-                                &mut self.proxied,
-                                now,
-                                &rx,
-                                n,
-                                &mut overflows_seen,
-                                &mut tx,
-                                &self.socket,
-                            );
+                            self.take_batch(now, &rx, n, &mut overflows_seen, &mut tx);
                             self.core.poll_commands(|c| self.sockets.apply(c));
                             flush(&shared, &counters, &mut tx, &self.socket);
                             // A short batch emptied the queue: the next datagram
@@ -254,6 +236,65 @@ impl<H: Handler, T: Tap> Worker<H, T> {
         }
     }
 
+    /// Hands the `n` datagrams of a receive batch to the core, queueing
+    /// answers in `tx`. A datagram from a trusted proxy is the client's its
+    /// header names, and without a valid header it is dropped here, before the core.
+    fn take_batch(&mut self, now: Instant, rx: &RecvBatch, n: usize, overflows_seen: &mut u32, tx: &mut SendBatch) {
+        let Self {
+            core, proxied, socket, ..
+        } = self;
+        if let Some(total) = rx.queue_overflows() {
+            core.counters
+                .queue_overflows(u64::from(total.wrapping_sub(*overflows_seen)));
+            *overflows_seen = total;
+        }
+        // Counted as read before any is handled, so that a batch abandoned
+        // half-way would show as received but unanswered.
+        for i in 0..n {
+            if let Some((datagram, _)) = rx.get(i) {
+                core.counters.received(datagram.len());
+            }
+        }
+        for i in 0..n {
+            let Some((datagram, peer)) = rx.get(i) else {
+                core.counters.recv_error();
+                continue;
+            };
+            let (client, payload) = match proxied {
+                None => (peer, datagram),
+                Some(p) => match p.accept(now, peer, datagram) {
+                    Accepted::Client { client, payload } => {
+                        if client != peer {
+                            core.counters.proxied();
+                        }
+                        (client, payload)
+                    }
+                    Accepted::BadHeader(error) => {
+                        core.counters.proxy_header_error(error);
+                        core.proxy_header_dropped(peer, &error);
+                        continue;
+                    }
+                    Accepted::Full => {
+                        core.counters.proxied_full();
+                        core.proxy_header_dropped(
+                            peer,
+                            &"the proxy names a new client past the clients a worker keeps",
+                        );
+                        continue;
+                    }
+                },
+            };
+            // The batch grows past its size if one datagram brings many (`send`s);
+            // it goes out as soon as it is full.
+            core.on_client(now, payload, client, &mut |reply, to| {
+                push_answer(tx, proxied, now, reply, to)
+            });
+            if tx.is_full() {
+                flush(&core.shared, &core.counters, tx, socket);
+            }
+        }
+    }
+
     fn stopping(&self) -> bool {
         self.core.shared.stop.load(Ordering::Relaxed)
     }
@@ -268,69 +309,6 @@ impl<H: Handler, T: Tap> Worker<H, T> {
         self.poll
             .registry()
             .register(&mut mio::unix::SourceFd(&fd), LISTENER, Interest::READABLE)
-    }
-}
-
-/// Hands the `n` datagrams of a receive batch to the core, queueing answers in
-/// `tx`. A datagram from a trusted proxy is the client's its header names, and
-/// without a valid header it is dropped here, before the core.
-#[allow(clippy::too_many_arguments)] // the loop's own state, passed apart to borrow apart
-fn take_batch<H: Handler, T: Tap>(
-    core: &mut Core<H, T>,
-    proxied: &mut Option<Proxied>,
-    now: Instant,
-    rx: &RecvBatch,
-    n: usize,
-    overflows_seen: &mut u32,
-    tx: &mut SendBatch,
-    socket: &UdpSocket,
-) {
-    if let Some(total) = rx.queue_overflows() {
-        core.counters
-            .queue_overflows(u64::from(total.wrapping_sub(*overflows_seen)));
-        *overflows_seen = total;
-    }
-    // Counted as read before any is handled, so that a batch abandoned
-    // half-way would show as received but unanswered.
-    for i in 0..n {
-        if let Some((datagram, _)) = rx.get(i) {
-            core.counters.received(datagram.len());
-        }
-    }
-    for i in 0..n {
-        let Some((datagram, peer)) = rx.get(i) else {
-            core.counters.recv_error();
-            continue;
-        };
-        let (client, payload) = match proxied {
-            None => (peer, datagram),
-            Some(p) => match p.accept(now, peer, datagram) {
-                Accepted::Client { client, payload } => {
-                    if client != peer {
-                        core.counters.proxied();
-                    }
-                    (client, payload)
-                }
-                Accepted::BadHeader(error) => {
-                    core.counters.proxy_header_error(error);
-                    core.proxy_header_dropped(peer, &error);
-                    continue;
-                }
-                Accepted::Full => {
-                    core.counters.proxied_full();
-                    core.proxy_header_dropped(peer, &"the proxy names a new client past the clients a worker keeps");
-                    continue;
-                }
-            },
-        };
-        // The batch grows past its size if one datagram brings many (`send`s);
-        // it goes out as soon as it is full.
-        core.on_client(now, payload, client, &mut |reply, to| {
-            push_answer(tx, proxied, now, reply, to)
-        });
-        if tx.is_full() {
-            flush(&core.shared, &core.counters, tx, socket);
-        }
     }
 }
 

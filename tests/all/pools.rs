@@ -3,32 +3,13 @@
 //! sockets freed by idle expiry, replies drained at shutdown, `wasmgate send`.
 
 use crate::common;
+use crate::common::fixtures::config;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use common::{Upstream, client, wait_until, write_file};
-
-const FORWARD: &str = "examples/forward.wat";
-fn example(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(path)
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-/// A config file with one listener forwarding to the pool `backend`.
-fn config(endpoints: &[SocketAddr], extra: &str) -> String {
-    let list: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "[[listener]]\nname = \"fwd\"\nlisten = \"127.0.0.1:0\"\nmodule = \"{}\"\nworkers = 2\n\n\
-         [upstreams.backend]\nendpoints = [{}]\n{extra}",
-        example(FORWARD),
-        list.join(", ")
-    )
-}
 
 #[test]
 fn the_dns_proxy_config_file_describes_its_pool() {

@@ -5,6 +5,7 @@
 //! module it must never see the old one again.
 
 use crate::common;
+use crate::common::fixtures::tagged;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,22 +20,6 @@ use wasmgate::config::Limits;
 use wasmgate::gateway::Gateway;
 use wasmgate::guest::Env;
 use wasmgate::service::reload::Reloader;
-
-/// A module that replies with `tag` followed by the datagram.
-fn tagged(tag: u8) -> Vec<u8> {
-    format!(
-        r#";; replies "{tag_char}" + datagram
-        (module
-          (memory (export "memory") 2)
-          (func (export "alloc") (param i32) (result i32) i32.const 1025)
-          (func (export "handle") (param $p i32) (param $len i32) (result i64)
-            (i32.store8 (i32.const 1024) (i32.const {tag}))
-            (i64.or (i64.const 0x0000040000000000)
-                    (i64.extend_i32_u (i32.add (local.get $len) (i32.const 1))))))"#,
-        tag_char = tag as char
-    )
-    .into_bytes()
-}
 
 /// A gateway and its reloader, both in this process.
 struct Live {

@@ -3,49 +3,14 @@
 //! (and a capture tcpdump itself wrote) through modules, with its exit codes.
 
 use crate::common;
+use crate::common::fixtures::{installed, record_uppercase, recording};
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::{Upstream, ask, client};
-use wasmgate::config::{ListenerSpec, PoolSpec, RecordSpec};
+use wasmgate::config::PoolSpec;
 
 const FORWARD: &str = include_str!("../../examples/forward.wat");
-fn recording(dir: &Path, name: &str) -> ListenerSpec {
-    ListenerSpec {
-        record: Some(RecordSpec::new(dir.join(name))),
-        ..common::config()
-    }
-}
-
-/// Serves the default guest with `--record`, asks `messages`, and stops the
-/// gateway (which writes the file out); returns its path.
-fn record_uppercase(dir: &Path, messages: &[&[u8]]) -> String {
-    let gateway = common::start_with(
-        wasmgate::DEFAULT_GUEST_WASM,
-        Default::default(),
-        recording(dir, "up.pcapng"),
-    );
-    let socket = client();
-    for m in messages {
-        assert_eq!(ask(&socket, gateway.local_addr(), m), m.to_ascii_uppercase());
-    }
-    gateway.shutdown();
-    dir.join("up.pcapng").display().to_string()
-}
-
-fn installed(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        common::skip(&format!("{tool} is not installed here"));
-    }
-    found
-}
-
 #[test]
 fn a_sampled_recording_of_forwards_keeps_about_its_share_of_each_hop() {
     let dir = tempfile::tempdir().unwrap();

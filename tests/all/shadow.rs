@@ -4,12 +4,13 @@
 //! after N clean datagrams or by SIGUSR1, rolled back when it traps or loops.
 
 use crate::common;
+use crate::common::fixtures::{start, with_candidate};
 
 use std::path::Path;
 use std::time::Duration;
 
 use common::{Upstream, ask, client, client_on, wait_until};
-use wasmgate::config::{CandidateSpec, ListenerSpec, PoolSpec};
+use wasmgate::config::PoolSpec;
 use wasmgate::gateway::Gateway;
 
 const ECHO: &str = include_str!("../../examples/echo.wat");
@@ -23,20 +24,6 @@ const MATCH: usize = 0;
 const MISMATCH: usize = 1;
 const TRAP: usize = 2;
 const TIMEOUT: usize = 3;
-
-fn with_candidate(dir: &Path, source: &str, edit: impl FnOnce(&mut CandidateSpec)) -> ListenerSpec {
-    let mut candidate = CandidateSpec::new(dir.join("candidate.wat"));
-    std::fs::write(&candidate.path, source).unwrap();
-    edit(&mut candidate);
-    ListenerSpec {
-        candidate: Some(candidate),
-        ..common::config()
-    }
-}
-
-fn start(module: &[u8], spec: ListenerSpec) -> Gateway {
-    common::start_with(module, Default::default(), spec)
-}
 
 /// `examples/forward.wat` serving, beside `candidate`, with the pool
 /// `backend` on `upstream`.

@@ -4,6 +4,7 @@
 //! and the compilation cache.
 
 use crate::common;
+use crate::common::fixtures::ECHO_COMPONENT;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -271,38 +272,6 @@ fn python_sees_no_environment_or_files_and_its_prints_reach_the_log() {
     assert_eq!(text(&ask(&c, gw.addr, b"print")), "printed");
     assert!(gw.line_with(&["stdout: hello from python on stdout"]).is_some());
 }
-
-/// A component in WAT: `handle` echoes the datagram, but loops forever on one
-/// that starts with `l` and traps on one that starts with `t`. Its allocator
-/// bumps through the first page and starts over.
-const ECHO_COMPONENT: &str = r#"(component
-  (core module $m
-    (memory (export "memory") 1)
-    (global $heap (mut i32) (i32.const 1024))
-    (global $count (mut i32) (i32.const 0))
-    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
-      (local $p i32)
-      (if (i32.gt_u (global.get $heap) (i32.const 32768)) (then (global.set $heap (i32.const 1024))))
-      (local.set $p (global.get $heap))
-      (global.set $heap (i32.add (global.get $heap) (i32.add (local.get 3) (i32.const 8))))
-      (local.get $p))
-    (func (export "handle") (param $d i32) (param $n i32) (param $p i32) (param $pn i32) (result i32)
-      (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x6c)) (then (loop $forever (br $forever))))
-      (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x74)) (then unreachable))
-      ;; "c": the count of "c" datagrams this instance has seen, as a digit.
-      (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x63))
-        (then
-          (global.set $count (i32.add (global.get $count) (i32.const 1)))
-          (i32.store8 (i32.const 100) (i32.add (i32.const 48) (global.get $count)))
-          (local.set $d (i32.const 100))
-          (local.set $n (i32.const 1))))
-      (i32.store8 (i32.const 16) (i32.const 1))
-      (i32.store (i32.const 20) (local.get $d))
-      (i32.store (i32.const 24) (local.get $n))
-      (i32.const 16)))
-  (core instance $i (instantiate $m))
-  (func (export "handle") (param "datagram" (list u8)) (param "peer" string) (result (option (list u8)))
-    (canon lift (core func $i "handle") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#;
 
 /// A component that calls the world's `log` and `send`: every datagram is
 /// logged, then sent back once with `send` and once as the reply. "big…" sends

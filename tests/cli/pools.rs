@@ -3,6 +3,7 @@
 //! sockets freed by idle expiry, replies drained at shutdown, `wasmgate send`.
 
 use crate::common;
+use crate::common::fixtures::{config, example};
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, UdpSocket};
@@ -15,25 +16,6 @@ use common::{Served, Upstream, ask, client, signal, signal_and_wait, wait_until,
 
 const FORWARD: &str = "examples/forward.wat";
 const TOKEN_ROUTER: &str = "examples/token-router.wat";
-
-fn example(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(path)
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-/// A config file with one listener forwarding to the pool `backend`.
-fn config(endpoints: &[SocketAddr], extra: &str) -> String {
-    let list: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "[[listener]]\nname = \"fwd\"\nlisten = \"127.0.0.1:0\"\nmodule = \"{}\"\nworkers = 2\n\n\
-         [upstreams.backend]\nendpoints = [{}]\n{extra}",
-        example(FORWARD),
-        list.join(", ")
-    )
-}
 
 /// Replaces the file at `path` by renaming a new one over it, as editors and
 /// deploy tools do.

@@ -3,15 +3,15 @@
 //! (and a capture tcpdump itself wrote) through modules, with its exit codes.
 
 use crate::common;
+use crate::common::fixtures::{installed, record_uppercase, recording};
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Upstream, ask, client, run_to_end, signal, write_file};
-use wasmgate::config::{ListenerSpec, PoolSpec, RecordSpec};
+use wasmgate::config::PoolSpec;
 
 const FORWARD: &str = include_str!("../../examples/forward.wat");
 const ECHO: &str = include_str!("../../examples/echo.wat");
@@ -25,13 +25,6 @@ const TRAPS_ON_BANG: &str = r#"(module
                  (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 33)))
       (then unreachable))
     (i64.extend_i32_u (local.get $len))))"#;
-
-fn recording(dir: &Path, name: &str) -> ListenerSpec {
-    ListenerSpec {
-        record: Some(RecordSpec::new(dir.join(name))),
-        ..common::config()
-    }
-}
 
 /// A pcapng file of raw-IP UDP datagrams to 127.0.0.1:8008, its interface
 /// with timestamp resolution `resolution`, each packet at its raw timestamp.
@@ -233,34 +226,6 @@ fn a_capture_larger_than_memory_allows_replays_in_bounded_memory() {
         peak_kib < size_kib,
         "replaying a {size_kib} KiB capture took {peak_kib} KiB: it is not streamed"
     );
-}
-
-/// Serves the default guest with `--record`, asks `messages`, and stops the
-/// gateway (which writes the file out); returns its path.
-fn record_uppercase(dir: &Path, messages: &[&[u8]]) -> String {
-    let gateway = common::start_with(
-        wasmgate::DEFAULT_GUEST_WASM,
-        Default::default(),
-        recording(dir, "up.pcapng"),
-    );
-    let socket = client();
-    for m in messages {
-        assert_eq!(ask(&socket, gateway.local_addr(), m), m.to_ascii_uppercase());
-    }
-    gateway.shutdown();
-    dir.join("up.pcapng").display().to_string()
-}
-
-fn installed(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        common::skip(&format!("{tool} is not installed here"));
-    }
-    found
 }
 
 #[test]

@@ -4,29 +4,14 @@
 //! after N clean datagrams or by SIGUSR1, rolled back when it traps or loops.
 
 use crate::common;
+use crate::common::fixtures::{start, with_candidate};
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::{Served, ask, client, run_to_end, sample, scrape, signal, wait_until, write_file};
-use wasmgate::config::{CandidateSpec, ListenerSpec};
 use wasmgate::gateway::Gateway;
 
 const ECHO: &str = include_str!("../../examples/echo.wat");
-fn with_candidate(dir: &Path, source: &str, edit: impl FnOnce(&mut CandidateSpec)) -> ListenerSpec {
-    let mut candidate = CandidateSpec::new(dir.join("candidate.wat"));
-    std::fs::write(&candidate.path, source).unwrap();
-    edit(&mut candidate);
-    ListenerSpec {
-        candidate: Some(candidate),
-        ..common::config()
-    }
-}
-
-fn start(module: &[u8], spec: ListenerSpec) -> Gateway {
-    common::start_with(module, Default::default(), spec)
-}
-
 fn shadowed(gateway: &Gateway) -> u64 {
     gateway.stats().shadow.iter().sum()
 }

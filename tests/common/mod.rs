@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod dns;
+pub mod fixtures;
 
 use wasmgate::config::ListenerSpec;
 use wasmgate::config::{Isolation, Limits};
