@@ -54,7 +54,8 @@ pub(super) trait Instance: Send {
 pub(super) enum Entry {
     Handle,
     OnReply,
-    /// `probe` and `probe_reply` (ABI v1 only: other kinds never get them).
+    /// `probe` and `probe_reply` (ABI v1) or `probe-reply` (components);
+    /// WASI commands never get them.
     Probe,
     ProbeReply,
 }

@@ -111,8 +111,7 @@ impl Env {
             sha256: Sha256::digest(bytes).into(),
             imports: ty.imports(engine).map(|(name, _)| name.to_string()).collect(),
             on_reply: pre.has_on_reply(),
-            // Not in the WIT worlds yet.
-            probes: false,
+            probes: pre.writes_probes(),
             pre: Box::new(ComponentGuest(pre)),
             compile_time: Duration::ZERO,
             world: Some(wit::describe(engine, component)),

@@ -203,14 +203,63 @@ fn guest_checked(module: &str, endpoints: &[SocketAddr]) -> Gateway {
     )
 }
 
+/// PROBING's probes as a component of the `probes` world (and `handle`
+/// echoing): `probe` sends `ping ` and the endpoint, `probe-reply` judges an
+/// answer healthy when it starts with `o`. With `TRAP`, `probe` traps.
+const PROBING_COMPONENT: &str = r#"(component
+  (core module $m
+    (memory (export "memory") 1)
+    (global $heap (mut i32) (i32.const 1024))
+    (data (i32.const 200) "ping ")
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $p i32)
+      (if (i32.gt_u (global.get $heap) (i32.const 32768)) (then (global.set $heap (i32.const 1024))))
+      (local.set $p (global.get $heap))
+      (global.set $heap (i32.add (global.get $heap) (i32.add (local.get 3) (i32.const 8))))
+      (local.get $p))
+    (func (export "handle") (param $d i32) (param $n i32) (param $p i32) (param $pn i32) (result i32)
+      (i32.store8 (i32.const 16) (i32.const 1))
+      (i32.store (i32.const 20) (local.get $d))
+      (i32.store (i32.const 24) (local.get $n))
+      (i32.const 16))
+    (func (export "probe") (param $e i32) (param $n i32) (result i32)
+      ;; TRAP
+      (memory.copy (i32.const 205) (local.get $e) (local.get $n))
+      (i32.store8 (i32.const 16) (i32.const 1))
+      (i32.store (i32.const 20) (i32.const 200))
+      (i32.store (i32.const 24) (i32.add (i32.const 5) (local.get $n)))
+      (i32.const 16))
+    (func (export "probe-reply") (param $e i32) (param $en i32) (param $a i32) (param $an i32) (result i32)
+      (if (result i32) (i32.eqz (local.get $an))
+        (then (i32.const 0))
+        (else (i32.eq (i32.load8_u (local.get $a)) (i32.const 111))))))
+  (core instance $i (instantiate $m))
+  (func (export "handle") (param "datagram" (list u8)) (param "peer" string) (result (option (list u8)))
+    (canon lift (core func $i "handle") (memory (core memory $i "memory")) (realloc (core func $i "realloc"))))
+  (func (export "probe") (param "endpoint" string) (result (option (list u8)))
+    (canon lift (core func $i "probe") (memory (core memory $i "memory")) (realloc (core func $i "realloc"))))
+  (func (export "probe-reply") (param "endpoint" string) (param "answer" (list u8)) (result bool)
+    (canon lift (core func $i "probe-reply") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#;
+
 #[test]
 fn a_guest_writes_the_probe_for_each_endpoint_and_judges_the_answer() {
+    writes_and_judges(PROBING);
+}
+
+#[test]
+fn a_component_writes_its_probes_through_the_probes_world() {
+    writes_and_judges(PROBING_COMPONENT);
+}
+
+/// `module` writes `ping ` and the endpoint as its probe, and judges answers
+/// that start with `o` healthy.
+fn writes_and_judges(module: &str) {
     // A plain socket as one endpoint, to read the probe the guest wrote.
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket.set_read_timeout(Some(common::REPLY_TIMEOUT)).unwrap();
     let seen = socket.local_addr().unwrap();
     let (ok, no) = (Quiet::start("ok:"), Quiet::start("no:"));
-    let gateway = guest_checked(PROBING, &[seen, ok.addr, no.addr]);
+    let gateway = guest_checked(module, &[seen, ok.addr, no.addr]);
     let mut buf = [0u8; 256];
     let (n, from) = socket.recv_from(&mut buf).expect("a probe");
     assert_eq!(String::from_utf8_lossy(&buf[..n]), format!("ping backend/{seen}"));
@@ -223,7 +272,7 @@ fn a_guest_writes_the_probe_for_each_endpoint_and_judges_the_answer() {
     assert!(healthy(&gateway, ok.addr));
     assert!(totals(&gateway, no.addr).probes_mismatch >= 2);
     // The plain socket answers no more probes, so it goes too; clients are
-    // then forwarded, as before, to the one endpoint left.
+    // then served (forwarded, or echoed by the component) as before.
     wait_until("the silent socket taken out", || !healthy(&gateway, seen));
     let c = client();
     assert!(ask(&c, gateway.local_addr(), b"hi").ends_with(b"hi"));
@@ -231,7 +280,16 @@ fn a_guest_writes_the_probe_for_each_endpoint_and_judges_the_answer() {
 
 #[test]
 fn a_guest_probe_that_traps_fails_never_passes() {
-    let trapping = PROBING.replace(";; TRAP", "unreachable");
+    probe_traps(PROBING);
+}
+
+#[test]
+fn a_component_probe_that_traps_fails_never_passes() {
+    probe_traps(PROBING_COMPONENT);
+}
+
+fn probe_traps(module: &str) {
+    let trapping = module.replace(";; TRAP", "unreachable");
     let (a, b) = (Quiet::start("ok:"), Quiet::start("ok:"));
     let gateway = guest_checked(&trapping, &[a.addr, b.addr]);
     wait_until("one endpoint out, the other kept in panic mode", || {

@@ -4,7 +4,7 @@
 //! and the linked component's typed exports.
 
 use bytes::Bytes;
-use wasmtime::component::{Component, Linker, Resource, ResourceTable};
+use wasmtime::component::{Component, ComponentExportIndex, Func, InstancePre, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, StoreContextMut};
 use wasmtime_wasi::p2::DynPollable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -21,6 +21,11 @@ pub const HANDLE: &str = "handle";
 
 /// The export of the `proxy` world, for answers from upstreams.
 pub const ON_REPLY: &str = "on-reply";
+
+/// The exports of the `probes` world, for a handler that writes its pools'
+/// health probes (both or neither).
+pub(crate) const PROBE: &str = "probe";
+pub(crate) const PROBE_REPLY: &str = "probe-reply";
 
 /// The package whose interfaces the gateway provides besides WASI.
 pub(super) const PACKAGE: &str = "wasmgate:handler/";
@@ -230,39 +235,74 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<ComponentHost>>
 /// earlier 0.2.x version are linked to it.
 const POLL_INTERFACE: &str = "wasi:io/poll@0.2.12";
 
-/// A component's exports, typed: the `handler` world or the `proxy` world.
-pub(crate) enum Exports {
+/// A component's exports: `handle` (and `on-reply`) typed by the `handler` or
+/// the `proxy` world, and the `probes` world's functions if it writes probes.
+pub(crate) struct Exports {
+    world: World,
+    probes: Option<(Func, Func)>,
+}
+
+enum World {
     Handler(handler_bindings::Handler),
     Proxy(bindings::StatefulProxy),
 }
 
-/// A linked component, ready to instantiate.
+/// A linked component, ready to instantiate: where its exports are, found once.
 #[derive(Clone)]
-pub(crate) enum ComponentPre {
-    Handler(handler_bindings::HandlerPre<ComponentHost>),
-    Proxy(bindings::StatefulProxyPre<ComponentHost>),
+pub(crate) struct ComponentPre {
+    pre: InstancePre<ComponentHost>,
+    world: Indices,
+    /// `probe` and `probe-reply`, both or neither (checked with the world).
+    probes: Option<(ComponentExportIndex, ComponentExportIndex)>,
+}
+
+#[derive(Clone)]
+enum Indices {
+    Handler(handler_bindings::HandlerIndices),
+    Proxy(bindings::StatefulProxyIndices),
 }
 
 impl ComponentPre {
-    /// Links `component` (already checked with [`check`]).
+    /// Links `component` (already checked with [`check`](super::check)).
     pub(crate) fn new(linker: &Linker<ComponentHost>, component: &Component) -> wasmtime::Result<Self> {
         let pre = linker.instantiate_pre(component)?;
-        if component.get_export_index(None, ON_REPLY).is_some() {
-            Ok(Self::Proxy(bindings::StatefulProxyPre::new(pre)?))
+        let world = if component.get_export_index(None, ON_REPLY).is_some() {
+            Indices::Proxy(bindings::StatefulProxyIndices::new(&pre)?)
         } else {
-            Ok(Self::Handler(handler_bindings::HandlerPre::new(pre)?))
-        }
+            Indices::Handler(handler_bindings::HandlerIndices::new(&pre)?)
+        };
+        let probes = component
+            .get_export_index(None, PROBE)
+            .zip(component.get_export_index(None, PROBE_REPLY));
+        Ok(Self { pre, world, probes })
     }
 
     pub(crate) fn has_on_reply(&self) -> bool {
-        matches!(self, Self::Proxy(_))
+        matches!(self.world, Indices::Proxy(_))
+    }
+
+    pub(crate) fn writes_probes(&self) -> bool {
+        self.probes.is_some()
     }
 
     pub(crate) fn instantiate(&self, store: &mut wasmtime::Store<ComponentHost>) -> wasmtime::Result<Exports> {
-        Ok(match self {
-            Self::Handler(pre) => Exports::Handler(pre.instantiate(store)?),
-            Self::Proxy(pre) => Exports::Proxy(pre.instantiate(store)?),
-        })
+        let instance = self.pre.instantiate(&mut *store)?;
+        let world = match &self.world {
+            Indices::Handler(i) => World::Handler(i.load(&mut *store, &instance)?),
+            Indices::Proxy(i) => World::Proxy(i.load(&mut *store, &instance)?),
+        };
+        let probes = match self.probes {
+            Some((probe, reply)) => {
+                let mut func = |index| {
+                    instance
+                        .get_func(&mut *store, index)
+                        .ok_or_else(|| wasmtime::format_err!("a probe export is missing"))
+                };
+                Some((func(probe)?, func(reply)?))
+            }
+            None => None,
+        };
+        Ok(Exports { world, probes })
     }
 }
 
@@ -273,9 +313,9 @@ impl Exports {
         datagram: &[u8],
         peer: &str,
     ) -> wasmtime::Result<Option<Vec<u8>>> {
-        match self {
-            Self::Handler(h) => h.call_handle(store, datagram, peer),
-            Self::Proxy(p) => p.call_handle(store, datagram, peer),
+        match &self.world {
+            World::Handler(h) => h.call_handle(store, datagram, peer),
+            World::Proxy(p) => p.call_handle(store, datagram, peer),
         }
     }
 
@@ -286,10 +326,41 @@ impl Exports {
         peer: &str,
         upstream: &str,
     ) -> wasmtime::Result<Option<Vec<u8>>> {
-        match self {
-            Self::Handler(_) => wasmtime::bail!("the component does not export `{ON_REPLY}`"),
-            Self::Proxy(p) => p.call_on_reply(store, datagram, peer, upstream),
+        match &self.world {
+            World::Handler(_) => wasmtime::bail!("the component does not export `{ON_REPLY}`"),
+            World::Proxy(p) => p.call_on_reply(store, datagram, peer, upstream),
         }
+    }
+
+    /// `probe(endpoint)`: the probe datagram, or `None`.
+    pub(crate) fn probe(
+        &self,
+        store: &mut wasmtime::Store<ComponentHost>,
+        endpoint: &str,
+    ) -> wasmtime::Result<Option<Vec<u8>>> {
+        let Some((probe, _)) = &self.probes else {
+            wasmtime::bail!("the component does not export `{PROBE}`")
+        };
+        let (datagram,) = probe
+            .typed::<(&str,), (Option<Vec<u8>>,)>(&*store)?
+            .call(store, (endpoint,))?;
+        Ok(datagram)
+    }
+
+    /// `probe-reply(endpoint, answer)`: whether the endpoint is healthy.
+    pub(crate) fn probe_reply(
+        &self,
+        store: &mut wasmtime::Store<ComponentHost>,
+        endpoint: &str,
+        answer: &[u8],
+    ) -> wasmtime::Result<bool> {
+        let Some((_, reply)) = &self.probes else {
+            wasmtime::bail!("the component does not export `{PROBE_REPLY}`")
+        };
+        let (healthy,) = reply
+            .typed::<(&str, &[u8]), (bool,)>(&*store)?
+            .call(store, (endpoint, answer))?;
+        Ok(healthy)
     }
 }
 

@@ -89,8 +89,12 @@ impl Instance for LiveComponent {
             Entry::OnReply => self
                 .exports
                 .on_reply(&mut self.store, call.datagram, peer, call.upstream),
-            // A component's program never says it writes probes.
-            Entry::Probe | Entry::ProbeReply => return Err(DropReason::Trap.into()),
+            Entry::Probe => self.exports.probe(&mut self.store, call.upstream),
+            Entry::ProbeReply => self
+                .exports
+                .probe_reply(&mut self.store, call.upstream, call.datagram)
+                // A judgement is no datagram: "healthy" is a reply of no bytes.
+                .map(|healthy| healthy.then(Vec::new)),
         };
         let host = self.store.data_mut();
         let (stdout, stderr) = host.take_output();

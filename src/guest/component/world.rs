@@ -7,7 +7,7 @@ use wasmtime::Engine;
 use wasmtime::component::types::{ComponentFunc, ComponentItem};
 use wasmtime::component::{Component, Type};
 
-use super::host::{HANDLE, ON_REPLY, PACKAGE, WORLD_FUNCTIONS};
+use super::host::{HANDLE, ON_REPLY, PACKAGE, PROBE, PROBE_REPLY, WORLD_FUNCTIONS};
 
 /// Checks a component against the worlds: `handle` (and `on-reply`, if
 /// exported) with the world's types, and nothing imported that the gateway does
@@ -26,13 +26,48 @@ pub(crate) fn check(engine: &Engine, component: &Component) -> Vec<String> {
         None => problems.push(format!(
             "it exports no `{HANDLE}` function: a handler exports `handle: func(datagram: list<u8>, peer: string) -> option<list<u8>>` (world `handler` in wit/handler.wit)"
         )),
-        Some(item) => check_export(HANDLE, item, &["list<u8>", "string"], &mut problems),
+        Some(item) => check_export(HANDLE, item, HANDLE_TYPE, &mut problems),
     }
     if let Some(item) = find(ON_REPLY) {
-        check_export(ON_REPLY, item, &["list<u8>", "string", "string"], &mut problems);
+        check_export(ON_REPLY, item, ON_REPLY_TYPE, &mut problems);
+    }
+    match (find(PROBE), find(PROBE_REPLY)) {
+        (Some(probe), Some(reply)) => {
+            check_export(PROBE, probe, PROBE_TYPE, &mut problems);
+            check_export(PROBE_REPLY, reply, PROBE_REPLY_TYPE, &mut problems);
+        }
+        (Some(_), None) | (None, Some(_)) => problems.push(format!(
+            "it exports one of `{PROBE}` and `{PROBE_REPLY}` but not the other: a handler that writes \
+             health probes exports both (world `probes` in wit/handler.wit)"
+        )),
+        (None, None) => {}
     }
     problems
 }
+
+/// An export's type as the worlds want it: its parameters (name and type),
+/// and its result.
+struct Signature {
+    params: &'static [(&'static str, &'static str)],
+    result: &'static str,
+}
+
+const HANDLE_TYPE: &Signature = &Signature {
+    params: &[("datagram", "list<u8>"), ("peer", "string")],
+    result: "option<list<u8>>",
+};
+const ON_REPLY_TYPE: &Signature = &Signature {
+    params: &[("datagram", "list<u8>"), ("peer", "string"), ("upstream", "string")],
+    result: "option<list<u8>>",
+};
+const PROBE_TYPE: &Signature = &Signature {
+    params: &[("endpoint", "string")],
+    result: "option<list<u8>>",
+};
+const PROBE_REPLY_TYPE: &Signature = &Signature {
+    params: &[("endpoint", "string"), ("answer", "list<u8>")],
+    result: "bool",
+};
 
 /// The component's world as the gateway sees it: its exports with their
 /// types, then its imports by name, one per line, in a stable order (what
@@ -92,24 +127,18 @@ fn check_import(name: &str, item: &ComponentItem) -> Option<String> {
     ))
 }
 
-fn check_export(name: &str, item: &ComponentItem, params: &[&str], problems: &mut Vec<String>) {
+fn check_export(name: &str, item: &ComponentItem, want: &Signature, problems: &mut Vec<String>) {
     let ComponentItem::ComponentFunc(func) = item else {
         problems.push(format!("its export `{name}` is not a function"));
         return;
     };
     let actual = signature(func);
-    let expected = format!(
-        "func({}) -> option<list<u8>>",
-        params
-            .iter()
-            .zip(["datagram", "peer", "upstream"])
-            .map(|(ty, p)| format!("{p}: {ty}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let params: Vec<String> = want.params.iter().map(|(p, ty)| format!("{p}: {ty}")).collect();
+    let expected = format!("func({}) -> {}", params.join(", "), want.result);
     let found: Vec<String> = func.params().map(|(_, t)| wit_type(&t)).collect();
     let results: Vec<String> = func.results().map(|t| wit_type(&t)).collect();
-    if found != params || results != ["option<list<u8>>"] {
+    let types_match = found.len() == want.params.len() && found.iter().zip(want.params).all(|(f, (_, ty))| f == ty);
+    if !types_match || results != [want.result] {
         problems.push(format!(
             "its export `{name}` is `{actual}`; the world wants `{expected}`"
         ));
@@ -208,6 +237,50 @@ mod tests {
             "{problems:#?}"
         );
         assert!(!has("monotonic-clock"), "WASI 0.2 clocks are provided");
+    }
+
+    /// `handle` as the world wants it, and `extra` exports of a core func
+    /// `f` of any type.
+    fn with_handle(extra: &str) -> String {
+        format!(
+            r#"(component
+                (core module $m
+                  (memory (export "memory") 1)
+                  (func (export "realloc") (param i32 i32 i32 i32) (result i32) i32.const 0)
+                  (func (export "h") (param i32 i32 i32 i32) (result i32) i32.const 0)
+                  (func (export "f") (param i32 i32) (result i32) i32.const 0))
+                (core instance $i (instantiate $m))
+                (func (export "handle") (param "datagram" (list u8)) (param "peer" string) (result (option (list u8)))
+                  (canon lift (core func $i "h") (memory (core memory $i "memory")) (realloc (core func $i "realloc"))))
+                {extra})"#
+        )
+    }
+
+    #[test]
+    fn probe_exports_come_both_or_neither_and_with_the_worlds_types() {
+        let probe = r#"(func (export "probe") (param "endpoint" string) (result (option (list u8)))
+            (canon lift (core func $i "f") (memory (core memory $i "memory")) (realloc (core func $i "realloc"))))"#;
+        let (engine, c) = component(&with_handle(probe));
+        let problems = check(&engine, &c);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("exports one of `probe` and `probe-reply` but not the other"),
+            "{problems:?}"
+        );
+        // `probe-reply` taking the answer as a string.
+        let wrong_reply = r#"(func (export "probe-reply") (param "endpoint" string) (result bool)
+            (canon lift (core func $i "f") (memory (core memory $i "memory")) (realloc (core func $i "realloc"))))"#;
+        let (engine, c) = component(&with_handle(&format!("{probe} {wrong_reply}")));
+        let problems = check(&engine, &c);
+        assert_eq!(
+            problems,
+            [
+                "its export `probe-reply` is `func(endpoint: string) -> bool`; the world wants \
+              `func(endpoint: string, answer: list<u8>) -> bool`"
+            ]
+        );
+        let (engine, c) = component(&with_handle(""));
+        assert!(check(&engine, &c).is_empty(), "no probes is fine");
     }
 
     #[test]
