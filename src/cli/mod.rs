@@ -87,6 +87,12 @@ pub enum Command {
         /// An upstream pool the module may forward to, as for serving (never contacted).
         #[arg(long, value_name = "NAME=ENDPOINTS", value_parser = parse_upstream_flag)]
         upstream: Vec<PoolSpec>,
+        /// The proxies in front of the gateway, as for serving: their datagrams
+        /// in a raw capture (tcpdump's) carry a PROXY v2 header, which names the
+        /// client and is taken off before the module sees the datagram, and the
+        /// replies to them carry one too. A --record capture needs none.
+        #[arg(long, value_name = "CIDRS")]
+        proxy_protocol_from: Option<crate::net::proxied::TrustedProxies>,
         /// `reuse` or `fresh`, as for serving.
         #[arg(long, value_enum, default_value_t)]
         isolation: Isolation,
@@ -165,6 +171,7 @@ impl Cli {
                 against,
                 port,
                 upstream,
+                proxy_protocol_from,
                 isolation,
                 max_reply_ratio,
                 json,
@@ -177,6 +184,7 @@ impl Cli {
                     port,
                     listener: ListenerSpec {
                         pools: upstream,
+                        proxy_protocol_from: proxy_protocol_from.unwrap_or_default(),
                         isolation,
                         max_reply_ratio,
                         limits: limits.limits(),

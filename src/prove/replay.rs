@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::config::Limits;
 use crate::config::ListenerSpec;
 use crate::guest::Env;
+use crate::net::proxy_v2::{self, Parsed};
 use crate::prove::capture::{self, Hop};
 use crate::prove::offline::{Offline, Outcome};
 use crate::verdict::DropReason;
@@ -51,6 +52,9 @@ pub struct Report {
     pub only_new_answered: u64,
     pub new_traps: u64,
     pub new_timeouts: u64,
+    /// Datagrams of a trusted proxy (`--proxy-protocol-from`) without a valid
+    /// header: dropped by any gateway, so not replayed.
+    pub proxy_header_errors: u64,
     /// Whether forwards were compared too (they are when both sides have them).
     pub forwards_compared: bool,
     pub new_guest_ms: f64,
@@ -312,6 +316,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             only_new_answered: 0,
             new_traps: 0,
             new_timeouts: 0,
+            proxy_header_errors: 0,
             forwards_compared: old.is_some() || survey.recording,
             new_guest_ms: 0.0,
             old_guest_ms: old.as_ref().map(|_| 0.0),
@@ -335,19 +340,43 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             None if d.src.port() == port => Hop::Reply,
             None => continue,
         };
+        // A recording holds each client as the gateway saw it; a raw capture
+        // in front of it holds the proxies' headers, as the wire did.
+        let trusted = &options.listener.proxy_protocol_from;
+        let (client, payload) = match hop {
+            Hop::Client if d.hop.is_none() && trusted.contains(d.src.ip()) => match proxy_v2::parse(&d.payload) {
+                Ok(Parsed::Proxied { source, payload, .. }) => (source, payload),
+                Ok(Parsed::Local { payload }) => (d.src, payload),
+                Err(_) => {
+                    tally.report.proxy_header_errors += 1;
+                    continue;
+                }
+            },
+            // An answer through a proxy names its client as the destination.
+            Hop::Reply if d.hop.is_none() && trusted.contains(d.dst.ip()) => match proxy_v2::parse(&d.payload) {
+                Ok(Parsed::Proxied {
+                    destination, payload, ..
+                }) => (destination, payload),
+                Ok(Parsed::Local { payload }) => (d.dst, payload),
+                Err(_) => continue,
+            },
+            // A reply's client is where it went.
+            Hop::Reply => (d.dst, d.payload.as_slice()),
+            _ => (d.src, d.payload.as_slice()),
+        };
         match hop {
             Hop::Client => {
-                let new_outcome = new.client(d.at, &d.payload, d.src);
+                let new_outcome = new.client(d.at, payload, client);
                 let old_outcome = match &mut old {
-                    Some(old) => old.client(d.at, &d.payload, d.src),
+                    Some(old) => old.client(d.at, payload, client),
                     None => Outcome {
                         dropped: d.verdict.as_deref().and_then(drop_reason),
                         ..Outcome::default()
                     },
                 };
-                pending.push(d.at, d.src, &d.payload, old_outcome, new_outcome);
+                pending.push(d.at, client, payload, old_outcome, new_outcome);
             }
-            Hop::Reply if old.is_none() => pending.add_reply(&d.dst, &d.payload),
+            Hop::Reply if old.is_none() => pending.add_reply(&client, payload),
             Hop::Forward if old.is_none() => {
                 if let Some(client) = &d.client {
                     pending.add_forward(client, d.dst, &d.payload);
@@ -434,6 +463,13 @@ impl Report {
             _ => {
                 let _ = writeln!(s, "  guest time: new {:.3} ms", self.new_guest_ms);
             }
+        }
+        if self.proxy_header_errors > 0 {
+            let _ = writeln!(
+                s,
+                "  not replayed: {} datagrams of a --proxy-protocol-from proxy without a valid PROXY v2 header (a gateway drops them)",
+                self.proxy_header_errors
+            );
         }
         if !self.forwards_compared {
             let _ = writeln!(
@@ -558,6 +594,7 @@ mod tests {
                 only_new_answered: 0,
                 new_traps: 0,
                 new_timeouts: 0,
+                proxy_header_errors: 0,
                 forwards_compared: false,
                 new_guest_ms: 0.0,
                 old_guest_ms: None,

@@ -112,3 +112,113 @@ fn tcpdump_and_tshark_read_the_recorders_file() {
         );
     }
 }
+
+/// A raw capture (as tcpdump writes it) taken in front of a gateway behind a
+/// proxy: each of `packets` (source, destination, payload) as an IPv4 UDP
+/// packet.
+fn raw_capture(packets: &[(&str, &str, Vec<u8>)]) -> Vec<u8> {
+    let mut writer = pcap_file::pcap::PcapWriter::with_header(
+        Vec::new(),
+        pcap_file::pcap::PcapHeader {
+            datalink: pcap_file::DataLink::RAW,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for (i, (src, dst, payload)) in packets.iter().enumerate() {
+        let (src, dst): (std::net::SocketAddrV4, std::net::SocketAddrV4) = (src.parse().unwrap(), dst.parse().unwrap());
+        let mut packet = Vec::new();
+        etherparse::PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64)
+            .udp(src.port(), dst.port())
+            .write(&mut packet, payload)
+            .unwrap();
+        writer
+            .write_packet(&pcap_file::pcap::PcapPacket::new(
+                std::time::Duration::from_millis(1_000 + 10 * i as u64),
+                packet.len() as u32,
+                &packet,
+            ))
+            .unwrap();
+    }
+    writer.into_writer()
+}
+
+/// A PROXY v2 header (built by the `ppp` crate, not ours) from `source` to
+/// `destination`, then `payload`.
+fn proxied(source: &str, destination: &str, payload: &[u8]) -> Vec<u8> {
+    use ppp::v2::{Builder, Command, IPv4, Protocol, Version};
+    let (s, d): (std::net::SocketAddrV4, std::net::SocketAddrV4) =
+        (source.parse().unwrap(), destination.parse().unwrap());
+    let mut datagram = Builder::with_addresses(
+        Version::Two | Command::Proxy,
+        Protocol::Datagram,
+        IPv4::new(*s.ip(), *d.ip(), s.port(), d.port()),
+    )
+    .build()
+    .unwrap();
+    datagram.extend_from_slice(payload);
+    datagram
+}
+
+#[test]
+fn a_raw_capture_behind_a_proxy_replays_each_client_with_the_header_taken_off() {
+    let (proxy, gateway, service) = ("127.0.0.9:5000", "127.0.0.1:8008", "198.51.100.1:53");
+    let untrusted_header = proxied("203.0.113.66:1", service, b"hi");
+    let capture = raw_capture(&[
+        (proxy, gateway, proxied("203.0.113.7:4444", service, b"hello")),
+        (gateway, proxy, proxied(service, "203.0.113.7:4444", b"HELLO")),
+        // The recorded reply differs from what the module answers.
+        (proxy, gateway, proxied("203.0.113.8:5555", service, b"abc")),
+        (gateway, proxy, proxied(service, "203.0.113.8:5555", b"ABX")),
+        // From the proxy, but no header: a gateway drops it.
+        (proxy, gateway, b"no header".to_vec()),
+        // From a source not trusted, a header is payload.
+        ("127.0.0.1:4000", gateway, untrusted_header.clone()),
+        (gateway, "127.0.0.1:4000", untrusted_header.to_ascii_uppercase()),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_file(dir.path(), "proxied.pcap", &capture);
+    let options = |trusted: &str| wasmgate::prove::replay::Options {
+        capture: path.clone().into(),
+        module: "guest/uppercase.wasm".into(),
+        against: None,
+        port: Some(8008),
+        listener: wasmgate::config::ListenerSpec {
+            proxy_protocol_from: wasmgate::net::proxied::TrustedProxies::from_list(&[trusted]).unwrap(),
+            ..Default::default()
+        },
+        limits: Default::default(),
+    };
+    let report = wasmgate::prove::replay::run(&options("127.0.0.9/32")).unwrap();
+    assert_eq!(
+        (
+            report.datagrams,
+            report.same,
+            report.different,
+            report.proxy_header_errors
+        ),
+        (3, 2, 1, 1),
+        "{}",
+        report.text()
+    );
+    assert_eq!(
+        report.differences[0].client, "203.0.113.8:5555",
+        "the client the header named"
+    );
+    assert!(report.text().contains("not replayed: 1 datagrams"), "{}", report.text());
+
+    // Without the proxy trusted, its headers are payload, uppercased with the
+    // rest, and its replies' headers too: nothing from it compares equal.
+    let report = wasmgate::prove::replay::run(&options("192.0.2.0/24")).unwrap();
+    assert_eq!(
+        (report.datagrams, report.same, report.proxy_header_errors),
+        (4, 1, 0),
+        "{}",
+        report.text()
+    );
+    assert!(
+        report.differences.iter().all(|d| d.client == proxy),
+        "{}",
+        report.text()
+    );
+}
