@@ -4,7 +4,9 @@
 //!   library's data path with a Rust uppercase handler, `examples/native_gateway`),
 //!   and `loadgen` checks every answer: a native forwarder on wasmgate's data path
 //!   without the wasm hop (the floor), wasmgate with `examples/forward.wat`,
-//!   wasmgate with a guest that also has an `on_reply`, and NGINX stream (Debian's
+//!   wasmgate with a guest that also has an `on_reply`, wasmgate with
+//!   `forward.wat` and the pool's health checks probing 10 times a second, and
+//!   NGINX stream (Debian's
 //!   `nginx` + `libnginx-mod-stream`, one worker, `proxy_responses 1`, `reuseport`).
 //! - **DNS proxy**: `examples/dns-proxy` against `dnsdist` with the same rule
 //!   (`blocked.test` answered NXDOMAIN by the proxy itself), both in front of
@@ -145,6 +147,24 @@ fn main() -> anyhow::Result<()> {
         .arg(root.join(module));
         add(name, c, port, None, false)?;
     }
+    // The same forwarding with the pool's active health checks probing the
+    // upstream every 100 ms (as often as anyone would): what the prober costs
+    // the datagram path, side by side with the row without it.
+    let port = free_port()?;
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("probed.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[listener]]\nname = \"probed\"\nlisten = \"127.0.0.1:{port}\"\nmodule = \"{}\"\nworkers = 1\nwatch = false\n\n\
+             [upstreams.backend]\nendpoints = [\"127.0.0.1:{up_port}\"]\n\n\
+             [upstreams.backend.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nsend = \"ping\"\nexpect = \"PING\"\n",
+            root.join("examples/forward.wat").display()
+        ),
+    )?;
+    let mut c = pinned(0, &wasmgate);
+    c.arg("--config").arg(&conf);
+    add("wasm, probed 10/s", c, port, Some(dir), false)?;
     if exists("/usr/sbin/nginx") && exists("/usr/lib/nginx/modules/ngx_stream_module.so") {
         let port = free_port()?;
         let dir = tempfile::tempdir()?;

@@ -114,6 +114,9 @@ struct HealthSection {
     /// `probe` and `probe_reply` exports); `send`/`expect` serve while it has
     /// none. `"send"` (the default): `send` and `expect`.
     probe: Option<String>,
+    /// How long an endpoint that passed its checks again takes to get its full
+    /// share of new clients, growing from none (default: at once).
+    slow_start: Option<String>,
 }
 
 /// `[metrics]`: the Prometheus endpoint, for every listener.
@@ -565,6 +568,7 @@ fn health_spec(h: &HealthSection, at: &dyn Fn(&str) -> String) -> anyhow::Result
                 quote(other)
             ),
         },
+        slow_start: duration(&h.slow_start, "slow_start", d.slow_start)?,
     };
     if spec.send.len() > crate::verdict::MAX_DATAGRAM {
         bail!("{}: {} bytes do not fit a datagram", at("send"), spec.send.len());
@@ -693,9 +697,14 @@ mod tests {
         let pool = |health: &str| {
             format!("{LISTENER}[upstreams.p]\nendpoints = [\"127.0.0.1:9\"]\n[upstreams.p.health]\n{health}")
         };
-        let c = parse_ok(&pool("interval = \"2s\"\nsend_hex = \"be ef 01\"\nexpect = \"ok\"\n"));
+        let c = parse_ok(&pool(
+            "interval = \"2s\"\nsend_hex = \"be ef 01\"\nexpect = \"ok\"\nslow_start = \"30s\"\n",
+        ));
         let h = c.listeners[0].pools[0].health.clone().unwrap();
-        assert_eq!(h.interval, Duration::from_secs(2));
+        assert_eq!(
+            (h.interval, h.slow_start),
+            (Duration::from_secs(2), Duration::from_secs(30))
+        );
         assert_eq!(
             (h.timeout, h.healthy_after, h.unhealthy_after),
             (Duration::from_secs(1), 2, 3)
@@ -704,12 +713,23 @@ mod tests {
             (h.send.as_slice(), h.expect.as_slice()),
             (&[0xbe, 0xef, 0x01][..], &b"ok"[..])
         );
+        let defaults = parse_ok(&pool(""));
+        assert!(
+            defaults.listeners[0].pools[0]
+                .health
+                .as_ref()
+                .unwrap()
+                .slow_start
+                .is_zero(),
+            "off unless given"
+        );
         assert!(parse_ok(LISTENER).listeners[0].pools.is_empty());
         for (body, words) in [
             ("send = \"a\"\nsend_hex = \"61\"\n", "not both"),
             ("send_hex = \"abc\"\n", "odd number of hex digits"),
             ("expect_hex = \"zz\"\n", "not hex"),
             ("interval = \"0s\"\n", "health.interval: `0s` is out of range"),
+            ("slow_start = \"soon\"\n", "health.slow_start"),
             ("unhealthy_after = 0\n", "health.unhealthy_after: 0 is out of range"),
             ("healthy_after = 101\n", "1 to 100"),
             ("probe = \"x\"\n", "health.probe: x is not a probe"),

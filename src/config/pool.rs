@@ -64,6 +64,9 @@ pub struct HealthSpec {
     /// `probe = "guest"`: the module writes the probe and judges the answer
     /// (its `probe` and `probe_reply` exports), when it has them.
     pub guest: bool,
+    /// How long an endpoint that passed its checks again takes to get its
+    /// full share of new clients, growing from none (zero: at once).
+    pub slow_start: Duration,
 }
 
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -83,6 +86,7 @@ impl Default for HealthSpec {
             send: Vec::new(),
             expect: Vec::new(),
             guest: false,
+            slow_start: Duration::ZERO,
         }
     }
 }

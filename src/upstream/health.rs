@@ -265,12 +265,13 @@ impl Checks {
             return;
         };
         if c.pool.probe_down(i) && check.passed >= check.spec.healthy_after {
-            c.pool.set_probe_down(i, false);
+            c.pool.set_probe_down(i, false, now);
             tracing::info!(
                 pool = check.pool,
                 endpoint = %check.addr,
                 passed = check.passed,
-                "endpoint healthy again: it passed its health checks"
+                slow_start = ?check.spec.slow_start,
+                "endpoint healthy again: it passed its health checks (its share of new clients grows over slow_start)"
             );
         }
     }
@@ -294,7 +295,7 @@ impl Checks {
             return;
         }
         if c.pool.others_healthy(i, now) {
-            c.pool.set_probe_down(i, true);
+            c.pool.set_probe_down(i, true, now);
             counters
                 .probe_ejections
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -374,6 +375,7 @@ mod tests {
             send: b"ping".to_vec(),
             expect: b"pong".to_vec(),
             guest: false,
+            slow_start: Duration::ZERO,
         }
     }
 

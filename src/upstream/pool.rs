@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -93,6 +93,9 @@ struct Health {
     probe_down: AtomicBool,
     /// A passive signal (a refusal) asks for a probe now.
     probe_now: AtomicBool,
+    /// When it last passed its checks again, as [`since_epoch`] (0: never),
+    /// for the pool's slow start.
+    back_at: AtomicU64,
 }
 
 /// What one refusal by an endpoint led to.
@@ -129,7 +132,13 @@ pub struct Pool {
     rng: u64,
     /// Active health checks decide ejections: a refusal asks for a probe.
     active_checks: bool,
+    /// How long an endpoint that passed its checks again takes to get its full
+    /// share of new clients (zero: at once).
+    slow_start: Duration,
 }
+
+/// Salts the slow start's draw, so that it is not the rendezvous score.
+const SLOW_START_SALT: u64 = 0x5157_5354_4152_5421;
 
 impl Pool {
     /// A pool of `addrs` (duplicates are kept once).
@@ -152,6 +161,7 @@ impl Pool {
             cursor: 0,
             rng: 0x9e37_79b9_7f4a_7c15,
             active_checks: false,
+            slow_start: Duration::ZERO,
         }
     }
 
@@ -162,11 +172,20 @@ impl Pool {
         self
     }
 
+    /// The same pool, an endpoint that passes its active checks again taking a
+    /// share of the new clients that grows from none to all over `slow_start`.
+    pub fn with_slow_start(mut self, slow_start: Duration) -> Self {
+        self.slow_start = slow_start;
+        self
+    }
+
     /// The same pool with a new policy and endpoint list: endpoints it already
     /// had keep their health (an ejected one stays ejected), so a reload changes
     /// nothing for them.
     pub fn rebuilt(&self, policy: Policy, addrs: &[SocketAddr]) -> Self {
-        let mut pool = Self::new(self.name.clone(), policy, addrs).with_active_checks(self.active_checks);
+        let mut pool = Self::new(self.name.clone(), policy, addrs)
+            .with_active_checks(self.active_checks)
+            .with_slow_start(self.slow_start);
         for e in &mut pool.endpoints {
             if let Some(old) = self.endpoints.iter().find(|o| o.addr == e.addr) {
                 e.health = Arc::clone(&old.health);
@@ -206,11 +225,42 @@ impl Pool {
     }
 
     /// Takes endpoint `i` out of (or puts it back into) every choice, in every
-    /// clone of this pool, by what its active health checks found.
-    pub fn set_probe_down(&self, i: usize, down: bool) {
-        if let Some(e) = self.endpoints.get(i) {
-            e.health.probe_down.store(down, Relaxed);
+    /// clone of this pool, by what its active health checks found at `now`.
+    pub fn set_probe_down(&self, i: usize, down: bool, now: Instant) {
+        if let Some(e) = self.endpoints.get(i)
+            && e.health.probe_down.swap(down, Relaxed)
+            && !down
+        {
+            e.health.back_at.store(since_epoch(now), Relaxed);
         }
+    }
+
+    /// The share of new clients endpoint `i` takes at `now`, 0 to 1: below 1
+    /// only within the pool's slow start of passing its checks again.
+    pub fn share(&self, i: usize, now: Instant) -> f64 {
+        let back = self.endpoints.get(i).map_or(0, |e| e.health.back_at.load(Relaxed));
+        if self.slow_start.is_zero() || back == 0 {
+            return 1.0;
+        }
+        let elapsed = Duration::from_nanos(since_epoch(now).saturating_sub(back));
+        (elapsed.as_secs_f64() / self.slow_start.as_secs_f64()).min(1.0)
+    }
+
+    /// Which healthy endpoints may take a new client of `key` at `now`, when
+    /// one is in its slow start (`None`: all of them). A ramping endpoint takes
+    /// the keys whose draw is below its share, so a key it took it keeps as the
+    /// share grows; if none may (all came back at once), all do.
+    fn slow_start_gate(&self, key: &[u8], now: Instant) -> Option<Vec<bool>> {
+        if self.slow_start.is_zero() || self.healthy(now).all(|i| self.share(i, now) >= 1.0) {
+            return None;
+        }
+        let gate: Vec<bool> = (0..self.endpoints.len())
+            .map(|i| {
+                let draw = xxh3_64_with_seed(key, self.endpoints[i].seed ^ SLOW_START_SALT) as f64 / u64::MAX as f64;
+                self.is_healthy(i, now) && draw < self.share(i, now)
+            })
+            .collect();
+        gate.contains(&true).then_some(gate)
     }
 
     /// Whether endpoint `i` is healthy and some other endpoint is too: the
@@ -305,30 +355,35 @@ impl Pool {
     /// The endpoint for `key` by the pool's policy, among those healthy at
     /// `now`; `None` when every endpoint is ejected (or the pool is empty).
     pub fn pick(&mut self, key: &[u8], now: Instant) -> Option<usize> {
+        let gate = self.slow_start_gate(key, now);
+        let open = |i: usize| gate.as_ref().is_none_or(|g| g[i]);
         match self.policy {
             Policy::Hash => self.by_hash(key, now),
             Policy::RoundRobin => {
                 let n = self.endpoints.len();
                 let i = (0..n)
                     .map(|step| (self.cursor + step) % n)
-                    .find(|&i| self.is_healthy(i, now))?;
+                    .find(|&i| self.is_healthy(i, now) && open(i))?;
                 self.cursor = (i + 1) % n;
                 Some(i)
             }
             Policy::Random => {
-                let healthy = self.healthy(now).count();
-                if healthy == 0 {
+                let open_now = self.healthy(now).filter(|&i| open(i)).count();
+                if open_now == 0 {
                     return None;
                 }
                 self.rng ^= self.rng << 13;
                 self.rng ^= self.rng >> 7;
                 self.rng ^= self.rng << 17;
-                self.healthy(now).nth((self.rng % healthy as u64) as usize)
+                self.healthy(now)
+                    .filter(|&i| open(i))
+                    .nth((self.rng % open_now as u64) as usize)
             }
             // Ties (equally loaded endpoints) go by rendezvous score, so that they
             // spread by key rather than all to the first endpoint.
             Policy::LeastSessions => self
                 .healthy(now)
+                .filter(|&i| open(i))
                 .min_by_key(|&i| (self.endpoints[i].sessions, std::cmp::Reverse(self.score(key, i)))),
         }
     }
@@ -342,7 +397,10 @@ impl Pool {
     /// Rendezvous hashing: the healthy endpoint whose seed gives `key` the highest
     /// score (ties, vanishingly rare, go to the lower address).
     pub fn by_hash(&self, key: &[u8], now: Instant) -> Option<usize> {
-        self.healthy(now).max_by_key(|&i| self.score(key, i))
+        let gate = self.slow_start_gate(key, now);
+        self.healthy(now)
+            .filter(|&i| gate.as_ref().is_none_or(|g| g[i]))
+            .max_by_key(|&i| self.score(key, i))
     }
 
     fn healthy(&self, now: Instant) -> impl Iterator<Item = usize> + '_ {
@@ -551,6 +609,51 @@ mod tests {
             !pool.came_back(1, later) && !rebuilt.came_back(0, later),
             "and only once"
         );
+    }
+
+    #[test]
+    fn an_endpoint_back_from_its_checks_takes_a_growing_share_of_new_clients_and_keeps_those_it_took() {
+        let t0 = Instant::now();
+        let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        let pool = Pool::new("p", Policy::Hash, &addrs(2))
+            .with_active_checks(true)
+            .with_slow_start(Duration::from_secs(10));
+        // The keys endpoint 1 owns when nothing ramps (the same seeds).
+        let plain = Pool::new("p", Policy::Hash, &addrs(2));
+        let theirs: Vec<Vec<u8>> = keys().filter(|k| plain.by_hash(k, t0) == Some(1)).collect();
+        let others: Vec<Vec<u8>> = keys().filter(|k| plain.by_hash(k, t0) == Some(0)).collect();
+        let taken = |t: Instant| -> Vec<&Vec<u8>> { theirs.iter().filter(|k| pool.by_hash(k, t) == Some(1)).collect() };
+        assert_eq!(pool.share(1, t0), 1.0, "never down: no slow start");
+        pool.set_probe_down(1, true, t0);
+        assert!(taken(t0).is_empty(), "down");
+        pool.set_probe_down(1, false, at(1.0));
+        assert!(taken(at(1.0)).is_empty(), "back, with a share of none yet");
+        let quarter = taken(at(3.5));
+        let half = taken(at(6.0));
+        let n = theirs.len() as f64;
+        assert!(
+            (0.2..0.3).contains(&(quarter.len() as f64 / n)),
+            "{} of {n}",
+            quarter.len()
+        );
+        assert!((0.45..0.55).contains(&(half.len() as f64 / n)), "{} of {n}", half.len());
+        assert!(quarter.iter().all(|k| half.contains(k)), "a key it took it keeps");
+        assert_eq!(taken(at(11.0)).len(), theirs.len(), "all of them after slow_start");
+        assert!(
+            others.iter().all(|k| pool.by_hash(k, at(6.0)) == Some(0)),
+            "no key of another endpoint moves to it"
+        );
+        // Without a hash: round-robin passes it over while its share is none.
+        let mut rr = Pool::new("p", Policy::RoundRobin, &addrs(2)).with_slow_start(Duration::from_secs(10));
+        rr.set_probe_down(1, true, t0);
+        rr.set_probe_down(1, false, t0);
+        assert!((0..100).all(|k| rr.pick(&[k], t0) == Some(0)));
+        assert!((0..100).any(|k| rr.pick(&[k], at(5.0)) == Some(1)));
+        // A pool without slow start takes it back whole at once.
+        let whole = Pool::new("p", Policy::Hash, &addrs(2));
+        whole.set_probe_down(1, true, t0);
+        whole.set_probe_down(1, false, t0);
+        assert_eq!(whole.share(1, t0), 1.0);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::PoolSpec;
 use crate::metrics::RateLimit;
@@ -165,7 +165,8 @@ impl Pools {
                 Some(b) => b.pool.rebuilt(spec.policy, &addrs),
                 None => Pool::new(spec.name.clone(), spec.policy, &addrs),
             }
-            .with_active_checks(spec.health.is_some());
+            .with_active_checks(spec.health.is_some())
+            .with_slow_start(spec.health.as_ref().map_or(Duration::ZERO, |h| h.slow_start));
             let counters = pool
                 .endpoints()
                 .iter()

@@ -60,6 +60,7 @@ fn health() -> HealthSpec {
         send: b"ping".to_vec(),
         expect: Vec::new(),
         guest: false,
+        slow_start: Duration::ZERO,
     }
 }
 
