@@ -64,9 +64,9 @@ enum Mode {
 impl Mode {
     fn name(self) -> &'static str {
         match self {
-            Mode::Send => "send, per socket",
-            Mode::Uring => "io_uring, per turn",
-            Mode::Sendmmsg => "sendmmsg, one socket",
+            Self::Send => "send, per socket",
+            Self::Uring => "io_uring, per turn",
+            Self::Sendmmsg => "sendmmsg, one socket",
         }
     }
 }
@@ -109,8 +109,11 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// The upstream's address, its count of datagrams read, its stop flag, and its thread.
+type Upstream = (std::net::SocketAddr, Arc<AtomicU64>, Arc<AtomicBool>, std::thread::JoinHandle<()>);
+
 /// The upstream: reads and counts until told to stop.
-fn upstream() -> anyhow::Result<(std::net::SocketAddr, Arc<AtomicU64>, Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
+fn upstream() -> anyhow::Result<Upstream> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
     // Room for the window at any size (the default holds ~100 of 1,400 bytes).

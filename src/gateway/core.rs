@@ -27,7 +27,7 @@ use super::tap::{ClientExchange, Tap, UpstreamExchange};
 use crate::metrics::Counters;
 use crate::net::proxy_v2;
 use crate::net::source_filter::SourceFilter;
-use crate::upstream::{Applied, Command, Lent, SessionId};
+use crate::upstream::{Applied, Apply, Command, Lent, SessionId};
 use crate::verdict::DropReason;
 
 /// Without pools, how often an idle worker lets go of a replaced program.
@@ -195,7 +195,7 @@ impl<H: Handler, T: Tap> Core<H, T> {
     }
 
     /// The session opens, sends and closes queued since the last poll, in order.
-    pub(crate) fn poll_commands(&mut self, mut apply: impl FnMut(Command<'_>) -> Applied) {
+    pub(crate) fn poll_commands<A: Apply + ?Sized>(&mut self, apply: &mut A) {
         let Some(n) = self.sessions.as_mut() else { return };
         if !self.tap.watches_forwards() {
             n.poll_commands(apply);
@@ -203,15 +203,12 @@ impl<H: Handler, T: Tap> Core<H, T> {
         }
         // Forwards are watched on their own: by the time they are sent, the
         // client datagram that asked for them may be a batch behind.
-        let mut sent = Vec::new();
-        n.poll_commands(|command| {
-            let applied = apply(command);
-            if let (Command::Send { id, datagram }, Applied::Done) = (command, applied) {
-                sent.push((id, datagram.to_vec()));
-            }
-            applied
-        });
-        for (id, datagram) in sent {
+        let mut noting = Noting {
+            inner: apply,
+            sent: Vec::new(),
+        };
+        n.poll_commands(&mut noting);
+        for (id, datagram) in noting.sent {
             if let Some((client, endpoint)) = self.sessions.as_ref().and_then(|n| n.session(id)) {
                 self.tap.forwarded(unmapped(client), endpoint, &datagram);
             }
@@ -477,6 +474,37 @@ fn drop_datagram(
     }
 }
 
+/// Applies commands through `inner`, noting each datagram that went out (for
+/// a tap that watches forwards).
+struct Noting<'a, A: ?Sized> {
+    inner: &'a mut A,
+    sent: Vec<(SessionId, Vec<u8>)>,
+}
+
+impl<A: Apply + ?Sized> Apply for Noting<'_, A> {
+    fn apply(&mut self, command: Command<'_>) -> Applied {
+        let applied = self.inner.apply(command);
+        if let (Command::Send { id, datagram }, Applied::Done) = (command, applied) {
+            self.sent.push((id, datagram.to_vec()));
+        }
+        applied
+    }
+
+    fn send_all<'b>(
+        &mut self,
+        sends: impl ExactSizeIterator<Item = (SessionId, &'b [u8])> + Clone,
+        fates: &mut Vec<Applied>,
+    ) {
+        let first = fates.len();
+        self.inner.send_all(sends.clone(), fates);
+        for ((id, datagram), fate) in sends.zip(fates.get(first..).unwrap_or_default()) {
+            if *fate == Applied::Done {
+                self.sent.push((id, datagram.to_vec()));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,7 +614,7 @@ mod tests {
     /// Applies the queued commands (every one succeeds) and returns the sends.
     fn sends(core: &mut Core<Guest, NoTap>) -> Vec<(SessionId, Vec<u8>)> {
         let mut sent = Vec::new();
-        core.poll_commands(|c| {
+        core.poll_commands(&mut |c: Command<'_>| {
             if let Command::Send { id, datagram } = c {
                 sent.push((id, datagram.to_vec()));
             }
@@ -702,7 +730,7 @@ mod tests {
         let closes_at = |core: &mut Core<Guest, NoTap>, at: Duration| {
             let mut closed = Vec::new();
             core.on_timeout(t0 + at);
-            core.poll_commands(|c| {
+            core.poll_commands(&mut |c: Command<'_>| {
                 if let Command::Close { id } = c {
                     closed.push(id);
                 }

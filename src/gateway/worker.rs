@@ -132,7 +132,7 @@ impl<H: Handler, T: Tap> Worker<H, T> {
                     Ok(n) => {
                         let now = Instant::now();
                         self.take_batch(now, &rx, n, &mut overflows_seen, &mut tx);
-                        self.core.poll_commands(|c| self.sockets.apply(c));
+                        self.core.poll_commands(&mut self.sockets);
                         flush(&shared, &counters, &mut tx, &self.socket);
                         ready.listener = n == rx.capacity();
                     }
@@ -178,7 +178,7 @@ impl<H: Handler, T: Tap> Worker<H, T> {
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                         // ICMP port unreachable: counted against the endpoint, session closed.
                         self.core.on_refused(now, id);
-                        self.core.poll_commands(|c| self.sockets.apply(c));
+                        self.core.poll_commands(&mut self.sockets);
                         ready.drained(token);
                         continue;
                     }
@@ -203,7 +203,7 @@ impl<H: Handler, T: Tap> Worker<H, T> {
                         flush(&shared, &counters, &mut tx, socket);
                     }
                 });
-                self.core.poll_commands(|c| self.sockets.apply(c));
+                self.core.poll_commands(&mut self.sockets);
             }
             if ready.listener {
                 ready.listener = false;
@@ -211,7 +211,7 @@ impl<H: Handler, T: Tap> Worker<H, T> {
                     match rx.try_recv(&self.socket) {
                         Ok(n) => {
                             self.take_batch(now, &rx, n, &mut overflows_seen, &mut tx);
-                            self.core.poll_commands(|c| self.sockets.apply(c));
+                            self.core.poll_commands(&mut self.sockets);
                             flush(&shared, &counters, &mut tx, &self.socket);
                             // A short batch emptied the queue: the next datagram
                             // to arrive raises a new event.
@@ -231,7 +231,7 @@ impl<H: Handler, T: Tap> Worker<H, T> {
                     p.expire(now);
                 }
                 self.core.on_timeout(now);
-                self.core.poll_commands(|c| self.sockets.apply(c));
+                self.core.poll_commands(&mut self.sockets);
             }
         }
     }

@@ -217,7 +217,7 @@ impl Offline {
     fn apply_commands(&mut self, outcome: &mut Outcome) {
         let mut opened = Vec::new();
         let mut sent = Vec::new();
-        self.core.poll_commands(|command| {
+        self.core.poll_commands(&mut |command: Command<'_>| {
             match command {
                 Command::Open { id, to } => opened.push((id, to)),
                 Command::Send { id, datagram } => sent.push((id, datagram.to_vec())),

@@ -35,6 +35,31 @@ pub enum Command<'a> {
     Close { id: SessionId },
 }
 
+/// Who applies the commands: the worker's sockets, or a stand-in (the offline
+/// driver, tests), for which a closure applying one command at a time does.
+pub trait Apply {
+    fn apply(&mut self, command: Command<'_>) -> Applied;
+
+    /// Sends each of `sends` (a session and its datagram), in order, pushing
+    /// what became of each onto `fates`: one at a time, unless the sockets can
+    /// send many in one system call.
+    fn send_all<'b>(
+        &mut self,
+        sends: impl ExactSizeIterator<Item = (SessionId, &'b [u8])> + Clone,
+        fates: &mut Vec<Applied>,
+    ) {
+        for (id, datagram) in sends {
+            fates.push(self.apply(Command::Send { id, datagram }));
+        }
+    }
+}
+
+impl<F: FnMut(Command<'_>) -> Applied> Apply for F {
+    fn apply(&mut self, command: Command<'_>) -> Applied {
+        self(command)
+    }
+}
+
 /// What applying a [`Command`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applied {
@@ -51,17 +76,20 @@ pub(super) enum Queued {
         id: SessionId,
         to: SocketAddr,
     },
-    Send {
-        id: SessionId,
-        bytes: Range<usize>,
-        /// The endpoint's counters, for a session closed before its send is applied.
-        counters: Arc<EndpointCounters>,
-        /// How the guest asked for it, to forward it once more if it is refused.
-        retry: Option<Retry>,
-    },
+    Send(QueuedSend),
     Close {
         id: SessionId,
     },
+}
+
+/// A send as queued.
+pub(super) struct QueuedSend {
+    pub(super) id: SessionId,
+    pub(super) bytes: Range<usize>,
+    /// The endpoint's counters, for a session closed before its send is applied.
+    pub(super) counters: Arc<EndpointCounters>,
+    /// How the guest asked for it, to forward it once more if it is refused.
+    pub(super) retry: Option<Retry>,
 }
 
 /// How the guest asked for a send, to forward it once more if it is refused.
@@ -77,6 +105,9 @@ pub(super) struct Retry {
 pub(super) struct Queue {
     items: Vec<Queued>,
     arena: Vec<u8>,
+    /// The sends of a poll gathered to go out together, and their fates.
+    sends: Vec<QueuedSend>,
+    fates: Vec<Applied>,
 }
 
 impl Queue {
@@ -114,7 +145,7 @@ impl Queue {
             .unwrap_or_default()
             .iter()
             .filter_map(|q| match q {
-                Queued::Send { bytes, .. } => self.arena.get(bytes.clone()),
+                Queued::Send(send) => self.arena.get(send.bytes.clone()),
                 _ => None,
             })
     }
@@ -123,6 +154,16 @@ impl Queue {
     /// the allocations back with [`Queue::recycle`].
     pub(super) fn take(&mut self) -> (Vec<Queued>, Vec<u8>) {
         (std::mem::take(&mut self.items), std::mem::take(&mut self.arena))
+    }
+
+    /// The vectors a poll gathers its sends and their fates in (empty); give
+    /// them back with [`Queue::give_scratch`].
+    pub(super) fn take_scratch(&mut self) -> (Vec<QueuedSend>, Vec<Applied>) {
+        (std::mem::take(&mut self.sends), std::mem::take(&mut self.fates))
+    }
+
+    pub(super) fn give_scratch(&mut self, sends: Vec<QueuedSend>, fates: Vec<Applied>) {
+        (self.sends, self.fates) = (sends, fates);
     }
 
     /// Keeps the larger allocations for the next round, unless more was

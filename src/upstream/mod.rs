@@ -20,7 +20,7 @@ mod pools;
 mod session;
 mod sessions;
 
-pub use commands::{Applied, Command, SessionId};
+pub use commands::{Applied, Apply, Command, SessionId};
 pub use ledger::VALIDATED_AFTER;
 pub use pools::{EndpointCounters, EndpointTotals, EndpointView, Pools};
 pub use sessions::{Lent, Sessions};

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use super::commands::{Applied, Command, Queue, Queued, Retry, SessionId};
+use super::commands::{Applied, Apply, Command, Queue, Queued, QueuedSend, Retry, SessionId};
 use super::ledger::Ledger;
 use super::pools::Pools;
 use super::session::{Prefix, Session, WorkerPool};
@@ -216,12 +216,12 @@ impl Sessions {
     fn queue_send(&mut self, id: SessionId, bytes: Range<usize>, retry: Option<Retry>) {
         if let Some(session) = self.sessions.get(&id) {
             let counters = Arc::clone(&session.counters);
-            self.queue.push(Queued::Send {
+            self.queue.push(Queued::Send(QueuedSend {
                 id,
                 bytes,
                 counters,
                 retry,
-            });
+            }));
         }
     }
 
@@ -422,53 +422,72 @@ impl Sessions {
     /// forwarded once more, on another endpoint if that one was ejected; a send
     /// that fails otherwise (its session's socket could not be opened, say) is
     /// counted as a refused call (`upstream_error`).
-    pub fn poll_commands(&mut self, mut apply: impl FnMut(Command<'_>) -> Applied) {
+    pub fn poll_commands<A: Apply + ?Sized>(&mut self, apply: &mut A) {
+        let (mut sends, mut fates) = self.queue.take_scratch();
         while !self.queue.is_empty() {
             let (mut queue, arena) = self.queue.take();
             for queued in queue.drain(..) {
+                // Sends gather to go out together; an open or a close is
+                // applied after the sends queued before it, as queued.
                 match queued {
+                    Queued::Send(send) => sends.push(send),
                     Queued::Open { id, to } => {
+                        self.send_all(apply, &mut sends, &mut fates, &arena);
                         // Its datagrams then fail to send, and are counted there.
-                        if apply(Command::Open { id, to }) != Applied::Done {
+                        if apply.apply(Command::Open { id, to }) != Applied::Done {
                             self.close(id, false);
                         }
                     }
                     Queued::Close { id } => {
-                        apply(Command::Close { id });
-                    }
-                    Queued::Send {
-                        id,
-                        bytes,
-                        counters,
-                        retry,
-                    } => {
-                        let datagram = &arena[bytes];
-                        match apply(Command::Send { id, datagram }) {
-                            Applied::Done => {
-                                counters.to.fetch_add(1, Relaxed);
-                                counters.to_bytes.fetch_add(datagram.len() as u64, Relaxed);
-                                if let Some(session) = self.sessions.get_mut(&id) {
-                                    session.last_active = self.now;
-                                    session.awaiting = session.awaiting.saturating_add(1);
-                                }
-                            }
-                            Applied::Refused => {
-                                if self.sessions.contains_key(&id) {
-                                    self.refused(id);
-                                } else {
-                                    counters.refusals.fetch_add(1, Relaxed);
-                                }
-                                match retry {
-                                    Some(retry) => self.retry(retry, datagram, &arena),
-                                    None => self.counters.refused(CallError::UpstreamError, 1),
-                                }
-                            }
-                            Applied::Failed => self.counters.refused(CallError::UpstreamError, 1),
-                        }
+                        self.send_all(apply, &mut sends, &mut fates, &arena);
+                        apply.apply(Command::Close { id });
                     }
                 }
             }
+            self.send_all(apply, &mut sends, &mut fates, &arena);
             self.queue.recycle(queue, arena);
+        }
+        self.queue.give_scratch(sends, fates);
+    }
+
+    /// Sends `sends` together and settles each by its fate.
+    fn send_all<A: Apply + ?Sized>(
+        &mut self,
+        apply: &mut A,
+        sends: &mut Vec<QueuedSend>,
+        fates: &mut Vec<Applied>,
+        arena: &[u8],
+    ) {
+        if sends.is_empty() {
+            return;
+        }
+        fates.clear();
+        let bytes = |s: &QueuedSend| arena.get(s.bytes.clone()).unwrap_or_default();
+        apply.send_all(sends.iter().map(|s| (s.id, bytes(s))), fates);
+        for (i, send) in sends.drain(..).enumerate() {
+            let (datagram, counters) = (bytes(&send), &send.counters);
+            match fates.get(i).copied().unwrap_or(Applied::Failed) {
+                Applied::Done => {
+                    counters.to.fetch_add(1, Relaxed);
+                    counters.to_bytes.fetch_add(datagram.len() as u64, Relaxed);
+                    if let Some(session) = self.sessions.get_mut(&send.id) {
+                        session.last_active = self.now;
+                        session.awaiting = session.awaiting.saturating_add(1);
+                    }
+                }
+                Applied::Refused => {
+                    if self.sessions.contains_key(&send.id) {
+                        self.refused(send.id);
+                    } else {
+                        counters.refusals.fetch_add(1, Relaxed);
+                    }
+                    match send.retry {
+                        Some(retry) => self.retry(retry, datagram, arena),
+                        None => self.counters.refused(CallError::UpstreamError, 1),
+                    }
+                }
+                Applied::Failed => self.counters.refused(CallError::UpstreamError, 1),
+            }
         }
     }
 
@@ -668,7 +687,7 @@ mod tests {
         /// Every queued command, each applied as `fate` says.
         fn commands_with(&mut self, mut fate: impl FnMut(&Command<'_>) -> Applied) -> Vec<Cmd> {
             let mut out = Vec::new();
-            self.table.poll_commands(|c| {
+            self.table.poll_commands(&mut |c: Command<'_>| {
                 out.push(match &c {
                     Command::Open { id, to } => Cmd::Open(id.raw(), *to),
                     Command::Send { id, datagram } => Cmd::Send(id.raw(), datagram.to_vec()),
