@@ -110,7 +110,12 @@ fn thread_cpu() -> Duration {
 }
 
 /// The upstream's address, its count of datagrams read, its stop flag, and its thread.
-type Upstream = (std::net::SocketAddr, Arc<AtomicU64>, Arc<AtomicBool>, std::thread::JoinHandle<()>);
+type Upstream = (
+    std::net::SocketAddr,
+    Arc<AtomicU64>,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<()>,
+);
 
 /// The upstream: reads and counts until told to stop.
 fn upstream() -> anyhow::Result<Upstream> {
@@ -193,7 +198,10 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<Outcome> {
                 calls += 1;
                 for cqe in ring.completion() {
                     if cqe.result() < 0 {
-                        anyhow::bail!("an io_uring send failed: {}", std::io::Error::from_raw_os_error(-cqe.result()));
+                        anyhow::bail!(
+                            "an io_uring send failed: {}",
+                            std::io::Error::from_raw_os_error(-cqe.result())
+                        );
                     }
                 }
             }

@@ -69,7 +69,6 @@ impl SessionSockets {
         self.sockets.is_empty()
     }
 
-
     /// `datagram` on session `id`'s socket, with a `send` of its own.
     fn send(&self, id: SessionId, datagram: &[u8]) -> Applied {
         let Some(s) = self.sockets.get(&id) else {

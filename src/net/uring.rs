@@ -179,7 +179,12 @@ mod tests {
         assert_eq!(fates.len(), 302);
         assert_eq!(fates[11], (11, SendFate::Refused));
         assert_eq!(fates[12], (12, SendFate::Failed));
-        assert!(fates.iter().filter(|(i, _)| *i != 11 && *i != 12).all(|(_, f)| *f == SendFate::Sent));
+        assert!(
+            fates
+                .iter()
+                .filter(|(i, _)| *i != 11 && *i != 12)
+                .all(|(_, f)| *f == SendFate::Sent)
+        );
         let mut seen = std::collections::HashSet::new();
         let mut buf = [0u8; 16];
         for u in &upstreams {

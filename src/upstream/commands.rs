@@ -72,14 +72,9 @@ pub enum Applied {
 
 /// A command as queued; datagram and key bytes live in the table's arena.
 pub(super) enum Queued {
-    Open {
-        id: SessionId,
-        to: SocketAddr,
-    },
+    Open { id: SessionId, to: SocketAddr },
     Send(QueuedSend),
-    Close {
-        id: SessionId,
-    },
+    Close { id: SessionId },
 }
 
 /// A send as queued.
