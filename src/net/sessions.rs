@@ -50,7 +50,7 @@ pub struct SessionSockets {
 
 enum Ring {
     Untried,
-    Ready(SendRing),
+    Ready(Box<SendRing>),
     Unavailable,
 }
 
@@ -142,7 +142,7 @@ impl Apply for SessionSockets {
     ) {
         if sends.len() > 1 && matches!(self.ring, Ring::Untried) {
             self.ring = match SendRing::new() {
-                Ok(ring) => Ring::Ready(ring),
+                Ok(ring) => Ring::Ready(Box::new(ring)),
                 Err(e) => {
                     tracing::debug!(error = %e, "no io_uring: session datagrams go out one send at a time");
                     Ring::Unavailable

@@ -102,3 +102,46 @@ fn a_flooding_upstream_keeps_memory_flat_and_the_listener_answered() {
     // Milliseconds when the sessions take turns with the listener; a generous bound.
     assert!(slowest < Duration::from_secs(1), "a probe waited {slowest:?}");
 }
+
+#[test]
+fn with_io_uring_off_a_turns_forwards_go_out_one_send_each_and_all_are_answered() {
+    // Where io_uring is missing or forbidden (seccomp), or turned off, the
+    // worker sends each forward on its own; bursts of clients must still be
+    // forwarded and answered, every one.
+    let upstream = common::Upstream::echo("u:");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--workers", "1", "--no-watch", "--module"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/forward.wat"))
+        .args(["--upstream", &format!("backend={}", upstream.addr)])
+        .env("RUST_LOG", "info,wasmgate::net=debug")
+        .env("WASMGATE_IO_URING", "off");
+    let served = common::Served::start_command(command);
+    let clients: Vec<UdpSocket> = (0..4).map(|_| client()).collect();
+    for (c, socket) in clients.iter().enumerate() {
+        for i in 0..8 {
+            socket.send_to(format!("{c}-{i}").as_bytes(), served.addr).unwrap();
+        }
+    }
+    for (c, socket) in clients.iter().enumerate() {
+        let mut got: Vec<String> = (0..8)
+            .map(|_| String::from_utf8(common::recv(socket, served.addr)).unwrap())
+            .collect();
+        got.sort();
+        let want: Vec<String> = (0..8).map(|i| format!("u:{c}-{i}")).collect();
+        assert_eq!(got, want);
+    }
+    // The line was written before the first send; its reader may lag behind.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut log = Vec::new();
+    while !log
+        .iter()
+        .any(|l: &String| l.contains("no io_uring") && l.contains("WASMGATE_IO_URING"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match served.log.recv_timeout(left) {
+            Ok(line) => log.push(line),
+            Err(_) => panic!("the fallback is never said: {log:#?}"),
+        }
+    }
+}
