@@ -2,7 +2,10 @@
 //! proven its address: the amplification rule and the call allowance of
 //! `on_reply`, per client.
 
-use crate::verdict::MAX_CALLS_PER_DATAGRAM;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::verdict::{Allowance, MAX_CALLS_PER_DATAGRAM};
 
 /// Client datagrams sent after the first answer that make a client count as
 /// having proven its address: a spoofer does not see the answers it causes, a
@@ -72,6 +75,75 @@ impl Ledger {
             self.answered = true;
         }
         self.calls_left = self.calls_left.saturating_sub(calls);
+    }
+}
+
+/// The ledgers of a worker's clients with sessions.
+#[derive(Debug)]
+pub(super) struct Ledgers {
+    by_client: HashMap<SocketAddr, Ledger>,
+    /// The size of the client datagram being handled, for a new ledger.
+    client_len: usize,
+    /// The listener's `max_reply_ratio`, which holds for upstream answers too.
+    max_ratio: f64,
+}
+
+impl Ledgers {
+    pub(super) fn new(max_ratio: f64) -> Self {
+        Self {
+            by_client: HashMap::new(),
+            client_len: 0,
+            max_ratio,
+        }
+    }
+
+    /// A datagram of `len` bytes from `client` is about to reach the guest.
+    pub(super) fn on_datagram(&mut self, client: SocketAddr, len: usize) {
+        self.client_len = len;
+        if let Some(ledger) = self.by_client.get_mut(&client) {
+            ledger.on_datagram(len);
+        }
+    }
+
+    /// What an upstream answer to `client` may still bring it.
+    pub(super) fn allowance(&self, client: SocketAddr) -> Allowance {
+        self.by_client
+            .get(&client)
+            .map_or(Allowance { bytes: 0, calls: 0 }, |l| Allowance {
+                bytes: l.bytes_left(self.max_ratio),
+                calls: l.calls_left,
+            })
+    }
+
+    pub(super) fn charge(&mut self, client: SocketAddr, bytes: usize, calls: u32) {
+        if let Some(ledger) = self.by_client.get_mut(&client) {
+            ledger.charge(bytes, calls);
+        }
+    }
+
+    /// A session of `client` opened: its ledger starts with the datagram
+    /// being handled, if it had none.
+    pub(super) fn opened(&mut self, client: SocketAddr) {
+        let len = self.client_len;
+        self.by_client
+            .entry(client)
+            .or_insert_with(|| Ledger::new(len))
+            .sessions += 1;
+    }
+
+    /// A session of `client` closed: its ledger goes with its last session.
+    pub(super) fn closed(&mut self, client: SocketAddr) {
+        if let Some(ledger) = self.by_client.get_mut(&client) {
+            ledger.sessions -= 1;
+            if ledger.sessions == 0 {
+                self.by_client.remove(&client);
+            }
+        }
+    }
+
+    /// Whether `client` proved its address.
+    pub(super) fn validated(&self, client: SocketAddr) -> bool {
+        self.by_client.get(&client).is_some_and(Ledger::validated)
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::commands::{Applied, Apply, Command, Queue, Queued, QueuedSend, Retry, SessionId};
-use super::ledger::Ledger;
+use super::ledger::Ledgers;
 use super::pools::Pools;
 use super::session::{Prefix, Session, WorkerPool};
 use crate::metrics::Counters;
@@ -57,12 +57,8 @@ pub struct Sessions {
     client: Option<SocketAddr>,
     client_key: [u8; 18],
     client_key_len: usize,
-    /// The size of the client datagram being handled, for a new ledger.
-    client_len: usize,
     /// What each client with a session has earned and spent.
-    ledgers: HashMap<SocketAddr, Ledger>,
-    /// The listener's `max_reply_ratio`, which holds for upstream answers too.
-    max_ratio: f64,
+    ledgers: Ledgers,
     /// The listener's address: the destination a PROXY v2 header names.
     listener: SocketAddr,
 }
@@ -86,9 +82,7 @@ impl Sessions {
             client: None,
             client_key: [0; 18],
             client_key_len: 0,
-            client_len: 0,
-            ledgers: HashMap::new(),
-            max_ratio,
+            ledgers: Ledgers::new(max_ratio),
             listener: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         this.adopt(shared);
@@ -140,31 +134,20 @@ impl Sessions {
     /// A datagram of `len` bytes from `client` is about to reach the guest: what
     /// it earns (answers within the reply ratio, a new chain of calls) is noted.
     pub fn client_datagram(&mut self, client: SocketAddr, len: usize) {
-        self.client_len = len;
-        if let Some(ledger) = self.ledgers.get_mut(&client) {
-            ledger.on_datagram(len);
-        }
+        self.ledgers.on_datagram(client, len);
         self.begin(client);
     }
 
     /// What an upstream answer to `client` may still bring it: bytes within the
     /// reply ratio, and calls of the `on_reply` chain its last datagram started.
     pub fn allowance(&self, client: SocketAddr) -> Allowance {
-        match self.ledgers.get(&client) {
-            Some(l) => Allowance {
-                bytes: l.bytes_left(self.max_ratio),
-                calls: l.calls_left,
-            },
-            None => Allowance { bytes: 0, calls: 0 },
-        }
+        self.ledgers.allowance(client)
     }
 
     /// Counts `bytes` sent to `client` from upstream answers, and `calls` made
     /// by `on_reply` on its behalf.
     pub fn charge(&mut self, client: SocketAddr, bytes: usize, calls: u32) {
-        if let Some(ledger) = self.ledgers.get_mut(&client) {
-            ledger.charge(bytes, calls);
-        }
+        self.ledgers.charge(client, bytes, calls);
     }
 
     /// The guest is about to answer `client` (as received by the listener socket).
@@ -295,18 +278,9 @@ impl Sessions {
         self.routes.insert((client, p, addr), id);
         self.unvalidated.push_back(id);
         *self.prefixes.entry((p, prefix)).or_insert(0) += 1;
-        let client_len = self.client_len;
-        self.ledgers
-            .entry(client)
-            .or_insert_with(|| Ledger::new(client_len))
-            .sessions += 1;
+        self.ledgers.opened(client);
         self.counters.session_created(self.sessions.len());
         Ok(id)
-    }
-
-    /// Whether session `x`'s client has proven its address.
-    fn is_validated(ledgers: &HashMap<SocketAddr, Ledger>, x: &Session) -> bool {
-        ledgers.get(&x.client).is_some_and(Ledger::validated)
     }
 
     /// Closes the oldest session of pool `p` (from `prefix`, if given) whose
@@ -314,7 +288,7 @@ impl Sessions {
     fn evict_unvalidated(&mut self, p: usize, prefix: Option<Prefix>) -> bool {
         let found = self.unvalidated.iter().position(|s| {
             self.sessions.get(s).is_some_and(|x| {
-                !Self::is_validated(&self.ledgers, x) && x.pool == p && prefix.is_none_or(|pf| x.prefix == pf)
+                !self.ledgers.validated(x.client) && x.pool == p && prefix.is_none_or(|pf| x.prefix == pf)
             })
         });
         // Entries in front of it are of sessions validated or gone, or of other pools.
@@ -333,11 +307,11 @@ impl Sessions {
     /// Drops the entries at the front of `unvalidated` of sessions gone or of
     /// clients since validated.
     fn skip_validated(&mut self) {
-        while self.unvalidated.front().is_some_and(|s| {
-            self.sessions
-                .get(s)
-                .is_none_or(|x| Self::is_validated(&self.ledgers, x))
-        }) {
+        while self
+            .unvalidated
+            .front()
+            .is_some_and(|s| self.sessions.get(s).is_none_or(|x| self.ledgers.validated(x.client)))
+        {
             self.unvalidated.pop_front();
         }
     }
@@ -398,12 +372,7 @@ impl Sessions {
         if self.affinity.get(&(session.client, session.pool)) == Some(&s) {
             self.affinity.remove(&(session.client, session.pool));
         }
-        if let Some(ledger) = self.ledgers.get_mut(&session.client) {
-            ledger.sessions -= 1;
-            if ledger.sessions == 0 {
-                self.ledgers.remove(&session.client);
-            }
-        }
+        self.ledgers.closed(session.client);
         session.counters.sessions_active.fetch_sub(1, Relaxed);
         if expired {
             session.counters.sessions_expired.fetch_add(1, Relaxed);
@@ -556,7 +525,7 @@ impl Sessions {
         let mut drained = Vec::new();
         for (&k, s) in &self.sessions {
             let wp = &self.pools[s.pool];
-            let timeout = if Self::is_validated(&self.ledgers, s) {
+            let timeout = if self.ledgers.validated(s.client) {
                 wp.idle_timeout
             } else {
                 wp.unanswered_timeout.min(wp.idle_timeout)
@@ -583,7 +552,7 @@ impl Sessions {
         if self.unvalidated.len() > 2 * self.sessions.len() + 64 {
             let (sessions, ledgers) = (&self.sessions, &self.ledgers);
             self.unvalidated
-                .retain(|s| sessions.get(s).is_some_and(|x| !Self::is_validated(ledgers, x)));
+                .retain(|s| sessions.get(s).is_some_and(|x| !ledgers.validated(x.client)));
         }
         self.skip_validated();
         for wp in self.pools.iter().filter(|wp| !wp.retired) {
