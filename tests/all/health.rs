@@ -207,17 +207,12 @@ fn guest_checked(module: &str, endpoints: &[SocketAddr]) -> Gateway {
 /// PROBING's probes as a component of the `probes` world (and `handle`
 /// echoing): `probe` sends `ping ` and the endpoint, `probe-reply` judges an
 /// answer healthy when it starts with `o`. With `TRAP`, `probe` traps.
-const PROBING_COMPONENT: &str = r#"(component
-  (core module $m
-    (memory (export "memory") 1)
-    (global $heap (mut i32) (i32.const 1024))
+const PROBING_COMPONENT: &str = concat!(
+    r#"(component
+  (core module $m"#,
+    crate::bump_allocator!(),
+    r#"
     (data (i32.const 200) "ping ")
-    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
-      (local $p i32)
-      (if (i32.gt_u (global.get $heap) (i32.const 32768)) (then (global.set $heap (i32.const 1024))))
-      (local.set $p (global.get $heap))
-      (global.set $heap (i32.add (global.get $heap) (i32.add (local.get 3) (i32.const 8))))
-      (local.get $p))
     (func (export "handle") (param $d i32) (param $n i32) (param $p i32) (param $pn i32) (result i32)
       (i32.store8 (i32.const 16) (i32.const 1))
       (i32.store (i32.const 20) (local.get $d))
@@ -240,7 +235,8 @@ const PROBING_COMPONENT: &str = r#"(component
   (func (export "probe") (param "endpoint" string) (result (option (list u8)))
     (canon lift (core func $i "probe") (memory (core memory $i "memory")) (realloc (core func $i "realloc"))))
   (func (export "probe-reply") (param "endpoint" string) (param "answer" (list u8)) (result bool)
-    (canon lift (core func $i "probe-reply") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#;
+    (canon lift (core func $i "probe-reply") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#
+);
 
 #[test]
 fn a_guest_writes_the_probe_for_each_endpoint_and_judges_the_answer() {

@@ -105,20 +105,32 @@ pub fn command(op: u8, arg: i32, key: &[u8], value: &[u8]) -> Vec<u8> {
 
 // The `components` suites.
 
-/// A component in WAT: `handle` echoes the datagram, but loops forever on one
-/// that starts with `l` and traps on one that starts with `t`. Its allocator
-/// bumps through the first page and starts over.
-pub const ECHO_COMPONENT: &str = r#"(component
-  (core module $m
+/// A component core module's memory and `realloc` in WAT, for the WAT
+/// components of the tests: the allocator bumps through the first page from
+/// 1,024 and starts over.
+#[macro_export]
+macro_rules! bump_allocator {
+    () => {
+        r#"
     (memory (export "memory") 1)
     (global $heap (mut i32) (i32.const 1024))
-    (global $count (mut i32) (i32.const 0))
     (func (export "realloc") (param i32 i32 i32 i32) (result i32)
       (local $p i32)
       (if (i32.gt_u (global.get $heap) (i32.const 32768)) (then (global.set $heap (i32.const 1024))))
       (local.set $p (global.get $heap))
       (global.set $heap (i32.add (global.get $heap) (i32.add (local.get 3) (i32.const 8))))
-      (local.get $p))
+      (local.get $p))"#
+    };
+}
+
+/// A component in WAT: `handle` echoes the datagram, but loops forever on one
+/// that starts with `l` and traps on one that starts with `t`.
+pub const ECHO_COMPONENT: &str = concat!(
+    r#"(component
+  (core module $m"#,
+    crate::bump_allocator!(),
+    r#"
+    (global $count (mut i32) (i32.const 0))
     (func (export "handle") (param $d i32) (param $n i32) (param $p i32) (param $pn i32) (result i32)
       (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x6c)) (then (loop $forever (br $forever))))
       (if (i32.eq (i32.load8_u (local.get $d)) (i32.const 0x74)) (then unreachable))
@@ -135,7 +147,8 @@ pub const ECHO_COMPONENT: &str = r#"(component
       (i32.const 16)))
   (core instance $i (instantiate $m))
   (func (export "handle") (param "datagram" (list u8)) (param "peer" string) (result (option (list u8)))
-    (canon lift (core func $i "handle") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#;
+    (canon lift (core func $i "handle") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#
+);
 
 // The `replay` suites.
 
