@@ -274,10 +274,22 @@ fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {
         ("allowed (forwarded)", queries("example.test")?),
         ("blocked (answered by the proxy)", queries("blocked.test")?),
     ];
-    let servers = [
+    let mut servers = vec![
         ("wasmgate dns-proxy", proxy_port, proxy.0.id()),
         ("dnsdist 1.7", dnsdist_port, dnsdist.0.id()),
     ];
+    // The baseline build's proxy beside it, interleaved, when one is given.
+    let baseline = match &args.baseline {
+        Some(old) => Some(dns::proxy(
+            old,
+            &root.join("examples/dns-proxy/dns_proxy.wasm"),
+            resolver,
+        )?),
+        None => None,
+    };
+    if let Some((port, running)) = &baseline {
+        servers.push(("baseline: dns-proxy", *port, running.0.id()));
+    }
     let mut runs = vec![vec![Vec::new(); servers.len()]; cells.len()];
     for _ in 0..args.run.runs {
         for (ci, (_, file)) in cells.iter().enumerate() {

@@ -146,7 +146,7 @@ fn proxy() -> UdpSocket {
 }
 
 /// `payload` behind a v2 header (built by `ppp`) for `client`, which sent it to `service`.
-fn relayed(client: &str, service: SocketAddr, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn relayed(client: &str, service: SocketAddr, payload: &[u8]) -> Vec<u8> {
     let (SocketAddr::V4(c), SocketAddr::V4(s)) = (addr(client), service) else {
         panic!("IPv4 only here")
     };

@@ -146,18 +146,7 @@ fn raw_capture(packets: &[(&str, &str, Vec<u8>)]) -> Vec<u8> {
 /// A PROXY v2 header (built by the `ppp` crate, not ours) from `source` to
 /// `destination`, then `payload`.
 fn proxied(source: &str, destination: &str, payload: &[u8]) -> Vec<u8> {
-    use ppp::v2::{Builder, Command, IPv4, Protocol, Version};
-    let (s, d): (std::net::SocketAddrV4, std::net::SocketAddrV4) =
-        (source.parse().unwrap(), destination.parse().unwrap());
-    let mut datagram = Builder::with_addresses(
-        Version::Two | Command::Proxy,
-        Protocol::Datagram,
-        IPv4::new(*s.ip(), *d.ip(), s.port(), d.port()),
-    )
-    .build()
-    .unwrap();
-    datagram.extend_from_slice(payload);
-    datagram
+    crate::proxy_v2::relayed(source, destination.parse().unwrap(), payload)
 }
 
 #[test]
