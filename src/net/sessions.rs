@@ -115,6 +115,25 @@ impl SessionSockets {
     }
 }
 
+impl Ring {
+    /// The ring, made on its first use (so, on the worker's thread).
+    fn get(&mut self) -> Option<&mut SendRing> {
+        if matches!(self, Self::Untried) {
+            *self = match SendRing::new() {
+                Ok(ring) => Self::Ready(Box::new(ring)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no io_uring: session datagrams go out one send at a time");
+                    Self::Unavailable
+                }
+            };
+        }
+        match self {
+            Self::Ready(ring) => Some(ring),
+            _ => None,
+        }
+    }
+}
+
 impl Apply for SessionSockets {
     /// Does what `command` asks.
     fn apply(&mut self, command: Command<'_>) -> Applied {
@@ -140,23 +159,11 @@ impl Apply for SessionSockets {
         sends: impl ExactSizeIterator<Item = (SessionId, &'b [u8])> + Clone,
         fates: &mut Vec<Applied>,
     ) {
-        if sends.len() > 1 && matches!(self.ring, Ring::Untried) {
-            self.ring = match SendRing::new() {
-                Ok(ring) => Ring::Ready(Box::new(ring)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "no io_uring: session datagrams go out one send at a time");
-                    Ring::Unavailable
-                }
-            };
-        }
-        let Ring::Ready(ring) = &mut self.ring else {
+        let ring = if sends.len() > 1 { self.ring.get() } else { None };
+        let Some(ring) = ring else {
             fates.extend(sends.map(|(id, datagram)| self.send(id, datagram)));
             return;
         };
-        if sends.len() < 2 {
-            fates.extend(sends.map(|(id, datagram)| self.send(id, datagram)));
-            return;
-        }
         let first = fates.len();
         for (id, datagram) in sends {
             // A session without a socket gets a descriptor that fails (EBADF),

@@ -87,6 +87,13 @@ struct Check {
     spared: bool,
 }
 
+impl Check {
+    /// The endpoint as a guest's probe calls see it: `POOL/ip:port`.
+    fn endpoint(&self) -> String {
+        format!("{}/{}", self.pool, self.addr)
+    }
+}
+
 /// Every endpoint's checks, of one listener.
 #[derive(Debug)]
 pub struct Checks {
@@ -179,7 +186,7 @@ impl Checks {
             }
             check.waiting = Some(now + check.spec.timeout);
             let written = if check.spec.guest && writer.writes_probes() {
-                writer.probe(&format!("{}/{}", check.pool, check.addr))
+                writer.probe(&check.endpoint())
             } else {
                 Some(check.spec.send.clone())
             };
@@ -218,7 +225,7 @@ impl Checks {
             };
         }
         let healthy = if check.spec.guest && writer.writes_probes() {
-            writer.healthy(&format!("{}/{}", check.pool, check.addr), payload)
+            writer.healthy(&check.endpoint(), payload)
         } else {
             payload.starts_with(&check.spec.expect)
         };

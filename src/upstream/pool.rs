@@ -246,21 +246,21 @@ impl Pool {
         (elapsed.as_secs_f64() / self.slow_start.as_secs_f64()).min(1.0)
     }
 
-    /// Which healthy endpoints may take a new client of `key` at `now`, when
-    /// one is in its slow start (`None`: all of them). A ramping endpoint takes
-    /// the keys whose draw is below its share, so a key it took it keeps as the
-    /// share grows; if none may (all came back at once), all do.
-    fn slow_start_gate(&self, key: &[u8], now: Instant) -> Option<Vec<bool>> {
-        if self.slow_start.is_zero() || self.healthy(now).all(|i| self.share(i, now) >= 1.0) {
-            return None;
-        }
-        let gate: Vec<bool> = (0..self.endpoints.len())
-            .map(|i| {
-                let draw = xxh3_64_with_seed(key, self.endpoints[i].seed ^ SLOW_START_SALT) as f64 / u64::MAX as f64;
-                self.is_healthy(i, now) && draw < self.share(i, now)
-            })
-            .collect();
-        gate.contains(&true).then_some(gate)
+    /// Whether endpoint `i` takes a new client of `key` at `now` for its slow
+    /// start: the keys whose draw is below its share, so that a key it took it
+    /// keeps as the share grows.
+    fn admits(&self, key: &[u8], i: usize, now: Instant) -> bool {
+        let share = self.share(i, now);
+        share >= 1.0
+            || (xxh3_64_with_seed(key, self.endpoints[i].seed ^ SLOW_START_SALT) as f64 / u64::MAX as f64) < share
+    }
+
+    /// Which endpoints may take a new client of `key` at `now`: the healthy
+    /// ones, less those in their slow start that do not take it yet, unless
+    /// none would (all came back at once).
+    fn open<'a>(&'a self, key: &'a [u8], now: Instant) -> impl Fn(usize) -> bool + 'a {
+        let gated = !self.slow_start.is_zero() && self.healthy(now).any(|i| self.admits(key, i, now));
+        move |i| self.is_healthy(i, now) && (!gated || self.admits(key, i, now))
     }
 
     /// Whether endpoint `i` is healthy and some other endpoint is too: the
@@ -355,36 +355,39 @@ impl Pool {
     /// The endpoint for `key` by the pool's policy, among those healthy at
     /// `now`; `None` when every endpoint is ejected (or the pool is empty).
     pub fn pick(&mut self, key: &[u8], now: Instant) -> Option<usize> {
-        let gate = self.slow_start_gate(key, now);
-        let open = |i: usize| gate.as_ref().is_none_or(|g| g[i]);
+        let n = self.endpoints.len();
         match self.policy {
             Policy::Hash => self.by_hash(key, now),
             Policy::RoundRobin => {
-                let n = self.endpoints.len();
-                let i = (0..n)
-                    .map(|step| (self.cursor + step) % n)
-                    .find(|&i| self.is_healthy(i, now) && open(i))?;
+                let i = {
+                    let open = self.open(key, now);
+                    (0..n).map(|step| (self.cursor + step) % n).find(|&i| open(i))?
+                };
                 self.cursor = (i + 1) % n;
                 Some(i)
             }
             Policy::Random => {
-                let open_now = self.healthy(now).filter(|&i| open(i)).count();
+                let open_now = {
+                    let open = self.open(key, now);
+                    (0..n).filter(|&i| open(i)).count()
+                };
                 if open_now == 0 {
                     return None;
                 }
                 self.rng ^= self.rng << 13;
                 self.rng ^= self.rng >> 7;
                 self.rng ^= self.rng << 17;
-                self.healthy(now)
-                    .filter(|&i| open(i))
-                    .nth((self.rng % open_now as u64) as usize)
+                let open = self.open(key, now);
+                (0..n).filter(|&i| open(i)).nth((self.rng % open_now as u64) as usize)
             }
             // Ties (equally loaded endpoints) go by rendezvous score, so that they
             // spread by key rather than all to the first endpoint.
-            Policy::LeastSessions => self
-                .healthy(now)
-                .filter(|&i| open(i))
-                .min_by_key(|&i| (self.endpoints[i].sessions, std::cmp::Reverse(self.score(key, i)))),
+            Policy::LeastSessions => {
+                let open = self.open(key, now);
+                (0..n)
+                    .filter(|&i| open(i))
+                    .min_by_key(|&i| (self.endpoints[i].sessions, std::cmp::Reverse(self.score(key, i))))
+            }
         }
     }
 
@@ -397,9 +400,9 @@ impl Pool {
     /// Rendezvous hashing: the healthy endpoint whose seed gives `key` the highest
     /// score (ties, vanishingly rare, go to the lower address).
     pub fn by_hash(&self, key: &[u8], now: Instant) -> Option<usize> {
-        let gate = self.slow_start_gate(key, now);
-        self.healthy(now)
-            .filter(|&i| gate.as_ref().is_none_or(|g| g[i]))
+        let open = self.open(key, now);
+        (0..self.endpoints.len())
+            .filter(|&i| open(i))
             .max_by_key(|&i| self.score(key, i))
     }
 

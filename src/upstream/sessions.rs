@@ -737,6 +737,48 @@ mod tests {
         assert_eq!(h.endpoint(A).to, 2, "sent datagrams are counted when applied");
     }
 
+    /// Says how the commands reached it: one at a time, or sends together.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+
+    impl Apply for Recorder {
+        fn apply(&mut self, c: Command<'_>) -> Applied {
+            self.0.push(match c {
+                Command::Open { id, .. } => format!("open {}", id.raw()),
+                Command::Send { id, .. } => format!("send {}", id.raw()),
+                Command::Close { id } => format!("close {}", id.raw()),
+            });
+            Applied::Done
+        }
+
+        fn send_all<'b>(
+            &mut self,
+            sends: impl ExactSizeIterator<Item = (SessionId, &'b [u8])> + Clone,
+            fates: &mut Vec<Applied>,
+        ) {
+            let sends: Vec<String> = sends
+                .map(|(id, d)| format!("{}:{}", id.raw(), String::from_utf8_lossy(d)))
+                .collect();
+            fates.extend(sends.iter().map(|_| Applied::Done));
+            self.0.push(format!("together {}", sends.join(" ")));
+        }
+    }
+
+    #[test]
+    fn the_sends_between_opens_and_closes_go_out_together_in_order() {
+        let mut h = harness(pool(&[A]));
+        h.forward(client(1), b"a").unwrap();
+        h.forward(client(1), b"b").unwrap();
+        h.forward(client(2), b"c").unwrap();
+        h.forward(client(1), b"d").unwrap();
+        let mut r = Recorder::default();
+        h.table.poll_commands(&mut r);
+        // Each open goes after the sends queued before it, so that a send
+        // never reaches a socket before its open.
+        assert_eq!(r.0, ["open 0", "together 0:a 0:b", "open 1", "together 1:c 0:d"]);
+        assert_eq!(h.endpoint(A).to, 4, "each send's fate is settled");
+    }
+
     #[test]
     fn clients_keep_their_endpoint_and_round_robin_spreads_new_ones() {
         let mut h = harness(PoolSpec {

@@ -66,10 +66,15 @@ fn health() -> HealthSpec {
 
 /// `examples/forward.wat` forwarding to `endpoints`, checked with `health`.
 fn checked(endpoints: &[SocketAddr], health: HealthSpec) -> Gateway {
+    serving(FORWARD, endpoints, health)
+}
+
+/// `module` serving with the pool `backend` of `endpoints`, checked with `health`.
+fn serving(module: &str, endpoints: &[SocketAddr], health: HealthSpec) -> Gateway {
     let mut pool = PoolSpec::new("backend", endpoints.iter().map(SocketAddr::to_string).collect());
     pool.health = Some(health);
     common::start_with(
-        FORWARD.as_bytes(),
+        module.as_bytes(),
         Limits::default(),
         ListenerSpec {
             pools: vec![pool],
@@ -188,18 +193,13 @@ const PROBING: &str = r#"(module
       (else (i64.const -1)))))"#;
 
 fn guest_checked(module: &str, endpoints: &[SocketAddr]) -> Gateway {
-    let mut pool = PoolSpec::new("backend", endpoints.iter().map(SocketAddr::to_string).collect());
-    pool.health = Some(HealthSpec {
-        guest: true,
-        // What would pass were the guest not asked: any answer.
-        ..health()
-    });
-    common::start_with(
-        module.as_bytes(),
-        Limits::default(),
-        ListenerSpec {
-            pools: vec![pool],
-            ..common::config()
+    // `expect` as in health(): what would pass were the guest not asked is any answer.
+    serving(
+        module,
+        endpoints,
+        HealthSpec {
+            guest: true,
+            ..health()
         },
     )
 }
