@@ -49,11 +49,20 @@ pub enum DropReason {
     /// a pool that speaks the PROXY protocol, an answer with a malformed header.
     /// The guest never saw it.
     ProxyHeader,
+    /// An answer on a shared pool's socket that `on_reply` named no client for
+    /// (an unknown ID, a duplicate, or no `on_reply` at all).
+    Unclaimed,
+    /// An answer on a shared pool's socket for which `on_reply` gave a handle
+    /// no client has now (expired, or never given).
+    StaleHandle,
+    /// An answer on a shared pool's socket for a client whose datagrams did not
+    /// go to the endpoint that sent it.
+    WrongEndpoint,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 18] = [
         Self::Timeout,
         Self::Trap,
         Self::BadAlloc,
@@ -69,6 +78,9 @@ impl DropReason {
         Self::DeniedSource,
         Self::Loop,
         Self::ProxyHeader,
+        Self::Unclaimed,
+        Self::StaleHandle,
+        Self::WrongEndpoint,
     ];
 
     /// A stable position in [`DropReason::ALL`], used to index counter arrays.
@@ -94,6 +106,9 @@ impl DropReason {
             Self::DeniedSource => "denied_source",
             Self::Loop => "loop",
             Self::ProxyHeader => "proxy_header",
+            Self::Unclaimed => "unclaimed",
+            Self::StaleHandle => "stale_handle",
+            Self::WrongEndpoint => "wrong_endpoint",
         }
     }
 
@@ -219,6 +234,32 @@ impl CallError {
 impl fmt::Display for CallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Why `reply_to` named no client for an answer from a shared pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimError {
+    /// No client has that handle now: never given, expired, or its slot reused.
+    Stale,
+    /// The client's datagrams did not go to the endpoint that answered.
+    WrongEndpoint,
+}
+
+impl ClaimError {
+    /// What the guest gets back: -15 or -16 (after the state codes).
+    pub const fn code(self) -> i32 {
+        match self {
+            Self::Stale => -15,
+            Self::WrongEndpoint => -16,
+        }
+    }
+
+    pub const fn drop_reason(self) -> DropReason {
+        match self {
+            Self::Stale => DropReason::StaleHandle,
+            Self::WrongEndpoint => DropReason::WrongEndpoint,
+        }
     }
 }
 

@@ -8,6 +8,7 @@ mod listener;
 mod pool;
 mod proving;
 pub mod state;
+mod upstreams;
 
 pub use file::{FileConfig, check_clashes, load, schema};
 pub use listener::*;

@@ -45,6 +45,32 @@ pub struct PoolSpec {
     /// Endpoints (as written in `endpoints`) that take no new sessions while
     /// their sessions finish, as if removed, yet are still known as endpoints.
     pub drain: Vec<String>,
+    /// `sessions = "shared"`: no session per client; each worker keeps a few
+    /// sockets per endpoint that carry every client's datagrams, and the
+    /// guest's `on_reply` names the client each answer is for (docs/ABI.md).
+    pub shared: Option<SharedSpec>,
+}
+
+/// A shared pool's sockets: `sockets` per endpoint and worker, each replaced
+/// by one on a new random port every `reroll_every`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedSpec {
+    pub sockets: usize,
+    pub reroll_every: Duration,
+}
+
+pub const DEFAULT_SHARED_SOCKETS: usize = 4;
+/// The most sockets per endpoint and worker a shared pool may ask for.
+pub const MAX_SHARED_SOCKETS: usize = 64;
+pub const DEFAULT_REROLL_EVERY: Duration = Duration::from_secs(60);
+
+impl Default for SharedSpec {
+    fn default() -> Self {
+        Self {
+            sockets: DEFAULT_SHARED_SOCKETS,
+            reroll_every: DEFAULT_REROLL_EVERY,
+        }
+    }
 }
 
 /// Active health checks of a pool's endpoints: a probe every `interval`, each
@@ -125,6 +151,7 @@ impl PoolSpec {
             proxy_protocol: false,
             health: None,
             drain: Vec::new(),
+            shared: None,
         }
     }
 

@@ -27,8 +27,9 @@ use super::tap::{ClientExchange, Tap, UpstreamExchange};
 use crate::metrics::Counters;
 use crate::net::proxy_v2;
 use crate::net::source_filter::SourceFilter;
+pub(crate) use crate::net::unmapped;
 use crate::upstream::{Applied, Apply, Command, Lent, SessionId};
-use crate::verdict::DropReason;
+use crate::verdict::{Allowance, DropReason, MAX_CALLS_PER_DATAGRAM};
 
 /// Without pools, how often an idle worker lets go of a replaced program.
 const IDLE_REFRESH: Duration = Duration::from_secs(1);
@@ -110,12 +111,24 @@ impl<H: Handler, T: Tap> Core<H, T> {
         } else {
             None
         };
-        let Some((client, upstream, proxy_protocol)) = n.received(id, datagrams.clone().map(<[u8]>::len)) else {
+        let Some(received) = n.received(id, datagrams.clone().map(<[u8]>::len)) else {
             return;
         };
+        let (client, proxy_protocol) = (received.client, received.proxy_protocol);
         let mut label = std::mem::take(&mut self.label);
         label.clear();
-        label.push_str(upstream);
+        label.push_str(received.label);
+        let Some(client) = client else {
+            // A shared pool's socket: the guest names each answer's client.
+            self.handler.route_active(&self.shared.program.load());
+            for datagram in datagrams {
+                if let Some(datagram) = self.answer_payload(proxy_protocol, datagram, UNSPECIFIED, &label) {
+                    self.shared_datagram(datagram, &label, emit);
+                }
+            }
+            self.label = label;
+            return;
+        };
         let shown = unmapped(client);
         let route = self.handler.route(shown, &self.shared.program.load());
         if !(tapped && self.tap.watch_upstream(shown, route)) {
@@ -366,7 +379,7 @@ impl<H: Handler, T: Tap> Core<H, T> {
         n.begin(client);
         let result = self
             .handler
-            .on_reply(datagram, shown, upstream, &mut self.sessions, allowance);
+            .on_reply(datagram, Some(shown), upstream, &mut self.sessions, allowance);
         let mut bytes = 0;
         match result {
             Ok(answer) => {
@@ -388,6 +401,55 @@ impl<H: Handler, T: Tap> Core<H, T> {
         // has still spent them.
         let calls = self.handler.last_calls();
         if let Some(n) = self.sessions.as_mut() {
+            n.charge(client, bytes, calls);
+        }
+        let counters = &self.counters;
+        self.handler
+            .take_refused(&mut |error, n| counters.refused(error, u64::from(n)));
+    }
+
+    /// An answer on a shared pool's socket: `on_reply` names its client by the
+    /// handle it kept, and what it returns and `send`s goes to that client,
+    /// held to the client's reply ratio and call allowance; an answer it names
+    /// no client for is dropped, counted by why (`unclaimed`, `stale_handle`,
+    /// `wrong_endpoint`).
+    fn shared_datagram(&mut self, datagram: &[u8], upstream: &str, emit: &mut dyn FnMut(&[u8], SocketAddr)) {
+        if !self.handler.has_on_reply() {
+            let why = "a shared pool's answers need the module's on_reply to name their client";
+            self.upstream_dropped(DropReason::Unclaimed, UNSPECIFIED, upstream, &why);
+            return;
+        }
+        let unclaimed = Allowance {
+            bytes: 0,
+            calls: MAX_CALLS_PER_DATAGRAM,
+        };
+        let result = self
+            .handler
+            .on_reply(datagram, None, upstream, &mut self.sessions, unclaimed);
+        let (mut bytes, mut claimed) = (0, None);
+        let dropped = match result {
+            Ok(answer) => match answer.claimed() {
+                Ok(client) => {
+                    claimed = Some(client);
+                    let any = answer.each_datagram(|d| {
+                        bytes += d.len();
+                        emit(d, client);
+                    });
+                    (!any && answer.forwarded() == 0).then_some((DropReason::NoReply, None))
+                }
+                Err(reason) => Some((reason, None)),
+            },
+            Err(rejection) => Some((rejection.reason, Some(rejection))),
+        };
+        match dropped {
+            Some((DropReason::NoReply, _)) => self.counters.upstream_dropped(DropReason::NoReply),
+            Some((reason, Some(rejection))) => self.upstream_dropped(reason, UNSPECIFIED, upstream, &rejection),
+            Some((reason, None)) => self.upstream_dropped(reason, UNSPECIFIED, upstream, &reason_text(reason)),
+            None => {}
+        }
+        self.counters.guest_time(self.handler.last_time());
+        let calls = self.handler.last_calls();
+        if let (Some(client), Some(n)) = (claimed, self.sessions.as_mut()) {
             n.charge(client, bytes, calls);
         }
         let counters = &self.counters;
@@ -429,17 +491,12 @@ impl<H: Handler, T: Tap> Core<H, T> {
     }
 }
 
-/// An IPv4 client of a dual-stack `[::]` socket arrives as `[::ffff:a.b.c.d]:port`;
-/// guests and logs see it as the IPv4 address it is. (Replies still go to the
-/// address as received, which is what the IPv6 socket can send to.)
-pub(crate) fn unmapped(peer: SocketAddr) -> SocketAddr {
-    match peer {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => peer,
-        },
-        SocketAddr::V4(_) => peer,
-    }
+/// No client (yet): what a shared pool's answer is about until `on_reply` names one.
+const UNSPECIFIED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// Why a shared pool's answer reached no client, for the log.
+fn reason_text(reason: DropReason) -> crate::guest::Rejection {
+    reason.into()
 }
 
 /// Counts a reply as sent, or as a send error.
@@ -714,6 +771,144 @@ mod tests {
         assert_eq!(client_says(&mut core, addr(A), b"loop?"), (vec![], vec![]));
         assert_eq!(client_says(&mut core, addr("198.51.100.7:53"), b"x"), (vec![], vec![]));
         assert_eq!(core.shared.stats.snapshot().dropped(DropReason::DeniedSource), 2);
+    }
+
+    /// Keeps each client's handle under its datagram's first byte; `on_reply`
+    /// names the client kept under the answer's (tests/guests/shared.wat).
+    const SHARED: &str = include_str!("../../tests/guests/shared.wat");
+    const B: &str = "192.0.2.11:8053";
+
+    fn shared_pool(endpoints: &[&str]) -> PoolSpec {
+        PoolSpec {
+            shared: Some(crate::config::SharedSpec {
+                sockets: 2,
+                reroll_every: Duration::from_secs(60),
+            }),
+            policy: crate::upstream::pool::Policy::RoundRobin,
+            ..PoolSpec::new("backend", endpoints.iter().map(|e| e.to_string()).collect())
+        }
+    }
+
+    /// Applies the queued commands: the sockets opened (id → endpoint), and the sends.
+    type Opened = Vec<(SessionId, SocketAddr)>;
+
+    fn opens_and_sends(core: &mut Core<Guest, NoTap>) -> (Opened, Vec<(SessionId, Vec<u8>)>) {
+        let (mut opened, mut sent) = (Vec::new(), Vec::new());
+        core.poll_commands(&mut |c: Command<'_>| {
+            match c {
+                Command::Open { id, to } => opened.push((id, to)),
+                Command::Send { id, datagram } => sent.push((id, datagram.to_vec())),
+                Command::Close { .. } => {}
+            }
+            Applied::Done
+        });
+        (opened, sent)
+    }
+
+    /// Answers on shared socket `id`: each datagram that reached a client, with the client.
+    fn shared_answers(
+        core: &mut Core<Guest, NoTap>,
+        now: Instant,
+        id: SessionId,
+        answers: &[&[u8]],
+    ) -> Vec<(Vec<u8>, SocketAddr)> {
+        let mut out = Vec::new();
+        core.on_upstream(now, id, answers.iter().copied(), &mut |d, to| {
+            out.push((d.to_vec(), to))
+        });
+        out
+    }
+
+    fn client_n(i: u8) -> SocketAddr {
+        SocketAddr::new([198, 51, 100, i].into(), 40_000 + u16::from(i))
+    }
+
+    fn upstream_drops(core: &Core<Guest, NoTap>, reason: DropReason) -> u64 {
+        core.shared.stats.snapshot().upstream_dropped[reason.index()]
+    }
+
+    #[test]
+    fn a_shared_pool_carries_every_client_on_a_few_sockets_and_on_reply_names_each_answers_client() {
+        let mut core = core_with(SHARED, shared_pool(&[A]));
+        let now = Instant::now();
+        let mut sockets = Vec::new();
+        for i in 1..=6 {
+            core.on_client(now, &[i, b'q'], client_n(i), &mut |_, _| {
+                panic!("nothing goes straight back")
+            });
+            let (opened, sent) = opens_and_sends(&mut core);
+            assert!(opened.iter().all(|&(_, to)| to == addr(A)));
+            sockets.extend(sent.iter().map(|(id, _)| *id));
+            assert_eq!(sent.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(), [vec![i, b'q']]);
+        }
+        sockets.sort();
+        sockets.dedup();
+        assert_eq!(sockets.len(), 2, "six clients, two sockets");
+        // Answers come back on either socket, in any order, each to its client.
+        let out = shared_answers(&mut core, now, sockets[1], &[&[4, b'a'], &[1, b'a']]);
+        assert_eq!(out, [(vec![4, b'a'], client_n(4)), (vec![1, b'a'], client_n(1))]);
+        // A duplicate, and an ID nobody asked for, reach no one.
+        assert!(shared_answers(&mut core, now, sockets[0], &[&[4, b'a'], &[99, b'a']]).is_empty());
+        assert_eq!(upstream_drops(&core, DropReason::Unclaimed), 2);
+        // The client is still held to the reply ratio: 3 × 2 bytes.
+        assert!(shared_answers(&mut core, now, sockets[0], &[&[2, b'a', b'b', b'c', b'd', b'e', b'f']]).is_empty());
+        assert_eq!(upstream_drops(&core, DropReason::Amplification), 1);
+        assert_eq!(core.shared.stats.snapshot().handles_active, 6);
+    }
+
+    #[test]
+    fn an_answer_from_an_endpoint_the_client_never_reached_or_for_an_expired_handle_is_dropped() {
+        let mut core = core_with(SHARED, shared_pool(&[A, B]));
+        let t0 = Instant::now();
+        // Round robin: client 1's datagram goes to one endpoint, client 2's to the other.
+        let mut socket_of = std::collections::HashMap::new();
+        let mut endpoint_of = std::collections::HashMap::new();
+        for i in 1..=2 {
+            core.on_client(t0, &[i], client_n(i), &mut |_, _| {});
+            let (opened, sent) = opens_and_sends(&mut core);
+            socket_of.extend(opened);
+            endpoint_of.insert(i, socket_of[&sent[0].0]);
+        }
+        assert_ne!(endpoint_of[&1], endpoint_of[&2]);
+        let socket_to = |e: SocketAddr| *socket_of.iter().find(|(_, to)| **to == e).unwrap().0;
+        // Client 1's ID, answered by client 2's endpoint: the handle is live but
+        // its client never sent there.
+        assert!(shared_answers(&mut core, t0, socket_to(endpoint_of[&2]), &[&[1]]).is_empty());
+        assert_eq!(upstream_drops(&core, DropReason::WrongEndpoint), 1);
+        // Client 2 is quiet past unanswered_timeout (5 s): its handle goes, and
+        // the late answer names no one.
+        core.on_timeout(t0 + Duration::from_secs(5));
+        opens_and_sends(&mut core);
+        assert!(
+            shared_answers(
+                &mut core,
+                t0 + Duration::from_secs(5),
+                socket_to(endpoint_of[&2]),
+                &[&[2]]
+            )
+            .is_empty()
+        );
+        assert_eq!(upstream_drops(&core, DropReason::StaleHandle), 1);
+        assert_eq!(core.shared.stats.snapshot().handles_active, 0);
+    }
+
+    #[test]
+    fn an_answer_is_refused_to_a_guest_without_on_reply_and_client_works_without_shared_pools() {
+        let mut core = core_with(FORWARD, shared_pool(&[A]));
+        let now = Instant::now();
+        client_says(&mut core, addr(CLIENT), b"q");
+        let (_, sent) = opens_and_sends(&mut core);
+        assert!(sent.is_empty(), "already applied");
+        let socket = SessionId::from_raw(0);
+        assert!(shared_answers(&mut core, now, socket, &[b"a"]).is_empty());
+        assert_eq!(upstream_drops(&core, DropReason::Unclaimed), 1);
+        // `client` with a per-client pool gives a handle; with no pool, unknown_pool (-1).
+        let mut per_client = core_with(SHARED, backend());
+        let (out, _) = client_says(&mut per_client, addr(CLIENT), b"?-------");
+        assert!(i64::from_le_bytes(out[0].clone().try_into().unwrap()) > 0);
+        let mut no_pool = core_of(SHARED, None);
+        let (out, _) = client_says(&mut no_pool, addr(CLIENT), b"?-------");
+        assert_eq!(i64::from_le_bytes(out[0].clone().try_into().unwrap()), -1);
     }
 
     #[test]

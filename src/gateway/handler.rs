@@ -31,6 +31,12 @@ pub trait Handler: Send {
         Route::Active
     }
 
+    /// Chooses who answers an upstream datagram whose client is not known
+    /// until the handler names it (a shared pool's answer): the active module.
+    fn route_active(&mut self, program: &Arc<Program>) {
+        self.refresh(program);
+    }
+
     /// Adopts `program` as the active module (freeing a replaced one now).
     fn refresh(&mut self, program: &Arc<Program>) {
         let _ = program;
@@ -46,11 +52,12 @@ pub trait Handler: Send {
     }
 
     /// Runs on a datagram `upstream` (`POOL/ip:port`) sent back for `client`,
-    /// within `allowance`.
+    /// within `allowance`; for no client (a shared pool's answer), the handler
+    /// names it ([`Answer::claimed`]) and draws on its allowance.
     fn on_reply(
         &mut self,
         datagram: &[u8],
-        client: SocketAddr,
+        client: Option<SocketAddr>,
         upstream: &str,
         sessions: &mut Lent,
         allowance: Allowance,
@@ -99,7 +106,7 @@ impl Handler for Guest {
     fn on_reply(
         &mut self,
         datagram: &[u8],
-        client: SocketAddr,
+        client: Option<SocketAddr>,
         upstream: &str,
         sessions: &mut Lent,
         allowance: Allowance,

@@ -116,136 +116,46 @@ pub const PROBE_REPLY: (&str, Signature) = (
 
 /// The functions the host offers an ABI v1 guest, as (module, name, type); a
 /// guest may import any of them. `env.abort` is what AssemblyScript imports by default.
-pub const HOST_FUNCTIONS: [(&str, &str, Signature); 16] = [
-    (
-        HOST_MODULE,
-        "log",
-        Signature {
-            params: &["i32", "i32", "i32"],
-            results: &[],
-        },
-    ),
-    (
-        HOST_MODULE,
-        "peer",
-        Signature {
-            params: &["i32", "i32"],
-            results: &["i32"],
-        },
-    ),
-    (
-        HOST_MODULE,
-        "forward",
-        Signature {
-            params: &["i32", "i32", "i32", "i32"],
-            results: &["i32"],
-        },
-    ),
-    (
+pub const HOST_FUNCTIONS: [(&str, &str, Signature); 18] = [
+    host(HOST_MODULE, "log", &["i32", "i32", "i32"], &[]),
+    host(HOST_MODULE, "peer", &["i32", "i32"], &["i32"]),
+    host(HOST_MODULE, "forward", &["i32", "i32", "i32", "i32"], &["i32"]),
+    host(
         HOST_MODULE,
         "forward_key",
-        Signature {
-            params: &["i32", "i32", "i32", "i32", "i32", "i32"],
-            results: &["i32"],
-        },
+        &["i32", "i32", "i32", "i32", "i32", "i32"],
+        &["i32"],
     ),
-    (
-        HOST_MODULE,
-        "send",
-        Signature {
-            params: &["i32", "i32"],
-            results: &["i32"],
-        },
-    ),
-    (
-        HOST_MODULE,
-        "upstream",
-        Signature {
-            params: &["i32", "i32"],
-            results: &["i32"],
-        },
-    ),
-    (
-        HOST_MODULE,
-        "state_get",
-        Signature {
-            params: &["i32", "i32", "i32", "i32"],
-            results: &["i32"],
-        },
-    ),
-    (
-        HOST_MODULE,
-        "state_set",
-        Signature {
-            params: &["i32", "i32", "i32", "i32", "i64"],
-            results: &["i32"],
-        },
-    ),
-    (
-        HOST_MODULE,
-        "state_delete",
-        Signature {
-            params: &["i32", "i32"],
-            results: &["i32"],
-        },
-    ),
-    (
-        HOST_MODULE,
-        "state_incr",
-        Signature {
-            params: &["i32", "i32", "i64", "i64"],
-            results: &["i64"],
-        },
-    ),
-    (
+    host(HOST_MODULE, "send", &["i32", "i32"], &["i32"]),
+    host(HOST_MODULE, "upstream", &["i32", "i32"], &["i32"]),
+    host(HOST_MODULE, "client", &[], &["i64"]),
+    host(HOST_MODULE, "reply_to", &["i64"], &["i32"]),
+    host(HOST_MODULE, "state_get", &["i32", "i32", "i32", "i32"], &["i32"]),
+    host(HOST_MODULE, "state_set", &["i32", "i32", "i32", "i32", "i64"], &["i32"]),
+    host(HOST_MODULE, "state_delete", &["i32", "i32"], &["i32"]),
+    host(HOST_MODULE, "state_incr", &["i32", "i32", "i64", "i64"], &["i64"]),
+    host(
         HOST_MODULE,
         "state_cas",
-        Signature {
-            params: &["i32", "i32", "i32", "i32", "i32", "i32", "i64"],
-            results: &["i32"],
-        },
+        &["i32", "i32", "i32", "i32", "i32", "i32", "i64"],
+        &["i32"],
     ),
-    (
-        HOST_MODULE,
-        "limit",
-        Signature {
-            params: &["i32", "i32", "i32", "i32"],
-            results: &["i32"],
-        },
-    ),
-    (
-        HOST_MODULE,
-        "penalize",
-        Signature {
-            params: &["i32", "i32", "i64"],
-            results: &["i32"],
-        },
-    ),
-    (
-        HOST_MODULE,
-        "penalized",
-        Signature {
-            params: &["i32", "i32"],
-            results: &["i32"],
-        },
-    ),
-    (
-        HOST_MODULE,
-        "now_ms",
-        Signature {
-            params: &[],
-            results: &["i64"],
-        },
-    ),
-    (
-        "env",
-        "abort",
-        Signature {
-            params: &["i32", "i32", "i32", "i32"],
-            results: &[],
-        },
-    ),
+    host(HOST_MODULE, "limit", &["i32", "i32", "i32", "i32"], &["i32"]),
+    host(HOST_MODULE, "penalize", &["i32", "i32", "i64"], &["i32"]),
+    host(HOST_MODULE, "penalized", &["i32", "i32"], &["i32"]),
+    host(HOST_MODULE, "now_ms", &[], &["i64"]),
+    host("env", "abort", &["i32", "i32", "i32", "i32"], &[]),
 ];
+
+/// One host function, as [`HOST_FUNCTIONS`] lists it.
+const fn host(
+    module: &'static str,
+    name: &'static str,
+    params: &'static [&'static str],
+    results: &'static [&'static str],
+) -> (&'static str, &'static str, Signature) {
+    (module, name, Signature { params, results })
+}
 
 fn write_signature(f: &mut impl fmt::Write, params: &[&str], results: &[&str]) -> fmt::Result {
     f.write_str("(func")?;

@@ -66,6 +66,9 @@ pub(super) struct Call<'a> {
     pub(super) entry: Entry,
     pub(super) datagram: &'a [u8],
     pub(super) peer: SocketAddr,
+    /// A shared pool's answer: no client until the guest names one
+    /// (`reply_to`); `peer` is the unspecified address meanwhile.
+    pub(super) claimable: bool,
     pub(super) upstream: &'a str,
     /// What the call may do; `None`: what a request of this size earns.
     pub(super) allowance: Option<Allowance>,

@@ -6,7 +6,9 @@ use std::fmt;
 use wasmtime::Trap;
 
 use crate::guest::host::Outbox;
-use crate::verdict::{CallError, DropReason};
+use std::net::SocketAddr;
+
+use crate::verdict::{CallError, ClaimError, DropReason};
 
 /// What a guest made of one datagram: the reply it returned, and what it did
 /// through host calls on the way (datagrams `send`, forwards, refusals).
@@ -72,6 +74,16 @@ impl Answer<'_> {
         self.out.forwarded + self.forwarded
     }
 
+    /// Inside `on_reply` on a shared pool's answer: the client `reply_to`
+    /// named (as received), or why it named none.
+    pub fn claimed(&self) -> Result<SocketAddr, DropReason> {
+        self.out.claimed.ok_or_else(|| {
+            self.out
+                .claim_error
+                .map_or(DropReason::Unclaimed, ClaimError::drop_reason)
+        })
+    }
+
     /// The first refused call: why a datagram that went nowhere was dropped.
     pub fn first_refusal(&self) -> Option<CallError> {
         self.out.first_refusal.or(self.refused)
@@ -127,6 +139,11 @@ impl fmt::Display for Rejection {
             DropReason::DeniedSource => f.write_str("the source may not be answered"),
             DropReason::Loop => f.write_str("the source sent back what it was sent: a loop"),
             DropReason::ProxyHeader => f.write_str("no valid PROXY v2 header where one must be"),
+            DropReason::Unclaimed => f.write_str("`on_reply` named no client for an answer from a shared pool"),
+            DropReason::StaleHandle => f.write_str("`on_reply` named a client handle that no client has now"),
+            DropReason::WrongEndpoint => {
+                f.write_str("`on_reply` named a client whose datagrams did not go to the endpoint that answered")
+            }
         }
     }
 }

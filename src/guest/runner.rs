@@ -80,6 +80,7 @@ impl Guest {
             entry: Entry::Handle,
             datagram,
             peer,
+            claimable: false,
             upstream: "",
             allowance: None,
             max_ratio: self.max_ratio,
@@ -117,11 +118,13 @@ impl Guest {
     /// Runs `on_reply` on a datagram that `upstream` (`POOL/ip:port`) sent back
     /// for client `peer`, within `allowance`: what is left of what the client's
     /// own datagrams earned (bytes by the reply ratio, calls by the chain limit).
+    /// Without `peer` (a shared pool's answer) the guest names the client with
+    /// `reply_to`, and draws on its allowance from then on.
     /// Call only when [`Guest::has_on_reply`].
     pub fn on_reply(
         &mut self,
         datagram: &[u8],
-        peer: SocketAddr,
+        peer: Option<SocketAddr>,
         upstream: &str,
         sessions: &mut Lent,
         allowance: Allowance,
@@ -129,7 +132,8 @@ impl Guest {
         let call = Call {
             entry: Entry::OnReply,
             datagram,
-            peer,
+            peer: peer.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            claimable: peer.is_none(),
             upstream,
             allowance: Some(allowance),
             max_ratio: self.max_ratio,
@@ -162,6 +166,7 @@ impl Guest {
             datagram,
             // No client: `peer` gives the unspecified address.
             peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            claimable: false,
             upstream: endpoint,
             allowance: Some(Allowance {
                 bytes: MAX_DATAGRAM,
@@ -192,7 +197,8 @@ impl Guest {
         // The one place the sessions are lent to a store and taken back,
         // whatever the call's outcome.
         if let Some(calls) = live.calls_mut() {
-            calls.lend(call.peer, sessions, call.allowance(), call.upstream);
+            let peer = (!call.claimable).then_some(call.peer);
+            calls.lend(peer, sessions, call.allowance(), call.upstream);
         }
         let result = live.call(call, &self.env);
         if let Some(calls) = live.calls_mut() {

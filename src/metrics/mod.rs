@@ -58,6 +58,10 @@ pub struct Counters {
     proxy_header_errors: [AtomicU64; HeaderError::ALL.len()],
     /// Datagrams naming a new client past the proxied clients a worker keeps.
     proxied_full: AtomicU64,
+    /// Client handles (shared pools) freed to make room for a new client.
+    handles_evicted: AtomicU64,
+    /// Client handles held now (a gauge written by this worker only).
+    handles_active: AtomicU64,
 }
 
 impl Counters {
@@ -81,6 +85,14 @@ impl Counters {
     pub(crate) fn session_created(&self, active: usize) {
         self.sessions_created.fetch_add(1, Relaxed);
         self.sessions_active.store(active as u64, Relaxed);
+    }
+
+    pub(crate) fn handle_evicted(&self) {
+        self.handles_evicted.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn handles(&self, active: usize) {
+        self.handles_active.store(active as u64, Relaxed);
     }
 
     pub(crate) fn session_closed(&self, active: usize, expired: bool) {
@@ -204,6 +216,8 @@ impl Stats {
                 *total += e.load(Relaxed);
             }
             s.proxied_full += w.proxied_full.load(Relaxed);
+            s.handles_evicted += w.handles_evicted.load(Relaxed);
+            s.handles_active += w.handles_active.load(Relaxed);
         }
         s
     }
@@ -247,6 +261,9 @@ pub struct Snapshot {
     pub proxy_header_errors: [u64; HeaderError::ALL.len()],
     /// Datagrams naming a new client past the proxied clients a worker keeps.
     pub proxied_full: u64,
+    /// Client handles of shared pools freed to make room, and held now.
+    pub handles_evicted: u64,
+    pub handles_active: u64,
     /// Datagrams `--record` did not record because its queue was full.
     pub record_dropped: u64,
     /// Shadowed datagrams by result (match, mismatch, candidate trap, candidate

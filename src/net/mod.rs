@@ -10,3 +10,16 @@ pub mod proxy_v2;
 pub mod sessions;
 pub mod source_filter;
 pub mod uring;
+
+/// An IPv4 client of a dual-stack `[::]` socket arrives as `[::ffff:a.b.c.d]:port`;
+/// guests and logs see it as the IPv4 address it is. (Replies still go to the
+/// address as received, which is what the IPv6 socket can send to.)
+pub fn unmapped(peer: std::net::SocketAddr) -> std::net::SocketAddr {
+    match peer {
+        std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), v6.port()),
+            None => peer,
+        },
+        std::net::SocketAddr::V4(_) => peer,
+    }
+}

@@ -92,6 +92,12 @@ impl Handler for Canary {
         self.active.set_program(program);
     }
 
+    fn route_active(&mut self, program: &Arc<Program>) {
+        self.active.set_program(program);
+        self.route = Route::Active;
+        self.loaded = None;
+    }
+
     fn handle(&mut self, datagram: &[u8], client: SocketAddr, sessions: &mut Lent) -> Result<Answer<'_>, Rejection> {
         self.guest().handle_with(datagram, client, sessions)
     }
@@ -103,7 +109,7 @@ impl Handler for Canary {
     fn on_reply(
         &mut self,
         datagram: &[u8],
-        client: SocketAddr,
+        client: Option<SocketAddr>,
         upstream: &str,
         sessions: &mut Lent,
         allowance: Allowance,

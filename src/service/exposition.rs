@@ -51,7 +51,7 @@ pub fn registry(listeners: Vec<(String, Publisher)>) -> Registry {
 /// A counter family: name (without `_total`), help, and its value in a snapshot.
 type CounterFamily = (&'static str, &'static str, fn(&Snapshot) -> u64);
 
-const COUNTERS: [CounterFamily; 17] = [
+const COUNTERS: [CounterFamily; 18] = [
     ("wasmgate_datagrams_received", "Datagrams received.", |s| s.received),
     ("wasmgate_datagrams_replied", "Datagrams answered with a reply.", |s| {
         s.replied
@@ -108,6 +108,11 @@ const COUNTERS: [CounterFamily; 17] = [
         "wasmgate_proxied_clients_full",
         "Datagrams from a trusted proxy naming a new client past the clients a worker keeps (dropped).",
         |s| s.proxied_full,
+    ),
+    (
+        "wasmgate_client_handles_evicted",
+        "Client handles of shared pools freed to make room for a new client (never one that proved its address).",
+        |s| s.handles_evicted,
     ),
     (
         "wasmgate_record_dropped",
@@ -256,6 +261,17 @@ impl Collector for GatewayCollector {
             active
                 .encode_family(&[("listener", *listener)])?
                 .encode_gauge(&i64::try_from(s.sessions_active).unwrap_or(i64::MAX))?;
+        }
+        let mut handles = encoder.encode_descriptor(
+            "wasmgate_client_handles",
+            "Clients of shared pools holding a handle now (waiting for answers, or lately answered).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (listener, s) in &snapshots {
+            handles
+                .encode_family(&[("listener", *listener)])?
+                .encode_gauge(&i64::try_from(s.handles_active).unwrap_or(i64::MAX))?;
         }
 
         self.encode_endpoints(&mut encoder)?;

@@ -13,17 +13,21 @@
 use anyhow::Context as _;
 
 mod commands;
+mod handles;
 pub mod health;
 mod ledger;
 pub mod pool;
 mod pools;
 mod session;
 mod sessions;
+mod shared;
+mod shared_pool;
 
 pub use commands::{Applied, Apply, Command, SessionId};
+pub use handles::ENDPOINTS_PER_CLIENT;
 pub use ledger::VALIDATED_AFTER;
 pub use pools::{EndpointCounters, EndpointTotals, EndpointView, Pools};
-pub use sessions::{Lent, Sessions};
+pub use sessions::{Lent, Received, Sessions};
 
 /// Raises the soft limit on open files to the hard limit, for sessions' sockets,
 /// and returns it.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::pools::{Configured, EndpointCounters, Pools};
+use crate::config::SharedSpec;
 use crate::upstream::pool::Pool;
 
 /// One client's conversation with one endpoint.
@@ -66,6 +67,8 @@ pub(super) struct WorkerPool {
     pub(super) retired: bool,
     /// Forwards start with a PROXY v2 header naming the client.
     pub(super) proxy_protocol: bool,
+    /// `sessions = "shared"`: no session per client (see `shared.rs`).
+    pub(super) shared: Option<SharedSpec>,
 }
 
 impl WorkerPool {
@@ -108,6 +111,7 @@ impl WorkerPool {
             open: 0,
             retired: false,
             proxy_protocol: c.spec.proxy_protocol,
+            shared: c.spec.shared,
         }
     }
 }

@@ -17,9 +17,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::commands::{Applied, Apply, Command, Queue, Queued, QueuedSend, Retry, SessionId};
+use super::handles::{Handles, Target};
 use super::ledger::Ledgers;
-use super::pools::Pools;
+use super::pools::{EndpointCounters, Pools};
 use super::session::{Prefix, Session, WorkerPool};
+use super::shared::SharedSockets;
 use crate::metrics::Counters;
 use crate::net::proxy_v2;
 use crate::upstream::pool::Refusal;
@@ -31,36 +33,53 @@ pub type Lent = Option<Box<Sessions>>;
 
 /// A worker's forwarding state.
 pub struct Sessions {
-    shared: Arc<Pools>,
-    worker: usize,
-    pools: Vec<WorkerPool>,
-    sessions: HashMap<SessionId, Session>,
+    pub(super) shared: Arc<Pools>,
+    pub(super) worker: usize,
+    pub(super) pools: Vec<WorkerPool>,
+    pub(super) sessions: HashMap<SessionId, Session>,
     /// (client, pool, endpoint) → session.
-    routes: HashMap<(SocketAddr, usize, SocketAddr), SessionId>,
+    pub(super) routes: HashMap<(SocketAddr, usize, SocketAddr), SessionId>,
     /// (client, pool) → the session plain `forward` keeps using while it is healthy.
-    affinity: HashMap<(SocketAddr, usize), SessionId>,
+    pub(super) affinity: HashMap<(SocketAddr, usize), SessionId>,
     /// Sessions of clients not yet validated, oldest first; entries of
     /// sessions closed or of clients since validated are skipped when met.
-    unvalidated: VecDeque<SessionId>,
+    pub(super) unvalidated: VecDeque<SessionId>,
     /// Ids are never reused, so a command queued for a closed session can
     /// never reach a newer one.
-    next_id: u64,
+    pub(super) next_id: u64,
     /// Opens, sends and closes for the worker to apply, in order
     /// ([`Sessions::poll_commands`]).
-    queue: Queue,
+    pub(super) queue: Queue,
     /// (pool, client network) → sessions open.
-    prefixes: HashMap<(usize, Prefix), usize>,
-    counters: Arc<Counters>,
+    pub(super) prefixes: HashMap<(usize, Prefix), usize>,
+    pub(super) counters: Arc<Counters>,
     /// The time of the batch being handled (read once per wake-up, not per datagram).
-    now: Instant,
+    pub(super) now: Instant,
     /// The client the guest is answering, as received, and its hash key.
-    client: Option<SocketAddr>,
-    client_key: [u8; 18],
-    client_key_len: usize,
+    pub(super) client: Option<SocketAddr>,
+    pub(super) client_key: [u8; 18],
+    pub(super) client_key_len: usize,
     /// What each client with a session has earned and spent.
-    ledgers: Ledgers,
+    pub(super) ledgers: Ledgers,
     /// The listener's address: the destination a PROXY v2 header names.
-    listener: SocketAddr,
+    pub(super) listener: SocketAddr,
+    /// Shared pools' sockets, and the handles that name their clients.
+    pub(super) carriers: SharedSockets,
+    pub(super) handles: Handles,
+    /// While a shared socket's answers are handled: its endpoint.
+    pub(super) answering: Option<Target>,
+}
+
+/// Where datagrams read from an upstream socket go.
+pub struct Received<'a> {
+    /// The session's client (as received); `None` on a shared pool's socket:
+    /// `on_reply` names the client of each answer.
+    pub client: Option<SocketAddr>,
+    /// The endpoint's `POOL/ip:port`.
+    pub label: &'a str,
+    /// Whether the pool speaks the PROXY protocol (a header on an answer is
+    /// to check and take off).
+    pub proxy_protocol: bool,
 }
 
 impl Sessions {
@@ -84,6 +103,9 @@ impl Sessions {
             client_key_len: 0,
             ledgers: Ledgers::new(max_ratio),
             listener: SocketAddr::from(([0, 0, 0, 0], 0)),
+            carriers: SharedSockets::default(),
+            handles: Handles::new(),
+            answering: None,
         };
         this.adopt(shared);
         this
@@ -134,6 +156,7 @@ impl Sessions {
     /// A datagram of `len` bytes from `client` is about to reach the guest: what
     /// it earns (answers within the reply ratio, a new chain of calls) is noted.
     pub fn client_datagram(&mut self, client: SocketAddr, len: usize) {
+        self.answering = None;
         self.ledgers.on_datagram(client, len);
         self.begin(client);
     }
@@ -181,7 +204,7 @@ impl Sessions {
             .iter()
             .position(|wp| !wp.retired && wp.name.as_bytes() == pool)
             .ok_or(CallError::UnknownPool)?;
-        let id = self.session_for(client, p, key)?;
+        let id = self.route(client, p, key)?;
         let key = key.map(|k| self.stash(k));
         let header = self.pools[p].proxy_protocol.then_some(self.listener);
         let bytes = self
@@ -196,9 +219,21 @@ impl Sessions {
         self.queue.stash(bytes)
     }
 
+    /// The session (or shared socket) for `client`'s datagram to pool `p`.
+    fn route(&mut self, client: SocketAddr, p: usize, key: Option<&[u8]>) -> Result<SessionId, CallError> {
+        match self.pools[p].shared {
+            Some(spec) => self.shared_route(client, p, spec, key),
+            None => self.session_for(client, p, key),
+        }
+    }
+
     fn queue_send(&mut self, id: SessionId, bytes: Range<usize>, retry: Option<Retry>) {
-        if let Some(session) = self.sessions.get(&id) {
-            let counters = Arc::clone(&session.counters);
+        let counters = match self.sessions.get(&id) {
+            Some(session) => Some(&session.counters),
+            None => self.carriers.get(id).map(|s| &s.counters),
+        };
+        if let Some(counters) = counters {
+            let counters = Arc::clone(counters);
             self.queue.push(Queued::Send(QueuedSend {
                 id,
                 bytes,
@@ -322,43 +357,54 @@ impl Sessions {
     /// client's next datagram opens another.
     pub fn refused(&mut self, s: SessionId) {
         let Some(session) = self.sessions.get(&s) else {
+            self.shared_refused(s);
             return;
         };
-        session.counters.refusals.fetch_add(1, Relaxed);
-        let wp = &self.pools[session.pool];
-        if let Some(i) = session.index {
-            match wp.pool.refused(i, wp.eject_after, self.now, self.now + wp.eject_for) {
-                Refusal::Ejected { news } => {
-                    session.counters.ejections.fetch_add(1, Relaxed);
-                    if news && let Some(suppressed) = self.shared.health_lines.allow() {
-                        tracing::warn!(
-                            pool = wp.name,
-                            endpoint = %session.endpoint,
-                            eject_for = ?wp.eject_for,
-                            refusals = wp.eject_after,
-                            suppressed,
-                            "endpoint ejected: it answered with ICMP port unreachable"
-                        );
-                    }
-                }
-                Refusal::Spared => {
-                    if let Some(suppressed) = self.shared.health_lines.allow() {
-                        tracing::warn!(
-                            pool = wp.name,
-                            endpoint = %session.endpoint,
-                            suppressed,
-                            "endpoint refuses datagrams but is the pool's last healthy one: kept in use"
-                        );
-                    }
-                }
-                Refusal::Counted => {}
-            }
-        }
+        self.count_refusal(session.pool, session.endpoint, &session.counters);
         self.close(s, false);
+    }
+
+    /// A refusal from `endpoint` of pool `p`, counted against it: ejected
+    /// after `eject_after` in a row (never the pool's last healthy one).
+    pub(super) fn count_refusal(&self, p: usize, endpoint: SocketAddr, counters: &EndpointCounters) {
+        counters.refusals.fetch_add(1, Relaxed);
+        let wp = &self.pools[p];
+        let Some(i) = wp.pool.position(endpoint).filter(|_| !wp.retired) else {
+            return;
+        };
+        match wp.pool.refused(i, wp.eject_after, self.now, self.now + wp.eject_for) {
+            Refusal::Ejected { news } => {
+                counters.ejections.fetch_add(1, Relaxed);
+                if news && let Some(suppressed) = self.shared.health_lines.allow() {
+                    tracing::warn!(
+                        pool = wp.name,
+                        %endpoint,
+                        eject_for = ?wp.eject_for,
+                        refusals = wp.eject_after,
+                        suppressed,
+                        "endpoint ejected: it answered with ICMP port unreachable"
+                    );
+                }
+            }
+            Refusal::Spared => {
+                if let Some(suppressed) = self.shared.health_lines.allow() {
+                    tracing::warn!(
+                        pool = wp.name,
+                        %endpoint,
+                        suppressed,
+                        "endpoint refuses datagrams but is the pool's last healthy one: kept in use"
+                    );
+                }
+            }
+            Refusal::Counted => {}
+        }
     }
 
     fn close(&mut self, s: SessionId, expired: bool) {
         let Some(session) = self.sessions.remove(&s) else {
+            if self.carriers.remove(s).is_some() {
+                self.queue.push(Queued::Close { id: s });
+            }
             return;
         };
         self.queue.push(Queued::Close { id: s });
@@ -442,10 +488,12 @@ impl Sessions {
                     if let Some(session) = self.sessions.get_mut(&send.id) {
                         session.last_active = self.now;
                         session.awaiting = session.awaiting.saturating_add(1);
+                    } else if let Some(socket) = self.carriers.get_mut(send.id) {
+                        socket.awaiting = socket.awaiting.saturating_add(1);
                     }
                 }
                 Applied::Refused => {
-                    if self.sessions.contains_key(&send.id) {
+                    if self.sessions.contains_key(&send.id) || self.carriers.get(send.id).is_some() {
                         self.refused(send.id);
                     } else {
                         counters.refusals.fetch_add(1, Relaxed);
@@ -464,7 +512,7 @@ impl Sessions {
     fn retry(&mut self, retry: Retry, datagram: &[u8], arena: &[u8]) {
         self.begin(retry.client);
         let key = retry.key.map(|k| &arena[k]);
-        match self.session_for(retry.client, retry.pool, key) {
+        match self.route(retry.client, retry.pool, key) {
             Ok(id) => {
                 let bytes = self.stash(datagram);
                 self.queue_send(id, bytes, None);
@@ -493,11 +541,11 @@ impl Sessions {
     /// are for, the endpoint's `POOL/ip:port` label and whether the pool speaks
     /// the PROXY protocol (a header on them is to check and take off), or
     /// `None` if the session is gone.
-    pub fn received(
-        &mut self,
-        id: SessionId,
-        sizes: impl IntoIterator<Item = usize>,
-    ) -> Option<(SocketAddr, &str, bool)> {
+    pub fn received(&mut self, id: SessionId, sizes: impl IntoIterator<Item = usize>) -> Option<Received<'_>> {
+        self.answering = None;
+        if !self.sessions.contains_key(&id) {
+            return self.shared_received(id, sizes);
+        }
         let session = self.sessions.get_mut(&id)?;
         let mut n = 0u32;
         for len in sizes {
@@ -513,7 +561,11 @@ impl Sessions {
                 self.pools[session.pool].pool.answered(i);
             }
         }
-        Some((session.client, &session.label, self.pools[session.pool].proxy_protocol))
+        Some(Received {
+            client: Some(session.client),
+            label: &session.label,
+            proxy_protocol: self.pools[session.pool].proxy_protocol,
+        })
     }
 
     /// Closes the sessions idle for longer than their pool's `idle_timeout` (or
@@ -555,6 +607,7 @@ impl Sessions {
                 .retain(|s| sessions.get(s).is_some_and(|x| !ledgers.validated(x.client)));
         }
         self.skip_validated();
+        self.expire_shared(now);
         for wp in self.pools.iter().filter(|wp| !wp.retired) {
             for (i, e) in wp.pool.endpoints().iter().enumerate() {
                 if wp.pool.came_back(i, now)
@@ -579,7 +632,7 @@ impl Sessions {
 
     /// Whether some session still waits for an answer (for the shutdown drain).
     pub fn awaiting(&self) -> bool {
-        self.sessions.values().any(|s| s.awaiting > 0)
+        self.sessions.values().any(|s| s.awaiting > 0) || self.carriers.awaiting()
     }
 }
 
@@ -673,7 +726,7 @@ mod tests {
 
         /// The upstream answers on session `id`, and the answer goes to `client`.
         fn answer(&mut self, client: SocketAddr, id: SessionId) {
-            assert_eq!(self.table.received(id, [1]).map(|(c, _, _)| c), Some(client));
+            assert_eq!(self.table.received(id, [1]).and_then(|r| r.client), Some(client));
             self.table.charge(client, 1, 0);
         }
 

@@ -26,6 +26,7 @@ mod replay;
 mod sdk;
 mod seed;
 mod shadow;
+mod shared_pools;
 mod spoofing;
 mod state;
 mod wasi;

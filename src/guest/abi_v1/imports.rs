@@ -19,6 +19,23 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<Calls>> {
     linker.func_wrap(HOST_MODULE, "forward_key", forward_key)?;
     linker.func_wrap(HOST_MODULE, "send", send)?;
     linker.func_wrap(HOST_MODULE, "upstream", upstream)?;
+    linker.func_wrap(HOST_MODULE, "client", |mut caller: Caller<'_, Calls>| -> i64 {
+        match caller.data_mut().client() {
+            Ok(handle) => handle as i64,
+            Err(error) => i64::from(error.code()),
+        }
+    })?;
+    linker.func_wrap(
+        HOST_MODULE,
+        "reply_to",
+        |mut caller: Caller<'_, Calls>, handle: i64| -> i32 {
+            // A negative handle was never given: stale, like any unknown one.
+            match caller.data_mut().reply_to(handle as u64) {
+                Ok(()) => 0,
+                Err(error) => error.code(),
+            }
+        },
+    )?;
     linker.func_wrap("env", "abort", abort)?;
     Ok(linker)
 }

@@ -11,7 +11,7 @@ use crate::guest::instance_limits::InstanceLimits;
 use crate::metrics::RateLimit;
 use crate::state::State;
 use crate::upstream::Lent;
-use crate::verdict::{Allowance, CallError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM, OUTPUT_CAP};
+use crate::verdict::{Allowance, CallError, ClaimError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM, OUTPUT_CAP};
 
 /// What a kind's store data gives the host calls: the one [`Calls`] in it.
 pub(crate) trait CallsView {
@@ -57,8 +57,10 @@ impl Calls {
     /// Readies the state for one call about `peer`'s datagram: lends it the
     /// worker's sessions, empties the outbox with `budget` bytes for the client,
     /// and (inside `on_reply`) names the endpoint. [`Calls::take_back`] ends it.
-    pub(crate) fn lend(&mut self, peer: SocketAddr, sessions: &mut Lent, allowance: Allowance, upstream: &str) {
-        self.peer = Some(peer);
+    /// With no `peer` (a shared pool's answer), the guest names the client
+    /// with [`Calls::reply_to`].
+    pub(crate) fn lend(&mut self, peer: Option<SocketAddr>, sessions: &mut Lent, allowance: Allowance, upstream: &str) {
+        self.peer = peer;
         self.sessions = sessions.take();
         self.out.reset(allowance);
         self.now = None;
@@ -134,6 +136,59 @@ impl Calls {
         result
     }
 
+    /// `client` for every kind of guest: the current client's handle, which
+    /// `on_reply` gives [`Calls::reply_to`] to answer it from a shared pool.
+    pub(crate) fn client(&mut self) -> Result<u64, CallError> {
+        let result = self.out.count_call().and_then(|()| {
+            if self.peer.is_none() {
+                return Err(CallError::NoClient);
+            }
+            match self.sessions.as_mut() {
+                Some(sessions) => sessions.client_handle(),
+                None => Err(CallError::UnknownPool),
+            }
+        });
+        if let Err(error) = result {
+            self.out.refuse(error);
+        }
+        result
+    }
+
+    /// `reply_to` for every kind of guest: inside `on_reply`, the answer is
+    /// for the client of `handle`, whose allowance the reply and `send`s then
+    /// draw from. Once per call (a second is refused as `too_many_calls`,
+    /// unless it names the same client).
+    pub(crate) fn reply_to(&mut self, handle: u64) -> Result<(), ReplyToError> {
+        let counted = self
+            .out
+            .count_call()
+            .and_then(|()| self.sessions.as_mut().ok_or(CallError::UnknownPool));
+        let sessions = match counted {
+            Ok(sessions) => sessions,
+            Err(error) => {
+                self.out.refuse(error);
+                return Err(error.into());
+            }
+        };
+        match sessions.claim(handle) {
+            Ok((client, allowance)) => {
+                if self.out.claimed.is_some_and(|c| c != client) {
+                    self.out.refuse(CallError::TooMany);
+                    return Err(CallError::TooMany.into());
+                }
+                if self.out.claimed.is_none() {
+                    self.out.claim(client, allowance);
+                }
+                self.peer = Some(crate::net::unmapped(client));
+                Ok(())
+            }
+            Err(error) => {
+                self.out.claim_error.get_or_insert(error);
+                Err(ReplyToError::Claim(error))
+            }
+        }
+    }
+
     /// `send` for every kind of guest: queues one more datagram for the client
     /// within the amplification budget, or says why not (and counts the refusal).
     pub(crate) fn send(&mut self, data: &[u8]) -> Result<(), CallError> {
@@ -161,6 +216,28 @@ impl Calls {
     }
 }
 
+/// Why `reply_to` named no client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReplyToError {
+    Call(CallError),
+    Claim(ClaimError),
+}
+
+impl From<CallError> for ReplyToError {
+    fn from(error: CallError) -> Self {
+        Self::Call(error)
+    }
+}
+
+impl ReplyToError {
+    pub(crate) const fn code(self) -> i32 {
+        match self {
+            Self::Call(e) => e.code(),
+            Self::Claim(e) => e.code(),
+        }
+    }
+}
+
 /// What one call of `handle` or `on_reply` did besides its return value: the
 /// datagrams it `send`s (kept here until the call ends), what it forwarded, and
 /// what was refused. Its buffers are reused from call to call.
@@ -178,6 +255,10 @@ pub(crate) struct Outbox {
     refused: [u32; CallError::ALL.len()],
     /// The first refusal: the reason a datagram that got nowhere is dropped for.
     pub(crate) first_refusal: Option<CallError>,
+    /// Inside `on_reply` on a shared pool's answer: the client `reply_to`
+    /// named (as received), or why the first `reply_to` named none.
+    pub(crate) claimed: Option<SocketAddr>,
+    pub(crate) claim_error: Option<ClaimError>,
 }
 
 impl Default for Outbox {
@@ -198,6 +279,8 @@ impl Outbox {
         forwarded: 0,
         refused: [0; CallError::ALL.len()],
         first_refusal: None,
+        claimed: None,
+        claim_error: None,
     };
 
     /// Empties the outbox for a call with `allowance`.
@@ -210,6 +293,20 @@ impl Outbox {
         self.forwarded = 0;
         self.refused = [0; CallError::ALL.len()];
         self.first_refusal = None;
+        self.claimed = None;
+        self.claim_error = None;
+    }
+
+    /// The answer is for `client`: from here on the call draws on its
+    /// allowance (the calls already made count against it too).
+    fn claim(&mut self, client: SocketAddr, allowance: Allowance) {
+        self.claimed = Some(client);
+        self.budget = allowance.bytes;
+        self.call_limit = allowance
+            .calls
+            .saturating_add(self.calls)
+            .min(self.call_limit)
+            .max(self.calls);
     }
 
     /// The datagrams `send` queued, in order.
