@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # docs/GUIDE.md's DNS-proxy walk-through, run with real tools on loopback: two
 # dnsmasq resolvers (with a local record, so no network is needed), wasmgate
-# serving examples/dns-proxy in front of them, and dig as the client. Checks an
+# serving examples/dns-proxy in front of them (a shared pool), and dig and a
+# Python client of 10,000 distinct source ports as the clients. Checks an
 # answer through a resolver, NXDOMAIN for blocked names from the guest, the
-# session and endpoint metrics, and that stopping a resolver ejects it while the
+# client-handle and endpoint metrics, every one of 10,000 clients answered with
+# its own ID and few descriptors held, and that stopping a resolver ejects it while the
 # other serves. Missing tools (Debian: dnsmasq-base, bind9-dnsutils) are
 # installed when run as root; otherwise it says so and exits 3.
 #   scripts/dns-proxy-check.sh [path/to/wasmgate]    (default: a debug build)
@@ -89,10 +91,57 @@ scrape() {
   cat <&3
   exec 3<&-
 }
-scrape | grep -q '^wasmgate_sessions_created_total{listener="dns"} [1-9]' || fail "no session in the metrics"
+scrape | grep -q '^wasmgate_client_handles{listener="dns"} [1-9]' || fail "no client handle in the metrics"
+scrape | grep -q '^wasmgate_sessions_active{listener="dns"} 0' || fail "a shared pool opened sessions per client"
 scrape | grep -q "^wasmgate_endpoint_healthy{listener=\"dns\",pool=\"resolvers\",endpoint=\"127.0.0.1:$r1\"} 1" ||
   fail "the first resolver is not shown healthy"
-say "metrics show sessions and two healthy endpoints"
+say "metrics show client handles, no per-client session, and two healthy endpoints"
+
+# The shared pool in front of dnsmasq: 10,000 distinct clients (each its own
+# source port, 200 at a time), each query with its own ID, each answered once
+# with its own ID and 192.0.2.10; the gateway holds few descriptors meanwhile.
+python3 - "$gw" "$gateway" <<'PY' || fail "10,000 distinct clients through the shared pool"
+import os, random, select, socket, struct, sys
+gw, pid = int(sys.argv[1]), sys.argv[2]
+def query(qid, name):
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\0\0\1\0\1"
+seen, answered, most_fds = set(), 0, 0
+for batch in range(50):
+    socks = {}
+    while len(socks) < 200:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        if s.getsockname() in seen:
+            s.close()
+            continue
+        seen.add(s.getsockname())
+        qid = random.randrange(65536)
+        s.sendto(query(qid, f"c{batch}-{len(socks)}.example.org"), ("127.0.0.1", gw))
+        socks[s] = qid
+    pending = dict(socks)
+    while pending:
+        ready, _, _ = select.select(list(pending), [], [], 5)
+        if not ready:
+            sys.exit(f"batch {batch}: {len(pending)} clients got no answer")
+        for s in ready:
+            data, src = s.recvfrom(1500)
+            qid, flags, _, ancount = struct.unpack(">HHHH", data[:8])
+            if qid != pending[s] or flags & 0x8000 == 0 or ancount != 1 or data[-4:] != bytes([192, 0, 2, 10]):
+                sys.exit(f"batch {batch}: a wrong answer {data.hex()} for ID {pending[s]}")
+            del pending[s]
+            answered += 1
+    most_fds = max(most_fds, len(os.listdir(f"/proc/{pid}/fd")))
+    for s in socks:
+        s.close()
+if answered != 10_000 or len(seen) != 10_000:
+    sys.exit(f"{answered} answers for {len(seen)} clients")
+if most_fds >= 100:
+    sys.exit(f"the gateway held {most_fds} descriptors")
+print(f"dns-proxy-check: 10,000 distinct clients answered correctly; the gateway held at most {most_fds} descriptors")
+PY
 
 kill "$pid_r1"
 wait "$pid_r1" 2>/dev/null

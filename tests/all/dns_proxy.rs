@@ -3,6 +3,7 @@
 
 use crate::common;
 
+use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -33,6 +34,14 @@ fn proxy(endpoints: &[SocketAddr]) -> Gateway {
         "resolvers",
         endpoints.iter().map(SocketAddr::to_string).collect(),
     ))
+}
+
+/// A shared pool (`sessions = "shared"`), as examples/dns-proxy.toml has it.
+fn shared(endpoints: &[SocketAddr]) -> PoolSpec {
+    PoolSpec {
+        shared: Some(wasmgate::config::SharedSpec::default()),
+        ..PoolSpec::new("resolvers", endpoints.iter().map(SocketAddr::to_string).collect())
+    }
 }
 
 fn proxy_with(pool: PoolSpec) -> Gateway {
@@ -86,6 +95,57 @@ fn allowed_names_are_answered_by_the_resolver_and_blocked_ones_by_the_guest() {
 
 #[test]
 fn answers_that_match_no_forwarded_query_are_dropped() {
+    forged_answers_are_dropped(proxy, DropReason::NoReply);
+}
+
+#[test]
+fn answers_that_match_no_forwarded_query_are_dropped_by_a_shared_pool_too() {
+    // No query, no handle: the host counts each answer the guest names no client for.
+    forged_answers_are_dropped(|e| proxy_with(shared(e)), DropReason::Unclaimed);
+}
+
+#[test]
+fn a_shared_pool_answers_ten_thousand_distinct_clients_each_with_its_own_answer() {
+    let resolver = dns_server();
+    let gateway = proxy_with(shared(&[resolver]));
+    let to = gateway.local_addr();
+    // 100 rounds of 100 clients at once; a socket whose port an earlier
+    // client had is made again, so that all 10,000 clients differ. (Loopback
+    // clients send from ephemeral ports: the gateway takes a fixed port on
+    // loopback for another server of the host and never answers it.)
+    let mut seen = HashSet::new();
+    let mut fresh_client = || loop {
+        let c = client();
+        if seen.insert(c.local_addr().unwrap()) {
+            return c;
+        }
+    };
+    for round in 0..100u16 {
+        let clients: Vec<UdpSocket> = (0..100).map(|_| fresh_client()).collect();
+        for (i, c) in clients.iter().enumerate() {
+            let id = round.wrapping_mul(100).wrapping_add(i as u16);
+            c.send_to(&query("example.org.", id).to_vec().unwrap(), to).unwrap();
+        }
+        for (i, c) in clients.iter().enumerate() {
+            let id = round.wrapping_mul(100).wrapping_add(i as u16);
+            let mut buf = [0u8; 1500];
+            let Ok(n) = c.recv(&mut buf) else {
+                panic!("round {round}, client {i}: no answer; {:?}", gateway.stats());
+            };
+            let reply = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(
+                (reply.metadata.id, addresses(&reply)),
+                (id, vec!["192.0.2.10".to_string()])
+            );
+        }
+    }
+    let s = gateway.stats();
+    assert_eq!((s.forwarded, s.replied, s.dropped_total()), (10_000, 10_000, 0));
+    assert_eq!(s.sessions_active, 0, "no session per client");
+    assert_eq!(s.upstream_dropped.iter().sum::<u64>(), 0);
+}
+
+fn forged_answers_are_dropped(proxy: impl Fn(&[SocketAddr]) -> Gateway, reason: DropReason) {
     let resolver = dns_server();
     // A forger in the pool: for each query it answers with a wrong ID, then with
     // the wrong question, then correctly, then correctly again.
@@ -115,11 +175,7 @@ fn answers_that_match_no_forwarded_query_are_dropped() {
     assert_silent(&c, Duration::from_millis(300));
     let s = gateway.stats();
     assert_eq!(s.upstream_received, 4);
-    assert_eq!(
-        s.upstream_dropped(DropReason::NoReply),
-        3,
-        "wrong ID, wrong question, duplicate"
-    );
+    assert_eq!(s.upstream_dropped(reason), 3, "wrong ID, wrong question, duplicate");
 
     // An upstream that echoes the query back sends no response at all.
     let echo = Upstream::echo("");
@@ -127,7 +183,7 @@ fn answers_that_match_no_forwarded_query_are_dropped() {
     c.send_to(&query("example.org.", 78).to_vec().unwrap(), gateway.local_addr())
         .unwrap();
     assert_silent(&c, Duration::from_millis(300));
-    assert_eq!(gateway.stats().upstream_dropped(DropReason::NoReply), 1);
+    assert_eq!(gateway.stats().upstream_dropped(reason), 1);
 
     // The real resolver still works beside it all.
     let gateway = proxy(&[resolver]);

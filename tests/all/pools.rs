@@ -23,6 +23,7 @@ fn the_dns_proxy_config_file_describes_its_pool() {
     assert_eq!(l.pools.len(), 1);
     assert_eq!(l.pools[0].name, "resolvers");
     assert_eq!(l.pools[0].idle_timeout, Duration::from_secs(10));
+    assert_eq!(l.pools[0].shared, Some(wasmgate::config::SharedSpec::default()));
 }
 
 #[test]

@@ -4,9 +4,12 @@
 //! - A query whose question (name, any case; type; class) has a cached answer
 //!   is answered from the cache, with the query's ID and the query's spelling
 //!   of the name; it never reaches the resolvers.
-//! - Other queries go to the pool `resolvers`, remembered in the instance
-//!   (client, ID and question: `dns_wire::Pending`); `on_reply` passes an
-//!   answer only if it matches a remembered query, once (anti-spoofing).
+//! - Other queries go to the pool `resolvers` under an ID of the instance's
+//!   own, remembered with the client's handle, its ID and the question
+//!   (`dns_wire::Outstanding`, as examples/dns-proxy does); `on_reply` passes
+//!   an answer only if it matches a remembered query, once, to that query's
+//!   client (`Context::reply_to`), with its ID (anti-spoofing). The pool is
+//!   shared (`sessions = "shared"`): a few sockets per worker carry every client.
 //! - A NOERROR answer with records, not truncated, is cached for the smallest
 //!   TTL of its answer records (`Context::state_set` with that TTL), capped at
 //!   [`MAX_TTL_S`]. The cache is the listener's shared state: every worker
@@ -21,8 +24,8 @@
 
 #![no_std]
 
-use dns_wire::{pending_table, HEADER, MATCH_KEY, MAX_KEY, NOERROR, Question, SERVFAIL, age_ttls, answer_here, match_key, min_answer_ttl};
-use wasmgate_sdk::{Context, Reply};
+use dns_wire::{outstanding_table, HEADER, MAX_KEY, NOERROR, Question, SERVFAIL, age_ttls, answer_here, min_answer_ttl};
+use wasmgate_sdk::{ClientHandle, Context, Reply};
 
 /// The longest an answer is cached, in seconds, whatever its TTL.
 pub const MAX_TTL_S: u32 = 3600;
@@ -60,24 +63,29 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
         answer[HEADER..q.end].copy_from_slice(&datagram[HEADER..q.end]);
         return Reply::Send(answer);
     }
-    let mut pending = [0u8; MATCH_KEY];
-    let pending = pending_key(ctx, datagram, &q, &mut pending);
-    match ctx.forward(POOL, datagram) {
-        Ok(()) => {
-            pending_table().remember(pending);
-            Reply::Nothing
-        }
-        Err(_) => Reply::Send(answer_here(datagram, q.end, SERVFAIL)),
+    let Ok(client) = ctx.client() else {
+        return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
+    };
+    let table = outstanding_table();
+    table.send_as(client.to_bits(), datagram, &q);
+    if ctx.forward(POOL, datagram).is_err() {
+        table.cancel(datagram);
+        return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
     }
+    Reply::Nothing
 }
 
 fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     let Some(q) = Question::parse(datagram) else {
         return Reply::Nothing;
     };
-    let mut pending = [0u8; MATCH_KEY];
-    let pending = pending_key(ctx, datagram, &q, &mut pending);
-    if !q.response || !pending_table().forget(pending) {
+    if !q.response {
+        return Reply::Nothing;
+    }
+    let Some(client) = outstanding_table().take(datagram, &q) else {
+        return Reply::Nothing;
+    };
+    if ctx.reply_to(ClientHandle::from_bits(client)).is_err() {
         return Reply::Nothing;
     }
     if q.rcode == NOERROR && !q.truncated {
@@ -105,10 +113,4 @@ fn cache_key<'k>(m: &[u8], q: &Question, out: &'k mut [u8; 1 + MAX_KEY]) -> &'k 
     out[0] = CACHED;
     out[1..1 + question.len()].copy_from_slice(question);
     &out[..1 + question.len()]
-}
-
-fn pending_key<'k>(ctx: &Context, m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {
-    let mut peer = [0u8; 64];
-    let client = ctx.peer_text(&mut peer).unwrap_or("");
-    match_key(client.as_bytes(), m, q, out)
 }

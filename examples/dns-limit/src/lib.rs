@@ -9,19 +9,21 @@
 //!   for [`PENALTY_MS`] (`Context::penalize`): every query of a penalized
 //!   client is REFUSED at once, whatever its bucket holds, until the penalty
 //!   ends. Its queries never reach the resolvers.
-//! - Other queries go to the pool `resolvers`, and are remembered in the
-//!   instance (client, ID and question: `dns_wire::Pending`, as
-//!   examples/dns-proxy does); `on_reply` passes an answer only if it matches
-//!   a remembered query, once (anti-spoofing). Answers come back to the
-//!   worker that forwarded, so the instance's own table is enough, and cheaper
-//!   than the shared state.
+//! - Other queries go to the pool `resolvers` under an ID of the instance's
+//!   own, remembered with the client's handle, its ID and the question
+//!   (`dns_wire::Outstanding`, as examples/dns-proxy does); `on_reply` passes
+//!   an answer only if it matches a remembered query, once, to that query's
+//!   client (`Context::reply_to`), with its ID (anti-spoofing). Answers come
+//!   back to the worker that forwarded, so the instance's own table is
+//!   enough, and cheaper than the shared state. The pool is shared
+//!   (`sessions = "shared"`): a few sockets per worker carry every client.
 //!
 //! Build: `scripts/build-guests.sh`. Run: `wasmgate --config examples/dns-limit.toml`.
 
 #![no_std]
 
-use dns_wire::{pending_table, MATCH_KEY, Question, REFUSED, SERVFAIL, answer_here, match_key};
-use wasmgate_sdk::{Context, Reply};
+use dns_wire::{outstanding_table, Question, REFUSED, SERVFAIL, answer_here};
+use wasmgate_sdk::{ClientHandle, Context, Reply};
 
 /// Queries a second each client IP may send, on average (5; a build with
 /// `DNS_LIMIT_RATE` set takes that instead, as `examples/limit_bench` does).
@@ -30,7 +32,7 @@ pub const RATE: u32 = number(option_env!("DNS_LIMIT_RATE"), 5);
 pub const BURST: u32 = number(option_env!("DNS_LIMIT_BURST"), 10);
 /// How long a client that went past its bucket is refused.
 pub const PENALTY_MS: i64 = 10_000;
-/// How long a forwarded query waits for its answer.
+/// The pool every allowed query goes to.
 const POOL: &str = "resolvers";
 
 fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
@@ -40,8 +42,7 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     if q.response {
         return Reply::Nothing; // answering a response could start a loop
     }
-    // The client's address, asked once: its IP keys the bucket, the whole of
-    // it the pending query.
+    // The client's address: its IP keys the bucket.
     let mut peer = [0u8; 64];
     let Some(client) = ctx.peer_text(&mut peer) else {
         return Reply::Nothing;
@@ -58,25 +59,30 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
         }
         return Reply::Send(answer_here(datagram, q.end, REFUSED));
     }
-    let mut key = [0u8; MATCH_KEY];
-    let key = match_key(client.as_bytes(), datagram, &q, &mut key);
-    match ctx.forward(POOL, datagram) {
-        Ok(()) => {
-            pending_table().remember(key);
-            Reply::Nothing
-        }
-        Err(_) => Reply::Send(answer_here(datagram, q.end, SERVFAIL)),
+    let Ok(handle) = ctx.client() else {
+        return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
+    };
+    let table = outstanding_table();
+    table.send_as(handle.to_bits(), datagram, &q);
+    if ctx.forward(POOL, datagram).is_err() {
+        table.cancel(datagram);
+        return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
     }
+    Reply::Nothing
 }
 
 fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     let Some(q) = Question::parse(datagram) else {
         return Reply::Nothing;
     };
-    let mut key = [0u8; MATCH_KEY];
-    let key = pending_key(ctx, datagram, &q, &mut key);
-    // Only an answer to a query forwarded for this client, and only once.
-    if !q.response || !pending_table().forget(key) {
+    // Only an answer to a query forwarded, only once, and only to its client.
+    if !q.response {
+        return Reply::Nothing;
+    }
+    let Some(client) = outstanding_table().take(datagram, &q) else {
+        return Reply::Nothing;
+    };
+    if ctx.reply_to(ClientHandle::from_bits(client)).is_err() {
         return Reply::Nothing;
     }
     Reply::Send(datagram)
@@ -101,11 +107,4 @@ const fn number(text: Option<&str>, default: u32) -> u32 {
 fn client_ip(peer: &str) -> Option<&str> {
     let (ip, _port) = peer.rsplit_once(':')?;
     Some(ip.trim_start_matches('[').trim_end_matches(']'))
-}
-
-/// The shared-state key of a query or its answer for the current client.
-fn pending_key<'k>(ctx: &Context, m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {
-    let mut peer = [0u8; 64];
-    let client = ctx.peer_text(&mut peer).unwrap_or("");
-    match_key(client.as_bytes(), m, q, out)
 }

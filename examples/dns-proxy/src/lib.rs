@@ -2,12 +2,18 @@
 //!
 //! - Queries for `blocked.test` and every name under it are answered here, with
 //!   NXDOMAIN; the resolvers never see them.
-//! - Every other query goes to the pool `resolvers` (`Context::forward`), and is
-//!   remembered: the client, the query ID and the question.
-//! - Every answer comes back through `on_reply`, which passes it to the client
-//!   only if it is a response to a query this instance forwarded for that client
-//!   (same ID, same question, not answered yet). Anything else, such as a forged
-//!   answer racing the real one, is dropped (anti-spoofing).
+//! - Every other query goes to the pool `resolvers` (`Context::forward`) under
+//!   an ID of the instance's own, and is remembered: the client's handle
+//!   (`Context::client`), its ID and the question.
+//! - Every answer comes back through `on_reply`, which passes it on only if it
+//!   answers a query this instance forwarded (same ID, same question, not
+//!   answered yet), to that query's client (`Context::reply_to`, which the host
+//!   refuses if the answer came from an endpoint the client's query did not go
+//!   to), with the client's ID. Anything else, such as a forged answer racing
+//!   the real one, is dropped (anti-spoofing), and counted by the host.
+//! - So it serves a pool with `sessions = "shared"` (examples/dns-proxy.toml):
+//!   every client's queries go to a resolver on a few sockets per worker, as
+//!   dnsdist does, rather than a socket per client; a per-client pool works too.
 //! - When the pool cannot take the query (every resolver ejected, too many
 //!   sessions), the client gets SERVFAIL at once instead of a timeout.
 //! - Datagrams that are not a well-formed one-question query are dropped.
@@ -17,20 +23,20 @@
 //!   NOERROR or NXDOMAIN; SERVFAIL, REFUSED, a truncated or foreign answer, or
 //!   none at all fail the probe.
 //!
-//! Pending queries live in a fixed table per instance (`dns_wire::Pending`,
-//! shared with examples/dns-limit and examples/dns-cache): 65,536 entries in
-//! sets of four (512 KiB). When all four of a set are waiting, the oldest gives
-//! way and its answer, when it comes, is dropped, as a query lost on the
-//! network would be. The table lives in the instance, so run it with
-//! `--isolation reuse` (the default).
+//! Pending queries live in a fixed table per instance (`dns_wire::Outstanding`,
+//! shared with examples/dns-limit and examples/dns-cache): one entry per
+//! 16-bit ID (896 KiB). The 65,536th query after one takes its ID, and that
+//! query's answer, when it comes, is dropped, as a query lost on the network
+//! would be. The table lives in the instance (answers come back to the worker
+//! that forwarded), so run it with `--isolation reuse` (the default).
 //!
 //! Build: `scripts/build-guests.sh` (wasm32-unknown-unknown, from the guest workspace).
 //! Run: `wasmgate --config examples/dns-proxy.toml`.
 
 #![no_std]
 
-use dns_wire::{HEADER, MATCH_KEY, NOERROR, NXDOMAIN, QR, Question, SERVFAIL, answer_here, match_key, pending_table};
-use wasmgate_sdk::{Context, Reply};
+use dns_wire::{HEADER, NOERROR, NXDOMAIN, QR, Question, SERVFAIL, answer_here, outstanding_table};
+use wasmgate_sdk::{ClientHandle, Context, Reply};
 
 /// The pool every allowed query goes to.
 const POOL: &str = "resolvers";
@@ -47,15 +53,22 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     if blocked(datagram) {
         return Reply::Send(answer_here(datagram, q.end, NXDOMAIN));
     }
-    let mut key = [0u8; MATCH_KEY];
-    let key = pending_key(ctx, datagram, &q, &mut key);
-    match ctx.forward(POOL, datagram) {
-        Ok(()) => {
-            pending_table().remember(key);
-            Reply::Nothing
-        }
-        Err(_) => Reply::Send(answer_here(datagram, q.end, SERVFAIL)),
+    forward(datagram, &q, ctx)
+}
+
+/// Forwards the query under an ID of the instance's own, remembered with its
+/// client; SERVFAIL at once when the pool cannot take it.
+fn forward<'a>(datagram: &'a mut [u8], q: &Question, ctx: &mut Context) -> Reply<'a> {
+    let Ok(client) = ctx.client() else {
+        return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
+    };
+    let table = outstanding_table();
+    table.send_as(client.to_bits(), datagram, q);
+    if ctx.forward(POOL, datagram).is_err() {
+        table.cancel(datagram);
+        return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
     }
+    Reply::Nothing
 }
 
 fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
@@ -65,10 +78,12 @@ fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     if !q.response {
         return Reply::Nothing;
     }
-    let mut key = [0u8; MATCH_KEY];
-    let key = pending_key(ctx, datagram, &q, &mut key);
-    if !pending_table().forget(key) {
-        return Reply::Nothing; // not a query we forwarded for this client, or answered already
+    // Not a query we forwarded, answered already, or from the wrong endpoint.
+    let Some(client) = outstanding_table().take(datagram, &q) else {
+        return Reply::Nothing;
+    };
+    if ctx.reply_to(ClientHandle::from_bits(client)).is_err() {
+        return Reply::Nothing;
     }
     Reply::Send(datagram)
 }
@@ -125,11 +140,4 @@ fn blocked(m: &[u8]) -> bool {
             .iter()
             .zip(&last)
             .all(|(zone, range)| m.get(range.clone()).is_some_and(|label| label.eq_ignore_ascii_case(zone)))
-}
-
-/// The pending-table key of a query or its answer for the current client.
-fn pending_key<'k>(ctx: &Context, m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {
-    let mut peer = [0u8; 64];
-    let client = ctx.peer_text(&mut peer).unwrap_or("");
-    match_key(client.as_bytes(), m, q, out)
 }

@@ -76,25 +76,6 @@ impl Question {
     }
 }
 
-/// The longest [`match_key`]: a client address as text (64 bytes at most),
-/// a separator, the ID and the question.
-pub const MATCH_KEY: usize = 64 + 1 + 2 + MAX_KEY;
-
-/// The key under which a forwarded query waits for its answer: the client's
-/// address (`ip:port`), the ID and the question, so that only the answer to
-/// that query, for that client, matches.
-pub fn match_key<'k>(client: &[u8], m: &[u8], q: &Question, out: &'k mut [u8; MATCH_KEY]) -> &'k [u8] {
-    let client = &client[..client.len().min(64)];
-    let mut question = [0u8; MAX_KEY];
-    let question = q.key(m, &mut question);
-    let mut len = 0;
-    for part in [client, b"\0", &q.id.to_be_bytes(), question] {
-        out[len..len + part.len()].copy_from_slice(part);
-        len += part.len();
-    }
-    &out[..len]
-}
-
 /// Turns the query into a response with `rcode` and no records, in place.
 pub fn answer_here(datagram: &mut [u8], question_end: usize, rcode: u8) -> &[u8] {
     datagram[2] |= QR; // keep the opcode and RD
@@ -164,74 +145,97 @@ fn skip_name(m: &[u8], mut at: usize) -> Option<usize> {
     }
 }
 
-/// Sets of the pending table, and entries per set.
-const SETS: usize = 16_384;
-const WAYS: usize = 4;
-
-/// Queries forwarded and not yet answered, kept in the instance that forwarded
-/// them (answers come back to the worker, so the instance, whose session sent
-/// the query): 65,536 entries in sets of four (512 KiB). Each entry is a hash
-/// of [`match_key`] (0: free) and when it was stored, so that a full set gives
-/// way to the newest query and the oldest one's answer, when it comes, is
-/// dropped as a query lost on the network would be.
-pub struct Pending {
-    keys: [[u64; WAYS]; SETS],
-    stamps: [[u32; WAYS]; SETS],
-    clock: u32,
+/// Queries forwarded and not yet answered, under the ID each went out with:
+/// the client's handle (`Context::client`), the ID the client gave, and a
+/// hash of the question. The instance gives every query it forwards an ID of
+/// its own, so that clients whose queries share one upstream socket (a shared
+/// pool) never share an ID; an answer is matched on its ID and question, once,
+/// and goes out with the client's ID again. 65,536 entries (896 KiB): the
+/// 65,536th query after one takes its ID, and that query's answer, when it
+/// comes, is dropped as a query lost on the network would be.
+///
+/// IDs are a fixed permutation of a counter: not secret. What a blind spoofer
+/// must guess is the ID and the question together with the source port of the
+/// upstream socket (random, and re-rolled by a shared pool), and its answer
+/// must come from the resolver's address (the host's sockets are connected).
+pub struct Outstanding {
+    clients: [u64; IDS],
+    questions: [u32; IDS],
+    ids: [u16; IDS],
+    next: u16,
 }
 
-impl Default for Pending {
+const IDS: usize = 1 << 16;
+
+impl Default for Outstanding {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Pending {
+impl Outstanding {
     pub const fn new() -> Self {
         Self {
-            keys: [[0; WAYS]; SETS],
-            stamps: [[0; WAYS]; SETS],
-            clock: 0,
+            clients: [0; IDS],
+            questions: [0; IDS],
+            ids: [0; IDS],
+            next: 0,
         }
     }
 
-    /// Remembers the query with this [`match_key`].
-    pub fn remember(&mut self, key: &[u8]) {
-        let h = hash(key);
-        self.clock = self.clock.wrapping_add(1);
-        let (now, set) = (self.clock, (h % SETS as u64) as usize);
-        let (keys, stamps) = (&mut self.keys[set], &mut self.stamps[set]);
-        let way = (0..WAYS)
-            .find(|&w| keys[w] == 0 || keys[w] == h)
-            .unwrap_or_else(|| (0..WAYS).max_by_key(|&w| now.wrapping_sub(stamps[w])).unwrap_or(0));
-        keys[way] = h;
-        stamps[way] = now;
+    /// Gives the query `m` (parsed as `q`) from `client` (a handle's bits,
+    /// never 0) an ID of its own, written into `m`.
+    pub fn send_as(&mut self, client: u64, m: &mut [u8], q: &Question) {
+        self.next = self.next.wrapping_add(1);
+        // Odd multiplier: a bijection of u16, so no two of the last 65,536 queries share an ID.
+        let id = self.next.wrapping_mul(0x9e37) ^ 0x5bd1;
+        let i = usize::from(id);
+        self.clients[i] = client;
+        self.questions[i] = question_hash(m, q);
+        self.ids[i] = q.id;
+        m[..2].copy_from_slice(&id.to_be_bytes());
     }
 
-    /// Forgets the query with this [`match_key`]; false when it was not there
-    /// (never forwarded for this client, or answered already).
-    pub fn forget(&mut self, key: &[u8]) -> bool {
-        let h = hash(key);
-        let keys = &mut self.keys[(h % SETS as u64) as usize];
-        match keys.iter().position(|&k| k == h) {
-            Some(way) => {
-                keys[way] = 0;
-                true
-            }
-            None => false,
+    /// Gives `m` (a query [`Outstanding::send_as`] rewrote) its client's ID
+    /// back, and forgets it: it was not forwarded after all.
+    pub fn cancel(&mut self, m: &mut [u8]) {
+        let Some(id) = m.get(..2) else { return };
+        let i = usize::from(u16::from_be_bytes([id[0], id[1]]));
+        self.clients[i] = 0;
+        m[..2].copy_from_slice(&self.ids[i].to_be_bytes());
+    }
+
+    /// For the answer `m` (parsed as `q`): the client it is for, with the
+    /// client's own ID written back into `m`; `None` when no query went out
+    /// under its ID with its question (never sent, answered already, or
+    /// given way).
+    pub fn take(&mut self, m: &mut [u8], q: &Question) -> Option<u64> {
+        let i = usize::from(q.id);
+        let client = self.clients[i];
+        if client == 0 || self.questions[i] != question_hash(m, q) {
+            return None;
         }
+        self.clients[i] = 0;
+        m[..2].copy_from_slice(&self.ids[i].to_be_bytes());
+        Some(client)
     }
 }
 
-/// The instance's one [`Pending`] table.
-static mut PENDING: Pending = Pending::new();
+/// The question's hash, any case.
+fn question_hash(m: &[u8], q: &Question) -> u32 {
+    let mut key = [0u8; MAX_KEY];
+    (hash(q.key(m, &mut key)) >> 32) as u32
+}
+
+/// The instance's one [`Outstanding`] table.
+static mut OUTSTANDING: Outstanding = Outstanding::new();
 
 /// The instance's forwarded queries. Only from `handle` and `on_reply`, which
 /// the host calls one at a time; the reference must not outlive the call.
 #[allow(clippy::deref_addrof)]
-pub fn pending_table() -> &'static mut Pending {
+pub fn outstanding_table() -> &'static mut Outstanding {
     // SAFETY: one call at a time (above), so no other reference is live.
-    unsafe { &mut *(&raw mut PENDING) }
+    unsafe { &mut *(&raw mut OUTSTANDING) }
 }
 
 /// FNV-1a, 64 bits, never 0 (0 marks a free entry): small and enough to key a table.

@@ -119,6 +119,40 @@ impl CallError {
     }
 }
 
+/// A client as the host names it (docs/ABI.md, "Shared pools"): kept beside
+/// what was forwarded for it, and given back to [`Context::reply_to`] in
+/// `on_reply` to say which client an answer from a shared pool is for. Lives
+/// while the client goes on talking (at most the pool's `idle_timeout` after
+/// its last datagram, less until it has proven its address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientHandle(u64);
+
+impl ClientHandle {
+    /// The handle as a number, to store.
+    pub const fn to_bits(self) -> u64 {
+        self.0
+    }
+
+    /// A handle from [`ClientHandle::to_bits`].
+    pub const fn from_bits(bits: u64) -> Self {
+        Self(bits)
+    }
+}
+
+/// Why [`Context::reply_to`] named no client; the answer is dropped (and
+/// counted) if the handler then names none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyToError {
+    /// No client has that handle now: it expired, or was never given.
+    Stale,
+    /// The client's datagrams did not go to the endpoint that answered.
+    WrongEndpoint,
+    /// Another call named another client already, or past the call limit.
+    TooMany,
+    /// A code this SDK does not know (a newer host), or no pool at all.
+    Other(i32),
+}
+
 /// Why a state call ([`Context::state_get`], [`Context::limit`], …) did nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StateError {
@@ -220,6 +254,34 @@ impl Context {
     pub fn send(&mut self, data: &[u8]) -> Result<(), CallError> {
         // SAFETY: the host reads `len` bytes at `ptr`, which is `data`.
         CallError::check(unsafe { host::send(data.as_ptr(), data.len() as i32) })
+    }
+
+    /// This client's handle, for a shared pool's answers to name it by
+    /// ([`Context::reply_to`]); it stays the same while the client keeps it.
+    pub fn client(&mut self) -> Result<ClientHandle, CallError> {
+        // SAFETY: no arguments; the host returns a handle or a negative code.
+        let bits = unsafe { host::client() };
+        if let Ok(bits) = u64::try_from(bits) {
+            return Ok(ClientHandle(bits));
+        }
+        match CallError::check(i32::try_from(bits).unwrap_or(i32::MIN)) {
+            Err(error) => Err(error),
+            Ok(()) => Err(CallError::Other(0)),
+        }
+    }
+
+    /// Inside `on_reply` on an answer from a shared pool: the answer is for
+    /// `client`. The reply and [`Context::send`]s then go to it, within what
+    /// its own datagrams earned; [`Context::peer`] gives its address.
+    pub fn reply_to(&mut self, client: ClientHandle) -> Result<(), ReplyToError> {
+        // SAFETY: no memory is passed; the host returns 0 or a negative code.
+        match unsafe { host::reply_to(client.0 as i64) } {
+            0 => Ok(()),
+            -15 => Err(ReplyToError::Stale),
+            -16 => Err(ReplyToError::WrongEndpoint),
+            -8 => Err(ReplyToError::TooMany),
+            other => Err(ReplyToError::Other(other)),
+        }
     }
 
     /// Inside `on_reply`: the endpoint that sent the datagram, as
@@ -454,6 +516,8 @@ mod host {
         ) -> i32;
         pub(crate) fn send(ptr: *const u8, len: i32) -> i32;
         pub(crate) fn upstream(ptr: *mut u8, cap: i32) -> i32;
+        pub(crate) fn client() -> i64;
+        pub(crate) fn reply_to(handle: i64) -> i32;
         pub(crate) fn state_get(key: *const u8, key_len: i32, buf: *mut u8, cap: i32) -> i32;
         pub(crate) fn state_set(key: *const u8, key_len: i32, value: *const u8, value_len: i32, ttl_ms: i64) -> i32;
         pub(crate) fn state_delete(key: *const u8, key_len: i32) -> i32;
