@@ -185,3 +185,100 @@ fn an_answer_after_the_clients_handle_expired_reaches_no_one() {
     });
     assert_eq!(gw.stats().handles_active, 0);
 }
+
+/// tests/guests/shared.wat as a component of the `shared-proxy` world:
+/// `handle` keeps `client`'s handle under the datagram's first byte and
+/// forwards; `on-reply` names the client kept under the answer's first byte
+/// with `reply-to` (once) and passes the answer on.
+const SHARED_COMPONENT: &str = r#"(component
+  (import "wasmgate:handler/types@0.1.0" (instance $types
+    (type $ce (enum "unknown-pool" "no-healthy-endpoint" "session-overflow" "oversize" "no-client"
+      "upstream-error" "amplification" "too-many-calls"))
+    (export "call-error" (type (eq $ce)))))
+  (alias export $types "call-error" (type $call-error))
+  (import "forward" (func $forward (param "pool" string) (param "datagram" (list u8))
+    (result (result (error $call-error)))))
+  (import "wasmgate:handler/clients@0.1.0" (instance $clients
+    (export "client" (func (result (option u64))))
+    (export "reply-to" (func (param "handle" u64) (result bool)))))
+  (alias export $clients "client" (func $client))
+  (alias export $clients "reply-to" (func $reply-to))
+  (core module $mem
+    (memory (export "memory") 1)
+    (global $heap (mut i32) (i32.const 1024))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $p i32)
+      (if (i32.gt_u (global.get $heap) (i32.const 16384)) (then (global.set $heap (i32.const 1024))))
+      (local.set $p (global.get $heap))
+      (global.set $heap (i32.add (global.get $heap) (i32.add (local.get 3) (i32.const 8))))
+      (local.get $p)))
+  (core instance $mi (instantiate $mem))
+  (core func $client-lowered (canon lower (func $client) (memory (core memory $mi "memory"))))
+  (core func $reply-to-lowered (canon lower (func $reply-to)))
+  (core func $forward-lowered (canon lower (func $forward) (memory (core memory $mi "memory")) (realloc (core func $mi "realloc"))))
+  (core module $m
+    (import "host" "memory" (memory 1))
+    (import "host" "client" (func $client (param i32)))
+    (import "host" "reply-to" (func $reply_to (param i64) (result i32)))
+    (import "host" "forward" (func $forward (param i32 i32 i32 i32 i32)))
+    (data (i32.const 0) "backend")
+    (func $slot (param $d i32) (result i32)
+      (i32.add (i32.const 17000) (i32.shl (i32.load8_u (local.get $d)) (i32.const 3))))
+    (func (export "handle") (param $d i32) (param $n i32) (param $p i32) (param $pn i32) (result i32)
+      (i32.store8 (i32.const 16) (i32.const 0))
+      (if (i32.eqz (local.get $n)) (then (return (i32.const 16))))
+      (call $client (i32.const 40))
+      (if (i32.eqz (i32.load8_u (i32.const 40))) (then (return (i32.const 16))))
+      (i64.store (call $slot (local.get $d)) (i64.load (i32.const 48)))
+      (call $forward (i32.const 0) (i32.const 7) (local.get $d) (local.get $n) (i32.const 64))
+      (i32.const 16))
+    (func (export "on-reply") (param $d i32) (param $n i32) (param $p i32) (param $pn i32)
+        (param $u i32) (param $un i32) (result i32)
+      (local $h i64)
+      (i32.store8 (i32.const 16) (i32.const 0))
+      (if (i32.eqz (local.get $n)) (then (return (i32.const 16))))
+      (local.set $h (i64.load (call $slot (local.get $d))))
+      (if (i64.eqz (local.get $h)) (then (return (i32.const 16))))
+      (i64.store (call $slot (local.get $d)) (i64.const 0))
+      (if (i32.eqz (call $reply_to (local.get $h))) (then (return (i32.const 16))))
+      (i32.store8 (i32.const 16) (i32.const 1))
+      (i32.store (i32.const 20) (local.get $d))
+      (i32.store (i32.const 24) (local.get $n))
+      (i32.const 16)))
+  (core instance $i (instantiate $m (with "host" (instance
+    (export "memory" (memory $mi "memory"))
+    (export "client" (func $client-lowered))
+    (export "reply-to" (func $reply-to-lowered))
+    (export "forward" (func $forward-lowered))))))
+  (func (export "handle") (param "datagram" (list u8)) (param "peer" string) (result (option (list u8)))
+    (canon lift (core func $i "handle") (memory (core memory $mi "memory")) (realloc (core func $mi "realloc"))))
+  (func (export "on-reply") (param "datagram" (list u8)) (param "peer" string) (param "upstream" string)
+      (result (option (list u8)))
+    (canon lift (core func $i "on-reply") (memory (core memory $mi "memory")) (realloc (core func $mi "realloc")))))"#;
+
+#[test]
+fn a_component_names_each_answers_client_through_the_clients_interface() {
+    let upstream = Scripted::new(Duration::ZERO, |q| {
+        vec![vec![q[0].wrapping_add(100)], q.to_vec(), q.to_vec()]
+    });
+    let gw = common::start_with(
+        SHARED_COMPONENT.as_bytes(),
+        Limits::default(),
+        ListenerSpec {
+            pools: vec![shared_pool(&[upstream.addr])],
+            workers: 1,
+            ..common::config()
+        },
+    );
+    let clients: Vec<UdpSocket> = (0..5).map(|_| client()).collect();
+    for (i, c) in clients.iter().enumerate() {
+        c.send_to(&[i as u8 + 1, b'q'], gw.local_addr()).unwrap();
+    }
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(recv(c, gw.local_addr()), [i as u8 + 1, b'q']);
+        assert_silent(c, Duration::from_millis(50));
+    }
+    wait_until("the unknown IDs and duplicates to be counted", || {
+        gw.stats().upstream_dropped(DropReason::Unclaimed) == 10
+    });
+}

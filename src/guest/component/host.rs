@@ -34,9 +34,21 @@ pub(super) const PACKAGE: &str = "wasmgate:handler/";
 pub(super) const WORLD_FUNCTIONS: [&str; 4] = ["log", "forward", "forward-key", "send"];
 
 /// The host side of the worlds, generated from `wit/handler.wit`: the world
-/// with every import and both exports.
+/// with both exports of a proxy (the probes' are looked up on their own).
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({ path: "wit", world: "stateful-proxy" });
+}
+
+/// The `shared-proxy` world: every import (`clients` too), for the linker.
+mod shared_bindings {
+    wasmtime::component::bindgen!({
+        path: "wit",
+        world: "shared-proxy",
+        with: {
+            "wasmgate:handler/types": crate::guest::component::host::bindings::wasmgate::handler::types,
+            "wasmgate:handler/state": crate::guest::component::host::bindings::wasmgate::handler::state,
+        },
+    });
 }
 
 /// The `handler` world: the same imports, without `on-reply`.
@@ -143,6 +155,37 @@ impl bindings::StatefulProxyImports for ComponentHost {
 
 impl bindings::wasmgate::handler::types::Host for ComponentHost {}
 
+/// The same top-level imports, as the `shared-proxy` world names them.
+impl shared_bindings::SharedProxyImports for ComponentHost {
+    fn log(&mut self, level: u8, message: String) {
+        bindings::StatefulProxyImports::log(self, level, message);
+    }
+
+    fn forward(&mut self, pool: String, datagram: Vec<u8>) -> Result<(), WitCallError> {
+        bindings::StatefulProxyImports::forward(self, pool, datagram)
+    }
+
+    fn forward_key(&mut self, pool: String, key: Vec<u8>, datagram: Vec<u8>) -> Result<(), WitCallError> {
+        bindings::StatefulProxyImports::forward_key(self, pool, key, datagram)
+    }
+
+    fn send(&mut self, datagram: Vec<u8>) -> Result<(), WitCallError> {
+        bindings::StatefulProxyImports::send(self, datagram)
+    }
+}
+
+/// `wasmgate:handler/clients`: `client` and `reply_to` of `guest::host`; the
+/// reasons for a refusal are the host's to count.
+impl shared_bindings::wasmgate::handler::clients::Host for ComponentHost {
+    fn client(&mut self) -> Option<u64> {
+        self.calls.client().ok()
+    }
+
+    fn reply_to(&mut self, handle: u64) -> bool {
+        self.calls.reply_to(handle).is_ok()
+    }
+}
+
 impl From<StateError> for WitStateError {
     fn from(e: StateError) -> Self {
         match e {
@@ -210,7 +253,7 @@ impl bindings::wasmgate::handler::state::Host for ComponentHost {
 pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<ComponentHost>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-    bindings::StatefulProxy::add_to_linker::<_, wasmtime::component::HasSelf<ComponentHost>>(&mut linker, |h| h)?;
+    shared_bindings::SharedProxy::add_to_linker::<_, wasmtime::component::HasSelf<ComponentHost>>(&mut linker, |h| h)?;
     // Waiting blocks the worker in the host, where the epoch deadline cannot reach;
     // a handler has nothing to wait for (its datagram is a parameter), so a wait
     // is a bug or an attack, and traps at once.
