@@ -45,6 +45,9 @@ struct Args {
     /// the same guests beside this one, interleaved: old against new.
     #[arg(long, value_name = "PATH")]
     baseline: Option<std::path::PathBuf>,
+    /// Only the DNS proxy's table.
+    #[arg(long)]
+    dns_only: bool,
 }
 
 /// Clients × window × payload bytes.
@@ -85,6 +88,9 @@ fn main() -> anyhow::Result<()> {
          {} runs of {} s per cell, median shown\n",
         args.run.runs, args.run.seconds
     );
+    if args.dns_only {
+        return dns_table(&args, &wasmgate, root);
+    }
 
     // The upstream every gateway forwards to: a native uppercase server.
     let up_port = free_port()?;
@@ -243,7 +249,9 @@ fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {
     let resolver = free_port()?;
     let _dnsmasq = dns::dnsmasq(dir.path(), resolver)?;
 
-    let (proxy_port, proxy) = dns::proxy(wasmgate, &root.join("examples/dns-proxy/dns_proxy.wasm"), resolver)?;
+    let module = root.join("examples/dns-proxy/dns_proxy.wasm");
+    let (proxy_port, proxy) = dns::proxy(wasmgate, &module, resolver, None)?;
+    let (shared_port, shared) = dns::proxy(wasmgate, &module, resolver, Some(dir.path()))?;
 
     let dnsdist_port = free_port()?;
     let conf = dir.path().join("dnsdist.conf");
@@ -275,20 +283,19 @@ fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {
         ("blocked (answered by the proxy)", queries("blocked.test")?),
     ];
     let mut servers = vec![
-        ("wasmgate dns-proxy", proxy_port, proxy.0.id()),
+        ("wasmgate, shared", shared_port, shared.0.id()),
+        ("wasmgate, per-client", proxy_port, proxy.0.id()),
         ("dnsdist 1.7", dnsdist_port, dnsdist.0.id()),
     ];
-    // The baseline build's proxy beside it, interleaved, when one is given.
+    // The baseline build's proxy beside it, interleaved, when one is given and
+    // can load today's module (one that names clients needs a build with
+    // shared pools).
     let baseline = match &args.baseline {
-        Some(old) => Some(dns::proxy(
-            old,
-            &root.join("examples/dns-proxy/dns_proxy.wasm"),
-            resolver,
-        )?),
+        Some(old) => Some(dns::proxy(old, &module, resolver, Some(dir.path()))?),
         None => None,
     };
     if let Some((port, running)) = &baseline {
-        servers.push(("baseline: dns-proxy", *port, running.0.id()));
+        servers.push(("baseline, shared", *port, running.0.id()));
     }
     let mut runs = vec![vec![Vec::new(); servers.len()]; cells.len()];
     for _ in 0..args.run.runs {
@@ -301,7 +308,7 @@ fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {
     for (ci, (cell, _)) in cells.iter().enumerate() {
         println!("DNS proxy, dnsperf 64 clients × 256 in flight, {cell}");
         println!(
-            "  {:<20} {:>10} {:>10} {:>8} {:>12} {:>14}",
+            "  {:<22} {:>10} {:>10} {:>8} {:>12} {:>14}",
             "server", "queries/s", "completed", "lost", "avg lat µs", "CPU µs/query"
         );
         for (si, (name, _, _)) in servers.iter().enumerate() {
@@ -309,7 +316,7 @@ fn dns_table(args: &Args, wasmgate: &Path, root: &Path) -> anyhow::Result<()> {
             r.sort_by(|a, b| a.qps.total_cmp(&b.qps));
             let m = r[r.len() / 2];
             println!(
-                "  {:<20} {:>10.0} {:>10} {:>8} {:>12.0} {:>14.2}",
+                "  {:<22} {:>10.0} {:>10} {:>8} {:>12.0} {:>14.2}",
                 name, m.qps, m.completed, m.lost, m.latency_us, m.cpu_us
             );
         }

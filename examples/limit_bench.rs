@@ -18,7 +18,8 @@
 //! 127.0.0.1: one client address) share CPU 1. CPU per query is the proxy
 //! process's own. The allowed build needs the wasm32-unknown-unknown target
 //! (built into a temporary folder); a missing tool is reported and its table
-//! skipped. Loopback only; each run is bounded by `--seconds`.
+//! skipped. The proxies' pools are shared (`sessions = "shared"`), as the
+//! example configs have them. Loopback only; each run is bounded by `--seconds`.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -84,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         ),
     ];
     for (cell, module, rule) in &cells {
-        let (proxy_port, proxy) = dns::proxy(&wasmgate, module, resolver)?;
+        let (proxy_port, proxy) = dns::proxy(&wasmgate, module, resolver, Some(dir.path()))?;
 
         let dnsdist_port = free_port()?;
         let conf = dir.path().join("dnsdist.conf");
@@ -103,7 +104,12 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(2));
 
         // The same proxy without a limit (examples/dns-proxy), for what the limit costs.
-        let (plain_port, plain) = dns::proxy(&wasmgate, &root.join("examples/dns-proxy/dns_proxy.wasm"), resolver)?;
+        let (plain_port, plain) = dns::proxy(
+            &wasmgate,
+            &root.join("examples/dns-proxy/dns_proxy.wasm"),
+            resolver,
+            Some(dir.path()),
+        )?;
         let mut servers = vec![
             ("wasmgate dns-limit", proxy_port, proxy.0.id()),
             ("dnsdist 1.7", dnsdist_port, dnsdist.0.id()),

@@ -37,14 +37,36 @@ pub(crate) fn dnsmasq(dir: &Path, port: u16) -> anyhow::Result<Running> {
 }
 
 /// wasmgate serving `module` with one worker, pinned to CPU 0, with the pool
-/// `resolvers` on `resolver`; its port and the process.
-pub(crate) fn proxy(wasmgate: &Path, module: &Path, resolver: u16) -> anyhow::Result<(u16, Running)> {
+/// `resolvers` on `resolver`: per-client sessions (from flags), or, with
+/// `shared` a folder for its config file, a shared pool; its port and the process.
+pub(crate) fn proxy(
+    wasmgate: &Path,
+    module: &Path,
+    resolver: u16,
+    shared: Option<&Path>,
+) -> anyhow::Result<(u16, Running)> {
     let port = free_port()?;
     let mut c = pinned(0, wasmgate);
-    c.args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1", "--no-watch"])
-        .args(["--upstream", &format!("resolvers=127.0.0.1:{resolver}")])
-        .arg("--module")
-        .arg(module);
+    match shared {
+        None => {
+            c.args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1", "--no-watch"])
+                .args(["--upstream", &format!("resolvers=127.0.0.1:{resolver}")])
+                .arg("--module")
+                .arg(module);
+        }
+        Some(dir) => {
+            let file = dir.join(format!("shared-{port}.toml"));
+            std::fs::write(
+                &file,
+                format!(
+                    "[[listener]]\nname = \"dns\"\nlisten = \"127.0.0.1:{port}\"\nmodule = \"{}\"\nworkers = 1\nwatch = false\n\n\
+                     [upstreams.resolvers]\nendpoints = [\"127.0.0.1:{resolver}\"]\nsessions = \"shared\"\n",
+                    module.display()
+                ),
+            )?;
+            c.arg("--config").arg(&file);
+        }
+    }
     Ok((port, spawn(c, "wasmgate")?))
 }
 

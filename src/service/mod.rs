@@ -29,13 +29,18 @@ const FD_RESERVE: u64 = 256;
 /// Scales every pool's `max_sessions` down in proportion (to at least `floor`,
 /// the most workers of any listener, each of which needs a share), so that all
 /// of them together fit in `budget` sockets. Returns the total they asked for
-/// when it had to.
+/// when it had to. A shared pool is left out: its sockets are a few per
+/// endpoint and worker, and its `max_sessions` counts client handles.
 fn fit_sessions(pools: &mut [&mut PoolSpec], budget: u64, floor: usize) -> Option<usize> {
-    let asked: usize = pools.iter().map(|p| p.max_sessions).sum();
+    let asked: usize = pools
+        .iter()
+        .filter(|p| p.shared.is_none())
+        .map(|p| p.max_sessions)
+        .sum();
     if asked as u64 <= budget {
         return None;
     }
-    for p in pools.iter_mut() {
+    for p in pools.iter_mut().filter(|p| p.shared.is_none()) {
         let scaled = (p.max_sessions as u128 * u128::from(budget) / asked as u128) as usize;
         p.max_sessions = scaled.max(floor).min(p.max_sessions);
     }
@@ -576,6 +581,14 @@ mod tests {
             (7, 4),
             "never below a session per worker"
         );
+        // A shared pool's max_sessions counts handles, not sockets: left as it is.
+        let mut shared = PoolSpec {
+            shared: Some(crate::config::SharedSpec::default()),
+            max_sessions: 1_000_000,
+            ..PoolSpec::new("s", vec![])
+        };
+        assert_eq!(fit_sessions(&mut [&mut shared], 10, 1), None);
+        assert_eq!(shared.max_sessions, 1_000_000);
     }
 
     fn config_with_endpoint(path: &Path, endpoint: &str) {
