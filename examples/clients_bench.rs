@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 
-// Only its dnsmasq is used here.
+// Its dnsmasq and readiness check are used here.
 #[allow(dead_code)]
 #[path = "support/dns.rs"]
 mod dns;
@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
     for shared in [true, false] {
         let (port, metrics) = (harness::free_port()?, harness::free_port()?);
         let running = proxy(&wasmgate, &module, resolver, dir.path(), shared, port, metrics)?;
-        wait_answering(port)?;
+        dns::wait_answering(port, Duration::from_secs(20))?;
         println!(
             "{}: {} distinct clients, {} in flight",
             if shared { "shared pool" } else { "per-client sessions" },
@@ -156,21 +156,6 @@ fn run(args: &Args, port: u16, pid: u32, metrics: u16) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Waits until the proxy answers a query.
-fn wait_answering(port: u16) -> anyhow::Result<()> {
-    let probe = UdpSocket::bind("127.0.0.1:0")?;
-    probe.set_read_timeout(Some(Duration::from_millis(100)))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut buf = [0u8; 512];
-    while Instant::now() < deadline {
-        probe.send_to(&query(7, 0), ("127.0.0.1", port))?;
-        if probe.recv(&mut buf).is_ok() {
-            return Ok(());
-        }
-    }
-    bail!("the proxy on port {port} did not answer within 20 s")
 }
 
 /// A recursive query for `c<i>.example.test`, type A.

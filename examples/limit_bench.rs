@@ -110,6 +110,8 @@ fn main() -> anyhow::Result<()> {
             resolver,
             Some(dir.path()),
         )?;
+        // (The limited proxy and dnsdist are not asked: a query would spend a token.)
+        dns::wait_answering(plain_port, Duration::from_secs(20))?;
         let mut servers = vec![
             ("wasmgate dns-limit", proxy_port, proxy.0.id()),
             ("dnsdist 1.7", dnsdist_port, dnsdist.0.id()),

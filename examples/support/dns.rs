@@ -70,6 +70,23 @@ pub(crate) fn proxy(
     Ok((port, spawn(c, "wasmgate")?))
 }
 
+/// Waits up to `within` until the DNS server on `port` answers a query.
+pub(crate) fn wait_answering(port: u16, within: std::time::Duration) -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    probe.set_read_timeout(Some(Duration::from_millis(100)))?;
+    // example.test, type A, ID 7.
+    let query = b"\x00\x07\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x04test\x00\x00\x01\x00\x01";
+    let (deadline, mut buf) = (Instant::now() + within, [0u8; 512]);
+    while Instant::now() < deadline {
+        probe.send_to(query, ("127.0.0.1", port))?;
+        if probe.recv(&mut buf).is_ok() {
+            return Ok(());
+        }
+    }
+    bail!("the DNS server on port {port} did not answer within {within:?}")
+}
+
 /// dnsperf on CPU 1 for `seconds` against `port` (64 clients, 256 queries in
 /// flight, 1 s timeout), with the CPU the process `pid` spent meanwhile.
 pub(crate) fn dnsperf(queries: &Path, port: u16, pid: u32, seconds: f64) -> anyhow::Result<DnsRow> {
