@@ -15,6 +15,9 @@ use crate::verdict::ClaimError;
 /// recent ones): answers from others are refused.
 pub const ENDPOINTS_PER_CLIENT: usize = 4;
 
+/// Entries of the table's order one eviction looks at, at most.
+const EVICTION_SCAN: usize = 64;
+
 /// An endpoint of a pool, by the pool's place in the worker's list.
 pub(super) type Target = (usize, SocketAddr);
 
@@ -133,14 +136,23 @@ impl Handles {
         self.slots.get_mut(i).filter(|s| s.live && s.generation == generation)
     }
 
-    /// Frees the oldest handle of a client for which `unproven` holds; its client.
+    /// Frees the oldest handle of a client for which `unproven` holds; its
+    /// client. At most [`EVICTION_SCAN`] entries are looked at, each proven one
+    /// moved to the back: a table full of proven clients costs a flood of new
+    /// ones a bounded look each, not a walk of the whole table.
     pub(super) fn evict_oldest(&mut self, unproven: impl Fn(SocketAddr) -> bool) -> Option<SocketAddr> {
-        let at = self.order.iter().position(|&(i, generation)| {
+        for _ in 0..EVICTION_SCAN.min(self.order.len()) {
+            let (i, generation) = self.order.pop_front()?;
             let s = &self.slots[i as usize];
-            s.live && s.generation == generation && unproven(s.client)
-        })?;
-        let (i, _) = self.order.remove(at)?;
-        Some(self.free_slot(i))
+            if !(s.live && s.generation == generation) {
+                continue; // freed since, or given again (a later entry stands for it)
+            }
+            if unproven(s.client) {
+                return Some(self.free_slot(i));
+            }
+            self.order.push_back((i, generation));
+        }
+        None
     }
 
     /// Frees the handles whose client has been quiet for longer than its
@@ -237,6 +249,35 @@ mod tests {
         assert!(h.open(late, t0, T, 3).is_some());
         assert_eq!(h.len(), 3);
         assert_eq!(h.evict_oldest(|_| false), None, "a proven client is never evicted");
+    }
+
+    #[test]
+    fn making_room_looks_at_a_bounded_number_of_entries_and_still_finds_the_unproven() {
+        let (mut h, t0) = (Handles::new(), Instant::now());
+        let max = 10 * EVICTION_SCAN;
+        let clients: Vec<SocketAddr> = (0..max)
+            .map(|i| SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8], 1)))
+            .collect();
+        for c in &clients {
+            h.open(*c, t0, T, max).unwrap();
+        }
+        // Only the last client is unproven: each look passes EVICTION_SCAN
+        // proven ones on to the back, so it is found within ten looks.
+        let unproven = *clients.last().unwrap();
+        let looked = std::cell::Cell::new(0);
+        let mut found = None;
+        for _ in 0..10 {
+            found = h.evict_oldest(|c| {
+                looked.set(looked.get() + 1);
+                c == unproven
+            });
+            if found.is_some() {
+                break;
+            }
+        }
+        assert_eq!(found, Some(unproven));
+        assert!(looked.get() <= 10 * EVICTION_SCAN, "{} looks", looked.get());
+        assert_eq!(h.len(), max - 1);
     }
 
     #[test]
