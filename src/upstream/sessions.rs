@@ -1179,6 +1179,56 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_that_makes_a_pool_shared_and_back_drains_what_the_other_mode_had() {
+        let per_client = pool(&[A]);
+        let shared = PoolSpec {
+            shared: Some(crate::config::SharedSpec {
+                sockets: 1,
+                reroll_every: Duration::from_secs(60),
+            }),
+            ..pool(&[A])
+        };
+        let mut h = harness(per_client.clone());
+        h.forward(client(1), b"1").unwrap();
+        assert_eq!(h.commands(), [Cmd::Open(0, addr(A)), Cmd::Send(0, b"1".to_vec())]);
+        // Made shared: the next forward goes on a shared socket; the session stays until idle.
+        let next = Arc::new(h.pools.rebuilt(&[shared]).unwrap());
+        h.table.adopt(Arc::clone(&next));
+        h.pools = next;
+        h.forward(client(1), b"2").unwrap();
+        h.forward(client(2), b"3").unwrap();
+        assert_eq!(
+            h.commands(),
+            [
+                Cmd::Open(1, addr(A)),
+                Cmd::Send(1, b"2".to_vec()),
+                Cmd::Send(1, b"3".to_vec())
+            ]
+        );
+        assert_eq!(h.table.session(SessionId::from_raw(0)).map(|(c, _)| c), Some(client(1)));
+        let t = h.at(Duration::from_secs(5));
+        h.table.expire(t);
+        assert_eq!(
+            h.commands(),
+            [Cmd::Close(0)],
+            "the unanswered session ends; the socket stays"
+        );
+        // Back to per-client: the shared socket takes no more datagrams and
+        // closes after lingering unanswered_timeout for late answers.
+        let back = Arc::new(h.pools.rebuilt(&[per_client]).unwrap());
+        h.table.adopt(Arc::clone(&back));
+        h.pools = back;
+        h.forward(client(2), b"4").unwrap();
+        assert_eq!(h.commands(), [Cmd::Open(2, addr(A)), Cmd::Send(2, b"4".to_vec())]);
+        let t = h.at(Duration::from_secs(6));
+        h.table.expire(t);
+        assert_eq!(h.commands(), [], "retired, lingering");
+        let t = h.at(Duration::from_secs(11));
+        h.table.expire(t);
+        assert!(h.commands().contains(&Cmd::Close(1)), "closed after lingering");
+    }
+
+    #[test]
     fn upstream_answers_to_a_client_are_held_to_the_ratio_until_it_is_validated() {
         let mut h = harness(pool(&[A]));
         h.forward(client(1), &[0; 10]).unwrap();
