@@ -3,8 +3,11 @@
 //! session table: a session per client, pool and endpoint, its idle expiry, and
 //! passive health (an endpoint whose session reports ICMP port unreachable is
 //! ejected for a while, in every worker), and active health checks ([`health`]:
-//! which probes are due, and what their results do). Nothing here touches a socket: the
-//! worker applies the table's [`Command`]s to its sockets.
+//! which probes are due, and what their results do). A shared pool has no
+//! session per client: a few sockets per endpoint carry every client, and
+//! client handles name each answer's client (`shared.rs`, `handles.rs`).
+//! Nothing here touches a socket: the worker applies the table's
+//! [`Command`]s to its sockets.
 //!
 //! The kernel sends each client to one worker, so a worker owns its clients'
 //! sessions outright: nothing here is shared between workers or locked, except
@@ -18,6 +21,7 @@ pub mod health;
 mod ledger;
 pub mod pool;
 mod pools;
+mod refusals;
 mod session;
 mod sessions;
 mod shared;

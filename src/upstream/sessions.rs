@@ -1,8 +1,10 @@
 //! One worker's session table, with no socket and no clock of its own: which
 //! session each client's forward goes to (affinity, policy, key), the caps
 //! (`max_sessions`, per network), eviction of unvalidated sessions, idle expiry,
-//! the drain of removed endpoints, passive health from refusals, and what each
-//! client may be sent (the reply ratio) and may cause (the call allowance).
+//! the drain of removed endpoints, and what each client may be sent (the reply
+//! ratio) and may cause (the call allowance). Passive health from refusals is
+//! in `refusals.rs`, shared pools (sockets and client handles) in
+//! `shared_pool.rs`.
 //!
 //! Like quinn-proto's endpoint it performs no I/O: time comes in (`set_now`,
 //! `expire`), and socket work goes out as [`Command`]s that the worker applies
@@ -19,12 +21,11 @@ use std::time::{Duration, Instant};
 use super::commands::{Applied, Apply, Command, Queue, Queued, QueuedSend, Retry, SessionId};
 use super::handles::{Handles, Target};
 use super::ledger::Ledgers;
-use super::pools::{EndpointCounters, Pools};
+use super::pools::Pools;
 use super::session::{Prefix, Session, WorkerPool};
 use super::shared::SharedSockets;
 use crate::metrics::Counters;
 use crate::net::proxy_v2;
-use crate::upstream::pool::Refusal;
 use crate::verdict::{Allowance, CallError};
 
 /// A worker's sessions as the worker holds them: `None` without pools, and
@@ -351,56 +352,7 @@ impl Sessions {
         }
     }
 
-    /// Session `s` was refused (ICMP port unreachable, on a send or on its
-    /// socket): counted against its endpoint, which is ejected after
-    /// `eject_after` in a row (never the last healthy one), and closed; the
-    /// client's next datagram opens another.
-    pub fn refused(&mut self, s: SessionId) {
-        let Some(session) = self.sessions.get(&s) else {
-            self.shared_refused(s);
-            return;
-        };
-        self.count_refusal(session.pool, session.endpoint, &session.counters);
-        self.close(s, false);
-    }
-
-    /// A refusal from `endpoint` of pool `p`, counted against it: ejected
-    /// after `eject_after` in a row (never the pool's last healthy one).
-    pub(super) fn count_refusal(&self, p: usize, endpoint: SocketAddr, counters: &EndpointCounters) {
-        counters.refusals.fetch_add(1, Relaxed);
-        let wp = &self.pools[p];
-        let Some(i) = wp.pool.position(endpoint).filter(|_| !wp.retired) else {
-            return;
-        };
-        match wp.pool.refused(i, wp.eject_after, self.now, self.now + wp.eject_for) {
-            Refusal::Ejected { news } => {
-                counters.ejections.fetch_add(1, Relaxed);
-                if news && let Some(suppressed) = self.shared.health_lines.allow() {
-                    tracing::warn!(
-                        pool = wp.name,
-                        %endpoint,
-                        eject_for = ?wp.eject_for,
-                        refusals = wp.eject_after,
-                        suppressed,
-                        "endpoint ejected: it answered with ICMP port unreachable"
-                    );
-                }
-            }
-            Refusal::Spared => {
-                if let Some(suppressed) = self.shared.health_lines.allow() {
-                    tracing::warn!(
-                        pool = wp.name,
-                        %endpoint,
-                        suppressed,
-                        "endpoint refuses datagrams but is the pool's last healthy one: kept in use"
-                    );
-                }
-            }
-            Refusal::Counted => {}
-        }
-    }
-
-    fn close(&mut self, s: SessionId, expired: bool) {
+    pub(super) fn close(&mut self, s: SessionId, expired: bool) {
         let Some(session) = self.sessions.remove(&s) else {
             if self.carriers.remove(s).is_some() {
                 self.queue.push(Queued::Close { id: s });

@@ -150,15 +150,6 @@ impl Sessions {
         })
     }
 
-    /// A shared socket reported ICMP port unreachable: counted against its
-    /// endpoint; the socket stays (other clients' datagrams use it).
-    pub(super) fn shared_refused(&mut self, id: SessionId) {
-        if let Some(socket) = self.carriers.get(id) {
-            let (p, addr) = socket.target;
-            self.count_refusal(p, addr, &socket.counters);
-        }
-    }
-
     /// Frees quiet handles, replaces sockets due for a new port and those of
     /// endpoints a reload removed, and closes the ones that lingered.
     pub(super) fn expire_shared(&mut self, now: Instant) {
