@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use super::commands::{Queued, SessionId};
-use super::sessions::{Received, Sessions};
+use super::sessions::{Received, Sessions, count_answers};
 use crate::config::{DEFAULT_UNANSWERED_TIMEOUT, SharedSpec};
 use crate::verdict::{Allowance, CallError, ClaimError};
 
@@ -126,13 +126,7 @@ impl Sessions {
         sizes: impl IntoIterator<Item = usize>,
     ) -> Option<Received<'_>> {
         let socket = self.carriers.get_mut(id)?;
-        let mut n = 0u32;
-        for len in sizes {
-            n = n.saturating_add(1);
-            socket.counters.from.fetch_add(1, Relaxed);
-            socket.counters.from_bytes.fetch_add(len as u64, Relaxed);
-            self.counters.upstream_received(len);
-        }
+        let n = count_answers(&socket.counters, &self.counters, sizes);
         socket.awaiting = socket.awaiting.saturating_sub(n);
         let (p, addr) = socket.target;
         let wp = &self.pools[p];

@@ -62,10 +62,7 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     let Ok(handle) = ctx.client() else {
         return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
     };
-    let table = outstanding_table();
-    table.send_as(handle.to_bits(), datagram, &q);
-    if ctx.forward(POOL, datagram).is_err() {
-        table.cancel(datagram);
+    if !outstanding_table().forward(handle.to_bits(), datagram, &q, |m| ctx.forward(POOL, m).is_ok()) {
         return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
     }
     Reply::Nothing

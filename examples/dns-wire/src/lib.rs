@@ -196,6 +196,18 @@ impl Outstanding {
         m[..2].copy_from_slice(&id.to_be_bytes());
     }
 
+    /// Sends the query `m` (parsed as `q`) from `client` with `send` under an
+    /// ID of its own ([`Outstanding::send_as`]); when `send` fails, `m` gets
+    /// its client's ID back and nothing is remembered. Whether it went.
+    pub fn forward(&mut self, client: u64, m: &mut [u8], q: &Question, send: impl FnOnce(&[u8]) -> bool) -> bool {
+        self.send_as(client, m, q);
+        let sent = send(m);
+        if !sent {
+            self.cancel(m);
+        }
+        sent
+    }
+
     /// Gives `m` (a query [`Outstanding::send_as`] rewrote) its client's ID
     /// back, and forgets it: it was not forwarded after all.
     pub fn cancel(&mut self, m: &mut [u8]) {
