@@ -419,6 +419,9 @@ impl<H: Handler, T: Tap> Core<H, T> {
             self.upstream_dropped(DropReason::Unclaimed, UNSPECIFIED, upstream, &why);
             return;
         }
+        if let Some(n) = self.sessions.as_mut() {
+            n.unclaimed();
+        }
         let unclaimed = Allowance {
             bytes: 0,
             calls: MAX_CALLS_PER_DATAGRAM,

@@ -118,6 +118,12 @@ impl Sessions {
         Ok((client, self.ledgers.allowance(client)))
     }
 
+    /// The next answer of the shared socket being read is for no client until
+    /// the guest names one (the last one's client is forgotten).
+    pub fn unclaimed(&mut self) {
+        self.client = None;
+    }
+
     /// Datagrams read from shared socket `id`: counted, and which client
     /// each is for left to `on_reply` ([`Sessions::claim`]).
     pub(super) fn shared_received(
