@@ -103,14 +103,17 @@ fuzz_target!(|data: &[u8]| {
     let peer: SocketAddr = "192.0.2.7:4242".parse().unwrap();
     for datagram in datagrams.iter().chain([Vec::new(), vec![0x21; 70_000]].iter()) {
         // Each datagram through `handle`, then, as if an upstream had sent it,
-        // through `on_reply`. No pools: every forward is refused, and counted.
-        for entry in 0..2 {
+        // through `on_reply` for the client and as a shared pool's answer (no
+        // client until the guest names one). No pools: every forward and
+        // `reply_to` is refused, and counted.
+        for entry in 0..3 {
             let started = Instant::now();
             let outcome = if entry == 0 {
                 guest.handle_with(datagram, peer, &mut None)
             } else if guest.has_on_reply() {
                 let allowance = Allowance::for_request(datagram.len(), 3.0);
-                guest.on_reply(datagram, peer, "pool/192.0.2.8:53", &mut None, allowance)
+                let client = (entry == 1).then_some(peer);
+                guest.on_reply(datagram, client, "pool/192.0.2.8:53", &mut None, allowance)
             } else {
                 continue;
             };
@@ -120,6 +123,9 @@ fuzz_target!(|data: &[u8]| {
             match outcome {
                 Ok(answer) => {
                     assert_eq!(answer.forwarded(), 0, "a forward succeeded without pools");
+                    if entry == 2 {
+                        assert!(answer.claimed().is_err(), "a client was named without pools");
+                    }
                     let mut total = 0;
                     for d in answer.sends().chain(answer.reply) {
                         assert!(d.len() <= 65_507, "a datagram of {} bytes was let through", d.len());

@@ -118,10 +118,11 @@ fn run(
 
 fn open(poll: &Poll, id: u64, to: SocketAddr, ports: &PortCounts) -> io::Result<ProbeSocket> {
     let socket = connect(to)?;
-    let port = socket.local_addr()?.port();
+    let local = socket.local_addr()?;
+    let port = local.port();
     let mut socket = mio::net::UdpSocket::from_std(socket);
     let token = Token(usize::try_from(id).unwrap_or(usize::MAX));
     poll.registry().register(&mut socket, token, Interest::READABLE)?;
-    ports.add(port);
+    ports.add_socket(local);
     Ok(ProbeSocket { socket, port })
 }

@@ -83,10 +83,11 @@ impl SessionSockets {
 
     fn open(&mut self, id: SessionId, to: SocketAddr) -> io::Result<()> {
         let socket = connect(to)?;
-        let port = socket.local_addr()?.port();
+        let local = socket.local_addr()?;
+        let port = local.port();
         let mut socket = mio::net::UdpSocket::from_std(socket);
         self.registry.register(&mut socket, token(id), Interest::READABLE)?;
-        self.ports.add(port);
+        self.ports.add_socket(local);
         self.sockets.insert(id, Socket { socket, port });
         Ok(())
     }

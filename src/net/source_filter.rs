@@ -12,9 +12,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// Source ports refused by default: the well-known ports, where the services
 /// that answer anything live (echo, chargen, daytime, DNS, NTP, TFTP, …), and
@@ -126,31 +126,71 @@ impl fmt::Debug for PortSet {
     }
 }
 
-/// How many open sockets of ours are bound to each port; read on the datagram
-/// path without a lock.
+/// How many open sockets of ours are bound to each port, and, for connected
+/// ones, the IPv4 address they send from; read on the datagram path without a
+/// lock.
 pub struct PortCounts {
     counts: Box<[AtomicU16]>,
+    /// The one IPv4 address the sockets on a port send from; 0 when it is not
+    /// known (IPv6, a socket added by port, or several): then any local
+    /// address on that port is taken for ours.
+    sources: Box<[AtomicU32]>,
 }
 
 impl Default for PortCounts {
     fn default() -> Self {
         Self {
             counts: (0..=u16::MAX).map(|_| AtomicU16::new(0)).collect(),
+            sources: (0..=u16::MAX).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 }
 
 impl PortCounts {
+    /// A socket on `port`, whatever address it sends from.
     pub fn add(&self, port: u16) {
         self.counts[usize::from(port)].fetch_add(1, Relaxed);
+        self.sources[usize::from(port)].store(0, Relaxed);
+    }
+
+    /// A connected socket whose local address is `local`: a local source on
+    /// its port but another address (a client on 127.0.0.2 with the port a
+    /// session has on 127.0.0.1) is not it.
+    pub fn add_socket(&self, local: SocketAddr) {
+        let i = usize::from(local.port());
+        let ip = match local.ip().to_canonical() {
+            IpAddr::V4(v4) if !v4.is_unspecified() => u32::from(v4),
+            _ => 0,
+        };
+        if self.counts[i].fetch_add(1, Relaxed) == 0 {
+            self.sources[i].store(ip, Relaxed);
+        } else if self.sources[i].load(Relaxed) != ip {
+            self.sources[i].store(0, Relaxed);
+        }
     }
 
     pub fn remove(&self, port: u16) {
-        let _ = self.counts[usize::from(port)].fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+        let i = usize::from(port);
+        if self.counts[i].fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)) == Ok(1) {
+            self.sources[i].store(0, Relaxed);
+        }
     }
 
     pub fn contains(&self, port: u16) -> bool {
         self.counts[usize::from(port)].load(Relaxed) > 0
+    }
+
+    /// Whether `from` may be one of these sockets: its port has one, sending
+    /// from `from`'s address (or from an address not known).
+    pub fn holds(&self, from: SocketAddr) -> bool {
+        let i = usize::from(from.port());
+        if self.counts[i].load(Relaxed) == 0 {
+            return false;
+        }
+        match self.sources[i].load(Relaxed) {
+            0 => true,
+            ip => from.ip().to_canonical() == IpAddr::V4(Ipv4Addr::from(ip)),
+        }
     }
 }
 
@@ -346,7 +386,7 @@ impl SourceFilter {
         if self.denied.contains(port) {
             return Err(Denied::Port);
         }
-        let ours = listening_ports().contains(port) || sessions.is_some_and(|s| s.contains(port));
+        let ours = listening_ports().contains(port) || sessions.is_some_and(|s| s.holds(from));
         if ours && self.is_local(from.ip()) {
             return Err(Denied::Own);
         }
@@ -457,6 +497,21 @@ garbage";
         // A remote host may use the same port number.
         sessions.add(40001);
         assert_eq!(filter.check(p("192.0.2.7:40001"), Some(&sessions), no_endpoint), Ok(()));
+        // A connected socket is known by its whole address: a local client on
+        // another loopback address with the same port is served.
+        sessions.remove(40001);
+        sessions.add_socket(p("127.0.0.1:40001"));
+        assert_eq!(filter.check(p("127.0.0.3:40001"), Some(&sessions), no_endpoint), Ok(()));
+        assert_eq!(
+            filter.check(p("127.0.0.1:40001"), Some(&sessions), no_endpoint),
+            Err(Denied::Own)
+        );
+        // Two sockets on one port from different addresses: any local one is ours.
+        sessions.add_socket(p("10.9.8.7:40001"));
+        assert_eq!(
+            filter.check(p("127.0.0.3:40001"), Some(&sessions), no_endpoint),
+            Err(Denied::Own)
+        );
         let endpoint = p("127.0.0.1:5300");
         assert_eq!(filter.check(endpoint, None, |a| a == endpoint), Err(Denied::Endpoint));
         let mut open = SourceFilter::new(PortSet::none(), listen);
