@@ -92,6 +92,21 @@ endpoint_counters! {
     }
 }
 
+impl EndpointCounters {
+    /// Counts datagrams of these sizes from the endpoint, for it and for the
+    /// `worker`; how many there were.
+    pub(super) fn answers(&self, worker: &crate::metrics::Counters, sizes: impl IntoIterator<Item = usize>) -> u32 {
+        let mut n = 0u32;
+        for len in sizes {
+            n = n.saturating_add(1);
+            self.from.fetch_add(1, Relaxed);
+            self.from_bytes.fetch_add(len as u64, Relaxed);
+            worker.upstream_received(len);
+        }
+        n
+    }
+}
+
 /// The pools of one listener, resolved, with what every worker shares: endpoint
 /// health (inside each [`Pool`]) and each endpoint's per-worker counters. A
 /// reload builds a new `Pools` from the old one ([`Pools::rebuilt`]) and each

@@ -21,29 +21,12 @@ use std::time::{Duration, Instant};
 use super::commands::{Applied, Apply, Command, Queue, Queued, QueuedSend, Retry, SessionId};
 use super::handles::{Handles, Target};
 use super::ledger::Ledgers;
-use super::pools::{EndpointCounters, Pools};
+use super::pools::Pools;
 use super::session::{Prefix, Session, WorkerPool};
 use super::shared::SharedSockets;
 use crate::metrics::Counters;
 use crate::net::proxy_v2;
 use crate::verdict::{Allowance, CallError};
-
-/// Counts datagrams of these sizes from an endpoint, for it and for the
-/// worker; how many there were.
-pub(super) fn count_answers(
-    endpoint: &EndpointCounters,
-    worker: &Counters,
-    sizes: impl IntoIterator<Item = usize>,
-) -> u32 {
-    let mut n = 0u32;
-    for len in sizes {
-        n = n.saturating_add(1);
-        endpoint.from.fetch_add(1, Relaxed);
-        endpoint.from_bytes.fetch_add(len as u64, Relaxed);
-        worker.upstream_received(len);
-    }
-    n
-}
 
 /// A worker's sessions as the worker holds them: `None` without pools, and
 /// taken out while a guest call borrows them (see `guest::host`).
@@ -516,7 +499,7 @@ impl Sessions {
             return self.shared_received(id, sizes);
         }
         let session = self.sessions.get_mut(&id)?;
-        let n = count_answers(&session.counters, &self.counters, sizes);
+        let n = session.counters.answers(&self.counters, sizes);
         if n > 0 {
             session.last_active = self.now;
             session.awaiting = session.awaiting.saturating_sub(n);

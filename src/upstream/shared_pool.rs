@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use super::commands::{Queued, SessionId};
-use super::sessions::{Received, Sessions, count_answers};
+use super::sessions::{Received, Sessions};
 use crate::config::{DEFAULT_UNANSWERED_TIMEOUT, SharedSpec};
 use crate::verdict::{Allowance, CallError, ClaimError};
 
@@ -132,7 +132,7 @@ impl Sessions {
         sizes: impl IntoIterator<Item = usize>,
     ) -> Option<Received<'_>> {
         let socket = self.carriers.get_mut(id)?;
-        let n = count_answers(&socket.counters, &self.counters, sizes);
+        let n = socket.counters.answers(&self.counters, sizes);
         socket.awaiting = socket.awaiting.saturating_sub(n);
         let (p, addr) = socket.target;
         let wp = &self.pools[p];
