@@ -139,8 +139,10 @@ fn a_shared_pool_answers_ten_thousand_distinct_clients_each_with_its_own_answer(
             );
         }
     }
+    // A reply is counted once its send returns, which may be after it arrived.
+    common::wait_until("every reply to be counted", || gateway.stats().replied == 10_000);
     let s = gateway.stats();
-    assert_eq!((s.forwarded, s.replied, s.dropped_total()), (10_000, 10_000, 0));
+    assert_eq!((s.forwarded, s.dropped_total()), (10_000, 0));
     assert_eq!(s.sessions_active, 0, "no session per client");
     assert_eq!(s.upstream_dropped.iter().sum::<u64>(), 0);
 }
