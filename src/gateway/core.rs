@@ -24,10 +24,11 @@ use super::handler::Handler;
 use super::loop_guard::{LOOP_AFTER, LoopGuard};
 use super::shared::Shared;
 use super::tap::{ClientExchange, Tap, UpstreamExchange};
+use crate::guest::Rejection;
 use crate::metrics::Counters;
 use crate::net::proxy_v2;
 use crate::net::source_filter::SourceFilter;
-pub(crate) use crate::net::unmapped;
+use crate::net::unmapped;
 use crate::upstream::{Applied, Apply, Command, Lent, SessionId};
 use crate::verdict::{Allowance, DropReason, MAX_CALLS_PER_DATAGRAM};
 
@@ -430,7 +431,7 @@ impl<H: Handler, T: Tap> Core<H, T> {
             .handler
             .on_reply(datagram, None, upstream, &mut self.sessions, unclaimed);
         let (mut bytes, mut claimed) = (0, None);
-        let dropped = match result {
+        let dropped: Option<Rejection> = match result {
             Ok(answer) => match answer.claimed() {
                 Ok(client) => {
                     claimed = Some(client);
@@ -438,16 +439,16 @@ impl<H: Handler, T: Tap> Core<H, T> {
                         bytes += d.len();
                         emit(d, client);
                     });
-                    (!any && answer.forwarded() == 0).then_some((DropReason::NoReply, None))
+                    (!any && answer.forwarded() == 0).then(|| DropReason::NoReply.into())
                 }
-                Err(reason) => Some((reason, None)),
+                Err(reason) => Some(reason.into()),
             },
-            Err(rejection) => Some((rejection.reason, Some(rejection))),
+            Err(rejection) => Some(rejection),
         };
         match dropped {
-            Some((DropReason::NoReply, _)) => self.counters.upstream_dropped(DropReason::NoReply),
-            Some((reason, Some(rejection))) => self.upstream_dropped(reason, UNSPECIFIED, upstream, &rejection),
-            Some((reason, None)) => self.upstream_dropped(reason, UNSPECIFIED, upstream, &reason_text(reason)),
+            // The guest's choice, as for any `on_reply`: counted, not said.
+            Some(r) if r.reason == DropReason::NoReply => self.counters.upstream_dropped(DropReason::NoReply),
+            Some(r) => self.upstream_dropped(r.reason, UNSPECIFIED, upstream, &r),
             None => {}
         }
         self.counters.guest_time(self.handler.last_time());
@@ -496,11 +497,6 @@ impl<H: Handler, T: Tap> Core<H, T> {
 
 /// No client (yet): what a shared pool's answer is about until `on_reply` names one.
 const UNSPECIFIED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
-
-/// Why a shared pool's answer reached no client, for the log.
-fn reason_text(reason: DropReason) -> crate::guest::Rejection {
-    reason.into()
-}
 
 /// Counts a reply as sent, or as a send error.
 pub(super) fn sent(shared: &Shared, counters: &Counters, peer: SocketAddr, result: io::Result<usize>) {
@@ -899,10 +895,9 @@ mod tests {
     fn an_answer_is_refused_to_a_guest_without_on_reply_and_client_works_without_shared_pools() {
         let mut core = core_with(FORWARD, shared_pool(&[A]));
         let now = Instant::now();
-        client_says(&mut core, addr(CLIENT), b"q");
-        let (_, sent) = opens_and_sends(&mut core);
-        assert!(sent.is_empty(), "already applied");
+        let (_, sent) = client_says(&mut core, addr(CLIENT), b"q");
         let socket = SessionId::from_raw(0);
+        assert_eq!(sent, [(socket, b"q".to_vec())], "forwarded on the shared socket");
         assert!(shared_answers(&mut core, now, socket, &[b"a"]).is_empty());
         assert_eq!(upstream_drops(&core, DropReason::Unclaimed), 1);
         // `client` with a per-client pool gives a handle; with no pool, unknown_pool (-1).

@@ -230,7 +230,7 @@ impl Offline {
         };
         for (id, to) in opened {
             if let Some((client, _)) = sessions.session(id) {
-                let client = crate::gateway::core::unmapped(client);
+                let client = crate::net::unmapped(client);
                 self.sessions.insert((client, to), id);
                 self.by_client.insert(client, id);
             }
