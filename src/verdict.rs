@@ -263,6 +263,53 @@ impl ClaimError {
     }
 }
 
+/// Why a metric call did nothing. The guest gets [`MetricError::code`]; the
+/// gateway counts each under [`MetricError::as_str`]. A call past the
+/// datagram's limit is refused as `too_many_calls` (-8) instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricError {
+    /// A name, label or label value breaks the rules (docs/ABI.md, "Metrics"),
+    /// the label values do not match the definition, the value does not fit
+    /// the metric (a counter going down, NaN), or the call does not fit its kind.
+    Invalid,
+    /// The name is defined with another kind, labels or buckets.
+    Conflict,
+    /// No metric has that id.
+    Unknown,
+    /// The listener's metric definitions (or cells) are all taken.
+    Cap,
+    /// More calls for one datagram than allowed (ABI v1: -8, as for every verb).
+    TooManyCalls,
+}
+
+impl MetricError {
+    /// The refusals counted by the metrics (`too_many_calls` is counted
+    /// with the other verbs').
+    pub const ALL: [Self; 4] = [Self::Invalid, Self::Conflict, Self::Unknown, Self::Cap];
+
+    /// What the guest gets back: -17 to -20 (after the client-handle codes), -8.
+    pub const fn code(self) -> i32 {
+        match self {
+            Self::TooManyCalls => CallError::TooMany.code(),
+            _ => -(self as i32) - 17,
+        }
+    }
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::Conflict => "conflict",
+            Self::Unknown => "unknown_metric",
+            Self::Cap => "cap",
+            Self::TooManyCalls => "too_many_calls",
+        }
+    }
+}
+
 /// Why a state call did nothing. Each has a negative code in the guest ABI
 /// (docs/ABI.md), after the forwarding codes; -8 (`too_many_calls`) is shared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

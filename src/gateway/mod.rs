@@ -239,6 +239,11 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// The metrics its guests define, by role.
+    pub fn guest_metrics(&self) -> &Arc<crate::metrics::guest::ListenerMetrics> {
+        self.shared.env.metrics()
+    }
+
     /// The gateway's counters.
     pub fn stats(&self) -> Snapshot {
         self.shared.snapshot()

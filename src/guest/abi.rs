@@ -116,7 +116,7 @@ pub const PROBE_REPLY: (&str, Signature) = (
 
 /// The functions the host offers an ABI v1 guest, as (module, name, type); a
 /// guest may import any of them. `env.abort` is what AssemblyScript imports by default.
-pub const HOST_FUNCTIONS: [(&str, &str, Signature); 18] = [
+pub const HOST_FUNCTIONS: [(&str, &str, Signature); 22] = [
     host(HOST_MODULE, "log", &["i32", "i32", "i32"], &[]),
     host(HOST_MODULE, "peer", &["i32", "i32"], &["i32"]),
     host(HOST_MODULE, "forward", &["i32", "i32", "i32", "i32"], &["i32"]),
@@ -144,6 +144,15 @@ pub const HOST_FUNCTIONS: [(&str, &str, Signature); 18] = [
     host(HOST_MODULE, "penalize", &["i32", "i32", "i64"], &["i32"]),
     host(HOST_MODULE, "penalized", &["i32", "i32"], &["i32"]),
     host(HOST_MODULE, "now_ms", &[], &["i64"]),
+    host(
+        HOST_MODULE,
+        "metric_define",
+        &["i32", "i32", "i32", "i32", "i32", "i32", "i32"],
+        &["i32"],
+    ),
+    host(HOST_MODULE, "metric_add", &["i32", "i32", "i32", "f64"], &["i32"]),
+    host(HOST_MODULE, "metric_set", &["i32", "i32", "i32", "f64"], &["i32"]),
+    host(HOST_MODULE, "metric_observe", &["i32", "i32", "i32", "f64"], &["i32"]),
     host("env", "abort", &["i32", "i32", "i32", "i32"], &[]),
 ];
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::bail;
 use wasmtime::{ExternType, Module, Store, StoreLimitsBuilder};
 
-use super::host::{Calls, Outbox};
+use super::host::{Calls, MetricsLink, Outbox};
 use super::instance_limits::InstanceLimits;
 use super::outcome::Rejection;
 use super::runtime::Runtime;
@@ -16,6 +16,7 @@ use crate::config::Limits;
 use crate::engine::budget::{self, Budget, Meter};
 use crate::engine::child::Compiler;
 use crate::engine::{MAX_TABLE_ELEMENTS, MAX_TABLES};
+use crate::metrics::guest::{ListenerMetrics, MetricsWriter, Role};
 use crate::state::State;
 use crate::verdict::DropReason;
 
@@ -30,6 +31,13 @@ pub struct Env {
     pub(super) compiler: Arc<Compiler>,
     /// The state its guests share; clones share it, so it outlives reloads.
     pub(super) state: Arc<State>,
+    /// The metrics its guests define, by role; clones share them, so they
+    /// outlive reloads.
+    pub(super) metrics: Arc<ListenerMetrics>,
+    /// Whose metrics this sandbox's guests write: the active module's, or the candidate's.
+    pub(super) role: Role,
+    /// The serial of the program its guest runs (set by the runner).
+    pub(super) serial: u64,
 }
 
 impl Env {
@@ -57,6 +65,9 @@ impl Env {
             limits,
             compiler: Arc::new(Compiler::InProcess),
             state: Arc::new(State::new(limits.state)),
+            metrics: Arc::default(),
+            role: Role::Active,
+            serial: 0,
         }
     }
 
@@ -67,6 +78,33 @@ impl Env {
             state: Arc::new(State::new(self.limits.state)),
             ..self.clone()
         }
+    }
+
+    /// The same sandbox with guest metrics of its own: for a run whose
+    /// counts must not reach the listener's (the active module beside a canary).
+    pub fn with_own_metrics(&self) -> Self {
+        Self {
+            metrics: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// The same sandbox writing the candidate's metrics (role `candidate`).
+    pub fn as_candidate(&self) -> Self {
+        Self {
+            role: Role::Candidate,
+            ..self.clone()
+        }
+    }
+
+    /// The guest metrics of its listener, by role.
+    pub fn metrics(&self) -> &Arc<ListenerMetrics> {
+        &self.metrics
+    }
+
+    /// A writer of its role's metrics, for one worker.
+    pub(super) fn metrics_writer(&self) -> MetricsWriter {
+        MetricsWriter::new(Arc::clone(self.metrics.role(self.role)))
     }
 
     /// The state its guests share.
@@ -132,6 +170,11 @@ impl Env {
             state: Arc::clone(&self.state),
             memory: None,
             now: None,
+            metrics: MetricsLink {
+                registry: Arc::clone(self.metrics.role(self.role)),
+                serial: self.serial,
+                writer: None,
+            },
         }
     }
 

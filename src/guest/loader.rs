@@ -81,6 +81,7 @@ impl Env {
             on_reply: kind == GuestKind::AbiV1 && module.get_export(abi::ON_REPLY.0).is_some(),
             probes: kind == GuestKind::AbiV1 && module.get_export(abi::PROBE.0).is_some(),
             world: None,
+            serial: super::program::next_serial(),
         };
         self.try_out(program, started)
     }
@@ -115,6 +116,7 @@ impl Env {
             pre: Box::new(ComponentGuest(pre)),
             compile_time: Duration::ZERO,
             world: Some(wit::describe(engine, component)),
+            serial: super::program::next_serial(),
         };
         self.try_out(program, started)
     }

@@ -22,6 +22,15 @@ pub struct Program {
     pub(super) probes: bool,
     /// A component's world, described by the component checker.
     pub(super) world: Option<String>,
+    /// Orders the programs loaded by this process (a newer one's metric
+    /// definitions replace an older one's).
+    pub(super) serial: u64,
+}
+
+/// The next [`Program::serial`].
+pub(super) fn next_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The first 12 hex digits of a sha256, enough to tell modules apart in logs.

@@ -11,6 +11,7 @@ use super::kind::{Call, Entry, Instance};
 use super::outcome::{Answer, NO_CALLS, Rejection};
 use super::program::Program;
 use crate::config::Isolation;
+use crate::metrics::guest::MetricsWriter;
 use crate::upstream::Lent;
 use crate::verdict::{Allowance, CallError, DropReason, MAX_DATAGRAM};
 
@@ -25,12 +26,16 @@ pub struct Guest {
     pub(super) max_ratio: f64,
     /// How long the last call took, start function included (wall time).
     last_time: Duration,
+    /// This worker's writer of the guest metrics, lent to each call.
+    metrics: Option<Box<MetricsWriter>>,
 }
 
 impl Guest {
     /// `max_ratio` caps reply size at that multiple of the request (0: no cap).
-    pub fn new(env: Env, program: Arc<Program>, isolation: Isolation, max_ratio: f64) -> Self {
+    pub fn new(mut env: Env, program: Arc<Program>, isolation: Isolation, max_ratio: f64) -> Self {
+        env.serial = program.serial;
         Self {
+            metrics: Some(Box::new(env.metrics_writer())),
             env,
             program,
             live: None,
@@ -52,6 +57,7 @@ impl Guest {
     pub fn set_program(&mut self, program: &Arc<Program>) {
         if !Arc::ptr_eq(&self.program, program) {
             self.program = Arc::clone(program);
+            self.env.serial = program.serial;
             self.live = None;
             self.poisoned = false;
         }
@@ -198,11 +204,11 @@ impl Guest {
         // whatever the call's outcome.
         if let Some(calls) = live.calls_mut() {
             let peer = (!call.claimable).then_some(call.peer);
-            calls.lend(peer, sessions, call.allowance(), call.upstream);
+            calls.lend(peer, sessions, &mut self.metrics, call.allowance(), call.upstream);
         }
         let result = live.call(call, &self.env);
         if let Some(calls) = live.calls_mut() {
-            calls.take_back(sessions);
+            calls.take_back(sessions, &mut self.metrics);
         }
         let result = result.and_then(|has_reply| self.env.check_budget(&meter).map(|()| has_reply));
         self.last_time = started.elapsed();

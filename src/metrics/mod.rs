@@ -1,8 +1,10 @@
-//! Counters for everything that happens to a datagram, and rate-limited warnings.
+//! Counters for everything that happens to a datagram, the metrics guests
+//! define (`guest`), and rate-limited warnings.
 //!
 //! Each worker owns one [`Counters`] and is its only writer, so counting never
 //! contends; readers sum all workers into a [`Snapshot`].
 
+pub mod guest;
 mod rate_limit;
 
 use std::fmt;

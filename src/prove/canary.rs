@@ -75,7 +75,7 @@ impl Handler for Canary {
         if spec.canary_percent > 0.0 && candidate::canary(client.ip(), spec.canary_percent) {
             if !self.candidate.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, candidate)) {
                 let guest = Guest::new(
-                    self.shared.env.clone(),
+                    self.shared.env.as_candidate(),
                     Arc::clone(&candidate.program),
                     self.shared.spec.isolation,
                     self.shared.spec.max_reply_ratio,

@@ -80,9 +80,9 @@ impl Offline {
     /// the candidate's own copy of the pools (for the shadow).
     pub(super) fn beside(shared: &Shared, candidate: &Candidate) -> anyhow::Result<Self> {
         // Its own state: a shadowed module must not spend the listener's
-        // limits or fill its cache.
+        // limits or fill its cache. Its metrics are the listener's candidate's.
         Ok(Self::with(
-            &shared.env.with_own_state(),
+            &shared.env.with_own_state().as_candidate(),
             Arc::clone(&candidate.program),
             &shared.spec,
             shared.local,
@@ -95,7 +95,7 @@ impl Offline {
     /// own): what the active would have done for a canaried datagram.
     pub(super) fn active_beside(shared: &Shared, candidate: &Candidate, program: Arc<Program>) -> Self {
         Self::with(
-            &shared.env.with_own_state(),
+            &shared.env.with_own_state().with_own_metrics(),
             program,
             &shared.spec,
             shared.local,

@@ -303,6 +303,8 @@ impl Collector for GatewayCollector {
                 .encode_histogram::<NoLabelSet>(s.guest_time_sum_ns as f64 / 1e9, count, &buckets, None)?;
         }
 
+        super::guest_metrics::encode(&mut encoder, &self.listeners)?;
+
         let mut shadow = encoder.encode_descriptor(
             "wasmgate_shadow",
             "Datagrams the candidate module shadowed, by what its verdict was against the active's.",

@@ -5,6 +5,7 @@
 //! flight, and exit).
 
 pub mod exposition;
+mod guest_metrics;
 pub mod reload;
 
 use std::net::SocketAddr;

@@ -14,6 +14,7 @@ mod dns_state;
 mod docs;
 mod examples;
 mod forwarding;
+mod guest_metrics;
 mod hardening;
 mod health;
 mod hostile;

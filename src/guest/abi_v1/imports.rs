@@ -222,7 +222,7 @@ fn assemblyscript_string(data: &[u8], ptr: i32) -> Option<String> {
     )
 }
 
-/// Defines the state calls in `linker`.
+/// Defines the state calls (and the metric calls) in `linker`.
 pub(crate) fn define(linker: &mut Linker<Calls>) -> wasmtime::Result<()> {
     linker.func_wrap(HOST_MODULE, "state_get", state_get)?;
     linker.func_wrap(HOST_MODULE, "state_set", state_set)?;
@@ -233,6 +233,7 @@ pub(crate) fn define(linker: &mut Linker<Calls>) -> wasmtime::Result<()> {
     linker.func_wrap(HOST_MODULE, "penalize", penalize)?;
     linker.func_wrap(HOST_MODULE, "penalized", penalized)?;
     linker.func_wrap(HOST_MODULE, "now_ms", now_ms)?;
+    super::metrics::define(linker)?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use wasmtime::Memory;
 
 use crate::guest::instance_limits::InstanceLimits;
 use crate::metrics::RateLimit;
+use crate::metrics::guest::MetricsWriter;
 use crate::state::State;
 use crate::upstream::Lent;
 use crate::verdict::{Allowance, CallError, ClaimError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM, OUTPUT_CAP};
@@ -51,6 +52,8 @@ pub(crate) struct Calls {
     /// for the rest: it ticks in milliseconds, and a call costs less than a
     /// clock read.
     pub(crate) now: Option<u64>,
+    /// The listener's guest metrics (the module's role), and the worker's writer.
+    pub(crate) metrics: super::MetricsLink,
 }
 
 impl Calls {
@@ -59,17 +62,26 @@ impl Calls {
     /// and (inside `on_reply`) names the endpoint. [`Calls::take_back`] ends it.
     /// With no `peer` (a shared pool's answer), the guest names the client
     /// with [`Calls::reply_to`].
-    pub(crate) fn lend(&mut self, peer: Option<SocketAddr>, sessions: &mut Lent, allowance: Allowance, upstream: &str) {
+    pub(crate) fn lend(
+        &mut self,
+        peer: Option<SocketAddr>,
+        sessions: &mut Lent,
+        writer: &mut Option<Box<MetricsWriter>>,
+        allowance: Allowance,
+        upstream: &str,
+    ) {
         self.peer = peer;
         self.sessions = sessions.take();
+        self.metrics.writer = writer.take();
         self.out.reset(allowance);
         self.now = None;
         self.upstream.push_str(upstream);
     }
 
-    /// Gives the sessions back after a call, whatever its outcome.
-    pub(crate) fn take_back(&mut self, sessions: &mut Lent) {
+    /// Gives the sessions and the writer back after a call, whatever its outcome.
+    pub(crate) fn take_back(&mut self, sessions: &mut Lent, writer: &mut Option<Box<MetricsWriter>>) {
         *sessions = self.sessions.take();
+        *writer = self.metrics.writer.take();
         self.upstream.clear();
     }
 

@@ -6,6 +6,8 @@
 //! each kind's imports only adapt guest memory or WIT types to these.
 
 mod calls;
+mod metrics;
 mod state;
 
 pub(crate) use calls::{Calls, CallsView, Outbox, peer_text};
+pub(crate) use metrics::{MetricsLink, Update};
