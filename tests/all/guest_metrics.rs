@@ -290,3 +290,89 @@ fn a_shadowed_candidates_metrics_are_its_own() {
     assert_eq!(requests(&body, "active"), (2, 10.0), "{body}");
     assert_eq!(requests(&body, "candidate"), (2, 10.0), "{body}");
 }
+
+/// A component of the `metered-handler` world: every datagram defines the
+/// counter `component_requests{kind}` and adds 1 to the series named by the
+/// datagram; the reply is define's and add's result discriminants and add's
+/// payload (1: its own series).
+const METRICS_COMPONENT: &str = r#"(component
+  (import "wasmgate:handler/metrics@0.1.0" (instance $metrics
+    (type $me (enum "too-many-calls" "invalid" "conflict" "unknown-metric" "cap"))
+    (export "metric-error" (type $me-e (eq $me)))
+    (type $mk (enum "counter" "gauge" "histogram"))
+    (export "metric-kind" (type $mk-e (eq $mk)))
+    (export "define" (func (param "kind" $mk-e) (param "name" string) (param "labels" (list string))
+      (param "buckets" (list f64)) (result (result u32 (error $me-e)))))
+    (export "add" (func (param "id" u32) (param "values" (list string)) (param "value" f64)
+      (result (result bool (error $me-e)))))))
+  (alias export $metrics "define" (func $define))
+  (alias export $metrics "add" (func $add))
+  (core module $mem
+    (memory (export "memory") 1)
+    (global $heap (mut i32) (i32.const 1024))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $p i32)
+      (if (i32.gt_u (global.get $heap) (i32.const 16384)) (then (global.set $heap (i32.const 1024))))
+      (local.set $p (global.get $heap))
+      (global.set $heap (i32.add (global.get $heap) (i32.add (local.get 3) (i32.const 8))))
+      (local.get $p)))
+  (core instance $mi (instantiate $mem))
+  (core func $define-lowered (canon lower (func $define) (memory (core memory $mi "memory"))))
+  (core func $add-lowered (canon lower (func $add) (memory (core memory $mi "memory"))))
+  (core module $m
+    (import "host" "memory" (memory 1))
+    (import "host" "define" (func $define (param i32 i32 i32 i32 i32 i32 i32 i32)))
+    (import "host" "add" (func $add (param i32 i32 i32 f64 i32)))
+    (data (i32.const 40) "component_requests")
+    (data (i32.const 64) "kind")
+    (func (export "handle") (param $d i32) (param $n i32) (param $p i32) (param $pn i32) (result i32)
+      (i32.store (i32.const 120) (i32.const 64))
+      (i32.store (i32.const 124) (i32.const 4))
+      (call $define (i32.const 0) (i32.const 40) (i32.const 18) (i32.const 120) (i32.const 1)
+        (i32.const 0) (i32.const 0) (i32.const 140))
+      (i32.store (i32.const 100) (local.get $d))
+      (i32.store (i32.const 104) (local.get $n))
+      (call $add (i32.load (i32.const 144)) (i32.const 100) (i32.const 1) (f64.const 1) (i32.const 160))
+      (i32.store8 (i32.const 200) (i32.load8_u (i32.const 140)))
+      (i32.store8 (i32.const 201) (i32.load8_u (i32.const 160)))
+      (i32.store8 (i32.const 202) (i32.load8_u (i32.const 161)))
+      (i32.store8 (i32.const 16) (i32.const 1))
+      (i32.store (i32.const 20) (i32.const 200))
+      (i32.store (i32.const 24) (i32.const 3))
+      (i32.const 16)))
+  (core instance $i (instantiate $m (with "host" (instance
+    (export "memory" (memory $mi "memory"))
+    (export "define" (func $define-lowered))
+    (export "add" (func $add-lowered))))))
+  (func (export "handle") (param "datagram" (list u8)) (param "peer" string) (result (option (list u8)))
+    (canon lift (core func $i "handle") (memory (core memory $mi "memory")) (realloc (core func $mi "realloc")))))"#;
+
+#[test]
+fn a_component_counts_through_the_metrics_interface() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = write_file(dir.path(), "metered.wat", METRICS_COMPONENT.as_bytes());
+    let served = Service::start(&[
+        "--module",
+        &module,
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    for _ in 0..5 {
+        assert_eq!(common::ask(&client(), served.addr, b"ok!"), [0, 0, 1]);
+    }
+    // A value holding a newline would name two labels: refused (`invalid` is case 1).
+    assert_eq!(common::ask(&client(), served.addr, b"a\nb"), [0, 1, 1]);
+    let body = scrape(served.metrics_addr());
+    assert_eq!(sample(&body, &series("component_requests_total", ",kind=\"ok!\"")), 5.0);
+    assert_eq!(
+        sample(
+            &body,
+            "wasmgate_guest_metrics_refused_total{listener=\"default\",role=\"active\",reason=\"invalid\"}"
+        ),
+        1.0
+    );
+}

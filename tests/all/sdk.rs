@@ -86,3 +86,50 @@ fn sdk_send_past_the_budget_is_a_typed_error() {
     let c = client();
     assert_eq!(ask(&c, served.addr, b"sendbig"), b"Amplification");
 }
+
+#[test]
+fn sdk_metrics_count_set_and_observe_across_workers() {
+    let module = format!("{}/guest/sdk-probe.wasm", env!("CARGO_MANIFEST_DIR"));
+    let served = Service::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "4",
+        "--module",
+        &module,
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let sizes = [5, 50, 500, 7, 70];
+    for i in 0..100 {
+        let c = client();
+        let label = if i % 4 == 0 { "a" } else { "b" };
+        let n = sizes[i % sizes.len()];
+        assert_eq!(
+            ask(&c, served.addr, format!("metric {label} {n}").as_bytes()),
+            b"counted"
+        );
+    }
+    assert_eq!(ask(&client(), served.addr, b"metric a 3"), b"counted");
+    assert_eq!(ask(&client(), served.addr, b"badmetric"), b"Invalid");
+    let body = common::scrape(served.metrics_addr());
+    let get = |series: &str| common::sample(&body, &format!("wasmgate_guest_{series}"));
+    let active = "listener=\"default\",role=\"active\"";
+    assert_eq!(get(&format!("probe_requests_total{{{active},label=\"a\"}}")), 26.0);
+    assert_eq!(get(&format!("probe_requests_total{{{active},label=\"b\"}}")), 75.0);
+    assert_eq!(get(&format!("probe_last{{{active}}}")), 3.0);
+    assert_eq!(get(&format!("probe_sizes_bucket{{{active},le=\"10\"}}")), 41.0);
+    assert_eq!(get(&format!("probe_sizes_bucket{{{active},le=\"100\"}}")), 81.0);
+    assert_eq!(get(&format!("probe_sizes_count{{{active}}}")), 101.0);
+    assert_eq!(
+        get(&format!("probe_sizes_sum{{{active}}}")),
+        20.0 * (5.0 + 50.0 + 500.0 + 7.0 + 70.0) + 3.0
+    );
+    assert_eq!(
+        common::sample(
+            &body,
+            &format!("wasmgate_guest_metrics_refused_total{{{active},reason=\"invalid\"}}")
+        ),
+        1.0
+    );
+}

@@ -11,6 +11,10 @@
 //!   replies with the error's name
 //! - `fwd POOL TEXT`: forwards TEXT to POOL; on an error, replies with its name
 //! - `key POOL KEY TEXT`: forwards TEXT to POOL by KEY; likewise
+//! - `metric LABEL N`: adds 1 to the counter `probe_requests{label}`, sets the
+//!   gauge `probe_last` to N and observes N in the histogram `probe_sizes`
+//!   (buckets 10, 100); replies `counted`, or the first error's name
+//! - `badmetric`: adds to the counter `bad name`; replies with the error's name
 //! - anything else: echoed, through `Option<&[u8]>`
 //!
 //! What upstreams send back goes through `back`: `via POOL/ip:port DATA`.
@@ -19,7 +23,12 @@
 
 use core::fmt::Write as _;
 
-use wasmgate_sdk::{CallError, Context, Level, Reply};
+use wasmgate_sdk::{CallError, Context, Level, Metric, Reply};
+
+static REQUESTS: Metric = Metric::counter("probe_requests", &["label"]);
+static LAST: Metric = Metric::gauge("probe_last", &[]);
+static SIZES: Metric = Metric::histogram("probe_sizes", &[], &[10.0, 100.0]);
+static BAD: Metric = Metric::counter("bad name", &[]);
 
 struct Cursor<'a> {
     buf: &'a mut [u8],
@@ -110,19 +119,44 @@ fn probe<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
                 Err(e) => error_reply(ctx, e),
             }
         }
+        b"metric" => {
+            let mut words = argument.splitn(2, |&b| b == b' ');
+            let label = core::str::from_utf8(words.next().unwrap_or(b"")).unwrap_or("");
+            let n: f64 = core::str::from_utf8(words.next().unwrap_or(b""))
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0.0);
+            let result = REQUESTS
+                .add(&[label], 1.0)
+                .and_then(|()| LAST.set(&[], n))
+                .and_then(|()| SIZES.observe(&[], n));
+            match result {
+                Ok(()) => Reply::from("counted"),
+                Err(e) => debug_reply(ctx, e),
+            }
+        }
+        b"badmetric" => match BAD.add(&[], 1.0) {
+            Ok(()) => Reply::from("counted"),
+            Err(e) => debug_reply(ctx, e),
+        },
         _ => Reply::from(Some(&*datagram)),
     }
 }
 
-/// The name of `error`, as the reply.
-fn error_reply(ctx: &mut Context, error: CallError) -> Reply<'_> {
+/// `value` as `Debug` writes it, as the reply.
+fn debug_reply(ctx: &mut Context, value: impl core::fmt::Debug) -> Reply<'_> {
     let mut out = Cursor {
         buf: ctx.reply_buffer(),
         len: 0,
     };
-    let _ = write!(out, "{error:?}");
+    let _ = write!(out, "{value:?}");
     let len = out.len;
     Reply::Send(&ctx.reply_buffer()[..len])
+}
+
+/// The name of `error`, as the reply.
+fn error_reply(ctx: &mut Context, error: CallError) -> Reply<'_> {
+    debug_reply(ctx, error)
 }
 
 /// An upstream's datagram: `via POOL/ip:port DATA`.

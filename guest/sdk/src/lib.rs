@@ -500,6 +500,9 @@ impl fmt::Write for Line {
     }
 }
 
+mod metrics;
+pub use metrics::{Metric, MetricError};
+
 mod host {
     #[link(wasm_import_module = "wasmgate")]
     unsafe extern "C" {
@@ -535,6 +538,18 @@ mod host {
         pub(crate) fn penalize(key: *const u8, key_len: i32, ttl_ms: i64) -> i32;
         pub(crate) fn penalized(key: *const u8, key_len: i32) -> i32;
         pub(crate) fn now_ms() -> i64;
+        pub(crate) fn metric_define(
+            kind: i32,
+            name: *const u8,
+            name_len: i32,
+            labels: *const u8,
+            labels_len: i32,
+            buckets: *const f64,
+            buckets_count: i32,
+        ) -> i32;
+        pub(crate) fn metric_add(id: i32, values: *const u8, values_len: i32, value: f64) -> i32;
+        pub(crate) fn metric_set(id: i32, values: *const u8, values_len: i32, value: f64) -> i32;
+        pub(crate) fn metric_observe(id: i32, values: *const u8, values_len: i32, value: f64) -> i32;
     }
 }
 

@@ -10,8 +10,9 @@ use wasmtime_wasi::p2::DynPollable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::log_pipe::LogPipe;
-use crate::guest::host::{Calls, CallsView};
-use crate::verdict::{CallError, StateError};
+use crate::guest::host::{Calls, CallsView, Update};
+use crate::metrics::guest::{MetricKind, Recorded, Spec};
+use crate::verdict::{CallError, MetricError, StateError};
 
 /// The world files, compiled in so that `wasmgate new` can write them out.
 pub const HANDLER_WIT: &str = include_str!("../../../wit/handler.wit");
@@ -39,11 +40,11 @@ pub(crate) mod bindings {
     wasmtime::component::bindgen!({ path: "wit", world: "stateful-proxy" });
 }
 
-/// The `shared-proxy` world: every import (`clients` too), for the linker.
+/// The `metered-proxy` world: every import (`clients` and `metrics` too), for the linker.
 mod shared_bindings {
     wasmtime::component::bindgen!({
         path: "wit",
-        world: "shared-proxy",
+        world: "metered-proxy",
         with: {
             "wasmgate:handler/types": crate::guest::component::host::bindings::wasmgate::handler::types,
             "wasmgate:handler/state": crate::guest::component::host::bindings::wasmgate::handler::state,
@@ -155,8 +156,8 @@ impl bindings::StatefulProxyImports for ComponentHost {
 
 impl bindings::wasmgate::handler::types::Host for ComponentHost {}
 
-/// The same top-level imports, as the `shared-proxy` world names them.
-impl shared_bindings::SharedProxyImports for ComponentHost {
+/// The same top-level imports, as the `metered-proxy` world names them.
+impl shared_bindings::MeteredProxyImports for ComponentHost {
     fn log(&mut self, level: u8, message: String) {
         bindings::StatefulProxyImports::log(self, level, message);
     }
@@ -183,6 +184,78 @@ impl shared_bindings::wasmgate::handler::clients::Host for ComponentHost {
 
     fn reply_to(&mut self, handle: u64) -> bool {
         self.calls.reply_to(handle).is_ok()
+    }
+}
+
+use shared_bindings::wasmgate::handler::metrics::{MetricError as WitMetricError, MetricKind as WitMetricKind};
+
+impl From<MetricError> for WitMetricError {
+    fn from(e: MetricError) -> Self {
+        match e {
+            MetricError::TooManyCalls => Self::TooManyCalls,
+            MetricError::Invalid => Self::Invalid,
+            MetricError::Conflict => Self::Conflict,
+            MetricError::Unknown => Self::UnknownMetric,
+            MetricError::Cap => Self::Cap,
+        }
+    }
+}
+
+impl ComponentHost {
+    /// An update of the series of `values`, joined by `\n` as ABI v1 passes
+    /// them (a value holding one is invalid: it would name other labels).
+    fn metric_update(
+        &mut self,
+        update: Update,
+        id: u32,
+        values: &[String],
+        value: f64,
+    ) -> Result<bool, WitMetricError> {
+        if values.iter().any(|v| v.contains('\n')) {
+            return Err(self.calls.metric_define_refused(MetricError::Invalid).into());
+        }
+        let joined = values.join("\n");
+        match self.calls.metric_update(update, id, joined.as_bytes(), value) {
+            Ok(recorded) => Ok(recorded == Recorded::Series),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// `wasmgate:handler/metrics`: the metric verbs of `guest::host`, typed.
+impl shared_bindings::wasmgate::handler::metrics::Host for ComponentHost {
+    fn define(
+        &mut self,
+        kind: WitMetricKind,
+        name: String,
+        labels: Vec<String>,
+        buckets: Vec<f64>,
+    ) -> Result<u32, WitMetricError> {
+        let kind = match kind {
+            WitMetricKind::Counter => MetricKind::Counter,
+            WitMetricKind::Gauge => MetricKind::Gauge,
+            WitMetricKind::Histogram => MetricKind::Histogram,
+        };
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let spec = Spec {
+            kind,
+            name: &name,
+            labels: &labels,
+            buckets: &buckets,
+        };
+        Ok(self.calls.metric_define(&spec)?)
+    }
+
+    fn add(&mut self, id: u32, values: Vec<String>, value: f64) -> Result<bool, WitMetricError> {
+        self.metric_update(Update::Add, id, &values, value)
+    }
+
+    fn set(&mut self, id: u32, values: Vec<String>, value: f64) -> Result<bool, WitMetricError> {
+        self.metric_update(Update::Set, id, &values, value)
+    }
+
+    fn observe(&mut self, id: u32, values: Vec<String>, value: f64) -> Result<bool, WitMetricError> {
+        self.metric_update(Update::Observe, id, &values, value)
     }
 }
 
@@ -253,7 +326,7 @@ impl bindings::wasmgate::handler::state::Host for ComponentHost {
 pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<ComponentHost>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-    shared_bindings::SharedProxy::add_to_linker::<_, wasmtime::component::HasSelf<ComponentHost>>(&mut linker, |h| h)?;
+    shared_bindings::MeteredProxy::add_to_linker::<_, wasmtime::component::HasSelf<ComponentHost>>(&mut linker, |h| h)?;
     // Waiting blocks the worker in the host, where the epoch deadline cannot reach;
     // a handler has nothing to wait for (its datagram is a parameter), so a wait
     // is a bug or an attack, and traps at once.
