@@ -214,7 +214,7 @@ deliver_world() {
 if command -v python3 >/dev/null || apt_install python3; then
   if python3 -m venv "$out/venv" >/dev/null 2>&1 || { apt_install python3-venv && python3 -m venv "$out/venv"; }; then
     if "$out/venv/bin/pip" install --quiet -r examples/python/requirements.txt; then
-      (cd examples/python && "$out/venv/bin/componentize-py" -d ../../wit -w handler componentize app \
+      (cd examples/python && "$out/venv/bin/componentize-py" -d ../../wit -w metered-handler componentize app \
         -o "$out/python.wasm" >/dev/null) || fail "componentize-py failed on examples/python/app.py"
       deliver_world "$out/python.wasm" examples/python/python.wasm
       (cd tests/guests/python-probe && "$out/venv/bin/componentize-py" -d ../../../wit -w handler componentize probe \
@@ -238,7 +238,7 @@ if command -v npm >/dev/null; then
   cp examples/js/{package.json,package-lock.json,redact.js} "$out/js/"
   mkdir -p "$out/wit" && cp wit/handler.wit "$out/wit/"
   if (cd "$out/js" && npm ci --silent --no-audit --no-fund >/dev/null &&
-    npx componentize-js --wit ../wit --world-name handler -d http fetch-event -o redact.wasm redact.js >/dev/null); then
+    npx componentize-js --wit ../wit --world-name metered-handler -d http fetch-event -o redact.wasm redact.js >/dev/null); then
     deliver_world "$out/js/redact.wasm" examples/js/redact.wasm
   else
     fail "the componentize-js build failed (npm ci && npm run build in examples/js)"

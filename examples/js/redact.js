@@ -5,10 +5,30 @@
 // dashes allowed between them, become "<number>"; everything else is kept.
 // The reply is the redacted line, never longer than the original.
 //
+// It counts what it redacts (docs/ABI.md, "Metrics"): `/metrics` shows
+// `wasmgate_guest_redactions_total{kind="email"|"number"}`.
+//
 // Build (from this directory):
 //   npm ci
-//   npx componentize-js --wit ../../wit --world-name handler -d http fetch-event -o redact.wasm redact.js
+//   npx componentize-js --wit ../../wit --world-name metered-handler -d http fetch-event -o redact.wasm redact.js
 import log from "log";
+import { define, add } from "wasmgate:handler/metrics@0.1.0";
+
+// The counter's id, defined with the host on first use.
+let redactions;
+
+// Adds `n` to `redactions{kind}`; a refused call changes no answer.
+function count(kind, n) {
+  if (n === 0) {
+    return;
+  }
+  try {
+    redactions ??= define("counter", "redactions", ["kind"], []);
+    add(redactions, [kind], n);
+  } catch {
+    // Counting is best effort.
+  }
+}
 
 const EMAIL = /[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}/g;
 const CARD = /\b\d(?:[ -]?\d){12,18}\b/g;
@@ -26,6 +46,18 @@ export function handle(datagram, peer) {
     log(3, `not UTF-8 from ${peer}: dropped`);
     return undefined;
   }
-  const redacted = line.replace(EMAIL, "<email>").replace(CARD, "<number>");
+  let emails = 0;
+  let numbers = 0;
+  const redacted = line
+    .replace(EMAIL, () => {
+      emails += 1;
+      return "<email>";
+    })
+    .replace(CARD, () => {
+      numbers += 1;
+      return "<number>";
+    });
+  count("email", emails);
+  count("number", numbers);
   return encoder.encode(redacted);
 }

@@ -77,6 +77,15 @@ fn a_client_past_its_bucket_is_refused_then_penalized_and_others_are_served() {
         stats.forwarded as usize, answered,
         "refused queries never reach the resolver"
     );
+    // What the handler counted, by reason (docs/ABI.md, "Metrics").
+    let counted = |name: &str, values: &[&str]| common::guest_value(&gateway, name, values);
+    assert_eq!(counted("dns_limit_refused", &["rate"]), Some(1.0));
+    assert_eq!(
+        counted("dns_limit_refused", &["penalized"]),
+        Some((30 - answered - 1) as f64)
+    );
+    assert_eq!(counted("dns_limit_penalties", &[]), Some(1.0));
+    assert_eq!(counted("dns_limit_forwarded", &[]), Some(answered as f64));
     // Another client address has a bucket of its own.
     let other = client_at("127.0.0.2");
     let reply = dns_ask(&other, to, &query("example.org.", 99));
@@ -131,6 +140,11 @@ fn a_cached_answer_is_served_to_any_client_without_the_resolver_until_its_ttl() 
         assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
     }
     assert_eq!(gateway.stats().forwarded, 5);
+    // What the handler counted (docs/ABI.md, "Metrics"): every forward was a miss.
+    let counted = |name: &str, values: &[&str]| common::guest_value(&gateway, name, values);
+    assert_eq!(counted("dns_cache_lookups", &["miss"]), Some(5.0));
+    assert_eq!(counted("dns_cache_lookups", &["hit"]), Some(9.0));
+    assert_eq!(counted("dns_cache_stored", &[]), Some(3.0));
 }
 
 /// The TTLs of an answer's records.

@@ -121,6 +121,15 @@ fn python_example_answers_canonical_json_through_the_gateway() {
             r#"wasmgate_datagrams_replied_total{listener="default"}"#,
         ) == 23.0
     });
+    // What the handler counted (docs/ABI.md, "Metrics").
+    let body = scrape(gw.metrics_addr());
+    let documents = |result: &str| {
+        sample(
+            &body,
+            &format!(r#"wasmgate_guest_json_documents_total{{listener="default",role="active",result="{result}"}}"#),
+        )
+    };
+    assert_eq!((documents("canonical"), documents("invalid")), (22.0, 1.0));
 }
 
 #[test]
@@ -140,6 +149,15 @@ fn javascript_example_redacts_through_the_gateway() {
     // Not UTF-8: the handler answers nothing.
     c.send_to(&[0xff, 0xfe, 0x00], gw.addr).unwrap();
     assert_silent(&c, Duration::from_millis(300));
+    // What the handler counted (docs/ABI.md, "Metrics").
+    let body = scrape(gw.metrics_addr());
+    let redactions = |kind: &str| {
+        sample(
+            &body,
+            &format!(r#"wasmgate_guest_redactions_total{{listener="default",role="active",kind="{kind}"}}"#),
+        )
+    };
+    assert_eq!((redactions("email"), redactions("number")), (2.0, 1.0));
 }
 
 #[test]

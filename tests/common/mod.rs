@@ -542,3 +542,28 @@ pub fn send_spoofed(from: SocketAddr, to: SocketAddr, payload: &[u8]) {
     datagram.extend_from_slice(payload);
     raw.send_to(&datagram, &to.into()).unwrap();
 }
+
+/// The active module's guest counter or gauge `name` (as defined, without
+/// `_total`) at the label `values`, summed over the workers; `None` if that
+/// series does not exist.
+pub fn guest_value(gateway: &Gateway, name: &str, values: &[&str]) -> Option<f64> {
+    use wasmgate::metrics::guest::{Role, Value};
+    let mut found = None;
+    gateway
+        .publisher()
+        .guest_metrics()
+        .role(Role::Active)
+        .visit(&mut |family| {
+            if family.name != name {
+                return;
+            }
+            for (labels, value) in &family.series {
+                if labels.is_some_and(|l| l.iter().map(String::as_str).eq(values.iter().copied())) {
+                    if let Value::Counter(v) | Value::Gauge(v) = value {
+                        found = Some(*v);
+                    }
+                }
+            }
+        });
+    found
+}

@@ -20,12 +20,21 @@
 //!   answer), so no client holds a record past the moment its TTL allows.
 //!   Answers over [`MAX_CACHED`] bytes (rare over UDP) are passed on uncached.
 //!
+//! - It counts its hits and misses (docs/ABI.md, "Metrics"): `/metrics` shows
+//!   `wasmgate_guest_dns_cache_lookups_total{result="hit"|"miss"}` and
+//!   `wasmgate_guest_dns_cache_stored_total`.
+//!
 //! Build: `scripts/build-guests.sh`. Run: `wasmgate --config examples/dns-cache.toml`.
 
 #![no_std]
 
 use dns_wire::{outstanding_table, HEADER, MAX_KEY, NOERROR, Question, SERVFAIL, age_ttls, answer_here, min_answer_ttl};
-use wasmgate_sdk::{ClientHandle, Context, Reply};
+use wasmgate_sdk::{ClientHandle, Context, Metric, Reply};
+
+/// Queries looked up in the cache, by whether they were answered from it.
+static LOOKUPS: Metric = Metric::counter("dns_cache_lookups", &["result"]);
+/// Answers stored in the cache.
+static STORED: Metric = Metric::counter("dns_cache_stored", &[]);
 
 /// The longest an answer is cached, in seconds, whatever its TTL.
 pub const MAX_TTL_S: u32 = 3600;
@@ -61,8 +70,11 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
         // answer has the same question, but perhaps in another case).
         answer[..2].copy_from_slice(&datagram[..2]);
         answer[HEADER..q.end].copy_from_slice(&datagram[HEADER..q.end]);
+        let _ = LOOKUPS.add(&["hit"], 1.0);
         return Reply::Send(answer);
     }
+    // Best effort: a refused metric call changes no answer.
+    let _ = LOOKUPS.add(&["miss"], 1.0);
     let Ok(client) = ctx.client() else {
         return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
     };
@@ -95,7 +107,9 @@ fn reply<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
                 value[..len].copy_from_slice(datagram);
                 value[len..len + STAMP].copy_from_slice(&ctx.now_ms().to_le_bytes());
                 // A full cache only means this answer is not kept.
-                let _ = ctx.state_set(key, &value[..len + STAMP], i64::from(ttl.min(MAX_TTL_S)) * 1000);
+                if ctx.state_set(key, &value[..len + STAMP], i64::from(ttl.min(MAX_TTL_S)) * 1000).is_ok() {
+                    let _ = STORED.add(&[], 1.0);
+                }
             }
         }
     }

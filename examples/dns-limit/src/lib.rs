@@ -18,12 +18,25 @@
 //!   enough, and cheaper than the shared state. The pool is shared
 //!   (`sessions = "shared"`): a few sockets per worker carry every client.
 //!
+//! - It counts what it decides (docs/ABI.md, "Metrics"): `/metrics` shows
+//!   `wasmgate_guest_dns_limit_refused_total{reason="rate"|"penalized"}`,
+//!   `wasmgate_guest_dns_limit_penalties_total` and
+//!   `wasmgate_guest_dns_limit_forwarded_total`.
+//!
 //! Build: `scripts/build-guests.sh`. Run: `wasmgate --config examples/dns-limit.toml`.
 
 #![no_std]
 
-use dns_wire::{outstanding_table, Question, REFUSED, SERVFAIL, answer_here};
-use wasmgate_sdk::{ClientHandle, Context, Reply};
+use dns_wire::{outstanding_table, Question, REFUSED as REFUSED_RCODE, SERVFAIL, answer_here};
+use wasmgate_sdk::{ClientHandle, Context, Metric, Reply};
+
+/// Queries answered REFUSED, by why: past the bucket (`rate`), or from a
+/// client penalized already (`penalized`).
+static REFUSED: Metric = Metric::counter("dns_limit_refused", &["reason"]);
+/// Clients penalized.
+static PENALTIES: Metric = Metric::counter("dns_limit_penalties", &[]);
+/// Queries forwarded to the resolvers.
+static FORWARDED: Metric = Metric::counter("dns_limit_forwarded", &[]);
 
 /// Queries a second each client IP may send, on average (5; a build with
 /// `DNS_LIMIT_RATE` set takes that instead, as `examples/limit_bench` does).
@@ -54,10 +67,15 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     // A full state refuses: a limit that cannot count must not let a flood through.
     let penalized = ctx.penalized(ip).unwrap_or(true);
     if penalized || !ctx.limit(ip, RATE, BURST).unwrap_or(false) {
-        if !penalized {
+        // Counting is best effort: a refused metric call changes no answer.
+        if penalized {
+            let _ = REFUSED.add(&["penalized"], 1.0);
+        } else {
             let _ = ctx.penalize(ip, PENALTY_MS);
+            let _ = REFUSED.add(&["rate"], 1.0);
+            let _ = PENALTIES.add(&[], 1.0);
         }
-        return Reply::Send(answer_here(datagram, q.end, REFUSED));
+        return Reply::Send(answer_here(datagram, q.end, REFUSED_RCODE));
     }
     let Ok(handle) = ctx.client() else {
         return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
@@ -65,6 +83,7 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     if !outstanding_table().forward(handle.to_bits(), datagram, &q, |m| ctx.forward(POOL, m).is_ok()) {
         return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
     }
+    let _ = FORWARDED.add(&[], 1.0);
     Reply::Nothing
 }
 
