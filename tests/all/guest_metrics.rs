@@ -195,6 +195,9 @@ fn invalid_names_labels_and_values_are_refused_with_their_code() {
     assert_eq!(ask(&c, served.addr, b"!requests"), [-18]);
     // `last_len` is a gauge.
     assert_eq!(ask(&c, served.addr, b"!last_len"), [-18]);
+    // Every metric call counts against the datagram's 64 calls (`requests`
+    // is defined already): the 65th to the 70th are refused.
+    assert_eq!(ask(&c, served.addr, b"*many"), [-8]);
     // Quotes and backslashes are values like others, escaped when exported.
     assert_eq!(ask(&c, served.addr, b"#say \"hi\" \\o/"), [0]);
     let body = scrape(served.metrics_addr());
@@ -211,6 +214,14 @@ fn invalid_names_labels_and_values_are_refused_with_their_code() {
     assert_eq!(
         sample(&body, &series("requests_total", ",kind=\"say \\\"hi\\\" \\\\o/\"")),
         1.0
+    );
+    assert_eq!(sample(&body, &series("requests_total", ",kind=\"many\"")), 64.0);
+    assert_eq!(
+        sample(
+            &body,
+            "wasmgate_guest_calls_refused_total{listener=\"default\",reason=\"too_many_calls\"}"
+        ),
+        6.0
     );
     assert!(!body.contains("bad-name") && !body.contains("bad\u{1}"), "{body}");
 }

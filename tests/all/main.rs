@@ -9,6 +9,7 @@
 mod common;
 
 mod components;
+mod dashboard;
 mod dns_proxy;
 mod dns_state;
 mod docs;

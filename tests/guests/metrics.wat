@@ -3,8 +3,9 @@
 ;; length), sets `last_len` and is observed in `size_bytes` (buckets 8, 64,
 ;; 512); the reply is the three calls' codes (i32, little-endian). A datagram
 ;; starting with `!` defines a counter named by the rest, `?` a counter
-;; `tagged` labelled by the rest, `#` adds 1 to `requests{kind=<the rest>}`:
-;; the reply is then that call's code.
+;; `tagged` labelled by the rest, `#` adds 1 to `requests{kind=<the rest>}`,
+;; `*` adds 1 to `requests{kind="many"}` 70 times: the reply is then that
+;; (last) call's code.
 (module
   (import "wasmgate" "metric_define" (func $define (param i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "wasmgate" "metric_add" (func $add (param i32 i32 i32 f64) (result i32)))
@@ -54,6 +55,16 @@
           (then (return (call $reply1
             (call $define (i32.const 0) (i32.const 112) (i32.const 6)
               (i32.add (local.get $ptr) (i32.const 1)) (i32.sub (local.get $len) (i32.const 1)) (i32.const 0) (i32.const 0))))))
+        (if (i32.eq (local.get $first) (i32.const 42))
+          (then
+            (call $ensure)
+            (i32.store (i32.const 120) (i32.const 0x796e616d)) ;; "many"
+            (local.set $odd (i32.const 70))
+            (loop $again
+              (local.set $first (call $add (global.get $requests) (i32.const 120) (i32.const 4) (f64.const 1)))
+              (local.set $odd (i32.sub (local.get $odd) (i32.const 1)))
+              (br_if $again (local.get $odd)))
+            (return (call $reply1 (local.get $first)))))
         (if (i32.eq (local.get $first) (i32.const 35))
           (then
             (call $ensure)
