@@ -35,6 +35,10 @@ struct Args {
     /// the default guest beside this one, interleaved: old against new.
     #[arg(long, value_name = "PATH")]
     baseline: Option<String>,
+    /// Measure what a guest metric costs instead: bench/uppercase.wat against
+    /// the same module updating a counter per datagram, beside native.
+    #[arg(long)]
+    guest_metrics: bool,
 }
 
 /// Clients × window × payload bytes.
@@ -103,6 +107,32 @@ fn start(server: &Server, bin: &Path, root: &Path, port: u16) -> anyhow::Result<
     Ok(running)
 }
 
+const WAT_PLAIN: &str = "wat uppercase";
+const WAT_COUNTED: &str = "wat + counter";
+
+/// bench/uppercase.wat, and the same with its counter update, written to the
+/// temporary directory: two servers differing by one `metric_add` a datagram.
+fn guest_metrics_servers(root: &Path) -> anyhow::Result<Vec<Server>> {
+    let plain = root.join("bench/uppercase.wat");
+    let text = std::fs::read_to_string(&plain).with_context(|| format!("cannot read {}", plain.display()))?;
+    let counted_text = text.replace(";; (call $count)", "(call $count)");
+    anyhow::ensure!(
+        counted_text != text,
+        "bench/uppercase.wat has no `;; (call $count)` line"
+    );
+    let counted = std::env::temp_dir().join(format!("wasmgate-bench-counted-{}.wat", std::process::id()));
+    std::fs::write(&counted, counted_text)?;
+    let server = |name, module: &Path| Server {
+        name,
+        program: "wasmgate",
+        wasmgate_args: Some(Box::leak(Box::new([
+            "--module",
+            Box::leak(module.display().to_string().into_boxed_str()),
+        ]))),
+    };
+    Ok(vec![server(WAT_PLAIN, &plain), server(WAT_COUNTED, &counted)])
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin = release_dir()?;
@@ -121,11 +151,20 @@ fn main() -> anyhow::Result<()> {
         program: Box::leak(path.into_boxed_str()),
         wasmgate_args: Some(&[]),
     });
-    let servers: Vec<&Server> = SERVERS
-        .iter()
-        .chain(baseline.as_ref())
-        .filter(|s| !(args.no_python && s.wasmgate_args.is_none()))
-        .collect();
+    let metered = if args.guest_metrics {
+        guest_metrics_servers(root)?
+    } else {
+        Vec::new()
+    };
+    let servers: Vec<&Server> = if args.guest_metrics {
+        std::iter::once(&SERVERS[0]).chain(&metered).collect()
+    } else {
+        SERVERS
+            .iter()
+            .chain(baseline.as_ref())
+            .filter(|s| !(args.no_python && s.wasmgate_args.is_none()))
+            .collect()
+    };
     // Every server runs for the whole benchmark (an idle one costs nothing), and
     // runs are interleaved: run r of every server and cell comes before run r + 1
     // of any, so a noisy spell on this shared machine is spread over all of them.
@@ -194,6 +233,23 @@ fn main() -> anyhow::Result<()> {
     println!();
 
     let find = |name: &str| servers.iter().position(|s| s.name == name);
+    if let (Some(plain), Some(counted)) = (find(WAT_PLAIN), find(WAT_COUNTED)) {
+        println!("Guest metrics: one counter update per datagram (medians):");
+        for (ci, &(c, w, s)) in MATRIX.iter().enumerate() {
+            let (p, q) = (results[ci][plain], results[ci][counted]);
+            let cost = (q.cpu_us / p.cpu_us - 1.0) * 100.0;
+            println!(
+                "  {c}×{w}×{s}: CPU/datagram {:.2} µs without, {:.2} µs with: {cost:+.1}% ({:+.0} ns an update; ≤ 5%: {}); replies/s {:.0} and {:.0}",
+                p.cpu_us,
+                q.cpu_us,
+                (q.cpu_us - p.cpu_us) * 1000.0,
+                if cost <= 5.0 { "met" } else { "NOT met" },
+                p.rate,
+                q.rate
+            );
+        }
+        return Ok(());
+    }
     let (Some(nat), Some(per), Some(reuse), Some(fresh)) = (
         find("native batched"),
         find("native per-datagram"),

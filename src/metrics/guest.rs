@@ -11,7 +11,16 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use xxhash_rust::xxh3::Xxh3Builder;
+
 use crate::verdict::MetricError;
+
+/// A seed no guest can predict, so that it cannot aim label values at one
+/// bucket of a worker's cache.
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher as _;
+    std::collections::hash_map::RandomState::new().hash_one(0u8)
+}
 
 /// Metric definitions a listener's guests (one role) may make.
 pub const MAX_DEFINITIONS: usize = 64;
@@ -466,6 +475,10 @@ struct Known {
     kind: MetricKind,
     labels: usize,
     buckets: Arc<[f64]>,
+    /// The label values of its last update and their series: a handler
+    /// updates one series again and again, and a comparison costs less than
+    /// hashing.
+    last: Option<(Vec<u8>, Slot)>,
 }
 
 /// One worker's writer of a [`GuestMetrics`]: its block and its cache of
@@ -474,7 +487,9 @@ struct Known {
 pub struct MetricsWriter {
     metrics: Arc<GuestMetrics>,
     block: Option<(usize, Arc<Block>)>,
-    cache: HashMap<Box<[u8]>, Slot>,
+    /// The series this worker knows, by key; xxh3 with a random seed (std's
+    /// SipHash costs more than the rest of an update).
+    cache: HashMap<Box<[u8]>, Slot, Xxh3Builder>,
     defs: Vec<Option<Known>>,
     epoch: u64,
     /// The series count when a label set last went to overflow: while it
@@ -499,7 +514,7 @@ impl MetricsWriter {
         Self {
             metrics,
             block: None,
-            cache: HashMap::new(),
+            cache: HashMap::with_hasher(Xxh3Builder::new().with_seed(random_seed())),
             defs: Vec::new(),
             epoch: 0,
             full_at: None,
@@ -563,20 +578,32 @@ impl MetricsWriter {
             self.overflow.clear();
             self.epoch = epoch;
         }
-        let known = match self.defs.get(id as usize) {
-            Some(Some(known)) => known.clone(),
-            _ => {
-                let known = self.learn(id)?;
-                known.clone()
-            }
+        if !matches!(self.defs.get(id as usize), Some(Some(_))) {
+            self.learn(id)?;
+        }
+        let Some(Some(known)) = self.defs.get_mut(id as usize) else {
+            return Err(MetricError::Unknown);
         };
         let op = op(known.kind, &known.buckets).ok_or(MetricError::Invalid)?;
-        self.key.clear();
-        self.key.extend_from_slice(&id.to_le_bytes());
-        self.key.extend_from_slice(values);
-        let (slot, recorded) = match self.cache.get(self.key.as_slice()) {
-            Some(&slot) => (slot, Recorded::Series),
-            None => self.find(&known)?,
+        let (slot, recorded) = match &known.last {
+            Some((last, slot)) if last.as_slice() == values => (*slot, Recorded::Series),
+            _ => {
+                let labels = known.labels;
+                self.key.clear();
+                self.key.extend_from_slice(&id.to_le_bytes());
+                self.key.extend_from_slice(values);
+                let found = match self.cache.get(self.key.as_slice()) {
+                    Some(&slot) => (slot, Recorded::Series),
+                    None => self.find(labels)?,
+                };
+                if let (Some(Some(known)), (slot, Recorded::Series)) = (self.defs.get_mut(id as usize), found) {
+                    let last = known.last.get_or_insert_with(|| (Vec::new(), slot));
+                    last.0.clear();
+                    last.0.extend_from_slice(values);
+                    last.1 = slot;
+                }
+                found
+            }
         };
         if recorded == Recorded::Overflow {
             self.metrics.overflowed.fetch_add(1, Relaxed);
@@ -600,7 +627,7 @@ impl MetricsWriter {
     }
 
     /// The definition of `id`, asked of the registry once.
-    fn learn(&mut self, id: u32) -> Result<&Known, MetricError> {
+    fn learn(&mut self, id: u32) -> Result<(), MetricError> {
         let inner = lock(&self.metrics.inner);
         let def = inner
             .defs
@@ -611,22 +638,24 @@ impl MetricsWriter {
             kind: def.kind,
             labels: def.labels.len(),
             buckets: Arc::clone(&def.buckets),
+            last: None,
         };
         drop(inner);
         let index = id as usize;
         if self.defs.len() <= index {
             self.defs.resize(index + 1, None);
         }
-        Ok(self.defs[index].insert(known))
+        self.defs[index] = Some(known);
+        Ok(())
     }
 
     /// The slot of the label set in `key`, not cached yet.
-    fn find(&mut self, known: &Known) -> Result<(Slot, Recorded), MetricError> {
+    fn find(&mut self, labels: usize) -> Result<(Slot, Recorded), MetricError> {
         let given = self.metrics.series.load(Relaxed);
         if self.full_at == Some(given) {
             // No series was given since this writer learned them all: a label
             // set it does not know is one too many, found without the lock.
-            check_values(&self.key[4..], known.labels)?;
+            check_values(&self.key[4..], labels)?;
             let id = u32::from_le_bytes([self.key[0], self.key[1], self.key[2], self.key[3]]);
             if let Some(slot) = self.overflow.get(id as usize).copied().flatten() {
                 return Ok((slot, Recorded::Overflow));
