@@ -558,10 +558,10 @@ pub fn guest_value(gateway: &Gateway, name: &str, values: &[&str]) -> Option<f64
                 return;
             }
             for (labels, value) in &family.series {
-                if labels.is_some_and(|l| l.iter().map(String::as_str).eq(values.iter().copied())) {
-                    if let Value::Counter(v) | Value::Gauge(v) = value {
-                        found = Some(*v);
-                    }
+                if labels.is_some_and(|l| l.iter().map(String::as_str).eq(values.iter().copied()))
+                    && let Value::Counter(v) | Value::Gauge(v) = value
+                {
+                    found = Some(*v);
                 }
             }
         });
