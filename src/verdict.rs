@@ -134,6 +134,9 @@ pub const OUTPUT_CAP: usize = 1024;
 /// upstream reply) may make; later calls are refused with [`CallError::TooMany`].
 pub const MAX_CALLS_PER_DATAGRAM: u32 = 64;
 
+/// Bytes of a guest's `note` (for the access log) that are kept.
+pub const MAX_NOTE: usize = 256;
+
 /// What one call may do: bytes to the client (`send` and the reply together)
 /// and `forward`/`send` calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,8 +15,8 @@ use super::bounds::{
 };
 use super::listener::{Isolation, Limits, ListenerSpec};
 use super::proving::{
-    CandidateSpec, DEFAULT_PROMOTE_MIN_CLIENTS, DEFAULT_PROMOTE_MIN_TIME, DEFAULT_RECORD_MAX_BYTES, RecordSpec,
-    check_percent, check_sample,
+    AccessLogSpec, CandidateSpec, DEFAULT_PROMOTE_MIN_CLIENTS, DEFAULT_PROMOTE_MIN_TIME, DEFAULT_RECORD_MAX_BYTES,
+    RecordSpec, check_percent, check_sample,
 };
 use super::state::StateSection;
 use crate::net::proxied::TrustedProxies;
@@ -87,6 +87,10 @@ struct ListenerSection {
     record_sample: Option<f64>,
     /// Where the recording stops growing, e.g. `100MiB`.
     record_max_bytes: Option<String>,
+    /// Writes a JSON line per client datagram to this file (`-`: standard output).
+    access_log: Option<PathBuf>,
+    /// The share of client datagrams logged, 0 to 1.
+    access_log_sample: Option<f64>,
     /// A module loaded beside the active one, to prove it (shadow and canary).
     candidate: Option<PathBuf>,
     /// The share of datagrams the candidate shadows, 0 to 1.
@@ -251,6 +255,26 @@ fn parse(text: &str, base: &Path, default_workers: usize) -> anyhow::Result<File
                             .map_err(anyhow::Error::msg)
                             .with_context(|| at("record_max_bytes"))? as u64,
                         None => DEFAULT_RECORD_MAX_BYTES,
+                    },
+                }),
+            },
+            access_log: match &l.access_log {
+                None if l.access_log_sample.is_some() => {
+                    bail!("{}: access_log_sample needs access_log = \"FILE\"", at("access_log"))
+                }
+                None => None,
+                Some(path) => Some(AccessLogSpec {
+                    // Like `module`, relative to the config file; `-` is standard output.
+                    path: if path.as_os_str() == "-" {
+                        path.clone()
+                    } else {
+                        base.join(path)
+                    },
+                    sample: match l.access_log_sample {
+                        Some(r) => check_sample(r)
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| at("access_log_sample"))?,
+                        None => 1.0,
                     },
                 }),
             },
@@ -555,6 +579,23 @@ mod tests {
         assert_eq!(candidate.promote_after, Some(100));
         assert_eq!(candidate.mismatches, Some(dir.path().join("m.pcapng")));
         assert!(parse_err(&format!("{LISTENER}canary_percent = 5.0\n")).contains("need candidate"));
+    }
+
+    #[test]
+    fn an_access_log_is_relative_to_the_file_or_standard_output_with_its_share() {
+        let c = parse_ok(&format!(
+            "{LISTENER}access_log = \"access.log\"\naccess_log_sample = 0.5\n"
+        ));
+        let log = c.listeners[0].access_log.clone().unwrap();
+        assert_eq!((log.path.as_path(), log.sample), (Path::new("./access.log"), 0.5));
+        let c = parse_ok(&format!("{LISTENER}access_log = \"-\"\n"));
+        let log = c.listeners[0].access_log.clone().unwrap();
+        assert_eq!((log.path.as_path(), log.sample), (Path::new("-"), 1.0));
+        assert!(parse_err(&format!("{LISTENER}access_log_sample = 0.5\n")).contains("needs access_log"));
+        assert!(
+            parse_err(&format!("{LISTENER}access_log = \"a\"\naccess_log_sample = 1.5\n"))
+                .contains("access_log_sample")
+        );
     }
 
     #[test]

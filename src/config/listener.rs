@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::bounds::{DEFAULT_REPLY_RATIO, MAX_WORKERS};
 use super::pool::PoolSpec;
-use super::proving::{CandidateSpec, RecordSpec};
+use super::proving::{AccessLogSpec, CandidateSpec, RecordSpec};
 use crate::net::proxied::TrustedProxies;
 use crate::net::source_filter::PortSet;
 use crate::state::{ClusterSpec, StateLimits};
@@ -102,6 +102,8 @@ pub struct ListenerSpec {
     pub proxy_protocol_from: TrustedProxies,
     /// `--record`: the listener's datagrams to a pcapng file.
     pub record: Option<RecordSpec>,
+    /// `--access-log`: a JSON line per client datagram (a share of them).
+    pub access_log: Option<AccessLogSpec>,
     /// `--candidate`: a second module shadowing (or canarying) the active one.
     pub candidate: Option<CandidateSpec>,
     /// `--state-redis`: limits shared with other gateways through Redis.
@@ -132,6 +134,7 @@ impl Default for ListenerSpec {
             deny_source_ports: PortSet::default(),
             proxy_protocol_from: TrustedProxies::default(),
             record: None,
+            access_log: None,
             candidate: None,
             cluster: None,
         }

@@ -19,7 +19,7 @@ pub use bounds::{
     check_timeout_ms, check_wall_timeout_ms, check_workers, parse_addr, parse_duration, parse_size, parse_with,
 };
 pub use proving::{
-    CandidateSpec, DEFAULT_PROMOTE_MIN_CLIENTS, DEFAULT_PROMOTE_MIN_TIME, DEFAULT_RECORD_MAX_BYTES, RecordSpec,
-    check_percent, check_sample,
+    AccessLogSpec, CandidateSpec, DEFAULT_PROMOTE_MIN_CLIENTS, DEFAULT_PROMOTE_MIN_TIME, DEFAULT_RECORD_MAX_BYTES,
+    RecordSpec, check_percent, check_sample,
 };
 pub use state::{DEFAULT_REDIS_FLUSH, cluster_spec};

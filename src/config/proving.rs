@@ -1,5 +1,6 @@
 //! The settings for proving a module before it serves: `--record` and
-//! `--candidate` (shadow, canary, promotion), as plain data.
+//! `--candidate` (shadow, canary, promotion), and for watching one serve
+//! (`--access-log`), as plain data.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,6 +33,16 @@ impl RecordSpec {
             max_bytes: DEFAULT_RECORD_MAX_BYTES,
         }
     }
+}
+
+/// Where the access log goes and how much of the traffic (`--access-log`,
+/// `--access-log-sample`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccessLogSpec {
+    /// The file, or `-` for standard output.
+    pub path: PathBuf,
+    /// The share of client datagrams logged, 0..=1.
+    pub sample: f64,
 }
 
 /// A candidate module beside the active one (`--candidate`, `--shadow-sample`,

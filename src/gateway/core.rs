@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::handler::Handler;
+use super::handler::{Handler, Route};
 use super::loop_guard::{LOOP_AFTER, LoopGuard};
 use super::shared::Shared;
 use super::tap::{ClientExchange, Tap, UpstreamExchange};
@@ -51,6 +51,8 @@ pub(crate) struct Core<H, T> {
     pub(super) next_timeout: Instant,
     /// What this worker last sent each source, to end loops between gateways.
     loops: LoopGuard,
+    /// The access log's sampling state (`--access-log-sample`).
+    log_state: u64,
 }
 
 impl<H: Handler, T: Tap> Core<H, T> {
@@ -72,6 +74,7 @@ impl<H: Handler, T: Tap> Core<H, T> {
             sessions,
             label: String::new(),
             next_timeout: now,
+            log_state: std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 1u8),
             // A seed no client can know (random keys, new for every table),
             // so that no choice of sources can push a loop's slots out of it.
             loops: LoopGuard::new(std::hash::BuildHasher::hash_one(
@@ -258,17 +261,28 @@ impl<H: Handler, T: Tap> Core<H, T> {
     ) {
         self.set_now(now);
         let shown = unmapped(peer);
+        let logged = (self.shared.access_log.as_ref()).is_some_and(|log| log.sampled(&mut self.log_state));
         let sessions = &self.sessions;
         let endpoint = |addr| sessions.as_ref().is_some_and(|n| n.is_endpoint(addr));
-        if let Err(why) = self.filter.check(shown, Some(&self.shared.session_ports), endpoint) {
-            drop_datagram(&self.shared, &self.counters, DropReason::DeniedSource, shown, &why);
-            return;
-        }
-        if self.loops.is_loop(shown, datagram) {
-            let why = format_args!(
-                "the source sent back what this gateway last sent it, {LOOP_AFTER} times in a row: a loop with another gateway"
-            );
-            drop_datagram(&self.shared, &self.counters, DropReason::Loop, shown, &why);
+        let refused = match self.filter.check(shown, Some(&self.shared.session_ports), endpoint) {
+            Err(why) => {
+                drop_datagram(&self.shared, &self.counters, DropReason::DeniedSource, shown, &why);
+                Some(DropReason::DeniedSource)
+            }
+            Ok(()) if self.loops.is_loop(shown, datagram) => {
+                let why = format_args!(
+                    "the source sent back what this gateway last sent it, {LOOP_AFTER} times in a row: a loop with another gateway"
+                );
+                drop_datagram(&self.shared, &self.counters, DropReason::Loop, shown, &why);
+                Some(DropReason::Loop)
+            }
+            Ok(()) => None,
+        };
+        if let Some(reason) = refused {
+            if logged {
+                let exchange = (shown, datagram.len(), 0, reason.as_str());
+                self.log_access(exchange, None, usize::MAX, Route::Active);
+            }
             return;
         }
         let route = self.handler.route(shown, &self.shared.program.load());
@@ -276,15 +290,21 @@ impl<H: Handler, T: Tap> Core<H, T> {
         let mark = self.sessions.as_ref().map_or(0, |n| n.queued());
         let mut replies = Vec::new();
         let mut last_sent = None;
+        let mut bytes_out = 0;
         let hash = self.loops.hasher();
         let mut emit = |d: &[u8], to: SocketAddr| {
             if watched {
                 replies.push(d.to_vec());
             }
+            bytes_out += d.len();
             last_sent = Some(hash(d));
             emit(d, to);
         };
-        let verdict = self.handle_client(datagram, peer, shown, &mut emit);
+        let (verdict, note) = self.handle_client(datagram, peer, shown, &mut emit, logged);
+        if logged {
+            let exchange = (shown, datagram.len(), bytes_out, verdict);
+            self.log_access(exchange, note, mark, route);
+        }
         if let Some(hash) = last_sent {
             self.loops.sent_hash(shown, hash);
         }
@@ -307,14 +327,16 @@ impl<H: Handler, T: Tap> Core<H, T> {
     }
 
     /// The handler on a client datagram that passed the source filter; what
-    /// became of it (`reply`, `forward`, or the drop reason).
+    /// became of it (`reply`, `forward`, or the drop reason) and, if `note`,
+    /// what the guest noted for the access log.
     fn handle_client(
         &mut self,
         datagram: &[u8],
         peer: SocketAddr,
         shown: SocketAddr,
         emit: &mut dyn FnMut(&[u8], SocketAddr),
-    ) -> &'static str {
+        note: bool,
+    ) -> (&'static str, Option<Box<str>>) {
         if let Some(n) = self.sessions.as_mut() {
             n.client_datagram(peer, datagram.len());
         }
@@ -326,8 +348,12 @@ impl<H: Handler, T: Tap> Core<H, T> {
             ..
         } = self;
         let result = handler.handle(datagram, shown, sessions);
+        let mut noted = None;
         let verdict = match result {
             Ok(answer) => {
+                if note && let Some(text) = answer.note() {
+                    noted = Some(String::from_utf8_lossy(text).into());
+                }
                 if answer.each_datagram(|d| emit(d, peer)) {
                     "reply"
                 } else if answer.forwarded() > 0 {
@@ -349,7 +375,7 @@ impl<H: Handler, T: Tap> Core<H, T> {
         };
         counters.guest_time(handler.last_time());
         handler.take_refused(&mut |error, n| counters.refused(error, u64::from(n)));
-        verdict
+        (verdict, noted)
     }
 
     /// A datagram an upstream sent back for `client` (as received): through

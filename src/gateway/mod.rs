@@ -32,6 +32,7 @@ use crate::prove::canary::Canary;
 use crate::prove::capture::{MismatchLog, Recorder};
 use crate::prove::tap::Proving;
 use crate::upstream::{Pools, Sessions};
+use access_log::AccessLog;
 
 /// Requested kernel socket buffers; they absorb bursts. Linux may cap them at
 /// `net.core.rmem_max` / `wmem_max`.
@@ -92,6 +93,9 @@ impl Gateway {
             recorder,
             local_addr,
         );
+        if let Some(spec) = &config.access_log {
+            shared.access_log = Some(AccessLog::start(spec, &config.name)?);
+        }
         let mut shadow = None;
         if let Some(c) = &config.candidate {
             if let Some(path) = &c.mismatches {
@@ -239,6 +243,13 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Opens the access log's file again before its next line (SIGHUP).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.shared.access_log {
+            log.reopen();
+        }
+    }
+
     /// The metrics its guests define, by role.
     pub fn guest_metrics(&self) -> &Arc<crate::metrics::guest::ListenerMetrics> {
         self.shared.env.metrics()
@@ -387,6 +398,8 @@ fn spawn_worker<H: Handler + 'static, T: Tap + 'static>(
         .context("cannot start a worker thread")
 }
 
+mod access_line;
+mod access_log;
 pub(crate) mod core;
 pub(crate) mod handler;
 mod loop_guard;

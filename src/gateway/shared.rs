@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
+use super::access_log::AccessLog;
 use crate::config::ListenerSpec;
 use crate::guest::{Env, Program};
 use crate::metrics::{RateLimit, Snapshot, Stats};
@@ -49,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) shadow: ShadowCounters,
     /// `--shadow-mismatches`.
     pub(crate) mismatches: Option<MismatchLog>,
+    /// `--access-log`.
+    pub(crate) access_log: Option<AccessLog>,
 }
 
 impl Shared {
@@ -75,6 +78,7 @@ impl Shared {
             candidate: ArcSwapOption::empty(),
             shadow: ShadowCounters::default(),
             mismatches: None,
+            access_log: None,
         }
     }
 
@@ -82,6 +86,9 @@ impl Shared {
     pub(crate) fn snapshot(&self) -> Snapshot {
         let mut s = self.stats.snapshot();
         s.record_dropped = self.recorder.as_ref().map_or(0, Recorder::dropped);
+        if let Some(log) = &self.access_log {
+            (s.access_log_dropped, s.access_log_lines) = (log.dropped(), log.written());
+        }
         (s.shadow, s.shadow_skipped) = self.shadow.read();
         s.state = self.env.state().stats();
         s.cluster = self.env.state().cluster_stats();

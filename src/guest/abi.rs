@@ -116,7 +116,7 @@ pub const PROBE_REPLY: (&str, Signature) = (
 
 /// The functions the host offers an ABI v1 guest, as (module, name, type); a
 /// guest may import any of them. `env.abort` is what AssemblyScript imports by default.
-pub const HOST_FUNCTIONS: [(&str, &str, Signature); 22] = [
+pub const HOST_FUNCTIONS: [(&str, &str, Signature); 23] = [
     host(HOST_MODULE, "log", &["i32", "i32", "i32"], &[]),
     host(HOST_MODULE, "peer", &["i32", "i32"], &["i32"]),
     host(HOST_MODULE, "forward", &["i32", "i32", "i32", "i32"], &["i32"]),
@@ -128,6 +128,7 @@ pub const HOST_FUNCTIONS: [(&str, &str, Signature); 22] = [
     ),
     host(HOST_MODULE, "send", &["i32", "i32"], &["i32"]),
     host(HOST_MODULE, "upstream", &["i32", "i32"], &["i32"]),
+    host(HOST_MODULE, "note", &["i32", "i32"], &["i32"]),
     host(HOST_MODULE, "client", &[], &["i64"]),
     host(HOST_MODULE, "reply_to", &["i64"], &["i32"]),
     host(HOST_MODULE, "state_get", &["i32", "i32", "i32", "i32"], &["i32"]),

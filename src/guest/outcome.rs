@@ -88,6 +88,11 @@ impl Answer<'_> {
     pub fn first_refusal(&self) -> Option<CallError> {
         self.out.first_refusal.or(self.refused)
     }
+
+    /// What the guest noted for the access log (`note`), if anything.
+    pub fn note(&self) -> Option<&[u8]> {
+        self.out.note.as_deref().filter(|n| !n.is_empty())
+    }
 }
 
 /// Why a datagram got no reply from the guest, with the error behind it if any.

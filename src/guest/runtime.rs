@@ -10,6 +10,7 @@ use wasmtime::{Engine, Linker};
 use crate::engine::engine_config;
 use crate::engine::ticker::EpochTicker;
 use crate::guest::abi_v1::imports;
+use crate::guest::abi_v1::metrics;
 use crate::guest::component::host::{self as wit, ComponentHost};
 use crate::guest::host::Calls;
 use crate::guest::wasi_command::host::{self as wasi, WasiHost};
@@ -53,6 +54,7 @@ impl Runtime {
         let ticks = Arc::new(AtomicU64::new(0));
         let mut linker = imports::linker(&engine)?;
         imports::define(&mut linker)?;
+        metrics::define(&mut linker)?;
         Ok(Arc::new(Self {
             linker,
             wasi_linker: wasi::linker(&engine)?,

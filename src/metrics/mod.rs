@@ -268,6 +268,9 @@ pub struct Snapshot {
     pub handles_active: u64,
     /// Datagrams `--record` did not record because its queue was full.
     pub record_dropped: u64,
+    /// Access log lines dropped because its queue was full, and written.
+    pub access_log_dropped: u64,
+    pub access_log_lines: u64,
     /// Shadowed datagrams by result (match, mismatch, candidate trap, candidate
     /// timeout, as `ShadowResult::ALL`), and samples
     /// skipped because the candidate was behind.

@@ -51,7 +51,7 @@ pub fn registry(listeners: Vec<(String, Publisher)>) -> Registry {
 /// A counter family: name (without `_total`), help, and its value in a snapshot.
 type CounterFamily = (&'static str, &'static str, fn(&Snapshot) -> u64);
 
-const COUNTERS: [CounterFamily; 18] = [
+const COUNTERS: [CounterFamily; 20] = [
     ("wasmgate_datagrams_received", "Datagrams received.", |s| s.received),
     ("wasmgate_datagrams_replied", "Datagrams answered with a reply.", |s| {
         s.replied
@@ -119,6 +119,14 @@ const COUNTERS: [CounterFamily; 18] = [
         "Datagrams --record did not record because its queue was full.",
         |s| s.record_dropped,
     ),
+    (
+        "wasmgate_access_log_dropped",
+        "Access log lines dropped because the writer was behind (its queue was full).",
+        |s| s.access_log_dropped,
+    ),
+    ("wasmgate_access_log_lines", "Access log lines written.", |s| {
+        s.access_log_lines
+    }),
     (
         "wasmgate_shadow_skipped",
         "Datagrams not shadowed because the candidate was behind (its queue was full).",

@@ -312,7 +312,12 @@ fn serve_until_stopped<S: Future<Output = ()>>(
             .collect(),
         metrics: metrics_bound,
     });
-    runtime.block_on(signals.wait(&reloaders, &publishers, pools, shutdown));
+    let logs: Vec<Publisher> = running
+        .iter()
+        .filter(|r| r.spec.access_log.is_some())
+        .map(|r| r.gateway.publisher())
+        .collect();
+    runtime.block_on(signals.wait(&reloaders, &publishers, &logs, pools, shutdown));
     // Every listener stops reading and every reloader stops publishing at once,
     // before saying so; then each worker answers the batch it holds.
     for r in &running {
@@ -516,12 +521,13 @@ impl Signals {
         })
     }
 
-    /// Reloads on SIGHUP, promotes candidates on SIGUSR1; returns when
-    /// `shutdown` completes.
+    /// Reloads (and opens the access logs again) on SIGHUP, promotes
+    /// candidates on SIGUSR1; returns when `shutdown` completes.
     async fn wait(
         mut self,
         reloaders: &[&Reloader],
         candidates: &[(String, Publisher)],
+        logs: &[Publisher],
         mut pools: PoolKeeper,
         shutdown: impl Future<Output = ()>,
     ) {
@@ -543,8 +549,12 @@ impl Signals {
                     }
                 }
                 _ = self.hangup.recv() => {
+                    // logrotate's convention: the file was moved away; a new one is made.
+                    for log in logs {
+                        log.reopen_access_log();
+                    }
                     pools.reload("SIGHUP", true);
-                    if reloaders.is_empty() && !pools.serves_pools() && pools.config.is_none() {
+                    if reloaders.is_empty() && !pools.serves_pools() && pools.config.is_none() && logs.is_empty() {
                         tracing::warn!("SIGHUP: only the embedded guest is served, there is no module file to reload");
                     } else if !reloaders.is_empty() {
                         tracing::info!("SIGHUP: reloading every module");

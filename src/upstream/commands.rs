@@ -145,6 +145,14 @@ impl Queue {
             })
     }
 
+    /// The session of the first send queued after `mark`.
+    pub(super) fn first_send_since(&self, mark: usize) -> Option<SessionId> {
+        self.items.get(mark..)?.iter().find_map(|q| match q {
+            Queued::Send(send) => Some(send.id),
+            _ => None,
+        })
+    }
+
     /// Everything queued, to apply while new commands queue behind it; give
     /// the allocations back with [`Queue::recycle`].
     pub(super) fn take(&mut self) -> (Vec<Queued>, Vec<u8>) {

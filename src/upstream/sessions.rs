@@ -484,6 +484,16 @@ impl Sessions {
         self.queue.sends_since(mark)
     }
 
+    /// The endpoint (`POOL/ip:port`) of the first send queued after `mark`:
+    /// where one client datagram was forwarded, for the access log.
+    pub fn forwarded_to_since(&self, mark: usize) -> Option<&str> {
+        let id = self.queue.first_send_since(mark)?;
+        match self.sessions.get(&id) {
+            Some(session) => Some(&session.label),
+            None => self.carriers.get(id).map(|socket| socket.label.as_str()),
+        }
+    }
+
     /// Session `id`'s client (as received) and endpoint, while it is open.
     pub fn session(&self, id: SessionId) -> Option<(SocketAddr, SocketAddr)> {
         self.sessions.get(&id).map(|s| (s.client, s.endpoint))

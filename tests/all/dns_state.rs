@@ -31,11 +31,19 @@ fn resolver() -> SocketAddr {
 }
 
 fn serve(module: &[u8], resolver: SocketAddr) -> Gateway {
+    serve_logged(module, resolver, None)
+}
+
+fn serve_logged(module: &[u8], resolver: SocketAddr, access_log: Option<&std::path::Path>) -> Gateway {
     common::start_with(
         module,
         Limits::default(),
         ListenerSpec {
             pools: vec![PoolSpec::new("resolvers", vec![resolver.to_string()])],
+            access_log: access_log.map(|path| wasmgate::config::AccessLogSpec {
+                path: path.to_owned(),
+                sample: 1.0,
+            }),
             ..common::config()
         },
     )
@@ -94,7 +102,9 @@ fn a_client_past_its_bucket_is_refused_then_penalized_and_others_are_served() {
 
 #[test]
 fn a_cached_answer_is_served_to_any_client_without_the_resolver_until_its_ttl() {
-    let gateway = serve(DNS_CACHE, resolver());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let gateway = serve_logged(DNS_CACHE, resolver(), Some(&log));
     let to = gateway.local_addr();
     let first = client();
     let reply = dns_ask(&first, to, &query("example.org.", 1));
@@ -145,6 +155,15 @@ fn a_cached_answer_is_served_to_any_client_without_the_resolver_until_its_ttl() 
     assert_eq!(counted("dns_cache_lookups", &["miss"]), Some(5.0));
     assert_eq!(counted("dns_cache_lookups", &["hit"]), Some(9.0));
     assert_eq!(counted("dns_cache_stored", &[]), Some(3.0));
+    // And each query's access log line says which (once the writer has them all).
+    drop(gateway);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let notes = |note: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!("\"note\":\"{note}\"")))
+            .count()
+    };
+    assert_eq!((notes("cache hit"), notes("cache miss")), (9, 5), "{text}");
 }
 
 /// The TTLs of an answer's records.

@@ -36,6 +36,7 @@ fn the_whole_service_runs_in_process_serves_every_listener_and_stops_when_told()
         deny_source_ports: PortSet::default(),
         proxy_protocol_from: Default::default(),
         record: None,
+        access_log: None,
         candidate: None,
         cluster: None,
     };

@@ -22,7 +22,8 @@
 //!
 //! - It counts its hits and misses (docs/ABI.md, "Metrics"): `/metrics` shows
 //!   `wasmgate_guest_dns_cache_lookups_total{result="hit"|"miss"}` and
-//!   `wasmgate_guest_dns_cache_stored_total`.
+//!   `wasmgate_guest_dns_cache_stored_total`; with `--access-log`, each
+//!   query's line notes `cache hit` or `cache miss`.
 //!
 //! Build: `scripts/build-guests.sh`. Run: `wasmgate --config examples/dns-cache.toml`.
 
@@ -58,6 +59,9 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
     let now = ctx.now_ms();
     let hit = ctx.state_get_reply(key).ok().flatten().map(|value| value.len());
     if let Some(len) = hit.filter(|&len| len >= q.end + STAMP).map(|len| len - STAMP) {
+        // Best effort: a refused metric call (or note) changes no answer.
+        let _ = LOOKUPS.add(&["hit"], 1.0);
+        let _ = ctx.note("cache hit");
         let buffer = ctx.reply_buffer();
         let mut stored = [0u8; STAMP];
         stored.copy_from_slice(&buffer[len..len + STAMP]);
@@ -70,11 +74,10 @@ fn query<'a>(datagram: &'a mut [u8], ctx: &'a mut Context) -> Reply<'a> {
         // answer has the same question, but perhaps in another case).
         answer[..2].copy_from_slice(&datagram[..2]);
         answer[HEADER..q.end].copy_from_slice(&datagram[HEADER..q.end]);
-        let _ = LOOKUPS.add(&["hit"], 1.0);
         return Reply::Send(answer);
     }
-    // Best effort: a refused metric call changes no answer.
     let _ = LOOKUPS.add(&["miss"], 1.0);
+    let _ = ctx.note("cache miss");
     let Ok(client) = ctx.client() else {
         return Reply::Send(answer_here(datagram, q.end, SERVFAIL));
     };

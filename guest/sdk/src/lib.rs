@@ -256,6 +256,13 @@ impl Context {
         CallError::check(unsafe { host::send(data.as_ptr(), data.len() as i32) })
     }
 
+    /// A short text about this datagram for the access log (`--access-log`),
+    /// written as its line's `note`: cut to 256 bytes, a later note replaces it.
+    pub fn note(&mut self, text: &str) -> Result<(), CallError> {
+        // SAFETY: the host reads `len` bytes at `ptr`, which is `text`.
+        CallError::check(unsafe { host::note(text.as_ptr(), text.len() as i32) })
+    }
+
     /// This client's handle, for a shared pool's answers to name it by
     /// ([`Context::reply_to`]); it stays the same while the client keeps it.
     pub fn client(&mut self) -> Result<ClientHandle, CallError> {
@@ -519,6 +526,7 @@ mod host {
         ) -> i32;
         pub(crate) fn send(ptr: *const u8, len: i32) -> i32;
         pub(crate) fn upstream(ptr: *mut u8, cap: i32) -> i32;
+        pub(crate) fn note(ptr: *const u8, len: i32) -> i32;
         pub(crate) fn client() -> i64;
         pub(crate) fn reply_to(handle: i64) -> i32;
         pub(crate) fn state_get(key: *const u8, key_len: i32, buf: *mut u8, cap: i32) -> i32;

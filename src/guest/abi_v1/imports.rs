@@ -19,6 +19,7 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<Calls>> {
     linker.func_wrap(HOST_MODULE, "forward_key", forward_key)?;
     linker.func_wrap(HOST_MODULE, "send", send)?;
     linker.func_wrap(HOST_MODULE, "upstream", upstream)?;
+    linker.func_wrap(HOST_MODULE, "note", note)?;
     linker.func_wrap(HOST_MODULE, "client", |mut caller: Caller<'_, Calls>| -> i64 {
         match caller.data_mut().client() {
             Ok(handle) => handle as i64,
@@ -167,6 +168,18 @@ fn send(mut caller: Caller<'_, Calls>, ptr: i32, len: i32) -> wasmtime::Result<i
     })
 }
 
+/// `note(ptr, len) -> i32`: a text about this datagram for the access log,
+/// cut to 256 bytes (a later note replaces it); 0, or `too_many_calls`.
+fn note(mut caller: Caller<'_, Calls>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
+    let mem = memory(&mut caller, "note")?;
+    let (memory, state) = mem.data_and_store_mut(&mut caller);
+    let text = region(memory, ptr, len, "note", "the text")?;
+    Ok(match state.note(text) {
+        Ok(()) => 0,
+        Err(error) => error.code(),
+    })
+}
+
 /// `upstream(ptr: i32, cap: i32) -> i32`: inside `on_reply`, the endpoint that
 /// sent the datagram as `POOL/ip:port`, written if it fits in `cap` bytes; its
 /// length either way. Elsewhere 0.
@@ -222,7 +235,7 @@ fn assemblyscript_string(data: &[u8], ptr: i32) -> Option<String> {
     )
 }
 
-/// Defines the state calls (and the metric calls) in `linker`.
+/// Defines the state calls in `linker`.
 pub(crate) fn define(linker: &mut Linker<Calls>) -> wasmtime::Result<()> {
     linker.func_wrap(HOST_MODULE, "state_get", state_get)?;
     linker.func_wrap(HOST_MODULE, "state_set", state_set)?;
@@ -233,7 +246,6 @@ pub(crate) fn define(linker: &mut Linker<Calls>) -> wasmtime::Result<()> {
     linker.func_wrap(HOST_MODULE, "penalize", penalize)?;
     linker.func_wrap(HOST_MODULE, "penalized", penalized)?;
     linker.func_wrap(HOST_MODULE, "now_ms", now_ms)?;
-    super::metrics::define(linker)?;
     Ok(())
 }
 

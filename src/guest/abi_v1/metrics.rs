@@ -12,7 +12,8 @@ use crate::guest::host::{Calls, Update};
 use crate::metrics::guest::{MAX_BUCKETS, MAX_LABELS, MetricKind, Recorded, Spec};
 use crate::verdict::MetricError;
 
-pub(super) fn define(linker: &mut Linker<Calls>) -> wasmtime::Result<()> {
+/// Defines the metric calls in `linker`.
+pub(crate) fn define(linker: &mut Linker<Calls>) -> wasmtime::Result<()> {
     linker.func_wrap(HOST_MODULE, "metric_define", metric_define)?;
     for (name, update) in [
         ("metric_add", Update::Add),

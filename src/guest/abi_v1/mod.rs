@@ -7,7 +7,7 @@ use std::ops::Range;
 use wasmtime::{InstancePre, Memory, Store, TypedFunc};
 
 pub(crate) mod imports;
-mod metrics;
+pub(crate) mod metrics;
 
 use crate::guest::abi::{self, GuestKind, NO_REPLY};
 use crate::guest::env::Env;

@@ -222,6 +222,14 @@ impl ComponentHost {
     }
 }
 
+/// `wasmgate:handler/notes`: `note` of `guest::host`.
+impl shared_bindings::wasmgate::handler::notes::Host for ComponentHost {
+    fn note(&mut self, text: String) {
+        // Past the call limit the note is refused and counted by the host.
+        let _ = self.calls.note(text.as_bytes());
+    }
+}
+
 /// `wasmgate:handler/metrics`: the metric verbs of `guest::host`, typed.
 impl shared_bindings::wasmgate::handler::metrics::Host for ComponentHost {
     fn define(

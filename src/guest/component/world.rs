@@ -123,7 +123,7 @@ fn check_import(name: &str, item: &ComponentItem) -> Option<String> {
     };
     Some(format!(
         "it imports the {what} `{name}`, which the gateway does not provide (it provides `log`, `forward`, \
-         `forward-key`, `send`, `wasmgate:handler/types`, `wasmgate:handler/state`, `wasmgate:handler/clients`, `wasmgate:handler/metrics` and WASI 0.2)"
+         `forward-key`, `send`, `wasmgate:handler/types`, `wasmgate:handler/state`, `wasmgate:handler/clients`, `wasmgate:handler/metrics`, `wasmgate:handler/notes` and WASI 0.2)"
     ))
 }
 

@@ -9,10 +9,12 @@ use wasmtime::Memory;
 
 use crate::guest::instance_limits::InstanceLimits;
 use crate::metrics::RateLimit;
-use crate::metrics::guest::MetricsWriter;
+use crate::metrics::guest::{GuestMetrics, MetricsWriter};
 use crate::state::State;
 use crate::upstream::Lent;
-use crate::verdict::{Allowance, CallError, ClaimError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM, OUTPUT_CAP};
+use crate::verdict::{
+    Allowance, CallError, ClaimError, DropReason, MAX_CALLS_PER_DATAGRAM, MAX_DATAGRAM, MAX_NOTE, OUTPUT_CAP,
+};
 
 /// What a kind's store data gives the host calls: the one [`Calls`] in it.
 pub(crate) trait CallsView {
@@ -28,6 +30,16 @@ impl CallsView for Calls {
     fn calls_mut(&mut self) -> &mut Calls {
         self
     }
+}
+
+/// A store's way to the guest metrics.
+#[derive(Debug)]
+pub(crate) struct MetricsLink {
+    pub(crate) registry: Arc<GuestMetrics>,
+    /// The program's serial: a newer program's definition wins a conflict.
+    pub(crate) serial: u64,
+    /// The worker's writer, lent for the length of one call.
+    pub(crate) writer: Option<Box<MetricsWriter>>,
 }
 
 /// Per-store host state: what the host functions need to answer a guest.
@@ -53,7 +65,7 @@ pub(crate) struct Calls {
     /// clock read.
     pub(crate) now: Option<u64>,
     /// The listener's guest metrics (the module's role), and the worker's writer.
-    pub(crate) metrics: super::MetricsLink,
+    pub(crate) metrics: MetricsLink,
 }
 
 impl Calls {
@@ -201,6 +213,21 @@ impl Calls {
         }
     }
 
+    /// `note` for every kind of guest: a short text about this datagram for the
+    /// access log (`--access-log`), cut to [`MAX_NOTE`] bytes; a later note
+    /// replaces it. Counted against the datagram's calls.
+    pub(crate) fn note(&mut self, text: &[u8]) -> Result<(), CallError> {
+        if let Err(error) = self.out.count_call() {
+            self.out.refuse(error);
+            return Err(error);
+        }
+        // The buffer is kept from datagram to datagram: no allocation after the first.
+        let note = self.out.note.get_or_insert_with(|| Vec::with_capacity(MAX_NOTE));
+        note.clear();
+        note.extend_from_slice(&text[..text.len().min(MAX_NOTE)]);
+        Ok(())
+    }
+
     /// `send` for every kind of guest: queues one more datagram for the client
     /// within the amplification budget, or says why not (and counts the refusal).
     pub(crate) fn send(&mut self, data: &[u8]) -> Result<(), CallError> {
@@ -271,6 +298,8 @@ pub(crate) struct Outbox {
     /// named (as received), or why the first `reply_to` named none.
     pub(crate) claimed: Option<SocketAddr>,
     pub(crate) claim_error: Option<ClaimError>,
+    /// What `note` said last, cut to [`MAX_NOTE`] bytes, for the access log.
+    pub(crate) note: Option<Vec<u8>>,
 }
 
 impl Default for Outbox {
@@ -293,6 +322,7 @@ impl Outbox {
         first_refusal: None,
         claimed: None,
         claim_error: None,
+        note: None,
     };
 
     /// Empties the outbox for a call with `allowance`.
@@ -307,6 +337,9 @@ impl Outbox {
         self.first_refusal = None;
         self.claimed = None;
         self.claim_error = None;
+        if let Some(note) = self.note.as_mut() {
+            note.clear();
+        }
     }
 
     /// The answer is for `client`: from here on the call draws on its

@@ -4,21 +4,9 @@
 //! listener's registry of the module's role; updates go through the worker's
 //! [`MetricsWriter`], lent to the store for each call.
 
-use std::sync::Arc;
-
 use super::calls::Calls;
-use crate::metrics::guest::{GuestMetrics, MetricsWriter, Recorded, Spec};
+use crate::metrics::guest::{Recorded, Spec};
 use crate::verdict::MetricError;
-
-/// A store's way to the guest metrics.
-#[derive(Debug)]
-pub(crate) struct MetricsLink {
-    pub(crate) registry: Arc<GuestMetrics>,
-    /// The program's serial: a newer program's definition wins a conflict.
-    pub(crate) serial: u64,
-    /// The worker's writer, lent for the length of one call.
-    pub(crate) writer: Option<Box<MetricsWriter>>,
-}
 
 impl Calls {
     fn metric_call(&mut self) -> Result<(), MetricError> {

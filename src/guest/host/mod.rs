@@ -9,5 +9,5 @@ mod calls;
 mod metrics;
 mod state;
 
-pub(crate) use calls::{Calls, CallsView, Outbox, peer_text};
-pub(crate) use metrics::{MetricsLink, Update};
+pub(crate) use calls::{Calls, CallsView, MetricsLink, Outbox, peer_text};
+pub(crate) use metrics::Update;
