@@ -317,6 +317,7 @@ impl Publisher {
         // Its own pools: the shadow's stubbed sessions must not count as the active's.
         let pools = self.shared.pools.as_ref().map(|p| Arc::new(p.load().copy()));
         let candidate = Candidate::new(Arc::new(program), pools);
+        self.shared.env.metrics().new_candidate();
         let previous = self.shared.candidate.swap(Some(Arc::new(candidate)));
         Ok(previous.map(|c| Arc::clone(&c.program)))
     }

@@ -103,6 +103,7 @@ impl Shared {
         if !previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, candidate)) {
             return;
         }
+        self.env.metrics().new_candidate();
         let active = self.program.load().short_sha256();
         let sha256 = candidate.program.short_sha256();
         match action {

@@ -104,7 +104,7 @@ impl Env {
 
     /// A writer of its role's metrics, for one worker.
     pub(super) fn metrics_writer(&self) -> MetricsWriter {
-        MetricsWriter::new(Arc::clone(self.metrics.role(self.role)))
+        MetricsWriter::new(self.metrics.role(self.role))
     }
 
     /// The state its guests share.
@@ -171,7 +171,7 @@ impl Env {
             memory: None,
             now: None,
             metrics: MetricsLink {
-                registry: Arc::clone(self.metrics.role(self.role)),
+                registry: self.metrics.role(self.role),
                 serial: self.serial,
                 writer: None,
             },

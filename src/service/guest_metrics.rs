@@ -22,7 +22,8 @@ pub(super) fn encode(encoder: &mut DescriptorEncoder<'_>, listeners: &[(String, 
     let mut families: BTreeMap<String, (MetricKind, Vec<Row>)> = BTreeMap::new();
     for (listener, publisher) in listeners {
         for role in roles {
-            publisher.guest_metrics().role(role).visit(&mut |family| {
+            let metrics = publisher.guest_metrics().role(role);
+            metrics.visit(&mut |family| {
                 let (kind, rows) = families
                     .entry(family.name.to_owned())
                     .or_insert_with(|| (family.kind, Vec::new()));
@@ -62,10 +63,15 @@ pub(super) fn encode(encoder: &mut DescriptorEncoder<'_>, listeners: &[(String, 
         }
     }
 
+    // The active module's always (a dashboard wants the series there); the
+    // candidate's once it used them.
     let each = |f: &mut dyn FnMut(&str, Role, &GuestMetrics) -> Result<(), fmt::Error>| {
         for (listener, publisher) in listeners {
             for role in roles {
-                f(listener, role, publisher.guest_metrics().role(role))?;
+                let metrics = publisher.guest_metrics().role(role);
+                if role == Role::Active || metrics.used() {
+                    f(listener, role, &metrics)?;
+                }
             }
         }
         Ok::<(), fmt::Error>(())

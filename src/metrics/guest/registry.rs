@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use arc_swap::ArcSwap;
+
 use super::rules::{
     DEFAULT_BUCKETS, MAX_BUCKETS, MAX_CELLS, MAX_DEFINITIONS, MAX_IDS, MAX_LABELS, MAX_SERIES, MetricKind,
     RESERVED_LABELS, cells, check_values, reserved_name, valid_name,
@@ -29,19 +31,27 @@ impl Role {
 }
 
 /// A listener's guest metrics: the active module's and the candidate's apart,
-/// so that a shadowed candidate never adds to the active's series.
+/// so that a shadowed candidate never adds to the active's series. The
+/// candidate's start afresh with each candidate.
 #[derive(Debug, Default)]
 pub struct ListenerMetrics {
     active: Arc<GuestMetrics>,
-    candidate: Arc<GuestMetrics>,
+    candidate: ArcSwap<GuestMetrics>,
 }
 
 impl ListenerMetrics {
-    pub fn role(&self, role: Role) -> &Arc<GuestMetrics> {
+    pub fn role(&self, role: Role) -> Arc<GuestMetrics> {
         match role {
-            Role::Active => &self.active,
-            Role::Candidate => &self.candidate,
+            Role::Active => Arc::clone(&self.active),
+            Role::Candidate => self.candidate.load_full(),
         }
+    }
+
+    /// Forgets the candidate's metrics: a new candidate was loaded, or the
+    /// last one promoted or unloaded. Its instances still running write to
+    /// the old ones, which are no longer exported.
+    pub fn new_candidate(&self) {
+        self.candidate.store(Arc::default());
     }
 }
 
@@ -319,6 +329,12 @@ impl GuestMetrics {
                 series,
             });
         }
+    }
+
+    /// Whether anything was ever defined or refused here (a role nobody used
+    /// is not exported).
+    pub fn used(&self) -> bool {
+        !lock(&self.inner).defs.is_empty() || self.refused.iter().any(|n| n.load(Relaxed) > 0)
     }
 
     /// Updates that went to an overflow series.
