@@ -29,6 +29,8 @@ use sha2::{Digest, Sha256};
 use crate::engine::read_module;
 use crate::gateway::Publisher;
 use crate::guest::{Env, short_hex};
+/// Which of a listener's modules a reloader keeps current.
+pub use crate::metrics::guest::Role;
 
 /// How long the file must be left alone before it is read: long enough for a
 /// `cp` to finish, short enough that a new module serves well within 250 ms.
@@ -364,23 +366,6 @@ impl State {
                     ),
                 );
             }
-        }
-    }
-}
-
-/// Which of a listener's modules a reloader keeps current.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Active,
-    /// `--candidate`.
-    Candidate,
-}
-
-impl Role {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Candidate => "candidate",
         }
     }
 }

@@ -14,7 +14,8 @@ use super::rules::{
 };
 use crate::verdict::MetricError;
 
-/// Whose metrics: the module serving the listener, or the candidate beside it.
+/// Which of a listener's modules: the one serving it, or the candidate beside
+/// it (`--candidate`); whose metrics, whose reloads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     Active,
