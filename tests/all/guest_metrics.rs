@@ -186,6 +186,8 @@ fn invalid_names_labels_and_values_are_refused_with_their_code() {
             String::from_utf8_lossy(payload)
         );
     }
+    // A bucket count past 16 (-1 read as 4,294,967,295) is refused, not a trap.
+    assert_eq!(ask(&c, served.addr, b"~x"), [-17]);
     // Defined alike: the same id, however often; `_total` is the counter's suffix.
     let id = ask(&c, served.addr, b"!fine")[0];
     assert!(id >= 0);
@@ -209,7 +211,7 @@ fn invalid_names_labels_and_values_are_refused_with_their_code() {
             ),
         )
     };
-    assert_eq!(refused("invalid"), 11.0);
+    assert_eq!(refused("invalid"), 12.0);
     assert_eq!(refused("conflict"), 2.0);
     assert_eq!(
         sample(&body, &series("requests_total", ",kind=\"say \\\"hi\\\" \\\\o/\"")),

@@ -4,8 +4,8 @@
 ;; 512); the reply is the three calls' codes (i32, little-endian). A datagram
 ;; starting with `!` defines a counter named by the rest, `?` a counter
 ;; `tagged` labelled by the rest, `#` adds 1 to `requests{kind=<the rest>}`,
-;; `*` adds 1 to `requests{kind="many"}` 70 times: the reply is then that
-;; (last) call's code.
+;; `*` adds 1 to `requests{kind="many"}` 70 times, `~` defines a histogram
+;; with a bucket count of -1: the reply is then that (last) call's code.
 (module
   (import "wasmgate" "metric_define" (func $define (param i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "wasmgate" "metric_add" (func $add (param i32 i32 i32 f64) (result i32)))
@@ -55,6 +55,10 @@
           (then (return (call $reply1
             (call $define (i32.const 0) (i32.const 112) (i32.const 6)
               (i32.add (local.get $ptr) (i32.const 1)) (i32.sub (local.get $len) (i32.const 1)) (i32.const 0) (i32.const 0))))))
+        (if (i32.eq (local.get $first) (i32.const 126))
+          (then (return (call $reply1
+            (call $define (i32.const 2) (i32.const 112) (i32.const 6) (i32.const 0) (i32.const 0)
+              (i32.const 64) (i32.const -1))))))
         (if (i32.eq (local.get $first) (i32.const 42))
           (then
             (call $ensure)

@@ -50,15 +50,13 @@ fn metric_define(
     let (memory, calls) = mem.data_and_store_mut(&mut caller);
     let name = region(memory, name_ptr, name_len, F, "the name")?;
     let labels = region(memory, labels_ptr, labels_len, F, "the label names")?;
-    let count = buckets_count as u32 as usize;
-    let buckets = region(
-        memory,
-        buckets_ptr,
-        i32::try_from(count.saturating_mul(8)).unwrap_or(i32::MAX),
-        F,
-        "the buckets",
-    )?;
     let invalid = |calls: &mut Calls| Ok(calls.metric_define_refused(MetricError::Invalid).code());
+    // Checked before the region is read: a count past the bound is a refusal, not a trap.
+    let count = buckets_count as u32 as usize;
+    if count > MAX_BUCKETS {
+        return invalid(calls);
+    }
+    let buckets = region(memory, buckets_ptr, (count * 8) as i32, F, "the buckets")?;
     let (Some(kind), Ok(name), Ok(labels)) = (
         MetricKind::from_code(kind),
         std::str::from_utf8(name),
@@ -74,9 +72,6 @@ fn metric_define(
         };
         *slot = label;
         n += 1;
-    }
-    if count > MAX_BUCKETS {
-        return invalid(calls);
     }
     let mut bounds = [0f64; MAX_BUCKETS];
     for (bound, bytes) in bounds.iter_mut().zip(buckets.chunks_exact(8)) {
