@@ -94,6 +94,9 @@ ask example.org A | grep -q "status: REFUSED" || fail "dns-limit: past the bucke
 sleep 1 # five tokens come back, but the client is penalized for 10 s
 ask example.org A | grep -q "status: REFUSED" || fail "dns-limit: the penalty did not hold"
 scrape | grep -q '^wasmgate_limit_total{listener="dns",result="denied"} 1$' || fail "dns-limit: not one denied limit in the metrics"
+# What the handler counted itself (docs/ABI.md, "Metrics").
+scrape | grep -q '^wasmgate_guest_dns_limit_penalties_total{listener="dns",role="active"} 1.0$' || fail "dns-limit: its own metrics do not show one penalty"
+scrape | grep -q '^wasmgate_guest_dns_limit_refused_total{listener="dns",role="active",reason="penalized"} [1-9]' || fail "dns-limit: its own metrics do not show the refusals of a penalized client"
 say "dns-limit: $answered of 21 answered, then REFUSED, and still REFUSED a second later (penalized)"
 kill "${pids[-1]}"
 wait "${pids[-1]}" 2>/dev/null
@@ -104,6 +107,8 @@ ask EXAMPLE.org A | grep -q "^EXAMPLE.org.*IN.*A.*192.0.2.10" || fail "dns-cache
 for _ in $(seq 5); do ask +short example.org A >/dev/null; done
 scrape | grep -q '^wasmgate_datagrams_forwarded_total{listener="dns"} 1$' || fail "dns-cache: the resolver was asked more than once"
 scrape | grep -q '^wasmgate_state_entries{listener="dns"} 1$' || fail "dns-cache: not one cached answer in the state"
+scrape | grep -q '^wasmgate_guest_dns_cache_lookups_total{listener="dns",role="active",result="miss"} 1.0$' || fail "dns-cache: its own metrics do not show one miss"
+scrape | grep -q '^wasmgate_guest_dns_cache_lookups_total{listener="dns",role="active",result="hit"} [6-9]' || fail "dns-cache: its own metrics do not show six hits"
 sleep 2
 ttl=$(ask +noall +answer example.org A | awk '{print $2}')
 [ -n "$ttl" ] && [ "$ttl" -ge 55 ] && [ "$ttl" -le 58 ] \
