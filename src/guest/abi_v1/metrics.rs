@@ -50,7 +50,7 @@ fn metric_define(
     let (memory, calls) = mem.data_and_store_mut(&mut caller);
     let name = region(memory, name_ptr, name_len, F, "the name")?;
     let labels = region(memory, labels_ptr, labels_len, F, "the label names")?;
-    let invalid = |calls: &mut Calls| Ok(calls.metric_define_refused(MetricError::Invalid).code());
+    let invalid = |calls: &mut Calls| Ok(calls.metric_refused(MetricError::Invalid).code());
     // Checked before the region is read: a count past the bound is a refusal, not a trap.
     let count = buckets_count as u32 as usize;
     if count > MAX_BUCKETS {

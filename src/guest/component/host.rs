@@ -72,6 +72,8 @@ pub(crate) struct ComponentHost {
     table: ResourceTable,
     stdout: LogPipe,
     stderr: LogPipe,
+    /// Label values joined for a metric update, kept to reuse its allocation.
+    joined: Vec<u8>,
 }
 
 impl ComponentHost {
@@ -91,6 +93,7 @@ impl ComponentHost {
             table: ResourceTable::new(),
             stdout,
             stderr,
+            joined: Vec::new(),
         }
     }
 
@@ -212,13 +215,20 @@ impl ComponentHost {
         value: f64,
     ) -> Result<bool, WitMetricError> {
         if values.iter().any(|v| v.contains('\n')) {
-            return Err(self.calls.metric_define_refused(MetricError::Invalid).into());
+            return Err(self.calls.metric_refused(MetricError::Invalid).into());
         }
-        let joined = values.join("\n");
-        match self.calls.metric_update(update, id, joined.as_bytes(), value) {
-            Ok(recorded) => Ok(recorded == Recorded::Series),
-            Err(e) => Err(e.into()),
+        // Joined in a buffer kept from call to call.
+        let mut joined = std::mem::take(&mut self.joined);
+        joined.clear();
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                joined.push(b'\n');
+            }
+            joined.extend_from_slice(v.as_bytes());
         }
+        let result = self.calls.metric_update(update, id, &joined, value);
+        self.joined = joined;
+        Ok(result? == Recorded::Series)
     }
 }
 

@@ -22,9 +22,10 @@ impl Calls {
         self.metrics.registry.define(spec, self.metrics.serial)
     }
 
-    /// A definition refused before it could be read (its kind or text is not
-    /// valid): counted against the call limit and as a refusal all the same.
-    pub(crate) fn metric_define_refused(&mut self, error: MetricError) -> MetricError {
+    /// A metric call refused before it reached the registry (a kind, text or
+    /// label value an adapter could not take): counted against the call limit
+    /// and as a refusal all the same.
+    pub(crate) fn metric_refused(&mut self, error: MetricError) -> MetricError {
         match self.metric_call() {
             Ok(()) => self.metrics.registry.refuse(error),
             Err(too_many) => too_many,

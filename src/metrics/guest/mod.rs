@@ -12,8 +12,5 @@ mod rules;
 mod writer;
 
 pub use registry::{Family, GuestMetrics, ListenerMetrics, Role, Spec, Value};
-pub use rules::{
-    DEFAULT_BUCKETS, MAX_BUCKETS, MAX_CELLS, MAX_DEFINITIONS, MAX_LABEL_VALUE_BYTES, MAX_LABELS, MAX_NAME_BYTES,
-    MAX_SERIES, MetricKind,
-};
+pub use rules::{MAX_BUCKETS, MAX_LABELS, MetricKind};
 pub use writer::{MetricsWriter, Recorded};

@@ -4,26 +4,26 @@
 use crate::verdict::MetricError;
 
 /// Metric definitions a listener's guests (one role) may make.
-pub const MAX_DEFINITIONS: usize = 64;
+pub(super) const MAX_DEFINITIONS: usize = 64;
 /// Ids ever given, replaced definitions included (a replaced one's id is not reused).
 pub(super) const MAX_IDS: usize = 4 * MAX_DEFINITIONS;
 /// Label sets, of all metrics together, per listener and role; past it an
 /// update goes to its metric's overflow series.
-pub const MAX_SERIES: usize = 1024;
+pub(super) const MAX_SERIES: usize = 1024;
 /// Guest-chosen labels per metric.
 pub const MAX_LABELS: usize = 4;
 /// Buckets of a histogram (a last, unbounded one is added).
 pub const MAX_BUCKETS: usize = 16;
 /// Bytes of a metric or label name.
-pub const MAX_NAME_BYTES: usize = 64;
+pub(super) const MAX_NAME_BYTES: usize = 64;
 /// Bytes of a label value.
-pub const MAX_LABEL_VALUE_BYTES: usize = 128;
+pub(super) const MAX_LABEL_VALUE_BYTES: usize = 128;
 /// 8-byte cells of one worker's block (128 KiB): a counter takes one, a
 /// histogram its buckets + 2. Past it a new series goes to overflow.
-pub const MAX_CELLS: usize = 16_384;
+pub(super) const MAX_CELLS: usize = 16_384;
 
 /// A histogram's buckets when its definition gives none (Prometheus's default).
-pub const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub(super) const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Labels the gateway sets itself, which a guest may not name.
 pub(super) const RESERVED_LABELS: [&str; 4] = ["listener", "role", "overflow", "le"];

@@ -73,11 +73,6 @@ impl MetricsWriter {
         }
     }
 
-    /// The registry it writes to.
-    pub fn metrics(&self) -> &Arc<GuestMetrics> {
-        &self.metrics
-    }
-
     /// `metric_add` on a counter (`value` ≥ 0) or a gauge.
     pub fn add(&mut self, id: u32, values: &[u8], value: f64) -> Result<Recorded, MetricError> {
         self.update(id, values, |kind, _| match kind {
