@@ -20,6 +20,20 @@ fn ask(socket: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Vec<i32> {
     codes(&common::ask(socket, to, payload))
 }
 
+/// `module` served in-process on a port of its own, with metrics, and `extra` flags.
+fn serve(module: &str, extra: &[&str]) -> Service {
+    let mut args = vec![
+        "--module",
+        module,
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Service::start(&args)
+}
+
 fn series(name: &str, labels: &str) -> String {
     format!("wasmgate_guest_{name}{{listener=\"default\",role=\"active\"{labels}}}")
 }
@@ -28,16 +42,7 @@ fn series(name: &str, labels: &str) -> String {
 fn counters_gauges_and_histograms_are_exact_across_four_workers() {
     let dir = tempfile::tempdir().unwrap();
     let module = write_file(dir.path(), "metrics.wat", GUEST.as_bytes());
-    let served = Service::start(&[
-        "--module",
-        &module,
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "4",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let served = serve(&module, &["--workers", "4"]);
     // 400 clients (spread over the workers by their ports), one datagram each.
     // At least 4 bytes: the 12-byte reply must fit 3 × the request.
     let lengths: Vec<usize> = (0..400).map(|i| 4 + (i % 10) * 60 + i % 2).collect();
@@ -154,14 +159,7 @@ fn the_series_cap_holds_under_100000_label_values_with_memory_flat() {
 fn invalid_names_labels_and_values_are_refused_with_their_code() {
     let dir = tempfile::tempdir().unwrap();
     let module = write_file(dir.path(), "metrics.wat", GUEST.as_bytes());
-    let served = Service::start(&[
-        "--module",
-        &module,
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let served = serve(&module, &[]);
     let c = client();
     assert_eq!(ask(&c, served.addr, b"hello"), [0, 0, 0]);
     let long = format!("!{}", "a".repeat(65));
@@ -232,14 +230,7 @@ fn invalid_names_labels_and_values_are_refused_with_their_code() {
 fn metrics_keep_their_values_across_a_reload_while_their_kind_stays() {
     let dir = tempfile::tempdir().unwrap();
     let module = write_file(dir.path(), "metrics.wat", GUEST.as_bytes());
-    let served = Service::start(&[
-        "--module",
-        &module,
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let served = serve(&module, &[]);
     let metrics = served.metrics_addr();
     let c = client();
     let reloads = || sample(&scrape(metrics), "wasmgate_reloads_total{listener=\"default\"}");
@@ -275,17 +266,7 @@ fn a_shadowed_candidates_metrics_are_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let module = write_file(dir.path(), "metrics.wat", GUEST.as_bytes());
     let candidate = write_file(dir.path(), "candidate.wat", format!(";; v2\n{GUEST}").as_bytes());
-    let served = Service::start(&[
-        "--module",
-        &module,
-        "--candidate",
-        &candidate,
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--no-watch",
-    ]);
+    let served = serve(&module, &["--candidate", &candidate, "--no-watch"]);
     let metrics = served.metrics_addr();
     let c = client();
     for _ in 0..10 {
@@ -364,16 +345,7 @@ const METRICS_COMPONENT: &str = r#"(component
 fn a_component_counts_through_the_metrics_interface() {
     let dir = tempfile::tempdir().unwrap();
     let module = write_file(dir.path(), "metered.wat", METRICS_COMPONENT.as_bytes());
-    let served = Service::start(&[
-        "--module",
-        &module,
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let served = serve(&module, &["--workers", "2"]);
     for _ in 0..5 {
         assert_eq!(common::ask(&client(), served.addr, b"ok!"), [0, 0, 1]);
     }
