@@ -129,17 +129,28 @@ fn main() -> anyhow::Result<()> {
     let mut c = pinned(0, &native);
     c.args(["--listen", &listen(port), "--workers", "1", "--upstream", &pool]);
     add("native forwarder", c, port, None, false)?;
+    // The last field turns UDP segmentation offload off (`WASMGATE_GSO=off`):
+    // what sending runs of datagrams saves, in the same build.
     let mut gateways = vec![
-        ("wasm forward.wat", "examples/forward.wat", &wasmgate),
-        ("wasm + on_reply", "bench/forward_on_reply.wat", &wasmgate),
+        ("wasm forward.wat", "examples/forward.wat", &wasmgate, false),
+        ("wasm + on_reply", "bench/forward_on_reply.wat", &wasmgate, false),
+        ("wasm forward.wat, no GSO", "examples/forward.wat", &wasmgate, true),
     ];
     if let Some(baseline) = &args.baseline {
-        gateways.push(("baseline: wasm forward.wat", "examples/forward.wat", baseline));
-        gateways.push(("baseline: wasm + on_reply", "bench/forward_on_reply.wat", baseline));
+        gateways.push(("baseline: wasm forward.wat", "examples/forward.wat", baseline, false));
+        gateways.push((
+            "baseline: wasm + on_reply",
+            "bench/forward_on_reply.wat",
+            baseline,
+            false,
+        ));
     }
-    for (name, module, binary) in gateways {
+    for (name, module, binary, no_gso) in gateways {
         let port = free_port()?;
         let mut c = pinned(0, binary);
+        if no_gso {
+            c.env("WASMGATE_GSO", "off");
+        }
         c.args([
             "--listen",
             &listen(port),

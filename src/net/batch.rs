@@ -14,6 +14,8 @@ use std::ptr;
 
 use socket2::{SockAddr, SockAddrStorage};
 
+use crate::net::gso::{self, Run};
+
 /// Receives up to `capacity` datagrams per call into preallocated slots.
 ///
 /// Holds raw pointers into its own heap buffers, so it is built on the thread that
@@ -197,14 +199,28 @@ impl RecvBatch {
 }
 
 /// Collects replies (copied out of guest memory) and sends them with one
-/// `sendmmsg` call per flush.
+/// `sendmmsg` call per flush; consecutive replies of one size to one client go
+/// as one run ([`gso`]).
 pub struct SendBatch {
     /// Replies queued before the batch counts as full and must be flushed.
     capacity: usize,
     data: Vec<u8>,
-    entries: Vec<(Range<usize>, SockAddr)>,
+    entries: Vec<Entry>,
+    /// The entries in sending order: each client's together, in the order queued.
+    order: Vec<usize>,
+    runs: Vec<Run>,
     iovecs: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
+    /// One `UDP_SEGMENT` control area per run, in u64s for alignment.
+    controls: Vec<u64>,
+    /// Whether runs are sent; off after the path refused one with `EIO`.
+    gso: bool,
+}
+
+struct Entry {
+    range: Range<usize>,
+    addr: SockAddr,
+    peer: SocketAddr,
 }
 
 /// What happened to one queued reply.
@@ -220,8 +236,12 @@ impl SendBatch {
             capacity: capacity.max(1),
             data: Vec::with_capacity(capacity * max_len),
             entries: Vec::with_capacity(capacity),
+            order: Vec::with_capacity(capacity),
+            runs: Vec::with_capacity(capacity),
             iovecs: Vec::with_capacity(capacity),
             headers: Vec::with_capacity(capacity),
+            controls: Vec::with_capacity(capacity * gso::control_words()),
+            gso: gso::enabled(),
         }
     }
 
@@ -233,9 +253,7 @@ impl SendBatch {
 
     /// Queues a copy of `reply` for `peer`.
     pub fn push(&mut self, reply: &[u8], peer: SocketAddr) {
-        let start = self.data.len();
-        self.data.extend_from_slice(reply);
-        self.entries.push((start..self.data.len(), SockAddr::from(peer)));
+        self.push_with(reply, peer, |_| {});
     }
 
     /// Queues `reply` to `peer` behind what `prefix` appends (a header).
@@ -243,44 +261,31 @@ impl SendBatch {
         let start = self.data.len();
         prefix(&mut self.data);
         self.data.extend_from_slice(reply);
-        self.entries.push((start..self.data.len(), SockAddr::from(peer)));
+        self.entries.push(Entry {
+            range: start..self.data.len(),
+            addr: SockAddr::from(peer),
+            peer,
+        });
     }
 
-    /// Sends everything queued, in order, and reports each reply's fate to `done`.
-    /// A reply the kernel refuses is reported and skipped; the rest still go out.
+    /// Sends everything queued, each client's replies in the order queued, and
+    /// reports each reply's fate to `done`. A reply the kernel refuses is
+    /// reported and skipped; the rest still go out.
     pub fn flush(&mut self, socket: &UdpSocket, mut done: impl FnMut(Sent)) {
-        let count = self.entries.len();
-        if count == 0 {
+        if self.entries.is_empty() {
             return;
         }
-        // Built now, after all pushes: `data` may have grown while queueing.
-        self.iovecs.clear();
-        self.headers.clear();
-        for (range, _) in &self.entries {
-            self.iovecs.push(libc::iovec {
-                iov_base: self.data[range.clone()].as_ptr().cast_mut().cast(),
-                iov_len: range.len(),
-            });
-        }
-        for (i, (_, addr)) in self.entries.iter().enumerate() {
-            // SAFETY: all-zero bytes are a valid mmsghdr.
-            let mut header: libc::mmsghdr = unsafe { mem::zeroed() };
-            // sendmmsg only reads the name and the data, never writes them.
-            header.msg_hdr.msg_name = addr.as_ptr().cast_mut().cast();
-            header.msg_hdr.msg_namelen = addr.len();
-            header.msg_hdr.msg_iov = ptr::from_ref(&self.iovecs[i]).cast_mut();
-            header.msg_hdr.msg_iovlen = 1;
-            self.headers.push(header);
-        }
+        self.plan();
         let mut next = 0;
-        while next < count {
-            // SAFETY: headers[next..count] point at names in `entries` and iovecs
-            // into `data`, none of which change until this loop ends.
+        while next < self.runs.len() {
+            // SAFETY: headers[next..] point at names in `entries`, iovecs into
+            // `data` and control areas in `controls`, none of which change
+            // until this loop ends.
             let sent = unsafe {
                 libc::sendmmsg(
                     socket.as_raw_fd(),
                     self.headers[next..].as_mut_ptr(),
-                    (count - next) as libc::c_uint,
+                    (self.runs.len() - next) as libc::c_uint,
                     0,
                 )
             };
@@ -289,15 +294,43 @@ impl SendBatch {
                 if error.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                // The first remaining reply failed: report it and go on past it.
-                let peer = self.entries[next].1.as_socket();
-                if let Some(peer) = peer {
-                    done(Sent::Failed { peer, error });
+                // The first remaining run failed: its replies go again one by
+                // one if it was a run the path refused, else are reported.
+                let run = self.runs[next];
+                let errno = error.raw_os_error().unwrap_or(0);
+                if run.count > 1 && gso::refused(errno) {
+                    if errno == libc::EIO {
+                        tracing::warn!(
+                            "the network refuses UDP segmentation offload (EIO): replies go out one datagram at a time from now on"
+                        );
+                        self.gso = false;
+                    }
+                    for &i in &self.order[run.start..run.start + run.count] {
+                        let entry = &self.entries[i];
+                        done(match socket.send_to(&self.data[entry.range.clone()], entry.peer) {
+                            Ok(bytes) => Sent::Ok { bytes },
+                            Err(error) => Sent::Failed {
+                                peer: entry.peer,
+                                error,
+                            },
+                        });
+                    }
+                } else {
+                    for &i in &self.order[run.start..run.start + run.count] {
+                        done(Sent::Failed {
+                            peer: self.entries[i].peer,
+                            error: io::Error::from_raw_os_error(errno),
+                        });
+                    }
                 }
                 next += 1;
             } else {
-                for (range, _) in &self.entries[next..next + sent as usize] {
-                    done(Sent::Ok { bytes: range.len() });
+                for run in &self.runs[next..next + sent as usize] {
+                    for &i in &self.order[run.start..run.start + run.count] {
+                        done(Sent::Ok {
+                            bytes: self.entries[i].range.len(),
+                        });
+                    }
                 }
                 next += sent as usize;
             }
@@ -305,11 +338,69 @@ impl SendBatch {
         self.data.clear();
         self.entries.clear();
     }
+
+    /// Orders the queued replies by client (keeping each one's order), splits
+    /// them into runs, and builds a header per run; done after all pushes,
+    /// since `data` may have grown while queueing.
+    fn plan(&mut self) {
+        let Self {
+            data,
+            entries,
+            order,
+            runs,
+            iovecs,
+            headers,
+            controls,
+            gso,
+            ..
+        } = self;
+        order.clear();
+        order.extend(0..entries.len());
+        runs.clear();
+        if *gso {
+            // Stable: each client's replies keep the order they were queued in.
+            order.sort_by_key(|&i| entries[i].peer);
+            let lens = order.iter().map(|&i| entries[i].range.len());
+            gso::runs(lens, |a, b| entries[order[a]].peer == entries[order[b]].peer, runs);
+        } else {
+            runs.extend(order.iter().map(|&i| Run {
+                start: i,
+                count: 1,
+                segment: entries[i].range.len(),
+            }));
+        }
+        iovecs.clear();
+        iovecs.extend(order.iter().map(|&i| libc::iovec {
+            iov_base: data[entries[i].range.clone()].as_ptr().cast_mut().cast(),
+            iov_len: entries[i].range.len(),
+        }));
+        let words = gso::control_words();
+        controls.clear();
+        controls.resize(runs.len() * words, 0);
+        headers.clear();
+        for (k, run) in runs.iter().enumerate() {
+            let addr = &entries[order[run.start]].addr;
+            // SAFETY: all-zero bytes are a valid mmsghdr.
+            let mut header: libc::mmsghdr = unsafe { mem::zeroed() };
+            // sendmmsg only reads the name, the data and the control message.
+            header.msg_hdr.msg_name = addr.as_ptr().cast_mut().cast();
+            header.msg_hdr.msg_namelen = addr.len();
+            header.msg_hdr.msg_iov = ptr::from_ref(&iovecs[run.start]).cast_mut();
+            header.msg_hdr.msg_iovlen = run.count as _;
+            if run.count > 1 {
+                // A run's segment is at most gso::MAX_SEGMENT, so it fits a u16.
+                let segment = u16::try_from(run.segment).unwrap_or(u16::MAX);
+                gso::set_segment(&mut header.msg_hdr, &mut controls[k * words..(k + 1) * words], segment);
+            }
+            headers.push(header);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::gso::testing::{recv_run, set_int};
     use std::time::Duration;
 
     fn pair() -> (UdpSocket, UdpSocket) {
@@ -365,6 +456,64 @@ mod tests {
         assert_eq!(recv(&a), b"to a 1");
         assert_eq!(recv(&a), b"");
         assert_eq!(recv(&b), b"to b");
+    }
+
+    #[test]
+    fn replies_of_one_size_to_one_client_go_as_one_run_and_arrive_as_sent() {
+        let (server, a) = pair();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // `b` takes runs whole, which shows that one was sent; `a` does not,
+        // and gets each datagram on its own, in order.
+        set_int(&b, libc::SOL_UDP, libc::UDP_GRO, 1);
+        let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let mut batch = SendBatch::new(16, 16);
+        batch.gso = true;
+        for i in 0..4u8 {
+            batch.push(&[b'a', i], to_a);
+            batch.push(&[b'b', i, 0], to_b);
+        }
+        batch.push(b"z", to_a);
+        let mut sent = 0;
+        batch.flush(&server, |s| {
+            assert!(matches!(s, Sent::Ok { .. }));
+            sent += 1;
+        });
+        assert_eq!(sent, 9);
+        for i in 0..4u8 {
+            assert_eq!(recv(&a), [b'a', i]);
+        }
+        assert_eq!(recv(&a), b"z");
+        let (bytes, segment) = recv_run(&b);
+        assert_eq!(segment, Some(3), "the four replies to b went as one run");
+        assert_eq!(bytes, [b'b', 0, 0, b'b', 1, 0, b'b', 2, 0, b'b', 3, 0]);
+    }
+
+    #[test]
+    fn a_run_the_path_refuses_goes_again_one_datagram_at_a_time() {
+        // An IPv6 socket told its path MTU is 1,280 bytes: a run of 1,400-byte
+        // segments is refused (EINVAL); one datagram alone goes in fragments.
+        let server = UdpSocket::bind("[::1]:0").unwrap();
+        set_int(&server, libc::IPPROTO_IPV6, libc::IPV6_MTU, 1280);
+        let a = UdpSocket::bind("[::1]:0").unwrap();
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut batch = SendBatch::new(4, 1400);
+        batch.gso = true;
+        for i in 0..3u8 {
+            batch.push(&[i; 1400], a.local_addr().unwrap());
+        }
+        let mut bytes = Vec::new();
+        batch.flush(&server, |s| match s {
+            Sent::Ok { bytes: n } => bytes.push(n),
+            Sent::Failed { error, .. } => panic!("a reply failed: {error}"),
+        });
+        assert_eq!(bytes, [1400; 3]);
+        let mut buf = [0u8; 2048];
+        for i in 0..3u8 {
+            let n = a.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[i; 1400][..]);
+        }
+        assert!(batch.gso, "a refusal for this path leaves runs on for others");
     }
 
     #[test]

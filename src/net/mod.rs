@@ -4,6 +4,7 @@
 //! behind a trusted proxy (PROXY protocol v2), and the health checks' probes.
 
 pub mod batch;
+pub mod gso;
 pub mod prober;
 pub mod proxied;
 pub mod proxy_v2;

@@ -10,6 +10,8 @@ use std::os::fd::RawFd;
 
 use io_uring::{IoUring, opcode, types};
 
+use crate::net::gso::{self, Run};
+
 /// Submission queue entries: sends submitted per system call at most.
 const ENTRIES: u32 = 256;
 
@@ -20,7 +22,22 @@ pub struct SendRing {
     bytes: Vec<u8>,
     /// Where each pending send's datagram is in `bytes`, and its socket.
     pending: Vec<(RawFd, usize, usize)>,
+    /// The pending sends in sending order: each socket's together.
+    order: Vec<usize>,
+    /// Runs of `order` that go out as one send ([`gso`]).
+    runs: Vec<Run>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::msghdr>,
+    controls: Vec<u64>,
+    /// Whether runs are sent; off after the path refused one with `EIO`.
+    gso: bool,
 }
+
+// SAFETY: the raw pointers in `iovecs` and `headers` point into the ring's own
+// `bytes`, `iovecs` and `controls`; they are rebuilt by each submit before the
+// kernel reads them, and a ring (made on the worker's thread) is only ever used
+// by that thread. Between submits they are stale and nothing reads them.
+unsafe impl Send for SendRing {}
 
 /// What became of one send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +46,16 @@ pub enum SendFate {
     /// The socket had an ICMP port unreachable to report.
     Refused,
     Failed,
+}
+
+impl SendFate {
+    fn of(result: i32) -> Self {
+        match result {
+            r if r >= 0 => Self::Sent,
+            r if r == -libc::ECONNREFUSED => Self::Refused,
+            _ => Self::Failed,
+        }
+    }
 }
 
 impl SendRing {
@@ -50,6 +77,12 @@ impl SendRing {
             ring,
             bytes: Vec::new(),
             pending: Vec::new(),
+            order: Vec::new(),
+            runs: Vec::new(),
+            iovecs: Vec::new(),
+            headers: Vec::new(),
+            controls: Vec::new(),
+            gso: gso::enabled(),
         })
     }
 
@@ -64,50 +97,116 @@ impl SendRing {
         self.pending.is_empty()
     }
 
-    /// Sends what was pushed, in as few system calls as the ring holds, and
-    /// says what became of each, in the order pushed. An error means the ring
-    /// broke: drop it and send one at a time.
+    /// Sends what was pushed, each socket's datagrams in the order pushed and
+    /// those of one size as runs, in as few system calls as the ring holds,
+    /// and says what became of each by its place in the order pushed. An error
+    /// means the ring broke: drop it and send one at a time.
     pub fn submit(&mut self, mut fate: impl FnMut(usize, SendFate)) -> io::Result<()> {
-        let pending = std::mem::take(&mut self.pending);
-        let result = pending
-            .chunks(ENTRIES as usize)
-            .enumerate()
-            .try_for_each(|(c, chunk)| self.submit_chunk(c * ENTRIES as usize, chunk, &mut fate));
+        self.plan();
+        let mut result = Ok(());
+        let mut first = 0;
+        while first < self.runs.len() {
+            let end = (first + ENTRIES as usize).min(self.runs.len());
+            result = self.submit_runs(first..end, &mut fate);
+            if result.is_err() {
+                break;
+            }
+            first = end;
+        }
         match result {
             Ok(()) => {
                 self.bytes.clear();
-                self.pending = pending;
                 self.pending.clear();
             }
-            // Sends may still be in flight and read `bytes`: never free them.
-            Err(_) => std::mem::forget(std::mem::take(&mut self.bytes)),
+            // Sends may still be in flight and read `bytes`, the iovecs, the
+            // headers: never free them.
+            Err(_) => {
+                std::mem::forget(std::mem::take(&mut self.bytes));
+                std::mem::forget(std::mem::take(&mut self.iovecs));
+                std::mem::forget(std::mem::take(&mut self.headers));
+                std::mem::forget(std::mem::take(&mut self.controls));
+            }
         }
         result
     }
 
-    fn submit_chunk(
-        &mut self,
-        first: usize,
-        chunk: &[(RawFd, usize, usize)],
-        fate: &mut impl FnMut(usize, SendFate),
-    ) -> io::Result<()> {
+    /// Orders the pending sends by socket (keeping each one's order), splits
+    /// them into runs and builds a header for each run of two or more.
+    fn plan(&mut self) {
+        let Self {
+            bytes,
+            pending,
+            order,
+            runs,
+            iovecs,
+            headers,
+            controls,
+            gso,
+            ..
+        } = self;
+        order.clear();
+        order.extend(0..pending.len());
+        runs.clear();
+        if *gso {
+            order.sort_by_key(|&i| pending[i].0);
+            let lens = order.iter().map(|&i| pending[i].2);
+            gso::runs(lens, |a, b| pending[order[a]].0 == pending[order[b]].0, runs);
+        } else {
+            runs.extend(order.iter().map(|&i| Run {
+                start: i,
+                count: 1,
+                segment: pending[i].2,
+            }));
+        }
+        iovecs.clear();
+        iovecs.extend(order.iter().map(|&i| {
+            let (_, start, len) = pending[i];
+            libc::iovec {
+                iov_base: bytes[start..start + len].as_ptr().cast_mut().cast(),
+                iov_len: len,
+            }
+        }));
+        let words = gso::control_words();
+        controls.clear();
+        controls.resize(runs.len() * words, 0);
+        headers.clear();
+        for (k, run) in runs.iter().enumerate() {
+            // SAFETY: all-zero bytes are a valid msghdr (no name: connected sockets).
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_iov = std::ptr::from_ref(&iovecs[run.start]).cast_mut();
+            header.msg_iovlen = run.count as _;
+            if run.count > 1 {
+                let segment = u16::try_from(run.segment).unwrap_or(u16::MAX);
+                gso::set_segment(&mut header, &mut controls[k * words..(k + 1) * words], segment);
+            }
+            headers.push(header);
+        }
+    }
+
+    fn submit_runs(&mut self, runs: std::ops::Range<usize>, fate: &mut impl FnMut(usize, SendFate)) -> io::Result<()> {
         {
             let mut sq = self.ring.submission();
-            for (i, &(fd, start, len)) in chunk.iter().enumerate() {
-                // `bytes` no longer grows: the pointers stay valid until every
-                // completion is reaped below (or `bytes` is leaked).
-                let data = self.bytes[start..start + len].as_ptr();
-                let entry = opcode::Send::new(types::Fd(fd), data, len as u32)
-                    .build()
-                    .user_data((first + i) as u64);
-                // SAFETY: the buffer outlives the send (see above); the queue has
+            for k in runs.clone() {
+                let run = self.runs[k];
+                let fd = types::Fd(self.pending[self.order[run.start]].0);
+                // Nothing grows until every completion is reaped below (or the
+                // buffers are leaked): the pointers stay valid meanwhile.
+                let entry = if run.count == 1 {
+                    let iovec = self.iovecs[run.start];
+                    opcode::Send::new(fd, iovec.iov_base.cast_const().cast(), iovec.iov_len as u32).build()
+                } else {
+                    opcode::SendMsg::new(fd, &raw const self.headers[k]).build()
+                };
+                // SAFETY: the buffers outlive the send (see above); the queue has
                 // room for a chunk, since each chunk is reaped before the next.
-                unsafe { sq.push(&entry) }.map_err(|_| io::Error::other("the submission queue is full"))?;
+                unsafe { sq.push(&entry.user_data(k as u64)) }
+                    .map_err(|_| io::Error::other("the submission queue is full"))?;
             }
         }
         let mut reaped = 0;
-        while reaped < chunk.len() {
-            match self.ring.submit_and_wait(chunk.len() - reaped) {
+        let mut failed_runs = Vec::new();
+        while reaped < runs.len() {
+            match self.ring.submit_and_wait(runs.len() - reaped) {
                 Ok(_) => {}
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
@@ -115,16 +214,37 @@ impl SendRing {
             }
             for cqe in self.ring.completion() {
                 reaped += 1;
+                let Some(run) = usize::try_from(cqe.user_data()).ok().and_then(|k| self.runs.get(k)) else {
+                    continue;
+                };
                 let result = cqe.result();
-                let index = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
-                fate(
-                    index,
-                    match result {
-                        r if r >= 0 => SendFate::Sent,
-                        r if r == -libc::ECONNREFUSED => SendFate::Refused,
-                        _ => SendFate::Failed,
-                    },
+                if run.count > 1 && result < 0 && gso::refused(-result) {
+                    failed_runs.push((*run, -result));
+                    continue;
+                }
+                for &i in &self.order[run.start..run.start + run.count] {
+                    fate(i, SendFate::of(result));
+                }
+            }
+        }
+        // A run the path refused goes again, one send per datagram.
+        for (run, errno) in failed_runs {
+            if errno == libc::EIO && self.gso {
+                tracing::warn!(
+                    "the network refuses UDP segmentation offload (EIO): forwards go out one datagram at a time from now on"
                 );
+                self.gso = false;
+            }
+            for j in run.start..run.start + run.count {
+                let (fd, iovec) = (self.pending[self.order[j]].0, self.iovecs[j]);
+                // SAFETY: the iovec points at this datagram's bytes in `bytes`.
+                let sent = unsafe { libc::send(fd, iovec.iov_base, iovec.iov_len, 0) };
+                let result = if sent < 0 {
+                    -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+                } else {
+                    0
+                };
+                fate(self.order[j], SendFate::of(result));
             }
         }
         Ok(())
@@ -138,6 +258,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::net::gso::testing::{recv_run, set_int};
 
     #[test]
     fn sends_on_many_sockets_arrive_and_each_fate_is_told_in_order() {
@@ -195,5 +316,44 @@ mod tests {
         }
         assert!((0..300).all(|i| seen.contains(&format!("d{i}"))));
         assert!(ring.is_empty(), "ready for the next turn");
+    }
+
+    #[test]
+    fn a_sockets_datagrams_of_one_size_go_as_one_run_and_a_refused_run_goes_again_alone() {
+        let Ok(mut ring) = SendRing::new() else {
+            eprintln!("SKIPPED: io_uring is not available here");
+            return;
+        };
+        ring.gso = true;
+        // The upstream takes runs whole (UDP_GRO), which shows that one was sent.
+        let upstream = UdpSocket::bind("127.0.0.1:0").unwrap();
+        upstream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        set_int(&upstream, libc::SOL_UDP, libc::UDP_GRO, 1);
+        let session = UdpSocket::bind("127.0.0.1:0").unwrap();
+        session.connect(upstream.local_addr().unwrap()).unwrap();
+        // A path whose MTU (1,280) is under the segment: its run is refused.
+        let small = UdpSocket::bind("[::1]:0").unwrap();
+        small.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let narrow = UdpSocket::bind("[::1]:0").unwrap();
+        set_int(&narrow, libc::IPPROTO_IPV6, libc::IPV6_MTU, 1280);
+        narrow.connect(small.local_addr().unwrap()).unwrap();
+        for i in 0..3u8 {
+            ring.push(session.as_raw_fd(), &[i; 8]);
+            ring.push(narrow.as_raw_fd(), &[i; 1400]);
+        }
+        ring.push(session.as_raw_fd(), b"tail");
+        let mut fates = Vec::new();
+        ring.submit(|i, f| fates.push((i, f))).unwrap();
+        fates.sort_by_key(|(i, _)| *i);
+        assert_eq!(fates, (0..7).map(|i| (i, SendFate::Sent)).collect::<Vec<_>>());
+        let (bytes, segment) = recv_run(&upstream);
+        assert_eq!(segment, Some(8), "the session's four datagrams went as one run");
+        assert_eq!(bytes, [&[0u8; 8][..], &[1; 8], &[2; 8], b"tail"].concat());
+        let mut buf = [0u8; 2048];
+        for i in 0..3u8 {
+            let n = small.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[i; 1400][..], "sent again one at a time, in order");
+        }
+        assert!(ring.gso, "a refusal for one path leaves runs on for others");
     }
 }

@@ -1,0 +1,209 @@
+//! UDP generic segmentation offload (`UDP_SEGMENT`, Linux 4.18+): a run of
+//! datagrams of one size to one destination goes down the stack as one
+//! buffer, and the kernel cuts it into the datagrams at the last moment (the
+//! NIC, or the receiving socket on loopback), so each datagram after the first
+//! costs a copy, not a trip through the stack. The receiver sees the datagrams
+//! as sent. Where the path refuses a run (no checksum offload: `EIO`; a path
+//! MTU under the segment: `EINVAL`), its datagrams go again one by one.
+//! `WASMGATE_GSO=off` sends every datagram alone.
+
+use std::mem;
+
+/// Datagrams per run at most (the kernel's limit was 64 before Linux 5.5).
+pub const MAX_SEGMENTS: usize = 64;
+
+/// The largest datagram sent in a run: one that fits a 1,500-byte MTU in IPv6
+/// (1500 − 40 − 8), so that a run never needs IP fragments on Ethernet.
+pub const MAX_SEGMENT: usize = 1452;
+
+/// Bytes per run at most: under the 65,507 bytes one IPv4 datagram can carry.
+pub const MAX_BYTES: usize = 65_000;
+
+/// One run: `count` datagrams taken from `start` in the sending order, each of
+/// `segment` bytes but the last, which may be shorter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub start: usize,
+    pub count: usize,
+    pub segment: usize,
+}
+
+/// Whether runs are sent: on unless `WASMGATE_GSO` says `off` or `0`.
+pub fn enabled() -> bool {
+    !std::env::var("WASMGATE_GSO").is_ok_and(|v| v == "off" || v == "0")
+}
+
+/// Splits datagrams, in sending order, into runs: consecutive datagrams that
+/// `same` says share a destination, all `segment` bytes but a shorter last.
+/// An empty datagram, or one over [`MAX_SEGMENT`], is a run of its own.
+pub fn runs(lens: impl IntoIterator<Item = usize>, mut same: impl FnMut(usize, usize) -> bool, out: &mut Vec<Run>) {
+    out.clear();
+    let mut open: Option<(Run, usize)> = None;
+    for (i, len) in lens.into_iter().enumerate() {
+        if let Some((run, bytes)) = &mut open {
+            // A run closes after a shorter datagram: only the last may be short.
+            if *bytes == run.count * run.segment
+                && len > 0
+                && len <= run.segment
+                && run.count < MAX_SEGMENTS
+                && *bytes + len <= MAX_BYTES
+                && same(run.start, i)
+            {
+                run.count += 1;
+                *bytes += len;
+                continue;
+            }
+            out.push(*run);
+        }
+        open = Some((
+            Run {
+                start: i,
+                count: 1,
+                segment: len,
+            },
+            len,
+        ));
+        if (len == 0 || len > MAX_SEGMENT)
+            && let Some((run, _)) = open.take()
+        {
+            out.push(run);
+        }
+    }
+    if let Some((run, _)) = open {
+        out.push(run);
+    }
+}
+
+/// u64 words of control-message room for one `UDP_SEGMENT` message, so that
+/// an area made of them is aligned for a `cmsghdr`.
+pub fn control_words() -> usize {
+    // SAFETY: CMSG_SPACE only computes a size.
+    (unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as usize).div_ceil(8)
+}
+
+/// Writes the `UDP_SEGMENT` control message for `segment`-byte datagrams into
+/// `area` and points `header` at it.
+pub fn set_segment(header: &mut libc::msghdr, area: &mut [u64], segment: u16) {
+    debug_assert!(area.len() >= control_words());
+    header.msg_control = area.as_mut_ptr().cast();
+    header.msg_controllen = (area.len() * 8) as _;
+    // SAFETY: the header's control area is `area`, which CMSG_SPACE(u16) fits;
+    // CMSG_FIRSTHDR is its start, and the u16 goes at CMSG_DATA, unaligned-safe.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(header);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+        header.msg_controllen = libc::CMSG_SPACE(mem::size_of::<u16>() as u32) as _;
+    }
+}
+
+/// Whether a run's failure says that this path cannot take runs at all (no
+/// checksum offload, an MTU under the segment), rather than that its
+/// datagrams cannot go: either way they are sent again one by one.
+pub fn refused(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EIO | libc::EINVAL | libc::EMSGSIZE | libc::ENOPROTOOPT | libc::EOPNOTSUPP
+    )
+}
+
+/// Socket helpers for tests of runs.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd as _;
+    use std::{io, mem, ptr};
+
+    pub(crate) fn set_int(socket: &UdpSocket, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
+        // SAFETY: a valid socket and a pointer to an int of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                ptr::from_ref(&value).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+    }
+
+    /// One read from a socket that takes runs whole (`UDP_GRO`): the bytes,
+    /// and the segment size the kernel reports if a run arrived.
+    pub(crate) fn recv_run(socket: &UdpSocket) -> (Vec<u8>, Option<i32>) {
+        let mut buf = vec![0u8; 65_536];
+        let mut control = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: all-zero bytes are a valid msghdr; the pointers set below
+        // target live locals, and recvmsg writes within the lengths given.
+        let mut header: libc::msghdr = unsafe { mem::zeroed() };
+        header.msg_iov = &raw mut iov;
+        header.msg_iovlen = 1;
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = mem::size_of_val(&control) as _;
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut header, 0) };
+        assert!(n >= 0, "{}", io::Error::last_os_error());
+        let mut segment = None;
+        // SAFETY: the kernel filled `msg_controllen` bytes of `control`.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&raw const header);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
+                    segment = Some(ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>()));
+                }
+                cmsg = libc::CMSG_NXTHDR(&raw const header, cmsg);
+            }
+        }
+        buf.truncate(n as usize);
+        (buf, segment)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(lens: &[usize], dest: &[u8]) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        runs(lens.iter().copied(), |a, b| dest[a] == dest[b], &mut out);
+        out.iter().map(|r| (r.start, r.count, r.segment)).collect()
+    }
+
+    #[test]
+    fn equal_datagrams_to_one_destination_make_one_run_and_a_short_one_ends_it() {
+        assert_eq!(split(&[64, 64, 64, 10, 64], &[0; 5]), [(0, 4, 64), (4, 1, 64)]);
+    }
+
+    #[test]
+    fn a_new_destination_a_longer_datagram_or_an_empty_one_starts_a_new_run() {
+        assert_eq!(
+            split(&[64, 64, 64, 100, 0, 5, 5], &[0, 0, 1, 1, 1, 1, 1]),
+            [(0, 2, 64), (2, 1, 64), (3, 1, 100), (4, 1, 0), (5, 2, 5)]
+        );
+    }
+
+    #[test]
+    fn runs_stop_at_the_segment_count_the_byte_limit_and_the_segment_size() {
+        let many = vec![10; MAX_SEGMENTS + 1];
+        assert_eq!(
+            split(&many, &vec![0; many.len()]),
+            [(0, MAX_SEGMENTS, 10), (MAX_SEGMENTS, 1, 10)]
+        );
+        let big = vec![MAX_SEGMENT; 50];
+        let per_run = MAX_BYTES / MAX_SEGMENT;
+        assert_eq!(
+            split(&big, &[0; 50]),
+            [(0, per_run, MAX_SEGMENT), (per_run, 50 - per_run, MAX_SEGMENT)]
+        );
+        let jumbo = [MAX_SEGMENT + 1, MAX_SEGMENT + 1];
+        assert_eq!(
+            split(&jumbo, &[0; 2]),
+            [(0, 1, MAX_SEGMENT + 1), (1, 1, MAX_SEGMENT + 1)]
+        );
+    }
+}
