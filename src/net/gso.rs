@@ -28,9 +28,42 @@ pub struct Run {
     pub segment: usize,
 }
 
-/// Whether runs are sent: on unless `WASMGATE_GSO` says `off` or `0`.
+/// Whether runs are sent: where the kernel knows `UDP_SEGMENT`, unless
+/// `WASMGATE_GSO` says `off` or `0`. Asked once per process.
 pub fn enabled() -> bool {
-    !std::env::var("WASMGATE_GSO").is_ok_and(|v| v == "off" || v == "0")
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        if std::env::var("WASMGATE_GSO").is_ok_and(|v| v == "off" || v == "0") {
+            return false;
+        }
+        let known = kernel_knows_segments();
+        if !known {
+            tracing::debug!("the kernel has no UDP segmentation offload: every datagram goes out alone");
+        }
+        known
+    })
+}
+
+/// Whether the kernel knows `UDP_SEGMENT` (Linux 4.18+). An older one would
+/// not refuse the control message but ignore it, and send a run as one
+/// datagram: so ask, rather than learn from a failed send.
+fn kernel_knows_segments() -> bool {
+    let Ok(socket) = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)) else {
+        return false;
+    };
+    let mut value: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a pointer to an int with its size.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            std::ptr::from_mut(&mut value).cast(),
+            &raw mut len,
+        )
+    };
+    r == 0
 }
 
 /// Splits datagrams, in sending order, into runs: consecutive datagrams that
@@ -172,6 +205,12 @@ mod tests {
         let mut out = Vec::new();
         runs(lens.iter().copied(), |a, b| dest[a] == dest[b], &mut out);
         out.iter().map(|r| (r.start, r.count, r.segment)).collect()
+    }
+
+    #[test]
+    fn this_kernel_knows_segments() {
+        // The project's machines run Linux 6: runs are on unless turned off.
+        assert!(kernel_knows_segments());
     }
 
     #[test]
