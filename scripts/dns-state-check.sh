@@ -59,10 +59,13 @@ pids+=($!)
 serve() {
   local name=$1 port=$2 upstream=$3 metrics_port=$4
   # One substitution per line (`t`): a new port must not match a later pattern.
+  # A roomy time budget: the counts checked here must not depend on a stall of a
+  # shared host being charged to a guest (a timed-out guest loses its state).
   sed -e "s|^listen = \"127.0.0.1:93[0-9][0-9]\"$|listen = \"127.0.0.1:$metrics_port\"|;t" \
     -e "s|^listen = \"127.0.0.1:53[0-9][0-9]\"$|listen = \"127.0.0.1:$port\"|;t" \
     -e "s|^endpoints = .*|endpoints = [\"127.0.0.1:$upstream\"]|;t" \
     -e "s|^module = \"|module = \"$PWD/examples/|" \
+    -e "/^module = /a timeout_ms = 1000" \
     "examples/$name.toml" >"$tmp/$name.toml"
   RUST_LOG=info "$bin" --config "$tmp/$name.toml" 2>"$tmp/$name.log" &
   pids+=($!)
