@@ -32,6 +32,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+#[path = "support/inproc.rs"]
+mod inproc;
+use inproc::{clock, median, pin};
+
 #[derive(Debug, Parser)]
 struct Args {
     /// Interleaved runs of each mode.
@@ -85,28 +89,13 @@ struct Outcome {
     received: u64,
 }
 
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 /// CPU time of the whole process: sender, upstream, and any io_uring workers.
 fn process_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    clock(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 
 fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    clock(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// The upstream's address, its count of datagrams read, its stop flag, and its thread.
@@ -262,11 +251,6 @@ fn io_workers() -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {

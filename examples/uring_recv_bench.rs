@@ -34,6 +34,10 @@ use clap::Parser;
 use io_uring::{IoUring, cqueue, opcode, types};
 use wasmgate::net::batch::RecvBatch;
 
+#[path = "support/inproc.rs"]
+mod inproc;
+use inproc::{clock, median, pin};
+
 #[derive(Debug, Parser)]
 struct Args {
     /// Interleaved runs of each mode.
@@ -81,22 +85,6 @@ struct Outcome {
 /// Provided buffers and their size.
 const BUFFERS: u16 = 1024;
 const BUFFER: usize = 2048;
-
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
-fn clock(id: libc::clockid_t) -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(id, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
 
 /// 64 connected pairs: the session sockets (non-blocking) and the upstream's.
 fn pairs(n: usize) -> anyhow::Result<(Vec<UdpSocket>, Vec<UdpSocket>)> {
@@ -303,11 +291,6 @@ fn read_uring(readers: &[UdpSocket], total: u64, read: &AtomicU64, deadline: Ins
     // SAFETY: allocated above with this layout; the ring that used it is gone.
     unsafe { std::alloc::dealloc(base.cast(), layout) };
     Ok(calls)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {

@@ -354,21 +354,14 @@ impl SendBatch {
             gso,
             ..
         } = self;
-        order.clear();
-        order.extend(0..entries.len());
-        runs.clear();
-        if *gso {
-            // Stable: each client's replies keep the order they were queued in.
-            order.sort_by_key(|&i| entries[i].peer);
-            let lens = order.iter().map(|&i| entries[i].range.len());
-            gso::runs(lens, |a, b| entries[order[a]].peer == entries[order[b]].peer, runs);
-        } else {
-            runs.extend(order.iter().map(|&i| Run {
-                start: i,
-                count: 1,
-                segment: entries[i].range.len(),
-            }));
-        }
+        gso::plan(
+            entries.len(),
+            *gso,
+            |i| entries[i].peer,
+            |i| entries[i].range.len(),
+            order,
+            runs,
+        );
         iovecs.clear();
         iovecs.extend(order.iter().map(|&i| libc::iovec {
             iov_base: data[entries[i].range.clone()].as_ptr().cast_mut().cast(),

@@ -66,6 +66,32 @@ fn kernel_knows_segments() -> bool {
     r == 0
 }
 
+/// Puts `count` datagrams in sending order, each destination's together in
+/// the order queued (a stable sort by `to`), and splits them into runs; with
+/// runs off (`on` false), each datagram is a run of its own, in the order queued.
+pub fn plan<K: Ord>(
+    count: usize,
+    on: bool,
+    to: impl Fn(usize) -> K,
+    len: impl Fn(usize) -> usize,
+    order: &mut Vec<usize>,
+    out: &mut Vec<Run>,
+) {
+    order.clear();
+    order.extend(0..count);
+    if on {
+        order.sort_by_key(|&i| to(i));
+        runs(order.iter().map(|&i| len(i)), |a, b| to(order[a]) == to(order[b]), out);
+    } else {
+        out.clear();
+        out.extend(order.iter().map(|&i| Run {
+            start: i,
+            count: 1,
+            segment: len(i),
+        }));
+    }
+}
+
 /// Splits datagrams, in sending order, into runs: consecutive datagrams that
 /// `same` says share a destination, all `segment` bytes but a shorter last.
 /// An empty datagram, or one over [`MAX_SEGMENT`], is a run of its own.

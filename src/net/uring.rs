@@ -144,20 +144,7 @@ impl SendRing {
             gso,
             ..
         } = self;
-        order.clear();
-        order.extend(0..pending.len());
-        runs.clear();
-        if *gso {
-            order.sort_by_key(|&i| pending[i].0);
-            let lens = order.iter().map(|&i| pending[i].2);
-            gso::runs(lens, |a, b| pending[order[a]].0 == pending[order[b]].0, runs);
-        } else {
-            runs.extend(order.iter().map(|&i| Run {
-                start: i,
-                count: 1,
-                segment: pending[i].2,
-            }));
-        }
+        gso::plan(pending.len(), *gso, |i| pending[i].0, |i| pending[i].2, order, runs);
         iovecs.clear();
         iovecs.extend(order.iter().map(|&i| {
             let (_, start, len) = pending[i];
