@@ -199,7 +199,7 @@ impl RecvBatch {
 }
 
 /// Collects replies (copied out of guest memory) and sends them with one
-/// `sendmmsg` call per flush; consecutive replies of one size to one client go
+/// `sendmmsg` call per flush; a flush's replies of one size to one client go
 /// as one run ([`gso`]).
 pub struct SendBatch {
     /// Replies queued before the batch counts as full and must be flushed.
@@ -213,12 +213,13 @@ pub struct SendBatch {
     headers: Vec<libc::mmsghdr>,
     /// One `UDP_SEGMENT` control area per run, in u64s for alignment.
     controls: Vec<u64>,
-    /// Whether runs are sent; off after the path refused one with `EIO`.
+    /// Whether runs are sent; off once a refusal said no path takes them.
     gso: bool,
 }
 
 struct Entry {
     range: Range<usize>,
+    /// `peer` as the kernel takes it: a header's name points here.
     addr: SockAddr,
     peer: SocketAddr,
 }
@@ -298,11 +299,10 @@ impl SendBatch {
                 // one if it was a run the path refused, else are reported.
                 let run = self.runs[next];
                 let errno = error.raw_os_error().unwrap_or(0);
-                if run.count > 1 && gso::refused(errno) {
-                    if errno == libc::EIO {
-                        tracing::warn!(
-                            "the network refuses UDP segmentation offload (EIO): replies go out one datagram at a time from now on"
-                        );
+                let refusal = if run.count > 1 { gso::refusal(errno) } else { None };
+                if let Some(refusal) = refusal {
+                    if refusal == gso::Refusal::Everywhere && self.gso {
+                        tracing::warn!(%error, "UDP segmentation offload refused: replies go out one datagram at a time from now on");
                         self.gso = false;
                     }
                     for &i in &self.order[run.start..run.start + run.count] {

@@ -4,7 +4,8 @@
 //! NIC, or the receiving socket on loopback), so each datagram after the first
 //! costs a copy, not a trip through the stack. The receiver sees the datagrams
 //! as sent. Where the path refuses a run (no checksum offload: `EIO`; a path
-//! MTU under the segment: `EINVAL`), its datagrams go again one by one.
+//! MTU under the segment: `EINVAL`), its datagrams go again one by one
+//! ([`refusal`]).
 //! `WASMGATE_GSO=off` sends every datagram alone.
 
 use std::mem;
@@ -158,14 +159,25 @@ pub fn set_segment(header: &mut libc::msghdr, area: &mut [u64], segment: u16) {
     }
 }
 
-/// Whether a run's failure says that this path cannot take runs at all (no
-/// checksum offload, an MTU under the segment), rather than that its
-/// datagrams cannot go: either way they are sent again one by one.
-pub fn refused(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::EIO | libc::EINVAL | libc::EMSGSIZE | libc::ENOPROTOOPT | libc::EOPNOTSUPP
-    )
+/// What a run's failure says about runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// This path takes none (an MTU under the segment): send its datagrams
+    /// again one by one, and keep making runs for other paths.
+    Path,
+    /// No path from here takes any (no checksum offload, no support): send
+    /// them again one by one, and make no more runs.
+    Everywhere,
+}
+
+/// What a run's failure with `errno` says; `None` when it says nothing about
+/// runs (the datagrams themselves could not go), so they are reported failed.
+pub fn refusal(errno: i32) -> Option<Refusal> {
+    match errno {
+        libc::EINVAL | libc::EMSGSIZE => Some(Refusal::Path),
+        libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP => Some(Refusal::Everywhere),
+        _ => None,
+    }
 }
 
 /// Socket helpers for tests of runs.
@@ -231,6 +243,17 @@ mod tests {
         let mut out = Vec::new();
         runs(lens.iter().copied(), |a, b| dest[a] == dest[b], &mut out);
         out.iter().map(|r| (r.start, r.count, r.segment)).collect()
+    }
+
+    #[test]
+    fn a_refusal_says_whether_one_path_or_every_path_takes_no_runs() {
+        assert_eq!(refusal(libc::EINVAL), Some(Refusal::Path));
+        assert_eq!(refusal(libc::EMSGSIZE), Some(Refusal::Path));
+        assert_eq!(refusal(libc::EIO), Some(Refusal::Everywhere));
+        assert_eq!(refusal(libc::EOPNOTSUPP), Some(Refusal::Everywhere));
+        // A full buffer or a refused port is about the datagrams, not runs.
+        assert_eq!(refusal(libc::ENOBUFS), None);
+        assert_eq!(refusal(libc::ECONNREFUSED), None);
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub struct SendRing {
     iovecs: Vec<libc::iovec>,
     headers: Vec<libc::msghdr>,
     controls: Vec<u64>,
-    /// Whether runs are sent; off after the path refused one with `EIO`.
+    /// Whether runs are sent; off once a refusal said no path takes them.
     gso: bool,
 }
 
@@ -205,8 +205,11 @@ impl SendRing {
                     continue;
                 };
                 let result = cqe.result();
-                if run.count > 1 && result < 0 && gso::refused(-result) {
-                    failed_runs.push((*run, -result));
+                if run.count > 1
+                    && result < 0
+                    && let Some(refusal) = gso::refusal(-result)
+                {
+                    failed_runs.push((*run, refusal));
                     continue;
                 }
                 for &i in &self.order[run.start..run.start + run.count] {
@@ -215,11 +218,9 @@ impl SendRing {
             }
         }
         // A run the path refused goes again, one send per datagram.
-        for (run, errno) in failed_runs {
-            if errno == libc::EIO && self.gso {
-                tracing::warn!(
-                    "the network refuses UDP segmentation offload (EIO): forwards go out one datagram at a time from now on"
-                );
+        for (run, refusal) in failed_runs {
+            if refusal == gso::Refusal::Everywhere && self.gso {
+                tracing::warn!("UDP segmentation offload refused: forwards go out one datagram at a time from now on");
                 self.gso = false;
             }
             for j in run.start..run.start + run.count {
